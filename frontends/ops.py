@@ -1,0 +1,107 @@
+"""Graph ops that frontends emit and compiler passes recognise.
+
+Attention is one node in the frontend's graph, with no KV cache: a `call_dps_packed` to the
+project symbol `relaxlm.attention`. The paged-attention pass in `compiler/` finds these calls
+and lowers them onto TVM's paged KV cache, which then owns positions and RoPE.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import tvm
+from tvm import relax
+from tvm.relax.frontend import nn
+
+ATTENTION_SYMBOL = "relaxlm.attention"
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding applied to q and k before attention (HF rotate-half style)."""
+
+    theta: float = 10000.0
+    rotary_dim: int = 0  # 0 = the whole head
+    # Linear position scaling (HF rope_type "linear"): positions are divided by this.
+    scale: float = 1.0
+    # Frequency scaling in TVM's position_embedding terms, e.g. {"rope_type": "llama3", ...}.
+    scaling: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "RopeSpec":
+        return RopeSpec(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """The attributes of one `relaxlm.attention` call, as a pass reads them back."""
+
+    layer_id: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sm_scale: float
+    rope: RopeSpec
+
+
+def attention(
+    qkv: nn.Tensor,
+    *,
+    layer_id: int,
+    num_q_heads: int,
+    num_kv_heads: int,
+    sm_scale: float,
+    rope: RopeSpec,
+) -> nn.Tensor:
+    """Causal self-attention with RoPE over fused qkv.
+
+    qkv: [batch, seq, num_q_heads + 2 * num_kv_heads, head_dim], q heads first, then k, then v.
+    Returns [batch, seq, num_q_heads, head_dim].
+    """
+    b, s, h, d = qkv.shape
+    assert h == num_q_heads + 2 * num_kv_heads, (h, num_q_heads, num_kv_heads)
+    call = relax.call_dps_packed(
+        ATTENTION_SYMBOL,
+        [
+            qkv._expr,
+            relax.prim_value(layer_id),
+            relax.prim_value(num_q_heads),
+            relax.prim_value(num_kv_heads),
+            relax.prim_value(float(sm_scale)),
+            tvm.ir.StringImm(rope.to_json()),
+        ],
+        out_ty=relax.TensorType((b, s, num_q_heads, d), qkv.dtype),
+    )
+    return nn.wrap_nested(call, name=f"attention_{layer_id}")
+
+
+def is_attention_call(expr: relax.Expr) -> bool:
+    """Whether `expr` is a `relaxlm.attention` call emitted by `attention`."""
+    return (
+        isinstance(expr, relax.Call)
+        and expr.op.same_as(tvm.ir.Op.get("relax.call_dps_packed"))
+        and isinstance(expr.args[0], relax.ExternFunc)
+        and expr.args[0].global_symbol == ATTENTION_SYMBOL
+    )
+
+
+def read_attention_call(call: relax.Call) -> AttentionCall:
+    """The attributes `attention` put on `call` (the qkv tensor is `call.args[1][0]`)."""
+    qkv, layer_id, num_q, num_kv, sm_scale, rope = call.args[1].fields
+    return AttentionCall(
+        layer_id=int(_prim(layer_id)),
+        num_q_heads=int(_prim(num_q)),
+        num_kv_heads=int(_prim(num_kv)),
+        head_dim=int(qkv.ty.shape[3]),
+        sm_scale=float(_prim(sm_scale)),
+        rope=RopeSpec.from_json(str(rope.value)),
+    )
+
+
+def _prim(value: relax.Expr) -> float:
+    # 0.27 returns IntImm/FloatImm for prim values; older builds wrapped them in PrimValue.
+    v = value.value
+    return v if isinstance(v, int | float) else v.value
