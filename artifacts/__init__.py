@@ -1,1 +1,188 @@
+"""The artifact: a folder the compiler writes and the runtime loads.
 
+    manifest.json          the contract (see Manifest); written last
+    weights/shard-N.safetensors   target-independent weights, in the graph's parameter order
+    lib/<target>.so        one compiled library per target
+    tokenizer/             tokenizer.json, tokenizer_config.json, generation_config.json, ...
+
+Writes are atomic: everything goes to a hidden sibling folder that is renamed into place
+only when complete, so a killed compile never leaves a folder that looks like an artifact.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relaxlm.errors import RelaxlmError
+
+from .safetensors_io import DTYPE_NAMES, ShardWriter, TensorInfo, index_file
+
+FORMAT = "relaxlm-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_BYTES = 1 << 30
+
+
+@dataclass
+class Manifest:
+    """Everything the runtime needs to load and run the model; it never guesses."""
+
+    relaxlm_version: str
+    tvm_version: str
+    architecture: str
+    model_config: dict[str, Any]  # the checkpoint's config.json
+    dtype: str
+    quantization: dict[str, Any]
+    context_window: int
+    prefill_chunk_size: int
+    vocab_size: int
+    kv_cache: dict[str, Any]  # layout of the paged KV cache the library creates
+    params: list[dict[str, Any]]  # {name, shape, dtype, shard} in the graph's packed order
+    shards: dict[str, dict[str, Any]]  # file -> {size, sha256}
+    targets: dict[str, dict[str, Any]]  # preset -> {library, size, sha256, tvm_target}
+    tokenizer: dict[str, Any]  # {files: [...]}
+    source: dict[str, Any] = field(default_factory=dict)  # where the checkpoint came from
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @staticmethod
+    def read(folder: str | os.PathLike) -> "Manifest":
+        """The manifest of an artifact folder, checked for format and version."""
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise RelaxlmError(f"{folder}: not a relaxlm artifact (no {MANIFEST})")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise RelaxlmError(f"{path}: not valid JSON ({e}); recompile the model") from e
+        if data.get("format") != FORMAT:
+            raise RelaxlmError(f"{path}: not a relaxlm manifest (format {data.get('format')!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise RelaxlmError(
+                f"{path}: artifact format version {data.get('format_version')!r}, but this "
+                f"relaxlm reads version {FORMAT_VERSION}; recompile the model with this relaxlm"
+            )
+        try:
+            return Manifest(**data)
+        except TypeError as e:
+            raise RelaxlmError(f"{path}: manifest fields do not match ({e}); recompile") from e
+
+
+def is_artifact(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactWriter:
+    """Builds an artifact in a hidden temporary folder and renames it into place on commit."""
+
+    def __init__(self, output: str | os.PathLike):
+        self.output = Path(output).resolve()
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent))
+        self.params: list[dict[str, Any]] = []
+        self.shards: dict[str, dict[str, Any]] = {}
+        self.targets: dict[str, dict[str, Any]] = {}
+        self.tokenizer_files: list[str] = []
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp.exists():  # not committed: an error or an interrupt
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write_weights(self, layout: list[tuple[str, tuple[int, ...], np.dtype]], arrays) -> None:
+        """Stream `arrays` (an iterable of (name, array) in `layout` order) into shards."""
+        (self.tmp / "weights").mkdir()
+        groups, size = [[]], 0
+        for entry in layout:
+            nbytes = int(np.prod(entry[1], dtype=np.int64)) * np.dtype(entry[2]).itemsize
+            if groups[-1] and size + nbytes > SHARD_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(entry)
+            size += nbytes
+        arrays = iter(arrays)
+        for i, group in enumerate(groups):
+            rel = f"weights/shard-{i:03d}.safetensors"
+            writer = ShardWriter(self.tmp / rel, group)
+            for name, shape, dtype in group:
+                got_name, array = next(arrays)
+                writer.write(got_name, array)
+                self.params.append(
+                    {"name": name, "shape": list(shape), "dtype": DTYPE_NAMES[np.dtype(dtype)], "shard": rel}
+                )
+            writer.close()
+            path = self.tmp / rel
+            self.shards[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+    def add_library(self, preset: str, library: Path, tvm_target: dict[str, Any]) -> None:
+        (self.tmp / "lib").mkdir(exist_ok=True)
+        rel = f"lib/{preset}{library.suffix}"
+        shutil.copyfile(library, self.tmp / rel)
+        self.targets[preset] = {
+            "library": rel,
+            "size": (self.tmp / rel).stat().st_size,
+            "sha256": sha256_file(self.tmp / rel),
+            "tvm_target": tvm_target,
+        }
+
+    def add_tokenizer(self, files: list[Path]) -> None:
+        (self.tmp / "tokenizer").mkdir(exist_ok=True)
+        for file in files:
+            shutil.copyfile(file, self.tmp / "tokenizer" / file.name)
+            self.tokenizer_files.append(f"tokenizer/{file.name}")
+
+    def commit(self, manifest: Manifest) -> Path:
+        """Write the manifest last, then move the folder into place (replacing an old one)."""
+        manifest.params, manifest.shards, manifest.targets = self.params, self.shards, self.targets
+        manifest.tokenizer = {**manifest.tokenizer, "files": self.tokenizer_files}
+        manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        (self.tmp / MANIFEST).write_text(manifest.to_json())
+        if self.output.exists():
+            old = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")
+            os.rename(self.output, old)
+            os.rename(self.tmp, self.output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.output)
+        return self.output
+
+
+def verify(folder: Path, manifest: Manifest) -> None:
+    """Check every file the manifest names against its size and checksum."""
+    files = {**manifest.shards, **{t["library"]: t for t in manifest.targets.values()}}
+    for rel, meta in files.items():
+        path = folder / rel
+        if not path.is_file():
+            raise RelaxlmError(f"{folder}: artifact file {rel} is missing; recompile the model")
+        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+            raise RelaxlmError(f"{folder}: {rel} does not match its checksum; recompile the model")
+
+
+def weight_index(folder: Path, manifest: Manifest) -> dict[str, TensorInfo]:
+    """Where each parameter lies in the artifact's shards."""
+    index: dict[str, TensorInfo] = {}
+    for rel in manifest.shards:
+        index.update(index_file(folder / rel))
+    return index

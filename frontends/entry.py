@@ -1,0 +1,45 @@
+"""The entry functions every causal LM exports, defined once for all architectures.
+
+- `prefill(input_ids[1, n], logit_positions[b])`: the tokens of one or more sequences laid
+  end to end (the KV cache knows where each begins); returns logits only at
+  `logit_positions`, `[1, b, vocab]` float32.
+- `decode(input_ids[b, 1])`: one new token for each of b sequences; `[b, 1, vocab]` float32.
+
+The paged-attention pass adds the KV-cache parameter after the inputs.
+"""
+
+from tvm.relax.frontend import nn
+
+
+class CausalLM(nn.Module):
+    """Base of every decoder model: subclasses give `hidden_states` and `logits`."""
+
+    def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
+        """[batch, seq] token ids -> [batch, seq, hidden] final hidden states (after norm)."""
+        raise NotImplementedError(f"{type(self).__name__} must define hidden_states")
+
+    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        """[..., hidden] -> [..., vocab] in float32."""
+        raise NotImplementedError(f"{type(self).__name__} must define logits")
+
+    def prefill(self, input_ids: nn.Tensor, logit_positions: nn.Tensor) -> nn.Tensor:
+        hidden = self.hidden_states(input_ids)  # [1, n, hidden]
+        hidden = nn.op.take(hidden, logit_positions, axis=1)  # [1, b, hidden]
+        return self.logits(hidden)
+
+    def decode(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.logits(self.hidden_states(input_ids))  # [b, 1, vocab]
+
+
+def export_causal_lm(model: CausalLM):
+    """Export the entry functions: (IRModule, [(param name, nn.Parameter)] in packed order)."""
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    spec = {
+        "prefill": {
+            "input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"),
+            "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+            "$": modes,
+        },
+        "decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "$": modes},
+    }
+    return model.export_tvm(spec=spec)

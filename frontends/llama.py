@@ -1,0 +1,162 @@
+"""Llama, and the families that are Llama with small changes: Mistral, Qwen2.
+
+Module tree and parameter names follow transformers' `LlamaForCausalLM`, so safetensors bind
+by name. Qwen2 is Llama with a q/k/v bias; Mistral is Llama (its sliding window is handled by
+capping the context window, see `context_window`).
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from tvm.relax.frontend import nn
+
+from relaxlm.errors import RelaxlmError
+
+from .config import from_config, rope_from_config
+from .entry import CausalLM
+from .ops import RopeSpec, attention
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "LlamaConfig":
+        heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+        config = from_config(
+            cls,
+            raw,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rope=rope_from_config(raw, head_dim),
+        )
+        if config.hidden_act != "silu":
+            raise RelaxlmError(f"config.json: hidden_act {config.hidden_act!r} is not supported")
+        if config.num_attention_heads % config.num_key_value_heads:
+            raise RelaxlmError(
+                f"config.json: num_attention_heads {heads} is not a multiple of "
+                f"num_key_value_heads {config.num_key_value_heads}"
+            )
+        return config
+
+    @property
+    def context_window(self) -> int:
+        # Within the sliding window, full attention is exact; past it is another issue's work.
+        window = self.sliding_window if self.extra.get("use_sliding_window", True) else None
+        if window and window < self.max_position_embeddings:
+            log.info("context window capped at the sliding window, %d tokens", window)
+            return window
+        return self.max_position_embeddings
+
+
+def qwen2_config(raw: dict[str, Any]) -> LlamaConfig:
+    """Qwen2 is Llama with a bias on q, k and v (its config.json has no attention_bias key)."""
+    return LlamaConfig.from_dict({**raw, "attention_bias": True})
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_id: int):
+        self.layer_id = layer_id
+        self.num_q_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope = config.rope
+        d, bias = config.head_dim, config.attention_bias
+        # o_proj has no bias in Llama, Mistral or Qwen2 whatever attention_bias says.
+        self.q_proj = nn.Linear(config.hidden_size, self.num_q_heads * d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_q_heads * d, config.hidden_size, bias=False)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        b, s, _ = x.shape
+        qkv = nn.op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qkv = nn.op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
+        out = attention(
+            qkv,
+            layer_id=self.layer_id,
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            sm_scale=1.0 / math.sqrt(self.head_dim),
+            rope=self.rope,
+        )  # [b, s, q_heads, head_dim]
+        return self.o_proj(nn.op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.down_proj(nn.op.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_id: int):
+        eps = config.rms_norm_eps
+        self.self_attn = LlamaAttention(config, layer_id)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
+
+    def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, config: LlamaConfig):
+        self.config = config
+        self.model = LlamaModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.model(input_ids)
+
+    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        if self.config.tie_word_embeddings:
+            weight = self.model.embed_tokens.weight  # [vocab, hidden]
+            logits = nn.op.matmul(hidden, nn.op.permute_dims(weight))
+        else:
+            logits = self.lm_head(hidden)
+        return logits.astype("float32") if logits.dtype != "float32" else logits

@@ -1,0 +1,3 @@
+from relaxlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,147 @@
+"""The `relaxlm` command: a thin layer that parses arguments and calls the SDK."""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from relaxlm.errors import RelaxlmError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except RelaxlmError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relaxlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
+    p.add_argument("model", help="Hugging Face model folder or repo id")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    _add_build_options(p)
+    p.set_defaults(func=_compile)
+
+    p = sub.add_parser("run", help="generate from a model (a chat when no --prompt is given)")
+    p.add_argument("model", help="artifact folder, Hugging Face model folder or repo id")
+    p.add_argument("--prompt", help="text to continue; omit for an interactive chat")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    _add_build_options(p)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("inspect", help="show what an artifact holds")
+    p.add_argument("artifact", help="artifact folder")
+    p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
+    p.add_argument("--quant", default="none", help="weight quantization (default: none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def _compile(args) -> None:
+    import relaxlm
+
+    relaxlm.compile(args.model, output=args.output, target=args.target, quant=args.quant, dtype=args.dtype)
+
+
+def _run(args) -> None:
+    import relaxlm
+
+    llm = relaxlm.LLM(args.model, target=args.target, quant=args.quant, dtype=args.dtype)
+    params = relaxlm.SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    if args.prompt is not None:
+        for delta in llm.stream(args.prompt, params):
+            print(delta, end="", flush=True)
+        print()
+        return
+    _chat(llm, params)
+
+
+def _chat(llm, params) -> None:
+    """Interactive chat through the model's chat template; /exit or end of input quits."""
+    print("chat with the model; /exit or Ctrl-D to quit", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = []
+        for delta in llm.stream(messages, params):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _inspect(args) -> None:
+    from relaxlm.artifacts import Manifest
+
+    folder = Path(args.artifact)
+    m = Manifest.read(folder)
+    if args.json:
+        print(m.to_json())
+        return
+    n_params = sum(_numel(p["shape"]) for p in m.params)
+    weight_bytes = sum(s["size"] for s in m.shards.values())
+    rows = [
+        ("artifact", str(folder)),
+        ("format", f"{m.format} v{m.format_version} (relaxlm {m.relaxlm_version}, TVM {m.tvm_version})"),
+        ("architecture", m.architecture),
+        ("dtype", m.dtype),
+        ("quantization", json.dumps(m.quantization)),
+        ("context window", str(m.context_window)),
+        ("vocab size", str(m.vocab_size)),
+        ("kv cache", json.dumps(m.kv_cache)),
+        ("parameters", f"{n_params:,} in {len(m.params)} tensors, {_size(weight_bytes)}"),
+    ]
+    rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
+    rows += [(f"target {t}", f"{v['library']} ({_size(v['size'])})") for t, v in m.targets.items()]
+    rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]
+    rows += [("created", m.created)]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{nbytes} B"
+        nbytes /= 1024
+    return ""
