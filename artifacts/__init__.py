@@ -98,7 +98,9 @@ class ArtifactWriter:
     def __init__(self, output: str | os.PathLike):
         self.output = Path(output).resolve()
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent))
+        self.tmp = Path(
+            tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent)
+        )
         self.params: list[dict[str, Any]] = []
         self.shards: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, dict[str, Any]] = {}
@@ -130,7 +132,12 @@ class ArtifactWriter:
                 got_name, array = next(arrays)
                 writer.write(got_name, array)
                 self.params.append(
-                    {"name": name, "shape": list(shape), "dtype": DTYPE_NAMES[np.dtype(dtype)], "shard": rel}
+                    {
+                        "name": name,
+                        "shape": list(shape),
+                        "dtype": DTYPE_NAMES[np.dtype(dtype)],
+                        "shard": rel,
+                    }
                 )
             writer.close()
             path = self.tmp / rel

@@ -64,7 +64,9 @@ def index_file(file: Path) -> dict[str, TensorInfo]:
         begin, end = entry["data_offsets"]
         if 8 + header_len + end > size:
             raise RelaxlmError(f"{file}: truncated (tensor {name} extends past the end)")
-        out[name] = TensorInfo(file, tuple(entry["shape"]), DTYPES[entry["dtype"]], 8 + header_len + begin)
+        out[name] = TensorInfo(
+            file, tuple(entry["shape"]), DTYPES[entry["dtype"]], 8 + header_len + begin
+        )
     return out
 
 

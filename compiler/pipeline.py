@@ -60,7 +60,9 @@ def compile_model(
         executable.export_library(str(library))
         say("library linked")
         writer.add_library(preset.name, library, preset.tvm_target)
-        layout = [(n, exported.param_shapes[n], np.dtype(dtype_of(dtype))) for n in exported.param_names]
+        layout = [
+            (n, exported.param_shapes[n], np.dtype(dtype_of(dtype))) for n in exported.param_names
+        ]
         writer.write_weights(layout, _converted_weights(checkpoint, exported, say.enabled))
         say("weights written")
         writer.add_tokenizer(checkpoint.tokenizer_files)
@@ -121,7 +123,9 @@ def build_library(
 
     # 4. VM lowering and codegen
     start = time.perf_counter()
-    executable = relax.build(mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline())
+    executable = relax.build(
+        mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
+    )
     say(f"code generated in {time.perf_counter() - start:.1f} s")
     return executable, kv_layout
 
@@ -162,4 +166,6 @@ class _Reporter:
 
     def __call__(self, message: str) -> None:
         if self.enabled:
-            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True
+            )

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from tvm import IRModule
+
 from relaxlm.errors import RelaxlmError
 
 from . import llama
@@ -88,9 +89,7 @@ def _check_weights(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -
         )
     unused = sorted(set(checkpoint.tensors) - set(shapes))
     if unused:
-        log.warning(
-            "%d checkpoint tensors are not used: %s", len(unused), ", ".join(unused[:10])
-        )
+        log.warning("%d checkpoint tensors are not used: %s", len(unused), ", ".join(unused[:10]))
     for name in shapes:
         kind = np.dtype(checkpoint.tensors[name].dtype).kind
         if kind not in "fV":  # V: bfloat16 via ml_dtypes

@@ -21,6 +21,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 
+
 @dataclass
 class Checkpoint:
     """A Hugging Face model folder: its config, its tensors (read lazily) and tokenizer files."""
@@ -35,7 +36,7 @@ class Checkpoint:
         if len(archs) != 1:
             raise RelaxlmError(
                 f"{self.path / 'config.json'}: 'architectures' is {archs!r}; "
-                "it must name exactly one architecture, e.g. [\"LlamaForCausalLM\"]"
+                'it must name exactly one architecture, e.g. ["LlamaForCausalLM"]'
             )
         return archs[0]
 
@@ -73,8 +74,14 @@ def _snapshot(repo_id: str) -> Path:
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    # Read at call time: huggingface_hub reads HF_HUB_CACHE only once, when first imported.
+    cache_dir = os.environ.get("HF_HUB_CACHE")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=patterns, local_files_only=offline, cache_dir=cache_dir
+            )
+        )
     except LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         raise RelaxlmError(

@@ -20,7 +20,11 @@ def content_key(model_path: Path, options: dict) -> str:
     digest = hashlib.sha256()
     versions = {"relaxlm": relaxlm.__version__, "tvm": tvm.__version__}
     digest.update(json.dumps({**options, **versions}, sort_keys=True).encode())
-    files = [model_path] if model_path.is_file() else sorted(p for p in model_path.iterdir() if p.is_file())
+    files = (
+        [model_path]
+        if model_path.is_file()
+        else sorted(p for p in model_path.iterdir() if p.is_file())
+    )
     for file in files:
         digest.update(file.name.encode())
         with open(file, "rb") as f:

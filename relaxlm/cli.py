@@ -57,7 +57,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 def _compile(args) -> None:
     import relaxlm
 
-    relaxlm.compile(args.model, output=args.output, target=args.target, quant=args.quant, dtype=args.dtype)
+    relaxlm.compile(
+        args.model, output=args.output, target=args.target, quant=args.quant, dtype=args.dtype
+    )
 
 
 def _run(args) -> None:
@@ -114,7 +116,10 @@ def _inspect(args) -> None:
     weight_bytes = sum(s["size"] for s in m.shards.values())
     rows = [
         ("artifact", str(folder)),
-        ("format", f"{m.format} v{m.format_version} (relaxlm {m.relaxlm_version}, TVM {m.tvm_version})"),
+        (
+            "format",
+            f"{m.format} v{m.format_version} (relaxlm {m.relaxlm_version}, TVM {m.tvm_version})",
+        ),
         ("architecture", m.architecture),
         ("dtype", m.dtype),
         ("quantization", json.dumps(m.quantization)),

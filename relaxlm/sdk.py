@@ -49,7 +49,9 @@ class LLM:
         self.artifact = folder
         self.model = CompiledModel(folder, device=device or target, max_batch_size=max_batch_size)
         self.manifest = self.model.manifest
-        self.tokenizer = Tokenizer.from_dir(folder / "tokenizer", model_config=self.manifest.model_config)
+        self.tokenizer = Tokenizer.from_dir(
+            folder / "tokenizer", model_config=self.manifest.model_config
+        )
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -63,25 +65,25 @@ class LLM:
         results = []
         for prompt in prompts:
             ids = self._prompt_ids(prompt)
-            pieces, tokens = [], []
-            finish = "length"
-            for token, delta, finish in self._decode_loop(ids, params):
-                tokens.append(token)
-                pieces.append(delta)
-            results.append(GenerationResult(ids, tokens, "".join(pieces), finish))
+            steps = list(self._decode_loop(ids, params))
+            tokens = [token for token, _, _ in steps]
+            text = "".join(delta for _, delta, _ in steps)
+            results.append(GenerationResult(ids, tokens, text, steps[-1][2]))
         return results
 
-    def stream(self, prompt: Prompt | list[dict], params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self, prompt: Prompt | list[dict], params: SamplingParams | None = None
+    ) -> Iterator[str]:
         """Text deltas as they are decoded; a list of messages is rendered as a chat."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            prompt = self.apply_chat_template(prompt)
+            prompt = self._chat_ids(prompt)
         for _, delta, _ in self._decode_loop(self._prompt_ids(prompt), params or SamplingParams()):
             if delta:
                 yield delta
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerationResult:
         """One assistant reply to `messages`, through the model's own chat template."""
-        return self.generate(self.apply_chat_template(messages), params)[0]
+        return self.generate([self._chat_ids(messages)], params)[0]
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return render_chat(
@@ -98,7 +100,9 @@ class LLM:
         Shape (len(token_ids) - prefill + 1, vocab); the hook for parity tests.
         """
         if not 1 <= prefill <= len(token_ids):
-            raise RelaxlmError(f"prefill={prefill} must be between 1 and len(token_ids)={len(token_ids)}")
+            raise RelaxlmError(
+                f"prefill={prefill} must be between 1 and len(token_ids)={len(token_ids)}"
+            )
         self._check_length(len(token_ids))
         seq = self.model.add_sequence()
         try:
@@ -110,6 +114,10 @@ class LLM:
         return np.stack(rows)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _chat_ids(self, messages: list[dict]) -> list[int]:
+        # The template writes BOS itself where the model wants one (as transformers does).
+        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -130,7 +138,9 @@ class LLM:
 
     def _decode_loop(self, prompt_ids: list[int], params: SamplingParams):
         """Yields (token, text delta, finish reason so far) for each generated token."""
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
+        stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        )
         sampler = Sampler(params)
         detok = IncrementalDetokenizer(self.tokenizer)
         seq = self.model.add_sequence()

@@ -52,7 +52,9 @@ class CompiledModel:
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         index = weight_index(self.folder, manifest)
-        self.params = [tvm.runtime.tensor(read(index[p["name"]]), self.device) for p in manifest.params]
+        self.params = [
+            tvm.runtime.tensor(read(index[p["name"]]), self.device) for p in manifest.params
+        ]
         self.context_window = manifest.context_window
         self.prefill_chunk = manifest.prefill_chunk_size
         total = max_total_tokens or self.context_window * max_batch_size
@@ -90,7 +92,9 @@ class CompiledModel:
             chunk = tokens[start : start + self.prefill_chunk]
             ids = tvm.runtime.tensor(np.array([chunk], dtype="int32"), self.device)
             last = tvm.runtime.tensor(np.array([len(chunk) - 1], dtype="int32"), self.device)
-            _kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([len(chunk)]))
+            _kv["kv_state_begin_forward"](
+                self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([len(chunk)])
+            )
             logits = self._prefill(ids, last, self.kv_cache, self.params)
             _kv["kv_state_end_forward"](self.kv_cache)
         return logits.numpy()[0, 0]
@@ -98,7 +102,9 @@ class CompiledModel:
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each sequence; logits [len(seq_ids), vocab]."""
         ids = tvm.runtime.tensor(np.array(tokens, dtype="int32").reshape(-1, 1), self.device)
-        _kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple(seq_ids), ShapeTuple([1] * len(seq_ids)))
+        _kv["kv_state_begin_forward"](
+            self.kv_cache, ShapeTuple(seq_ids), ShapeTuple([1] * len(seq_ids))
+        )
         logits = self._decode(ids, self.kv_cache, self.params)
         _kv["kv_state_end_forward"](self.kv_cache)
         return logits.numpy()[:, 0]

@@ -38,7 +38,9 @@ def test_streamed_shard_is_read_by_the_safetensors_library(tmp_path):
         "b": rng.standard_normal((7,)).astype("float16"),
         "c": rng.integers(0, 2**31, (2, 2), dtype=np.uint32),
     }
-    writer = ShardWriter(tmp_path / "x.safetensors", [(k, v.shape, v.dtype) for k, v in tensors.items()])
+    writer = ShardWriter(
+        tmp_path / "x.safetensors", [(k, v.shape, v.dtype) for k, v in tensors.items()]
+    )
     for k, v in tensors.items():
         writer.write(k, v)
     writer.close()
@@ -76,7 +78,9 @@ def test_commit_is_atomic_and_checksummed(tmp_path):
         w.commit(_manifest())
     assert is_artifact(out)
     m = Manifest.read(out)
-    assert m.params == [{"name": "x", "shape": [4, 4], "dtype": "F32", "shard": "weights/shard-000.safetensors"}]
+    assert m.params == [
+        {"name": "x", "shape": [4, 4], "dtype": "F32", "shard": "weights/shard-000.safetensors"}
+    ]
     verify(out, m)
     np.testing.assert_array_equal(read(weight_index(out, m)["x"]), x)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers

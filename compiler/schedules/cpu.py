@@ -1,7 +1,102 @@
-"""CPU schedules (placeholder: unscheduled TIR)."""
+"""CPU schedules: the weight matmuls (GEMV in decode, GEMM in prefill) and row reductions.
+
+Stock dlight CPU rules are a poor fit (see shared/notes/tvm-0.27.md): `cpu.GEMV` vectorizes
+the wrong axis and takes minutes to compile, `cpu.Reduction` recomputes norms per element.
+`MatmulRows` follows what measured fast here: split K into 16-wide vector lanes (rfactor),
+keep 4 output rows of independent accumulators, parallelize over tiles of output rows, and
+run the fused epilogue (bias, residual, activation) right after each tile.
+"""
 
 import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
+from tvm.target import Target
+
+LANES = 16  # one AVX-512 register of float32
+ROWS = 4  # output rows computed together: independent accumulators hide FMA latency
+
+
+class MatmulRows(ScheduleRule):
+    """out[m, n] = sum_k a[m, k] * w[n, k] (+ injective epilogue), parallel over n tiles."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if infos is None or not 1 <= len(infos) <= 2:
+            return None
+        main = infos[0]
+        if main.dom_kind()[-2:] != "SR" or "R" in main.dom_kind()[:-1]:
+            return None
+        if len(infos) == 2 and not infos[1].is_injective():
+            return None
+        *batch, n, k = sch.get_loops(main.block_rv)
+        n_extent, k_extent = _extent(sch, n), _extent(sch, k)
+        if not isinstance(n_extent, int) or not isinstance(k_extent, int):
+            return None
+        if k_extent % LANES or n_extent % ROWS:
+            return None
+        m = sch.fuse(*batch) if batch else sch.add_unit_loop(main.block_rv)
+        block = main.block_rv
+
+        # Partial sums in LANES vector lanes; the original block then sums the lanes.
+        ko, ki = sch.split(k, [None, LANES])
+        partial = sch.rfactor(ki, factor_axis=0)
+        m, n, ki = sch.get_loops(block)
+        no, ni = sch.split(n, [None, ROWS])
+        sch.reorder(no, m, ni, ki)
+        sch.parallel(no)
+        sch.compute_at(partial, m, preserve_unit_loops=True)
+        # partial's loops under (no, m) follow its block iters: ki, unit batch loops, n_i, ko.
+        # Reorder so that every k step updates ROWS rows of LANES-wide accumulators.
+        p_ki, *units, p_ni, p_ko = sch.get_loops(partial)[2:]
+        sch.reorder(*units, p_ko, p_ni, p_ki)
+        sch.set_scope(partial, 0, "local")
+        init = sch.decompose_reduction(partial, p_ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(p_ni)
+        # vectorize() refuses loops inside a reduction block's update; fully unrolled, LLVM's
+        # SLP vectorizer turns the LANES independent accumulators into vector FMAs.
+        sch.unroll(p_ki)
+        if len(infos) == 2:
+            sch.reverse_compute_at(infos[1].block_rv, m, preserve_unit_loops=True)
+        return sch
+
+
+class RowReduction(ScheduleRule):
+    """Norms and other reductions over the last axis: parallel over rows, nothing recomputed."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or not any(i.is_reduction() for i in infos):
+            return None
+        first = sch.get_loops(infos[0].block_rv)
+        if len(first) < 2:
+            return None
+        # Every block shares the leading row loops; fuse them and hang each block under them.
+        rows = [b for b in infos if len(sch.get_loops(b.block_rv)) == len(first)]
+        if len(rows) != len(infos) or any(
+            i.dom_kind()[:-1] != "S" * (len(first) - 1) for i in infos
+        ):
+            return None
+        last = infos[-1].block_rv
+        outer = sch.fuse(*sch.get_loops(last)[:-1])
+        for info in infos[:-1]:
+            sch.compute_at(info.block_rv, outer, preserve_unit_loops=True)
+        sch.parallel(outer)
+        return sch
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | tirx.Expr:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else extent
 
 
 def cpu_schedules() -> tvm.transform.Pass:
-    return tvm.transform.Sequential([])
+    return dlight.ApplyDefaultSchedule(MatmulRows(), RowReduction())

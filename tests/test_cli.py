@@ -1,0 +1,160 @@
+"""The CLI as a user runs it: real subprocesses, real artifacts, clear errors on bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relaxlm.artifacts import Manifest, is_artifact
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def relaxlm_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relaxlm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+    """One clear message (after any progress lines), non-zero exit, no traceback."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), proc.stderr
+    assert sum(line.startswith("error: ") for line in lines) == 1, proc.stderr
+    for word in words:
+        assert word in proc.stderr, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoints, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "llama"
+    proc = relaxlm_cli("compile", checkpoints("llama_gqa"), "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "artifact written" in proc.stderr  # progress is shown
+    return out
+
+
+def test_artifact_round_trips_into_a_fresh_process(artifact, compiled):
+    ids = [1, 17, 42, 99, 7, 256, 3, 11, 64, 5]
+    script = (
+        "import sys, numpy as np, relaxlm;"
+        f"llm = relaxlm.LLM({str(artifact)!r});"
+        f"np.save(sys.argv[1], llm.score({ids}, prefill=4));"
+        "print([m for m in sys.modules if m.startswith(('relaxlm.compiler', 'relaxlm.frontends'))])"
+    )
+    out = artifact.parent / "fresh.npy"
+    proc = subprocess.run([sys.executable, "-c", script, out], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"  # loading an artifact imports no compiler code
+    fresh = np.load(out)
+    in_process = compiled("llama_gqa").score(ids, prefill=4)
+    np.testing.assert_allclose(fresh, in_process, rtol=0, atol=1e-5)
+
+
+def test_inspect_shows_the_manifest(artifact):
+    proc = relaxlm_cli("inspect", artifact)
+    assert proc.returncode == 0, proc.stderr
+    m = Manifest.read(artifact)
+    for text in (
+        "LlamaForCausalLM",
+        "float32",
+        f"{m.context_window}",
+        "lib/cpu.so",
+        "tokenizer.json",
+    ):
+        assert text in proc.stdout
+    raw = json.loads(relaxlm_cli("inspect", artifact, "--json").stdout)
+    assert raw["format_version"] == m.format_version
+    assert [p["name"] for p in raw["params"]] == [p["name"] for p in m.params]
+
+
+def test_run_streams_an_answer(artifact):
+    proc = relaxlm_cli(
+        "run", artifact, "--prompt", "the cat", "--max-tokens", "8", "--temperature", "0"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_interactive_chat_uses_the_template(artifact):
+    proc = relaxlm_cli(
+        "run", artifact, "--max-tokens", "4", "--temperature", "0", input="hello\n/exit\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("> ")
+
+
+def test_missing_folder(tmp_path):
+    assert_clean_error(
+        relaxlm_cli("compile", tmp_path / "nope", "-o", tmp_path / "out"), "not found"
+    )
+
+
+def test_unknown_architecture(checkpoints, tmp_path):
+    src = checkpoints("llama_gqa")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).symlink_to(f)
+    (bad / "config.json").unlink()
+    config = json.loads((src / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "architectures": ["FooForCausalLM"]}))
+    proc = relaxlm_cli("compile", bad, "-o", tmp_path / "out")
+    assert_clean_error(proc, "FooForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def test_truncated_safetensors(checkpoints, tmp_path):
+    src = checkpoints("llama_gqa")
+    bad = tmp_path / "trunc"
+    bad.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (bad / f.name).symlink_to(f)
+    data = (src / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    assert_clean_error(relaxlm_cli("compile", bad, "-o", tmp_path / "out"), "model.safetensors")
+
+
+def test_manifest_of_another_format_version(artifact, tmp_path):
+    copy = tmp_path / "old"
+    copy.mkdir()
+    for f in artifact.iterdir():
+        (copy / f.name).symlink_to(f)
+    (copy / "manifest.json").unlink()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 0}))
+    assert_clean_error(relaxlm_cli("run", copy, "--prompt", "hi"), "format version", "recompile")
+
+
+def test_prompt_longer_than_the_context_window(artifact):
+    window = Manifest.read(artifact).context_window
+    long_prompt = " ".join(["cat"] * (window + 10))
+    assert_clean_error(relaxlm_cli("run", artifact, "--prompt", long_prompt), "context window")
+
+
+def test_killed_compile_leaves_no_artifact(checkpoints, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relaxlm", "compile", str(checkpoints("llama_gqa")), "-o", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stderr:  # kill it in the middle, while it generates code
+        if "generating code" in line:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not is_artifact(out)
+    assert_clean_error(relaxlm_cli("run", out, "--prompt", "hi"))
