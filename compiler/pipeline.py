@@ -22,15 +22,16 @@ from tvm import relax
 
 import relaxlm
 from relaxlm.artifacts import ArtifactWriter, Manifest
-from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.checkpoint import Checkpoint
 
 from . import schedules
+from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .lower_attention_to_paged_kv import LowerAttentionToPagedKV, paged_kv_layout
+from .quantization import QuantScheme, quantize, resolve_scheme
+from .quantize_weights import QuantizeWeights, param_plan
 from .targets import TargetPreset, resolve_target
 
-QUANT_SCHEMES = ("none",)
 DEFAULT_PREFILL_CHUNK = 1024
 
 
@@ -44,26 +45,21 @@ def compile_model(
     progress: bool = True,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path."""
-    if quant not in QUANT_SCHEMES:
-        raise RelaxlmError(
-            f"quantization {quant!r} is not supported yet; supported: {', '.join(QUANT_SCHEMES)}"
-        )
+    scheme = resolve_scheme(quant)
     say = _Reporter(progress)
     preset = resolve_target(target)
     checkpoint = load_checkpoint(model)
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {preset.name}")
     exported = export(checkpoint, dtype)
     say("graph exported")
-    executable, kv_layout = build_library(exported, preset, say)
+    executable, kv_layout, plan = build_library(exported, preset, scheme, say)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
         library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
         say("library linked")
         writer.add_library(preset.name, library, preset.tvm_target)
-        layout = [
-            (n, exported.param_shapes[n], np.dtype(dtype_of(dtype))) for n in exported.param_names
-        ]
-        writer.write_weights(layout, _converted_weights(checkpoint, exported, say.enabled))
+        layout = [(e["name"], tuple(e["shape"]), np.dtype(dtype_of(e["dtype"]))) for e in plan]
+        writer.write_weights(layout, _converted_weights(checkpoint, exported, plan, scheme, say))
         say("weights written")
         writer.add_tokenizer(checkpoint.tokenizer_files)
         manifest = Manifest(
@@ -72,7 +68,7 @@ def compile_model(
             architecture=exported.architecture,
             model_config=exported.config,
             dtype=dtype,
-            quantization={"scheme": quant},
+            quantization=scheme.to_manifest() if scheme else {"scheme": "none"},
             context_window=exported.context_window,
             prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exported.context_window),
             vocab_size=exported.vocab_size,
@@ -89,9 +85,16 @@ def compile_model(
 
 
 def build_library(
-    exported: ExportedModel, preset: TargetPreset, say=lambda msg: None
-) -> tuple[tvm.runtime.Executable, dict]:
-    """Run the four phases on the exported graph; returns the executable and KV layout."""
+    exported: ExportedModel,
+    preset: TargetPreset,
+    scheme: QuantScheme | None = None,
+    say=lambda msg: None,
+) -> tuple[tvm.runtime.Executable, dict, list[dict]]:
+    """Run the four phases on the exported graph.
+
+    Returns the executable, the KV-cache layout and the weight plan: one entry per tensor
+    the library takes, in order ({name, shape, dtype, source, part}).
+    """
     target = preset.target()
     mod = exported.mod
     dump = os.environ.get("RELAXLM_DUMP_IR")
@@ -99,6 +102,10 @@ def build_library(
     # 1. graph rewrites
     mod = LowerAttentionToPagedKV(target, exported.dtype)(mod)
     kv_layout = paged_kv_layout(mod)
+    if scheme is not None:
+        mod = QuantizeWeights(scheme, exported.dtype)(mod)
+        mod = FuseDequantizeMatmul()(mod)
+    plan = _weight_plan(exported, param_plan(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)
 
@@ -127,7 +134,28 @@ def build_library(
         mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
     )
     say(f"code generated in {time.perf_counter() - start:.1f} s")
-    return executable, kv_layout
+    return executable, kv_layout, plan
+
+
+def _weight_plan(exported: ExportedModel, quantized: list[dict] | None) -> list[dict]:
+    """Name, shape and dtype of every tensor the library takes, in its parameter order."""
+    names = exported.param_names
+    if quantized is None:
+        quantized = [
+            {
+                "source": i,
+                "part": "",
+                "shape": list(exported.param_shapes[n]),
+                "dtype": exported.dtype,
+            }
+            for i, n in enumerate(names)
+        ]
+    plan = []
+    for entry in quantized:
+        source = names[entry["source"]]
+        name = f"{source}.{entry['part']}" if entry["part"] else source
+        plan.append({**entry, "source": source, "name": name})
+    return plan
 
 
 def dtype_of(dtype: str):
@@ -139,16 +167,28 @@ def dtype_of(dtype: str):
     return np.dtype(dtype)
 
 
-def _converted_weights(checkpoint: Checkpoint, exported: ExportedModel, show: bool):
-    """Checkpoint tensors in graph order, converted to the compile dtype one at a time."""
-    target = np.dtype(dtype_of(exported.dtype))
-    names = exported.param_names
-    for name in tqdm(names, desc="weights", unit="tensor", disable=not show, file=sys.stderr):
-        array = checkpoint.read(name)
-        if array.dtype != target:
+def _converted_weights(
+    checkpoint: Checkpoint, exported: ExportedModel, plan: list[dict], scheme, say
+):
+    """The plan's tensors in order, each checkpoint tensor read and converted once.
+
+    One tensor at a time: peak memory stays near the largest tensor, not the model.
+    """
+    compute = np.dtype(dtype_of(exported.dtype))  # of scales and zero points
+    sources = list(dict.fromkeys(e["source"] for e in plan))
+    entries = iter(plan)
+    bar = tqdm(sources, desc="weights", unit="tensor", disable=not say.enabled, file=sys.stderr)
+    for source in bar:
+        array = checkpoint.read(source)
+        first = next(entries)
+        if first["part"] == "":  # stored as is, in its dtype (a cast scheme's narrower one)
             # via float32: numpy cannot cast bfloat16 to float16 directly
-            array = array.astype(np.float32).astype(target)
-        yield name, array
+            yield first["name"], array.astype(np.float32).astype(dtype_of(first["dtype"]))
+            continue
+        parts = quantize(scheme, array, compute)
+        yield first["name"], parts[0]
+        for part in parts[1:]:
+            yield next(entries)["name"], part
 
 
 def _dump(folder: str | None, phase: str, mod: tvm.IRModule) -> None:

@@ -42,25 +42,28 @@ class MatmulRows(ScheduleRule):
         m = sch.fuse(*batch) if batch else sch.add_unit_loop(main.block_rv)
         block = main.block_rv
 
-        # Partial sums in LANES vector lanes; the original block then sums the lanes.
-        ko, ki = sch.split(k, [None, LANES])
-        partial = sch.rfactor(ki, factor_axis=0)
+        # Partial sums in LANES vector lanes; the original block then sums the lanes. When K
+        # allows, k = (ko, j, l) with 8 steps j per 128-wide block: the 4-bit layout's
+        # interleaving makes each j one shift of 16 consecutive words (quantization.py).
+        steps = 8 if k_extent % (8 * LANES) == 0 else 1
+        ko, kj, ki = sch.split(k, [None, steps, LANES])
+        partial = sch.rfactor(ki, factor_axis=-1)  # lanes last: contiguous
         m, n, ki = sch.get_loops(block)
         no, ni = sch.split(n, [None, ROWS])
         sch.reorder(no, m, ni, ki)
         sch.parallel(no)
         sch.compute_at(partial, m, preserve_unit_loops=True)
-        # partial's loops under (no, m) follow its block iters: ki, unit batch loops, n_i, ko.
-        # Reorder so that every k step updates ROWS rows of LANES-wide accumulators.
-        p_ki, *units, p_ni, p_ko = sch.get_loops(partial)[2:]
-        sch.reorder(*units, p_ko, p_ni, p_ki)
+        # partial's loops under (no, m) follow its block iters: ki, unit batch loops, n_i, ko, kj.
+        # The lane loop goes outside the reduction loops (vectorize() accepts only loops that
+        # contain a reduction whole) and the ROWS rows innermost: one k step then updates
+        # ROWS independent LANES-wide vector accumulators.
+        p_ki, *units, p_ni, p_ko, p_kj = sch.get_loops(partial)[2:]
+        sch.reorder(*units, p_ki, p_ko, p_kj, p_ni)
         sch.set_scope(partial, 0, "local")
-        init = sch.decompose_reduction(partial, p_ko)
-        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(p_ki)  # while the block still has its init: a reduction block
+        sch.decompose_reduction(partial, p_ko)
+        sch.unroll(p_kj)
         sch.unroll(p_ni)
-        # vectorize() refuses loops inside a reduction block's update; fully unrolled, LLVM's
-        # SLP vectorizer turns the LANES independent accumulators into vector FMAs.
-        sch.unroll(p_ki)
         if len(infos) == 2:
             sch.reverse_compute_at(infos[1].block_rv, m, preserve_unit_loops=True)
         return sch
@@ -87,7 +90,9 @@ class RowReduction(ScheduleRule):
             return None
         last = infos[-1].block_rv
         outer = sch.fuse(*sch.get_loops(last)[:-1])
-        for info in infos[:-1]:
+        # Last producer first: compute_at needs each block's consumers already under `outer`
+        # (softmax: max -> exp -> sum -> normalize).
+        for info in reversed(infos[:-1]):
             sch.compute_at(info.block_rv, outer, preserve_unit_loops=True)
         sch.parallel(outer)
         return sch

@@ -1,0 +1,83 @@
+"""FuseDequantizeMatmul: `matmul(x, permute_dims(dequantize(parts)))` becomes one kernel.
+
+QuantizeWeights leaves the naive form (easy to test against numpy); this pass folds the
+dequantize into the matmul's reduction so the float weight is never materialised: the
+kernel reads packed weights once, which is what makes decode fast.
+"""
+
+import json
+
+import tvm
+from tvm import relax, te
+
+from .quantization import SCHEMES
+from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te
+
+
+@tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")
+class FuseDequantizeMatmul:
+    """Fuse each dequantize feeding a linear matmul into a single reduction kernel."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        dequantizers = {
+            gv: json.loads(str(f.attrs[DEQUANTIZE_ATTR]))
+            for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and DEQUANTIZE_ATTR in f.attrs
+        }
+        if not dequantizers:
+            return mod
+        rewriter = _Rewriter(mod, dequantizers)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, dequantizers: dict):
+        super().__init__(mod)
+        self.dequantizers = dequantizers
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not _is_op(call, "relax.matmul"):
+            return call
+        x, rhs = call.args
+        transposed = self._binding(rhs)
+        if not _is_op(transposed, "relax.permute_dims"):
+            return call
+        dequant = self._binding(transposed.args[0])
+        if not (_is_op(dequant, "relax.call_tir") and dequant.args[0] in self.dequantizers):
+            return call
+        info = self.dequantizers[dequant.args[0]]
+        scheme = SCHEMES[info["scheme"]]
+        parts = list(dequant.args[1].fields)
+        n = int(parts[0].ty.shape[0])
+        k = int(info["k"])
+        out_dtype = call.ty.dtype
+
+        def compute(x_te, *parts_te):
+            r = te.reduce_axis((0, k), name="k")
+            return te.compute(
+                (*x_te.shape[:-1], n),
+                lambda *i: te.sum(
+                    x_te[(*i[:-1], r)].astype(out_dtype)
+                    * dequantize_te(scheme, list(parts_te), i[-1], r, out_dtype),
+                    axis=r,
+                ),
+                name="NT_matmul",
+            )
+
+        return self.builder_.call_te(
+            compute, x, *parts, primfunc_name_hint=f"dequantize_{scheme.name}_NT_matmul"
+        )
+
+    def _binding(self, expr: relax.Expr) -> relax.Expr | None:
+        if isinstance(expr, relax.Var):
+            return self.builder_.lookup_binding(expr)
+        return expr
+
+
+def _is_op(call, name: str) -> bool:
+    return isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get(name))
