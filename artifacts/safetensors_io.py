@@ -106,7 +106,7 @@ class ShardWriter:
             array.shape,
             array.dtype,
         )
-        self._file.write(np.ascontiguousarray(array).tobytes())
+        self._file.write(np.ascontiguousarray(array).data)  # no bytes copy
 
     def close(self) -> None:
         assert not self._expected, f"tensors not written: {[n for n, _, _ in self._expected]}"

@@ -89,8 +89,22 @@ def resolve_scheme(name: str) -> QuantScheme | None:
     return SCHEMES[name]
 
 
+ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # rows are packed in chunks of ~4M values: bounded temporaries
+
+
 def quantize(scheme: QuantScheme, weight: np.ndarray, compute_dtype: np.dtype) -> list[np.ndarray]:
     """Pack a float weight [N, K]; the parts in `part_shapes` order."""
+    rows = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    if weight.shape[0] <= rows:
+        return _quantize_rows(scheme, weight, compute_dtype)
+    chunks = [
+        _quantize_rows(scheme, weight[i : i + rows], compute_dtype)
+        for i in range(0, weight.shape[0], rows)
+    ]
+    return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
+
+
+def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> list[np.ndarray]:
     if scheme.kind == "cast":
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
     w = weight.astype(np.float32)
