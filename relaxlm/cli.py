@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_build_options(p)
     p.set_defaults(func=_run)
 
+    p = sub.add_parser("bench", help="prefill and decode speed, time to first token, memory")
+    p.add_argument("model", help="artifact folder, Hugging Face model folder or repo id")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _add_build_options(p)
+    p.set_defaults(func=_bench)
+
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -102,6 +111,25 @@ def _chat(llm, params) -> None:
             print(delta, end="", flush=True)
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _bench(args) -> None:
+    import relaxlm
+    from relaxlm.bench import bench_llm
+
+    llm = relaxlm.LLM(args.model, target=args.target, quant=args.quant, dtype=args.dtype)
+    result = bench_llm(llm, args.prompt_tokens, args.decode_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    print(f"model            {llm.artifact}")
+    print(f"quantization     {llm.manifest.quantization['scheme']}")
+    print(
+        f"prefill          {result.prefill_tok_s:8.1f} tok/s  ({result.prompt_tokens}-token prompt)"
+    )
+    print(f"time to first    {result.ttft_s * 1e3:8.1f} ms")
+    print(f"decode           {result.decode_tok_s:8.1f} tok/s  ({result.decode_tokens} tokens)")
+    print(f"peak RSS         {result.peak_rss_mib:8.1f} MiB")
 
 
 def _inspect(args) -> None:
