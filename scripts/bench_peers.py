@@ -1,0 +1,292 @@
+"""relaxlm against llama.cpp and transformers on the same model, side by side in one run.
+
+For each model shape (random-weight Llamas made here, fp16 safetensors) and each format
+pair (relaxlm q4 / llama.cpp Q4_0, q8 / Q8_0, float16 / F16), plus transformers fp32: a
+128-token prompt then 128 greedy tokens, same thread count, engines alternated and each run
+in a fresh process (best of `--rounds`). Prints tokens/s, the ratio to llama.cpp, and the
+fraction of the memory-bandwidth roofline (bandwidth measured here, in this run, by a small
+C reader compiled with gcc; bytes per token = weights read per decode step, i.e. all but
+the embedding table).
+
+    python scripts/bench_peers.py --models llama134m --threads 2 --rounds 3
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+SHAPES = {  # the shapes of shared/notes/peers.md
+    "llama134m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        intermediate_size=2048,
+    ),
+    "llama860m": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=5632,
+    ),
+}
+PAIRS = [("q4", "Q4_0"), ("q8", "Q8_0"), ("float16", "F16")]
+
+_BANDWIDTH_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <omp.h>
+#include <immintrin.h>
+int main(void) {
+    size_t n = (size_t)1 << 28;  /* 2 GiB of doubles */
+    double *a = aligned_alloc(64, n * sizeof(double));
+    #pragma omp parallel for
+    for (size_t i = 0; i < n; i++) a[i] = 1.0;
+    double best = 1e30, sink = 0;
+    for (int r = 0; r < 5; r++) {
+        double t = omp_get_wtime(), s = 0;
+        #pragma omp parallel for reduction(+:s)
+        for (size_t i = 0; i < n; i += 8) s += _mm512_reduce_add_pd(_mm512_load_pd(a + i));
+        t = omp_get_wtime() - t; sink += s; if (t < best) best = t;
+    }
+    printf("%f %f\n", n * sizeof(double) / best / 1e9, sink);
+    return 0;
+}
+"""
+
+
+def bandwidth_gbs(threads: int, work: Path) -> float:
+    src, exe = work / "bw.c", work / "bw"
+    src.write_text(_BANDWIDTH_C)
+    subprocess.run(
+        ["gcc", "-O3", "-march=native", "-fopenmp", str(src), "-o", str(exe)], check=True
+    )
+    out = subprocess.run(
+        [str(exe)],
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.split()[0])
+
+
+def make_checkpoint(shape: str, work: Path) -> Path:
+    out = work / shape
+    if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
+        return out
+    import torch
+    from make_tiny_model import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], vocab_size=32000, max_position_embeddings=2048)
+    LlamaForCausalLM(config).to(torch.float16).save_pretrained(out)
+    make_tokenizer(out)  # a tiny tokenizer: benchmarks feed token ids
+    return out
+
+
+def prepare(shape: str, work: Path) -> dict:
+    """Checkpoint, relaxlm artifacts and GGUF files for one shape (cached in `work`)."""
+    from llama_gguf import quantize_gguf, write_llama_gguf
+
+    import relaxlm
+
+    ckpt = make_checkpoint(shape, work)
+    f16 = work / f"{shape}-F16.gguf"
+    if not f16.exists():
+        write_llama_gguf(ckpt, f16, "F16")
+    files = {"ckpt": str(ckpt), "gguf": {"F16": str(f16)}, "relaxlm": {}}
+    for ours, theirs in PAIRS:
+        gguf_file = work / f"{shape}-{theirs}.gguf"
+        if theirs != "F16" and not gguf_file.exists():
+            quantize_gguf(f16, gguf_file, theirs)
+        files["gguf"][theirs] = str(gguf_file)
+        artifact = work / f"{shape}-relaxlm-{ours}"
+        if not (artifact / "manifest.json").exists():
+            relaxlm.compile(str(ckpt), output=artifact, quant=ours)
+        files["relaxlm"][ours] = str(artifact)
+    return files
+
+
+# -- one measurement, run in a fresh process ----------------------------------------------
+
+
+def _measure(engine: str, path: str, threads: int, prompt: int, decode: int) -> dict:
+    import time
+
+    import numpy as np
+
+    from relaxlm.bench import peak_rss_mib
+
+    ids = np.random.default_rng(0).integers(3, 32000, prompt).tolist()
+    if engine == "relaxlm":
+        import relaxlm
+        from relaxlm.bench import bench_llm
+
+        llm = relaxlm.LLM(path, threads=threads) if _takes_threads() else relaxlm.LLM(path)
+        r = bench_llm(llm, prompt, decode, repeats=2)
+        return {
+            "prefill": r.prefill_tok_s,
+            "decode": r.decode_tok_s,
+            "ttft": r.ttft_s,
+            "rss": r.peak_rss_mib,
+        }
+    if engine == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(
+            path, n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512, verbose=False
+        )
+        best = {"prefill": 0.0, "decode": 0.0, "ttft": 1e9}
+        for _ in range(2):
+            llm.reset()
+            start = time.perf_counter()
+            llm.eval(ids)
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            ttft = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(decode):
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            dt = time.perf_counter() - start
+            best = {
+                "prefill": max(best["prefill"], prompt / ttft),
+                "decode": max(best["decode"], decode / dt),
+                "ttft": min(best["ttft"], ttft),
+            }
+        return {**best, "rss": peak_rss_mib()}
+    if engine == "transformers":
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        x = torch.tensor([ids])
+        best = {"prefill": 0.0, "decode": 0.0, "ttft": 1e9}
+        with torch.no_grad():
+            for _ in range(2):
+                start = time.perf_counter()
+                model(x)
+                ttft = time.perf_counter() - start
+                start = time.perf_counter()
+                model.generate(
+                    x,
+                    max_new_tokens=decode + 1,
+                    min_new_tokens=decode + 1,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )
+                dt = time.perf_counter() - start - ttft
+                best = {
+                    "prefill": max(best["prefill"], prompt / ttft),
+                    "decode": max(best["decode"], decode / dt),
+                    "ttft": min(best["ttft"], ttft),
+                }
+        return {**best, "rss": peak_rss_mib()}
+    raise ValueError(engine)
+
+
+def _takes_threads() -> bool:
+    import inspect
+
+    import relaxlm
+
+    return "threads" in inspect.signature(relaxlm.LLM).parameters
+
+
+def measure(engine: str, path: str, threads: int, prompt: int, decode: int) -> dict:
+    env = {**os.environ, "TVM_NUM_THREADS": str(threads), "RELAXLM_THREADS": str(threads)}
+    call = f"b._measure({engine!r}, {path!r}, {threads}, {prompt}, {decode})"
+    code = f"import json, bench_peers as b; print(json.dumps({call}))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT / "scripts", capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{engine} on {path} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def weight_bytes_per_token(engine: str, path: str) -> int:
+    """Bytes of weights a decode step streams: all but the embedding table."""
+    if engine == "relaxlm":
+        from relaxlm.artifacts import Manifest, weight_index
+
+        index = weight_index(Path(path), Manifest.read(path))
+        return sum(i.nbytes for n, i in index.items() if not n.startswith("model.embed_tokens"))
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["llama134m"], choices=list(SHAPES))
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--decode", type=int, default=128)
+    ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "relaxlm-bench"))
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    bw = bandwidth_gbs(args.threads, work)
+    print(f"memory bandwidth ({args.threads} threads): {bw:.1f} GB/s\n")
+    for shape in args.models:
+        files = prepare(shape, work)
+        runs = [("relaxlm", ours, files["relaxlm"][ours]) for ours, _ in PAIRS]
+        runs += [("llama.cpp", theirs, files["gguf"][theirs]) for _, theirs in PAIRS]
+        if not args.no_transformers:
+            runs.append(("transformers", "fp32", files["ckpt"]))
+        results: dict[tuple, list[dict]] = {}
+        for _ in range(args.rounds):  # alternate engines so drift on the host hits all alike
+            for engine, fmt, path in runs:
+                results.setdefault((engine, fmt), []).append(
+                    measure(engine, path, args.threads, args.prompt, args.decode)
+                )
+        best = {
+            k: {m: (min if m in ("ttft", "rss") else max)(r[m] for r in v) for m in v[0]}
+            for k, v in results.items()
+        }
+        print(
+            f"## {shape}: {args.prompt}-token prompt, {args.decode} greedy tokens, "
+            f"{args.threads} threads, best of {args.rounds}"
+        )
+        print(
+            "| engine | format | MB/token | prefill tok/s | decode tok/s | TTFT ms "
+            "| peak RSS MiB | decode vs llama.cpp | roofline |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for ours, theirs in PAIRS:
+            for engine, fmt in (("relaxlm", ours), ("llama.cpp", theirs)):
+                r = best[(engine, fmt)]
+                path = files["relaxlm"][ours] if engine == "relaxlm" else files["gguf"][theirs]
+                mb = weight_bytes_per_token(engine, path) / 1e6
+                ratio = r["decode"] / best[("llama.cpp", theirs)]["decode"]
+                roof = r["decode"] * mb / 1e3 / bw
+                print(
+                    f"| {engine} | {fmt} | {mb:.0f} | {r['prefill']:.0f} | {r['decode']:.1f} "
+                    f"| {r['ttft'] * 1e3:.0f} | {r['rss']:.0f} | {ratio:.2f}x | {roof:.0%} |"
+                )
+        if not args.no_transformers:
+            r = best[("transformers", "fp32")]
+            print(
+                f"| transformers | fp32 | - | {r['prefill']:.0f} | {r['decode']:.1f} "
+                f"| {r['ttft'] * 1e3:.0f} | {r['rss']:.0f} | - | - |"
+            )
+        print()
+
+
+if __name__ == "__main__":
+    main()
