@@ -106,7 +106,8 @@ class ShardWriter:
             array.shape,
             array.dtype,
         )
-        self._file.write(np.ascontiguousarray(array).data)  # no bytes copy
+        # raw bytes, no copy (a memoryview of bfloat16 itself is refused)
+        self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
 
     def close(self) -> None:
         assert not self._expected, f"tensors not written: {[n for n, _, _ in self._expected]}"
