@@ -50,6 +50,10 @@ class Manifest:
     targets: dict[str, dict[str, Any]]  # preset -> {library, size, sha256, tvm_target}
     tokenizer: dict[str, Any]  # {files: [...]}
     source: dict[str, Any] = field(default_factory=dict)  # where the checkpoint came from
+    # "generate": prefill/decode entries over the paged KV cache; "embed": one `embed` entry,
+    # no KV cache (kv_cache is empty), pooling described by `embedding`.
+    task: str = "generate"
+    embedding: dict[str, Any] = field(default_factory=dict)  # {pooling, normalize, ...}
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = ""

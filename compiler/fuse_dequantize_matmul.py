@@ -2,7 +2,9 @@
 
 QuantizeWeights leaves the naive form (easy to test against numpy); this pass folds the
 dequantize into the matmul's reduction so the float weight is never materialised: the
-kernel reads packed weights once, which is what makes decode fast.
+kernel reads packed weights once, which is what makes decode fast. A row gather of packed
+weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes one kernel
+that dequantizes only the rows it reads.
 """
 
 import json
@@ -10,7 +12,7 @@ import json
 import tvm
 from tvm import relax, te
 
-from .quantization import SCHEMES
+from .quantization import scheme_named
 from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te
 
 
@@ -41,20 +43,18 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
+        if _is_op(call, "relax.take"):
+            return self._gather(call)
         if not _is_op(call, "relax.matmul"):
             return call
         x, rhs = call.args
         transposed = self._binding(rhs)
         if not _is_op(transposed, "relax.permute_dims"):
             return call
-        dequant = self._binding(transposed.args[0])
-        if not (_is_op(dequant, "relax.call_tir") and dequant.args[0] in self.dequantizers):
+        found = self._dequantize(transposed.args[0])
+        if found is None:
             return call
-        info = self.dequantizers[dequant.args[0]]
-        scheme = SCHEMES[info["scheme"]]
-        parts = list(dequant.args[1].fields)
-        n = int(parts[0].ty.shape[0])
-        k = int(info["k"])
+        scheme, parts, n, k = found
         out_dtype = call.ty.dtype
 
         def compute(x_te, *parts_te):
@@ -69,9 +69,42 @@ class _Rewriter(relax.PyExprMutator):
                 name="NT_matmul",
             )
 
+        name = scheme.name.replace("-", "_")
         return self.builder_.call_te(
-            compute, x, *parts, primfunc_name_hint=f"dequantize_{scheme.name}_NT_matmul"
+            compute, x, *parts, primfunc_name_hint=f"dequantize_{name}_NT_matmul"
         )
+
+    def _gather(self, call: relax.Call) -> relax.Expr:
+        """take(dequantize(parts), ids, axis=0) -> rows dequantized straight from the parts."""
+        table, ids = call.args
+        if call.attrs.axis is None or int(call.attrs.axis) != 0:
+            return call
+        found = self._dequantize(table)
+        if found is None:
+            return call
+        scheme, parts, _, k = found
+        out_dtype = call.ty.dtype
+
+        def compute(ids_te, *parts_te):
+            return te.compute(
+                (*ids_te.shape, k),
+                lambda *i: dequantize_te(scheme, list(parts_te), ids_te[i[:-1]], i[-1], out_dtype),
+                name="take",
+            )
+
+        name = scheme.name.replace("-", "_")
+        return self.builder_.call_te(
+            compute, ids, *parts, primfunc_name_hint=f"dequantize_{name}_take"
+        )
+
+    def _dequantize(self, expr: relax.Expr):
+        """(scheme, parts, n, k) when `expr` is bound to a dequantize call, else None."""
+        dequant = self._binding(expr)
+        if not (_is_op(dequant, "relax.call_tir") and dequant.args[0] in self.dequantizers):
+            return None
+        info = self.dequantizers[dequant.args[0]]
+        parts = list(dequant.args[1].fields)
+        return scheme_named(info["scheme"]), parts, int(parts[0].ty.shape[0]), int(info["k"])
 
     def _binding(self, expr: relax.Expr) -> relax.Expr | None:
         if isinstance(expr, relax.Var):

@@ -1,19 +1,43 @@
 """Lower the frontends' `relaxlm.attention` calls onto TVM's paged KV cache (TIR kernels).
 
-Before: `f(inputs..., packed_params)` with `relaxlm.attention(qkv, layer_id, ...)` calls.
-After:  `f(inputs..., paged_kv_cache, packed_params)` (`num_input` + 1), each call replaced by
-`vm.builtin.attention_kv_cache_attention_with_fused_qkv`, plus a `create_paged_kv_cache`
-function whose cache applies RoPE itself from its own position bookkeeping.
+Before: `f(inputs..., packed_params)` with `relaxlm.attention(qkv, layer_id, ...)` calls (and
+`relaxlm.query_positions` calls, for models with learned positions).
+After:  `f(inputs..., paged_kv_cache, packed_params)` (`num_input` + 1), each attention call
+replaced by `vm.builtin.attention_kv_cache_attention_with_fused_qkv`, each positions call by
+the cache's query positions, plus a `create_paged_kv_cache` function.
+
+One cache serves every layer, so the layers must agree on heads, head size, softmax scale and
+soft-cap. Where they differ in what TVM's cache can only do once, the pass takes another route:
+- RoPE: applied by the cache (`RopeMode.NORMAL`) when all layers share one; otherwise (per-layer
+  bases, LongRoPE, none at all) rotated in the graph at the cache's positions (`compiler/rope.py`)
+  and the cache applies none.
+- Sliding windows and logit soft-capping: TVM 0.27's CPU kernels have neither (see
+  `compiler/attention_kernels.py`), so the cache gets relaxlm's kernels. One window on every
+  layer is masked in every kernel. Windows on some layers only (Gemma) use the cache's per-layer
+  `mha_sliding` kind; the kernel for attention among a forward's own tokens is shared by all
+  layers and masks no window, so a sequence may then add at most `window` tokens per forward
+  (`max_prefill_chunk` in the layout; the kernel raises past it).
 """
 
+import functools
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
-from relaxlm.frontends.ops import AttentionCall, is_attention_call, read_attention_call
+from relaxlm.errors import RelaxlmError
+from relaxlm.frontends.ops import (
+    AttentionCall,
+    RopeSpec,
+    is_attention_call,
+    is_positions_call,
+    read_attention_call,
+)
+
+from . import attention_kernels
+from .rope import longrope_factors, rope_te
 
 CACHE_PARAM = "paged_kv_cache"
 CREATE_FUNCTION = "create_paged_kv_cache"
@@ -27,7 +51,12 @@ CREATE_ARGS = (
 )
 
 _ATTENTION_BUILTIN = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+_POSITIONS_BUILTIN = "vm.builtin.attention_kv_cache_get_query_positions"
 _LAYOUT_ATTR = "relaxlm.paged_kv_layout"
+
+# A pass runs behind TVM's FFI, which turns unknown exception types into RuntimeError; with the
+# type registered, "not supported" errors reach the caller (and the CLI) as RelaxlmError.
+tvm.error.register_error("RelaxlmError", RelaxlmError)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LowerAttentionToPagedKV")
@@ -39,22 +68,30 @@ class LowerAttentionToPagedKV:
         self.dtype = dtype
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        rewriter = _AttentionRewriter(mod)
-        calls: list[tuple[str, AttentionCall, str]] = []
+        calls, wants_positions = _collect(mod)
+        if not calls:
+            if wants_positions:
+                raise ValueError(
+                    "relaxlm.query_positions reads the KV cache's positions, but the module has "
+                    "no relaxlm.attention call to build a cache for"
+                )
+            return mod
+        plan = _plan(calls, self.dtype, self.target)
+        rewriter = _AttentionRewriter(mod, plan)
         for gvar, func in mod.functions_items():
             if isinstance(func, relax.Function):
-                calls += rewriter.rewrite(gvar, func)
-        if not calls:
-            return mod
-        layout = _check_layers(calls, self.dtype)
-        mod = _add_create_function(rewriter.builder_.get(), layout, self.target)
-        return mod.with_attr(_LAYOUT_ATTR, json.dumps(layout, sort_keys=True))
+                rewriter.rewrite(gvar, func)
+        mod = _add_create_function(rewriter.builder_.get(), plan, self.target)
+        return mod.with_attr(_LAYOUT_ATTR, json.dumps(plan.layout(), sort_keys=True))
 
 
 def paged_kv_layout(mod: tvm.IRModule) -> dict:
     """The KV-cache layout `LowerAttentionToPagedKV` built, as a plain dict for the manifest.
 
-    Keys: num_layers, num_q_heads, num_kv_heads, head_dim, sm_scale, dtype, rope (RopeSpec fields).
+    Keys: num_layers, num_q_heads, num_kv_heads, head_dim, sm_scale, dtype, rope (RopeSpec fields
+    when the cache applies RoPE, else None), rope_in_graph, sliding_windows (per layer, 0 = none),
+    logit_softcap (0 = none), max_prefill_chunk (most tokens one sequence may add per forward;
+    None = no limit beyond the cache's prefill chunk).
     """
     if mod.attrs is None or _LAYOUT_ATTR not in mod.attrs:
         raise ValueError(
@@ -64,63 +101,73 @@ def paged_kv_layout(mod: tvm.IRModule) -> dict:
     return json.loads(str(mod.attrs[_LAYOUT_ATTR]))
 
 
-@relax.expr_functor.mutator
-class _AttentionRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule):
-        super().__init__(mod)
-        self._cache: relax.Var | None = None
-        self._found: list[tuple[AttentionCall, str]] = []
+@dataclass(frozen=True)
+class _Plan:
+    """How the calls map onto one cache."""
 
-    def rewrite(
-        self, gvar: tvm.ir.GlobalVar, func: relax.Function
-    ) -> list[tuple[str, AttentionCall, str]]:
-        """Rewrite `func` in the builder's module; returns its (function, call, qkv dtype)s."""
-        self._cache = relax.Var(CACHE_PARAM, relax.ObjectType())
-        self._found = []
-        body = self.visit_expr(func.body)
-        if not self._found:
-            return []
-        params = list(func.params)
-        num_input = func.attrs["num_input"] if func.attrs and "num_input" in func.attrs else None
-        # The cache goes after the runtime inputs so `num_input` still splits off the weights;
-        # without `num_input` every parameter is a runtime input and it goes last.
-        at = len(params) if num_input is None else int(num_input)
-        params.insert(at, self._cache)
-        new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
-        if num_input is not None:
-            new_func = new_func.with_attr("num_input", at + 1)
-        self.builder_.update_func(gvar, new_func)
-        return [(gvar.name_hint, call, dtype) for call, dtype in self._found]
+    num_layers: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    sm_scale: float
+    dtype: str
+    cache_rope: RopeSpec | None  # applied by the cache; None: in the graph, or no RoPE at all
+    rope_in_graph: bool
+    windows: tuple[int, ...]  # per layer, 0 = full attention
+    softcap: float
 
-    def visit_call_(self, call: relax.Call) -> relax.Expr:
-        call = self.visit_expr_post_order(call)
-        if not is_attention_call(call):
-            return call
-        attn = read_attention_call(call)
-        qkv = call.args[1].fields[0]
-        self._found.append((attn, qkv.ty.dtype))
-        b, s, h, d = qkv.ty.shape
-        flat = self.builder_.emit(relax.op.reshape(qkv, (b * s, h, d)))  # [tokens, hq+2hkv, d]
-        out = self.builder_.emit(
-            relax.call_dps_packed(
-                _ATTENTION_BUILTIN,
-                [
-                    self._cache,
-                    relax.prim_value(attn.layer_id),
-                    # The kernels take the plain softmax scale and fold in log2(e) themselves.
-                    relax.prim_value(attn.sm_scale),
-                    flat,
-                ],
-                out_ty=relax.TensorType((b * s, attn.num_q_heads, d), qkv.ty.dtype),
-            )
-        )  # [tokens, hq, d]
-        return relax.op.reshape(out, (b, s, attn.num_q_heads, d))  # [b, s, hq, d]
+    @property
+    def window(self) -> int:
+        """The one sliding-window size of the model (0 if none)."""
+        return max(self.windows)
+
+    @property
+    def per_layer_windows(self) -> bool:
+        """Windows on some layers only: the cache's `mha_sliding` layer kind."""
+        return self.window > 0 and min(self.windows) == 0
+
+    @property
+    def relaxlm_kernels(self) -> bool:
+        return self.window > 0 or self.softcap > 0
+
+    def layout(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "num_q_heads": self.num_q_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "sm_scale": self.sm_scale,
+            "dtype": self.dtype,
+            "rope": None if self.cache_rope is None else asdict(self.cache_rope),
+            "rope_in_graph": self.rope_in_graph,
+            "sliding_windows": list(self.windows),
+            "logit_softcap": self.softcap,
+            "max_prefill_chunk": self.window if self.per_layer_windows else None,
+        }
 
 
-def _check_layers(calls: list[tuple[str, AttentionCall, str]], dtype: str) -> dict:
-    """The one cache layout every call agrees on; ValueError naming the first disagreement."""
+def _collect(mod: tvm.IRModule) -> tuple[list[tuple[str, AttentionCall, str]], bool]:
+    """Every attention call as (function, call, qkv dtype); whether any positions call exists."""
+    calls: list[tuple[str, AttentionCall, str]] = []
+    positions = False
+    for gvar, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+
+        def visit(expr: relax.Expr, name: str = gvar.name_hint) -> None:
+            nonlocal positions
+            if is_attention_call(expr):
+                calls.append((name, read_attention_call(expr), expr.args[1].fields[0].ty.dtype))
+            positions = positions or is_positions_call(expr)
+
+        relax.analysis.post_order_visit(func.body, visit)
+    return calls, positions
+
+
+def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> _Plan:
+    """The one cache every call fits; ValueError naming the first call that does not."""
     first_func, first, _ = calls[0]
-    fields = ("num_q_heads", "num_kv_heads", "head_dim", "sm_scale", "rope")
+    uniform = ("num_q_heads", "num_kv_heads", "head_dim", "sm_scale", "logit_softcap")
     seen: set[tuple[str, int]] = set()
     for func, call, qkv_dtype in calls:
         where = f"layer {call.layer_id} (function {func!r})"
@@ -137,7 +184,7 @@ def _check_layers(calls: list[tuple[str, AttentionCall, str]], dtype: str) -> di
                 f"{where}: qkv dtype is {qkv_dtype}, but the KV cache is {dtype}; "
                 "pass the model's activation dtype to LowerAttentionToPagedKV"
             )
-        for name in fields:
+        for name in uniform:
             got, want = getattr(call, name), getattr(first, name)
             if got != want:
                 raise ValueError(
@@ -145,43 +192,197 @@ def _check_layers(calls: list[tuple[str, AttentionCall, str]], dtype: str) -> di
                     f"{first_func!r}) has {want}; one paged KV cache needs the same {name} "
                     "in every layer"
                 )
-    layout = {name: getattr(first, name) for name in fields}
-    layout["rope"] = asdict(first.rope)
-    layout["num_layers"] = max(call.layer_id for _, call, _ in calls) + 1
-    layout["dtype"] = dtype
-    return layout
+    num_layers = max(call.layer_id for _, call, _ in calls) + 1
+    windows = [0] * num_layers
+    for func, call, _ in calls:
+        if windows[call.layer_id] and windows[call.layer_id] != call.sliding_window:
+            raise ValueError(
+                f"layer {call.layer_id} (function {func!r}) has sliding window "
+                f"{call.sliding_window} in one function and {windows[call.layer_id]} in another"
+            )
+        windows[call.layer_id] = call.sliding_window
+    if len(set(windows) - {0}) > 1:
+        raise RelaxlmError(
+            f"layers have different sliding windows {sorted(set(windows) - {0})}; relaxlm's "
+            "paged KV cache supports one window size per model"
+        )
+    ropes = {"null" if call.rope is None else call.rope.to_json() for _, call, _ in calls}
+    shared = RopeSpec.from_json(ropes.pop()) if len(ropes) == 1 else None
+    # TVM's LongRoPE picks its table by the number of tokens in a forward, not by position.
+    cache_rope = shared if shared and shared.scaling.get("rope_type") != "longrope" else None
+    plan = _Plan(
+        num_layers=num_layers,
+        num_q_heads=first.num_q_heads,
+        num_kv_heads=first.num_kv_heads,
+        head_dim=first.head_dim,
+        sm_scale=first.sm_scale,
+        dtype=dtype,
+        cache_rope=cache_rope,
+        rope_in_graph=cache_rope is None and any(call.rope for _, call, _ in calls),
+        windows=tuple(windows),
+        softcap=first.logit_softcap,
+    )
+    if plan.relaxlm_kernels and target.kind.name != "llvm":
+        raise RelaxlmError(
+            f"sliding-window attention and attention logit soft-capping are implemented for CPU "
+            f"targets only, not {target.kind.name!r} (windows {sorted(set(windows))}, soft-cap "
+            f"{plan.softcap})"
+        )
+    return plan
 
 
-def _add_create_function(mod: tvm.IRModule, layout: dict, target: tvm.target.Target):
+@relax.expr_functor.mutator
+class _AttentionRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, plan: _Plan):
+        super().__init__(mod)
+        self._plan = plan
+        self._cache: relax.Var | None = None
+        self._found = False
+
+    def rewrite(self, gvar: tvm.ir.GlobalVar, func: relax.Function) -> None:
+        """Rewrite `func` in the builder's module if it holds relaxlm attention or positions."""
+        self._cache = relax.Var(CACHE_PARAM, relax.ObjectType())
+        self._found = False
+        body = self.visit_expr(func.body)
+        if not self._found:
+            return
+        params = list(func.params)
+        num_input = func.attrs["num_input"] if func.attrs and "num_input" in func.attrs else None
+        # The cache goes after the runtime inputs so `num_input` still splits off the weights;
+        # without `num_input` every parameter is a runtime input and it goes last.
+        at = len(params) if num_input is None else int(num_input)
+        params.insert(at, self._cache)
+        new_func = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+        if num_input is not None:
+            new_func = new_func.with_attr("num_input", at + 1)
+        self.builder_.update_func(gvar, new_func)
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if is_positions_call(call):
+            self._found = True
+            b, s = call.args[1].fields[0].ty.shape
+            return relax.op.reshape(self._positions(b * s), (b, s))  # [b, s]
+        if not is_attention_call(call):
+            return call
+        self._found = True
+        attn = read_attention_call(call)
+        qkv = call.args[1].fields[0]
+        b, s, h, d = qkv.ty.shape
+        flat = self.builder_.emit(relax.op.reshape(qkv, (b * s, h, d)))  # [tokens, hq+2hkv, d]
+        if self._plan.rope_in_graph and attn.rope is not None:
+            flat = self._rotate(flat, attn)
+        out = self.builder_.emit(
+            relax.call_dps_packed(
+                _ATTENTION_BUILTIN,
+                [
+                    self._cache,
+                    relax.prim_value(attn.layer_id),
+                    # The kernels take the plain softmax scale and fold in log2(e) themselves.
+                    relax.prim_value(attn.sm_scale),
+                    flat,
+                ],
+                out_ty=relax.TensorType((b * s, attn.num_q_heads, d), qkv.ty.dtype),
+            )
+        )  # [tokens, hq, d]
+        return relax.op.reshape(out, (b, s, attn.num_q_heads, d))  # [b, s, hq, d]
+
+    def _positions(self, num_tokens) -> relax.Expr:
+        """Each token's position in its sequence, [tokens] int32, from the cache."""
+        return self.builder_.emit(
+            relax.call_pure_packed(
+                _POSITIONS_BUILTIN, self._cache, ty_args=relax.TensorType((num_tokens,), "int32")
+            )
+        )
+
+    def _rotate(self, flat: relax.Expr, attn: AttentionCall) -> relax.Expr:
+        """RoPE on the q and k heads of `flat` [tokens, heads, d] at the cache's positions."""
+        inputs = [flat, self._positions(flat.ty.shape[0])]
+        if attn.rope.scaling.get("rope_type") == "longrope":
+            inputs.append(relax.const(longrope_factors(attn.rope), "float32"))  # [2, rd / 2]
+        rotate = functools.partial(
+            rope_te, spec=attn.rope, num_rotated_heads=attn.num_q_heads + attn.num_kv_heads
+        )
+        return self.builder_.emit_te(
+            rotate, *inputs, primfunc_name_hint=f"rope_layer{attn.layer_id}"
+        )
+
+
+def _add_create_function(mod: tvm.IRModule, plan: _Plan, target: tvm.target.Target):
     """`mod` plus `create_paged_kv_cache(5 × ShapeTuple([v]))` and the cache's TIR kernels."""
-    rope, head_dim = layout["rope"], layout["head_dim"]
+    rope, head_dim = plan.cache_rope, plan.head_dim
     sizes = {name: tirx.Var(name, "int64") for name in CREATE_ARGS}
     params = [relax.Var(name, relax.ShapeType([v])) for name, v in sizes.items()]
+    cache_args = dict(sizes)
+    if plan.relaxlm_kernels:
+        # Windows are compiled in; the cache's own per-sequence sliding (attention sinks, pages
+        # recycled, RoPE moved into the kernels) would break the kernels' absolute positions.
+        cache_args["support_sliding_window"] = 0
     bb = relax.BlockBuilder(mod)
     with bb.function(CREATE_FUNCTION, params):
         # The constructor emits its kernels into `bb` (BlockBuilder.current()).
         cache = TIRPagedKVCache(
-            attn_kind="mha",
-            **sizes,
-            layer_partition=relax.ShapeExpr([0, layout["num_layers"]]),
-            num_hidden_layers=layout["num_layers"],
-            num_attention_heads=layout["num_q_heads"],
-            num_key_value_heads=layout["num_kv_heads"],
+            attn_kind=[
+                "mha_sliding" if plan.per_layer_windows and w else "mha" for w in plan.windows
+            ],
+            **cache_args,
+            layer_partition=relax.ShapeExpr([0, plan.num_layers]),
+            num_hidden_layers=plan.num_layers,
+            num_attention_heads=plan.num_q_heads,
+            num_key_value_heads=plan.num_kv_heads,
             qk_head_dim=head_dim,
             v_head_dim=head_dim,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NORMAL,
+            rope_mode=RopeMode.NONE if rope is None else RopeMode.NORMAL,
             # The kernels multiply positions by rope_scale; HF's linear factor divides them.
-            rope_scale=1.0 / rope["scale"],
-            rope_theta=rope["theta"],
-            rope_scaling=dict(rope["scaling"]),
-            rope_ext_factors=relax.prim_value(0),  # only "longrope" scaling uses them
-            rotary_dim=rope["rotary_dim"] or head_dim,
+            rope_scale=1.0 if rope is None else 1.0 / rope.scale,
+            rope_theta=10000.0 if rope is None else rope.theta,
+            rope_scaling={} if rope is None else dict(rope.scaling),
+            rope_ext_factors=relax.prim_value(0),  # only TVM's LongRoPE uses them
+            rotary_dim=head_dim if rope is None else rope.rotary_dim or head_dim,
             enable_disaggregation=False,
-            dtype=layout["dtype"],
+            dtype=plan.dtype,
             target=target,
+            layer_sliding_window_size=plan.window if plan.per_layer_windows else 1024,
         )
         bb.emit_func_output(bb.emit(cache._expr))
     new_mod = bb.get()
+    if plan.relaxlm_kernels:
+        new_mod = _use_relaxlm_kernels(new_mod, plan)
     return new_mod.with_attrs(mod.attrs) if mod.attrs else new_mod
+
+
+def _use_relaxlm_kernels(mod: tvm.IRModule, plan: _Plan) -> tvm.IRModule:
+    """Swap the cache's CPU attention kernels for relaxlm's (same signatures, same names)."""
+    shape = (plan.num_kv_heads, plan.num_q_heads, plan.head_dim, plan.dtype)
+    # With one window on every layer, every kernel masks it; with per-layer windows only the
+    # sliding-window kernels do, and the shared ragged kernel limits the tokens per forward.
+    everywhere = 0 if plan.per_layer_windows else plan.window
+    common = {"softcap": plan.softcap}
+    kernels = {
+        "tir_attention_prefill_ragged_cpu": attention_kernels.ragged_prefill(
+            *shape,
+            window=everywhere,
+            max_chunk=plan.window if plan.per_layer_windows else 0,
+            **common,
+        ),
+        "tir_attention_prefill_cpu": attention_kernels.paged_prefill(
+            *shape, window=everywhere, sliding_table=False, **common
+        ),
+        "tir_attention_decode_cpu": attention_kernels.paged_decode(
+            *shape, window=everywhere, sliding_table=False, **common
+        ),
+        "tir_attention_prefill_cpu_sliding_window": attention_kernels.paged_prefill(
+            *shape, window=plan.window, sliding_table=True, **common
+        ),
+        "tir_attention_decode_cpu_sliding_window": attention_kernels.paged_decode(
+            *shape, window=plan.window, sliding_table=True, **common
+        ),
+    }
+    names = {gvar.name_hint: gvar for gvar in mod.get_global_vars()}
+    for name, kernel in kernels.items():
+        assert name in names, f"TVM's paged KV cache no longer adds a kernel named {name!r}"
+        old = mod[names[name]]
+        mod[names[name]] = kernel.with_attr("global_symbol", old.attrs["global_symbol"])
+    return mod

@@ -1,7 +1,8 @@
 """The compile pipeline, in one place: checkpoint -> graph -> passes -> TVM build -> artifact.
 
 Phases of `build_library` (per-target differences inline):
-  1. graph rewrites   paged attention (the frontend's attention op -> TVM's paged KV cache),
+  1. graph rewrites   paged attention (the frontend's attention op -> TVM's paged KV cache;
+                      for embedding models, which keep no cache, plain causal attention),
                       transpose+matmul fusion so weights are never transposed at run time
   2. legalize / fuse  Relax ops -> TIR, fused into kernels
   3. schedules        per-target rules over the fused TIR kernels
@@ -27,8 +28,17 @@ from relaxlm.frontends.checkpoint import Checkpoint
 
 from . import schedules
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
+from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import LowerAttentionToPagedKV, paged_kv_layout
-from .quantization import QuantScheme, quantize, resolve_scheme
+from .quantization import (
+    GGUF_SCHEMES,
+    SCHEMES,
+    QuantScheme,
+    dequantize,
+    quantize,
+    resolve_scheme,
+    scheme_named,
+)
 from .quantize_weights import QuantizeWeights, param_plan
 from .targets import TargetPreset, resolve_target
 
@@ -52,14 +62,15 @@ def compile_model(
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {preset.name}")
     exported = export(checkpoint, dtype)
     say("graph exported")
-    executable, kv_layout, plan = build_library(exported, preset, scheme, say)
+    stored = stored_schemes(checkpoint, exported, scheme)
+    executable, kv_layout, plan = build_library(exported, preset, scheme, say, stored)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
         library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
         say("library linked")
         writer.add_library(preset.name, library, preset.tvm_target)
         layout = [(e["name"], tuple(e["shape"]), np.dtype(dtype_of(e["dtype"]))) for e in plan]
-        writer.write_weights(layout, _converted_weights(checkpoint, exported, plan, scheme, say))
+        writer.write_weights(layout, _converted_weights(checkpoint, exported, plan, say))
         say("weights written")
         writer.add_tokenizer(checkpoint.tokenizer_files)
         manifest = Manifest(
@@ -68,16 +79,23 @@ def compile_model(
             architecture=exported.architecture,
             model_config=exported.config,
             dtype=dtype,
-            quantization=scheme.to_manifest() if scheme else {"scheme": "none"},
+            quantization=_quantization_manifest(checkpoint, scheme, plan),
             context_window=exported.context_window,
-            prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exported.context_window),
+            # Per-layer sliding windows cap the tokens one sequence may add per forward.
+            prefill_chunk_size=min(
+                DEFAULT_PREFILL_CHUNK,
+                exported.context_window,
+                kv_layout.get("max_prefill_chunk") or DEFAULT_PREFILL_CHUNK,
+            ),
             vocab_size=exported.vocab_size,
-            kv_cache={**kv_layout, "page_size": 16},
+            kv_cache={**kv_layout, "page_size": 16} if kv_layout else {},
             params=[],
             shards={},
             targets={},
             tokenizer={},
             source={"path": str(checkpoint.path)},
+            task=exported.task,
+            embedding=exported.embedding,
         )
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
@@ -89,21 +107,29 @@ def build_library(
     preset: TargetPreset,
     scheme: QuantScheme | None = None,
     say=lambda msg: None,
+    stored: dict[int, QuantScheme] | None = None,
 ) -> tuple[tvm.runtime.Executable, dict, list[dict]]:
     """Run the four phases on the exported graph.
 
-    Returns the executable, the KV-cache layout and the weight plan: one entry per tensor
-    the library takes, in order ({name, shape, dtype, source, part}).
+    stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
+        `scheme` quantizes the other linear weights.
+    Returns the executable, the KV-cache layout (empty for embedding models) and the weight
+    plan: one entry per tensor the library takes, in order ({name, shape, dtype, source, part,
+    and scheme for parts}).
     """
     target = preset.target()
     mod = exported.mod
     dump = os.environ.get("RELAXLM_DUMP_IR")
 
     # 1. graph rewrites
-    mod = LowerAttentionToPagedKV(target, exported.dtype)(mod)
-    kv_layout = paged_kv_layout(mod)
-    if scheme is not None:
-        mod = QuantizeWeights(scheme, exported.dtype)(mod)
+    if exported.task == "embed":  # whole texts at once, no KV cache
+        mod = LowerAttentionToCausal()(mod)
+        kv_layout = {}
+    else:
+        mod = LowerAttentionToPagedKV(target, exported.dtype)(mod)
+        kv_layout = paged_kv_layout(mod)
+    if scheme is not None or stored:
+        mod = QuantizeWeights(scheme, exported.dtype, stored)(mod)
         mod = FuseDequantizeMatmul()(mod)
     plan = _weight_plan(exported, param_plan(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
@@ -167,14 +193,53 @@ def dtype_of(dtype: str):
     return np.dtype(dtype)
 
 
-def _converted_weights(
-    checkpoint: Checkpoint, exported: ExportedModel, plan: list[dict], scheme, say
-):
+def stored_schemes(
+    checkpoint: Checkpoint, exported: ExportedModel, scheme: QuantScheme | None
+) -> dict[int, QuantScheme]:
+    """Packed-param index -> the scheme its weight is stored in, for weights kept as stored.
+
+    GGUF block types (Q4_K, ...) are always kept: never dequantized and requantized. F16 /
+    BF16 tensors are kept as they are unless a quantization scheme was asked for.
+    """
+    stored = getattr(checkpoint, "stored_types", None) or {}
+    out = {}
+    for i, name in enumerate(exported.param_names):
+        ggml_type = stored.get(name, "F32")
+        if ggml_type in GGUF_SCHEMES:
+            out[i] = GGUF_SCHEMES[ggml_type]
+        elif ggml_type in _CAST_TYPES and scheme is None and exported.dtype == "float32":
+            out[i] = SCHEMES[_CAST_TYPES[ggml_type]]
+    return out
+
+
+_CAST_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+def _quantization_manifest(checkpoint: Checkpoint, scheme: QuantScheme | None, plan: list[dict]):
+    """The requested scheme, and for a GGUF file the formats its weights are kept in."""
+    out = scheme.to_manifest() if scheme else {"scheme": "none"}
+    stored = getattr(checkpoint, "stored_types", None)
+    if stored:
+        kept: dict[str, int] = {}
+        for entry in plan:
+            if entry["part"] in ("", "q"):
+                name = entry.get("scheme") or entry["dtype"]
+                kept[name] = kept.get(name, 0) + 1
+        out = {**out, "source": "gguf", "tensors": kept}
+        if scheme is None:
+            out["scheme"] = "gguf"
+    return out
+
+
+def _converted_weights(checkpoint: Checkpoint, exported: ExportedModel, plan: list[dict], say):
     """The plan's tensors in order, each checkpoint tensor read and converted once.
 
-    One tensor at a time: peak memory stays near the largest tensor, not the model.
+    One tensor at a time: peak memory stays near the largest tensor, not the model. Stored
+    blocks (GGUF) are copied as they are; a block tensor the graph needs as floats is
+    dequantized exactly (numpy reference), never requantized.
     """
     compute = np.dtype(dtype_of(exported.dtype))  # of scales and zero points
+    stored = getattr(checkpoint, "stored_types", None) or {}
     sources = list(dict.fromkeys(e["source"] for e in plan))
     entries = iter(plan)
     bar = tqdm(sources, desc="weights", unit="tensor", disable=not say.enabled, file=sys.stderr)
@@ -182,8 +247,17 @@ def _converted_weights(
         array = checkpoint.read(source)
         first = next(entries)
         if first["part"] == "":  # stored as is, in its dtype (a cast scheme's narrower one)
+            if stored.get(source) in GGUF_SCHEMES:
+                k = exported.param_shapes[source][-1]
+                array = dequantize(GGUF_SCHEMES[stored[source]], [array], k)
             # via float32: numpy cannot cast bfloat16 to float16 directly
-            yield first["name"], array.astype(np.float32).astype(dtype_of(first["dtype"]))
+            target = dtype_of(first["dtype"])
+            yield first["name"], array.astype(np.float32, copy=False).astype(target, copy=False)
+            continue
+        scheme = scheme_named(first["scheme"])
+        if scheme.kind == "gguf":  # the file's own blocks, byte for byte
+            assert list(array.shape) == first["shape"], (source, array.shape, first["shape"])
+            yield first["name"], array
             continue
         parts = quantize(scheme, array, compute)
         yield first["name"], parts[0]

@@ -7,6 +7,9 @@ number of groups (and of packed words), so any K works:
 - q4      uint32 [N, Kp/8] (8 nibbles)  scale [N, Kp/32]            w = (nibble - 8) * scale
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
+- gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
+           (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
+           `dequantize_gguf` for each block layout).
 4-bit values are interleaved in blocks of 128 along K: word 16 * b + l holds, in nibble j
 (lowest bits first), k = 128 * b + 16 * j + l. So 16 consecutive words hold 16 consecutive k
 at the same shift: a decode kernel unpacks 16 weights with one vector load, shift and mask
@@ -26,11 +29,14 @@ INTERLEAVE = 128  # K-block of the 4-bit layout: 16 words x 8 nibbles
 @dataclass(frozen=True)
 class QuantScheme:
     name: str
-    kind: str  # "int" (packed integers with scales) or "cast" (a narrower float dtype)
+    # "int" (packed integers with scales), "cast" (a narrower float dtype) or "gguf" (raw
+    # llama.cpp blocks of `group_size` values, `block_bytes` bytes each)
+    kind: str
     bits: int = 0
     group_size: int = 0
     symmetric: bool = True
-    storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16
+    storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16, uint8
+    block_bytes: int = 0  # "gguf" only
 
     @property
     def block(self) -> int:
@@ -42,6 +48,11 @@ class QuantScheme:
         """Values packed into one storage element."""
         return 32 // self.bits if self.storage_dtype == "uint32" else 1
 
+    @property
+    def ggml_type(self) -> str:
+        """The GGML tensor type of a "gguf" scheme ("Q4_K"); empty for the others."""
+        return self.name.removeprefix("gguf-").upper() if self.kind == "gguf" else ""
+
     def padded_k(self, k: int) -> int:
         return -(-k // self.block) * self.block
 
@@ -49,6 +60,9 @@ class QuantScheme:
         """Name suffix -> shape of each stored part for a weight [n, k]."""
         if self.kind == "cast":
             return {"": (n, k)}
+        if self.kind == "gguf":  # GGUF rows are whole blocks: K is a multiple of the block
+            assert k % self.group_size == 0, (self.name, k)
+            return {"q": (n, k // self.group_size * self.block_bytes)}
         kp = self.padded_k(k)
         parts = {"q": (n, kp // self.per_word), "scale": (n, kp // self.group_size)}
         if not self.symmetric:
@@ -63,10 +77,40 @@ class QuantScheme:
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "storage_dtype": self.storage_dtype,
-            "packing": f"nibbles interleaved in blocks of {INTERLEAVE} along K"
-            if self.per_word > 1
-            else "one per element",
+            "packing": _packing(self),
         }
+
+
+def _packing(scheme: QuantScheme) -> str:
+    if scheme.kind == "gguf":
+        return (
+            f"llama.cpp {scheme.ggml_type} blocks: {scheme.block_bytes} bytes per "
+            f"{scheme.group_size} values"
+        )
+    if scheme.per_word > 1:
+        return f"nibbles interleaved in blocks of {INTERLEAVE} along K"
+    return "one per element"
+
+
+def _gguf(ggml_type: str, bits: int, block: int, block_bytes: int) -> QuantScheme:
+    name = f"gguf-{ggml_type.lower()}"
+    return QuantScheme(name, "gguf", bits, block, True, "uint8", block_bytes)
+
+
+# GGML tensor type -> scheme keeping its blocks as they are (llama.cpp's ggml-common.h).
+GGUF_SCHEMES: dict[str, QuantScheme] = {
+    s.ggml_type: s
+    for s in (
+        _gguf("Q8_0", 8, 32, 34),  # f16 d, int8 qs[32]
+        _gguf("Q4_0", 4, 32, 18),  # f16 d, qs[16] nibbles
+        _gguf("Q4_1", 4, 32, 20),  # f16 d, f16 m, qs[16]
+        _gguf("Q5_0", 5, 32, 22),  # f16 d, qh[4] high bits, qs[16]
+        _gguf("Q5_1", 5, 32, 24),  # f16 d, f16 m, qh[4], qs[16]
+        _gguf("Q4_K", 4, 256, 144),  # f16 d, f16 dmin, scales[12] (6-bit), qs[128]
+        _gguf("Q5_K", 5, 256, 176),  # f16 d, f16 dmin, scales[12], qh[32], qs[128]
+        _gguf("Q6_K", 6, 256, 210),  # ql[128], qh[64], int8 scales[16], f16 d
+    )
+}
 
 
 SCHEMES: dict[str, QuantScheme | None] = {
@@ -84,9 +128,18 @@ SCHEMES: dict[str, QuantScheme | None] = {
 def resolve_scheme(name: str) -> QuantScheme | None:
     if name not in SCHEMES:
         raise RelaxlmError(
-            f"quantization {name!r} is not supported; use one of {', '.join(SCHEMES)}"
+            f"quantization {name!r} is not supported; use one of {', '.join(SCHEMES)} "
+            "(GGUF files keep their own llama.cpp formats)"
         )
     return SCHEMES[name]
+
+
+def scheme_named(name: str) -> QuantScheme:
+    """Any scheme by its `name`: a preset or a GGUF block format."""
+    for scheme in (*SCHEMES.values(), *GGUF_SCHEMES.values()):
+        if scheme is not None and scheme.name == name:
+            return scheme
+    raise KeyError(name)
 
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # rows are packed in chunks of ~4M values: bounded temporaries
@@ -105,6 +158,11 @@ def quantize(scheme: QuantScheme, weight: np.ndarray, compute_dtype: np.dtype) -
 
 
 def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> list[np.ndarray]:
+    if scheme.kind == "gguf":
+        raise RelaxlmError(
+            f"{scheme.name}: relaxlm keeps llama.cpp's blocks but does not make them; "
+            "quantize with llama.cpp or pick one of " + ", ".join(SCHEMES)
+        )
     if scheme.kind == "cast":
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
     w = weight.astype(np.float32)
@@ -136,6 +194,8 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
     """The float32 weight [N, K] the kernels compute with (numpy reference)."""
     if scheme.kind == "cast":
         return parts[0].astype(np.float32)
+    if scheme.kind == "gguf":
+        return dequantize_gguf(scheme, parts[0], k)
     q, scale = parts[0], parts[1].astype(np.float32)
     n = q.shape[0]
     if scheme.storage_dtype == "int8":
@@ -177,3 +237,111 @@ def _np_dtype(name: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+# -- GGUF blocks: llama.cpp's dequantize_row_* (ggml-quants.c) in numpy ---------------------
+# Float arithmetic in float32 in llama.cpp's order, so results are bit-identical to its
+# reference dequantization (gguf-py's `gguf.quants` is the test oracle).
+
+
+def dequantize_gguf(scheme: QuantScheme, raw: np.ndarray, k: int) -> np.ndarray:
+    """The float32 weight [N, K] that raw GGUF rows [N, K/B * bytes] hold."""
+    n = raw.shape[0]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // scheme.group_size, -1)
+    assert blocks.shape[-1] == scheme.block_bytes, (scheme.name, raw.shape, k)
+    values = _GGUF_DEQUANTIZE[scheme.ggml_type](blocks)  # [n, blocks, B]
+    return values.reshape(n, k)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """float32 of little-endian fp16 in the last axis (2 bytes), keepdims."""
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """qs[..., 16] -> [..., 32]: low nibbles are values 0-15, high nibbles 16-31."""
+    return np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.float32)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """qh[..., 4] (a little-endian uint32) -> bit j of value j, [..., 32], as 0 or 16."""
+    bits = np.unpackbits(qh, axis=-1, bitorder="little")  # [..., 32], bit j = value j
+    return bits.astype(np.float32) * 16
+
+
+def _q8_0(b):
+    return b[..., 2:].view(np.int8).astype(np.float32) * _f16(b[..., :2])
+
+
+def _q4_0(b):
+    return (_nibbles(b[..., 2:]) - 8) * _f16(b[..., :2])
+
+
+def _q4_1(b):
+    return _nibbles(b[..., 4:]) * _f16(b[..., :2]) + _f16(b[..., 2:4])
+
+
+def _q5_0(b):
+    return (_nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]) - 16) * _f16(b[..., :2])
+
+
+def _q5_1(b):
+    return (_nibbles(b[..., 8:]) + _high_bits(b[..., 4:8])) * _f16(b[..., :2]) + _f16(b[..., 2:4])
+
+
+def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scales[..., 12] -> (scale, min)[..., 8], 6 bits each (get_scale_min_k4)."""
+    s = s.astype(np.uint8)
+    lo, mid, hi = s[..., 0:4], s[..., 4:8], s[..., 8:12]
+    sc = np.concatenate([lo & 63, (hi & 0xF) | ((lo >> 6) << 4)], axis=-1)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=-1)
+    return sc.astype(np.float32), mn.astype(np.float32)
+
+
+def _k_quant(b, qs: np.ndarray, high: np.ndarray | None):
+    """Q4_K / Q5_K: 8 sub-blocks of 32; sub-block 2c / 2c+1 are low / high nibbles of qs[32c:]."""
+    d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    sc, mn = _k_scales(b[..., 4:16])
+    q = qs.reshape(*qs.shape[:-1], 4, 1, 32)  # [..., chunk c, 1, l]
+    q = np.concatenate([q & 0xF, q >> 4], axis=-2).astype(np.float32)  # [..., c, half, l]
+    if high is not None:  # bit 2c + half of qh[l]
+        shifts = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)
+        q += ((high[..., None, None, :] >> shifts) & 1).astype(np.float32) * 16
+    q = q.reshape(*qs.shape[:-1], 8, 32)
+    return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(*qs.shape[:-1], 256)
+
+
+def _q4_k(b):
+    return _k_quant(b, b[..., 16:144], None)
+
+
+def _q5_k(b):
+    return _k_quant(b, b[..., 48:176], b[..., 16:48])
+
+
+def _q6_k(b):
+    ql, qh = b[..., 0:128], b[..., 128:192]
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)
+    d = _f16(b[..., 208:210])[..., None, None, None]  # [..., 1, 1, 1, 1]
+    ql = ql.reshape(*ql.shape[:-1], 2, 2, 32)  # [..., half h, (l + 32 * (g & 1)) // 32, l]
+    low = np.stack([ql & 0xF, ql >> 4], axis=-3)  # [..., h, g >> 1, g & 1, l]
+    low = low.reshape(*ql.shape[:-3], 2, 4, 32)  # [..., h, g, l]
+    qh = qh.reshape(*qh.shape[:-1], 2, 1, 32)
+    high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3  # [..., h, g, l]
+    q = (low | (high << 4)).astype(np.float32) - 32
+    scale = sc.reshape(*sc.shape[:-1], 2, 8)  # [..., h, 8]: index 2g + l // 16
+    scale = scale.reshape(*sc.shape[:-1], 2, 4, 2)[..., None]  # [..., h, g, l // 16, 1]
+    values = (d * scale) * q.reshape(*q.shape[:-1], 2, 16)
+    return values.reshape(*b.shape[:-1], 256)
+
+
+_GGUF_DEQUANTIZE = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}

@@ -1,14 +1,19 @@
 """QuantizeWeights: weight matmuls become dequantize + matmul over packed weights.
 
 Works on any Relax function whose last parameter is the packed weight tuple (`num_input`
-splits runtime inputs from weights, as `nn.Module.export_tvm` emits). A weight is quantized
-when it is a 2-D float tensor and every use is `matmul(x, permute_dims(w))` (a linear layer);
-others, such as an embedding table read by `take`, stay as they are.
+splits runtime inputs from weights, as `nn.Module.export_tvm` emits). With one scheme, a weight
+is quantized when it is a 2-D float tensor and every use is `matmul(x, permute_dims(w))` (a
+linear layer); others, such as an embedding table read by `take`, stay as they are.
+
+Per-weight schemes (`per_weight`: packed-param index -> scheme) are for weights that come
+already packed, such as a GGUF file's llama.cpp blocks: such a weight may also be read by
+`take(w, ids, axis=0)` (an embedding, or the tied table of an lm_head), whose rows are then
+gathered from the parts. A weight that cannot be rewritten stays a float tensor.
 
 The rewritten tuple holds each quantized weight's parts in place of the weight; the plan of
 the new tuple is left in the module attribute `relaxlm.param_plan` (JSON list of
-{"source": index in the old tuple, "part": "" | "q" | "scale" | "zero", "shape", "dtype"})
-so the weight converter produces exactly those tensors.
+{"source": index in the old tuple, "part": "" | "q" | "scale" | "zero", "shape", "dtype",
+"scheme": name, for parts}) so the weight converter produces exactly those tensors.
 """
 
 import json
@@ -26,37 +31,56 @@ DEQUANTIZE_ATTR = "relaxlm.dequantize"  # on the dequantize PrimFuncs: the schem
 class QuantizeWeights:
     """Replace linear-layer weights by packed parts and a dequantize call."""
 
-    def __init__(self, scheme: QuantScheme, compute_dtype: str):
+    def __init__(
+        self,
+        scheme: QuantScheme | None,
+        compute_dtype: str,
+        per_weight: dict[int, QuantScheme] | None = None,
+    ):
         self.scheme = scheme
         self.compute_dtype = compute_dtype
+        self.per_weight = per_weight or {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         funcs = {gv: f for gv, f in mod.functions_items() if _packed_params(f) is not None}
         if not funcs:
             return mod
         fields = list(_packed_params(next(iter(funcs.values()))).ty.fields)
-        # A weight is quantized only if it is a linear weight in every function that uses it.
-        chosen = set(range(len(fields)))
-        for func in funcs.values():
-            chosen &= _linear_weights(func)
-        chosen = {i for i in chosen if _is_float_matrix(fields[i])}
+        # A weight is packed only if every function uses it, each time in a way we rewrite.
+        uses = [_weight_uses(func) for func in funcs.values()]
+        schemes: dict[int, QuantScheme] = {}
+        for i, ty in enumerate(fields):
+            if not _is_float_matrix(ty) or not all(i in u for u in uses):
+                continue
+            kinds = set().union(*(u[i] for u in uses))
+            if i in self.per_weight and kinds <= {"linear", "gather"}:
+                schemes[i] = self.per_weight[i]
+            elif self.scheme is not None and kinds == {"linear"}:
+                schemes[i] = self.scheme
         plan, new_fields, layout = [], [], {}
         for i, ty in enumerate(fields):
-            if i not in chosen:
-                layout[i] = [len(new_fields)]
+            layout[i] = []
+            if i not in schemes:
+                layout[i].append(len(new_fields))
                 plan.append({"source": i, "part": "", "shape": _shape(ty), "dtype": str(ty.dtype)})
                 new_fields.append(ty)
                 continue
+            scheme = schemes[i]
             n, k = _shape(ty)
-            layout[i] = []
-            for part, shape in self.scheme.part_shapes(n, k).items():
-                dtype = (
-                    self.compute_dtype if part in ("scale", "zero") else self.scheme.storage_dtype
-                )
+            for part, shape in scheme.part_shapes(n, k).items():
+                dtype = self.compute_dtype if part in ("scale", "zero") else scheme.storage_dtype
                 layout[i].append(len(new_fields))
-                plan.append({"source": i, "part": part, "shape": list(shape), "dtype": dtype})
+                plan.append(
+                    {
+                        "source": i,
+                        "part": part,
+                        "shape": list(shape),
+                        "dtype": dtype,
+                        "scheme": scheme.name,
+                    }
+                )
                 new_fields.append(relax.TensorType(shape, dtype))
-        rewriter = _Rewriter(mod, self.scheme, self.compute_dtype, layout, chosen, new_fields)
+        rewriter = _Rewriter(mod, schemes, self.compute_dtype, layout, new_fields)
         for gv, func in funcs.items():
             rewriter.rewrite(gv, func)
         return rewriter.builder_.get().with_attr(PLAN_ATTR, json.dumps(plan))
@@ -73,6 +97,8 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     """The float value of weight element [n, k] from its packed parts (a TE expression)."""
     if scheme.kind == "cast":
         return parts[0][n, k].astype(dtype)
+    if scheme.kind == "gguf":
+        return _GGUF_TE[scheme.ggml_type](_Block(parts[0], n, k, scheme)).astype(dtype)
     q, scale = parts[0], parts[1]
     group = k // scheme.group_size
     if scheme.storage_dtype == "int8":
@@ -88,6 +114,108 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
     return code * scale[n, group]
+
+
+# -- GGUF blocks: the numpy reference's arithmetic (quantization.py) as TE, in float32 ----
+
+
+class _Block:
+    """Element k of row n of raw GGUF rows: its block's bytes and its index e in the block."""
+
+    def __init__(self, raw: te.Tensor, n, k, scheme: QuantScheme):
+        self.raw, self.n = raw, n
+        self.e = k % scheme.group_size
+        self.base = k // scheme.group_size * scheme.block_bytes
+
+    def u8(self, offset) -> tirx.Expr:
+        return self.raw[self.n, self.base + offset].astype("int32")
+
+    def i8(self, offset) -> tirx.Expr:
+        return tirx.reinterpret("int8", self.raw[self.n, self.base + offset]).astype("float32")
+
+    def f16(self, offset) -> tirx.Expr:
+        """float32 of the little-endian fp16 at `offset` (a reinterpret, as llama.cpp reads it)."""
+        lo = self.raw[self.n, self.base + offset].astype("uint16")
+        hi = self.raw[self.n, self.base + offset + 1].astype("uint16")
+        bits = lo | (hi << tirx.const(8, "uint16"))
+        return tirx.reinterpret("float16", bits).astype("float32")
+
+    def nibble(self, qs: int, i, high) -> tirx.Expr:
+        """Low (high = 0) or high (high = 1) nibble of byte qs + i, as int32."""
+        return (self.u8(qs + i) >> (high * 4)) & 15
+
+
+def _f32(x) -> tirx.Expr:
+    return x.astype("float32")
+
+
+def _q8_0(b: _Block):
+    return b.i8(2 + b.e) * b.f16(0)
+
+
+def _q4_0(b: _Block):
+    return _f32(b.nibble(2, b.e % 16, b.e // 16) - 8) * b.f16(0)
+
+
+def _q4_1(b: _Block):
+    return _f32(b.nibble(4, b.e % 16, b.e // 16)) * b.f16(0) + b.f16(2)
+
+
+def _bit5(b: _Block, qh: int):
+    """Bit e of the block's little-endian uint32 qh, as 0 or 16."""
+    return ((b.u8(qh + b.e // 8) >> (b.e % 8)) & 1) * 16
+
+
+def _q5_0(b: _Block):
+    return _f32(b.nibble(6, b.e % 16, b.e // 16) + _bit5(b, 2) - 16) * b.f16(0)
+
+
+def _q5_1(b: _Block):
+    return _f32(b.nibble(8, b.e % 16, b.e // 16) + _bit5(b, 4)) * b.f16(0) + b.f16(2)
+
+
+def _k_quant(b: _Block, qs: int, qh: int | None):
+    """Q4_K / Q5_K: sub-block j = 2c + half takes nibble `half` of qs[32c + l]."""
+    c, half, lane = b.e // 64, b.e % 64 // 32, b.e % 32
+    j = 2 * c + half
+    q = b.nibble(qs, 32 * c + lane, half)
+    if qh is not None:
+        q = q + ((b.u8(qh + lane) >> j) & 1) * 16
+    # get_scale_min_k4, reading only bytes lo, lo + 4, lo + 8 (always in the block)
+    lo = j % 4
+    s0, s4, s8 = b.u8(4 + lo), b.u8(8 + lo), b.u8(12 + lo)
+    first = j < 4
+    sc = tirx.Select(first, s0 & 63, (s8 & 15) | ((s0 >> 6) << 4))
+    mn = tirx.Select(first, s4 & 63, (s8 >> 4) | ((s4 >> 6) << 4))
+    return b.f16(0) * _f32(sc) * _f32(q) - b.f16(2) * _f32(mn)
+
+
+def _q4_k(b: _Block):
+    return _k_quant(b, 16, None)
+
+
+def _q5_k(b: _Block):
+    return _k_quant(b, 48, 16)
+
+
+def _q6_k(b: _Block):
+    h, g, lane = b.e // 128, b.e % 128 // 32, b.e % 32
+    low = b.nibble(0, 64 * h + lane + 32 * (g % 2), g // 2)
+    high = (b.u8(128 + 32 * h + lane) >> (2 * g)) & 3
+    q = _f32((low | (high << 4)) - 32)
+    return b.f16(208) * b.i8(192 + 8 * h + lane // 16 + 2 * g) * q
+
+
+_GGUF_TE = {
+    "Q8_0": _q8_0,
+    "Q4_0": _q4_0,
+    "Q4_1": _q4_1,
+    "Q5_0": _q5_0,
+    "Q5_1": _q5_1,
+    "Q4_K": _q4_k,
+    "Q5_K": _q5_k,
+    "Q6_K": _q6_k,
+}
 
 
 def _packed_params(func) -> relax.Var | None:
@@ -112,11 +240,12 @@ def _shape(ty) -> list[int]:
     return [int(d) for d in ty.shape]
 
 
-def _linear_weights(func: relax.Function) -> set[int]:
-    """Indices of packed params whose every use is matmul(x, permute_dims(w))."""
+def _weight_uses(func: relax.Function) -> dict[int, set[str]]:
+    """Packed-param index -> how `func` uses it: "linear" (matmul(x, permute_dims(w))),
+    "gather" (take(w, ids, axis=0)) or "other"; unused params are absent."""
     params = _packed_params(func)
     index: dict[relax.Var, int] = {}
-    uses: dict[relax.Var, list[tuple[relax.Call, int]]] = {}
+    uses: dict[relax.Var, list[tuple[relax.Var, relax.Call, int]]] = {}
     for block in func.body.blocks:
         for binding in block.bindings:
             value = binding.value
@@ -127,20 +256,27 @@ def _linear_weights(func: relax.Function) -> set[int]:
             for var in relax.analysis.free_vars(value):
                 pos = next((p for p, a in enumerate(args) if a.same_as(var)), -1)
                 uses.setdefault(var, []).append((binding.var, value, pos))
-    linear = set()
+    kinds: dict[int, set[str]] = {}
     for var, i in index.items():
-        ok = bool(uses.get(var))
-        for out, call, _ in uses.get(var, []):
-            transposed = _is_op(call, "relax.permute_dims") and (
-                call.attrs.axes is None or [int(a) for a in call.attrs.axes] == [1, 0]
-            )
-            ok &= transposed and all(
-                _is_op(c, "relax.matmul") and pos == 1 for _, c, pos in uses.get(out, [])
-            )
-            ok &= bool(uses.get(out))
-        if ok:
-            linear.add(i)
-    return linear
+        for out, call, pos in uses.get(var, []):
+            kinds.setdefault(i, set()).add(_use_kind(out, call, pos, uses))
+    return kinds
+
+
+def _use_kind(out: relax.Var, call, pos: int, uses: dict) -> str:
+    if _is_op(call, "relax.take") and pos == 0 and call.attrs.axis is not None:
+        return "gather" if int(call.attrs.axis) == 0 else "other"
+    transposed = _is_op(call, "relax.permute_dims") and (
+        call.attrs.axes is None or [int(a) for a in call.attrs.axes] == [1, 0]
+    )
+    consumers = uses.get(out, [])
+    if (
+        transposed
+        and consumers
+        and all(_is_op(c, "relax.matmul") and p == 1 for _, c, p in consumers)
+    ):
+        return "linear"
+    return "other"
 
 
 def _is_op(call, name: str) -> bool:
@@ -149,12 +285,11 @@ def _is_op(call, name: str) -> bool:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod, scheme, compute_dtype, layout, chosen, new_fields):
+    def __init__(self, mod, schemes, compute_dtype, layout, new_fields):
         super().__init__(mod)
-        self.scheme = scheme
+        self.schemes = schemes
         self.compute_dtype = compute_dtype
         self.layout = layout
-        self.chosen = chosen
         self.new_fields = new_fields
         self._old = None
         self._new = None
@@ -171,15 +306,16 @@ class _Rewriter(relax.PyExprMutator):
         if not op.tuple_value.same_as(self._old):
             return super().visit_tuple_getitem_(op)
         slots = self.layout[op.index]
-        if op.index not in self.chosen:
+        if op.index not in self.schemes:
             return relax.TupleGetItem(self._new, slots[0])
+        scheme = self.schemes[op.index]
         parts = [self.builder_.emit(relax.TupleGetItem(self._new, j)) for j in slots]
         n, k = _shape(self._old.ty.fields[op.index])
         return self.builder_.call_te(
-            _dequantize_compute(self.scheme, n, k, self.compute_dtype),
+            _dequantize_compute(scheme, n, k, self.compute_dtype),
             *parts,
-            primfunc_name_hint=f"dequantize_{self.scheme.name.replace('-', '_')}",
-            primfunc_attrs={DEQUANTIZE_ATTR: json.dumps({"scheme": self.scheme.name, "k": k})},
+            primfunc_name_hint=f"dequantize_{scheme.name.replace('-', '_')}",
+            primfunc_attrs={DEQUANTIZE_ATTR: json.dumps({"scheme": scheme.name, "k": k})},
         )
 
 

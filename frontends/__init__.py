@@ -1,7 +1,7 @@
 """Frontends: checkpoints in, one Relax IRModule plus named weights out."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -9,15 +9,24 @@ from tvm import IRModule
 
 from relaxlm.errors import RelaxlmError
 
-from . import llama
+from . import gemma2, gemma3, gpt2, llama, mixtral, phi, phi3, qwen3, qwen3_moe
 from .checkpoint import Checkpoint, load_checkpoint
-from .entry import export_causal_lm
+from .embedding import ENCODERS, embedding_model
+from .entry import export_causal_lm, export_embedding
 
 # architecture name in config.json -> (config reader, model class)
 ARCHITECTURES = {
     "LlamaForCausalLM": (llama.LlamaConfig.from_dict, llama.LlamaForCausalLM),
     "MistralForCausalLM": (llama.LlamaConfig.from_dict, llama.LlamaForCausalLM),
     "Qwen2ForCausalLM": (llama.qwen2_config, llama.LlamaForCausalLM),
+    "MixtralForCausalLM": (mixtral.MixtralConfig.from_dict, mixtral.MixtralForCausalLM),
+    "Qwen3MoeForCausalLM": (qwen3_moe.Qwen3MoeConfig.from_dict, qwen3_moe.Qwen3MoeForCausalLM),
+    "Qwen3ForCausalLM": (llama.LlamaConfig.from_dict, qwen3.Qwen3ForCausalLM),
+    "Phi3ForCausalLM": (phi3.Phi3Config.from_dict, phi3.Phi3ForCausalLM),
+    "PhiForCausalLM": (phi.PhiConfig.from_dict, phi.PhiForCausalLM),
+    "Gemma2ForCausalLM": (gemma2.Gemma2Config.from_dict, gemma2.Gemma2ForCausalLM),
+    "Gemma3ForCausalLM": (gemma3.Gemma3Config.from_dict, gemma3.Gemma3ForCausalLM),
+    "GPT2LMHeadModel": (gpt2.GPT2Config.from_dict, gpt2.GPT2LMHeadModel),
 }
 
 log = logging.getLogger(__name__)
@@ -37,25 +46,21 @@ class ExportedModel:
     config: dict[str, Any]  # the checkpoint's config.json
     context_window: int
     vocab_size: int
+    task: str = "generate"  # "generate": prefill/decode over a KV cache; "embed": embed()
+    embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
 
 
 def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
     """Build the architecture's graph for `checkpoint` with weights in `dtype`."""
     if dtype not in DTYPES:
         raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    arch = checkpoint.architecture
-    if arch not in ARCHITECTURES:
-        raise RelaxlmError(
-            f"architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    read_config, model_class = ARCHITECTURES[arch]
     try:
-        config = read_config(checkpoint.config)
+        model, facts = _build_model(checkpoint)
     except KeyError as e:
         raise RelaxlmError(f"{checkpoint.path / 'config.json'}: missing key {e}") from e
-    model = model_class(config)
     model.to(dtype)
-    mod, named_params = export_causal_lm(model)
+    embeds = facts.get("task") == "embed"
+    mod, named_params = export_embedding(model) if embeds else export_causal_lm(model)
     shapes = {name: tuple(int(d) for d in p.shape) for name, p in named_params}
     _check_weights(checkpoint, shapes)
     return ExportedModel(
@@ -63,11 +68,35 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         param_names=[name for name, _ in named_params],
         param_shapes=shapes,
         dtype=dtype,
-        architecture=arch,
+        architecture=checkpoint.architecture,
         config=checkpoint.config,
-        context_window=config.context_window,
-        vocab_size=config.vocab_size,
+        **facts,
     )
+
+
+def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint's model, and the ExportedModel fields that describe it."""
+    embedder = embedding_model(checkpoint, ARCHITECTURES)
+    if embedder is not None:
+        return embedder.model, {
+            "context_window": embedder.context_window,
+            "vocab_size": embedder.vocab_size,
+            "task": "embed",
+            "embedding": embedder.pooling.to_manifest(),
+        }
+    arch = checkpoint.architecture
+    if arch not in ARCHITECTURES:
+        supported = ", ".join(sorted([*ARCHITECTURES, *ENCODERS]))
+        raise RelaxlmError(
+            f"architecture {arch!r} is not supported; supported: {supported}, and the XModel "
+            "trunk of each XForCausalLM as an embedding model"
+        )
+    read_config, model_class = ARCHITECTURES[arch]
+    config = read_config(checkpoint.config)
+    return model_class(config), {
+        "context_window": config.context_window,
+        "vocab_size": config.vocab_size,
+    }
 
 
 def _check_weights(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:

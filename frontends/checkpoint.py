@@ -1,8 +1,14 @@
-"""Hugging Face checkpoints: a local model folder, or a repo id in huggingface_hub's cache."""
+"""Hugging Face checkpoints: a local model folder, or a repo id in huggingface_hub's cache.
+
+Mixture-of-experts checkpoints store each expert's weights apart (`P.experts.{i}.S`); a
+checkpoint presents them stacked as one tensor `P.experts.S` of shape [num_experts, ...], the
+layout graphs compute experts from (gathering the selected experts' rows).
+"""
 
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +34,7 @@ class Checkpoint:
 
     path: Path
     config: dict
-    tensors: dict[str, TensorInfo] = field(repr=False)
+    tensors: dict[str, "TensorInfo | StackedExperts"] = field(repr=False)
 
     @property
     def architecture(self) -> str:
@@ -42,7 +48,8 @@ class Checkpoint:
 
     @property
     def weight_files(self) -> list[Path]:
-        return sorted({info.file for info in self.tensors.values()})
+        parts = (getattr(info, "parts", (info,)) for info in self.tensors.values())
+        return sorted({part.file for group in parts for part in group})
 
     @property
     def tokenizer_files(self) -> list[Path]:
@@ -50,13 +57,55 @@ class Checkpoint:
 
     def read(self, name: str) -> np.ndarray:
         """One tensor, memory-mapped from its shard (no copy until converted)."""
-        return read(self.tensors[name])
+        info = self.tensors[name]
+        if isinstance(info, StackedExperts):
+            return np.stack([read(part) for part in info.parts])
+        return read(info)
+
+
+@dataclass(frozen=True)
+class StackedExperts:
+    """Per-expert tensors `P.experts.{i}.S`, i = 0 .. E-1, read as one [E, ...] tensor."""
+
+    parts: tuple[TensorInfo, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+
+_EXPERT = re.compile(r"^(?P<head>.+\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
+
+
+def _stack_experts(tensors: dict[str, TensorInfo]) -> dict:
+    """`tensors` with each complete group `P.experts.{0..E-1}.S` replaced by `P.experts.S`.
+
+    A group with a gap in its indices, or parts of different shapes or dtypes, stays as it is
+    (a graph asking for the stacked name then reports it missing).
+    """
+    groups: dict[str, dict[int, str]] = {}
+    for name in tensors:
+        if m := _EXPERT.match(name):
+            groups.setdefault(f"{m['head']}.{m['tail']}", {})[int(m["index"])] = name
+    out = dict(tensors)
+    for stacked, members in groups.items():
+        parts = tuple(tensors[members[i]] for i in range(len(members)) if i in members)
+        if len(parts) != len(members) or len({(p.shape, p.dtype) for p in parts}) != 1:
+            continue
+        for name in members.values():
+            del out[name]
+        out[stacked] = StackedExperts(parts)
+    return out
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
-    """A local folder as is; otherwise a repo id looked up through huggingface_hub."""
+    """A local folder or .gguf file as is; otherwise a repo id looked up through huggingface_hub."""
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     text = str(source)
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
@@ -94,8 +143,12 @@ def _snapshot(repo_id: str) -> Path:
 
 
 def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Open a Hugging Face checkpoint and index its tensors; reads no weights yet."""
+    """Open a Hugging Face checkpoint (or a GGUF file) and index its tensors; reads no weights."""
     path = resolve_model_path(source)
+    if path.is_file():  # a .gguf file: config, tensors and tokenizer all come from it
+        from .gguf import load_gguf
+
+        return load_gguf(path)
     config_path = path / "config.json"
     if not config_path.is_file():
         raise RelaxlmError(f"{path}: no config.json; is this a Hugging Face model folder?")
@@ -103,7 +156,7 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise RelaxlmError(f"{config_path}: not valid JSON ({e})") from e
-    return Checkpoint(path=path, config=config, tensors=_index_tensors(path))
+    return Checkpoint(path=path, config=config, tensors=_stack_experts(_index_tensors(path)))
 
 
 def _index_tensors(path: Path) -> dict[str, TensorInfo]:

@@ -6,6 +6,10 @@
 - `decode(input_ids[b, 1])`: one new token for each of b sequences; `[b, 1, vocab]` float32.
 
 The paged-attention pass adds the KV-cache parameter after the inputs.
+
+Every embedding model exports one entry instead, and no KV cache:
+- `embed(input_ids[b, s], attention_mask[b, s])`: b texts, right-padded (real tokens first,
+  mask 1 on them, 0 on padding); returns the pooled embeddings, `[b, dim]` float32.
 """
 
 from tvm.relax.frontend import nn
@@ -41,5 +45,26 @@ def export_causal_lm(model: CausalLM):
             "$": modes,
         },
         "decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "$": modes},
+    }
+    return model.export_tvm(spec=spec)
+
+
+class Embedder(nn.Module):
+    """Base of every embedding model: subclasses give `embed`."""
+
+    def embed(self, input_ids: nn.Tensor, attention_mask: nn.Tensor) -> nn.Tensor:
+        """[batch, seq] ids and mask (right-padded) -> [batch, dim] float32 embeddings."""
+        raise NotImplementedError(f"{type(self).__name__} must define embed")
+
+
+def export_embedding(model: Embedder):
+    """Export `embed`: (IRModule, [(param name, nn.Parameter)] in packed order)."""
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    spec = {
+        "embed": {
+            "input_ids": nn.spec.Tensor(["batch_size", "seq_len"], "int32"),
+            "attention_mask": nn.spec.Tensor(["batch_size", "seq_len"], "int32"),
+            "$": modes,
+        }
     }
     return model.export_tvm(spec=spec)

@@ -1,11 +1,13 @@
 """Llama, and the families that are Llama with small changes: Mistral, Qwen2.
 
 Module tree and parameter names follow transformers' `LlamaForCausalLM`, so safetensors bind
-by name. Qwen2 is Llama with a q/k/v bias; Mistral is Llama (its sliding window is handled by
-capping the context window, see `context_window`).
+by name. Qwen2 is Llama with a q/k/v bias (and sliding windows from `max_window_layers` on when
+`use_sliding_window`); Mistral is Llama with a sliding window on every layer.
+
+Other families subclass these modules: a decoder layer builds `attention_class`, a model builds
+`layer_class`, a causal LM builds `model_class`.
 """
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,11 +16,9 @@ from tvm.relax.frontend import nn
 
 from relaxlm.errors import RelaxlmError
 
-from .config import from_config, rope_from_config
+from .config import from_config, layer_windows, rope_from_config
 from .entry import CausalLM
 from .ops import RopeSpec, attention
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,7 +37,10 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    # Derived, not config.json keys:
     rope: RopeSpec = field(default_factory=RopeSpec)
+    layer_windows: list[int] = field(default_factory=list)  # per layer, 0 = full attention
+    o_proj_bias: bool | None = None  # None: as attention_bias (Qwen2 has q/k/v bias only)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -50,7 +53,10 @@ class LlamaConfig:
             num_key_value_heads=raw.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rope=rope_from_config(raw, head_dim),
+            layer_windows=layer_windows(raw, raw["num_hidden_layers"]),
         )
+        if config.o_proj_bias is None:
+            config.o_proj_bias = config.attention_bias
         if config.hidden_act != "silu":
             raise RelaxlmError(f"config.json: hidden_act {config.hidden_act!r} is not supported")
         if config.num_attention_heads % config.num_key_value_heads:
@@ -62,17 +68,12 @@ class LlamaConfig:
 
     @property
     def context_window(self) -> int:
-        # Within the sliding window, full attention is exact; past it is another issue's work.
-        window = self.sliding_window if self.extra.get("use_sliding_window", True) else None
-        if window and window < self.max_position_embeddings:
-            log.info("context window capped at the sliding window, %d tokens", window)
-            return window
         return self.max_position_embeddings
 
 
 def qwen2_config(raw: dict[str, Any]) -> LlamaConfig:
-    """Qwen2 is Llama with a bias on q, k and v (its config.json has no attention_bias key)."""
-    return LlamaConfig.from_dict({**raw, "attention_bias": True})
+    """Qwen2 is Llama with a bias on q, k and v only (config.json has no attention_bias key)."""
+    return LlamaConfig.from_dict({**raw, "attention_bias": True, "o_proj_bias": False})
 
 
 class LlamaAttention(nn.Module):
@@ -82,24 +83,33 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.rope = config.rope
+        self.sm_scale = 1.0 / math.sqrt(config.head_dim)
+        self.sliding_window = config.layer_windows[layer_id] if config.layer_windows else 0
+        self.logit_softcap = 0.0
         d, bias = config.head_dim, config.attention_bias
-        # o_proj has no bias in Llama, Mistral or Qwen2 whatever attention_bias says.
         self.q_proj = nn.Linear(config.hidden_size, self.num_q_heads * d, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_q_heads * d, config.hidden_size, bias=False)
+        o_bias = bias if config.o_proj_bias is None else config.o_proj_bias
+        self.o_proj = nn.Linear(self.num_q_heads * d, config.hidden_size, bias=o_bias)
+
+    def project_qkv(self, x: nn.Tensor) -> nn.Tensor:
+        """[b, s, hidden] -> fused [b, s, q_heads + 2 * kv_heads, head_dim]."""
+        b, s, _ = x.shape
+        qkv = nn.op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        return nn.op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         b, s, _ = x.shape
-        qkv = nn.op.concat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        qkv = nn.op.reshape(qkv, (b, s, self.num_q_heads + 2 * self.num_kv_heads, self.head_dim))
         out = attention(
-            qkv,
+            self.project_qkv(x),
             layer_id=self.layer_id,
             num_q_heads=self.num_q_heads,
             num_kv_heads=self.num_kv_heads,
-            sm_scale=1.0 / math.sqrt(self.head_dim),
+            sm_scale=self.sm_scale,
             rope=self.rope,
+            sliding_window=self.sliding_window,
+            logit_softcap=self.logit_softcap,
         )  # [b, s, q_heads, head_dim]
         return self.o_proj(nn.op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
 
@@ -116,10 +126,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    attention_class = LlamaAttention
+    mlp_class = LlamaMLP
+
     def __init__(self, config: LlamaConfig, layer_id: int):
         eps = config.rms_norm_eps
-        self.self_attn = LlamaAttention(config, layer_id)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = self.attention_class(config, layer_id)
+        self.mlp = self.mlp_class(config)
         self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, eps, bias=False)
 
@@ -129,10 +142,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    layer_class = LlamaDecoderLayer
+
     def __init__(self, config: LlamaConfig):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+            [self.layer_class(config, i) for i in range(config.num_hidden_layers)]
         )
         self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
 
@@ -144,9 +159,11 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
+    model_class = LlamaModel
+
     def __init__(self, config: LlamaConfig):
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.model_class(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 

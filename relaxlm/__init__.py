@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 # deployment) loads only the runtime, and submodules import without cycles.
 _LAZY = {
     "LLM": "relaxlm.sdk",
+    "AsyncLLM": "relaxlm.sdk",
     "GenerationResult": "relaxlm.sdk",
     "SamplingParams": "relaxlm.runtime.sampler",
     "RelaxlmError": "relaxlm.errors",
@@ -38,4 +39,4 @@ def compile(  # noqa: A001 - the SDK's name for it
     return compile_model(model, output, target=target, quant=quant, dtype=dtype, progress=progress)
 
 
-__all__ = ["LLM", "GenerationResult", "RelaxlmError", "SamplingParams", "compile"]
+__all__ = ["LLM", "AsyncLLM", "GenerationResult", "RelaxlmError", "SamplingParams", "compile"]

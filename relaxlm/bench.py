@@ -5,6 +5,7 @@ sampling one token). Decode: the rest of a greedy generation with EOS ignored, p
 Best of `repeats` runs, since the host is shared.
 """
 
+import itertools
 import time
 from dataclasses import asdict, dataclass
 
@@ -44,9 +45,11 @@ def bench_llm(
     """Measure an `relaxlm.LLM`."""
     from relaxlm.runtime.sampler import SamplingParams
 
-    ids = prompt_ids(llm.manifest.vocab_size, prompt_tokens)
+    runs = itertools.count()
 
     def run(max_tokens: int) -> float:
+        # A new prompt each run: the engine's prefix cache would serve a repeated one.
+        ids = prompt_ids(llm.manifest.vocab_size, prompt_tokens, seed=next(runs))
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         start = time.perf_counter()
         llm.generate([ids], params)

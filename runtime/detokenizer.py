@@ -68,3 +68,40 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+class StopStrings:
+    """Finds the first stop string in streamed text; text that might begin one is held back.
+
+    `push` takes each text delta and returns (text safe to emit, whether a stop string was
+    found); on a match the returned text ends right before it and the completion is over.
+    Matching runs on the text, so a stop string split across tokens is found.
+    """
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(stops)
+        self._held = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        if not self.stops:
+            return delta, False
+        text = self._held + delta
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        keep = self._longest_partial_match(text)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once the completion ends for another reason."""
+        text, self._held = self._held, ""
+        return text
+
+    def _longest_partial_match(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        for n in range(min(len(text), max(map(len, self.stops)) - 1), 0, -1):
+            if any(s.startswith(text[-n:]) for s in self.stops):
+                return n
+        return 0

@@ -20,15 +20,25 @@ _kv = {
     for name in (
         "kv_state_add_sequence",
         "kv_state_remove_sequence",
+        "kv_state_fork_sequence",
+        "kv_state_popn",
         "kv_state_begin_forward",
         "kv_state_end_forward",
+        "kv_state_clear",
         "attention_kv_cache_get_num_available_pages",
     )
 }
 
 
 class CompiledModel:
-    """Runs the artifact's entry functions over sequences held in one paged KV cache."""
+    """Runs the artifact's entry functions over sequences held in one paged KV cache.
+
+    The caller names the sequences (integer ids) and decides when to add, fork and remove them;
+    `prefill` and `decode` each run one forward over several sequences.
+
+    max_batch_size: sequences in one forward.
+    max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
+    """
 
     def __init__(
         self,
@@ -46,6 +56,22 @@ class CompiledModel:
                 f"{folder}: artifact has no library for device {device!r} "
                 f"(built for: {', '.join(manifest.targets)}); compile it with --target {kind}"
             )
+        self.context_window = manifest.context_window
+        self.prefill_chunk = manifest.prefill_chunk_size
+        # The cache's scratch buffers hold prefill_chunk tokens per forward; a decode step of
+        # max_batch_size sequences is one token each.
+        if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= self.prefill_chunk:
+            raise RelaxlmError(
+                f"max_batch_size={max_batch_size!r} is invalid; set it to an integer in "
+                f"[1, {self.prefill_chunk}] (the artifact's prefill chunk size)"
+            )
+        total = max_total_tokens or self.context_window * max_batch_size
+        if not isinstance(total, int) or total < 1:
+            raise RelaxlmError(
+                f"kv_cache_tokens={max_total_tokens!r} is invalid; set it to an integer >= 1"
+            )
+        self.max_batch_size = max_batch_size
+        self.page_size = manifest.kv_cache["page_size"]
         self.device = tvm.runtime.device(device)
         library = tvm.runtime.load_module(str(self.folder / manifest.targets[kind]["library"]))
         self.vm = VirtualMachine(library, self.device)
@@ -55,49 +81,67 @@ class CompiledModel:
         self.params = [
             tvm.runtime.tensor(read(index[p["name"]]), self.device) for p in manifest.params
         ]
-        self.context_window = manifest.context_window
-        self.prefill_chunk = manifest.prefill_chunk_size
-        total = max_total_tokens or self.context_window * max_batch_size
-        page = manifest.kv_cache["page_size"]
         self.kv_cache = self.vm["create_paged_kv_cache"](
             ShapeTuple([max_batch_size]),
             ShapeTuple([total]),
             ShapeTuple([self.prefill_chunk]),
-            ShapeTuple([page]),
+            ShapeTuple([self.page_size]),
             ShapeTuple([0]),  # no sliding window
         )
-        self._next_seq_id = 0
+        self.num_pages = self.free_pages()  # TVM rounds up and keeps a spare page
 
     @property
     def vocab_size(self) -> int:
         return self.manifest.vocab_size
 
-    def add_sequence(self) -> int:
-        seq_id = self._next_seq_id
-        self._next_seq_id += 1
+    # -- sequences ----------------------------------------------------------------------------
+
+    def add_sequence(self, seq_id: int) -> None:
         _kv["kv_state_add_sequence"](self.kv_cache, seq_id)
-        return seq_id
+
+    def fork_sequence(self, parent: int, child: int, pos: int) -> None:
+        """New sequence `child` holding the first `pos` tokens of `parent`; full pages are
+        shared, a page cut at `pos` is copied."""
+        _kv["kv_state_fork_sequence"](self.kv_cache, parent, child, pos)
 
     def remove_sequence(self, seq_id: int) -> None:
         _kv["kv_state_remove_sequence"](self.kv_cache, seq_id)
 
+    def popn(self, seq_id: int, n: int) -> None:
+        """Drop the last n tokens of the sequence."""
+        _kv["kv_state_popn"](self.kv_cache, seq_id, n)
+
+    def clear(self) -> None:
+        """Remove every sequence."""
+        _kv["kv_state_clear"](self.kv_cache)
+
     def free_pages(self) -> int:
         return int(_kv["attention_kv_cache_get_num_available_pages"](self.kv_cache))
 
-    def prefill(self, seq_id: int, tokens: list[int]) -> np.ndarray:
-        """Append `tokens` to the sequence in chunks; logits after the last one, [vocab]."""
-        if not tokens:
-            raise RelaxlmError("cannot prefill an empty prompt")
-        for start in range(0, len(tokens), self.prefill_chunk):
-            chunk = tokens[start : start + self.prefill_chunk]
-            ids = tvm.runtime.tensor(np.array([chunk], dtype="int32"), self.device)
-            last = tvm.runtime.tensor(np.array([len(chunk) - 1], dtype="int32"), self.device)
-            _kv["kv_state_begin_forward"](
-                self.kv_cache, ShapeTuple([seq_id]), ShapeTuple([len(chunk)])
+    # -- forwards -----------------------------------------------------------------------------
+
+    def prefill(
+        self, seq_ids: list[int], chunks: list[list[int]], every_token: bool = False
+    ) -> np.ndarray:
+        """Append chunks[i] to sequence seq_ids[i] in one forward; logits after each chunk's last
+        token, [len(seq_ids), vocab] (after every token, [total tokens, vocab], with
+        every_token). At most `prefill_chunk` tokens in all."""
+        lengths = [len(c) for c in chunks]
+        if not all(lengths) or sum(lengths) > self.prefill_chunk:
+            raise RelaxlmError(
+                f"prefill chunks of {lengths} tokens: each needs >= 1 token and "
+                f"{self.prefill_chunk} is the most in one forward; split them"
             )
-            logits = self._prefill(ids, last, self.kv_cache, self.params)
-            _kv["kv_state_end_forward"](self.kv_cache)
-        return logits.numpy()[0, 0]
+        flat = np.fromiter((t for c in chunks for t in c), dtype="int32", count=sum(lengths))
+        ids = tvm.runtime.tensor(flat.reshape(1, -1), self.device)  # [1, total_tokens]
+        last = np.cumsum(lengths, dtype="int32") - 1  # [num_seqs]
+        if every_token:
+            last = np.arange(sum(lengths), dtype="int32")  # [total_tokens]
+        positions = tvm.runtime.tensor(last, self.device)
+        _kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        logits = self._prefill(ids, positions, self.kv_cache, self.params)
+        _kv["kv_state_end_forward"](self.kv_cache)
+        return logits.numpy()[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each sequence; logits [len(seq_ids), vocab]."""
@@ -107,4 +151,4 @@ class CompiledModel:
         )
         logits = self._decode(ids, self.kv_cache, self.params)
         _kv["kv_state_end_forward"](self.kv_cache)
-        return logits.numpy()[:, 0]
+        return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]

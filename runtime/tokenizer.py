@@ -73,6 +73,10 @@ class Tokenizer:
                 "AutoTokenizer.from_pretrained(...).save_pretrained(...)"
             )
         backend = Backend.from_file(str(path / "tokenizer.json"))
+        # transformers truncates and pads only when a call asks; tokenizer.json may ask always
+        # (all-MiniLM-L6-v2's pads every text to 128 tokens).
+        backend.no_truncation()
+        backend.no_padding()
         config = _read_json(path / "tokenizer_config.json")
         if not any(k in config for k in (*_NAMED_SPECIAL_TOKENS, "added_tokens_decoder")):
             config = {**_read_json(path / "special_tokens_map.json"), **config}  # legacy layout

@@ -1,9 +1,10 @@
 """Write a Llama-family Hugging Face checkpoint as a GGUF file llama.cpp loads.
 
 For benchmarks and oracles: tensors in F32 or F16 under llama.cpp's names, with q/k rows
-permuted the way llama.cpp's own converter does (its rope pairs adjacent dimensions,
-Hugging Face's pairs halves). The vocabulary is a placeholder of the model's size (tokens
-are fed as ids), unless the checkpoint's tokenizer matches the model.
+permuted the way llama.cpp's own converter does for Llama (its rope pairs adjacent dimensions,
+Hugging Face's pairs halves). Qwen2 checkpoints are written as llama.cpp's "qwen2" (no
+permutation: its rope pairs halves as HF's does; q/k/v biases). The vocabulary is a
+placeholder of the model's size (tokens are fed as ids).
 
     python scripts/llama_gguf.py HF_DIR OUT.gguf [--ftype F16]
     then llama_cpp.llama_model_quantize for Q8_0 / Q4_0 / K-quants (see quantize_gguf)
@@ -21,6 +22,9 @@ _LAYER_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
@@ -59,8 +63,9 @@ def write_llama_gguf(hf_dir: str | Path, out: str | Path, ftype: str = "F16") ->
     rope = config.get("rope_parameters") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     vocab = config["vocab_size"]
+    arch = {"Qwen2ForCausalLM": "qwen2"}.get(config["architectures"][0], "llama")
 
-    writer = gguf.GGUFWriter(str(out), "llama")
+    writer = gguf.GGUFWriter(str(out), arch)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -92,9 +97,9 @@ def write_llama_gguf(hf_dir: str | Path, out: str | Path, ftype: str = "F16") ->
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 w = f.get_tensor(name).float().numpy()
-                if name.endswith("q_proj.weight"):
+                if arch == "llama" and name.endswith("q_proj.weight"):
                     w = _permute_rope(w, heads)
-                elif name.endswith("k_proj.weight"):
+                elif arch == "llama" and name.endswith("k_proj.weight"):
                     w = _permute_rope(w, kv_heads)
                 # llama.cpp keeps norms in F32 whatever the file type
                 dtype = np.float16 if ftype == "F16" and w.ndim == 2 else np.float32

@@ -21,7 +21,21 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "PhiForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GPT2LMHeadModel",
+)
+# Embedding models: an encoder, and decoder trunks (XModel) used as embedders.
+EMBEDDING_ARCHITECTURES = ("BertModel", "LlamaModel", "Qwen2Model", "Qwen3Model")
 TOKENIZER_KINDS = ("bpe", "spm")
 
 # Fixed ids: [<unk>=0, <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4] for both tokenizer kinds.
@@ -268,17 +282,40 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter with the scales documented at the top of this file."""
     gen = torch.Generator().manual_seed(seed)
     embed_std = EMBED_GAIN / math.sqrt(model.config.hidden_size)
+    # GPT-2's Conv1D stores weights [in_features, out_features], the transpose of nn.Linear.
+    conv1d = {
+        f"{path}.weight"
+        for path, module in model.named_modules()
+        if isinstance(module, transformers.pytorch_utils.Conv1D)
+    }
+    # Gemma's RMSNorm scales by (1 + w): draw w so that 1 + w lies in NORM_RANGE like others'.
+    offset_norms = {
+        f"{path}.weight"
+        for path, module in model.named_modules()
+        if type(module).__name__.startswith("Gemma") and type(module).__name__.endswith("RMSNorm")
+    }
     with torch.no_grad():
         for name, p in model.named_parameters():  # a tied lm_head is yielded once, as embed
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "LayerNorm.weight")):
                 lo, hi = NORM_RANGE
                 p.copy_(torch.rand(p.shape, generator=gen) * (hi - lo) + lo)
+                if name in offset_norms:
+                    p.sub_(1.0)
             elif name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * BIAS_STD)
-            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            elif name.endswith(("embed_tokens.weight", "embeddings.weight", "lm_head.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
-            elif p.ndim == 2:  # nn.Linear weight, [out_features, in_features]
-                p.copy_(torch.randn(p.shape, generator=gen) * (LINEAR_GAIN / math.sqrt(p.shape[1])))
+            elif name.endswith(("wte.weight", "wpe.weight")):  # GPT-2 token, position tables
+                p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
+            elif name in conv1d:
+                p.copy_(torch.randn(p.shape, generator=gen) * (LINEAR_GAIN / math.sqrt(p.shape[0])))
+            elif name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):  # GPT-2 LayerNorm
+                lo, hi = NORM_RANGE
+                p.copy_(torch.rand(p.shape, generator=gen) * (hi - lo) + lo)
+            elif p.ndim in (2, 3):  # nn.Linear weight [out, in], or stacked experts' [E, out, in]
+                p.copy_(
+                    torch.randn(p.shape, generator=gen) * (LINEAR_GAIN / math.sqrt(p.shape[-1]))
+                )
             else:
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)} has no init rule")
 
@@ -333,7 +370,12 @@ def make_model(
             f"vocab_size={fields['vocab_size']} is smaller than the tokenizer's {n_tokens} tokens"
         )
     model_cls = getattr(transformers, arch)
+    if (model_cls.config_class().pad_token_id or 0) >= fields["vocab_size"]:
+        fields.setdefault("pad_token_id", None)  # Phi-3's default 32000 is past the tiny vocab
     config = model_cls.config_class(**fields, architectures=[arch])
+    # Seed the global generator too: anything _init_weights leaves (a buffer, a parameter kind
+    # it does not know) then still depends only on `seed`, not on what was built before.
+    torch.manual_seed(seed)
     model = model_cls(config).to(torch.float32).eval()
     _init_weights(model, seed)
     model.generation_config = transformers.GenerationConfig(
@@ -343,6 +385,69 @@ def make_model(
     model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
     if legacy_config:
         _write_legacy_config(out_dir / "config.json")
+    return out_dir
+
+
+def make_embedding_model(
+    out_dir: str | Path,
+    arch: str = "BertModel",
+    seed: int = 0,
+    *,
+    pooling: str | tuple[str, ...] = "mean",
+    normalize: bool = True,
+    max_seq_length: int | None = None,
+    tokenizer: str = "spm",
+    **config_overrides,
+) -> Path:
+    """Save a random-weight embedding model as a sentence-transformers folder at `out_dir`.
+
+    arch: one of EMBEDDING_ARCHITECTURES (a BERT encoder, or a decoder trunk `XModel`).
+    pooling: sentence-transformers pooling mode(s) for 1_Pooling/config.json; normalize: add
+    the Normalize module; max_seq_length: sentence_bert_config.json's truncation length.
+    config_overrides: config.json fields over TINY_CONFIG (BERT reads the same key names).
+    """
+    if arch not in EMBEDDING_ARCHITECTURES:
+        raise ValueError(f"arch {arch!r} is not one of {EMBEDDING_ARCHITECTURES}")
+    out_dir = Path(out_dir)
+    make_tokenizer(out_dir, kind=tokenizer, chat_template=None)
+    model_cls = getattr(transformers, arch)
+    known = model_cls.config_class().to_dict()  # BERT has no num_key_value_heads, rms_norm_eps
+    fields = {
+        **{k: v for k, v in TINY_CONFIG.items() if k in known},
+        "vocab_size": -(-tokenizer_size(tokenizer) // 8) * 8,
+        "dtype": "float32",
+        **config_overrides,
+    }
+    model = model_cls(model_cls.config_class(**fields, architectures=[arch])).eval()
+    _init_weights(model, seed)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+    modes = [pooling] if isinstance(pooling, str) else list(pooling)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
+    ]
+    if normalize:
+        modules.append(
+            {
+                "idx": 2,
+                "name": "2",
+                "path": "2_Normalize",
+                "type": "sentence_transformers.models.Normalize",
+            }
+        )
+        (out_dir / "2_Normalize").mkdir()
+    (out_dir / "modules.json").write_text(json.dumps(modules, indent=2) + "\n")
+    (out_dir / "1_Pooling").mkdir()
+    pooling_config = {"word_embedding_dimension": fields["hidden_size"], "pooling_mode": modes}
+    (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    st_config = {"max_seq_length": max_seq_length, "do_lower_case": False}
+    (out_dir / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     return out_dir
 
 

@@ -5,12 +5,16 @@ is imported here by path; tests use this module only:
 
     from hf_models import PARITY_CASES, hf_greedy, hf_logits, make_model
     model_dir = make_model(tmp_path, **PARITY_CASES["llama_gqa"])
+
+Embedding models: `make_embedding_model` writes a sentence-transformers folder, `hf_embeddings`
+scores it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -22,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from make_tiny_model import (  # noqa: E402  (importable only once scripts/ is on sys.path)
     ARCHITECTURES,
     CHATML_TEMPLATE,
+    EMBEDDING_ARCHITECTURES,
     SPECIAL_TOKENS,
     TINY_CONFIG,
+    make_embedding_model,
     make_model,
     make_tokenizer,
     tokenizer_size,
@@ -32,12 +38,15 @@ from make_tiny_model import (  # noqa: E402  (importable only once scripts/ is o
 __all__ = [
     "ARCHITECTURES",
     "CHATML_TEMPLATE",
+    "EMBEDDING_ARCHITECTURES",
     "PARITY_CASES",
     "SPECIAL_TOKENS",
     "TINY_CONFIG",
+    "hf_embeddings",
     "hf_greedy",
     "hf_logits",
     "load_hf_model",
+    "make_embedding_model",
     "make_model",
     "make_tokenizer",
     "tokenizer_size",
@@ -81,6 +90,91 @@ PARITY_CASES: dict[str, dict] = {
         "tie_word_embeddings": True,
         "rope_theta": 1000000.0,
     },
+    # Mixture of experts: 8 experts, top-2, renormalised (Mixtral always renormalises).
+    "mixtral": {
+        "arch": "MixtralForCausalLM",
+        "seed": 20,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+    },
+    # Qwen3-30B-A3B's routing (norm_topk_prob) and q/k norms; expert width 48 != dense 128.
+    "qwen3_moe": {
+        "arch": "Qwen3MoeForCausalLM",
+        "seed": 21,
+        "tokenizer": "bpe",
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 48,
+        "norm_topk_prob": True,
+    },
+    # Top-3 probabilities used as they are (no renormalising); layer 0 a dense MLP.
+    "qwen3_moe_dense_layer": {
+        "arch": "Qwen3MoeForCausalLM",
+        "seed": 22,
+        "tokenizer": "bpe",
+        "num_experts": 8,
+        "num_experts_per_tok": 3,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": False,
+        "mlp_only_layers": [0],
+    },
+    # q/k RMSNorm; attention_bias puts a bias on o_proj too (unlike Qwen2).
+    "qwen3": {"arch": "Qwen3ForCausalLM", "seed": 30, "tokenizer": "bpe", "attention_bias": True},
+    # Cases with "sliding_window" run 40 tokens in test_parity, far past the 8-token window.
+    # Layer 1 slides, layer 0 does not: per-layer windows, prefill chunks of <= 8 tokens.
+    "qwen3_sliding": {
+        "arch": "Qwen3ForCausalLM",
+        "seed": 31,
+        "use_sliding_window": True,
+        "sliding_window": 8,
+        "max_window_layers": 1,
+    },
+    # One window on every layer.
+    "mistral_sliding": {"arch": "MistralForCausalLM", "seed": 32, "sliding_window": 8},
+    # Fused qkv/gate_up, half the head rotated, LongRoPE (long factors from position 32 on:
+    # scoring crosses it, greedy decoding stops before it; see compiler/rope.py), a window.
+    "phi3": {
+        "arch": "Phi3ForCausalLM",
+        "seed": 33,
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 32,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.3, 1.6],
+            "long_factor": [1.2, 2.0, 4.0, 8.0],
+        },
+        "sliding_window": 8,
+    },
+    # Phi-2: parallel attention + MLP, LayerNorm with biases, partial rotary, q/k LayerNorm.
+    "phi": {"arch": "PhiForCausalLM", "seed": 38, "qk_layernorm": True},
+    # Untied lm_heads for Gemma: with random weights a tied one echoes the input token (the scaled
+    # embedding dominates the residual). Small soft-caps so that capping changes the numbers.
+    "gemma2": {
+        "arch": "Gemma2ForCausalLM",
+        "seed": 35,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "attn_logit_softcapping": 3.0,
+        "final_logit_softcapping": 12.0,
+        "tie_word_embeddings": False,
+    },
+    # Local (sliding) and global (full, linearly scaled) RoPE bases, q/k norms.
+    "gemma3": {
+        "arch": "Gemma3ForCausalLM",
+        "seed": 36,
+        "head_dim": 16,
+        "query_pre_attn_scalar": 24,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+        },
+        "tie_word_embeddings": False,
+    },
+    # Learned positions, LayerNorm, Conv1D weights stored [in, out], tied lm_head.
+    "gpt2": {"arch": "GPT2LMHeadModel", "seed": 37, "tokenizer": "bpe"},
 }
 
 
@@ -145,3 +239,47 @@ def hf_greedy(model_dir: str | Path, prompt_ids, n: int) -> list[int]:
     new = out[0, prompt.shape[1] :].tolist()
     assert len(new) == n, (len(new), n)
     return new
+
+
+def hf_embeddings(model_dir: str | Path, texts: list[str]) -> np.ndarray:
+    """Sentence embeddings of a sentence-transformers folder, computed one text at a time with
+    `transformers` (no padding) and pooled here as sentence-transformers documents its modes.
+
+    Reads modules.json (Pooling modes, Normalize) and sentence_bert_config.json (max_seq_length,
+    else the model's max_position_embeddings).
+    Returns [len(texts), dim] float32.
+    """
+    path = Path(model_dir)
+    modules = json.loads((path / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    pooling = json.loads(
+        (path / modules[kinds.index("Pooling")]["path"] / "config.json").read_text()
+    )
+    modes = pooling["pooling_mode"]
+    modes = [modes] if isinstance(modes, str) else modes
+    max_len = json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    # tokenizer.json as written: AutoTokenizer would rebuild a Qwen2 tokenizer's pre-tokenizer
+    # from the model type, which the tiny checkpoints' tokenizers do not follow.
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    model = transformers.AutoModel.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    # sentence-transformers' default: as long as the model's position table.
+    max_len = max_len or model.config.max_position_embeddings
+    rows = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+            hidden = model(torch.tensor([ids])).last_hidden_state[0]  # [tokens, dim]
+            pooled = {
+                "mean": hidden.mean(0),
+                "mean_sqrt_len_tokens": hidden.sum(0) / len(ids) ** 0.5,
+                "max": hidden.max(0).values,
+                "cls": hidden[0],
+                "lasttoken": hidden[-1],
+            }
+            vector = torch.cat([pooled[m] for m in modes])
+            if "Normalize" in kinds:
+                vector = torch.nn.functional.normalize(vector, dim=0)
+            rows.append(vector)
+    return torch.stack(rows).float().numpy()

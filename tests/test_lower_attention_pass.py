@@ -15,7 +15,8 @@ from relaxlm.compiler.lower_attention_to_paged_kv import (
     LowerAttentionToPagedKV,
     paged_kv_layout,
 )
-from relaxlm.frontends.ops import RopeSpec, attention, is_attention_call
+from relaxlm.errors import RelaxlmError
+from relaxlm.frontends.ops import RopeSpec, attention, is_attention_call, query_positions
 
 HIDDEN = 32
 TARGET = {"kind": "llvm", "mtriple": "x86_64-linux-gnu"}
@@ -27,12 +28,22 @@ LLAMA3 = {
     # Small, so that positions 0..11 already reach the scaled and the smoothed bands.
     "original_max_position_embeddings": 64,
 }
+# Phi-3 LongRoPE over a rotary dim of 8: positions >= 8 switch to the long table.
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.2, 1.5, 2.0],
+    "long_factor": [1.5, 2.5, 4.0, 8.0],
+    "original_max_position_embeddings": 8,
+    "attention_factor": 1.2,
+}
 
 
 class _Layer(nn.Module):
-    def __init__(self, layer_id, num_q_heads, num_kv_heads, head_dim, sm_scale, rope):
+    def __init__(
+        self, layer_id, num_q_heads, num_kv_heads, head_dim, sm_scale, rope, window=0, softcap=0.0
+    ):
         self.layer_id, self.hq, self.hkv, self.d = layer_id, num_q_heads, num_kv_heads, head_dim
-        self.sm_scale, self.rope = sm_scale, rope
+        self.sm_scale, self.rope, self.window, self.softcap = sm_scale, rope, window, softcap
         self.qkv_proj = nn.Linear(HIDDEN, (num_q_heads + 2 * num_kv_heads) * head_dim, bias=False)
         self.o_proj = nn.Linear(num_q_heads * head_dim, HIDDEN, bias=False)
 
@@ -46,6 +57,8 @@ class _Layer(nn.Module):
             num_kv_heads=self.hkv,
             sm_scale=self.sm_scale,
             rope=self.rope,
+            sliding_window=self.window,
+            logit_softcap=self.softcap,
         )  # [b, s, hq, d]
         return x + self.o_proj(nn.op.reshape(out, (b, s, self.hq * self.d)))
 
@@ -110,6 +123,10 @@ def test_rewrites_signature_and_calls():
         "sm_scale": 0.25,
         "dtype": "float32",
         "rope": {"theta": 10000.0, "rotary_dim": 0, "scale": 1.0, "scaling": {}},
+        "rope_in_graph": False,
+        "sliding_windows": [0, 0],
+        "logit_softcap": 0.0,
+        "max_prefill_chunk": None,
     }
 
 
@@ -124,7 +141,7 @@ def test_module_without_attention_is_unchanged():
     [
         (_Layer(1, 4, 1, 16, 0.25, RopeSpec()), "num_kv_heads"),
         (_Layer(1, 4, 2, 16, 0.3, RopeSpec()), "sm_scale"),
-        (_Layer(1, 4, 2, 16, 0.25, RopeSpec(theta=500000.0)), "rope"),
+        (_Layer(1, 4, 2, 16, 0.25, RopeSpec(), softcap=30.0), "logit_softcap"),
     ],
 )
 def test_mismatched_layers_raise(layer1, field):
@@ -133,16 +150,50 @@ def test_mismatched_layers_raise(layer1, field):
         LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
 
 
+def test_two_window_sizes_raise():
+    mod, _ = _export([_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=4 + i) for i in range(2)])
+    with pytest.raises(RelaxlmError, match=r"sliding windows \[4, 5\]"):
+        LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
+
+
+def test_windows_on_a_gpu_target_raise():
+    mod, _ = _export([_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=4) for i in range(2)])
+    with pytest.raises(RelaxlmError, match="CPU targets only, not 'cuda'"):
+        LowerAttentionToPagedKV(tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "float32")(
+            mod
+        )
+
+
+def test_layout_records_per_layer_features():
+    layers = [
+        _Layer(0, 4, 2, 16, 0.25, RopeSpec(theta=10000.0), window=4, softcap=5.0),
+        _Layer(1, 4, 2, 16, 0.25, RopeSpec(theta=1e6), softcap=5.0),
+    ]
+    mod, _ = _export(layers)
+    layout = paged_kv_layout(LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod))
+    assert layout["rope"] is None and layout["rope_in_graph"]
+    assert layout["sliding_windows"] == [4, 0]
+    assert layout["logit_softcap"] == 5.0
+    assert layout["max_prefill_chunk"] == 4
+
+
 def test_dtype_mismatch_raises():
     mod, _ = _export(_gqa_layers(RopeSpec()))
     with pytest.raises(ValueError, match="layer 0 .*dtype"):
         LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float16")(mod)
 
 
-def _inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
-    """Hugging Face's inverse frequencies (default, linear and llama3 rope types)."""
+def _inv_freq(rope: RopeSpec, head_dim: int, position: int) -> np.ndarray:
+    """Hugging Face's inverse frequencies (default, linear, llama3 and longrope types)."""
     rd = rope.rotary_dim or head_dim
-    inv_freq = 1.0 / rope.theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)
+    exponents = np.arange(0, rd, 2, dtype=np.float64) / rd
+    if rope.scaling.get("rope_type") == "longrope":
+        s = rope.scaling
+        # relaxlm's per-token table choice (transformers: per forward call; equal token by token)
+        long = position + 1 > s["original_max_position_embeddings"]
+        factors = np.array(s["long_factor"] if long else s["short_factor"])
+        return 1.0 / (factors * rope.theta**exponents)
+    inv_freq = 1.0 / rope.theta**exponents
     if rope.scaling.get("rope_type") == "llama3":
         s = rope.scaling
         old_len = s["original_max_position_embeddings"]
@@ -159,24 +210,28 @@ def _inv_freq(rope: RopeSpec, head_dim: int) -> np.ndarray:
     return inv_freq / rope.scale  # linear scaling divides the positions
 
 
-def _rope(x: np.ndarray, rope: RopeSpec) -> np.ndarray:
+def _rope(x: np.ndarray, rope: RopeSpec | None) -> np.ndarray:
     """Rotate-half RoPE on x [seq, heads, head_dim] at positions 0..seq-1."""
+    if rope is None:
+        return x
     n, _, d = x.shape
     rd = rope.rotary_dim or d
-    angles = np.outer(np.arange(n), _inv_freq(rope, d))  # [seq, rd/2]
-    cos = np.cos(np.concatenate([angles, angles], -1))[:, None, :]  # [seq, 1, rd]
-    sin = np.sin(np.concatenate([angles, angles], -1))[:, None, :]
+    angles = np.stack([p * _inv_freq(rope, d, p) for p in range(n)])  # [seq, rd/2]
+    factor = rope.scaling.get("attention_factor", 1.0)
+    cos = np.cos(np.concatenate([angles, angles], -1))[:, None, :] * factor  # [seq, 1, rd]
+    sin = np.sin(np.concatenate([angles, angles], -1))[:, None, :] * factor
     rot, rest = x[..., :rd], x[..., rd:]
     half = np.concatenate([-rot[..., rd // 2 :], rot[..., : rd // 2]], -1)
     return np.concatenate([rot * cos + half * sin, rest], -1)
 
 
 def _reference(x: np.ndarray, weights: dict[str, np.ndarray], layers: list[_Layer]) -> np.ndarray:
-    """The model on x [seq, hidden] in float64: causal GQA attention with RoPE."""
+    """The model on one sequence x [seq, hidden] in float64: causal GQA attention with RoPE."""
     h = x.astype(np.float64)
     n = len(h)
-    causal = np.tril(np.ones((n, n), dtype=bool))
+    rows, cols = np.arange(n)[:, None], np.arange(n)[None, :]
     for i, layer in enumerate(layers):
+        visible = (cols <= rows) & ((cols > rows - layer.window) if layer.window else True)
         hq, hkv, d = layer.hq, layer.hkv, layer.d
         qkv = (h @ weights[f"layers.{i}.qkv_proj.weight"].T).reshape(n, hq + 2 * hkv, d)
         q = _rope(qkv[:, :hq], layer.rope)
@@ -184,7 +239,9 @@ def _reference(x: np.ndarray, weights: dict[str, np.ndarray], layers: list[_Laye
         v = qkv[:, hq + hkv :]
         k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)  # [n, hq, d]
         scores = np.einsum("qhd,khd->hqk", q, k) * layer.sm_scale
-        scores = np.where(causal, scores, -np.inf)
+        if layer.softcap:
+            scores = layer.softcap * np.tanh(scores / layer.softcap)
+        scores = np.where(visible, scores, -np.inf)
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         out = np.einsum("hqk,khd->qhd", probs, v).reshape(n, hq * d)
@@ -192,43 +249,139 @@ def _reference(x: np.ndarray, weights: dict[str, np.ndarray], layers: list[_Laye
     return h
 
 
-@pytest.mark.parametrize(
-    "rope, sm_scale",
-    [
-        (RopeSpec(theta=10000.0), 0.25),
-        (RopeSpec(theta=10000.0, scaling=LLAMA3), 0.25),
-        (RopeSpec(theta=10000.0, scale=2.0), 0.25),
-        (RopeSpec(theta=1000.0, rotary_dim=8), 0.4),  # partial rotary, non-default scale
-    ],
-    ids=["default", "llama3", "linear2", "partial-rotary"],
-)
-def test_paged_kv_matches_numpy(rope, sm_scale):
-    layers = _gqa_layers(rope, sm_scale)
-    mod, names = _export(layers)
+_kv = {
+    name: tvm.get_global_func(f"vm.builtin.{name}")
+    for name in ("kv_state_add_sequence", "kv_state_begin_forward", "kv_state_end_forward")
+}
+
+
+def _compile(model: nn.Module, spec: dict) -> tuple[relax.VirtualMachine, list]:
+    """The paged-KV-lowered model's VM and random weights (1/sqrt(fan_in) keeps them O(1))."""
+    mod, named = model.export_tvm(spec=spec)
     target = tvm.target.Target(TARGET)
     mod = LowerAttentionToPagedKV(target, "float32")(mod)
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
-
     rng = np.random.default_rng(0)
-    shapes = {name: [int(v) for v in p.shape] for name, p in _TinyModel(layers).named_parameters()}
-    # 1/sqrt(fan_in) keeps activations O(1), so float32 rounding stays near 1e-6.
-    weights = {n: rng.standard_normal(shapes[n]) / math.sqrt(shapes[n][1]) for n in names}
-    params = [tvm.runtime.tensor(weights[name].astype(np.float32), tvm.cpu()) for name in names]
-    x = rng.standard_normal((12, HIDDEN)).astype(np.float32)
-    expected = _reference(x, weights, layers)
+    weights = {name: rng.standard_normal(p.shape) / math.sqrt(int(p.shape[1])) for name, p in named}
+    return vm, weights
 
+
+def _run(vm, steps, inputs, forward):
+    """Run `steps` (each a list of (sequence, new tokens)) over one cache.
+
+    Returns each sequence's outputs in token order. `inputs[seq]` holds the sequence's tokens;
+    `forward(chunk [1, n, ...])` maps a step's tokens to outputs [n, ...].
+    """
     # max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window
-    kv = vm[CREATE_FUNCTION](*(ShapeTuple([v]) for v in (1, 64, 16, 16, 0)))
-    add_sequence = tvm.get_global_func("vm.builtin.kv_state_add_sequence")
-    begin_forward = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
-    end_forward = tvm.get_global_func("vm.builtin.kv_state_end_forward")
-    add_sequence(kv, 0)
-    start = 0
-    # A prefill, three decode steps, then a second chunk on the non-empty cache.
-    for length in (5, 1, 1, 1, 4):
-        begin_forward(kv, ShapeTuple([0]), ShapeTuple([length]))
-        chunk = tvm.runtime.tensor(x[None, start : start + length], tvm.cpu())
-        got = vm["forward"](chunk, kv, params).numpy()[0]  # [length, hidden]
-        end_forward(kv)
-        np.testing.assert_allclose(got, expected[start : start + length], rtol=0, atol=1e-5)
-        start += length
+    kv = vm[CREATE_FUNCTION](*(ShapeTuple([v]) for v in (4, 256, 32, 16, 0)))
+    for seq in inputs:
+        _kv["kv_state_add_sequence"](kv, seq)
+    done = {seq: 0 for seq in inputs}
+    outputs = {seq: [] for seq in inputs}
+    for step in steps:
+        ids, lengths = [seq for seq, _ in step], [n for _, n in step]
+        chunk = np.concatenate([inputs[seq][done[seq] : done[seq] + n] for seq, n in step])
+        _kv["kv_state_begin_forward"](kv, ShapeTuple(ids), ShapeTuple(lengths))
+        got = forward(kv, tvm.runtime.tensor(chunk[None], tvm.cpu()))
+        _kv["kv_state_end_forward"](kv)
+        start = 0
+        for seq, n in step:
+            outputs[seq].append(got[start : start + n])
+            done[seq] += n
+            start += n
+    return {seq: np.concatenate(out) for seq, out in outputs.items()}
+
+
+# Two sequences: prefills, batched decode steps across a page boundary, a second chunk, and a
+# step that mixes a chunk with a decode. No sequence adds more than 4 tokens in one step.
+STEPS = [[(0, 4)], [(1, 3)], *[[(0, 1), (1, 1)]] * 12, [(0, 4)], [(1, 2), (0, 1)]]
+
+
+@pytest.mark.parametrize(
+    "layers",
+    [
+        [_Layer(i, 4, 2, 16, 0.25, RopeSpec(theta=10000.0)) for i in range(2)],
+        [_Layer(i, 4, 2, 16, 0.25, RopeSpec(theta=10000.0, scaling=LLAMA3)) for i in range(2)],
+        [_Layer(i, 4, 2, 16, 0.25, RopeSpec(theta=10000.0, scale=2.0)) for i in range(2)],
+        # partial rotary, non-default scale
+        [_Layer(i, 4, 2, 16, 0.4, RopeSpec(theta=1000.0, rotary_dim=8)) for i in range(2)],
+        # per-layer bases (Gemma 3): RoPE in the graph
+        [
+            _Layer(0, 4, 2, 16, 0.25, RopeSpec(theta=10000.0)),
+            _Layer(1, 4, 2, 16, 0.25, RopeSpec(theta=1e6, scale=4.0)),
+        ],
+        [_Layer(i, 4, 2, 16, 0.25, None) for i in range(2)],  # no RoPE (GPT-2)
+        [
+            _Layer(i, 4, 2, 16, 0.25, RopeSpec(theta=100.0, rotary_dim=8, scaling=LONGROPE))
+            for i in range(2)
+        ],
+        [_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=5) for i in range(2)],  # Mistral
+        [_Layer(i, 4, 2, 16, 0.25, RopeSpec(), softcap=1.0) for i in range(2)],
+        # Gemma 2/3: windows on alternate layers, soft-capping, per-layer RoPE
+        [
+            _Layer(0, 4, 2, 16, 0.25, RopeSpec(theta=10000.0), window=4, softcap=2.0),
+            _Layer(1, 4, 2, 16, 0.25, RopeSpec(theta=1e6), softcap=2.0),
+            _Layer(2, 4, 2, 16, 0.25, RopeSpec(theta=10000.0), window=4, softcap=2.0),
+        ],
+    ],
+    ids=[
+        "default",
+        "llama3",
+        "linear2",
+        "partial-rotary",
+        "per-layer-rope",
+        "no-rope",
+        "longrope",
+        "window-all-layers",
+        "softcap",
+        "window-some-layers",
+    ],
+)
+def test_paged_kv_matches_numpy(layers):
+    x = nn.spec.Tensor([1, "num_tokens", HIDDEN], "float32")
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    vm, weights = _compile(_TinyModel(layers), {"forward": {"x": x, "$": packed}})
+    params = [tvm.runtime.tensor(w.astype(np.float32), tvm.cpu()) for w in weights.values()]
+    rng = np.random.default_rng(1)
+    inputs = {seq: rng.standard_normal((24, HIDDEN)).astype(np.float32) for seq in (0, 1)}
+    got = _run(vm, STEPS, inputs, lambda kv, c: vm["forward"](c, kv, params).numpy()[0])
+    for seq, out in got.items():
+        expected = _reference(inputs[seq][: len(out)], weights, layers)
+        np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5, err_msg=f"sequence {seq}")
+
+
+def test_chunk_longer_than_a_per_layer_window_raises():
+    layers = [
+        _Layer(0, 4, 2, 16, 0.25, RopeSpec(), window=4),
+        _Layer(1, 4, 2, 16, 0.25, RopeSpec()),
+    ]
+    x = nn.spec.Tensor([1, "num_tokens", HIDDEN], "float32")
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    vm, weights = _compile(_TinyModel(layers), {"forward": {"x": x, "$": packed}})
+    params = [tvm.runtime.tensor(w.astype(np.float32), tvm.cpu()) for w in weights.values()]
+    inputs = {0: np.zeros((5, HIDDEN), np.float32)}
+    with pytest.raises(RuntimeError, match="new tokens in one forward than its sliding window"):
+        _run(vm, [[(0, 5)]], inputs, lambda kv, c: vm["forward"](c, kv, params).numpy()[0])
+
+
+class _PositionsModel(nn.Module):
+    def __init__(self):
+        self.layer = _Layer(0, 4, 2, 16, 0.25, RopeSpec())
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        b, s, _ = x.shape
+        ids = nn.op.zeros((b, s), "int32")
+        positions = query_positions(ids).astype("float32")  # [b, s]
+        return self.layer(x) * 0.0 + nn.op.unsqueeze(positions, -1)
+
+
+def test_query_positions_come_from_the_cache():
+    x = nn.spec.Tensor([1, "num_tokens", HIDDEN], "float32")
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    vm, weights = _compile(_PositionsModel(), {"forward": {"x": x, "$": packed}})
+    params = [tvm.runtime.tensor(w.astype(np.float32), tvm.cpu()) for w in weights.values()]
+    inputs = {seq: np.zeros((8, HIDDEN), np.float32) for seq in (0, 1)}
+    steps = [[(0, 3)], [(1, 2), (0, 1)], [(0, 1), (1, 1)]]
+    got = _run(vm, steps, inputs, lambda kv, c: vm["forward"](c, kv, params).numpy()[0])
+    assert got[0][:, 0].tolist() == [0, 1, 2, 3, 4]
+    assert got[1][:, 0].tolist() == [0, 1, 2]

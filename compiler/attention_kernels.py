@@ -1,0 +1,433 @@
+"""CPU attention kernels for the paged KV cache, with sliding windows and logit soft-capping.
+
+TVM 0.27's CPU kernels (`tvm.relax.frontend.nn.llm.kv_cache`) have no soft-capping, mask
+sliding windows only in the paged-prefill kernel, and that kernel returns NaN for a query that
+sees no cached key (a chunk as long as the window). These replace them, with the same
+signatures, wherever a model needs either feature (`LowerAttentionToPagedKV` decides).
+
+Every kernel masks by absolute position: the query at position `qpos` sees the key at `kpos`
+iff `kpos <= qpos` and, with a window `w`, `kpos > qpos - w` (transformers' sliding-window
+mask). Positions come from the cache's own bookkeeping: `q_rope_position` per query token and
+`k_rope_pos_offset` per sequence (the position of the first key the kernel is handed), so the
+mask holds whichever keys, pages or sliding-window page table the cache passes in.
+
+Scores follow transformers: `s = q.k * sm_scale`, then `s = cap * tanh(s / cap)` when capped,
+then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel expects.
+"""
+
+import math
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+PAGE_SIZE = 16  # TVM's CPU kernels and page tables are built for 16-token pages
+_LOG2E = math.log2(math.e)
+_EMPTY_LSE = -5e4  # log-sum-exp of a row that sees no key: merges with weight 0
+_NO_MAX = -3.0e38
+
+
+def _score(dot: tirx.Expr, sm_scale: tirx.Expr, softcap: float) -> tirx.Expr:
+    """Attention logit in base-2 units, soft-capped as transformers does."""
+    s = dot * sm_scale
+    if softcap > 0:
+        s = T.tanh(s / T.float32(softcap)) * T.float32(softcap)
+    return s * T.float32(_LOG2E)
+
+
+def _first_visible(qpos, kbase, window: int):
+    """First key index (relative to `kbase`) the query at `qpos` may see."""
+    if window <= 0:
+        return T.int32(0)
+    return T.max(qpos - kbase - window + 1, 0)
+
+
+def _length_info_buffer(handle, batch_size, sliding_table: bool, elem_offset):
+    shape = (3, batch_size) if sliding_table else (batch_size,)
+    return T.match_buffer(handle, shape, "int32", elem_offset=elem_offset)
+
+
+def _kv_len(num_pages, b, length_info, sliding_table: bool):
+    """Keys in sequence b's page list: full pages, the last page's fill, less the window start."""
+    if not sliding_table:
+        return (num_pages - 1) * PAGE_SIZE + length_info[b]
+    # length_info rows: last page fill, sliding-window start offset, attention-sink length
+    return (num_pages - 1) * PAGE_SIZE + length_info[0, b] - length_info[1, b] + length_info[2, b]
+
+
+def _slot(col, b, length_info, sliding_table: bool):
+    """Slot of key `col` counted from the first listed page (skips the window start offset)."""
+    if not sliding_table:
+        return col
+    return T.if_then_else(col < length_info[2, b], col, col - length_info[2, b] + length_info[1, b])
+
+
+def ragged_prefill(
+    num_kv_heads: int,
+    num_q_heads: int,
+    head_dim: int,
+    dtype: str,
+    *,
+    window: int,
+    softcap: float,
+    max_chunk: int = 0,
+) -> tirx.PrimFunc:
+    """Attention among the tokens of this forward (q, k, v laid end to end per sequence).
+
+    max_chunk > 0 makes a sequence with more new tokens than that an error: the kernel is shared
+    by all layers, so with per-layer windows it applies none and relies on chunks <= the window.
+    """
+    group = num_q_heads // num_kv_heads
+    h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    chunk_limit = max_chunk if max_chunk > 0 else 2**30
+
+    @T.prim_func(s_tir=True)
+    def attention_prefill_ragged(
+        var_q: T.handle,  # [total_q, h_q, d]
+        var_q_indptr: T.handle,  # [batch + 1]
+        var_k: T.handle,  # [total_kv, h_kv, d]
+        var_v: T.handle,  # [total_kv, h_kv, d]
+        var_kv_indptr: T.handle,  # [batch + 1]
+        var_q_rope_position: T.handle,  # [total_q]
+        var_k_rope_pos_offset: T.handle,  # [batch]
+        var_output: T.handle,  # [total_q, h_q, d]
+        var_lse: T.handle,  # [total_q, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        qo_len = T.int32()
+        kv_len = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_pos_offset = T.int32()
+        k_pos_offset = T.int32()
+        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_indptr = T.match_buffer(
+            var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset
+        )
+        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        kv_indptr = T.match_buffer(
+            var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset
+        )
+        q_rope_position = T.match_buffer(
+            var_q_rope_position, (qo_len,), "int32", elem_offset=q_pos_offset
+        )
+        k_rope_pos_offset = T.match_buffer(
+            var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_pos_offset
+        )
+        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
+
+        for b in T.serial(batch_size):
+            with T.sblock("attn"):
+                # Regions depend on values read inside the block: declare it opaque.
+                T.reads()
+                T.writes()
+                o_acc = T.sblock_alloc_buffer((d,), "float32")
+                q_val = T.sblock_alloc_buffer((d,), "float32")
+                dot = T.sblock_alloc_buffer((1,), "float32")
+                m_val = T.sblock_alloc_buffer((1,), "float32")
+                d_val = T.sblock_alloc_buffer((1,), "float32")
+                m_new = T.sblock_alloc_buffer((1,), "float32")
+                scale = T.sblock_alloc_buffer((1,), "float32")
+                prob = T.sblock_alloc_buffer((1,), "float32")
+                num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                num_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                assert num_q <= chunk_limit, (
+                    "relaxlm: a sequence got more new tokens in one forward than its "
+                    "sliding window; prefill in chunks no longer than the window "
+                    "(manifest prefill_chunk_size)"
+                )
+                kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                for i in T.serial(num_q):
+                    row: T.let[T.int32] = q_indptr[b] + i
+                    qpos: T.let[T.int32] = q_rope_position[row]
+                    lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
+                    hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
+                    for h in T.serial(h_q):
+                        m_val[0] = T.float32(_NO_MAX)
+                        d_val[0] = T.float32(0)
+                        for x in T.serial(d):
+                            o_acc[x] = T.float32(0)
+                            q_val[x] = T.cast(q[row, h, x], "float32")
+                        for j in T.serial(T.max(hi - lo, 0)):
+                            col: T.let[T.int32] = kv_indptr[b] + lo + j
+                            dot[0] = T.float32(0)
+                            for x in T.serial(d):
+                                dot[0] += q_val[x] * T.cast(k[col, h // group, x], "float32")
+                            dot[0] = _score(dot[0], sm_scale, softcap)
+                            m_new[0] = T.max(m_val[0], dot[0])
+                            scale[0] = T.exp2(m_val[0] - m_new[0])
+                            prob[0] = T.exp2(dot[0] - m_new[0])
+                            d_val[0] = d_val[0] * scale[0] + prob[0]
+                            for x in T.serial(d):
+                                o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
+                                    v[col, h // group, x], "float32"
+                                )
+                            m_val[0] = m_new[0]
+                        for x in T.serial(d):
+                            output[row, h, x] = T.cast(
+                                T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)),
+                                dtype,
+                            )
+                        lse[row, h] = T.if_then_else(
+                            d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                        )
+
+    return attention_prefill_ragged
+
+
+def paged_prefill(
+    num_kv_heads: int,
+    num_q_heads: int,
+    head_dim: int,
+    dtype: str,
+    *,
+    window: int,
+    softcap: float,
+    sliding_table: bool,
+) -> tirx.PrimFunc:
+    """New tokens against the keys already in the cache's pages.
+
+    sliding_table: the cache hands this kernel a sliding-window page table (layers of kind
+    `mha_sliding`: length info is [3, batch] and the first page starts at an offset).
+    """
+    group = num_q_heads // num_kv_heads
+    h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+
+    @T.prim_func(s_tir=True)
+    def attention_prefill_paged(
+        var_q: T.handle,  # [total_q, h_q, d]
+        var_q_indptr: T.handle,  # [batch + 1]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch], or [3, batch] for a sliding-window table
+        var_k_rope_pos_offset: T.handle,  # [batch]
+        var_q_rope_position: T.handle,  # [total_q]
+        var_output: T.handle,  # [total_q, h_q, d]
+        var_lse: T.handle,  # [total_q, h_q]
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        total_q = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_pos_offset = T.int32()
+        q_pos_offset = T.int32()
+        length_info_offset = T.int32()
+        q = T.match_buffer(var_q, (total_q, h_q, d), dtype)
+        q_indptr = T.match_buffer(
+            var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset
+        )
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        page_indptr = T.match_buffer(
+            var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset
+        )
+        page_values = T.match_buffer(
+            var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset
+        )
+        length_info = _length_info_buffer(
+            var_length_info, batch_size, sliding_table, length_info_offset
+        )
+        k_rope_pos_offset = T.match_buffer(
+            var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_pos_offset
+        )
+        q_rope_position = T.match_buffer(
+            var_q_rope_position, (total_q,), "int32", elem_offset=q_pos_offset
+        )
+        output = T.match_buffer(var_output, (total_q, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
+        assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
+
+        for b in T.serial(batch_size):
+            with T.sblock("attn"):
+                # Regions depend on values read inside the block: declare it opaque.
+                T.reads()
+                T.writes()
+                o_acc = T.sblock_alloc_buffer((d,), "float32")
+                q_val = T.sblock_alloc_buffer((d,), "float32")
+                dot = T.sblock_alloc_buffer((1,), "float32")
+                m_val = T.sblock_alloc_buffer((1,), "float32")
+                d_val = T.sblock_alloc_buffer((1,), "float32")
+                m_new = T.sblock_alloc_buffer((1,), "float32")
+                scale = T.sblock_alloc_buffer((1,), "float32")
+                prob = T.sblock_alloc_buffer((1,), "float32")
+                page_begin: T.let[T.int32] = page_indptr[b]
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
+                num_kv: T.let[T.int32] = T.if_then_else(
+                    num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                )
+                kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                for i in T.serial(q_indptr[b + 1] - q_indptr[b]):
+                    row: T.let[T.int32] = q_indptr[b] + i
+                    qpos: T.let[T.int32] = q_rope_position[row]
+                    lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
+                    hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
+                    for h in T.serial(h_q):
+                        m_val[0] = T.float32(_NO_MAX)
+                        d_val[0] = T.float32(0)
+                        for x in T.serial(d):
+                            o_acc[x] = T.float32(0)
+                            q_val[x] = T.cast(q[row, h, x], "float32")
+                        for j in T.serial(T.max(hi - lo, 0)):
+                            slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
+                            page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
+                            at: T.let[T.int32] = slot % PAGE_SIZE
+                            dot[0] = T.float32(0)
+                            for x in T.serial(d):
+                                dot[0] += q_val[x] * T.cast(
+                                    pages[page, 0, h // group, at, x], "float32"
+                                )
+                            dot[0] = _score(dot[0], sm_scale, softcap)
+                            m_new[0] = T.max(m_val[0], dot[0])
+                            scale[0] = T.exp2(m_val[0] - m_new[0])
+                            prob[0] = T.exp2(dot[0] - m_new[0])
+                            d_val[0] = d_val[0] * scale[0] + prob[0]
+                            for x in T.serial(d):
+                                o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
+                                    pages[page, 1, h // group, at, x], "float32"
+                                )
+                            m_val[0] = m_new[0]
+                        for x in T.serial(d):
+                            output[row, h, x] = T.cast(
+                                T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)),
+                                dtype,
+                            )
+                        lse[row, h] = T.if_then_else(
+                            d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                        )
+
+    return attention_prefill_paged
+
+
+def paged_decode(
+    num_kv_heads: int,
+    num_q_heads: int,
+    head_dim: int,
+    dtype: str,
+    *,
+    window: int,
+    softcap: float,
+    sliding_table: bool,
+) -> tirx.PrimFunc:
+    """One new token per sequence against the cache's pages (the token is usually in them)."""
+    group = num_q_heads // num_kv_heads
+    h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+
+    @T.prim_func(s_tir=True)
+    def attention_decode_paged(
+        var_q: T.handle,  # [batch, h_q, d]
+        var_pages: T.handle,  # [max_num_pages, 2, h_kv, page_size, d]
+        var_page_indptr: T.handle,  # [batch + 1]
+        var_page_values: T.handle,  # [nnz_pages]
+        var_length_info: T.handle,  # [batch], or [3, batch] for a sliding-window table
+        var_k_rope_pos_offset: T.handle,  # [batch]
+        var_q_rope_position: T.handle,  # [batch]
+        var_output: T.handle,  # [batch, h_q, d]
+        var_lse: T.handle,  # [batch, h_q]
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch_size = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        page_indptr_offset = T.int32()
+        page_values_offset = T.int32()
+        k_pos_offset = T.int32()
+        q_pos_offset = T.int32()
+        length_info_offset = T.int32()
+        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
+        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        page_indptr = T.match_buffer(
+            var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset
+        )
+        page_values = T.match_buffer(
+            var_page_values, (nnz_pages,), "int32", elem_offset=page_values_offset
+        )
+        length_info = _length_info_buffer(
+            var_length_info, batch_size, sliding_table, length_info_offset
+        )
+        k_rope_pos_offset = T.match_buffer(
+            var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_pos_offset
+        )
+        q_rope_position = T.match_buffer(
+            var_q_rope_position, (batch_size,), "int32", elem_offset=q_pos_offset
+        )
+        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
+        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
+
+        for b in T.serial(batch_size):
+            with T.sblock("attn"):
+                # Regions depend on values read inside the block: declare it opaque.
+                T.reads()
+                T.writes()
+                o_acc = T.sblock_alloc_buffer((d,), "float32")
+                q_val = T.sblock_alloc_buffer((d,), "float32")
+                dot = T.sblock_alloc_buffer((1,), "float32")
+                m_val = T.sblock_alloc_buffer((1,), "float32")
+                d_val = T.sblock_alloc_buffer((1,), "float32")
+                m_new = T.sblock_alloc_buffer((1,), "float32")
+                scale = T.sblock_alloc_buffer((1,), "float32")
+                prob = T.sblock_alloc_buffer((1,), "float32")
+                page_begin: T.let[T.int32] = page_indptr[b]
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
+                num_kv: T.let[T.int32] = T.if_then_else(
+                    num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                )
+                kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                qpos: T.let[T.int32] = q_rope_position[b]
+                lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
+                hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
+                for h in T.serial(h_q):
+                    m_val[0] = T.float32(_NO_MAX)
+                    d_val[0] = T.float32(0)
+                    for x in T.serial(d):
+                        o_acc[x] = T.float32(0)
+                        q_val[x] = T.cast(q[b, h, x], "float32")
+                    for j in T.serial(T.max(hi - lo, 0)):
+                        slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
+                        page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
+                        at: T.let[T.int32] = slot % PAGE_SIZE
+                        dot[0] = T.float32(0)
+                        for x in T.serial(d):
+                            dot[0] += q_val[x] * T.cast(
+                                pages[page, 0, h // group, at, x], "float32"
+                            )
+                        dot[0] = _score(dot[0], sm_scale, softcap)
+                        m_new[0] = T.max(m_val[0], dot[0])
+                        scale[0] = T.exp2(m_val[0] - m_new[0])
+                        prob[0] = T.exp2(dot[0] - m_new[0])
+                        d_val[0] = d_val[0] * scale[0] + prob[0]
+                        for x in T.serial(d):
+                            o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
+                                pages[page, 1, h // group, at, x], "float32"
+                            )
+                        m_val[0] = m_new[0]
+                    for x in T.serial(d):
+                        output[b, h, x] = T.cast(
+                            T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)), dtype
+                        )
+                    lse[b, h] = T.if_then_else(
+                        d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                    )
+
+    return attention_decode_paged

@@ -1,0 +1,440 @@
+"""The engine: continuous batching of many requests over one CompiledModel.
+
+One thread, the engine thread, owns the model. Each iteration it takes new requests and
+cancellations from an inbox, asks the scheduler for a plan, runs the plan's KV-cache operations
+and forwards, samples every sequence that has logits, detokenizes, checks stop conditions and
+hands each request's new output to the request's sink. Callers on other threads (the SDK, an
+asyncio event loop) never wait on compute: `submit` and `abort` only touch the inbox. The thread
+runs while there is work and exits when idle; the next `submit` starts a new one.
+"""
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.detokenizer import IncrementalDetokenizer, StopStrings
+from relaxlm.runtime.metrics import EngineMetrics
+from relaxlm.runtime.model import CompiledModel
+from relaxlm.runtime.sampler import Logprob, Sample, Sampler, SamplingParams, sample_batch
+from relaxlm.runtime.scheduler import (
+    AddSeq,
+    ForkSeq,
+    KVOp,
+    RemoveSeq,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+)
+from relaxlm.runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class CompletionDelta:
+    """What one completion of a request added in one step."""
+
+    index: int  # which of the request's n completions
+    text: str = ""  # new text; a stop string and anything after it never appear
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None  # one per new token when SamplingParams.logprobs is set
+    # Set on the completion's last delta: "stop" (EOS, a stop token or a stop string), "length"
+    # (max_tokens, the context window or the KV cache) or "abort".
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's news from one engine step; `finished` is set on its last one."""
+
+    request_id: str
+    deltas: list[CompletionDelta]
+    finished: bool
+
+
+# Called on the engine thread with each RequestOutput, or with the exception that ended the
+# request. It must not block: hand the value to a queue.
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+@dataclass(eq=False)
+class _Completion:
+    seq: Sequence
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    finish_reason: str | None = None
+    last_token_time: float | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Sink
+    arrival_time: float
+    stop_ids: frozenset[int]
+    completions: list[_Completion] = field(default_factory=list)
+    first_token_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class Engine:
+    """Serves many requests at once over one model; thread-safe.
+
+    max_prefill_tokens: prompt tokens computed per step, all requests together (chunked
+        prefill); the artifact's prefill chunk size by default, and at most that.
+    enable_prefix_cache: keep computed prompts' full pages for requests that share them.
+    """
+
+    def __init__(
+        self,
+        model: CompiledModel,
+        tokenizer: Tokenizer,
+        *,
+        max_prefill_tokens: int | None = None,
+        enable_prefix_cache: bool = True,
+    ):
+        chunk = model.prefill_chunk if max_prefill_tokens is None else max_prefill_tokens
+        if not isinstance(chunk, int) or not 1 <= chunk <= model.prefill_chunk:
+            raise RelaxlmError(
+                f"max_prefill_tokens={max_prefill_tokens!r} is invalid; set it to an integer in "
+                f"[1, {model.prefill_chunk}] (the artifact's prefill chunk size)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = SchedulerConfig(
+            max_batch_size=model.max_batch_size,
+            num_pages=model.num_pages,
+            page_size=model.page_size,
+            max_prefill_tokens=chunk,
+            enable_prefix_cache=enable_prefix_cache,
+        )
+        self.scheduler = Scheduler(self.config)
+        self._requests: dict[str, _Request] = {}
+        self._completions: dict[int, tuple[_Request, _Completion]] = {}  # by seq_id
+        self._ids = itertools.count()
+        self._inbox: list[tuple] = []
+        self._inbox_lock = threading.Lock()  # held only briefly: callers never wait on compute
+        self._step_lock = threading.RLock()  # held while the model or the scheduler changes
+        self._thread: threading.Thread | None = None
+        self._metrics = EngineMetrics(
+            kv_pages_total=model.num_pages,
+            kv_pages_free=model.num_pages,
+            page_size=model.page_size,
+        )
+        self._metrics_view = self._metrics.copy()
+
+    # -- public, any thread -------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sink: Sink,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; its outputs go to `sink` on the engine thread. Returns its id."""
+        prompt_ids = self.check_prompt(prompt_ids)
+        self.scheduler.check(prompt_ids, params.n)
+        request_id = request_id or f"req-{next(self._ids)}"
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= set(self.tokenizer.eos_token_ids)
+        request = _Request(
+            request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
+        )
+        with self._inbox_lock:
+            if request_id in self._requests or any(
+                item[0] == "submit" and item[1].request_id == request_id for item in self._inbox
+            ):
+                raise RelaxlmError(f"request id {request_id!r} is in use; pass a unique one")
+            self._inbox.append(("submit", request))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="relaxlm-engine", daemon=True
+                )
+                self._thread.start()
+        return request_id
+
+    def abort(self, request_id: str, wait: bool = True) -> None:
+        """Stop a request and free its KV pages; with `wait`, return once they are free.
+
+        Its sink gets a last output whose unfinished completions end with "abort".
+        """
+        done = threading.Event()
+        with self._inbox_lock:
+            thread = self._thread
+            if thread is None:  # the engine is idle, so the request has ended already
+                return
+            self._inbox.append(("abort", request_id, done))
+        if wait and threading.current_thread() is not thread:
+            done.wait()
+
+    def metrics(self) -> EngineMetrics:
+        """A snapshot, as of the engine's latest step or cancellation; never waits."""
+        return self._metrics_view.copy()
+
+    def check_prompt(self, prompt_ids) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise RelaxlmError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise RelaxlmError(f"token ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
+        if len(ids) > self.model.context_window:
+            raise RelaxlmError(
+                f"the prompt has {len(ids)} tokens, more than the model's context window of "
+                f"{self.model.context_window}; shorten it"
+            )
+        return ids
+
+    def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
+        """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
+        every_token: rows after each of ids[:1] .. ids[:prefill] instead of row 0 alone.
+
+        Runs between engine steps, in a KV-cache sequence of its own.
+        """
+        if not 1 <= prefill <= len(token_ids):
+            raise RelaxlmError(
+                f"prefill={prefill} must be between 1 and len(token_ids)={len(token_ids)}"
+            )
+        ids = self.check_prompt(token_ids)
+        with self._step_lock:
+            seq_id = self.scheduler.new_seq_id()
+            evictions, reserved = self.scheduler.reserve(seq_id, len(ids))
+            self._run_ops(evictions)
+            if not reserved:
+                raise RelaxlmError(
+                    f"scoring {len(ids)} tokens needs more KV-cache pages than the "
+                    f"{self.scheduler.pages.free_pages} free while other requests run; raise "
+                    "kv_cache_tokens or score when they are done"
+                )
+            self.model.add_sequence(seq_id)
+            try:
+                chunk = self.model.prefill_chunk
+                rows = []
+                for start in range(0, prefill, chunk):
+                    end = min(start + chunk, prefill)
+                    logits = self.model.prefill([seq_id], [ids[start:end]], every_token)
+                    rows.extend(logits if every_token else [])
+                rows = rows if every_token else [logits[0]]
+                for token in ids[prefill:]:
+                    rows.append(self.model.decode([seq_id], [token])[0])
+            finally:
+                self.model.remove_sequence(seq_id)
+                self.scheduler.release(seq_id)
+                self._refresh_gauges()
+        return np.stack(rows)
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._step_lock:
+                with self._inbox_lock:
+                    inbox, self._inbox = self._inbox, []
+                    if not inbox and not self.scheduler.has_work():
+                        self._thread = None
+                        return
+                for item in inbox:
+                    try:
+                        if item[0] == "submit":
+                            self._admit(item[1])
+                        else:
+                            self._abort(item[1])
+                    except Exception as e:  # the KV cache is in an unknown state: reset
+                        self._fail_all(e)
+                    finally:
+                        if item[0] == "abort":
+                            self._refresh_gauges()
+                            item[2].set()
+                try:
+                    if self.scheduler.has_work():
+                        self._step()
+                except Exception as e:
+                    self._fail_all(e)
+                finally:
+                    self._refresh_gauges()
+
+    def _admit(self, request: _Request) -> None:
+        try:
+            seqs = self.scheduler.add(request.request_id, request.prompt_ids, request.params.n)
+        except RelaxlmError as e:
+            self._emit(request, e)
+            return
+        for seq in seqs:
+            completion = _Completion(
+                seq,
+                Sampler(request.params, request.prompt_ids, stream=seq.index),
+                IncrementalDetokenizer(self.tokenizer),
+                StopStrings(request.params.stop),
+            )
+            request.completions.append(completion)
+            self._completions[seq.seq_id] = (request, completion)
+        self._requests[request.request_id] = request
+        self._metrics.requests_submitted += 1
+        self._metrics.prompt_tokens += len(request.prompt_ids)
+
+    def _abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self._run_ops(self.scheduler.abort(request_id))
+        deltas = []
+        for completion in request.completions:
+            self._completions.pop(completion.seq.seq_id, None)
+            if completion.finish_reason is None:
+                completion.finish_reason = "abort"
+                deltas.append(CompletionDelta(completion.seq.index, finish_reason="abort"))
+        self._metrics.requests_aborted += 1
+        self._emit(request, RequestOutput(request_id, deltas, finished=True))
+
+    def _step(self) -> None:
+        plan = self.scheduler.schedule()
+        m = self._metrics
+        m.steps += 1
+        m.preemptions += len(plan.preempted)
+        m.prefix_cache_hit_tokens += plan.prefix_hit_tokens
+        self._run_ops(plan.kv_ops)
+        rows = []  # (chunk, logits row) for chunks that want logits
+        if plan.decode:
+            logits = self.model.decode(
+                [c.seq.seq_id for c in plan.decode], [c.tokens[0] for c in plan.decode]
+            )
+            rows += zip(plan.decode, logits, strict=True)
+        if plan.prefill:
+            logits = self.model.prefill(
+                [c.seq.seq_id for c in plan.prefill], [c.tokens for c in plan.prefill]
+            )
+            pairs = zip(plan.prefill, logits, strict=True)
+            rows += [(c, row) for c, row in pairs if c.wants_logits]
+        self._run_ops(plan.kv_ops_after)
+        for chunk in plan.chunks:
+            # Feeding the newest generated token is decode work; every other token is prefill.
+            newest = chunk.wants_logits and chunk.seq.num_generated > 0
+            m.prefill_tokens += len(chunk.tokens) - newest
+
+        # One sample per sequence with logits; n > 1 completions share their prompt's row.
+        taken, samplers, row_of = [], [], []
+        for i, (chunk, _) in enumerate(rows):
+            for seq in (chunk.seq, *chunk.forks):
+                taken.append(self._completions[seq.seq_id])
+                samplers.append(taken[-1][1].sampler)
+                row_of.append(i)
+        news: dict[str, list[CompletionDelta]] = {}
+        if taken:
+            matrix = np.stack([row for _, row in rows])[row_of]
+            now = time.monotonic()
+            for (request, completion), sample in zip(
+                taken, sample_batch(matrix, samplers), strict=True
+            ):
+                delta = self._advance(request, completion, sample, now)
+                news.setdefault(request.request_id, []).append(delta)
+        for seq in plan.out_of_pages:
+            request, completion = self._completions[seq.seq_id]
+            delta = CompletionDelta(seq.index, text=self._flush(completion)[0])
+            self._end(request, completion, delta, "length")
+            news.setdefault(request.request_id, []).append(delta)
+        # The scheduler's page table mirrors the cache's; a plan that disagreed could overrun it.
+        assert self.model.free_pages() == self.scheduler.pages.free_pages, (
+            self.model.free_pages(),
+            self.scheduler.pages.free_pages,
+        )
+        self._refresh_gauges()
+        for request_id, deltas in news.items():
+            request = self._requests[request_id]
+            if request.finished:
+                del self._requests[request_id]
+                m.requests_finished += 1
+            self._emit(request, RequestOutput(request_id, deltas, request.finished))
+
+    def _advance(
+        self, request: _Request, completion: _Completion, sample: Sample, now: float
+    ) -> CompletionDelta:
+        """Take one sampled token: stop conditions, text, metrics; the completion's delta."""
+        seq, params, token = completion.seq, request.params, sample.token_id
+        self.scheduler.append_token(seq, token)
+        m = self._metrics
+        m.generated_tokens += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+            m.time_to_first_token.observe(now - request.arrival_time)
+        if completion.last_token_time is not None:
+            m.inter_token_latency.observe(now - completion.last_token_time)
+        completion.last_token_time = now
+
+        delta = CompletionDelta(seq.index, token_ids=[token])
+        if params.logprobs is not None:
+            delta.logprobs = [sample.logprob]
+        if token in request.stop_ids:  # the stop token is returned but never detokenized
+            delta.text, hit = self._flush(completion)
+            return self._end(request, completion, delta, "stop")
+        delta.text, hit = completion.stops.push(completion.detok.push(token))
+        if hit:
+            return self._end(request, completion, delta, "stop")
+        if seq.num_generated >= params.max_tokens or len(seq.tokens) >= self.model.context_window:
+            rest, hit = self._flush(completion)
+            delta.text += rest
+            return self._end(request, completion, delta, "stop" if hit else "length")
+        return delta
+
+    def _flush(self, completion: _Completion) -> tuple[str, bool]:
+        """The text still held back once a completion ends; whether it held a stop string."""
+        text, hit = completion.stops.push(completion.detok.flush())
+        return (text, True) if hit else (text + completion.stops.flush(), False)
+
+    def _end(
+        self, request: _Request, completion: _Completion, delta: CompletionDelta, reason: str
+    ) -> CompletionDelta:
+        completion.finish_reason = delta.finish_reason = reason
+        self._run_ops(self.scheduler.finish(completion.seq))
+        del self._completions[completion.seq.seq_id]
+        return delta
+
+    def _run_ops(self, ops: list[KVOp]) -> None:
+        for op in ops:
+            if isinstance(op, AddSeq):
+                self.model.add_sequence(op.seq_id)
+            elif isinstance(op, ForkSeq):
+                self.model.fork_sequence(op.parent, op.child, op.pos)
+            elif isinstance(op, RemoveSeq):
+                self.model.remove_sequence(op.seq_id)
+            else:
+                raise TypeError(f"unknown KV-cache operation {op!r}")
+
+    def _emit(self, request: _Request, output: RequestOutput | BaseException) -> None:
+        try:
+            request.sink(output)
+        except Exception:  # the consumer is gone (a closed event loop): stop its work
+            if request.request_id in self._requests:
+                request.sink = _ignore
+                self._abort(request.request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        """Every request ends with `error`; the KV cache and the scheduler start afresh."""
+        requests = list(self._requests.values())
+        self._requests.clear()
+        self._completions.clear()
+        self.model.clear()
+        self.scheduler = Scheduler(self.config)
+        for request in requests:
+            self._emit(request, error)
+
+    def _refresh_gauges(self) -> None:
+        m, scheduler = self._metrics, self.scheduler
+        m.waiting, m.running = scheduler.num_waiting, scheduler.num_running
+        m.kv_pages_free = scheduler.pages.free_pages
+        m.kv_pages_cached = scheduler.cached_pages
+        self._metrics_view = m.copy()  # replaced whole: readers never see a half update
+
+
+def _ignore(_output) -> None:
+    pass
