@@ -77,6 +77,7 @@ _MODEL_HELP = (
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: RELAXLM_THREADS or all)")
     p.add_argument("--quant", default="none", help="weight quantization (default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
 
@@ -92,7 +93,9 @@ def _compile(args) -> None:
 def _run(args) -> None:
     import relaxlm
 
-    llm = relaxlm.LLM(args.model, target=args.target, quant=args.quant, dtype=args.dtype)
+    llm = relaxlm.LLM(
+        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+    )
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -137,7 +140,9 @@ def _bench(args) -> None:
     import relaxlm
     from relaxlm.bench import bench_llm
 
-    llm = relaxlm.LLM(args.model, target=args.target, quant=args.quant, dtype=args.dtype)
+    llm = relaxlm.LLM(
+        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+    )
     if args.perplexity:
         from relaxlm.perplexity import perplexity
 
@@ -181,6 +186,7 @@ def _inspect(args) -> None:
             f"{m.format} v{m.format_version} (relaxlm {m.relaxlm_version}, TVM {m.tvm_version})",
         ),
         ("architecture", m.architecture),
+        ("task", m.task),
         ("dtype", m.dtype),
         ("quantization", json.dumps(m.quantization)),
         ("context window", str(m.context_window)),

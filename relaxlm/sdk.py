@@ -77,6 +77,7 @@ class LLM:
     max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), so long
         prompts do not stall running streams; the artifact's prefill chunk size by default.
     enable_prefix_cache: reuse the KV pages of prompt prefixes already computed.
+    threads: CPU threads for the kernels (else RELAXLM_THREADS, else all CPUs); process-wide.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class LLM:
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         enable_prefix_cache: bool = True,
+        threads: int | None = None,
     ):
         if model is None:  # the default model, SmolLM2-135M-Instruct (relaxlm/default_model.py)
             from relaxlm.default_model import default_model
@@ -104,13 +106,14 @@ class LLM:
             folder = cached_artifact(model, target=target, quant=quant, dtype=dtype)
         self.artifact = folder
         if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
-            self._load_embedder(folder, device or target)
+            self._load_embedder(folder, device or target, threads)
             return
         self.model = CompiledModel(
             folder,
             device=device or target,
             max_batch_size=max_batch_size,
             max_total_tokens=kv_cache_tokens,
+            threads=threads,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
@@ -217,8 +220,8 @@ class LLM:
         texts = [texts] if isinstance(texts, str) else list(texts)
         return self.model.embed_texts(self.tokenizer, texts, batch_size)
 
-    def _load_embedder(self, folder: Path, device: str) -> None:
-        self.model = EmbeddingModel(folder, device=device)
+    def _load_embedder(self, folder: Path, device: str, threads: int | None) -> None:
+        self.model = EmbeddingModel(folder, device=device, threads=threads)
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
             folder / "tokenizer", model_config=self.manifest.model_config

@@ -15,6 +15,7 @@ from tvm.runtime.vm import VirtualMachine
 from relaxlm.artifacts import Manifest, verify, weight_index
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.model import use_threads
 
 from .tokenizer import Tokenizer
 
@@ -22,7 +23,8 @@ from .tokenizer import Tokenizer
 class EmbeddingModel:
     """Runs an embedding artifact's `embed` entry on batches of texts."""
 
-    def __init__(self, folder: str | os.PathLike, device: str = "cpu"):
+    def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+        use_threads(threads)
         self.folder = Path(folder)
         self.manifest = manifest = Manifest.read(self.folder)
         if manifest.task != "embed":

@@ -30,6 +30,22 @@ _kv = {
 }
 
 
+def use_threads(threads: int | None = None) -> int:
+    """Size TVM's CPU thread pool: `threads`, else RELAXLM_THREADS, else TVM_NUM_THREADS, else
+    every CPU this process may run on.
+
+    TVM reads TVM_NUM_THREADS once, when its first parallel kernel starts the pool; unset, it
+    counts half the CPUs on x86 (assuming hyper-threads) - one thread on a 2-vCPU machine.
+    Process-wide: the first model loaded decides.
+    """
+    n = threads or int(os.environ.get("RELAXLM_THREADS") or 0)
+    n = n or int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if n < 1:
+        raise RelaxlmError(f"threads={n} is invalid; set it to a positive integer")
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    return n
+
+
 class CompiledModel:
     """Runs the artifact's entry functions over sequences held in one paged KV cache.
 
@@ -46,7 +62,9 @@ class CompiledModel:
         device: str = "cpu",
         max_batch_size: int = 8,
         max_total_tokens: int | None = None,
+        threads: int | None = None,
     ):
+        self.threads = use_threads(threads)
         self.folder = Path(folder)
         self.manifest = manifest = Manifest.read(self.folder)
         verify(self.folder, manifest)

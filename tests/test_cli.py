@@ -158,3 +158,23 @@ def test_killed_compile_leaves_no_artifact(checkpoints, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not is_artifact(out)
     assert_clean_error(relaxlm_cli("run", out, "--prompt", "hi"))
+
+
+def test_threads_option_sizes_the_kernel_thread_pool(artifact):
+    script = (
+        "import os, sys, relaxlm;"
+        "llm = relaxlm.LLM(sys.argv[1], threads=int(sys.argv[2]));"
+        "llm.generate([[1, 5, 9]], relaxlm.SamplingParams(max_tokens=2));"
+        "print(len(os.listdir('/proc/self/task')))"
+    )
+
+    def tasks(threads: int) -> int:
+        proc = subprocess.run(
+            [sys.executable, "-c", script, artifact, str(threads)], capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.split()[-1])
+
+    # Two more kernel workers (TVM's default here would be one thread: it halves the CPU count
+    # on x86); the engine's own thread may or may not still be alive, hence >=.
+    assert tasks(3) >= tasks(1) + 2
