@@ -9,7 +9,8 @@ arrays, llama.cpp's quantized types as their raw blocks, one row of blocks per o
 
 llama.cpp's converter permutes the rows of Llama's q/k projections so that its rope rotates
 adjacent pairs; HF's rotates halves. The permutation moves whole rows, so undoing it works on
-rows of blocks as well as on floats.
+rows of blocks as well as on floats. Llama 3.1-style rope scaling, which the converter stores
+as per-frequency factors (rope_freqs.weight), is turned back into HF's "llama3" parameters.
 """
 
 import logging
@@ -153,7 +154,11 @@ def load_gguf(path: Path) -> GGUFCheckpoint:
             + ", ".join(sorted(GGUF_ARCHITECTURES))
         )
     tensors = _index_tensors(path, reader, metadata, arch)
-    config = hf_config(metadata, tensors)
+    rope_freqs = next((t.data for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    try:
+        config = hf_config(metadata, tensors, rope_freqs)
+    except RelaxlmError as e:
+        raise RelaxlmError(f"{path}: {e}") from e
     return GGUFCheckpoint(
         path=path, config=config, tensors=tensors, metadata=metadata, reader=reader
     )
@@ -198,11 +203,7 @@ def _index_tensors(path: Path, reader, metadata: dict, arch: str) -> dict[str, G
             + f"; relaxlm reads {', '.join(FLOAT_TYPES + BLOCK_TYPES)} (requantize the model "
             "with llama.cpp's quantize tool, e.g. to Q4_K_M)"
         )
-    if "rope_freqs.weight" in unmapped:
-        raise RelaxlmError(
-            f"{path}: rope_freqs.weight (Llama 3.1-style rope scaling stored as factors) is not "
-            "supported yet"
-        )
+    unmapped = [name for name in unmapped if name != "rope_freqs.weight"]  # read by hf_config
     if unmapped:
         log.warning("%s: %d GGUF tensors are not used: %s", path, len(unmapped), unmapped[:10])
     return tensors
@@ -214,8 +215,13 @@ def _bf16() -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def hf_config(metadata: dict[str, Any], tensors: dict[str, GGUFTensor]) -> dict[str, Any]:
-    """config.json for the model class, from the GGUF metadata (llama.cpp's key names)."""
+def hf_config(
+    metadata: dict[str, Any], tensors: dict[str, GGUFTensor], rope_freqs: np.ndarray | None = None
+) -> dict[str, Any]:
+    """config.json for the model class, from the GGUF metadata (llama.cpp's key names).
+
+    rope_freqs: the file's rope_freqs.weight (Llama 3.1-style rope scaling), if any.
+    """
     arch = metadata["general.architecture"]
 
     def key(name: str, default: Any = None) -> Any:
@@ -264,6 +270,10 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, GGUFTensor]) -> dict[
         }
     elif scaling != "none":
         raise RelaxlmError(f"GGUF {arch}.rope.scaling.type {scaling!r} is not supported yet")
+    if rope_freqs is not None:
+        if "rope_scaling" in config:
+            raise RelaxlmError("GGUF has both rope_freqs.weight and rope.scaling; not supported")
+        config["rope_scaling"] = llama3_rope(np.asarray(rope_freqs), config["rope_theta"], rotary)
     if "model.layers.0.self_attn.q_proj.bias" in tensors and arch == "llama":
         config["attention_bias"] = True
     for name in ("bos", "eos"):
@@ -271,3 +281,47 @@ def hf_config(metadata: dict[str, Any], tensors: dict[str, GGUFTensor]) -> dict[
         if token_id is not None:
             config[f"{name}_token_id"] = int(token_id)
     return config
+
+
+def llama3_rope(factors: np.ndarray, theta: float, rotary_dim: int) -> dict[str, Any]:
+    """HF's "llama3" rope parameters that give llama.cpp's per-frequency factors (rope_freqs).
+
+    llama.cpp's converter stores factor f(w) per frequency (w its wavelength): 1 below
+    old / high, `factor` above old / low, and in between 1 / ((1 - s) / factor + s) with
+    s = (old / w - low) / (high - low) = a / w - b, linear in 1 / w. Two or more points in
+    between give a and b, and with low = 1: old = a / b, high = 1 + 1 / b (the thresholds
+    and s depend on a and b alone, so any (old, low, high) with the same a, b is the same rope).
+    """
+    factors = factors.astype(np.float64).reshape(-1)
+    wavelen = 2 * np.pi * theta ** (np.arange(0, rotary_dim, 2) / rotary_dim)
+    if factors.shape != wavelen.shape:
+        raise RelaxlmError(f"rope_freqs.weight has {factors.size} factors, expected {wavelen.size}")
+    factor = float(factors.max())
+    between = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor <= 1 or between.sum() < 2:
+        raise RelaxlmError(
+            "rope_freqs.weight does not determine Llama 3 rope scaling (fewer than two "
+            "frequencies between the scaled and unscaled ones); not supported"
+        )
+    smooth = (1 / factors[between] - 1 / factor) / (1 - 1 / factor)
+    a, minus_b = np.polyfit(1 / wavelen[between], smooth, 1)
+    b = -minus_b
+    params = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": float(1 + 1 / b),
+        "original_max_position_embeddings": float(a / b),
+    }
+    if np.abs(llama3_factors(params, wavelen) / factors - 1).max() > 1e-4:
+        raise RelaxlmError("rope_freqs.weight is not Llama 3 rope scaling; not supported")
+    return params
+
+
+def llama3_factors(params: dict[str, Any], wavelen: np.ndarray) -> np.ndarray:
+    """Per-frequency factors of HF's llama3 rope (as llama.cpp's converter writes them)."""
+    old, factor = params["original_max_position_embeddings"], params["factor"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    smooth = (old / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor, between))

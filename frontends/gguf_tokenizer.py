@@ -203,14 +203,25 @@ class GGUFVocab:
     def _added_tokens(self) -> list[AddedToken]:
         # User-defined tokens are matched in text but are not "special" (they are not skipped
         # when decoding), as in transformers.
+        rstrip = self._rstrip_texts()
         return [
             AddedToken(
                 self.tokens[i],
                 special=self.types[i] != USER_DEFINED,
                 normalized=False,
+                rstrip=self.tokens[i] in rstrip,
             )
             for i in self.special_ids()
         ]
+
+    def _rstrip_texts(self) -> set[str]:
+        """Special tokens that swallow the whitespace after them: llama.cpp sets this by model
+        name, for Phi-3 only (all special tokens but <unk>, <s> and <|endoftext|>)."""
+        name = str(self.metadata.get("general.name", "")).lower()
+        if "phi-3" not in name and "phi3" not in name:
+            return set()
+        texts = {self.tokens[i] for i in self.special_ids()} | {"</s>"}
+        return texts - {"<unk>", "<s>", "<|endoftext|>"}
 
     def _post_processor(self):
         single, special = "$A", []

@@ -1,9 +1,9 @@
 """Perplexity of a model over a text, with sliding windows (as Hugging Face documents it).
 
 The text is tokenized once (with the BOS the tokenizer adds); windows of `window` tokens start
-every `stride` tokens, and each scores only the tokens the previous window did not, so every
-token after the first is scored once, with up to `window - stride` tokens of context before
-the window's scored part. Used to judge quantization schemes on real weights.
+every `stride` tokens, and each scores only the tokens the previous window did not (with
+stride < window every token after the first is scored once, with at least `window - stride`
+tokens of context). Used to judge quantization schemes on real weights.
 """
 
 import math
@@ -55,9 +55,11 @@ def perplexity_of_ids(ids: list[int], logits_of, window: int, stride: int) -> Pe
         if end <= scored_to:
             break
         logits = np.asarray(logits_of(ids[begin:end]), dtype=np.float64)  # [end - begin, vocab]
-        # row j predicts ids[begin + j + 1]; score the targets in [scored_to, end)
-        rows = logits[scored_to - begin - 1 : end - begin - 1]
-        targets = np.asarray(ids[scored_to:end])
+        # row j predicts ids[begin + j + 1]; score the targets in [first, end): a window's first
+        # token has no context in it (stride == window leaves it unscored, as HF's recipe does)
+        first = max(scored_to, begin + 1)
+        rows = logits[first - begin - 1 : end - begin - 1]
+        targets = np.asarray(ids[first:end])
         top = rows.max(axis=1, keepdims=True)
         log_z = (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))[:, 0]
         total += float((log_z - rows[np.arange(len(targets)), targets]).sum())

@@ -12,6 +12,7 @@ placeholder of the model's size (tokens are fed as ids).
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,25 @@ def _permute_rope(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, out // heads // 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
+def _llama3_factors(rope: dict, theta: float, dim: int) -> np.ndarray:
+    """llama.cpp's rope_freqs.weight for HF's llama3 rope (its conversion/llama.py)."""
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim)
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
 def write_llama_gguf(hf_dir: str | Path, out: str | Path, ftype: str = "F16") -> Path:
     import gguf
 
@@ -60,7 +80,7 @@ def write_llama_gguf(hf_dir: str | Path, out: str | Path, ftype: str = "F16") ->
         config.get("num_key_value_heads") or config["num_attention_heads"],
     )
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     vocab = config["vocab_size"]
     arch = {"Qwen2ForCausalLM": "qwen2"}.get(config["architectures"][0], "llama")
@@ -91,6 +111,9 @@ def write_llama_gguf(hf_dir: str | Path, out: str | Path, ftype: str = "F16") ->
     writer.add_token_types(types[:vocab])
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+
+    if rope.get("rope_type") == "llama3":  # as llama.cpp's converter: factors per frequency
+        writer.add_tensor("rope_freqs.weight", _llama3_factors(rope, float(theta), head_dim))
 
     files = sorted(hf_dir.glob("*.safetensors"))
     for file in files:

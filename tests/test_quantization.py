@@ -37,7 +37,7 @@ def test_pack_unpack_within_the_scheme_bound(name):
             np.testing.assert_allclose(back, w, rtol=2**-7, atol=0)
             continue
         # Rounding to the nearest level: at most half a step (the group's scale) off.
-        scale = np.repeat(parts[1].astype(np.float32), scheme.group_size, axis=1)[:, :k]
+        scale = np.abs(np.repeat(parts[1].astype(np.float32), scheme.group_size, axis=1)[:, :k])
         assert np.all(np.abs(back - w) <= scale / 2 + 1e-6)
 
 

