@@ -11,8 +11,6 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-from tvm.relax.frontend import nn
-
 from .config import from_config, layer_windows, rope_from_config
 from .gemma2 import (
     Gemma2Attention,
@@ -23,6 +21,7 @@ from .gemma2 import (
     GemmaRMSNorm,
 )
 from .ops import RopeSpec
+from .qwen3 import Qwen3Attention
 
 
 @dataclass
@@ -78,13 +77,8 @@ class Gemma3Attention(Gemma2Attention):
         self.q_norm = GemmaRMSNorm(d, eps)
         self.k_norm = GemmaRMSNorm(d, eps)
 
-    def project_qkv(self, x: nn.Tensor) -> nn.Tensor:
-        b, s, _ = x.shape
-        hq, hkv, d = self.num_q_heads, self.num_kv_heads, self.head_dim
-        q = self.q_norm(nn.op.reshape(self.q_proj(x), (b, s, hq, d)))
-        k = self.k_norm(nn.op.reshape(self.k_proj(x), (b, s, hkv, d)))
-        v = nn.op.reshape(self.v_proj(x), (b, s, hkv, d))
-        return nn.op.concat([q, k, v], dim=2)  # [b, s, hq + 2 * hkv, d]
+    # q/k normed per head before RoPE, exactly as Qwen3 (only the norm class differs)
+    project_qkv = Qwen3Attention.project_qkv
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):
