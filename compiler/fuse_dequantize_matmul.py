@@ -13,7 +13,7 @@ import tvm
 from tvm import relax, te
 
 from .quantization import scheme_named
-from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te
+from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 
 
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")
@@ -43,13 +43,13 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if _is_op(call, "relax.take"):
+        if is_op(call, "relax.take"):
             return self._gather(call)
-        if not _is_op(call, "relax.matmul"):
+        if not is_op(call, "relax.matmul"):
             return call
         x, rhs = call.args
         transposed = self._binding(rhs)
-        if not _is_op(transposed, "relax.permute_dims"):
+        if not is_op(transposed, "relax.permute_dims"):
             return call
         found = self._dequantize(transposed.args[0])
         if found is None:
@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
     def _dequantize(self, expr: relax.Expr):
         """(scheme, parts, n, k) when `expr` is bound to a dequantize call, else None."""
         dequant = self._binding(expr)
-        if not (_is_op(dequant, "relax.call_tir") and dequant.args[0] in self.dequantizers):
+        if not (is_op(dequant, "relax.call_tir") and dequant.args[0] in self.dequantizers):
             return None
         info = self.dequantizers[dequant.args[0]]
         parts = list(dequant.args[1].fields)
@@ -111,6 +111,3 @@ class _Rewriter(relax.PyExprMutator):
             return self.builder_.lookup_binding(expr)
         return expr
 
-
-def _is_op(call, name: str) -> bool:
-    return isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get(name))

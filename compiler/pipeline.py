@@ -28,6 +28,7 @@ from relaxlm.frontends.checkpoint import Checkpoint
 
 from . import schedules
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
+from .fuse_parallel_linear import FuseParallelLinear, param_sources
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import LowerAttentionToPagedKV, paged_kv_layout
 from .quantization import (
@@ -128,10 +129,13 @@ def build_library(
     else:
         mod = LowerAttentionToPagedKV(target, exported.dtype)(mod)
         kv_layout = paged_kv_layout(mod)
+    mod = FuseParallelLinear(stored)(mod)
+    sources = param_sources(mod, len(exported.param_names))
+    stored = {j: stored[s[0]] for j, s in enumerate(sources) if s[0] in (stored or {})}
     if scheme is not None or stored:
         mod = QuantizeWeights(scheme, exported.dtype, stored)(mod)
         mod = FuseDequantizeMatmul()(mod)
-    plan = _weight_plan(exported, param_plan(mod))
+    plan = _weight_plan(exported, sources, param_plan(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)
 
@@ -163,25 +167,40 @@ def build_library(
     return executable, kv_layout, plan
 
 
-def _weight_plan(exported: ExportedModel, quantized: list[dict] | None) -> list[dict]:
-    """Name, shape and dtype of every tensor the library takes, in its parameter order."""
-    names = exported.param_names
+def _weight_plan(
+    exported: ExportedModel, sources: list[list[int]], quantized: list[dict] | None
+) -> list[dict]:
+    """Name, shape and dtype of every tensor the library takes, in its parameter order.
+
+    sources: per packed param, the checkpoint tensors whose rows it concatenates (see
+    FuseParallelLinear); each plan entry lists their names under "sources".
+    """
+    members = [[exported.param_names[i] for i in s] for s in sources]
     if quantized is None:
-        quantized = [
-            {
-                "source": i,
-                "part": "",
-                "shape": list(exported.param_shapes[n]),
-                "dtype": exported.dtype,
-            }
-            for i, n in enumerate(names)
-        ]
+        quantized = []
+        for i, names in enumerate(members):
+            shapes = [exported.param_shapes[n] for n in names]
+            shape = [sum(s[0] for s in shapes), *shapes[0][1:]] if len(names) > 1 else shapes[0]
+            entry = {"source": i, "part": "", "shape": list(shape), "dtype": exported.dtype}
+            quantized.append(entry)
     plan = []
     for entry in quantized:
-        source = names[entry["source"]]
+        names = members[entry["source"]]
+        source = _fused_name(names)
         name = f"{source}.{entry['part']}" if entry["part"] else source
-        plan.append({**entry, "source": source, "name": name})
+        plan.append({**entry, "source": source, "sources": names, "name": name})
     return plan
+
+
+def _fused_name(names: list[str]) -> str:
+    """a.q_proj.weight + a.k_proj.weight -> a.q_proj+k_proj.weight (the name if alone)."""
+    if len(names) == 1:
+        return names[0]
+    head = os.path.commonprefix(names)
+    head = head[: head.rfind(".") + 1]
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    tail = tail[tail.find(".") :] if "." in tail else ""
+    return head + "+".join(n[len(head) : len(n) - len(tail)] for n in names) + tail
 
 
 def dtype_of(dtype: str):
@@ -243,20 +262,23 @@ def _converted_weights(checkpoint: Checkpoint, exported: ExportedModel, plan: li
     sources = list(dict.fromkeys(e["source"] for e in plan))
     entries = iter(plan)
     bar = tqdm(sources, desc="weights", unit="tensor", disable=not say.enabled, file=sys.stderr)
-    for source in bar:
-        array = checkpoint.read(source)
+    for _ in bar:
         first = next(entries)
+        names = first["sources"]  # fused rows (FuseParallelLinear) share one stored format
+        arrays = [checkpoint.read(n) for n in names]
+        array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        kind = stored.get(names[0])
         if first["part"] == "":  # stored as is, in its dtype (a cast scheme's narrower one)
-            if stored.get(source) in GGUF_SCHEMES:
-                k = exported.param_shapes[source][-1]
-                array = dequantize(GGUF_SCHEMES[stored[source]], [array], k)
+            if kind in GGUF_SCHEMES:
+                k = exported.param_shapes[names[0]][-1]
+                array = dequantize(GGUF_SCHEMES[kind], [array], k)
             # via float32: numpy cannot cast bfloat16 to float16 directly
             target = dtype_of(first["dtype"])
             yield first["name"], array.astype(np.float32, copy=False).astype(target, copy=False)
             continue
         scheme = scheme_named(first["scheme"])
         if scheme.kind == "gguf":  # the file's own blocks, byte for byte
-            assert list(array.shape) == first["shape"], (source, array.shape, first["shape"])
+            assert list(array.shape) == first["shape"], (names, array.shape, first["shape"])
             yield first["name"], array
             continue
         parts = quantize(scheme, array, compute)

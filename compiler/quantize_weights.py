@@ -42,10 +42,10 @@ class QuantizeWeights:
         self.per_weight = per_weight or {}
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        funcs = {gv: f for gv, f in mod.functions_items() if _packed_params(f) is not None}
+        funcs = {gv: f for gv, f in mod.functions_items() if packed_params(f) is not None}
         if not funcs:
             return mod
-        fields = list(_packed_params(next(iter(funcs.values()))).ty.fields)
+        fields = list(packed_params(next(iter(funcs.values()))).ty.fields)
         # A weight is packed only if every function uses it, each time in a way we rewrite.
         uses = [_weight_uses(func) for func in funcs.values()]
         schemes: dict[int, QuantScheme] = {}
@@ -218,7 +218,7 @@ _GGUF_TE = {
 }
 
 
-def _packed_params(func) -> relax.Var | None:
+def packed_params(func) -> relax.Var | None:
     if not isinstance(func, relax.Function) or not func.params:
         return None
     if func.attrs is None or "num_input" not in func.attrs:
@@ -240,10 +240,19 @@ def _shape(ty) -> list[int]:
     return [int(d) for d in ty.shape]
 
 
+def static_shape(ty) -> list[int] | None:
+    """A tensor type's shape as ints, or None if it is not a tensor of static shape."""
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    if not all(isinstance(d, tirx.IntImm) for d in ty.shape):
+        return None
+    return _shape(ty)
+
+
 def _weight_uses(func: relax.Function) -> dict[int, set[str]]:
     """Packed-param index -> how `func` uses it: "linear" (matmul(x, permute_dims(w))),
     "gather" (take(w, ids, axis=0)) or "other"; unused params are absent."""
-    params = _packed_params(func)
+    params = packed_params(func)
     index: dict[relax.Var, int] = {}
     uses: dict[relax.Var, list[tuple[relax.Var, relax.Call, int]]] = {}
     for block in func.body.blocks:
@@ -264,22 +273,22 @@ def _weight_uses(func: relax.Function) -> dict[int, set[str]]:
 
 
 def _use_kind(out: relax.Var, call, pos: int, uses: dict) -> str:
-    if _is_op(call, "relax.take") and pos == 0 and call.attrs.axis is not None:
+    if is_op(call, "relax.take") and pos == 0 and call.attrs.axis is not None:
         return "gather" if int(call.attrs.axis) == 0 else "other"
-    transposed = _is_op(call, "relax.permute_dims") and (
+    transposed = is_op(call, "relax.permute_dims") and (
         call.attrs.axes is None or [int(a) for a in call.attrs.axes] == [1, 0]
     )
     consumers = uses.get(out, [])
     if (
         transposed
         and consumers
-        and all(_is_op(c, "relax.matmul") and p == 1 for _, c, p in consumers)
+        and all(is_op(c, "relax.matmul") and p == 1 for _, c, p in consumers)
     ):
         return "linear"
     return "other"
 
 
-def _is_op(call, name: str) -> bool:
+def is_op(call, name: str) -> bool:
     return isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get(name))
 
 

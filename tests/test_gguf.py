@@ -300,10 +300,33 @@ def test_blocks_are_copied_not_requantized(gguf_file, gguf_llm):
     assert kept.get("gguf-q4_k") and kept.get("gguf-q6_k"), kept
     index = weight_index(llm.artifact, manifest)
     reader = gguf.GGUFReader(str(gguf_file("Q4_K_M")))
-    for t in reader.tensors:
-        name = hf_name(t.name)
-        if t.tensor_type.name in GGUF_SCHEMES and "q_proj" not in name and "k_proj" not in name:
-            np.testing.assert_array_equal(read(index[f"{name}.q"]), t.data.reshape(t.shape[-1], -1))
+    blocks = {
+        hf_name(t.name): t.data.reshape(t.shape[-1], -1)
+        for t in reader.tensors
+        if t.tensor_type.name in GGUF_SCHEMES
+    }
+    checked = 0
+    for stored in index:
+        if not stored.endswith(".q"):
+            continue
+        # FuseParallelLinear stores weights that share an input as one, rows concatenated
+        names = _fused_members(stored.removesuffix(".q"))
+        if any(n not in blocks or "q_proj" in n or "k_proj" in n for n in names):
+            continue  # q/k rows are un-permuted; the GGUF tests compare their logits
+        expected = np.concatenate([blocks[n] for n in names], axis=0)
+        np.testing.assert_array_equal(read(index[stored]), expected)
+        checked += 1
+    assert checked >= 3, checked
+
+
+def _fused_members(name: str) -> list[str]:
+    """a.q_proj+k_proj.weight -> [a.q_proj.weight, a.k_proj.weight]."""
+    if "+" not in name:
+        return [name]
+    first, *middle, last = name.split("+")
+    head, first = first.rsplit(".", 1)
+    last, tail = last.split(".", 1)
+    return [f"{head}.{m}.{tail}" for m in (first, *middle, last)]
 
 
 def test_llama3_rope_scaling_is_recovered_from_rope_freqs(gguf_file):

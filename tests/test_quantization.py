@@ -180,9 +180,11 @@ def test_manifest_records_the_scheme(checkpoints, tmp_path):
     assert manifest["quantization"]["group_size"] == 32 and manifest["quantization"]["bits"] == 4
     names = [p["name"] for p in manifest["params"]]
     assert (
-        "model.layers.0.mlp.up_proj.weight.q" in names
-        and "model.layers.0.mlp.up_proj.weight.scale" in names
+        "model.layers.0.mlp.down_proj.weight.q" in names
+        and "model.layers.0.mlp.down_proj.weight.scale" in names
     )
+    # gate and up read the same input: FuseParallelLinear stores their rows as one weight
+    assert "model.layers.0.mlp.gate_proj+up_proj.weight.q" in names
     assert "model.embed_tokens.weight" in names  # the embedding table is read by take: kept
 
 
