@@ -2,7 +2,7 @@
 
     manifest.json          the contract (see Manifest); written last
     weights/shard-N.safetensors   target-independent weights, in the graph's parameter order
-    lib/<target>.so        one compiled library per target
+    lib/<target>.so|.tar   one compiled library per target (cpu.so, cuda.so, metal.tar, ...)
     tokenizer/             tokenizer.json, tokenizer_config.json, generation_config.json, ...
 
 Writes are atomic: everything goes to a hidden sibling folder that is renamed into place
@@ -47,7 +47,9 @@ class Manifest:
     kv_cache: dict[str, Any]  # layout of the paged KV cache the library creates
     params: list[dict[str, Any]]  # {name, shape, dtype, shard} in the graph's packed order
     shards: dict[str, dict[str, Any]]  # file -> {size, sha256}
-    targets: dict[str, dict[str, Any]]  # preset -> {library, size, sha256, tvm_target}
+    # preset -> {library, size, sha256, tvm_target, device, archs (CUDA)}; `device` is the
+    # runtime device kind that loads the library (the preset's name where absent)
+    targets: dict[str, dict[str, Any]]
     tokenizer: dict[str, Any]  # {files: [...]}
     source: dict[str, Any] = field(default_factory=dict)  # where the checkpoint came from
     # "generate": prefill/decode entries over the paged KV cache; "embed": one `embed` entry,
@@ -109,6 +111,7 @@ class ArtifactWriter:
         self.shards: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, dict[str, Any]] = {}
         self.tokenizer_files: list[str] = []
+        self.base: tuple[Path, Manifest] | None = None  # see keep_libraries
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -147,7 +150,10 @@ class ArtifactWriter:
             path = self.tmp / rel
             self.shards[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
-    def add_library(self, preset: str, library: Path, tvm_target: dict[str, Any]) -> None:
+    def add_library(
+        self, preset: str, library: Path, tvm_target: dict[str, Any], **extra: Any
+    ) -> None:
+        """Copy in the library for target `preset`; `extra` (device, archs) goes in its entry."""
         (self.tmp / "lib").mkdir(exist_ok=True)
         rel = f"lib/{preset}{library.suffix}"
         shutil.copyfile(library, self.tmp / rel)
@@ -156,7 +162,21 @@ class ArtifactWriter:
             "size": (self.tmp / rel).stat().st_size,
             "sha256": sha256_file(self.tmp / rel),
             "tvm_target": tvm_target,
+            **extra,
         }
+
+    def keep_libraries(self, folder: str | os.PathLike) -> None:
+        """Carry over the libraries of the artifact at `folder` (a library added later for the
+        same target replaces its own); commit checks that the weights written are that
+        artifact's, byte for byte, so every library still fits them."""
+        folder = Path(folder)
+        manifest = Manifest.read(folder)
+        verify(folder, manifest)
+        (self.tmp / "lib").mkdir(exist_ok=True)
+        for name, entry in manifest.targets.items():
+            shutil.copyfile(folder / entry["library"], self.tmp / entry["library"])
+            self.targets[name] = dict(entry)
+        self.base = (folder, manifest)
 
     def add_tokenizer(self, files: list[Path]) -> None:
         (self.tmp / "tokenizer").mkdir(exist_ok=True)
@@ -167,6 +187,14 @@ class ArtifactWriter:
     def commit(self, manifest: Manifest) -> Path:
         """Write the manifest last, then move the folder into place (replacing an old one)."""
         manifest.params, manifest.shards, manifest.targets = self.params, self.shards, self.targets
+        if self.base is not None:
+            folder, base = self.base
+            if (base.params, base.shards) != (self.params, self.shards):
+                raise RelaxlmError(
+                    f"{folder}: its weights differ from the ones just compiled (another "
+                    "checkpoint, --quant or --dtype), so its libraries would not fit them; "
+                    "compile all targets with the same options, or write a new artifact"
+                )
         manifest.tokenizer = {**manifest.tokenizer, "files": self.tokenizer_files}
         manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (self.tmp / MANIFEST).write_text(manifest.to_json())

@@ -110,4 +110,3 @@ class _Rewriter(relax.PyExprMutator):
         if isinstance(expr, relax.Var):
             return self.builder_.lookup_binding(expr)
         return expr
-

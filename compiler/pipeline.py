@@ -41,7 +41,7 @@ from .quantization import (
     scheme_named,
 )
 from .quantize_weights import QuantizeWeights, param_plan
-from .targets import TargetPreset, resolve_target
+from .targets import TargetPreset, build_context, resolve_targets
 
 DEFAULT_PREFILL_CHUNK = 1024
 
@@ -50,26 +50,37 @@ def compile_model(
     model: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    target: str = "cpu",
+    target: str | list[str] = "cpu",
     quant: str = "none",
     dtype: str = "float32",
     progress: bool = True,
+    add: bool = False,
 ) -> Path:
-    """Compile a checkpoint into an artifact folder at `output`; returns its path."""
+    """Compile a checkpoint into an artifact folder at `output`; returns its path.
+
+    target: a preset, several (`cuda:sm_80,sm_90,metal`, or a list): one library per target
+        over one set of weights.
+    add: keep the libraries of the artifact at `output` and add these (it must have been
+        compiled from the same checkpoint with the same options: same weights).
+    """
     scheme = resolve_scheme(quant)
     say = _Reporter(progress)
-    preset = resolve_target(target)
+    presets = resolve_targets(target)
     checkpoint = load_checkpoint(model)
-    say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {preset.name}")
+    names = ", ".join(p.name for p in presets)
+    say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {names}")
     exported = export(checkpoint, dtype)
     say("graph exported")
     stored = stored_schemes(checkpoint, exported, scheme)
-    executable, kv_layout, plan = build_library(exported, preset, scheme, say, stored)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
-        library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
-        executable.export_library(str(library))
-        say("library linked")
-        writer.add_library(preset.name, library, preset.tvm_target)
+        if add:
+            writer.keep_libraries(output)
+        for preset in presets:  # the graph, weight plan and KV layout do not depend on it
+            executable, kv_layout, plan = build_library(exported, preset, scheme, say, stored)
+            library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
+            executable.export_library(str(library))
+            say(f"{preset.name} library linked")
+            writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
         layout = [(e["name"], tuple(e["shape"]), np.dtype(dtype_of(e["dtype"]))) for e in plan]
         writer.write_weights(layout, _converted_weights(checkpoint, exported, plan, say))
         say("weights written")
@@ -109,8 +120,12 @@ def build_library(
     scheme: QuantScheme | None = None,
     say=lambda msg: None,
     stored: dict[int, QuantScheme] | None = None,
+    scheduled_only: bool = False,
 ) -> tuple[tvm.runtime.Executable, dict, list[dict]]:
     """Run the four phases on the exported graph.
+
+    scheduled_only: stop after phase 3 and return the scheduled IRModule in place of the
+        executable (tests run its kernels alone).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -156,13 +171,16 @@ def build_library(
     with target:
         mod = schedules.for_target(preset)(mod)
     _dump(dump, "3-scheduled", mod)
+    if scheduled_only:
+        return mod, kv_layout, plan
     say("graph lowered and scheduled; generating code")
 
     # 4. VM lowering and codegen
     start = time.perf_counter()
-    executable = relax.build(
-        mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
-    )
+    with build_context(preset):  # GPU: target in scope; CUDA: nvcc fatbin for every arch
+        executable = relax.build(
+            mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
+        )
     say(f"code generated in {time.perf_counter() - start:.1f} s")
     return executable, kv_layout, plan
 

@@ -13,6 +13,7 @@ from . import gemma2, gemma3, gpt2, llama, mixtral, phi, phi3, qwen3, qwen3_moe
 from .checkpoint import Checkpoint, load_checkpoint
 from .embedding import ENCODERS, embedding_model
 from .entry import export_causal_lm, export_embedding
+from .onnx import OnnxCheckpoint, export_onnx
 
 # architecture name in config.json -> (config reader, model class)
 ARCHITECTURES = {
@@ -54,6 +55,8 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
     """Build the architecture's graph for `checkpoint` with weights in `dtype`."""
     if dtype not in DTYPES:
         raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if isinstance(checkpoint, OnnxCheckpoint):  # a graph that brings its own ops and weights
+        return export_onnx(checkpoint, dtype)
     try:
         model, facts = _build_model(checkpoint)
     except KeyError as e:

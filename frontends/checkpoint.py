@@ -103,9 +103,10 @@ def _stack_experts(tensors: dict[str, TensorInfo]) -> dict:
 
 
 def resolve_model_path(source: str | os.PathLike) -> Path:
-    """A local folder or .gguf file as is; otherwise a repo id looked up through huggingface_hub."""
+    """A local folder, .gguf or .onnx file as is; otherwise a repo id looked up through
+    huggingface_hub."""
     path = Path(source).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+    if path.is_dir() or (path.is_file() and path.suffix in (".gguf", ".onnx")):
         return path
     text = str(source)
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~"))
@@ -143,8 +144,12 @@ def _snapshot(repo_id: str) -> Path:
 
 
 def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Open a Hugging Face checkpoint (or a GGUF file) and index its tensors; reads no weights."""
+    """Open a Hugging Face checkpoint (or a GGUF or ONNX file) and index its tensors."""
     path = resolve_model_path(source)
+    if path.suffix == ".onnx":  # an ONNX graph; tokenizer and pooling from its folder
+        from .onnx import load_onnx
+
+        return load_onnx(path)
     if path.is_file():  # a .gguf file: config, tensors and tokenizer all come from it
         from .gguf import load_gguf
 

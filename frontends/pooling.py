@@ -64,7 +64,7 @@ def read_pooling(folder: Path, default_mode: str) -> Pooling | None:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = _read_json(modules_file)
+    modules = read_json(modules_file)
     kinds = [m.get("type", "").removeprefix(_MODULE) for m in modules]
     unknown = [k for k in kinds if k not in _KNOWN_MODULES]
     if unknown:
@@ -83,7 +83,7 @@ def read_pooling(folder: Path, default_mode: str) -> Pooling | None:
             modes = _pooling_modes(folder / module["path"] / "config.json")
     if "Pooling" not in kinds:
         log.info("%s names no Pooling module; using %s pooling", modules_file, default_mode)
-    st_config = _read_json(folder / "sentence_bert_config.json")
+    st_config = read_json(folder / "sentence_bert_config.json")
     return Pooling(
         modes=modes,
         normalize="Normalize" in kinds,
@@ -93,7 +93,7 @@ def read_pooling(folder: Path, default_mode: str) -> Pooling | None:
 
 
 def _pooling_modes(config_file: Path) -> tuple[str, ...]:
-    config = _read_json(config_file)
+    config = read_json(config_file)
     if not config.get("include_prompt", True):
         log.info("%s: include_prompt false has no effect: embed() takes no prompt", config_file)
     mode = config.get("pooling_mode")
@@ -111,7 +111,8 @@ def _pooling_modes(config_file: Path) -> tuple[str, ...]:
     return modes
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A JSON file's content ({} if the file is absent); one clear error if it is not JSON."""
     if not path.is_file():
         return {}
     try:

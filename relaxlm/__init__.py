@@ -28,15 +28,22 @@ def compile(  # noqa: A001 - the SDK's name for it
     model: str | os.PathLike,
     *,
     output: str | os.PathLike,
-    target: str = "cpu",
+    target: str | list[str] = "cpu",
     quant: str = "none",
     dtype: str = "float32",
     progress: bool = True,
+    add: bool = False,
 ) -> Path:
-    """Compile a checkpoint into an artifact folder; returns its path."""
+    """Compile a checkpoint into an artifact folder; returns its path.
+
+    target: one preset or several (`"cuda:sm_80,sm_90,metal"` or a list), one library each;
+    add: add them to the artifact already at `output` (same weights), keeping its libraries.
+    """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
-    return compile_model(model, output, target=target, quant=quant, dtype=dtype, progress=progress)
+    return compile_model(
+        model, output, target=target, quant=quant, dtype=dtype, progress=progress, add=add
+    )
 
 
 __all__ = ["LLM", "AsyncLLM", "GenerationResult", "RelaxlmError", "SamplingParams", "compile"]

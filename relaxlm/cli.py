@@ -27,7 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a checkpoint into an artifact folder")
     p.add_argument("model", help="Hugging Face model folder or repo id, or a .gguf file")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    _add_build_options(p)
+    _add_build_options(p, several_targets=True)
+    p.add_argument(
+        "--add",
+        action="store_true",
+        help="add the --target libraries to the artifact already at -o, keeping its others "
+        "(same checkpoint, --quant and --dtype: the weights must be the same)",
+    )
     p.set_defaults(func=_compile)
 
     p = sub.add_parser("run", help="generate from a model (a chat when no --prompt is given)")
@@ -62,6 +68,37 @@ def _parser() -> argparse.ArgumentParser:
     _add_build_options(p)
     p.set_defaults(func=_bench)
 
+    p = sub.add_parser("serve", help="serve a model over the OpenAI HTTP API")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=1234, help="(default: 1234)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--served-model-name", help="model id clients send (default: artifact name)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (8)")
+    p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size, tokens (all sequences)")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429s")
+    p.add_argument("--mcp", action="store_true", help="also serve the model over MCP at /mcp")
+    p.add_argument("--ui", action="store_true", help="serve a web chat page at /ui")
+    p.add_argument(
+        "--mcp-config",
+        metavar="FILE",
+        help='MCP servers whose tools the model may call: {"mcpServers": {NAME: {"command": '
+        '..., "args": [...], "env": {...}} or {"url": "http://..."}}}',
+    )
+    p.add_argument(
+        "--max-tool-rounds", type=int, default=4, help="rounds of MCP tool calls per chat request"
+    )
+    _add_build_options(p)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "mcp", help="serve a model as an MCP server over stdio (for MCP hosts such as editors)"
+    )
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("--served-model-name", help="the model's name in MCP tools and resources")
+    _add_build_options(p)
+    p.set_defaults(func=_mcp)
+
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -75,8 +112,17 @@ _MODEL_HELP = (
 )
 
 
-def _add_build_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="cpu", help="target preset (default: cpu)")
+def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False) -> None:
+    presets = "cpu, cuda, cuda:sm_80,sm_90, metal, webgpu, vulkan"
+    if several_targets:  # one library per target over one set of weights
+        p.add_argument(
+            "--target",
+            action="append",
+            help=f"target preset(s): {presets}; repeat it or separate with commas for one "
+            "library each, e.g. --target cuda:sm_80,sm_90 --target metal (default: cpu)",
+        )
+    else:
+        p.add_argument("--target", default="cpu", help=f"target preset: {presets} (default: cpu)")
     p.add_argument("--threads", type=int, help="CPU threads (default: RELAXLM_THREADS or all)")
     p.add_argument("--quant", default="none", help="weight quantization (default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -86,7 +132,12 @@ def _compile(args) -> None:
     import relaxlm
 
     relaxlm.compile(
-        args.model, output=args.output, target=args.target, quant=args.quant, dtype=args.dtype
+        args.model,
+        output=args.output,
+        target=args.target or ["cpu"],
+        quant=args.quant,
+        dtype=args.dtype,
+        add=args.add,
     )
 
 
@@ -169,6 +220,54 @@ def _bench(args) -> None:
     print(f"peak RSS         {result.peak_rss_mib:8.1f} MiB")
 
 
+def _mcp(args) -> None:
+    import os
+
+    import relaxlm
+    from relaxlm.server.mcp_server import run_stdio
+
+    # stdout is the MCP wire: whatever loading prints (TVM included) goes to stderr instead.
+    saved_stdout = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        llm = relaxlm.LLM(
+            args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+        )
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_stdout, 1)
+        os.close(saved_stdout)
+    run_stdio(llm, args.served_model_name or Path(llm.artifact).name)
+
+
+def _serve(args) -> None:
+    import uvicorn
+
+    import relaxlm
+    from relaxlm.server.app import ServerOptions, create_app
+
+    llm = relaxlm.LLM(
+        args.model,
+        target=args.target,
+        quant=args.quant,
+        dtype=args.dtype,
+        threads=args.threads,
+        max_batch_size=args.max_batch,
+        kv_cache_tokens=args.kv_cache_tokens,
+    )
+    options = ServerOptions(
+        served_model_name=args.served_model_name,
+        api_key=args.api_key,
+        max_waiting=args.max_waiting,
+        mcp=args.mcp,
+        ui=args.ui,
+        mcp_config=args.mcp_config,
+        max_tool_rounds=args.max_tool_rounds,
+        host=args.host,
+    )
+    uvicorn.run(create_app(llm, options), host=args.host, port=args.port)
+
+
 def _inspect(args) -> None:
     from relaxlm.artifacts import Manifest
 
@@ -195,12 +294,22 @@ def _inspect(args) -> None:
         ("parameters", f"{n_params:,} in {len(m.params)} tensors, {_size(weight_bytes)}"),
     ]
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
-    rows += [(f"target {t}", f"{v['library']} ({_size(v['size'])})") for t, v in m.targets.items()]
+    rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]
     rows += [("created", m.created)]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _library_row(entry: dict) -> str:
+    """`lib/cuda.so  1.2 MiB  device cuda, archs sm_80 sm_90`."""
+    row = f"{entry['library']}  {_size(entry['size'])}"
+    if "device" in entry:
+        row += f"  device {entry['device']}"
+    if entry.get("archs"):
+        row += f", archs {' '.join(entry['archs'])}"
+    return row
 
 
 def _numel(shape: list[int]) -> int:

@@ -78,6 +78,9 @@ class LLM:
         prompts do not stall running streams; the artifact's prefill chunk size by default.
     enable_prefix_cache: reuse the KV pages of prompt prefixes already computed.
     threads: CPU threads for the kernels (else RELAXLM_THREADS, else all CPUs); process-wide.
+    target: the preset a checkpoint is compiled for (see `relaxlm.compiler.targets`).
+    device: where to run ("cpu", "cuda:0", "metal"); the target's kind by default. The
+        artifact's library for that device kind is loaded.
     """
 
     def __init__(
@@ -105,12 +108,14 @@ class LLM:
 
             folder = cached_artifact(model, target=target, quant=quant, dtype=dtype)
         self.artifact = folder
+        # The device defaults to the target's kind: target "cuda:sm_90" -> device "cuda".
+        device = device or target.split(":")[0]
         if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
-            self._load_embedder(folder, device or target, threads)
+            self._load_embedder(folder, device, threads)
             return
         self.model = CompiledModel(
             folder,
-            device=device or target,
+            device=device,
             max_batch_size=max_batch_size,
             max_total_tokens=kv_cache_tokens,
             threads=threads,

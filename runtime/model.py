@@ -46,6 +46,46 @@ def use_threads(threads: int | None = None) -> int:
     return n
 
 
+def library_for_device(folder: Path, manifest: Manifest, device: str) -> Path:
+    """The artifact's library for `device` ("cpu", "cuda:0", ...): the target whose manifest
+    entry names that device kind (older artifacts: the target named like it)."""
+    kind = device.split(":")[0]
+    for name, entry in manifest.targets.items():
+        if entry.get("device", name) == kind:
+            return folder / entry["library"]
+    built = ", ".join(f"{n} ({e.get('device', n)})" for n, e in manifest.targets.items())
+    raise RelaxlmError(
+        f"{folder}: artifact has no library for device {device!r} (built for: {built}); "
+        f"compile it with --target {kind} (one artifact may hold several targets)"
+    )
+
+
+def open_device(device: str) -> tvm.runtime.Device:
+    """The TVM device called `device` ("cpu", "cuda:0", "metal"); RelaxlmError if it is not
+    there (no GPU, no driver, or a TVM without that runtime)."""
+    try:
+        dev = tvm.runtime.device(device)
+    except (ValueError, tvm.error.TVMError) as e:
+        raise RelaxlmError(f"device {device!r} is not a device name TVM knows ({e})") from e
+    if device.split(":")[0] != "cpu" and not dev.exist:
+        raise RelaxlmError(
+            f"device {device!r} is not available on this machine: no such GPU, no driver, or "
+            f"this TVM build has no {device.split(':')[0]} runtime (tvm {tvm.__version__})"
+        )
+    return dev
+
+
+def load_library(path: Path, device: str) -> tvm.runtime.Module:
+    """The compiled library at `path`; RelaxlmError naming what is missing if TVM can't load it."""
+    try:
+        return tvm.runtime.load_module(str(path))
+    except (RuntimeError, ValueError, tvm.error.TVMError) as e:
+        raise RelaxlmError(
+            f"{path}: the {device} library does not load in this TVM ({e}); load it where TVM "
+            f"has the {device.split(':')[0]} runtime (e.g. its GPU driver), or recompile"
+        ) from e
+
+
 class CompiledModel:
     """Runs the artifact's entry functions over sequences held in one paged KV cache.
 
@@ -68,12 +108,7 @@ class CompiledModel:
         self.folder = Path(folder)
         self.manifest = manifest = Manifest.read(self.folder)
         verify(self.folder, manifest)
-        kind = device.split(":")[0]
-        if kind not in manifest.targets:
-            raise RelaxlmError(
-                f"{folder}: artifact has no library for device {device!r} "
-                f"(built for: {', '.join(manifest.targets)}); compile it with --target {kind}"
-            )
+        library_file = library_for_device(self.folder, manifest, device)
         self.context_window = manifest.context_window
         self.prefill_chunk = manifest.prefill_chunk_size
         # The cache's scratch buffers hold prefill_chunk tokens per forward; a decode step of
@@ -90,9 +125,8 @@ class CompiledModel:
             )
         self.max_batch_size = max_batch_size
         self.page_size = manifest.kv_cache["page_size"]
-        self.device = tvm.runtime.device(device)
-        library = tvm.runtime.load_module(str(self.folder / manifest.targets[kind]["library"]))
-        self.vm = VirtualMachine(library, self.device)
+        self.device = open_device(device)
+        self.vm = VirtualMachine(load_library(library_file, device), self.device)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
         index = weight_index(self.folder, manifest)

@@ -7,14 +7,17 @@ chosen tokens, so it is tested on CPU without a model. Each row draws from its o
 so a seeded request gets the same tokens alone or batched with others.
 
 Order of operations on a row: logit_bias, repetition penalty (prompt and output tokens),
-presence and frequency penalties (output tokens); then greedy takes the argmax, or sampling
+presence and frequency penalties (output tokens), the sequence's token constraint (a grammar's
+mask for structured output: disallowed tokens get -inf); then greedy takes the argmax, or sampling
 divides by the temperature and keeps the tokens that pass min_p (relative to the most likely
 token), top_k and top_p, in that order. Log-probabilities are those of the raw logits (the
 model's own distribution), as vLLM reports by default.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +37,8 @@ class SamplingParams:
     logit_bias: {token id: value added to its logit}.
     seed: the first completion draws from `numpy.random.default_rng(seed)`, completion i > 0
         from `default_rng([seed, i])`; None draws fresh entropy.
+    constraint: a factory of TokenConstraint, called once per completion (each has its own
+        state); its mask limits the tokens that completion may take (structured output).
     """
 
     max_tokens: int = 16
@@ -51,6 +56,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
+    constraint: "Callable[[], TokenConstraint] | None" = None
 
     def __post_init__(self):
         if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
@@ -93,6 +99,8 @@ class SamplingParams:
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             _invalid("logprobs", self.logprobs, "None or an integer >= 0 (top tokens to return)")
+        if self.constraint is not None and not callable(self.constraint):
+            _invalid("constraint", self.constraint, "None or a factory of TokenConstraint")
 
     @property
     def penalized(self) -> bool:
@@ -113,6 +121,22 @@ def _is_real(value) -> bool:
 
 def _invalid(field: str, value, expected: str):
     raise RelaxlmError(f"SamplingParams.{field}={value!r} is invalid; set it to {expected}")
+
+
+class TokenConstraint(Protocol):
+    """One sequence's limit on its next token, e.g. a grammar's state (structured output).
+
+    Data in, data out like the sampler: the sampler asks for a mask before each choice and
+    reports the token it chose.
+    """
+
+    def allowed(self, vocab_size: int) -> np.ndarray | None:
+        """bool [vocab_size]: the tokens the next step may take; None allows every token."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """The token the sequence took."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,7 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
         self.prompt_ids = np.unique(np.asarray(prompt_ids, dtype=np.int64))
         self.output_counts: dict[int, int] = {}  # token -> times generated
+        self.constraint = None if params.constraint is None else params.constraint()
 
     def sample(self, logits: np.ndarray) -> int:
         """One token id from a [vocab] row of logits."""
@@ -153,6 +178,8 @@ class Sampler:
 
     def record(self, token: int) -> None:
         self.output_counts[token] = self.output_counts.get(token, 0) + 1
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
 
 def sample_batch(logits: np.ndarray, samplers: list[Sampler]) -> list[Sample]:
@@ -168,7 +195,7 @@ def sample_batch(logits: np.ndarray, samplers: list[Sampler]) -> list[Sample]:
         raise ValueError("logits contain NaN; the model's output is broken")
     samples = []
     for row, sampler in zip(logits, samplers, strict=True):
-        token = _choose(_adjusted(row, sampler), sampler)
+        token = _choose(_constrained(_adjusted(row, sampler), sampler), sampler)
         logprob = None if sampler.params.logprobs is None else _logprob(row, token, sampler)
         sampler.record(token)
         samples.append(Sample(token, logprob))
@@ -197,6 +224,18 @@ def _adjusted(row: np.ndarray, sampler: Sampler) -> np.ndarray:
     if len(out_ids):
         scores[out_ids] -= p.frequency_penalty * counts + p.presence_penalty
     return scores
+
+
+def _constrained(scores: np.ndarray, sampler: Sampler) -> np.ndarray:
+    """The scores with the constraint's disallowed tokens at -inf (they are never chosen)."""
+    if sampler.constraint is None:
+        return scores
+    allowed = sampler.constraint.allowed(scores.shape[0])
+    # None, or a grammar at a dead end (allows nothing): unconstrained, since raising here
+    # would fail every request in the batch.
+    if allowed is None or not allowed.any():
+        return scores
+    return np.where(allowed, scores, -np.inf)
 
 
 def _choose(scores: np.ndarray, sampler: Sampler) -> int:

@@ -11,4 +11,6 @@ def for_target(preset: TargetPreset) -> tvm.transform.Pass:
         from .cpu import cpu_schedules
 
         return cpu_schedules()
-    raise AssertionError(f"no schedules for {preset.name}")
+    from .gpu import gpu_schedules
+
+    return gpu_schedules()

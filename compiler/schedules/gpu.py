@@ -1,0 +1,127 @@
+"""GPU schedules: dlight GPU rules, one set for every GPU target (CUDA, Metal, WebGPU, Vulkan).
+
+Rules are tried in order; the first that schedules a kernel wins. What takes what in a Llama
+(the WebGPU kernel tests run these same rules on the kernels the pipeline builds):
+- `Matmul`: the float weight matmuls, prefill and decode (their rows are a symbolic dimension
+  either way). It comes first because `LowBatchGEMV`, tried earlier, also takes prefill GEMMs.
+- `GEMV`, `LowBatchGEMV`: GEMVs with static rows (kept in MLC-LLM's order; none in a Llama).
+- `RMSNorm`: the norms (its rsqrt pattern); `Reduction`, `GeneralReduction`: softmax and the
+  int4 dequantize-matmuls fused with their residual add.
+- `SingleReduction`: the other int4 dequantize-matmuls (see its docstring).
+- `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
+The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
+
+Metal: dlight's `Matmul` calls `MetalMatmul` (simdgroup tensorization), which segfaults inside
+Tensorize in TVM 0.27 (shared/notes/targets.md), killing the compiler. `Matmul` below schedules
+Metal kernels with the generic tiled matmul instead, planned for a target that has Metal's
+thread limits but is not Metal.
+"""
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+
+class Matmul(dlight.gpu.Matmul):
+    """dlight's GPU matmul, with the generic tiled schedule on Metal (no simdgroup tensorize)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if target.kind.name == "metal":
+            target = _without_metal_matmul(target)
+        return super().apply(func, target, tunable)
+
+
+def _without_metal_matmul(target: Target) -> Target:
+    """A target with `target`'s thread and memory limits whose kind takes dlight's generic
+    matmul path (Vulkan: no kind-specific branch in `Matmul.apply` or its configs)."""
+    limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
+    attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
+    return Target({"kind": "vulkan", **attrs, "thread_warp_size": 1})
+
+
+class CapVectorLanes(dlight.ScheduleRule):
+    """`rule`, with vectorized loops wider than the target's widest vector split in two.
+
+    WGSL and MSL have vectors of 2 to 4 lanes only, and TVM's codegens reject wider ones; dlight's
+    RMSNorm (and some GEMV configs) vectorize by 8. Splitting such a loop into (n/4, 4) keeps
+    the schedule's thread layout, so WebGPU runs the same schedule the other targets do.
+    """
+
+    def __init__(self, rule: dlight.ScheduleRule):
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        sch = self.rule.apply(func, target, tunable)
+        lanes = _MAX_LANES.get(target.kind.name)
+        if sch is None or lanes is None:
+            return sch
+        for s in sch if isinstance(sch, list) else [sch]:
+            _split_wide_vectors(s, lanes)
+        return sch
+
+
+_MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (without Vector16)
+
+
+def _split_wide_vectors(sch: s_tir.Schedule, lanes: int) -> None:
+    blocks, stack = [], [sch.get_sblock("root")]
+    while stack:
+        children = sch.get_child_blocks(stack.pop())
+        blocks += children
+        stack += children
+    for block in blocks:
+        for loop in sch.get_loops(block):
+            stmt = sch.get(loop)
+            extent = stmt.extent
+            if stmt.kind != tirx.ForKind.VECTORIZED or not isinstance(extent, tirx.IntImm):
+                continue
+            if int(extent) > lanes and int(extent) % lanes == 0:
+                _, inner = sch.split(loop, [None, lanes])
+                sch.vectorize(inner)
+
+
+class SingleReduction(dlight.ScheduleRule):
+    """A kernel that is one reduction over its last axis and nothing else, which dlight's
+    matmul and GEMV rules do not recognise: the int4 dequantize-matmuls, whose packed weights
+    are read through the interleaved nibble index (quantization.py), so no weight access is
+    affine in k.
+
+    dlight's `GeneralReduction` schedules exactly this when an injective epilogue follows the
+    reduction (one workgroup per output, its threads splitting K, a cross-thread sum); the
+    reduction is given one here (its result staged in a local buffer, then stored), and that
+    rule does the rest.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name == "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None or len(infos) != 1 or not infos[0].is_reduction():
+            return None
+        kind = infos[0].dom_kind()
+        if kind[-1] != "R" or "R" in kind[:-1]:
+            return None
+        sch.cache_write(infos[0].block_rv, 0, "local")
+        return dlight.gpu.GeneralReduction().apply(sch.mod["main"], target, tunable)
+
+
+def gpu_rules() -> list[dlight.ScheduleRule]:
+    """The rule list, in the order it is tried."""
+    rules = [
+        Matmul(),
+        dlight.gpu.GEMV(),
+        dlight.gpu.LowBatchGEMV(),
+        dlight.gpu.RMSNorm(),
+        dlight.gpu.Reduction(),
+        dlight.gpu.GeneralReduction(),
+        SingleReduction(),
+        dlight.gpu.Fallback(),
+    ]
+    return [CapVectorLanes(rule) for rule in rules]
+
+
+def gpu_schedules() -> tvm.transform.Pass:
+    return dlight.ApplyDefaultSchedule(*gpu_rules())

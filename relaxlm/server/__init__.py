@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`relaxlm serve`): see app.py."""

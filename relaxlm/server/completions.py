@@ -1,0 +1,631 @@
+"""The OpenAI endpoints as plain async functions: a validated request model in, a response
+model (or an async iterator of chunk models, for `stream`) out. No HTTP here: app.py serves
+them, and other code (an MCP tool loop) may call them directly.
+
+Everything that can fail is checked before the engine sees the request, so a streamed answer
+never starts and then fails: errors are `ApiError`s carrying OpenAI's status and shape.
+"""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.chat_template import render_chat
+from relaxlm.runtime.engine import RequestOutput
+from relaxlm.runtime.sampler import Logprob, SamplingParams
+from relaxlm.server import schemas as s
+from relaxlm.server.tools import CallDelta, ReplyParser, forced_call_schema
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param  # the request field at fault, as "messages.0.role"
+        self.type = type
+        self.code = code
+
+    def body(self) -> dict:
+        error = s.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return s.ErrorResponse(error=error).model_dump()
+
+
+@dataclass
+class ModelContext:
+    """The one model a server serves, and what its endpoints share.
+
+    llm: a relaxlm.LLM (a text model, or an embedding model).
+    name: the model id clients must send.
+    max_waiting: sequences waiting for a batch slot beyond which new requests get a 429.
+    """
+
+    llm: object
+    name: str
+    max_waiting: int = 256
+    created: int = field(default_factory=lambda: int(time.time()))
+    _grammars: object = None  # structured.GrammarCompiler, made on first use
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.llm.manifest.task == "embed"
+
+    @property
+    def context_window(self) -> int:
+        return self.llm.manifest.context_window
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.name:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.name!r}",
+                "model",
+                code="model_not_found",
+            )
+
+    def check_generates(self) -> None:
+        if self.is_embedding:
+            raise ApiError(
+                400,
+                f"{self.name} is an embedding model: it has no text generation; use /v1/embeddings",
+                "model",
+            )
+
+    def check_load(self) -> None:
+        if self.llm.engine.metrics().waiting >= self.max_waiting:
+            raise ApiError(
+                429,
+                f"the server is overloaded ({self.max_waiting} sequences waiting); retry later",
+                type="rate_limit_error",
+                code="server_overloaded",
+            )
+
+    async def grammars(self):
+        """The grammar compiler, made on first use (it imports xgrammar and torch)."""
+        if self._grammars is None:
+            from relaxlm.server.structured import GrammarCompiler
+
+            tokenizer, engine = self.llm.tokenizer, self.llm.engine
+            stops = sorted(set(tokenizer.eos_token_ids))
+            compiler = await asyncio.to_thread(
+                GrammarCompiler, tokenizer, engine.model.vocab_size, stops
+            )
+            self._grammars = self._grammars or compiler
+        return self._grammars
+
+
+# -- chat ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ToolPlan:
+    """How a chat request uses tools: what the template sees, how replies are parsed."""
+
+    mode: str  # "none", "auto", "named" or "required" (see tools.ReplyParser)
+    tools: list[dict]  # for the chat template; empty with tool_choice "none"
+    names: set[str]
+    forced_name: str | None = None
+    schema: dict | None = None  # the forced reply's JSON schema
+
+
+def _tool_plan(request: s.ChatCompletionRequest) -> _ToolPlan:
+    tools = [t.model_dump(exclude_none=True) for t in request.tools or []]
+    names = {t["function"]["name"] for t in tools}
+    choice = request.tool_choice or ("auto" if tools else "none")
+    if choice == "none" or (not tools and choice == "auto"):
+        return _ToolPlan("none", [], names)
+    if not tools:
+        raise ApiError(400, f"tool_choice={choice!r} needs `tools`", "tool_choice")
+    if choice == "auto":
+        return _ToolPlan("auto", tools, names)
+    name = None if choice == "required" else choice.function.name
+    if name is not None and name not in names:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not in `tools`", "tool_choice")
+    return _ToolPlan(
+        "required" if name is None else "named", tools, names, name, forced_call_schema(tools, name)
+    )
+
+
+def _template_messages(messages: list[s.ChatMessage]) -> list[dict]:
+    """Messages as chat templates expect them (Hugging Face's conventions)."""
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.function.name, "arguments": _json_or_text(c)},
+                }
+                for c in m.tool_calls
+            ]
+        out.append(message)
+    return out
+
+
+def _json_or_text(call: s.ToolCall):
+    # Templates write arguments with `tojson`: a dict, or the string when it is not JSON.
+    try:
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+
+
+def chat_prompt_ids(ctx: ModelContext, messages: list[s.ChatMessage], tools: list[dict]):
+    """Token ids of `messages` (and `tools`) through the model's chat template."""
+    tokenizer = ctx.llm.tokenizer
+    try:
+        text = render_chat(
+            tokenizer.chat_template,
+            _template_messages(messages),
+            add_generation_prompt=True,
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+            tools=tools or None,
+        )
+    except RelaxlmError as e:
+        raise ApiError(400, str(e), "messages") from e
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def chat_completion(
+    ctx: ModelContext, request: s.ChatCompletionRequest
+) -> s.ChatCompletionResponse | AsyncIterator[s.ChatCompletionChunk]:
+    """/v1/chat/completions: the whole response, or (stream=True) its chunks."""
+    ctx.check_model(request.model)
+    ctx.check_generates()
+    plan = _tool_plan(request)
+    ids = chat_prompt_ids(ctx, request.messages, plan.tools)
+    schema = plan.schema or _response_schema(request.response_format)
+    constraint = await _constraint(ctx, request.response_format, schema)
+    logprobs = (request.top_logprobs or 0) if request.logprobs else None
+    params = sampling_params(
+        ctx, request, ids, request.max_completion_tokens or request.max_tokens, logprobs, constraint
+    )
+    ctx.check_load()
+    run = EngineRun(ctx.llm, [(ids, params)])
+    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, len(ids))
+    parsers = [ReplyParser(plan.mode, plan.names, plan.forced_name) for _ in range(request.n)]
+    if request.stream:
+        usage = request.stream_options is not None and request.stream_options.include_usage
+        return _chat_chunks(ctx, run, meta, parsers, usage)
+    return await _chat_response(ctx, run, meta, parsers)
+
+
+@dataclass
+class _Meta:
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def usage(self) -> s.Usage:
+        return s.Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+
+async def _chat_response(ctx, run, meta: _Meta, parsers: list[ReplyParser]):
+    content = [[] for _ in parsers]
+    calls: list[dict[int, s.ResponseToolCall]] = [{} for _ in parsers]
+    logprobs: list[list[s.TokenLogprob]] = [[] for _ in parsers]
+    reasons: list[str | None] = [None] * len(parsers)
+    async with run:
+        async for _, output in run:
+            for delta in output.deltas:
+                i, parser = delta.index, parsers[delta.index]
+                pieces = [parser.push(delta.text)]
+                meta.completion_tokens += len(delta.token_ids)
+                logprobs[i] += _chat_logprobs(ctx, delta.logprobs)
+                if delta.finish_reason is not None:
+                    pieces.append(parser.finish())
+                    reasons[i] = delta.finish_reason
+                for piece in pieces:
+                    content[i].append(piece.content)
+                    _merge_calls(calls[i], piece.calls)
+    choices = []
+    for i, parser in enumerate(parsers):
+        tool_calls = list(calls[i].values()) or None
+        text = "".join(content[i])
+        message = s.ResponseMessage(
+            content=text or (None if tool_calls else ""), tool_calls=tool_calls
+        )
+        choices.append(
+            s.ChatChoice(
+                index=i,
+                message=message,
+                logprobs=s.ChoiceLogprobs(content=logprobs[i]) if run.wants_logprobs else None,
+                finish_reason=_finish_reason(reasons[i], parser),
+            )
+        )
+    return s.ChatCompletionResponse(
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=meta.usage()
+    )
+
+
+def _merge_calls(calls: dict[int, s.ResponseToolCall], deltas: list[CallDelta]) -> None:
+    for d in deltas:
+        if d.index not in calls:
+            function = s.ResponseFunctionCall(name=d.name or "", arguments="")
+            calls[d.index] = s.ResponseToolCall(id=d.id or "", function=function)
+        calls[d.index].function.arguments += d.arguments
+
+
+def _finish_reason(reason: str | None, parser: ReplyParser) -> str | None:
+    if parser.num_calls and reason == "stop":
+        return "tool_calls"
+    return reason
+
+
+async def _chat_chunks(ctx, run, meta: _Meta, parsers: list[ReplyParser], include_usage: bool):
+    def chunk(choices, usage=None) -> s.ChatCompletionChunk:
+        return s.ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage
+        )
+
+    async with run:
+        yield chunk(
+            [
+                s.ChatChunkChoice(index=i, delta=s.ChatDelta(role="assistant", content=""))
+                for i in range(len(parsers))
+            ]
+        )
+        async for _, output in run:
+            choices = []
+            for delta in output.deltas:
+                parser = parsers[delta.index]
+                meta.completion_tokens += len(delta.token_ids)
+                pieces = [parser.push(delta.text)]
+                if delta.finish_reason is not None:
+                    pieces.append(parser.finish())
+                text = "".join(p.content for p in pieces)
+                calls = [c for p in pieces for c in p.calls]
+                reason = (
+                    None
+                    if delta.finish_reason is None
+                    else _finish_reason(delta.finish_reason, parser)
+                )
+                lp = _chat_logprobs(ctx, delta.logprobs)
+                if not (text or calls or reason or lp):
+                    continue
+                choices.append(
+                    s.ChatChunkChoice(
+                        index=delta.index,
+                        delta=s.ChatDelta(
+                            content=text or None, tool_calls=_delta_calls(calls) or None
+                        ),
+                        logprobs=s.ChoiceLogprobs(content=lp) if run.wants_logprobs else None,
+                        finish_reason=reason,
+                    )
+                )
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], meta.usage())
+
+
+def _delta_calls(calls: list[CallDelta]) -> list[s.DeltaToolCall]:
+    return [
+        s.DeltaToolCall(
+            index=c.index,
+            id=c.id,
+            type="function" if c.id else None,
+            function=s.DeltaFunctionCall(name=c.name, arguments=c.arguments),
+        )
+        for c in calls
+    ]
+
+
+def _chat_logprobs(ctx, logprobs: list[Logprob] | None) -> list[s.TokenLogprob]:
+    if not logprobs:
+        return []
+    decode = ctx.llm.tokenizer.decode
+    out = []
+    for lp in logprobs:
+        token = decode([lp.token_id])
+        top = [
+            s.TopLogprob(token=decode([t]), logprob=v, bytes=list(decode([t]).encode()))
+            for t, v in lp.top
+        ]
+        out.append(
+            s.TokenLogprob(
+                token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top
+            )
+        )
+    return out
+
+
+# -- completions --------------------------------------------------------------------------------
+
+
+def _completion_prompts(ctx: ModelContext, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and isinstance(prompt[0], int):
+        prompts = [prompt]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise ApiError(400, "prompt is empty; pass text or token ids", "prompt")
+    tokenizer = ctx.llm.tokenizer
+    return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+
+
+async def text_completion(
+    ctx: ModelContext, request: s.CompletionRequest
+) -> s.CompletionResponse | AsyncIterator[s.CompletionResponse]:
+    """/v1/completions: the whole response, or (stream=True) its chunks."""
+    ctx.check_model(request.model)
+    ctx.check_generates()
+    if request.suffix:
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported; leave it out", "suffix")
+    if request.best_of is not None and request.best_of != request.n:
+        raise ApiError(400, "best_of must equal n (no server-side ranking)", "best_of")
+    prompts = _completion_prompts(ctx, request.prompt)
+    constraint = await _constraint(
+        ctx, request.response_format, _response_schema(request.response_format)
+    )
+    runs = [
+        (ids, sampling_params(ctx, request, ids, request.max_tokens, request.logprobs, constraint))
+        for ids in prompts
+    ]
+    ctx.check_load()
+    run = EngineRun(ctx.llm, runs)
+    meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, sum(map(len, prompts)))
+    echoes = [ctx.llm.tokenizer.decode(ids) if request.echo else "" for ids in prompts]
+    if request.stream:
+        usage = request.stream_options is not None and request.stream_options.include_usage
+        return _completion_chunks(ctx, run, meta, request.n, echoes, usage)
+    return await _completion_response(ctx, run, meta, request.n, echoes)
+
+
+async def _completion_response(ctx, run, meta: _Meta, n: int, echoes: list[str]):
+    texts = {i: [echo] for p, echo in enumerate(echoes) for i in range(p * n, p * n + n)}
+    logprobs = {i: s.CompletionLogprobs() for i in texts}
+    reasons: dict[int, str | None] = dict.fromkeys(texts)
+    async with run:
+        async for p, output in run:
+            for delta in output.deltas:
+                i = p * n + delta.index
+                texts[i].append(delta.text)
+                meta.completion_tokens += len(delta.token_ids)
+                _add_completion_logprobs(ctx, logprobs[i], delta.logprobs)
+                reasons[i] = delta.finish_reason or reasons[i]
+    choices = [
+        s.CompletionChoice(
+            index=i,
+            text="".join(texts[i]),
+            logprobs=logprobs[i] if run.wants_logprobs else None,
+            finish_reason=reasons[i],
+        )
+        for i in sorted(texts)
+    ]
+    return s.CompletionResponse(
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=meta.usage()
+    )
+
+
+async def _completion_chunks(ctx, run, meta: _Meta, n: int, echoes, include_usage: bool):
+    def chunk(choices, usage=None) -> s.CompletionResponse:
+        return s.CompletionResponse(
+            id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage
+        )
+
+    async with run:
+        echoed = [
+            s.CompletionChoice(index=p * n + i, text=echo)
+            for p, echo in enumerate(echoes)
+            if echo
+            for i in range(n)
+        ]
+        if echoed:
+            yield chunk(echoed)
+        async for p, output in run:
+            choices = []
+            for delta in output.deltas:
+                meta.completion_tokens += len(delta.token_ids)
+                lp = None
+                if run.wants_logprobs:
+                    lp = s.CompletionLogprobs()
+                    _add_completion_logprobs(ctx, lp, delta.logprobs)
+                if delta.text or delta.finish_reason or delta.token_ids:
+                    choices.append(
+                        s.CompletionChoice(
+                            index=p * n + delta.index,
+                            text=delta.text,
+                            logprobs=lp,
+                            finish_reason=delta.finish_reason,
+                        )
+                    )
+            if choices:
+                yield chunk(choices)
+        if include_usage:
+            yield chunk([], meta.usage())
+
+
+def _add_completion_logprobs(ctx, out: s.CompletionLogprobs, logprobs: list[Logprob] | None):
+    decode = ctx.llm.tokenizer.decode
+    for lp in logprobs or []:
+        token = decode([lp.token_id])
+        offset = (out.text_offset[-1] + len(out.tokens[-1])) if out.tokens else 0
+        out.tokens.append(token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({decode([t]): v for t, v in lp.top})
+        out.text_offset.append(offset)
+
+
+# -- shared: sampling, structured output, the engine -----------------------------------------
+
+
+def sampling_params(
+    ctx: ModelContext,
+    request: s.SamplingFields,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+    logprobs: int | None,
+    constraint,
+) -> SamplingParams:
+    """The engine's SamplingParams for a request; a 400 naming the field when one is wrong."""
+    window = ctx.context_window
+    if len(prompt_ids) >= window:
+        raise ApiError(
+            400,
+            f"the prompt has {len(prompt_ids)} tokens; this model's context window is {window} "
+            "tokens, which must also hold at least one generated token; shorten the prompt",
+            "messages" if isinstance(request, s.ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_tokens is None:
+        max_tokens = window - len(prompt_ids)
+    if len(prompt_ids) + max_tokens > window:
+        raise ApiError(
+            400,
+            f"the prompt's {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceed this "
+            f"model's context window of {window} tokens; lower max_tokens to at most "
+            f"{window - len(prompt_ids)}, or shorten the prompt",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    vocab = ctx.llm.engine.model.vocab_size
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", "prompt")
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=max(request.top_k, 0),
+            min_p=request.min_p,
+            seed=request.seed,
+            n=request.n,
+            stop=tuple([request.stop] if isinstance(request.stop, str) else request.stop or ()),
+            stop_token_ids=tuple(request.stop_token_ids or ()),
+            ignore_eos=request.ignore_eos,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            logit_bias=_logit_bias(request.logit_bias, vocab),
+            logprobs=logprobs,
+            constraint=constraint,
+        )
+        ctx.llm.engine.scheduler.check(prompt_ids, params.n)
+    except RelaxlmError as e:
+        raise ApiError(400, str(e), _field_named(str(e))) from e
+    return params
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out = {}
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or not int(key) < vocab:
+            raise ApiError(
+                400, f"logit_bias key {key!r} is not a token id in [0, {vocab})", "logit_bias"
+            )
+        out[int(key)] = value
+    return out
+
+
+def _field_named(message: str) -> str | None:
+    # SamplingParams' errors start "SamplingParams.<field>=...".
+    if message.startswith("SamplingParams."):
+        return message.split(".", 1)[1].split("=", 1)[0]
+    return None
+
+
+def _response_schema(response_format) -> dict | None:
+    if isinstance(response_format, s.ResponseFormatJsonSchema):
+        return response_format.json_schema.json_schema
+    return None
+
+
+async def _constraint(ctx: ModelContext, response_format, schema: dict | None):
+    """A SamplingParams.constraint for the request's structured output, or None."""
+    if schema is None and not isinstance(response_format, s.ResponseFormatJsonObject):
+        return None
+    grammars = await ctx.grammars()
+    try:
+        if schema is None:
+            compiled = await asyncio.to_thread(grammars.json_object)
+        else:
+            compiled = await asyncio.to_thread(grammars.json_schema, schema)
+    except RelaxlmError as e:
+        raise ApiError(400, str(e), "response_format") from e
+    return grammars.constraint_factory(compiled)
+
+
+class EngineRun:
+    """Requests submitted to the engine together; their outputs as one async stream of
+    (request index, RequestOutput). Leaving `async with` early aborts the unfinished ones, which
+    frees their KV pages (a client that went away)."""
+
+    def __init__(self, llm, requests: list[tuple[list[int], SamplingParams]]):
+        self.engine = llm.engine
+        self.wants_logprobs = any(p.logprobs is not None for _, p in requests)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending: dict[str, int] = {}
+        loop = asyncio.get_running_loop()
+        try:
+            for index, (ids, params) in enumerate(requests):
+                sink = self._sink(loop, index)
+                self._pending[self.engine.submit(ids, params, sink, f"srv-{uuid.uuid4().hex}")] = (
+                    index
+                )
+        except RelaxlmError as e:
+            self._abort()
+            raise ApiError(400, str(e)) from e
+
+    def _sink(self, loop, index: int):
+        def put(output):  # on the engine thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
+
+        return put
+
+    async def __aenter__(self) -> "EngineRun":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._abort()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._pending:
+            raise StopAsyncIteration
+        index, output = await self._queue.get()
+        if isinstance(output, BaseException):
+            self._abort()
+            raise output
+        if output.finished:
+            self._pending.pop(output.request_id, None)
+        return index, output
+
+    def _abort(self) -> None:
+        # Never waits: this may run in a task being cancelled.
+        for request_id in self._pending:
+            self.engine.abort(request_id, wait=False)
+        self._pending.clear()
