@@ -1,9 +1,10 @@
 """CPU attention kernels for the paged KV cache, with sliding windows and logit soft-capping.
 
 TVM 0.27's CPU kernels (`tvm.relax.frontend.nn.llm.kv_cache`) have no soft-capping, mask
-sliding windows only in the paged-prefill kernel, and that kernel returns NaN for a query that
-sees no cached key (a chunk as long as the window). These replace them, with the same
-signatures, wherever a model needs either feature (`LowerAttentionToPagedKV` decides).
+sliding windows only in the paged-prefill kernel, that kernel returns NaN for a query that
+sees no cached key (a chunk as long as the window), and its decode kernel is serial over heads
+with scalar dot products. These replace them, with the same signatures, on every CPU target
+(`LowerAttentionToPagedKV`); decode runs (sequence, head) pairs in parallel, in vectors.
 
 Every kernel masks by absolute position: the query at position `qpos` sees the key at `kpos`
 iff `kpos <= qpos` and, with a window `w`, `kpos > qpos - w` (transformers' sliding-window
@@ -328,6 +329,7 @@ def paged_decode(
     """One new token per sequence against the cache's pages (the token is usually in them)."""
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    lanes = next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
 
     @T.prim_func(s_tir=True)
     def attention_decode_paged(
@@ -375,19 +377,25 @@ def paged_decode(
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        for b in T.serial(batch_size):
+        # One task per (sequence, query head): decode is one query row each, so this is
+        # where the parallelism is. Dot products and the output update run in `lanes`-wide
+        # vectors (a strict-float reduction would otherwise stay scalar and serial).
+        for bh in T.parallel(batch_size * h_q):
             with T.sblock("attn"):
                 # Regions depend on values read inside the block: declare it opaque.
                 T.reads()
                 T.writes()
                 o_acc = T.sblock_alloc_buffer((d,), "float32")
                 q_val = T.sblock_alloc_buffer((d,), "float32")
+                part = T.sblock_alloc_buffer((lanes,), "float32")
                 dot = T.sblock_alloc_buffer((1,), "float32")
                 m_val = T.sblock_alloc_buffer((1,), "float32")
                 d_val = T.sblock_alloc_buffer((1,), "float32")
                 m_new = T.sblock_alloc_buffer((1,), "float32")
                 scale = T.sblock_alloc_buffer((1,), "float32")
                 prob = T.sblock_alloc_buffer((1,), "float32")
+                b: T.let[T.int32] = bh // h_q
+                h: T.let[T.int32] = bh % h_q
                 page_begin: T.let[T.int32] = page_indptr[b]
                 num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
                 num_kv: T.let[T.int32] = T.if_then_else(
@@ -397,37 +405,42 @@ def paged_decode(
                 qpos: T.let[T.int32] = q_rope_position[b]
                 lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
                 hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                for h in T.serial(h_q):
-                    m_val[0] = T.float32(_NO_MAX)
-                    d_val[0] = T.float32(0)
-                    for x in T.serial(d):
-                        o_acc[x] = T.float32(0)
-                        q_val[x] = T.cast(q[b, h, x], "float32")
-                    for j in T.serial(T.max(hi - lo, 0)):
-                        slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
-                        page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
-                        at: T.let[T.int32] = slot % PAGE_SIZE
-                        dot[0] = T.float32(0)
-                        for x in T.serial(d):
-                            dot[0] += q_val[x] * T.cast(
-                                pages[page, 0, h // group, at, x], "float32"
+                m_val[0] = T.float32(_NO_MAX)
+                d_val[0] = T.float32(0)
+                for x in T.serial(d):
+                    o_acc[x] = T.float32(0)
+                    q_val[x] = T.cast(q[b, h, x], "float32")
+                for j in T.serial(T.max(hi - lo, 0)):
+                    slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
+                    page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
+                    at: T.let[T.int32] = slot % PAGE_SIZE
+                    for lane in T.vectorized(lanes):
+                        part[lane] = T.float32(0)
+                    for xo in T.serial(d // lanes):
+                        for lane in T.vectorized(lanes):
+                            part[lane] += q_val[xo * lanes + lane] * T.cast(
+                                pages[page, 0, h // group, at, xo * lanes + lane], "float32"
                             )
-                        dot[0] = _score(dot[0], sm_scale, softcap)
-                        m_new[0] = T.max(m_val[0], dot[0])
-                        scale[0] = T.exp2(m_val[0] - m_new[0])
-                        prob[0] = T.exp2(dot[0] - m_new[0])
-                        d_val[0] = d_val[0] * scale[0] + prob[0]
-                        for x in T.serial(d):
-                            o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
-                                pages[page, 1, h // group, at, x], "float32"
-                            )
-                        m_val[0] = m_new[0]
-                    for x in T.serial(d):
-                        output[b, h, x] = T.cast(
-                            T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)), dtype
-                        )
-                    lse[b, h] = T.if_then_else(
-                        d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                    dot[0] = T.float32(0)
+                    for lane in T.serial(lanes):
+                        dot[0] += part[lane]
+                    dot[0] = _score(dot[0], sm_scale, softcap)
+                    m_new[0] = T.max(m_val[0], dot[0])
+                    scale[0] = T.exp2(m_val[0] - m_new[0])
+                    prob[0] = T.exp2(dot[0] - m_new[0])
+                    d_val[0] = d_val[0] * scale[0] + prob[0]
+                    for xo in T.serial(d // lanes):
+                        for lane in T.vectorized(lanes):
+                            o_acc[xo * lanes + lane] = o_acc[xo * lanes + lane] * scale[0] + prob[
+                                0
+                            ] * T.cast(pages[page, 1, h // group, at, xo * lanes + lane], "float32")
+                    m_val[0] = m_new[0]
+                for x in T.serial(d):
+                    output[b, h, x] = T.cast(
+                        T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)), dtype
                     )
+                lse[b, h] = T.if_then_else(
+                    d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                )
 
     return attention_decode_paged

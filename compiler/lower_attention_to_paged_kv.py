@@ -348,7 +348,9 @@ def _add_create_function(mod: tvm.IRModule, plan: _Plan, target: tvm.target.Targ
         )
         bb.emit_func_output(bb.emit(cache._expr))
     new_mod = bb.get()
-    if plan.relaxlm_kernels:
+    # On CPU always: TVM's CPU decode kernel runs every head of every sequence one after another,
+    # each dot product a serial strict-float sum; relaxlm's runs heads in parallel, in vectors.
+    if plan.relaxlm_kernels or target.kind.name == "llvm":
         new_mod = _use_relaxlm_kernels(new_mod, plan)
     return new_mod.with_attrs(mod.attrs) if mod.attrs else new_mod
 

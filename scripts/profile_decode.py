@@ -1,0 +1,79 @@
+"""Where a decode step's time goes: every call the VM makes in one artifact's `decode`, timed.
+
+Prefills a prompt, then times single-sequence decode steps call by call through the VM's
+instrument hook (TVM 0.27 has no VM profiler): kernels and builtins by total time per step,
+and the part of the step no call accounts for (the VM's own work, argument packing).
+The hook's Python callback adds a few microseconds per call, so the step is slower than in
+`relaxlm bench`; read the fractions, not the absolute step time.
+
+    python scripts/profile_decode.py ARTIFACT [--threads 2] [--steps 8] [--prompt 64]
+"""
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
+
+from relaxlm.runtime.model import CompiledModel, library_for_device, load_library
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    args = ap.parse_args()
+
+    model = CompiledModel(args.artifact, max_batch_size=1, threads=args.threads)
+    library = library_for_device(model.folder, model.manifest, "cpu")
+    vm = VirtualMachine(load_library(library, "cpu"), model.device)
+    begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+    end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+
+    rng = np.random.default_rng(0)
+    model.add_sequence(0)
+    model.prefill([0], [rng.integers(0, model.vocab_size, args.prompt).tolist()])
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    started: list[float] = []
+
+    def instrument(_func, symbol, before, _ret, *_args):
+        if before:
+            started.append(time.perf_counter())
+        else:
+            totals[symbol] += time.perf_counter() - started.pop()
+            counts[symbol] += 1
+        return 0  # VMInstrumentReturnKind.NO_OP: run the call
+
+    decode = vm["decode"]
+    step = 0.0
+    for i in range(args.steps + 1):  # the first step warms up and is not counted
+        if i == 1:
+            vm.set_instrument(instrument)
+            totals.clear(), counts.clear()
+        ids = tvm.runtime.tensor(np.array([[int(rng.integers(model.vocab_size))]], "int32"))
+        begin(model.kv_cache, ShapeTuple([0]), ShapeTuple([1]))
+        start = time.perf_counter()
+        decode(ids, model.kv_cache, model.params)
+        if i:
+            step += time.perf_counter() - start
+        end(model.kv_cache)
+    n = args.steps
+    print(
+        f"decode step: {step / n * 1e3:.3f} ms (instrumented), {sum(counts.values()) / n:.0f} calls"
+    )
+    print(f"{'call':60s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
+    for symbol, total in sorted(totals.items(), key=lambda kv: -kv[1]):
+        per_step = counts[symbol] / n
+        print(f"{symbol[:60]:60s} {per_step:6.0f} {total / n * 1e6:9.1f} {total / step:6.1%}")
+    rest = step - sum(totals.values())
+    print(f"{'(outside calls: VM dispatch)':60s} {'':6s} {rest / n * 1e6:9.1f} {rest / step:6.1%}")
+
+
+if __name__ == "__main__":
+    main()
