@@ -98,7 +98,7 @@ def prepare(shape: str, work: Path) -> dict:
     """Checkpoint, relaxlm artifacts and GGUF files for one shape (cached in `work`)."""
     from llama_gguf import quantize_gguf, write_llama_gguf
 
-    import relaxlm
+    from relaxlm.cache import cached_artifact
 
     ckpt = make_checkpoint(shape, work)
     f16 = work / f"{shape}-F16.gguf"
@@ -110,9 +110,9 @@ def prepare(shape: str, work: Path) -> dict:
         if theirs != "F16" and not gguf_file.exists():
             quantize_gguf(f16, gguf_file, theirs)
         files["gguf"][theirs] = str(gguf_file)
-        artifact = work / f"{shape}-relaxlm-{ours}"
-        if not (artifact / "manifest.json").exists():
-            relaxlm.compile(str(ckpt), output=artifact, quant=ours)
+        # Through the compile cache: its key covers the compiler's sources, so a changed
+        # compiler never benchmarks a stale artifact.
+        artifact = cached_artifact(ckpt, target="cpu", quant=ours, dtype="float32")
         files["relaxlm"][ours] = str(artifact)
     return files
 
