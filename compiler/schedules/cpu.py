@@ -59,7 +59,10 @@ class MatmulRows(ScheduleRule):
         # ROWS independent LANES-wide vector accumulators.
         p_ki, *units, p_ni, p_ko, p_kj = sch.get_loops(partial)[2:]
         sch.reorder(*units, p_ki, p_ko, p_kj, p_ni)
-        sch.set_scope(partial, 0, "local")
+        # The partial sums keep the default "global" scope: TVM lowers a small constant-size
+        # global buffer in a CPU kernel to a stack array, which LLVM keeps in registers; a
+        # "local" one goes through TVMBackendAllocWorkspace and is stored to every step
+        # (q4 GEMV 4096x768: 0.119 -> 0.091 ms, q8 0.115 -> 0.067 ms, one thread).
         sch.vectorize(p_ki)  # while the block still has its init: a reduction block
         sch.decompose_reduction(partial, p_ko)
         sch.unroll(p_kj)
