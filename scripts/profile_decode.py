@@ -3,8 +3,9 @@
 Prefills a prompt, then times single-sequence decode steps call by call through the VM's
 instrument hook (TVM 0.27 has no VM profiler): kernels and builtins by total time per step,
 and the part of the step no call accounts for (the VM's own work, argument packing).
-The hook's Python callback adds a few microseconds per call, so the step is slower than in
-`relaxlm bench`; read the fractions, not the absolute step time.
+The hook's Python callback adds a few microseconds per call and lets TVM's worker threads fall
+asleep between kernels (each multi-threaded kernel then pays a wake-up), so the step is slower
+than in `relaxlm bench`; read the ranking and the call counts, not the absolute times.
 
     python scripts/profile_decode.py ARTIFACT [--threads 2] [--steps 8] [--prompt 64]
 """
