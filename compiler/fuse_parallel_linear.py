@@ -87,10 +87,10 @@ def _parallel_groups(func: relax.Function) -> set[tuple[int, ...]]:
             transposed[binding.var] = value.args[0]
         elif is_op(value, "relax.matmul") and value.args[1] in transposed:
             inputs[transposed[value.args[1]]] = value.args[0]
+    transpose_of = {w: t for t, w in transposed.items()}  # a weight used once has one
     by_input: dict[relax.Expr, list[int]] = {}
     for weight, x in inputs.items():
-        permuted = [t for t, w in transposed.items() if w.same_as(weight)]
-        if uses.get(weight) == 1 and len(permuted) == 1 and uses.get(permuted[0]) == 1:
+        if uses.get(weight) == 1 and uses.get(transpose_of[weight]) == 1:
             by_input.setdefault(x, []).append(index[weight])
     return {tuple(sorted(g)) for g in by_input.values() if len(g) > 1}
 

@@ -42,6 +42,15 @@ def from_config(cls: type[C], raw: dict[str, Any], **resolved: Any) -> C:
     return cls(**known, extra=extra)
 
 
+def check_kv_heads(num_attention_heads: int, num_key_value_heads: int) -> None:
+    """Grouped-query attention needs whole groups of query heads per key/value head."""
+    if num_attention_heads % num_key_value_heads:
+        raise RelaxlmError(
+            f"config.json: num_attention_heads {num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {num_key_value_heads}"
+        )
+
+
 def rope_from_config(
     raw: dict[str, Any], head_dim: int, params: dict[str, Any] | None = None
 ) -> RopeSpec:

@@ -16,7 +16,7 @@ from tvm.relax.frontend import nn
 
 from relaxlm.errors import RelaxlmError
 
-from .config import from_config, layer_windows, rope_from_config
+from .config import check_kv_heads, from_config, layer_windows, rope_from_config
 from .entry import CausalLM
 from .ops import RopeSpec, attention
 
@@ -59,11 +59,7 @@ class LlamaConfig:
             config.o_proj_bias = config.attention_bias
         if config.hidden_act != "silu":
             raise RelaxlmError(f"config.json: hidden_act {config.hidden_act!r} is not supported")
-        if config.num_attention_heads % config.num_key_value_heads:
-            raise RelaxlmError(
-                f"config.json: num_attention_heads {heads} is not a multiple of "
-                f"num_key_value_heads {config.num_key_value_heads}"
-            )
+        check_kv_heads(config.num_attention_heads, config.num_key_value_heads)
         return config
 
     @property

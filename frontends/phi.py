@@ -13,7 +13,7 @@ from tvm.relax.frontend import nn
 
 from relaxlm.errors import RelaxlmError
 
-from .config import activation, from_config, rope_from_config
+from .config import activation, check_kv_heads, from_config, rope_from_config
 from .entry import CausalLM
 from .ops import RopeSpec, attention
 
@@ -49,11 +49,7 @@ class PhiConfig:
         activation("hidden_act", config.hidden_act)
         if config.tie_word_embeddings:
             raise RelaxlmError("config.json: tie_word_embeddings is not supported for Phi")
-        if heads % config.num_key_value_heads:
-            raise RelaxlmError(
-                f"config.json: num_attention_heads {heads} is not a multiple of "
-                f"num_key_value_heads {config.num_key_value_heads}"
-            )
+        check_kv_heads(config.num_attention_heads, config.num_key_value_heads)
         return config
 
     @property
