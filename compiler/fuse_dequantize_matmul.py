@@ -5,6 +5,11 @@ dequantize into the matmul's reduction so the float weight is never materialised
 kernel reads packed weights once, which is what makes decode fast. A row gather of packed
 weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes one kernel
 that dequantizes only the rows it reads.
+
+With `int8_dot` (a CPU with VNNI), a weight of a scheme with int8 activations (`q4-a8`)
+instead becomes two kernels: the activations quantized once, then int8 dot products over the
+packed weights (int8_dot.py). Elsewhere such a weight takes the float kernel, exact against
+its dequantized weights.
 """
 
 import json
@@ -12,6 +17,7 @@ import json
 import tvm
 from tvm import relax, te
 
+from . import int8_dot
 from .quantization import scheme_named
 from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 
@@ -19,6 +25,9 @@ from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeMatmul")
 class FuseDequantizeMatmul:
     """Fuse each dequantize feeding a linear matmul into a single reduction kernel."""
+
+    def __init__(self, int8_dot: bool = False):
+        self.int8_dot = int8_dot
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         dequantizers = {
@@ -28,7 +37,7 @@ class FuseDequantizeMatmul:
         }
         if not dequantizers:
             return mod
-        rewriter = _Rewriter(mod, dequantizers)
+        rewriter = _Rewriter(mod, dequantizers, self.int8_dot)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -37,9 +46,11 @@ class FuseDequantizeMatmul:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, dequantizers: dict):
+    def __init__(self, mod: tvm.IRModule, dequantizers: dict, int8_dot: bool):
         super().__init__(mod)
         self.dequantizers = dequantizers
+        self.int8_dot = int8_dot
+        self.int8_kernels: dict[tuple[int, int], relax.GlobalVar] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -56,6 +67,8 @@ class _Rewriter(relax.PyExprMutator):
             return call
         scheme, parts, n, k = found
         out_dtype = call.ty.dtype
+        if self._int8_dot_applies(scheme, x, n, k, out_dtype):
+            return self._int8_matmul(x, parts, n, k, scheme.padded_k(k))
 
         def compute(x_te, *parts_te):
             r = te.reduce_axis((0, k), name="k")
@@ -73,6 +86,42 @@ class _Rewriter(relax.PyExprMutator):
         return self.builder_.call_te(
             compute, x, *parts, primfunc_name_hint=f"dequantize_{name}_NT_matmul"
         )
+
+    def _int8_dot_applies(self, scheme, x: relax.Expr, n: int, k: int, out_dtype: str) -> bool:
+        return (
+            self.int8_dot
+            and scheme.activations == "int8"
+            and scheme.bits == 4
+            and scheme.symmetric
+            and x.ty.dtype == out_dtype == "float32"
+            and int8_dot.supports(n, scheme.padded_k(k))
+        )
+
+    def _int8_matmul(self, x: relax.Expr, parts: list, n: int, k: int, k_padded: int):
+        """x [..., k] -> quantized rows -> int8 dot products with the packed weight [n, k]."""
+        rows = self.builder_.emit(relax.op.reshape(x, (-1, k)))
+        quantized = self.builder_.emit_te(
+            int8_dot.quantize_activations_te,
+            rows,
+            k,
+            k_padded,
+            primfunc_name_hint="quantize_activations_int8",
+        )
+        kernel = self.int8_kernels.get((n, k_padded))
+        if kernel is None:
+            kernel = self.builder_.add_func(
+                int8_dot.q4_int8_matmul(n, k_padded), f"q4_int8_matmul_{n}_{k_padded}"
+            )
+            self.int8_kernels[(n, k_padded)] = kernel
+        m = rows.ty.shape[0]
+        out = self.builder_.emit(
+            relax.call_tir(
+                kernel,
+                [*(relax.TupleGetItem(quantized, i) for i in range(3)), *parts],
+                relax.TensorType((m, n), "float32"),
+            )
+        )
+        return relax.op.reshape(out, (*x.ty.shape.values[:-1], n))
 
     def _gather(self, call: relax.Call) -> relax.Expr:
         """take(dequantize(parts), ids, axis=0) -> rows dequantized straight from the parts."""

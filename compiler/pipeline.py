@@ -29,6 +29,7 @@ from relaxlm.frontends.checkpoint import Checkpoint
 from . import schedules
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import FuseParallelLinear, param_sources
+from .int8_dot import has_int8_dot
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import LowerAttentionToPagedKV, paged_kv_layout
 from .quantization import (
@@ -149,7 +150,7 @@ def build_library(
     stored = {j: stored[s[0]] for j, s in enumerate(sources) if s[0] in (stored or {})}
     if scheme is not None or stored:
         mod = QuantizeWeights(scheme, exported.dtype, stored)(mod)
-        mod = FuseDequantizeMatmul()(mod)
+        mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(target))(mod)
     plan = _weight_plan(exported, sources, param_plan(mod))
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)

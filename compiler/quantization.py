@@ -6,6 +6,7 @@ number of groups (and of packed words), so any K works:
 - q8      int8 [N, Kp]                  scale [N, Kp/32]            w = q * scale
 - q4      uint32 [N, Kp/8] (8 nibbles)  scale [N, Kp/32]            w = (nibble - 8) * scale
   (q8 and q4 scales may be negative: see `_symmetric_codes` for how they are chosen)
+- q4-a8   as q4; activations become int8 per group of 32 at run time (int8_dot.py)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
@@ -38,6 +39,9 @@ class QuantScheme:
     symmetric: bool = True
     storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16, uint8
     block_bytes: int = 0  # "gguf" only
+    # "int8": activations are quantized at run time where the target has an int8 dot product
+    # (int8_dot.py); the stored weights are the same as without
+    activations: str = ""
 
     @property
     def block(self) -> int:
@@ -79,6 +83,7 @@ class QuantScheme:
             "symmetric": self.symmetric,
             "storage_dtype": self.storage_dtype,
             "packing": _packing(self),
+            **({"activations": self.activations} if self.activations else {}),
         }
 
 
@@ -118,6 +123,10 @@ SCHEMES: dict[str, QuantScheme | None] = {
     "none": None,
     "q8": QuantScheme("q8", "int", bits=8, group_size=32, storage_dtype="int8"),
     "q4": QuantScheme("q4", "int", bits=4, group_size=32, storage_dtype="uint32"),
+    # q4 weights x int8 activations, like llama.cpp's Q4_0 (see int8_dot.py)
+    "q4-a8": QuantScheme(
+        "q4-a8", "int", bits=4, group_size=32, storage_dtype="uint32", activations="int8"
+    ),
     "q4-asym": QuantScheme(
         "q4-asym", "int", bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
     ),

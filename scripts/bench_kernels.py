@@ -18,6 +18,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
+from relaxlm.compiler.int8_dot import has_int8_dot
 from relaxlm.compiler.quantization import quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
 from relaxlm.compiler.targets import resolve_target
@@ -42,7 +43,8 @@ def build(n: int, k: int, quant: str):
     mod, _ = _Linear(n, k).export_tvm(spec)
     scheme = resolve_scheme(quant)
     if scheme:
-        mod = FuseDequantizeMatmul()(QuantizeWeights(scheme, "float32")(mod))
+        int8_dot = has_int8_dot(preset.target())
+        mod = FuseDequantizeMatmul(int8_dot)(QuantizeWeights(scheme, "float32")(mod))
     plan = param_plan(mod)
     mod = tvm.transform.Sequential(
         [

@@ -2,7 +2,8 @@
 
 From one GGUF model (default: SmolLM2-135M-Instruct Q4_1, the default model):
   float32        relaxlm on the GGUF's weights dequantized to float32 (the baseline)
-  q8, q4         relaxlm's own schemes applied to those float32 weights
+  q8, q4, q4-a8  relaxlm's own schemes applied to those float32 weights (q4-a8: q4 weights,
+                 int8 activations, as llama.cpp computes Q4_0)
   gguf           relaxlm on the GGUF as it is (its llama.cpp blocks kept)
   llama.cpp      llama-cpp-python on the same GGUF file
   llama.cpp Q4_0 llama.cpp's Q4_0 made from the float32 weights (compare with q4)
@@ -75,7 +76,15 @@ def compare(
     workdir: str | Path,
     window: int = 512,
     stride: int = 256,
-    which: tuple[str, ...] = ("float32", "q8", "q4", "gguf", "llama.cpp", "llama.cpp Q4_0"),
+    which: tuple[str, ...] = (
+        "float32",
+        "q8",
+        "q4",
+        "q4-a8",
+        "gguf",
+        "llama.cpp",
+        "llama.cpp Q4_0",
+    ),
 ) -> dict[str, Perplexity]:
     """Perplexity per configuration (see the module docstring), over the same token ids."""
     from llama_gguf import quantize_gguf, write_llama_gguf
@@ -91,7 +100,7 @@ def compare(
             ids, llama_cpp_scorer(model, window), window, stride
         )
     floats = None
-    for quant in ("float32", "q8", "q4"):
+    for quant in ("float32", "q8", "q4", "q4-a8"):
         if quant not in which:
             continue
         floats = floats or write_dequantized_checkpoint(model, workdir / "float32")

@@ -194,17 +194,24 @@ def load_hf_model(model_dir: str | Path) -> transformers.PreTrainedModel:
     return _load(str(path), (path / "config.json").stat().st_mtime_ns)
 
 
-def hf_logits(model_dir: str | Path, token_ids, prefill: int) -> np.ndarray:
+def hf_logits(model_dir: str | Path, token_ids, prefill: int, linear_input=None) -> np.ndarray:
     """Float32 logits following relaxlm's `score` contract, computed with `transformers`.
 
     Row 0 holds the next-token logits after prefilling `token_ids[:prefill]`; row j >= 1 those
     after decoding `token_ids[prefill + j - 1]` one step at a time with the KV cache.
+    linear_input(module_name, x) -> x, when given, rewrites the input of every nn.Linear.
     Returns [len(token_ids) - prefill + 1, vocab_size] float32.
     """
     ids = [int(t) for t in token_ids]
     if not 1 <= prefill <= len(ids):
         raise ValueError(f"prefill={prefill} must be in [1, len(token_ids)={len(ids)}]")
     model = load_hf_model(model_dir)
+    if linear_input is not None:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_pre_hook(
+                    lambda _m, args, name=name: (linear_input(name, args[0]), *args[1:])
+                )
     cache = transformers.DynamicCache(config=model.config)  # filled in place by each call
     # transformers 5 renamed forward's `past_key_values` to `cache`; pyproject allows 4.56+.
     params = inspect.signature(model.forward).parameters

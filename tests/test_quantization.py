@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import tvm
 from safetensors.numpy import load_file, save_file
 from tvm import relax
@@ -15,12 +16,16 @@ from tvm.runtime.vm import VirtualMachine
 import relaxlm
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
+from relaxlm.compiler.int8_dot import has_int8_dot
 from relaxlm.compiler.quantization import SCHEMES, dequantize, quantize
 from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
 from relaxlm.compiler.targets import resolve_target
 
-INT_SCHEMES = ["q8", "q4", "q4-asym"]
+INT_SCHEMES = ["q8", "q4", "q4-a8", "q4-asym"]
 ALL_SCHEMES = [*INT_SCHEMES, "float16", "bfloat16"]
+# Weight-only schemes: exact against their dequantized weights on every target.
+WEIGHT_ONLY = [s for s in ALL_SCHEMES if not SCHEMES[s].activations]
+VNNI = has_int8_dot(resolve_target("cpu").target())
 
 
 @pytest.mark.parametrize("name", ALL_SCHEMES)
@@ -146,7 +151,7 @@ def _dequantized_checkpoint(src, dst, scheme_name):
     return dst
 
 
-@pytest.mark.parametrize("name", ALL_SCHEMES)
+@pytest.mark.parametrize("name", WEIGHT_ONLY)
 def test_quantized_model_equals_float_model_with_dequantized_weights(name, checkpoints, tmp_path):
     src = checkpoints("llama_gqa")
     quantized = relaxlm.LLM(str(src), quant=name)
@@ -191,3 +196,104 @@ def test_manifest_records_the_scheme(checkpoints, tmp_path):
 def test_unknown_scheme_is_refused(checkpoints, tmp_path):
     with pytest.raises(relaxlm.RelaxlmError, match="q3"):
         relaxlm.compile(str(checkpoints("llama_gqa")), output=tmp_path / "a", quant="q3")
+
+
+def _int8_activations(x: np.ndarray) -> np.ndarray:
+    """x with each group of 32 along the last axis rounded to int8 codes of scale max|x|/127
+    (zero-padded to whole groups), as int8_dot.py computes them; numpy, float32."""
+    k = x.shape[-1]
+    padded = np.pad(x.astype(np.float32), [(0, 0)] * (x.ndim - 1) + [(0, -k % 32)])
+    groups = padded.reshape(*x.shape[:-1], -1, 32)
+    scale = np.abs(groups).max(-1, keepdims=True) / np.float32(127)
+    codes = np.rint(groups / np.where(scale > 0, scale, 1))
+    return (codes * scale).reshape(padded.shape)[..., :k]
+
+
+def _linear_vm(n: int, k: int, scheme_name: str):
+    """y = x @ W.T for x [1, m, k] through QuantizeWeights and FuseDequantizeMatmul(int8_dot)."""
+
+    class Linear(nn.Module):
+        def __init__(self):
+            self.proj = nn.Linear(k, n, bias=False)
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return self.proj(x)
+
+    spec = {
+        "forward": {
+            "x": nn.spec.Tensor([1, "m", k], "float32"),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        }
+    }
+    mod, _ = Linear().export_tvm(spec)
+    fused = FuseDequantizeMatmul(int8_dot=True)(
+        QuantizeWeights(SCHEMES[scheme_name], "float32")(mod)
+    )
+    preset = resolve_target("cpu")
+    lowered = tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+        ]
+    )(fused)
+    with preset.target():
+        lowered = schedules.for_target(preset)(lowered)
+    ex = relax.build(
+        lowered, target=preset.target(), relax_pipeline=relax.pipeline.default_build_pipeline()
+    )
+    return VirtualMachine(ex, tvm.cpu())["forward"], fused.script(show_meta=False)
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("n,k", [(64, 128), (40, 70), (128, 300), (256, 1000)])
+def test_int8_dot_equals_int8_activations_times_dequantized_weights(n, k):
+    scheme = SCHEMES["q4-a8"]
+    forward, script = _linear_vm(n, k, "q4-a8")
+    assert "q4_int8_matmul" in script and "quantize_activations_int8" in script
+    rng = np.random.default_rng(n + k)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
+    parts = quantize(scheme, w, np.float32)
+    weights = dequantize(scheme, parts, k)
+    for m in (1, 5, 33):
+        x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
+        x[0, 0, : min(k, 40)] = 0  # an all-zero group: scale 0, codes 0
+        got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
+        ref = _int8_activations(x) @ weights.T
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def _quantized_linears(manifest) -> set[str]:
+    """Module names of the linears stored quantized ("a.q_proj+k_proj.weight.q" -> both)."""
+    names = set()
+    for p in manifest.params:
+        if p["name"].endswith(".weight.q"):
+            prefix, _, fused = p["name"].removesuffix(".weight.q").rpartition(".")
+            names |= {f"{prefix}.{part}".lstrip(".") for part in fused.split("+")}
+    return names
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+def test_q4_a8_model_equals_transformers_with_int8_activations(checkpoints, tmp_path):
+    """The whole model against transformers on the dequantized weights, every quantized
+    linear's input rounded to int8 the same way: prefill and decode."""
+    from hf_models import hf_logits
+
+    src = checkpoints("llama_gqa")
+    llm = relaxlm.LLM(str(src), quant="q4-a8")
+    assert llm.manifest.quantization["activations"] == "int8"
+    quantized = _quantized_linears(llm.manifest)
+    assert "lm_head" in quantized and "model.layers.1.mlp.down_proj" in quantized
+
+    def int8_inputs(name, x):
+        if name not in quantized:
+            return x
+        return torch.from_numpy(_int8_activations(x.numpy()))
+
+    ids = [1] + np.random.default_rng(5).integers(5, 400, 23).tolist()
+    ours = llm.score(ids, prefill=12)
+    deq = _dequantized_checkpoint(src, tmp_path / "deq", "q4-a8")
+    ref = hf_logits(deq, ids, 12, linear_input=int8_inputs)
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel <= 1e-4, f"relative error {rel}"
