@@ -50,12 +50,15 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        self.int8_kernels: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
+        self.int8_calls: dict[relax.GlobalVar, tuple] = {}  # kernel -> n, k, Kp, scale dtype
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         if is_op(call, "relax.take"):
             return self._gather(call)
+        if is_op(call, "relax.add") and self.int8_calls:
+            return self._add_residual(call)
         if not is_op(call, "relax.matmul"):
             return call
         x, rhs = call.args
@@ -95,33 +98,46 @@ class _Rewriter(relax.PyExprMutator):
             and scheme.symmetric
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))
+            and scheme.scale_dtype_for(out_dtype) in ("float16", "float32")
         )
 
     def _int8_matmul(self, x: relax.Expr, parts: list, n: int, k: int, k_padded: int):
-        """x [..., k] -> quantized rows -> int8 dot products with the packed weight [n, k]."""
-        rows = self.builder_.emit(relax.op.reshape(x, (-1, k)))
-        quantized = self.builder_.emit_te(
-            int8_dot.quantize_activations_te,
-            rows,
-            k,
-            k_padded,
-            primfunc_name_hint="quantize_activations_int8",
+        """x [..., k] @ the packed weight [n, k] by int8 dot products (one kernel, x as 3-D)."""
+        lead = list(x.ty.shape.values[:-1])
+        rows = x if len(lead) == 2 else self.builder_.emit(relax.op.reshape(x, (1, -1, k)))
+        kernel = self._int8_kernel(n, k, k_padded, parts[1].ty.dtype, residual=False)
+        out = relax.call_tir(
+            kernel, [rows, *parts], relax.TensorType((*rows.ty.shape.values[:-1], n), "float32")
         )
-        kernel = self.int8_kernels.get((n, k_padded))
-        if kernel is None:
-            kernel = self.builder_.add_func(
-                int8_dot.q4_int8_matmul(n, k_padded), f"q4_int8_matmul_{n}_{k_padded}"
-            )
-            self.int8_kernels[(n, k_padded)] = kernel
-        m = rows.ty.shape[0]
-        out = self.builder_.emit(
-            relax.call_tir(
-                kernel,
-                [*(relax.TupleGetItem(quantized, i) for i in range(3)), *parts],
-                relax.TensorType((m, n), "float32"),
-            )
-        )
-        return relax.op.reshape(out, (*x.ty.shape.values[:-1], n))
+        if len(lead) == 2:
+            self.int8_calls[kernel] = (n, k, k_padded, parts[1].ty.dtype)
+            return out
+        return relax.op.reshape(self.builder_.emit(out), (*lead, n))
+
+    def _int8_kernel(
+        self, n: int, k: int, k_padded: int, scale_dtype: str, residual: bool
+    ) -> relax.GlobalVar:
+        key = (n, k, scale_dtype, residual)
+        if key not in self.int8_kernels:
+            name = f"q4_int8_linear_{n}_{k}" + ("_add" if residual else "")
+            func = int8_dot.q4_int8_linear(n, k, k_padded, scale_dtype, residual)
+            self.int8_kernels[key] = self.builder_.add_func(func, name)
+        return self.int8_kernels[key]
+
+    def _add_residual(self, call: relax.Call) -> relax.Expr:
+        """add(int8 linear, r) -> one kernel adding r as it writes its outputs."""
+        for ours, residual in (call.args, reversed(call.args)):
+            linear = self._binding(ours)
+            if not (is_op(linear, "relax.call_tir") and linear.args[0] in self.int8_calls):
+                continue
+            if residual.ty.dtype != "float32" or list(residual.ty.shape.values) != list(
+                ours.ty.shape.values
+            ):
+                continue
+            x, *parts = linear.args[1].fields
+            kernel = self._int8_kernel(*self.int8_calls[linear.args[0]], residual=True)
+            return relax.call_tir(kernel, [x, *parts, residual], ours.ty)
+        return call
 
     def _gather(self, call: relax.Call) -> relax.Expr:
         """take(dequantize(parts), ids, axis=0) -> rows dequantized straight from the parts."""

@@ -6,7 +6,8 @@ number of groups (and of packed words), so any K works:
 - q8      int8 [N, Kp]                  scale [N, Kp/32]            w = q * scale
 - q4      uint32 [N, Kp/8] (8 nibbles)  scale [N, Kp/32]            w = (nibble - 8) * scale
   (q8 and q4 scales may be negative: see `_symmetric_codes` for how they are chosen)
-- q4-a8   as q4; activations become int8 per group of 32 at run time (int8_dot.py)
+- q4-a8   as q4 with float16 scales; activations become int8 per group of 32 at run time
+          (int8_dot.py)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
@@ -42,6 +43,10 @@ class QuantScheme:
     # "int8": activations are quantized at run time where the target has an int8 dot product
     # (int8_dot.py); the stored weights are the same as without
     activations: str = ""
+    scale_dtype: str = ""  # dtype of the scales; "" = the model's compute dtype
+
+    def scale_dtype_for(self, compute_dtype: str) -> str:
+        return self.scale_dtype or compute_dtype
 
     @property
     def block(self) -> int:
@@ -84,6 +89,7 @@ class QuantScheme:
             "storage_dtype": self.storage_dtype,
             "packing": _packing(self),
             **({"activations": self.activations} if self.activations else {}),
+            **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {}),
         }
 
 
@@ -123,9 +129,16 @@ SCHEMES: dict[str, QuantScheme | None] = {
     "none": None,
     "q8": QuantScheme("q8", "int", bits=8, group_size=32, storage_dtype="int8"),
     "q4": QuantScheme("q4", "int", bits=4, group_size=32, storage_dtype="uint32"),
-    # q4 weights x int8 activations, like llama.cpp's Q4_0 (see int8_dot.py)
+    # q4 codes x int8 activations, like llama.cpp's Q4_0 (see int8_dot.py); float16 scales
+    # as Q4_0's: decode streams 4.5 bits per weight, not 5
     "q4-a8": QuantScheme(
-        "q4-a8", "int", bits=4, group_size=32, storage_dtype="uint32", activations="int8"
+        "q4-a8",
+        "int",
+        bits=4,
+        group_size=32,
+        storage_dtype="uint32",
+        activations="int8",
+        scale_dtype="float16",
     ),
     "q4-asym": QuantScheme(
         "q4-asym", "int", bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
@@ -183,7 +196,7 @@ def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> li
     levels = (1 << scheme.bits) - 1
     if scheme.symmetric:
         half = 1 << (scheme.bits - 1)  # 128 or 8: values in [-half, half - 1]
-        scale, q = _symmetric_codes(groups, half, compute_dtype)
+        scale, q = _symmetric_codes(groups, half, scheme.scale_dtype_for(compute_dtype))
         if scheme.storage_dtype == "int8":
             return [q.reshape(n, kp).astype(np.int8), scale]
         codes = (q + half).astype(np.uint32).reshape(n, kp)
@@ -223,7 +236,7 @@ def _symmetric_codes(groups: np.ndarray, half: int, compute_dtype) -> tuple:
     ]
     best_scale = best_q = best_err = None
     for candidate in candidates:
-        scale = np.where(candidate == 0, 1.0, candidate).astype(compute_dtype)  # 0: all-zero group
+        scale = _away_from_zero(np.where(candidate == 0, 1.0, candidate), compute_dtype)
         s32 = scale.astype(np.float32)[..., None]
         q = np.clip(np.rint(groups / s32), -half, half - 1)
         err = np.square(q * s32 - groups).sum(axis=2)
@@ -235,6 +248,14 @@ def _symmetric_codes(groups: np.ndarray, half: int, compute_dtype) -> tuple:
         best_q = np.where(better[..., None], q, best_q)
         best_err = np.minimum(err, best_err)
     return best_scale, best_q
+
+
+def _away_from_zero(scale: np.ndarray, dtype) -> np.ndarray:
+    """`scale` in `dtype`, rounded away from zero (a float16 scale rounded down could push the
+    group's extreme value past the last level)."""
+    rounded = scale.astype(dtype)
+    short = np.abs(rounded.astype(np.float64)) < np.abs(scale)
+    return np.where(short, np.nextafter(rounded, np.copysign(np.inf, scale).astype(dtype)), rounded)
 
 
 def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarray:

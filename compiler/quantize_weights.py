@@ -68,7 +68,10 @@ class QuantizeWeights:
             scheme = schemes[i]
             n, k = _shape(ty)
             for part, shape in scheme.part_shapes(n, k).items():
-                dtype = self.compute_dtype if part in ("scale", "zero") else scheme.storage_dtype
+                dtype = {
+                    "scale": scheme.scale_dtype_for(self.compute_dtype),
+                    "zero": self.compute_dtype,
+                }.get(part, scheme.storage_dtype)
                 layout[i].append(len(new_fields))
                 plan.append(
                     {
@@ -112,11 +115,11 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
-            s = scale[n, group]
+            s = scale[n, group].astype(dtype)
             return code * s + s * tirx.const(-(1 << (scheme.bits - 1)), dtype)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
-    return code * scale[n, group]
+    return code * scale[n, group].astype(dtype)
 
 
 # -- GGUF blocks: the numpy reference's arithmetic (quantization.py) as TE, in float32 ----

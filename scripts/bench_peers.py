@@ -1,7 +1,7 @@
 """relaxlm against llama.cpp and transformers on the same model, side by side in one run.
 
 For each model shape (random-weight Llamas made here, fp16 safetensors) and each format
-pair (relaxlm q4 / llama.cpp Q4_0, q8 / Q8_0, float16 / F16), plus transformers fp32: a
+pair (relaxlm q4-a8 and q4 / llama.cpp Q4_0, q8 / Q8_0, float16 / F16), plus transformers fp32: a
 128-token prompt then 128 greedy tokens, same thread count, engines alternated and each run
 in a fresh process (best of `--rounds`). Prints tokens/s, the ratio to llama.cpp, and the
 fraction of the memory-bandwidth roofline (bandwidth measured here, in this run, by a small
@@ -38,7 +38,8 @@ SHAPES = {  # the shapes of shared/notes/peers.md
         intermediate_size=5632,
     ),
 }
-PAIRS = [("q4", "Q4_0"), ("q8", "Q8_0"), ("float16", "F16")]
+# q4-a8 (int8 activations) computes as llama.cpp's Q4_0 does; q4 keeps activations in float32.
+PAIRS = [("q4-a8", "Q4_0"), ("q4", "Q4_0"), ("q8", "Q8_0"), ("float16", "F16")]
 
 _BANDWIDTH_C = r"""
 #include <stdio.h>
@@ -94,7 +95,7 @@ def make_checkpoint(shape: str, work: Path) -> Path:
     return out
 
 
-def prepare(shape: str, work: Path) -> dict:
+def prepare(shape: str, work: Path, pairs: list[tuple[str, str]]) -> dict:
     """Checkpoint, relaxlm artifacts and GGUF files for one shape (cached in `work`)."""
     from llama_gguf import quantize_gguf, write_llama_gguf
 
@@ -105,7 +106,7 @@ def prepare(shape: str, work: Path) -> dict:
     if not f16.exists():
         write_llama_gguf(ckpt, f16, "F16")
     files = {"ckpt": str(ckpt), "gguf": {"F16": str(f16)}, "relaxlm": {}}
-    for ours, theirs in PAIRS:
+    for ours, theirs in pairs:
         gguf_file = work / f"{shape}-{theirs}.gguf"
         if theirs != "F16" and not gguf_file.exists():
             quantize_gguf(f16, gguf_file, theirs)
@@ -238,15 +239,24 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "relaxlm-bench"))
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument(
+        "--formats",
+        nargs="+",
+        default=[ours for ours, _ in PAIRS],
+        choices=[ours for ours, _ in PAIRS],
+        help="relaxlm formats to run (each with its llama.cpp peer)",
+    )
     args = ap.parse_args()
+    pairs = [(ours, theirs) for ours, theirs in PAIRS if ours in args.formats]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     bw = bandwidth_gbs(args.threads, work)
     print(f"memory bandwidth ({args.threads} threads): {bw:.1f} GB/s\n")
     for shape in args.models:
-        files = prepare(shape, work)
-        runs = [("relaxlm", ours, files["relaxlm"][ours]) for ours, _ in PAIRS]
-        runs += [("llama.cpp", theirs, files["gguf"][theirs]) for _, theirs in PAIRS]
+        files = prepare(shape, work, pairs)
+        runs = [("relaxlm", ours, files["relaxlm"][ours]) for ours, _ in pairs]
+        peers = dict.fromkeys(theirs for _, theirs in pairs)  # Q4_0 once for q4 and q4-a8
+        runs += [("llama.cpp", theirs, files["gguf"][theirs]) for theirs in peers]
         if not args.no_transformers:
             runs.append(("transformers", "fp32", files["ckpt"]))
         results: dict[tuple, list[dict]] = {}
@@ -268,7 +278,7 @@ def main() -> None:
             "| peak RSS MiB | decode vs llama.cpp | roofline |"
         )
         print("|---|---|---|---|---|---|---|---|---|")
-        for ours, theirs in PAIRS:
+        for ours, theirs in pairs:
             for engine, fmt in (("relaxlm", ours), ("llama.cpp", theirs)):
                 r = best[(engine, fmt)]
                 path = files["relaxlm"][ours] if engine == "relaxlm" else files["gguf"][theirs]
