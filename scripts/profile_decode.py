@@ -8,6 +8,8 @@ asleep between kernels (each multi-threaded kernel then pays a wake-up), so the 
 than in `relaxlm bench`; read the ranking and the call counts, not the absolute times.
 
     python scripts/profile_decode.py ARTIFACT [--threads 2] [--steps 8] [--prompt 64]
+
+With --prefill, the same for the prefill of a `--prompt`-token prompt instead.
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--prefill", action="store_true", help="time prefill, not decode steps")
     args = ap.parse_args()
 
     model = CompiledModel(args.artifact, max_batch_size=1, threads=args.threads)
@@ -51,13 +54,27 @@ def main() -> None:
             counts[symbol] += 1
         return 0  # VMInstrumentReturnKind.NO_OP: run the call
 
-    decode = vm["decode"]
+    decode, prefill = vm["decode"], vm["prefill"]
+    popn = tvm.get_global_func("vm.builtin.kv_state_popn")
 
     def run_step() -> float:
-        ids = tvm.runtime.tensor(np.array([[int(rng.integers(model.vocab_size))]], "int32"))
-        begin(model.kv_cache, ShapeTuple([0]), ShapeTuple([1]))
+        if args.prefill:  # the prompt again, over the same positions
+            popn(model.kv_cache, 0, args.prompt)
+            tokens = rng.integers(0, model.vocab_size, (1, args.prompt)).astype("int32")
+            inputs = [
+                tvm.runtime.tensor(tokens),
+                tvm.runtime.tensor(np.array([args.prompt - 1], "int32")),
+            ]
+            begin(model.kv_cache, ShapeTuple([0]), ShapeTuple([args.prompt]))
+            function = prefill
+        else:
+            inputs = [
+                tvm.runtime.tensor(np.array([[int(rng.integers(model.vocab_size))]], "int32"))
+            ]
+            begin(model.kv_cache, ShapeTuple([0]), ShapeTuple([1]))
+            function = decode
         start = time.perf_counter()
-        decode(ids, model.kv_cache, model.params)
+        function(*inputs, model.kv_cache, model.params)
         elapsed = time.perf_counter() - start
         end(model.kv_cache)
         return elapsed
@@ -67,10 +84,9 @@ def main() -> None:
     vm.set_instrument(instrument)
     step = sum(run_step() for _ in range(args.steps))
     n = args.steps
-    print(f"decode step: {plain * 1e3:.3f} ms (VM call alone, best of {n})")
-    print(
-        f"decode step: {step / n * 1e3:.3f} ms (instrumented), {sum(counts.values()) / n:.0f} calls"
-    )
+    what = f"prefill of {args.prompt} tokens" if args.prefill else "decode step"
+    print(f"{what}: {plain * 1e3:.3f} ms (VM call alone, best of {n})")
+    print(f"{what}: {step / n * 1e3:.3f} ms (instrumented), {sum(counts.values()) / n:.0f} calls")
     print(f"{'call':60s} {'calls':>6s} {'us/step':>9s} {'share':>6s}")
     for symbol, total in sorted(totals.items(), key=lambda kv: -kv[1]):
         per_step = counts[symbol] / n
