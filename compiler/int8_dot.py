@@ -31,7 +31,7 @@ from .quantization import INTERLEAVE
 GROUP = 32  # q4 and the activations: one scale per 32 values along K
 LANES = 16  # 32-bit lanes of an AVX-512 register
 ROWS = 4  # weight rows per step: independent accumulators, activation loads shared
-MATRIX_ROWS = 4  # rows of x per step in prefill: each unpacked weight vector serves them all
+MATRIX_ROWS = 2  # rows of x per step in prefill: each unpacked weight vector serves them all
 _NIBBLES = 0x0F0F0F0F
 # Byte p of the shuffled vector takes byte SHUFFLE[p]: a 4x4 byte transpose in each 16 bytes.
 _SHUFFLE = [16 * (p // 16) + 4 * (p % 4) + p % 16 // 4 for p in range(64)]
