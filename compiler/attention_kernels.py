@@ -62,6 +62,83 @@ def _slot(col, b, length_info, sliding_table: bool):
     return T.if_then_else(col < length_info[2, b], col, col - length_info[2, b] + length_info[1, b])
 
 
+class _RaggedKV:
+    """Keys and values of this forward: rows base + j of k and v, kv head `head`.
+
+    `row(j)` locates key j once per key; `key(row, x)` and `value(row, x)` read from there."""
+
+    def __init__(self, k, v, base, head):
+        self.k, self.v, self.base, self.head = k, v, base, head
+
+    def row(self, j):
+        return self.base + j
+
+    def key(self, row, x):
+        return self.k[row, self.head, x]
+
+    def value(self, row, x):
+        return self.v[row, self.head, x]
+
+
+class _PagedKV:
+    """Keys and values in sequence b's pages, kv head `head`: key j's row is its page times
+    PAGE_SIZE plus its place in the page (see `_slot`)."""
+
+    def __init__(self, pages, page_values, page_begin, length_info, b, head, sliding_table):
+        self.pages, self.page_values, self.page_begin = pages, page_values, page_begin
+        self.length_info, self.b, self.head, self.sliding = length_info, b, head, sliding_table
+
+    def row(self, j):
+        slot = _slot(j, self.b, self.length_info, self.sliding)
+        return self.page_values[self.page_begin + slot // PAGE_SIZE] * PAGE_SIZE + slot % PAGE_SIZE
+
+    def key(self, row, x):
+        return self.pages[row // PAGE_SIZE, 0, self.head, row % PAGE_SIZE, x]
+
+    def value(self, row, x):
+        return self.pages[row // PAGE_SIZE, 1, self.head, row % PAGE_SIZE, x]
+
+
+def _lanes(d: int) -> int:
+    """Vector width of the dot products and output updates: the widest that divides d."""
+    return next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
+
+
+@T.macro(hygienic=False)
+def _attend_row(q, row, h, kv, lo, hi, o_acc, q_val, part, state, sm_scale, softcap, lanes, d):
+    """Online softmax of query q[row, h] over keys lo .. hi - 1 of `kv` (_RaggedKV, _PagedKV):
+    o_acc gets the unnormalised output; state[0] the running max, state[1] the sum of weights
+    (state[2:] are scratch: dot, new max, rescale, weight)."""
+    state[0] = T.float32(_NO_MAX)
+    state[1] = T.float32(0)
+    for x in T.serial(d):
+        o_acc[x] = T.float32(0)
+        q_val[x] = T.cast(q[row, h, x], "float32")
+    for j in T.serial(T.max(hi - lo, 0)):
+        at: T.let[T.int32] = kv.row(lo + j)
+        for lane in T.vectorized(lanes):
+            part[lane] = T.float32(0)
+        for xo in T.serial(d // lanes):
+            for lane in T.vectorized(lanes):
+                part[lane] += q_val[xo * lanes + lane] * T.cast(
+                    kv.key(at, xo * lanes + lane), "float32"
+                )
+        state[2] = T.float32(0)
+        for lane in T.serial(lanes):
+            state[2] += part[lane]
+        state[2] = _score(state[2], sm_scale, softcap)
+        state[3] = T.max(state[0], state[2])
+        state[4] = T.exp2(state[0] - state[3])
+        state[5] = T.exp2(state[2] - state[3])
+        state[1] = state[1] * state[4] + state[5]
+        for xo in T.serial(d // lanes):
+            for lane in T.vectorized(lanes):
+                o_acc[xo * lanes + lane] = o_acc[xo * lanes + lane] * state[4] + state[5] * T.cast(
+                    kv.value(at, xo * lanes + lane), "float32"
+                )
+        state[0] = state[3]
+
+
 def ragged_prefill(
     num_kv_heads: int,
     num_q_heads: int,
@@ -79,6 +156,7 @@ def ragged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    lanes = _lanes(d)
     chunk_limit = max_chunk if max_chunk > 0 else 2**30
 
     @T.prim_func(s_tir=True)
@@ -125,61 +203,53 @@ def ragged_prefill(
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
+        # Sequences one after another; within one, a task per (query row, head), as in
+        # decode, with dot products and output updates in `lanes`-wide vectors.
         for b in T.serial(batch_size):
-            with T.sblock("attn"):
-                # Regions depend on values read inside the block: declare it opaque.
-                T.reads()
-                T.writes()
-                o_acc = T.sblock_alloc_buffer((d,), "float32")
-                q_val = T.sblock_alloc_buffer((d,), "float32")
-                dot = T.sblock_alloc_buffer((1,), "float32")
-                m_val = T.sblock_alloc_buffer((1,), "float32")
-                d_val = T.sblock_alloc_buffer((1,), "float32")
-                m_new = T.sblock_alloc_buffer((1,), "float32")
-                scale = T.sblock_alloc_buffer((1,), "float32")
-                prob = T.sblock_alloc_buffer((1,), "float32")
-                num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                num_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                assert num_q <= chunk_limit, (
-                    "relaxlm: a sequence got more new tokens in one forward than its "
-                    "sliding window; prefill in chunks no longer than the window "
-                    "(manifest prefill_chunk_size)"
-                )
-                kbase: T.let[T.int32] = k_rope_pos_offset[b]
-                for i in T.serial(num_q):
-                    row: T.let[T.int32] = q_indptr[b] + i
+            assert q_indptr[b + 1] - q_indptr[b] <= chunk_limit, (
+                "relaxlm: a sequence got more new tokens in one forward than its "
+                "sliding window; prefill in chunks no longer than the window "
+                "(manifest prefill_chunk_size)"
+            )
+            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+                with T.sblock("attn"):
+                    # Regions depend on values read inside the block: declare it opaque.
+                    T.reads()
+                    T.writes()
+                    o_acc = T.sblock_alloc_buffer((d,), "float32")
+                    q_val = T.sblock_alloc_buffer((d,), "float32")
+                    part = T.sblock_alloc_buffer((lanes,), "float32")
+                    state = T.sblock_alloc_buffer((6,), "float32")
+                    num_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
+                    kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                    h: T.let[T.int32] = ih % h_q
+                    row: T.let[T.int32] = q_indptr[b] + ih // h_q
                     qpos: T.let[T.int32] = q_rope_position[row]
                     lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
                     hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                    for h in T.serial(h_q):
-                        m_val[0] = T.float32(_NO_MAX)
-                        d_val[0] = T.float32(0)
-                        for x in T.serial(d):
-                            o_acc[x] = T.float32(0)
-                            q_val[x] = T.cast(q[row, h, x], "float32")
-                        for j in T.serial(T.max(hi - lo, 0)):
-                            col: T.let[T.int32] = kv_indptr[b] + lo + j
-                            dot[0] = T.float32(0)
-                            for x in T.serial(d):
-                                dot[0] += q_val[x] * T.cast(k[col, h // group, x], "float32")
-                            dot[0] = _score(dot[0], sm_scale, softcap)
-                            m_new[0] = T.max(m_val[0], dot[0])
-                            scale[0] = T.exp2(m_val[0] - m_new[0])
-                            prob[0] = T.exp2(dot[0] - m_new[0])
-                            d_val[0] = d_val[0] * scale[0] + prob[0]
-                            for x in T.serial(d):
-                                o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
-                                    v[col, h // group, x], "float32"
-                                )
-                            m_val[0] = m_new[0]
-                        for x in T.serial(d):
-                            output[row, h, x] = T.cast(
-                                T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)),
-                                dtype,
-                            )
-                        lse[row, h] = T.if_then_else(
-                            d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                    _attend_row(
+                        q,
+                        row,
+                        h,
+                        _RaggedKV(k, v, kv_indptr[b], h // group),
+                        lo,
+                        hi,
+                        o_acc,
+                        q_val,
+                        part,
+                        state,
+                        sm_scale,
+                        softcap,
+                        lanes,
+                        d,
+                    )
+                    for x in T.serial(d):
+                        output[row, h, x] = T.cast(
+                            T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
                         )
+                    lse[row, h] = T.if_then_else(
+                        state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
+                    )
 
     return attention_prefill_ragged
 
@@ -201,6 +271,7 @@ def paged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    lanes = _lanes(d)
 
     @T.prim_func(s_tir=True)
     def attention_prefill_paged(
@@ -255,63 +326,59 @@ def paged_prefill(
         lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
+        # As the ragged kernel: a task per (query row, head) of each sequence.
         for b in T.serial(batch_size):
-            with T.sblock("attn"):
-                # Regions depend on values read inside the block: declare it opaque.
-                T.reads()
-                T.writes()
-                o_acc = T.sblock_alloc_buffer((d,), "float32")
-                q_val = T.sblock_alloc_buffer((d,), "float32")
-                dot = T.sblock_alloc_buffer((1,), "float32")
-                m_val = T.sblock_alloc_buffer((1,), "float32")
-                d_val = T.sblock_alloc_buffer((1,), "float32")
-                m_new = T.sblock_alloc_buffer((1,), "float32")
-                scale = T.sblock_alloc_buffer((1,), "float32")
-                prob = T.sblock_alloc_buffer((1,), "float32")
-                page_begin: T.let[T.int32] = page_indptr[b]
-                num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
-                num_kv: T.let[T.int32] = T.if_then_else(
-                    num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
-                )
-                kbase: T.let[T.int32] = k_rope_pos_offset[b]
-                for i in T.serial(q_indptr[b + 1] - q_indptr[b]):
-                    row: T.let[T.int32] = q_indptr[b] + i
+            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+                with T.sblock("attn"):
+                    # Regions depend on values read inside the block: declare it opaque.
+                    T.reads()
+                    T.writes()
+                    o_acc = T.sblock_alloc_buffer((d,), "float32")
+                    q_val = T.sblock_alloc_buffer((d,), "float32")
+                    part = T.sblock_alloc_buffer((lanes,), "float32")
+                    state = T.sblock_alloc_buffer((6,), "float32")
+                    page_begin: T.let[T.int32] = page_indptr[b]
+                    num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
+                    num_kv: T.let[T.int32] = T.if_then_else(
+                        num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                    )
+                    kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                    h: T.let[T.int32] = ih % h_q
+                    row: T.let[T.int32] = q_indptr[b] + ih // h_q
                     qpos: T.let[T.int32] = q_rope_position[row]
                     lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
                     hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                    for h in T.serial(h_q):
-                        m_val[0] = T.float32(_NO_MAX)
-                        d_val[0] = T.float32(0)
-                        for x in T.serial(d):
-                            o_acc[x] = T.float32(0)
-                            q_val[x] = T.cast(q[row, h, x], "float32")
-                        for j in T.serial(T.max(hi - lo, 0)):
-                            slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
-                            page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
-                            at: T.let[T.int32] = slot % PAGE_SIZE
-                            dot[0] = T.float32(0)
-                            for x in T.serial(d):
-                                dot[0] += q_val[x] * T.cast(
-                                    pages[page, 0, h // group, at, x], "float32"
-                                )
-                            dot[0] = _score(dot[0], sm_scale, softcap)
-                            m_new[0] = T.max(m_val[0], dot[0])
-                            scale[0] = T.exp2(m_val[0] - m_new[0])
-                            prob[0] = T.exp2(dot[0] - m_new[0])
-                            d_val[0] = d_val[0] * scale[0] + prob[0]
-                            for x in T.serial(d):
-                                o_acc[x] = o_acc[x] * scale[0] + prob[0] * T.cast(
-                                    pages[page, 1, h // group, at, x], "float32"
-                                )
-                            m_val[0] = m_new[0]
-                        for x in T.serial(d):
-                            output[row, h, x] = T.cast(
-                                T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)),
-                                dtype,
-                            )
-                        lse[row, h] = T.if_then_else(
-                            d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                    _attend_row(
+                        q,
+                        row,
+                        h,
+                        _PagedKV(
+                            pages,
+                            page_values,
+                            page_begin,
+                            length_info,
+                            b,
+                            h // group,
+                            sliding_table,
+                        ),
+                        lo,
+                        hi,
+                        o_acc,
+                        q_val,
+                        part,
+                        state,
+                        sm_scale,
+                        softcap,
+                        lanes,
+                        d,
+                    )
+                    for x in T.serial(d):
+                        output[row, h, x] = T.cast(
+                            T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
                         )
+                    lse[row, h] = T.if_then_else(
+                        state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
+                    )
 
     return attention_prefill_paged
 
@@ -329,7 +396,7 @@ def paged_decode(
     """One new token per sequence against the cache's pages (the token is usually in them)."""
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
-    lanes = next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
+    lanes = _lanes(d)
 
     @T.prim_func(s_tir=True)
     def attention_decode_paged(
@@ -388,12 +455,7 @@ def paged_decode(
                 o_acc = T.sblock_alloc_buffer((d,), "float32")
                 q_val = T.sblock_alloc_buffer((d,), "float32")
                 part = T.sblock_alloc_buffer((lanes,), "float32")
-                dot = T.sblock_alloc_buffer((1,), "float32")
-                m_val = T.sblock_alloc_buffer((1,), "float32")
-                d_val = T.sblock_alloc_buffer((1,), "float32")
-                m_new = T.sblock_alloc_buffer((1,), "float32")
-                scale = T.sblock_alloc_buffer((1,), "float32")
-                prob = T.sblock_alloc_buffer((1,), "float32")
+                state = T.sblock_alloc_buffer((6,), "float32")
                 b: T.let[T.int32] = bh // h_q
                 h: T.let[T.int32] = bh % h_q
                 page_begin: T.let[T.int32] = page_indptr[b]
@@ -405,42 +467,30 @@ def paged_decode(
                 qpos: T.let[T.int32] = q_rope_position[b]
                 lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
                 hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                m_val[0] = T.float32(_NO_MAX)
-                d_val[0] = T.float32(0)
-                for x in T.serial(d):
-                    o_acc[x] = T.float32(0)
-                    q_val[x] = T.cast(q[b, h, x], "float32")
-                for j in T.serial(T.max(hi - lo, 0)):
-                    slot: T.let[T.int32] = _slot(lo + j, b, length_info, sliding_table)
-                    page: T.let[T.int32] = page_values[page_begin + slot // PAGE_SIZE]
-                    at: T.let[T.int32] = slot % PAGE_SIZE
-                    for lane in T.vectorized(lanes):
-                        part[lane] = T.float32(0)
-                    for xo in T.serial(d // lanes):
-                        for lane in T.vectorized(lanes):
-                            part[lane] += q_val[xo * lanes + lane] * T.cast(
-                                pages[page, 0, h // group, at, xo * lanes + lane], "float32"
-                            )
-                    dot[0] = T.float32(0)
-                    for lane in T.serial(lanes):
-                        dot[0] += part[lane]
-                    dot[0] = _score(dot[0], sm_scale, softcap)
-                    m_new[0] = T.max(m_val[0], dot[0])
-                    scale[0] = T.exp2(m_val[0] - m_new[0])
-                    prob[0] = T.exp2(dot[0] - m_new[0])
-                    d_val[0] = d_val[0] * scale[0] + prob[0]
-                    for xo in T.serial(d // lanes):
-                        for lane in T.vectorized(lanes):
-                            o_acc[xo * lanes + lane] = o_acc[xo * lanes + lane] * scale[0] + prob[
-                                0
-                            ] * T.cast(pages[page, 1, h // group, at, xo * lanes + lane], "float32")
-                    m_val[0] = m_new[0]
+                _attend_row(
+                    q,
+                    b,
+                    h,
+                    _PagedKV(
+                        pages, page_values, page_begin, length_info, b, h // group, sliding_table
+                    ),
+                    lo,
+                    hi,
+                    o_acc,
+                    q_val,
+                    part,
+                    state,
+                    sm_scale,
+                    softcap,
+                    lanes,
+                    d,
+                )
                 for x in T.serial(d):
                     output[b, h, x] = T.cast(
-                        T.if_then_else(d_val[0] > 0, o_acc[x] / d_val[0], T.float32(0)), dtype
+                        T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
                     )
                 lse[b, h] = T.if_then_else(
-                    d_val[0] > 0, m_val[0] + T.log2(d_val[0]), T.float32(_EMPTY_LSE)
+                    state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
                 )
 
     return attention_decode_paged
