@@ -105,10 +105,14 @@ def _lanes(d: int) -> int:
 
 
 @T.macro(hygienic=False)
-def _attend_row(q, row, h, kv, lo, hi, o_acc, q_val, part, state, sm_scale, softcap, lanes, d):
-    """Online softmax of query q[row, h] over keys lo .. hi - 1 of `kv` (_RaggedKV, _PagedKV):
-    o_acc gets the unnormalised output; state[0] the running max, state[1] the sum of weights
-    (state[2:] are scratch: dot, new max, rescale, weight)."""
+def _attend_row(q, row, h, kv, lo, hi, output, lse, sm_scale, softcap, lanes, d, dtype):
+    """output[row, h] and lse[row, h]: online softmax of query q[row, h] over keys lo .. hi - 1
+    of `kv` (_RaggedKV, _PagedKV). Call inside an opaque block (it allocates its scratch)."""
+    o_acc = T.sblock_alloc_buffer((d,), "float32")  # unnormalised output
+    q_val = T.sblock_alloc_buffer((d,), "float32")
+    part = T.sblock_alloc_buffer((lanes,), "float32")
+    # running max, sum of weights; scratch: dot, new max, rescale, weight
+    state = T.sblock_alloc_buffer((6,), "float32")
     state[0] = T.float32(_NO_MAX)
     state[1] = T.float32(0)
     for x in T.serial(d):
@@ -137,6 +141,11 @@ def _attend_row(q, row, h, kv, lo, hi, o_acc, q_val, part, state, sm_scale, soft
                     kv.value(at, xo * lanes + lane), "float32"
                 )
         state[0] = state[3]
+    for x in T.serial(d):
+        output[row, h, x] = T.cast(
+            T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
+        )
+    lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE))
 
 
 def ragged_prefill(
@@ -216,10 +225,6 @@ def ragged_prefill(
                     # Regions depend on values read inside the block: declare it opaque.
                     T.reads()
                     T.writes()
-                    o_acc = T.sblock_alloc_buffer((d,), "float32")
-                    q_val = T.sblock_alloc_buffer((d,), "float32")
-                    part = T.sblock_alloc_buffer((lanes,), "float32")
-                    state = T.sblock_alloc_buffer((6,), "float32")
                     num_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
                     kbase: T.let[T.int32] = k_rope_pos_offset[b]
                     h: T.let[T.int32] = ih % h_q
@@ -234,21 +239,13 @@ def ragged_prefill(
                         _RaggedKV(k, v, kv_indptr[b], h // group),
                         lo,
                         hi,
-                        o_acc,
-                        q_val,
-                        part,
-                        state,
+                        output,
+                        lse,
                         sm_scale,
                         softcap,
                         lanes,
                         d,
-                    )
-                    for x in T.serial(d):
-                        output[row, h, x] = T.cast(
-                            T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
-                        )
-                    lse[row, h] = T.if_then_else(
-                        state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
+                        dtype,
                     )
 
     return attention_prefill_ragged
@@ -333,10 +330,6 @@ def paged_prefill(
                     # Regions depend on values read inside the block: declare it opaque.
                     T.reads()
                     T.writes()
-                    o_acc = T.sblock_alloc_buffer((d,), "float32")
-                    q_val = T.sblock_alloc_buffer((d,), "float32")
-                    part = T.sblock_alloc_buffer((lanes,), "float32")
-                    state = T.sblock_alloc_buffer((6,), "float32")
                     page_begin: T.let[T.int32] = page_indptr[b]
                     num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
                     num_kv: T.let[T.int32] = T.if_then_else(
@@ -363,21 +356,13 @@ def paged_prefill(
                         ),
                         lo,
                         hi,
-                        o_acc,
-                        q_val,
-                        part,
-                        state,
+                        output,
+                        lse,
                         sm_scale,
                         softcap,
                         lanes,
                         d,
-                    )
-                    for x in T.serial(d):
-                        output[row, h, x] = T.cast(
-                            T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
-                        )
-                    lse[row, h] = T.if_then_else(
-                        state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
+                        dtype,
                     )
 
     return attention_prefill_paged
@@ -452,10 +437,6 @@ def paged_decode(
                 # Regions depend on values read inside the block: declare it opaque.
                 T.reads()
                 T.writes()
-                o_acc = T.sblock_alloc_buffer((d,), "float32")
-                q_val = T.sblock_alloc_buffer((d,), "float32")
-                part = T.sblock_alloc_buffer((lanes,), "float32")
-                state = T.sblock_alloc_buffer((6,), "float32")
                 b: T.let[T.int32] = bh // h_q
                 h: T.let[T.int32] = bh % h_q
                 page_begin: T.let[T.int32] = page_indptr[b]
@@ -476,21 +457,13 @@ def paged_decode(
                     ),
                     lo,
                     hi,
-                    o_acc,
-                    q_val,
-                    part,
-                    state,
+                    output,
+                    lse,
                     sm_scale,
                     softcap,
                     lanes,
                     d,
-                )
-                for x in T.serial(d):
-                    output[b, h, x] = T.cast(
-                        T.if_then_else(state[1] > 0, o_acc[x] / state[1], T.float32(0)), dtype
-                    )
-                lse[b, h] = T.if_then_else(
-                    state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE)
+                    dtype,
                 )
 
     return attention_decode_paged

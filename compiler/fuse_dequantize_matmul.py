@@ -7,9 +7,9 @@ weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes
 that dequantizes only the rows it reads.
 
 With `int8_dot` (a CPU with VNNI), a weight of a scheme with int8 activations (`q4-a8`)
-instead becomes two kernels: the activations quantized once, then int8 dot products over the
-packed weights (int8_dot.py). Elsewhere such a weight takes the float kernel, exact against
-its dequantized weights.
+instead becomes one int8_dot.py kernel, which quantizes its input rows and then takes int8
+dot products with the packed weights; a residual `add` of its output joins that kernel.
+Elsewhere such a weight takes the float kernel, exact against its dequantized weights.
 """
 
 import json
@@ -50,14 +50,15 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
+        # (n, k, Kp, scale dtype), residual -> kernel; and each kernel without residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
-        self.int8_calls: dict[relax.GlobalVar, tuple] = {}  # kernel -> n, k, Kp, scale dtype
+        self.int8_keys: dict[relax.GlobalVar, tuple] = {}
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
         if is_op(call, "relax.take"):
             return self._gather(call)
-        if is_op(call, "relax.add") and self.int8_calls:
+        if is_op(call, "relax.add") and self.int8_keys:
             return self._add_residual(call)
         if not is_op(call, "relax.matmul"):
             return call
@@ -105,37 +106,38 @@ class _Rewriter(relax.PyExprMutator):
         """x [..., k] @ the packed weight [n, k] by int8 dot products (one kernel, x as 3-D)."""
         lead = list(x.ty.shape.values[:-1])
         rows = x if len(lead) == 2 else self.builder_.emit(relax.op.reshape(x, (1, -1, k)))
-        kernel = self._int8_kernel(n, k, k_padded, parts[1].ty.dtype, residual=False)
+        kernel = self._int8_kernel((n, k, k_padded, parts[1].ty.dtype), residual=False)
         out = relax.call_tir(
             kernel, [rows, *parts], relax.TensorType((*rows.ty.shape.values[:-1], n), "float32")
         )
         if len(lead) == 2:
-            self.int8_calls[kernel] = (n, k, k_padded, parts[1].ty.dtype)
             return out
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
-    def _int8_kernel(
-        self, n: int, k: int, k_padded: int, scale_dtype: str, residual: bool
-    ) -> relax.GlobalVar:
-        key = (n, k, scale_dtype, residual)
-        if key not in self.int8_kernels:
+    def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
+        """The kernel for key (n, k, Kp, scale dtype), added to the module on first use."""
+        if (key, residual) not in self.int8_kernels:
+            n, k, k_padded, scale_dtype = key
             name = f"q4_int8_linear_{n}_{k}" + ("_add" if residual else "")
             func = int8_dot.q4_int8_linear(n, k, k_padded, scale_dtype, residual)
-            self.int8_kernels[key] = self.builder_.add_func(func, name)
-        return self.int8_kernels[key]
+            kernel = self.builder_.add_func(func, name)
+            self.int8_kernels[(key, residual)] = kernel
+            if not residual:
+                self.int8_keys[kernel] = key
+        return self.int8_kernels[(key, residual)]
 
     def _add_residual(self, call: relax.Call) -> relax.Expr:
         """add(int8 linear, r) -> one kernel adding r as it writes its outputs."""
         for ours, residual in (call.args, reversed(call.args)):
             linear = self._binding(ours)
-            if not (is_op(linear, "relax.call_tir") and linear.args[0] in self.int8_calls):
+            if not (is_op(linear, "relax.call_tir") and linear.args[0] in self.int8_keys):
                 continue
             if residual.ty.dtype != "float32" or list(residual.ty.shape.values) != list(
                 ours.ty.shape.values
             ):
                 continue
             x, *parts = linear.args[1].fields
-            kernel = self._int8_kernel(*self.int8_calls[linear.args[0]], residual=True)
+            kernel = self._int8_kernel(self.int8_keys[linear.args[0]], residual=True)
             return relax.call_tir(kernel, [x, *parts, residual], ours.ty)
         return call
 

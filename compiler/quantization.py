@@ -214,7 +214,7 @@ def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> li
 SCALE_STEPS = 6  # candidate scales per sign and group, each 3 % coarser than the last
 
 
-def _symmetric_codes(groups: np.ndarray, half: int, compute_dtype) -> tuple:
+def _symmetric_codes(groups: np.ndarray, half: int, scale_dtype) -> tuple:
     """Per group, the scale whose codes in [-half, half - 1] give the least squared error
     (of 2 * SCALE_STEPS candidates), and those codes.
 
@@ -236,7 +236,7 @@ def _symmetric_codes(groups: np.ndarray, half: int, compute_dtype) -> tuple:
     ]
     best_scale = best_q = best_err = None
     for candidate in candidates:
-        scale = _away_from_zero(np.where(candidate == 0, 1.0, candidate), compute_dtype)
+        scale = _away_from_zero(np.where(candidate == 0, 1.0, candidate), scale_dtype)
         s32 = scale.astype(np.float32)[..., None]
         q = np.clip(np.rint(groups / s32), -half, half - 1)
         err = np.square(q * s32 - groups).sum(axis=2)

@@ -113,6 +113,19 @@ def test_passes_on_a_graph_from_no_frontend(name):
             next(entries)
         packed += parts
         deq[source] = dequantize(scheme, parts, shapes[source][1])
+    vm = _cpu_vm(fused)
+    ids = np.array([[3, 17, 42, 7, 0]], dtype="int32")
+    out = vm["forward"](
+        tvm.runtime.tensor(ids), [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in packed]
+    ).numpy()
+    h = deq["embed.weight"][ids[0]]
+    h = h @ deq["up.weight"].T + deq["up.bias"]
+    ref = (h / (1 + np.exp(-h))) @ deq["down.weight"].T
+    np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def _cpu_vm(mod: tvm.IRModule) -> VirtualMachine:
+    """`mod` after the quantization passes, lowered, scheduled and built for the host CPU."""
     preset = resolve_target("cpu")
     lowered = tvm.transform.Sequential(
         [
@@ -122,21 +135,13 @@ def test_passes_on_a_graph_from_no_frontend(name):
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
         ]
-    )(fused)
+    )(mod)
     with preset.target():
         lowered = schedules.for_target(preset)(lowered)
     ex = relax.build(
         lowered, target=preset.target(), relax_pipeline=relax.pipeline.default_build_pipeline()
     )
-    vm = VirtualMachine(ex, tvm.cpu())
-    ids = np.array([[3, 17, 42, 7, 0]], dtype="int32")
-    out = vm["forward"](
-        tvm.runtime.tensor(ids), [tvm.runtime.tensor(np.ascontiguousarray(p)) for p in packed]
-    ).numpy()
-    h = deq["embed.weight"][ids[0]]
-    h = h @ deq["up.weight"].T + deq["up.bias"]
-    ref = (h / (1 + np.exp(-h))) @ deq["down.weight"].T
-    np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    return VirtualMachine(ex, tvm.cpu())
 
 
 def _dequantized_checkpoint(src, dst, scheme_name):
@@ -229,21 +234,7 @@ def _linear_vm(n: int, k: int, scheme_name: str):
     fused = FuseDequantizeMatmul(int8_dot=True)(
         QuantizeWeights(SCHEMES[scheme_name], "float32")(mod)
     )
-    preset = resolve_target("cpu")
-    lowered = tvm.transform.Sequential(
-        [
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ]
-    )(fused)
-    with preset.target():
-        lowered = schedules.for_target(preset)(lowered)
-    ex = relax.build(
-        lowered, target=preset.target(), relax_pipeline=relax.pipeline.default_build_pipeline()
-    )
-    return VirtualMachine(ex, tvm.cpu())["forward"], fused.script(show_meta=False)
+    return _cpu_vm(fused)["forward"], fused.script(show_meta=False)
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
