@@ -21,6 +21,8 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .vector_math import exp2
+
 PAGE_SIZE = 16  # TVM's CPU kernels and page tables are built for 16-token pages
 _LOG2E = math.log2(math.e)
 _EMPTY_LSE = -5e4  # log-sum-exp of a row that sees no key: merges with weight 0
@@ -148,6 +150,140 @@ def _attend_row(q, row, h, kv, lo, hi, output, lse, sm_scale, softcap, lanes, d,
     lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE))
 
 
+ROW_TILE = 16  # query rows per prefill task, one AVX-512 register of float32 across them
+KEY_BLOCK = 8  # keys per online-softmax step
+
+
+def _capped(score: tirx.Expr, softcap: float) -> tirx.Expr:
+    """Base-2 score from a dot product of q already scaled by `_attend_tile`'s q_scale."""
+    if softcap > 0:
+        return T.tanh(score / T.float32(softcap)) * T.float32(softcap * _LOG2E)
+    return score
+
+
+@T.macro(hygienic=False)
+def _attend_tile(
+    q,
+    first,
+    count,
+    h,
+    kv,
+    positions,
+    kbase,
+    num_kv,
+    window,
+    output,
+    lse,
+    sm_scale,
+    softcap,
+    d,
+    dtype,
+):
+    """output and lse of query rows first .. first + count - 1 (count <= ROW_TILE), head h.
+
+    The tile's rows sit in vector lanes: a key's scores for all of them are one FMA per head dim
+    with the key's element broadcast, so keys are never transposed and the online softmax over
+    each block of KEY_BLOCK keys is lane-wise (max, exp2, sums) — no horizontal reductions.
+    `kv` is a key source (_RaggedKV, _PagedKV), `positions` the rows' absolute positions,
+    `kbase` the first key's. Call inside an opaque block (it allocates its scratch)."""
+    # Without soft-capping the base-2 scale folds into q; with it, tanh needs the natural logit.
+    q_scale = T.meta_var(sm_scale if softcap > 0 else sm_scale * T.float32(_LOG2E))
+    q_t = T.sblock_alloc_buffer((d, ROW_TILE), "float32")  # the tile's queries, transposed
+    o_acc = T.sblock_alloc_buffer((ROW_TILE, d), "float32")  # unnormalised outputs
+    row_max = T.sblock_alloc_buffer((ROW_TILE,), "float32")
+    row_sum = T.sblock_alloc_buffer((ROW_TILE,), "float32")
+    row_lo = T.sblock_alloc_buffer((ROW_TILE,), "int32")  # each row sees keys lo .. hi - 1
+    row_hi = T.sblock_alloc_buffer((ROW_TILE,), "int32")
+    new_max = T.sblock_alloc_buffer((ROW_TILE,), "float32")
+    rescale = T.sblock_alloc_buffer((ROW_TILE,), "float32")
+    score = T.sblock_alloc_buffer((KEY_BLOCK, ROW_TILE), "float32")  # then the weights
+    key_at = T.sblock_alloc_buffer((KEY_BLOCK,), "int32")
+    # A pair of output rows being updated (apart: a buffer under 1 KiB stays on the stack)
+    out_a = T.sblock_alloc_buffer((d,), "float32")
+    out_b = T.sblock_alloc_buffer((d,), "float32")
+    span = T.sblock_alloc_buffer((2,), "int32")  # keys any row of the tile sees
+    span[0] = num_kv
+    span[1] = 0
+    for r in T.serial(ROW_TILE):
+        # Lanes past `count` see no key: their weights stay 0 and nothing is written for them.
+        row_lo[r] = 0
+        row_hi[r] = 0
+        if r < count:
+            row_lo[r] = _first_visible(positions[first + r], kbase, window)
+            row_hi[r] = T.min(num_kv, positions[first + r] - kbase + 1)
+            span[0] = T.min(span[0], row_lo[r])
+            span[1] = T.max(span[1], row_hi[r])
+        row_max[r] = T.float32(_NO_MAX)
+        row_sum[r] = T.float32(0)
+        for x in T.vectorized(d):
+            o_acc[r, x] = T.float32(0)
+    for x in T.serial(d):
+        for r in T.vectorized(ROW_TILE):
+            q_t[x, r] = T.Select(
+                r < count,
+                T.cast(q[first + T.min(r, count - 1), h, x], "float32") * q_scale,
+                T.float32(0),
+            )
+    for blk in T.serial(T.max(span[1] - span[0] + KEY_BLOCK - 1, 0) // KEY_BLOCK):
+        j0: T.let[T.int32] = span[0] + blk * KEY_BLOCK
+        for jj in T.serial(KEY_BLOCK):
+            key_at[jj] = kv.row(T.min(j0 + jj, span[1] - 1))  # past the end: masked below
+            for r in T.vectorized(ROW_TILE):
+                score[jj, r] = T.float32(0)
+        for x in T.serial(d):
+            for jj in T.unroll(KEY_BLOCK):
+                for r in T.vectorized(ROW_TILE):
+                    score[jj, r] += q_t[x, r] * T.cast(kv.key(key_at[jj], x), "float32")
+        for r in T.vectorized(ROW_TILE):
+            new_max[r] = row_max[r]
+        for jj in T.unroll(KEY_BLOCK):
+            for r in T.vectorized(ROW_TILE):
+                score[jj, r] = T.Select(
+                    row_lo[r] <= j0 + jj and j0 + jj < row_hi[r],
+                    _capped(score[jj, r], softcap),
+                    T.float32(_NO_MAX),
+                )
+                new_max[r] = T.max(new_max[r], score[jj, r])
+        for r in T.vectorized(ROW_TILE):
+            rescale[r] = exp2(row_max[r] - new_max[r])
+            row_sum[r] = row_sum[r] * rescale[r]
+            row_max[r] = new_max[r]
+        for jj in T.unroll(KEY_BLOCK):
+            for r in T.vectorized(ROW_TILE):
+                score[jj, r] = T.Select(
+                    row_lo[r] <= j0 + jj and j0 + jj < row_hi[r],
+                    exp2(score[jj, r] - new_max[r]),
+                    T.float32(0),
+                )
+                row_sum[r] += score[jj, r]
+        # Two rows at a time: twice the independent FMA chains. Lanes past `count` have weight
+        # 0, so an odd count's extra row only updates scratch.
+        for pair in T.serial((count + 1) // 2):
+            for x in T.vectorized(d):
+                out_a[x] = o_acc[2 * pair, x] * rescale[2 * pair]
+                out_b[x] = o_acc[2 * pair + 1, x] * rescale[2 * pair + 1]
+            for jj in T.serial(KEY_BLOCK):
+                for x in T.vectorized(d):
+                    out_a[x] += score[jj, 2 * pair] * T.cast(kv.value(key_at[jj], x), "float32")
+                    out_b[x] += score[jj, 2 * pair + 1] * T.cast(kv.value(key_at[jj], x), "float32")
+            for x in T.vectorized(d):
+                o_acc[2 * pair, x] = out_a[x]
+                o_acc[2 * pair + 1, x] = out_b[x]
+    for r in T.serial(count):
+        rescale[r] = T.if_then_else(row_sum[r] > 0, T.float32(1) / row_sum[r], T.float32(0))
+        for x in T.vectorized(d):
+            output[first + r, h, x] = T.cast(o_acc[r, x] * rescale[r], dtype)
+        lse[first + r, h] = T.if_then_else(
+            row_sum[r] > 0, row_max[r] + T.log2(row_sum[r]), T.float32(_EMPTY_LSE)
+        )
+
+
+def _balanced_tile(task_row: tirx.Expr, num_tiles: tirx.Expr) -> tirx.Expr:
+    """Tile of the task_row-th task: 0, n-1, 1, n-2, ... so each thread's contiguous share of
+    the tasks (TVM splits a parallel loop into equal runs) mixes short causal rows with long."""
+    return T.if_then_else(task_row % 2 == 0, task_row // 2, num_tiles - 1 - task_row // 2)
+
+
 def ragged_prefill(
     num_kv_heads: int,
     num_q_heads: int,
@@ -165,7 +301,6 @@ def ragged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
-    lanes = _lanes(d)
     chunk_limit = max_chunk if max_chunk > 0 else 2**30
 
     @T.prim_func(s_tir=True)
@@ -212,38 +347,39 @@ def ragged_prefill(
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        # Sequences one after another; within one, a task per (query row, head), as in
-        # decode, with dot products and output updates in `lanes`-wide vectors.
+        # Sequences one after another; within one, a task per (tile of query rows, head).
         for b in T.serial(batch_size):
             assert q_indptr[b + 1] - q_indptr[b] <= chunk_limit, (
                 "relaxlm: a sequence got more new tokens in one forward than its "
                 "sliding window; prefill in chunks no longer than the window "
                 "(manifest prefill_chunk_size)"
             )
-            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for task in T.parallel(
+                (q_indptr[b + 1] - q_indptr[b] + ROW_TILE - 1) // ROW_TILE * h_q
+            ):
                 with T.sblock("attn"):
                     # Regions depend on values read inside the block: declare it opaque.
                     T.reads()
                     T.writes()
-                    num_kv: T.let[T.int32] = kv_indptr[b + 1] - kv_indptr[b]
-                    kbase: T.let[T.int32] = k_rope_pos_offset[b]
-                    h: T.let[T.int32] = ih % h_q
-                    row: T.let[T.int32] = q_indptr[b] + ih // h_q
-                    qpos: T.let[T.int32] = q_rope_position[row]
-                    lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
-                    hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                    _attend_row(
+                    num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    tile: T.let[T.int32] = _balanced_tile(
+                        task // h_q, (num_q + ROW_TILE - 1) // ROW_TILE
+                    )
+                    h: T.let[T.int32] = task % h_q
+                    _attend_tile(
                         q,
-                        row,
+                        q_indptr[b] + tile * ROW_TILE,
+                        T.min(ROW_TILE, num_q - tile * ROW_TILE),
                         h,
                         _RaggedKV(k, v, kv_indptr[b], h // group),
-                        lo,
-                        hi,
+                        q_rope_position,
+                        k_rope_pos_offset[b],
+                        kv_indptr[b + 1] - kv_indptr[b],
+                        window,
                         output,
                         lse,
                         sm_scale,
                         softcap,
-                        lanes,
                         d,
                         dtype,
                     )
@@ -268,7 +404,6 @@ def paged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
-    lanes = _lanes(d)
 
     @T.prim_func(s_tir=True)
     def attention_prefill_paged(
@@ -323,27 +458,26 @@ def paged_prefill(
         lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        # As the ragged kernel: a task per (query row, head) of each sequence.
+        # As the ragged kernel: a task per (tile of query rows, head) of each sequence.
         for b in T.serial(batch_size):
-            for ih in T.parallel((q_indptr[b + 1] - q_indptr[b]) * h_q):
+            for task in T.parallel(
+                (q_indptr[b + 1] - q_indptr[b] + ROW_TILE - 1) // ROW_TILE * h_q
+            ):
                 with T.sblock("attn"):
                     # Regions depend on values read inside the block: declare it opaque.
                     T.reads()
                     T.writes()
                     page_begin: T.let[T.int32] = page_indptr[b]
                     num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
-                    num_kv: T.let[T.int32] = T.if_then_else(
-                        num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                    num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
+                    tile: T.let[T.int32] = _balanced_tile(
+                        task // h_q, (num_q + ROW_TILE - 1) // ROW_TILE
                     )
-                    kbase: T.let[T.int32] = k_rope_pos_offset[b]
-                    h: T.let[T.int32] = ih % h_q
-                    row: T.let[T.int32] = q_indptr[b] + ih // h_q
-                    qpos: T.let[T.int32] = q_rope_position[row]
-                    lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
-                    hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                    _attend_row(
+                    h: T.let[T.int32] = task % h_q
+                    _attend_tile(
                         q,
-                        row,
+                        q_indptr[b] + tile * ROW_TILE,
+                        T.min(ROW_TILE, num_q - tile * ROW_TILE),
                         h,
                         _PagedKV(
                             pages,
@@ -354,13 +488,16 @@ def paged_prefill(
                             h // group,
                             sliding_table,
                         ),
-                        lo,
-                        hi,
+                        q_rope_position,
+                        k_rope_pos_offset[b],
+                        T.if_then_else(
+                            num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                        ),
+                        window,
                         output,
                         lse,
                         sm_scale,
                         softcap,
-                        lanes,
                         d,
                         dtype,
                     )

@@ -37,7 +37,7 @@ from relaxlm.frontends.ops import (
 )
 
 from . import attention_kernels
-from .rope import longrope_factors, rope_te
+from .rope import longrope_factors, rope_te, split_rotary_cpu
 
 CACHE_PARAM = "paged_kv_cache"
 CREATE_FUNCTION = "create_paged_kv_cache"
@@ -382,6 +382,11 @@ def _use_relaxlm_kernels(mod: tvm.IRModule, plan: _Plan) -> tvm.IRModule:
             *shape, window=plan.window, sliding_table=True, **common
         ),
     }
+    # TVM's CPU RoPE evaluates pow/cos/sin per element, serially; relaxlm's supports the
+    # scalings the cache is given (default, linear, llama3; LongRoPE is rotated in the graph).
+    kernels["tir_split_rotary"] = split_rotary_cpu(
+        plan.cache_rope, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.dtype
+    )
     names = {gvar.name_hint: gvar for gvar in mod.get_global_vars()}
     for name, kernel in kernels.items():
         assert name in names, f"TVM's paged KV cache no longer adds a kernel named {name!r}"

@@ -26,7 +26,7 @@ from relaxlm.artifacts import ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.checkpoint import Checkpoint
 
-from . import schedules
+from . import schedules, vector_math
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import FuseParallelLinear, param_sources
 from .int8_dot import has_int8_dot
@@ -156,9 +156,10 @@ def build_library(
     _dump(dump, "1-graph", mod)
 
     # 2. legalize / fuse
+    cpu = preset.device == "cpu"
     mod = tvm.transform.Sequential(
         [
-            relax.transform.LegalizeOps(),
+            relax.transform.LegalizeOps(vector_math.cpu_legalizations() if cpu else None),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -8,6 +8,7 @@ positions the cache reports. Frequencies follow transformers (`modeling_rope_uti
 
 from tvm import te, tirx
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
+from tvm.script import tirx as T
 
 from relaxlm.frontends.ops import RopeSpec
 
@@ -77,3 +78,103 @@ def _longrope_cos_sin(pos, i, spec: RopeSpec, factors: te.Tensor, rotary_dim: in
     angle = pos.astype("float32") * inv_freq
     factor = float(s["attention_factor"])
     return tirx.cos(angle) * factor, tirx.sin(angle) * factor
+
+
+@T.macro(hygienic=False)
+def _split_token(qkv, q, k, v, s, apply_rope, position_map, angle_value, half, rotary_dim):
+    """Token s of qkv into q, k, v; q and k rotated by `angle_value`'s cos/sin when apply_rope."""
+    with T.sblock("token"):
+        T.reads()
+        T.writes()
+        cos_t = T.sblock_alloc_buffer((max(half, 1),), "float32")
+        sin_t = T.sblock_alloc_buffer((max(half, 1),), "float32")
+        if apply_rope > 0:
+            for i in T.serial(half):
+                cos_t[i] = angle_value(position_map[s], i, 0)
+                sin_t[i] = angle_value(position_map[s], i, 1)
+        _rotate_heads(qkv, q, 0, s, apply_rope > 0, cos_t, sin_t, half, rotary_dim)
+        _rotate_heads(qkv, k, q.shape[1], s, apply_rope > 0, cos_t, sin_t, half, rotary_dim)
+        _rotate_heads(qkv, v, q.shape[1] + k.shape[1], s, False, cos_t, sin_t, half, rotary_dim)
+
+
+@T.macro(hygienic=False)
+def _rotate_heads(src, dst, src_head, s, rotate, cos_t, sin_t, half, rotary_dim):
+    """dst[s] = heads src_head ... of src[s], rotated (rotate-half, as TVM's kernel) if `rotate`."""
+    for h in T.serial(dst.shape[1]):
+        if rotate:
+            for i in T.vectorized(half):
+                dst[s, h, i] = T.cast(
+                    cos_t[i] * T.cast(src[s, src_head + h, i], "float32")
+                    + sin_t[i] * T.cast(-src[s, src_head + h, i + half], "float32"),
+                    dst.dtype,
+                )
+                dst[s, h, i + half] = T.cast(
+                    cos_t[i] * T.cast(src[s, src_head + h, i + half], "float32")
+                    + sin_t[i] * T.cast(src[s, src_head + h, i], "float32"),
+                    dst.dtype,
+                )
+            if int(dst.shape[2]) > rotary_dim:  # partial rotary: the rest passes through
+                for i in T.vectorized(int(dst.shape[2]) - rotary_dim):
+                    dst[s, h, rotary_dim + i] = src[s, src_head + h, rotary_dim + i]
+        else:
+            for i in T.vectorized(dst.shape[2]):
+                dst[s, h, i] = src[s, src_head + h, i]
+
+
+def split_rotary_cpu(
+    spec: RopeSpec | None, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
+) -> tirx.PrimFunc:
+    """The paged KV cache's `tir_split_rotary` for CPUs: qkv [tokens, heads, head_dim] split into
+    q, k, v with q and k rotated at the cache's positions (when `apply_rope`).
+
+    TVM's kernel runs serially and evaluates pow, cos and sin for every element of every head;
+    this one computes each token's cos/sin once (the same frequency functions, so the same
+    numbers) and rotates its heads in vectors, tokens in parallel. `spec` is the cache's RoPE
+    (`rope_scale` there is 1 / spec.scale); None when the cache applies none.
+    """
+    rotary_dim = (spec.rotary_dim or head_dim) if spec else head_dim
+    half = rotary_dim // 2
+    scale = 1.0 / spec.scale if spec else 1.0
+    theta = spec.theta if spec else 10000.0
+    freq_func = switch_rope_freq_func(dict(spec.scaling) if spec else {})
+    h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+
+    def angle_value(pos: tirx.Expr, i: tirx.Expr, which: int) -> tirx.Expr:
+        """cos (which=0) or sin (1) of frequency i at pos, its variables bound in the expression."""
+        cos_sin_lets = freq_func(
+            pos.astype("float32") * T.float32(scale), i, rotary_dim, theta, "float32"
+        )
+        value = cos_sin_lets[which]
+        for var, bound in cos_sin_lets[2].items():
+            value = tirx.Let(var, bound, value)
+        return value
+
+    @T.prim_func(s_tir=True)
+    def split_rotary(
+        var_qkv: T.handle,
+        var_position_map: T.handle,
+        var_q: T.handle,
+        var_k: T.handle,
+        var_v: T.handle,
+        apply_rope: T.int64,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        seq_len = T.int32()
+        position_map_offset = T.int32()
+        qkv = T.match_buffer(var_qkv, (seq_len, h_q + 2 * h_kv, d), dtype)
+        q = T.match_buffer(var_q, (seq_len, h_q, d), dtype)
+        k = T.match_buffer(var_k, (seq_len, h_kv, d), dtype)
+        v = T.match_buffer(var_v, (seq_len, h_kv, d), dtype)
+        position_map = T.match_buffer(
+            var_position_map, (seq_len,), "int32", elem_offset=position_map_offset
+        )
+        # One decode token: a parallel launch would cost more than the token.
+        if seq_len == 1:
+            _split_token(qkv, q, k, v, 0, apply_rope, position_map, angle_value, half, rotary_dim)
+        else:
+            for s in T.parallel(seq_len):
+                _split_token(
+                    qkv, q, k, v, s, apply_rope, position_map, angle_value, half, rotary_dim
+                )
+
+    return split_rotary

@@ -1,4 +1,4 @@
-"""CPU schedules: the weight matmuls (GEMV in decode, GEMM in prefill) and row reductions.
+"""CPU schedules: weight matmuls (GEMV in decode, GEMM in prefill), row reductions, element-wise.
 
 Stock dlight CPU rules are a poor fit (see shared/notes/tvm-0.27.md): `cpu.GEMV` vectorizes
 the wrong axis and takes minutes to compile, `cpu.Reduction` recomputes norms per element.
@@ -101,10 +101,37 @@ class RowReduction(ScheduleRule):
         return sch
 
 
+class Elementwise(ScheduleRule):
+    """Injective kernels (SiLU-and-multiply, residual adds, casts): the last axis in vectors.
+
+    Left serial: in decode they are one row, where a parallel launch costs more than the row,
+    and in prefill the vector form is already ~1 cycle per element. (On CPU, sigmoid and SiLU
+    are legalized through `vector_math`: LLVM would call scalar libm exp once per lane.)
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if infos is None or len(infos) != 1 or not infos[0].is_injective():
+            return None
+        loops = sch.get_loops(infos[0].block_rv)
+        if not loops:
+            return None
+        last = loops[-1]
+        extent = _extent(sch, last)
+        lanes = next((n for n in (LANES, 8, 4) if isinstance(extent, int) and extent % n == 0), 0)
+        if not lanes:
+            return None
+        sch.vectorize(sch.split(last, [None, lanes])[1])
+        return sch
+
+
 def _extent(sch: s_tir.Schedule, loop) -> int | tirx.Expr:
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tirx.IntImm) else extent
 
 
 def cpu_schedules() -> tvm.transform.Pass:
-    return dlight.ApplyDefaultSchedule(MatmulRows(), RowReduction())
+    return dlight.ApplyDefaultSchedule(MatmulRows(), RowReduction(), Elementwise())

@@ -1,0 +1,158 @@
+"""relaxlm's CPU attention kernels called directly, against numpy, at sizes the model tests miss.
+
+The paged-KV model tests (test_lower_attention_pass.py) add at most 4 tokens per step; here
+prompts span several row tiles and key blocks (`ROW_TILE`, `KEY_BLOCK`), batches mix lengths,
+and the paged kernel reads a prefix from scattered pages, through a sliding-window table too.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+
+from relaxlm.compiler import attention_kernels as ak
+from relaxlm.compiler.targets import resolve_target
+
+PAGE = ak.PAGE_SIZE
+
+
+def _reference(q, k, v, qpos, kpos, sm_scale, window, softcap):
+    """Output [n, hq, d] and base-2 log-sum-exp [n, hq] of one sequence, in float64."""
+    hq, hkv = q.shape[1], k.shape[1]
+    k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
+    scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k) * sm_scale
+    if softcap:
+        scores = softcap * np.tanh(scores / softcap)
+    visible = kpos[None, :] <= qpos[:, None]
+    if window:
+        visible &= kpos[None, :] > qpos[:, None] - window
+    scores = np.where(visible[None], scores, -np.inf)
+    top = np.where(visible.any(-1)[None], scores.max(-1), 0.0)
+    weights = np.exp(scores - top[..., None])
+    total = weights.sum(-1)
+    out = np.einsum("hqk,khd->qhd", weights / np.where(total > 0, total, 1)[..., None], v)
+    lse = np.where(total > 0, (top + np.log(np.where(total > 0, total, 1))) / math.log(2), None)
+    return out, lse.T
+
+
+def _build(func):
+    return tvm.compile(func, target=resolve_target("cpu").target())
+
+
+def _tensor(a, dtype=None):
+    return tvm.runtime.tensor(np.ascontiguousarray(a, dtype=dtype or a.dtype), tvm.cpu())
+
+
+def _check(out, lse, expected, atol):
+    for i, (want_out, want_lse) in enumerate(expected):
+        np.testing.assert_allclose(out[i], want_out, rtol=0, atol=atol, err_msg=f"sequence {i}")
+        seen = np.array([x is not None for x in want_lse.ravel()]).reshape(want_lse.shape)
+        np.testing.assert_allclose(
+            lse[i][seen], want_lse[seen].astype(np.float64), rtol=0, atol=1e-4
+        )
+        assert (lse[i][~seen] < -1e4).all(), "a row that sees no key must merge with weight 0"
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, d, lengths, window, softcap",
+    [
+        (4, 2, 64, [1, 37, 50], 0, 0.0),
+        (2, 2, 16, [40], 0, 0.0),
+        (4, 1, 32, [33, 17], 12, 0.0),
+        (2, 1, 16, [35], 0, 3.0),
+    ],
+    ids=["gqa-d64", "mha-d16", "window", "softcap"],
+)
+def test_ragged_prefill_matches_numpy(hq, hkv, d, lengths, window, softcap):
+    rng = np.random.default_rng(0)
+    kernel = _build(ak.ragged_prefill(hkv, hq, d, "float32", window=window, softcap=softcap))
+    total = sum(lengths)
+    q = rng.standard_normal((total, hq, d)).astype(np.float32)
+    k = rng.standard_normal((total, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((total, hkv, d)).astype(np.float32)
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    # Sequence i starts at position 5 * i: positions are absolute, not row numbers.
+    starts = [5 * i for i in range(len(lengths))]
+    qpos = np.concatenate([s + np.arange(n) for s, n in zip(starts, lengths, strict=True)]).astype(
+        np.int32
+    )
+    out = _tensor(np.zeros_like(q))
+    lse = _tensor(np.zeros((total, hq), np.float32))
+    sm_scale = 1 / math.sqrt(d)
+    kernel(
+        *map(_tensor, (q, indptr, k, v, indptr, qpos, np.array(starts, np.int32))),
+        out,
+        lse,
+        1,
+        0,
+        1.0,
+        10000.0,
+        sm_scale,
+    )
+    got_out, got_lse = out.numpy(), lse.numpy()
+    expected, split = [], []
+    for i in range(len(lengths)):
+        rows = slice(indptr[i], indptr[i + 1])
+        expected.append(
+            _reference(q[rows], k[rows], v[rows], qpos[rows], qpos[rows], sm_scale, window, softcap)
+        )
+        split.append((got_out[rows], got_lse[rows]))
+    _check([o for o, _ in split], [s for _, s in split], expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("sliding_table", [False, True])
+def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
+    hq, hkv, d = 4, 2, 32
+    rng = np.random.default_rng(1)
+    window = 24 if sliding_table else 0
+    kernel = _build(
+        ak.paged_prefill(
+            hkv, hq, d, "float32", window=window, softcap=0.0, sliding_table=sliding_table
+        )
+    )
+    # (keys already cached, new tokens); the new tokens are in the pages too, as the cache does.
+    seqs = [(40, 20), (3, 1), (70, 35)]
+    offset = 5 if sliding_table else 0  # a sliding table starts a few slots into its first page
+    pages_needed = [math.ceil((offset + c + n) / PAGE) for c, n in seqs]
+    page_ids = rng.permutation(sum(pages_needed) + 3).astype(np.int32)
+    pages = rng.standard_normal((len(page_ids), 2, hkv, PAGE, d)).astype(np.float32)
+    page_indptr = np.concatenate([[0], np.cumsum(pages_needed)]).astype(np.int32)
+    fills = [
+        (offset + c + n) - (p - 1) * PAGE for (c, n), p in zip(seqs, pages_needed, strict=True)
+    ]
+    if sliding_table:
+        length_info = np.array([fills, [offset] * len(seqs), [0] * len(seqs)], np.int32)
+    else:
+        length_info = np.array(fills, np.int32)
+    kbase = np.array([100 * i for i in range(len(seqs))], np.int32)
+    q_indptr = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
+    qpos = np.concatenate([kbase[i] + c + np.arange(n) for i, (c, n) in enumerate(seqs)])
+    q = rng.standard_normal((q_indptr[-1], hq, d)).astype(np.float32)
+    out = _tensor(np.zeros_like(q))
+    lse = _tensor(np.zeros((len(q), hq), np.float32))
+    sm_scale = 1 / math.sqrt(d)
+    kernel(
+        *map(_tensor, (q, q_indptr, pages, page_indptr, page_ids[: page_indptr[-1]])),
+        _tensor(length_info),
+        *map(_tensor, (kbase, qpos.astype(np.int32))),
+        out,
+        lse,
+        1,
+        0,
+        1.0,
+        10000.0,
+        sm_scale,
+    )
+    got_out, got_lse = out.numpy(), lse.numpy()
+    expected, split = [], []
+    for i, (cached, new) in enumerate(seqs):
+        ids = page_ids[page_indptr[i] : page_indptr[i + 1]]
+        slots = offset + np.arange(cached + new)
+        keys = pages[ids[slots // PAGE], 0, :, slots % PAGE]  # [keys, hkv, d]
+        values = pages[ids[slots // PAGE], 1, :, slots % PAGE]
+        rows = slice(q_indptr[i], q_indptr[i + 1])
+        kpos = kbase[i] + np.arange(cached + new)
+        expected.append(_reference(q[rows], keys, values, qpos[rows], kpos, sm_scale, window, 0.0))
+        split.append((got_out[rows], got_lse[rows]))
+    _check([o for o, _ in split], [s for _, s in split], expected, atol=2e-6)
