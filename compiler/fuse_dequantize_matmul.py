@@ -97,6 +97,7 @@ class _Rewriter(relax.PyExprMutator):
             and scheme.activations == "int8"
             and scheme.bits == 4
             and scheme.symmetric
+            and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))
             and scheme.scale_dtype_for(out_dtype) in ("float16", "float32")

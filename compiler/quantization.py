@@ -6,8 +6,8 @@ number of groups (and of packed words), so any K works:
 - q8      int8 [N, Kp]                  scale [N, Kp/32]            w = q * scale
 - q4      uint32 [N, Kp/8] (8 nibbles)  scale [N, Kp/32]            w = (nibble - 8) * scale
   (q8 and q4 scales may be negative: see `_symmetric_codes` for how they are chosen)
-- q4-a8   as q4 with float16 scales; activations become int8 per group of 32 at run time
-          (int8_dot.py)
+- q4-a8   as q4 with float16 scales, packed for int8_dot.py's kernel (see below); activations
+          become int8 per group of 32 at run time
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
@@ -18,6 +18,13 @@ number of groups (and of packed words), so any K works:
 at the same shift: a decode kernel unpacks 16 weights with one vector load, shift and mask
 (AWQ/GPTQ checkpoints pack 8 consecutive k per word; loading them is a bit permutation,
 never a requantization).
+
+q4-a8 packs for an int8 dot product over rows in vector lanes instead: word w of a row holds
+k = 8w .. 8w + 7, byte e holding k = 8w + e in its low nibble and 8w + 4 + e in its high one
+(K padded to whole groups only); and when N is a multiple of `row_tile` (16), the words and
+the scales are stored in tiles of 16 rows, tile-major: element [r, c] of a part sits at flat
+index (r // 16 * C + c) * 16 + r % 16 of the same [N, C] array, so one 64-byte load holds the
+same word of 16 rows.
 """
 
 from dataclasses import dataclass
@@ -44,6 +51,9 @@ class QuantScheme:
     # (int8_dot.py); the stored weights are the same as without
     activations: str = ""
     scale_dtype: str = ""  # dtype of the scales; "" = the model's compute dtype
+    # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
+    # (see the module docstring); 0: the interleaved layout
+    row_tile: int = 0
 
     def scale_dtype_for(self, compute_dtype: str) -> str:
         return self.scale_dtype or compute_dtype
@@ -51,6 +61,8 @@ class QuantScheme:
     @property
     def block(self) -> int:
         """K is padded to a multiple of this: whole groups and whole interleaved blocks."""
+        if self.row_tile:
+            return self.group_size
         return max(self.group_size, INTERLEAVE if self.per_word > 1 else 1)
 
     @property
@@ -62,6 +74,10 @@ class QuantScheme:
     def ggml_type(self) -> str:
         """The GGML tensor type of a "gguf" scheme ("Q4_K"); empty for the others."""
         return self.name.removeprefix("gguf-").upper() if self.kind == "gguf" else ""
+
+    def tiled(self, n: int) -> bool:
+        """Whether a weight of n rows is stored in row tiles."""
+        return bool(self.row_tile) and n % self.row_tile == 0
 
     def padded_k(self, k: int) -> int:
         return -(-k // self.block) * self.block
@@ -90,6 +106,7 @@ class QuantScheme:
             "packing": _packing(self),
             **({"activations": self.activations} if self.activations else {}),
             **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {}),
+            **({"row_tile": self.row_tile} if self.row_tile else {}),
         }
 
 
@@ -98,6 +115,11 @@ def _packing(scheme: QuantScheme) -> str:
         return (
             f"llama.cpp {scheme.ggml_type} blocks: {scheme.block_bytes} bytes per "
             f"{scheme.group_size} values"
+        )
+    if scheme.row_tile:
+        return (
+            "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high), "
+            f"rows in tiles of {scheme.row_tile} when N is a multiple"
         )
     if scheme.per_word > 1:
         return f"nibbles interleaved in blocks of {INTERLEAVE} along K"
@@ -139,6 +161,7 @@ SCHEMES: dict[str, QuantScheme | None] = {
         storage_dtype="uint32",
         activations="int8",
         scale_dtype="float16",
+        row_tile=16,
     ),
     "q4-asym": QuantScheme(
         "q4-asym", "int", bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
@@ -171,16 +194,21 @@ ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # rows are packed in chunks of ~4M values: bo
 def quantize(scheme: QuantScheme, weight: np.ndarray, compute_dtype: np.dtype) -> list[np.ndarray]:
     """Pack a float weight [N, K]; the parts in `part_shapes` order."""
     rows = max(1, ROWS_PER_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    tiled = scheme.tiled(weight.shape[0])
+    if tiled:  # chunks of whole tiles
+        rows = max(1, rows // scheme.row_tile) * scheme.row_tile
     if weight.shape[0] <= rows:
-        return _quantize_rows(scheme, weight, compute_dtype)
+        return _quantize_rows(scheme, weight, compute_dtype, tiled)
     chunks = [
-        _quantize_rows(scheme, weight[i : i + rows], compute_dtype)
+        _quantize_rows(scheme, weight[i : i + rows], compute_dtype, tiled)
         for i in range(0, weight.shape[0], rows)
     ]
     return [np.concatenate(parts) for parts in zip(*chunks, strict=True)]
 
 
-def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> list[np.ndarray]:
+def _quantize_rows(
+    scheme: QuantScheme, weight: np.ndarray, compute_dtype, tiled: bool = False
+) -> list[np.ndarray]:
     if scheme.kind == "gguf":
         raise RelaxlmError(
             f"{scheme.name}: relaxlm keeps llama.cpp's blocks but does not make them; "
@@ -200,6 +228,9 @@ def _quantize_rows(scheme: QuantScheme, weight: np.ndarray, compute_dtype) -> li
         if scheme.storage_dtype == "int8":
             return [q.reshape(n, kp).astype(np.int8), scale]
         codes = (q + half).astype(np.uint32).reshape(n, kp)
+        if scheme.row_tile:
+            words = _pack_octets(codes)
+            return [_to_tiles(words), _to_tiles(scale)] if tiled else [words, scale]
         return [_pack(codes, scheme.bits), scale]
     lo, hi = groups.min(axis=2), groups.max(axis=2)
     lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)  # keep 0 representable (padding, sparsity)
@@ -264,10 +295,13 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         return parts[0].astype(np.float32)
     if scheme.kind == "gguf":
         return dequantize_gguf(scheme, parts[0], k)
-    q, scale = parts[0], parts[1].astype(np.float32)
+    q, scale = parts[0], group_scales(scheme, parts).astype(np.float32)
     n = q.shape[0]
     if scheme.storage_dtype == "int8":
         codes = q.astype(np.float32)
+    elif scheme.row_tile:
+        words = _from_tiles(q) if scheme.tiled(n) else q
+        codes = _unpack_octets(words).astype(np.float32) - 8
     else:
         codes = _unpack(q, scheme.bits).astype(np.float32)
         if scheme.symmetric:
@@ -277,6 +311,44 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         groups = groups - parts[2].astype(np.float32)[..., None]
     # contiguous: a [:, :k] view of padded rows trips writers that take the raw buffer
     return np.ascontiguousarray((groups * scale[..., None]).reshape(n, -1)[:, :k])
+
+
+def group_scales(scheme: QuantScheme, parts: list[np.ndarray]) -> np.ndarray:
+    """The scales of an "int" scheme's parts as [N, groups], rows in order."""
+    scale = parts[1]
+    return _from_tiles(scale) if scheme.tiled(scale.shape[0]) else scale
+
+
+TILE = 16  # rows per tile of the row-tiled layout
+
+
+def _to_tiles(a: np.ndarray) -> np.ndarray:
+    """[N, C] rows in order -> the same shape, tile-major (element [r, c] at flat index
+    (r // TILE * C + c) * TILE + r % TILE)."""
+    n, c = a.shape
+    return np.ascontiguousarray(a.reshape(n // TILE, TILE, c).transpose(0, 2, 1)).reshape(n, c)
+
+
+def _from_tiles(a: np.ndarray) -> np.ndarray:
+    n, c = a.shape
+    return np.ascontiguousarray(a.reshape(n // TILE, c, TILE).transpose(0, 2, 1)).reshape(n, c)
+
+
+def _pack_octets(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes [N, Kp] -> words [N, Kp/8]: byte e of word w holds k = 8w + e (low nibble)
+    and 8w + 4 + e (high nibble)."""
+    n, kp = codes.shape
+    c = codes.reshape(n, kp // 8, 2, 4)
+    octet_bytes = c[:, :, 0] | (c[:, :, 1] << 4)  # [n, w, byte e]
+    shifts = np.arange(4, dtype=np.uint32) * 8
+    return np.bitwise_or.reduce(octet_bytes << shifts, axis=2).astype(np.uint32)
+
+
+def _unpack_octets(words: np.ndarray) -> np.ndarray:
+    n = words.shape[0]
+    octet_bytes = (words[..., None] >> (np.arange(4, dtype=np.uint32) * 8)) & 0xFF  # [n, w, e]
+    codes = np.stack([octet_bytes & 0xF, octet_bytes >> 4], axis=2)  # [n, w, half, e]
+    return codes.reshape(n, -1)
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:

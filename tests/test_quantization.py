@@ -17,7 +17,7 @@ import relaxlm
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
 from relaxlm.compiler.int8_dot import has_int8_dot
-from relaxlm.compiler.quantization import SCHEMES, dequantize, quantize
+from relaxlm.compiler.quantization import SCHEMES, dequantize, group_scales, quantize
 from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
 from relaxlm.compiler.targets import resolve_target
 
@@ -32,7 +32,8 @@ VNNI = has_int8_dot(resolve_target("cpu").target())
 def test_pack_unpack_within_the_scheme_bound(name):
     scheme = SCHEMES[name]
     rng = np.random.default_rng(0)
-    for n, k in [(3, 32), (5, 100), (2, 129), (7, 300), (1, 1)]:  # K not a multiple of the group
+    # K not a multiple of the group; N a multiple of q4-a8's row tile (16) or not
+    for n, k in [(3, 32), (5, 100), (2, 129), (7, 300), (1, 1), (16, 100), (48, 64)]:
         w = (rng.standard_normal((n, k)) * rng.uniform(0.01, 10)).astype(np.float32)
         parts = quantize(scheme, w, np.float32)
         assert [p.shape for p in parts] == list(scheme.part_shapes(n, k).values())
@@ -42,7 +43,8 @@ def test_pack_unpack_within_the_scheme_bound(name):
             np.testing.assert_allclose(back, w, rtol=2**-7, atol=0)
             continue
         # Rounding to the nearest level: at most half a step (the group's scale) off.
-        scale = np.abs(np.repeat(parts[1].astype(np.float32), scheme.group_size, axis=1)[:, :k])
+        scales = group_scales(scheme, parts).astype(np.float32)
+        scale = np.abs(np.repeat(scales, scheme.group_size, axis=1)[:, :k])
         assert np.all(np.abs(back - w) <= scale / 2 + 1e-6)
 
 
@@ -238,11 +240,14 @@ def _linear_vm(n: int, k: int, scheme_name: str):
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
-@pytest.mark.parametrize("n,k", [(64, 128), (40, 70), (128, 300), (256, 1000)])
+@pytest.mark.parametrize("n,k", [(64, 128), (48, 70), (128, 300), (256, 1000), (40, 70)])
 def test_int8_dot_equals_int8_activations_times_dequantized_weights(n, k):
+    """Weights in row tiles take the int8 kernel; others (N not a multiple of 16) compute as
+    q4, float activations times the dequantized weights."""
     scheme = SCHEMES["q4-a8"]
     forward, script = _linear_vm(n, k, "q4-a8")
-    assert "q4_int8_linear" in script
+    tiled = scheme.tiled(n)
+    assert ("q4_int8_linear" in script) == tiled
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
     parts = quantize(scheme, w, np.float32)
@@ -251,7 +256,7 @@ def test_int8_dot_equals_int8_activations_times_dequantized_weights(n, k):
         x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
         x[0, 0, : min(k, 40)] = 0  # an all-zero group: scale 0, codes 0
         got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
-        ref = _int8_activations(x) @ weights.T
+        ref = (_int8_activations(x) if tiled else x) @ weights.T
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
