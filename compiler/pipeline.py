@@ -26,7 +26,8 @@ from relaxlm.artifacts import ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.checkpoint import Checkpoint
 
-from . import schedules, vector_math
+from . import schedules
+from .cpu_legalize import cpu_legalizations
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import FuseParallelLinear, param_sources
 from .int8_dot import has_int8_dot
@@ -159,7 +160,7 @@ def build_library(
     cpu = preset.device == "cpu"
     mod = tvm.transform.Sequential(
         [
-            relax.transform.LegalizeOps(vector_math.cpu_legalizations() if cpu else None),
+            relax.transform.LegalizeOps(cpu_legalizations() if cpu else None),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -9,8 +9,7 @@ operations LLVM keeps in AVX-512 lanes.
 
 import math
 
-import tvm
-from tvm import relax, te, tirx
+from tvm import tirx
 from tvm.script import tirx as T
 
 _LOG2E = math.log2(math.e)
@@ -55,28 +54,3 @@ def exp(x: tirx.Expr) -> tirx.Expr:
 
 def sigmoid(x: tirx.Expr) -> tirx.Expr:
     return T.float32(1) / (T.float32(1) + exp(-x))
-
-
-def cpu_legalizations() -> dict:
-    """LegalizeOps overrides for CPU targets: float32 sigmoid and SiLU through `sigmoid` above
-    (other dtypes legalize as TVM does)."""
-
-    def elementwise(name: str, build):
-        default = tvm.ir.Op.get(name).get_attr("FLegalize")
-
-        def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-            if call.args[0].ty.dtype != "float32":
-                return default(bb, call)
-            short = name.split(".")[-1]
-            return bb.call_te(
-                lambda x: te.compute(x.shape, lambda *i: build(x(*i)), name=short),
-                call.args[0],
-                primfunc_name_hint=short,
-            )
-
-        return legalize
-
-    return {
-        "relax.sigmoid": elementwise("relax.sigmoid", sigmoid),
-        "relax.nn.silu": elementwise("relax.nn.silu", lambda x: x * sigmoid(x)),
-    }
