@@ -101,6 +101,79 @@ def test_ragged_prefill_matches_numpy(hq, hkv, d, lengths, window, softcap):
     _check([o for o, _ in split], [s for _, s in split], expected, atol=2e-6)
 
 
+def _scattered_cache(rng, seqs, hkv, d, offset, sliding_table):
+    """Pages holding sequences of `seqs` keys each (from slot `offset` of the first page) in
+    shuffled page order, and the cache's bookkeeping for them."""
+    pages_needed = [math.ceil((offset + n) / PAGE) for n in seqs]
+    page_ids = rng.permutation(sum(pages_needed) + 3).astype(np.int32)
+    pages = rng.standard_normal((len(page_ids), 2, hkv, PAGE, d)).astype(np.float32)
+    page_indptr = np.concatenate([[0], np.cumsum(pages_needed)]).astype(np.int32)
+    fills = [offset + n - (p - 1) * PAGE for n, p in zip(seqs, pages_needed, strict=True)]
+    if sliding_table:
+        length_info = np.array([fills, [offset] * len(seqs), [0] * len(seqs)], np.int32)
+    else:
+        length_info = np.array(fills, np.int32)
+    return pages, page_ids, page_indptr, length_info
+
+
+def _cached(pages, page_ids, page_indptr, i, offset, n):
+    """Keys and values [n, hkv, d] of sequence i."""
+    ids = page_ids[page_indptr[i] : page_indptr[i + 1]]
+    slots = offset + np.arange(n)
+    return pages[ids[slots // PAGE], 0, :, slots % PAGE], pages[
+        ids[slots // PAGE], 1, :, slots % PAGE
+    ]
+
+
+@pytest.mark.parametrize(
+    "hq, hkv, d, window, softcap, sliding_table",
+    [(4, 2, 64, 0, 0.0, False), (4, 1, 32, 20, 0.0, True), (2, 2, 16, 0, 2.0, False)],
+    ids=["gqa-d64", "window-table", "softcap"],
+)
+def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
+    rng = np.random.default_rng(2)
+    kernel = _build(
+        ak.paged_decode(
+            hkv, hq, d, "float32", window=window, softcap=softcap, sliding_table=sliding_table
+        )
+    )
+    seqs = [1, 40, 77, 8]  # keys cached per sequence, the new token's among them
+    offset = 3 if sliding_table else 0
+    pages, page_ids, page_indptr, length_info = _scattered_cache(
+        rng, seqs, hkv, d, offset, sliding_table
+    )
+    kbase = np.array([50 * i for i in range(len(seqs))], np.int32)
+    qpos = (kbase + np.array(seqs) - 1).astype(np.int32)
+    q = rng.standard_normal((len(seqs), hq, d)).astype(np.float32)
+    out = _tensor(np.zeros_like(q))
+    lse = _tensor(np.zeros((len(seqs), hq), np.float32))
+    sm_scale = 1 / math.sqrt(d)
+    kernel(
+        *map(_tensor, (q, pages, page_indptr, page_ids[: page_indptr[-1]], length_info)),
+        *map(_tensor, (kbase, qpos)),
+        out,
+        lse,
+        0,
+        1.0,
+        10000.0,
+        sm_scale,
+    )
+    expected = []
+    for i, n in enumerate(seqs):
+        keys, values = _cached(pages, page_ids, page_indptr, i, offset, n)
+        kpos = kbase[i] + np.arange(n)
+        expected.append(
+            _reference(q[i : i + 1], keys, values, qpos[i : i + 1], kpos, sm_scale, window, softcap)
+        )
+    got_out, got_lse = out.numpy(), lse.numpy()
+    _check(
+        [got_out[i : i + 1] for i in range(len(seqs))],
+        [got_lse[i : i + 1] for i in range(len(seqs))],
+        expected,
+        atol=2e-6,
+    )
+
+
 @pytest.mark.parametrize("sliding_table", [False, True])
 def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
     hq, hkv, d = 4, 2, 32
@@ -114,17 +187,9 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
     # (keys already cached, new tokens); the new tokens are in the pages too, as the cache does.
     seqs = [(40, 20), (3, 1), (70, 35)]
     offset = 5 if sliding_table else 0  # a sliding table starts a few slots into its first page
-    pages_needed = [math.ceil((offset + c + n) / PAGE) for c, n in seqs]
-    page_ids = rng.permutation(sum(pages_needed) + 3).astype(np.int32)
-    pages = rng.standard_normal((len(page_ids), 2, hkv, PAGE, d)).astype(np.float32)
-    page_indptr = np.concatenate([[0], np.cumsum(pages_needed)]).astype(np.int32)
-    fills = [
-        (offset + c + n) - (p - 1) * PAGE for (c, n), p in zip(seqs, pages_needed, strict=True)
-    ]
-    if sliding_table:
-        length_info = np.array([fills, [offset] * len(seqs), [0] * len(seqs)], np.int32)
-    else:
-        length_info = np.array(fills, np.int32)
+    pages, page_ids, page_indptr, length_info = _scattered_cache(
+        rng, [c + n for c, n in seqs], hkv, d, offset, sliding_table
+    )
     kbase = np.array([100 * i for i in range(len(seqs))], np.int32)
     q_indptr = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
     qpos = np.concatenate([kbase[i] + c + np.arange(n) for i, (c, n) in enumerate(seqs)])
@@ -147,10 +212,7 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
     got_out, got_lse = out.numpy(), lse.numpy()
     expected, split = [], []
     for i, (cached, new) in enumerate(seqs):
-        ids = page_ids[page_indptr[i] : page_indptr[i + 1]]
-        slots = offset + np.arange(cached + new)
-        keys = pages[ids[slots // PAGE], 0, :, slots % PAGE]  # [keys, hkv, d]
-        values = pages[ids[slots // PAGE], 1, :, slots % PAGE]
+        keys, values = _cached(pages, page_ids, page_indptr, i, offset, cached + new)
         rows = slice(q_indptr[i], q_indptr[i + 1])
         kpos = kbase[i] + np.arange(cached + new)
         expected.append(_reference(q[rows], keys, values, qpos[rows], kpos, sm_scale, window, 0.0))
