@@ -16,6 +16,7 @@ Scores follow transformers: `s = q.k * sm_scale`, then `s = cap * tanh(s / cap)`
 then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel expects.
 """
 
+import copy
 import math
 
 from tvm import tirx
@@ -60,13 +61,25 @@ def _slot(col, b, length_info, sliding_table: bool):
     return T.if_then_else(col < length_info[2, b], col, col - length_info[2, b] + length_info[1, b])
 
 
-class _RaggedKV:
-    """Keys and values of this forward: rows base + j of k and v, kv head `head`.
+class _KVSource:
+    """Where a kernel reads keys and values: `row(j)` locates key j once per key, `key(row, x)`
+    and `value(row, x)` read from there, in kv head `head`; `for_query_head(h)` is the source
+    for query head h (heads in groups of `group` share a kv head)."""
 
-    `row(j)` locates key j once per key; `key(row, x)` and `value(row, x)` read from there."""
+    head = None
+    group = 1
 
-    def __init__(self, k, v, base, head):
-        self.k, self.v, self.base, self.head = k, v, base, head
+    def for_query_head(self, h):
+        source = copy.copy(self)
+        source.head = h // self.group
+        return source
+
+
+class _RaggedKV(_KVSource):
+    """Keys and values of this forward: rows base + j of k and v."""
+
+    def __init__(self, k, v, base, group):
+        self.k, self.v, self.base, self.group = k, v, base, group
 
     def row(self, j):
         return self.base + j
@@ -78,13 +91,13 @@ class _RaggedKV:
         return self.v[row, self.head, x]
 
 
-class _PagedKV:
-    """Keys and values in sequence b's pages, kv head `head`: key j's row is its page times
-    PAGE_SIZE plus its place in the page (see `_slot`)."""
+class _PagedKV(_KVSource):
+    """Keys and values in sequence b's pages: key j's row is its page times PAGE_SIZE plus its
+    place in the page (see `_slot`)."""
 
-    def __init__(self, pages, page_values, page_begin, length_info, b, head, sliding_table):
+    def __init__(self, pages, page_values, page_begin, length_info, b, group, sliding_table):
         self.pages, self.page_values, self.page_begin = pages, page_values, page_begin
-        self.length_info, self.b, self.head, self.sliding = length_info, b, head, sliding_table
+        self.length_info, self.b, self.group, self.sliding = length_info, b, group, sliding_table
 
     def row(self, j):
         slot = _slot(j, self.b, self.length_info, self.sliding)
@@ -290,6 +303,51 @@ def _attend_tile(
         )
 
 
+@T.macro(hygienic=False)
+def _prefill_sequence(
+    q,
+    first,
+    num_q,
+    h_q,
+    kv,
+    positions,
+    kbase,
+    num_kv,
+    window,
+    output,
+    lse,
+    sm_scale,
+    softcap,
+    d,
+    dtype,
+):
+    """Attention of one sequence's num_q new rows (from row `first`) over the keys of `kv`:
+    a task per (tile of ROW_TILE rows, query head)."""
+    for task in T.parallel((num_q + ROW_TILE - 1) // ROW_TILE * h_q):
+        with T.sblock("attn"):
+            # Regions depend on values read inside the block: declare it opaque.
+            T.reads()
+            T.writes()
+            tile: T.let[T.int32] = _balanced_tile(task // h_q, (num_q + ROW_TILE - 1) // ROW_TILE)
+            _attend_tile(
+                q,
+                first + tile * ROW_TILE,
+                T.min(ROW_TILE, num_q - tile * ROW_TILE),
+                task % h_q,
+                kv.for_query_head(task % h_q),
+                positions,
+                kbase,
+                num_kv,
+                window,
+                output,
+                lse,
+                sm_scale,
+                softcap,
+                d,
+                dtype,
+            )
+
+
 def _balanced_tile(task_row: tirx.Expr, num_tiles: tirx.Expr) -> tirx.Expr:
     """Tile of the task_row-th task: 0, n-1, 1, n-2, ... so each thread's contiguous share of
     the tasks (TVM splits a parallel loop into equal runs) mixes short causal rows with long."""
@@ -366,35 +424,23 @@ def ragged_prefill(
                 "sliding window; prefill in chunks no longer than the window "
                 "(manifest prefill_chunk_size)"
             )
-            for task in T.parallel(
-                (q_indptr[b + 1] - q_indptr[b] + ROW_TILE - 1) // ROW_TILE * h_q
-            ):
-                with T.sblock("attn"):
-                    # Regions depend on values read inside the block: declare it opaque.
-                    T.reads()
-                    T.writes()
-                    num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    tile: T.let[T.int32] = _balanced_tile(
-                        task // h_q, (num_q + ROW_TILE - 1) // ROW_TILE
-                    )
-                    h: T.let[T.int32] = task % h_q
-                    _attend_tile(
-                        q,
-                        q_indptr[b] + tile * ROW_TILE,
-                        T.min(ROW_TILE, num_q - tile * ROW_TILE),
-                        h,
-                        _RaggedKV(k, v, kv_indptr[b], h // group),
-                        q_rope_position,
-                        k_rope_pos_offset[b],
-                        kv_indptr[b + 1] - kv_indptr[b],
-                        window,
-                        output,
-                        lse,
-                        sm_scale,
-                        softcap,
-                        d,
-                        dtype,
-                    )
+            _prefill_sequence(
+                q,
+                q_indptr[b],
+                q_indptr[b + 1] - q_indptr[b],
+                h_q,
+                _RaggedKV(k, v, kv_indptr[b], group),
+                q_rope_position,
+                k_rope_pos_offset[b],
+                kv_indptr[b + 1] - kv_indptr[b],
+                window,
+                output,
+                lse,
+                sm_scale,
+                softcap,
+                d,
+                dtype,
+            )
 
     return attention_prefill_ragged
 
@@ -472,47 +518,24 @@ def paged_prefill(
 
         # As the ragged kernel: a task per (tile of query rows, head) of each sequence.
         for b in T.serial(batch_size):
-            for task in T.parallel(
-                (q_indptr[b + 1] - q_indptr[b] + ROW_TILE - 1) // ROW_TILE * h_q
-            ):
-                with T.sblock("attn"):
-                    # Regions depend on values read inside the block: declare it opaque.
-                    T.reads()
-                    T.writes()
-                    page_begin: T.let[T.int32] = page_indptr[b]
-                    num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
-                    num_q: T.let[T.int32] = q_indptr[b + 1] - q_indptr[b]
-                    tile: T.let[T.int32] = _balanced_tile(
-                        task // h_q, (num_q + ROW_TILE - 1) // ROW_TILE
-                    )
-                    h: T.let[T.int32] = task % h_q
-                    _attend_tile(
-                        q,
-                        q_indptr[b] + tile * ROW_TILE,
-                        T.min(ROW_TILE, num_q - tile * ROW_TILE),
-                        h,
-                        _PagedKV(
-                            pages,
-                            page_values,
-                            page_begin,
-                            length_info,
-                            b,
-                            h // group,
-                            sliding_table,
-                        ),
-                        q_rope_position,
-                        k_rope_pos_offset[b],
-                        T.if_then_else(
-                            num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
-                        ),
-                        window,
-                        output,
-                        lse,
-                        sm_scale,
-                        softcap,
-                        d,
-                        dtype,
-                    )
+            num_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+            _prefill_sequence(
+                q,
+                q_indptr[b],
+                q_indptr[b + 1] - q_indptr[b],
+                h_q,
+                _PagedKV(pages, page_values, page_indptr[b], length_info, b, group, sliding_table),
+                q_rope_position,
+                k_rope_pos_offset[b],
+                T.if_then_else(num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0),
+                window,
+                output,
+                lse,
+                sm_scale,
+                softcap,
+                d,
+                dtype,
+            )
 
     return attention_prefill_paged
 
@@ -602,8 +625,8 @@ def paged_decode(
                     b,
                     h,
                     _PagedKV(
-                        pages, page_values, page_begin, length_info, b, h // group, sliding_table
-                    ),
+                        pages, page_values, page_begin, length_info, b, group, sliding_table
+                    ).for_query_head(h),
                     lo,
                     hi,
                     output,

@@ -44,6 +44,16 @@ def _tensor(a, dtype=None):
     return tvm.runtime.tensor(np.ascontiguousarray(a, dtype=dtype or a.dtype), tvm.cpu())
 
 
+def _run(kernel, q, inputs, prefill: bool, sm_scale: float):
+    """The kernel's output and log-sum-exp for queries q [rows, hq, d] and its other inputs
+    (arrays), then flags: causal (prefill only) and rotary_mode 0, RoPE scale and theta."""
+    out = _tensor(np.zeros_like(q))
+    lse = _tensor(np.zeros(q.shape[:2], np.float32))
+    flags = (1, 0) if prefill else (0,)
+    kernel(_tensor(q), *map(_tensor, inputs), out, lse, *flags, 1.0, 10000.0, sm_scale)
+    return out.numpy(), lse.numpy()
+
+
 def _check(out, lse, expected, atol):
     for i, (want_out, want_lse) in enumerate(expected):
         np.testing.assert_allclose(out[i], want_out, rtol=0, atol=atol, err_msg=f"sequence {i}")
@@ -77,20 +87,9 @@ def test_ragged_prefill_matches_numpy(hq, hkv, d, lengths, window, softcap):
     qpos = np.concatenate([s + np.arange(n) for s, n in zip(starts, lengths, strict=True)]).astype(
         np.int32
     )
-    out = _tensor(np.zeros_like(q))
-    lse = _tensor(np.zeros((total, hq), np.float32))
     sm_scale = 1 / math.sqrt(d)
-    kernel(
-        *map(_tensor, (q, indptr, k, v, indptr, qpos, np.array(starts, np.int32))),
-        out,
-        lse,
-        1,
-        0,
-        1.0,
-        10000.0,
-        sm_scale,
-    )
-    got_out, got_lse = out.numpy(), lse.numpy()
+    inputs = (indptr, k, v, indptr, qpos, np.array(starts, np.int32))
+    got_out, got_lse = _run(kernel, q, inputs, True, sm_scale)
     expected, split = [], []
     for i in range(len(lengths)):
         rows = slice(indptr[i], indptr[i + 1])
@@ -145,19 +144,9 @@ def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
     kbase = np.array([50 * i for i in range(len(seqs))], np.int32)
     qpos = (kbase + np.array(seqs) - 1).astype(np.int32)
     q = rng.standard_normal((len(seqs), hq, d)).astype(np.float32)
-    out = _tensor(np.zeros_like(q))
-    lse = _tensor(np.zeros((len(seqs), hq), np.float32))
     sm_scale = 1 / math.sqrt(d)
-    kernel(
-        *map(_tensor, (q, pages, page_indptr, page_ids[: page_indptr[-1]], length_info)),
-        *map(_tensor, (kbase, qpos)),
-        out,
-        lse,
-        0,
-        1.0,
-        10000.0,
-        sm_scale,
-    )
+    inputs = (pages, page_indptr, page_ids[: page_indptr[-1]], length_info, kbase, qpos)
+    got_out, got_lse = _run(kernel, q, inputs, False, sm_scale)
     expected = []
     for i, n in enumerate(seqs):
         keys, values = _cached(pages, page_ids, page_indptr, i, offset, n)
@@ -165,7 +154,6 @@ def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
         expected.append(
             _reference(q[i : i + 1], keys, values, qpos[i : i + 1], kpos, sm_scale, window, softcap)
         )
-    got_out, got_lse = out.numpy(), lse.numpy()
     _check(
         [got_out[i : i + 1] for i in range(len(seqs))],
         [got_lse[i : i + 1] for i in range(len(seqs))],
@@ -192,24 +180,13 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
     )
     kbase = np.array([100 * i for i in range(len(seqs))], np.int32)
     q_indptr = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
-    qpos = np.concatenate([kbase[i] + c + np.arange(n) for i, (c, n) in enumerate(seqs)])
-    q = rng.standard_normal((q_indptr[-1], hq, d)).astype(np.float32)
-    out = _tensor(np.zeros_like(q))
-    lse = _tensor(np.zeros((len(q), hq), np.float32))
-    sm_scale = 1 / math.sqrt(d)
-    kernel(
-        *map(_tensor, (q, q_indptr, pages, page_indptr, page_ids[: page_indptr[-1]])),
-        _tensor(length_info),
-        *map(_tensor, (kbase, qpos.astype(np.int32))),
-        out,
-        lse,
-        1,
-        0,
-        1.0,
-        10000.0,
-        sm_scale,
+    qpos = np.concatenate([kbase[i] + c + np.arange(n) for i, (c, n) in enumerate(seqs)]).astype(
+        np.int32
     )
-    got_out, got_lse = out.numpy(), lse.numpy()
+    q = rng.standard_normal((q_indptr[-1], hq, d)).astype(np.float32)
+    sm_scale = 1 / math.sqrt(d)
+    inputs = (q_indptr, pages, page_indptr, page_ids[: page_indptr[-1]], length_info, kbase, qpos)
+    got_out, got_lse = _run(kernel, q, inputs, True, sm_scale)
     expected, split = [], []
     for i, (cached, new) in enumerate(seqs):
         keys, values = _cached(pages, page_ids, page_indptr, i, offset, cached + new)
