@@ -48,7 +48,7 @@ class QuantScheme:
     storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16, uint8
     block_bytes: int = 0  # "gguf" only
     # "int8": activations are quantized at run time where the target has an int8 dot product
-    # (int8_dot.py); the stored weights are the same as without
+    # (int8_dot.py; its weights are packed for it, see row_tile)
     activations: str = ""
     scale_dtype: str = ""  # dtype of the scales; "" = the model's compute dtype
     # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
@@ -230,7 +230,9 @@ def _quantize_rows(
         codes = (q + half).astype(np.uint32).reshape(n, kp)
         if scheme.row_tile:
             words = _pack_octets(codes)
-            return [_to_tiles(words), _to_tiles(scale)] if tiled else [words, scale]
+            if not tiled:
+                return [words, scale]
+            return [_to_tiles(words, scheme.row_tile), _to_tiles(scale, scheme.row_tile)]
         return [_pack(codes, scheme.bits), scale]
     lo, hi = groups.min(axis=2), groups.max(axis=2)
     lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)  # keep 0 representable (padding, sparsity)
@@ -300,7 +302,7 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
     if scheme.storage_dtype == "int8":
         codes = q.astype(np.float32)
     elif scheme.row_tile:
-        words = _from_tiles(q) if scheme.tiled(n) else q
+        words = _from_tiles(q, scheme.row_tile) if scheme.tiled(n) else q
         codes = _unpack_octets(words).astype(np.float32) - 8
     else:
         codes = _unpack(q, scheme.bits).astype(np.float32)
@@ -316,22 +318,19 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
 def group_scales(scheme: QuantScheme, parts: list[np.ndarray]) -> np.ndarray:
     """The scales of an "int" scheme's parts as [N, groups], rows in order."""
     scale = parts[1]
-    return _from_tiles(scale) if scheme.tiled(scale.shape[0]) else scale
+    return _from_tiles(scale, scheme.row_tile) if scheme.tiled(scale.shape[0]) else scale
 
 
-TILE = 16  # rows per tile of the row-tiled layout
-
-
-def _to_tiles(a: np.ndarray) -> np.ndarray:
+def _to_tiles(a: np.ndarray, tile: int) -> np.ndarray:
     """[N, C] rows in order -> the same shape, tile-major (element [r, c] at flat index
-    (r // TILE * C + c) * TILE + r % TILE)."""
+    (r // tile * C + c) * tile + r % tile)."""
     n, c = a.shape
-    return np.ascontiguousarray(a.reshape(n // TILE, TILE, c).transpose(0, 2, 1)).reshape(n, c)
+    return np.ascontiguousarray(a.reshape(n // tile, tile, c).transpose(0, 2, 1)).reshape(n, c)
 
 
-def _from_tiles(a: np.ndarray) -> np.ndarray:
+def _from_tiles(a: np.ndarray, tile: int) -> np.ndarray:
     n, c = a.shape
-    return np.ascontiguousarray(a.reshape(n // TILE, c, TILE).transpose(0, 2, 1)).reshape(n, c)
+    return np.ascontiguousarray(a.reshape(n // tile, c, tile).transpose(0, 2, 1)).reshape(n, c)
 
 
 def _pack_octets(codes: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import json
 import tvm
 from tvm import relax, te, tirx
 
-from .quantization import INTERLEAVE, TILE, QuantScheme
+from .quantization import INTERLEAVE, QuantScheme
 
 PLAN_ATTR = "relaxlm.param_plan"
 DEQUANTIZE_ATTR = "relaxlm.dequantize"  # on the dequantize PrimFuncs: the scheme, as JSON
@@ -105,11 +105,11 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     q, scale = parts[0], parts[1]
     group = k // scheme.group_size
     if scheme.row_tile:  # 8 consecutive k per word, rows maybe in tiles (quantization.py)
-        tiled = scheme.tiled(int(q.shape[0]))
-        word = _row_tiled(q, n, k // 8, tiled)
+        tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0
+        word = _row_tiled(q, n, k // 8, tile)
         shift = (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")
         code = ((word >> shift) & tirx.const(15, "uint32")).astype("int32").astype(dtype)
-        s = _row_tiled(scale, n, group, tiled).astype(dtype)
+        s = _row_tiled(scale, n, group, tile).astype(dtype)
         return code * s + s * tirx.const(-8, dtype)
     if scheme.storage_dtype == "int8":
         code = q[n, k].astype(dtype)
@@ -129,12 +129,13 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     return code * scale[n, group].astype(dtype)
 
 
-def _row_tiled(part: te.Tensor, row, col, tiled: bool) -> tirx.Expr:
-    """part[row, col] of a part stored in row tiles (tile-major, see quantization.py) or not."""
-    if not tiled:
+def _row_tiled(part: te.Tensor, row, col, tile: int) -> tirx.Expr:
+    """part[row, col] of a part stored in tiles of `tile` rows (tile-major, quantization.py);
+    tile 0: rows in order."""
+    if not tile:
         return part[row, col]
     cols = int(part.shape[1])
-    flat = (row // TILE * cols + col) * TILE + row % TILE
+    flat = (row // tile * cols + col) * tile + row % tile
     return part[flat // cols, flat % cols]
 
 
