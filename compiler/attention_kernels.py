@@ -22,7 +22,7 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .vector_math import exp2
+from .vector_math import exp2, widest_lanes
 
 PAGE_SIZE = 16  # TVM's CPU kernels and page tables are built for 16-token pages
 ROW_TILE = 16  # query rows per prefill task, one AVX-512 register of float32 across them
@@ -110,9 +110,28 @@ class _PagedKV(_KVSource):
         return self.pages[row // PAGE_SIZE, 1, self.head, row % PAGE_SIZE, x]
 
 
-def _lanes(d: int) -> int:
-    """Vector width of the dot products and output updates: the widest that divides d."""
-    return next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
+class _Attention:
+    """What a kernel's every task shares: where results go (`output`, `lse`), how scores are
+    made (`sm_scale`, `softcap`, `window`) and the head shape (`d`, `dtype`)."""
+
+    def __init__(self, output, lse, sm_scale, softcap: float, window: int, d: int, dtype: str):
+        self.output, self.lse, self.sm_scale = output, lse, sm_scale
+        self.softcap, self.window, self.d, self.dtype = softcap, window, d, dtype
+        # vector width of dot products and output updates: the widest that divides d
+        self.lanes = widest_lanes(d)
+
+    def q_scale(self):
+        """Factor applied to q: the base-2 scale folds into it without soft-capping; with it,
+        tanh needs the natural logit (`score` applies the rest)."""
+        if self.softcap > 0:
+            return self.sm_scale
+        return self.sm_scale * T.float32(_LOG2E)
+
+    def score(self, dot: tirx.Expr) -> tirx.Expr:
+        """Base-2 score from a dot product with the scaled q."""
+        if self.softcap > 0:
+            return T.tanh(dot / T.float32(self.softcap)) * T.float32(self.softcap * _LOG2E)
+        return dot
 
 
 def _vector(base, lanes: int):
@@ -145,74 +164,47 @@ def _key_dot(q_val, kv, at, lanes: int, d: int):
 
 
 @T.macro(hygienic=False)
-def _attend_row(q, row, h, kv, lo, hi, output, lse, sm_scale, softcap, lanes, d, dtype):
+def _attend_row(q, row, h, kv, lo, hi, att):
     """output[row, h] and lse[row, h]: online softmax of query q[row, h] over keys lo .. hi - 1
     of `kv` (_RaggedKV, _PagedKV), key by key: each dot product is one vector expression
     folded by a shuffle tree. (Blocks of keys with a lane-wise softmax ran faster with the
     cache warm but slower from DRAM, as in a model: 132 vs 74-83 us for 256 keys x 12 heads.)
-    Call inside an opaque block (it allocates its scratch)."""
-    # Without soft-capping the base-2 scale folds into q; with it, tanh needs the natural logit.
-    q_scale = T.meta_var(sm_scale if softcap > 0 else sm_scale * T.float32(_LOG2E))
-    o_acc = T.sblock_alloc_buffer((d,), "float32")  # unnormalised output
-    q_val = T.sblock_alloc_buffer((d,), "float32")
+    `att` is the kernel's _Attention. Call inside an opaque block (it allocates its scratch)."""
+    o_acc = T.sblock_alloc_buffer((1, att.d), "float32")  # unnormalised output
+    q_val = T.sblock_alloc_buffer((att.d,), "float32")
     at = T.sblock_alloc_buffer((1,), "int32")
     # running max, sum of weights; scratch: score, new max, rescale, weight
     state = T.sblock_alloc_buffer((6,), "float32")
     state[0] = T.float32(_NO_MAX)
     state[1] = T.float32(0)
-    for x in T.vectorized(d):
-        o_acc[x] = T.float32(0)
-        q_val[x] = T.cast(q[row, h, x], "float32") * q_scale
+    for x in T.vectorized(att.d):
+        o_acc[0, x] = T.float32(0)
+        q_val[x] = T.cast(q[row, h, x], "float32") * att.q_scale()
     for j in T.serial(T.max(hi - lo, 0)):
         at[0] = kv.row(lo + j)
-        state[2] = _capped(_key_dot(q_val, kv, at[0], lanes, d), softcap)
+        state[2] = att.score(_key_dot(q_val, kv, at[0], att.lanes, att.d))
         state[3] = T.max(state[0], state[2])
         state[4] = exp2(state[0] - state[3])
         state[5] = exp2(state[2] - state[3])
         state[1] = state[1] * state[4] + state[5]
         state[0] = state[3]
-        for x in T.vectorized(d):
-            o_acc[x] = o_acc[x] * state[4] + state[5] * T.cast(kv.value(at[0], x), "float32")
+        for x in T.vectorized(att.d):
+            o_acc[0, x] = o_acc[0, x] * state[4] + state[5] * T.cast(kv.value(at[0], x), "float32")
     state[4] = T.if_then_else(state[1] > 0, T.float32(1) / state[1], T.float32(0))
-    for x in T.vectorized(d):
-        output[row, h, x] = T.cast(o_acc[x] * state[4], dtype)
-    lse[row, h] = T.if_then_else(state[1] > 0, state[0] + T.log2(state[1]), T.float32(_EMPTY_LSE))
-
-
-def _capped(score: tirx.Expr, softcap: float) -> tirx.Expr:
-    """Base-2 score from a dot product of q already scaled by `_attend_tile`'s q_scale."""
-    if softcap > 0:
-        return T.tanh(score / T.float32(softcap)) * T.float32(softcap * _LOG2E)
-    return score
+    _write_row(att, row, h, o_acc, 0, state[4], state[0], state[1])
 
 
 @T.macro(hygienic=False)
-def _attend_tile(
-    q,
-    first,
-    count,
-    h,
-    kv,
-    positions,
-    kbase,
-    num_kv,
-    window,
-    output,
-    lse,
-    sm_scale,
-    softcap,
-    d,
-    dtype,
-):
+def _attend_tile(q, first, count, h, kv, positions, kbase, num_kv, att):
     """output and lse of query rows first .. first + count - 1 (count <= ROW_TILE), head h.
 
     The tile's rows sit in vector lanes: a key's scores for all of them are one FMA per head dim
     with the key's element broadcast, so keys are never transposed and the online softmax over
     each block of KEY_BLOCK keys is lane-wise (max, exp2, sums) — no horizontal reductions.
     `kv` is a key source (_RaggedKV, _PagedKV), `positions` the rows' absolute positions,
-    `kbase` the first key's. Call inside an opaque block (it allocates its scratch)."""
-    # Without soft-capping the base-2 scale folds into q; with it, tanh needs the natural logit.
-    q_scale = T.meta_var(sm_scale if softcap > 0 else sm_scale * T.float32(_LOG2E))
+    `kbase` the first key's, `att` the kernel's _Attention. Call inside an opaque block (it
+    allocates its scratch)."""
+    d = T.meta_var(att.d)
     q_t = T.sblock_alloc_buffer((d, ROW_TILE), "float32")  # the tile's queries, transposed
     o_acc = T.sblock_alloc_buffer((ROW_TILE, d), "float32")  # unnormalised outputs
     row_max = T.sblock_alloc_buffer((ROW_TILE,), "float32")
@@ -234,7 +226,7 @@ def _attend_tile(
         row_lo[r] = 0
         row_hi[r] = 0
         if r < count:
-            row_lo[r] = _first_visible(positions[first + r], kbase, window)
+            row_lo[r] = _first_visible(positions[first + r], kbase, att.window)
             row_hi[r] = T.min(num_kv, positions[first + r] - kbase + 1)
             span[0] = T.min(span[0], row_lo[r])
             span[1] = T.max(span[1], row_hi[r])
@@ -246,7 +238,7 @@ def _attend_tile(
         for r in T.vectorized(ROW_TILE):
             q_t[x, r] = T.Select(
                 r < count,
-                T.cast(q[first + T.min(r, count - 1), h, x], "float32") * q_scale,
+                T.cast(q[first + T.min(r, count - 1), h, x], "float32") * att.q_scale(),
                 T.float32(0),
             )
     for blk in T.serial(T.max(span[1] - span[0] + KEY_BLOCK - 1, 0) // KEY_BLOCK):
@@ -265,7 +257,7 @@ def _attend_tile(
             for r in T.vectorized(ROW_TILE):
                 score[jj, r] = T.Select(
                     row_lo[r] <= j0 + jj and j0 + jj < row_hi[r],
-                    _capped(score[jj, r], softcap),
+                    att.score(score[jj, r]),
                     T.float32(_NO_MAX),
                 )
                 new_max[r] = T.max(new_max[r], score[jj, r])
@@ -296,31 +288,20 @@ def _attend_tile(
                 o_acc[2 * pair + 1, x] = out_b[x]
     for r in T.serial(count):
         rescale[r] = T.if_then_else(row_sum[r] > 0, T.float32(1) / row_sum[r], T.float32(0))
-        for x in T.vectorized(d):
-            output[first + r, h, x] = T.cast(o_acc[r, x] * rescale[r], dtype)
-        lse[first + r, h] = T.if_then_else(
-            row_sum[r] > 0, row_max[r] + T.log2(row_sum[r]), T.float32(_EMPTY_LSE)
-        )
+        _write_row(att, first + r, h, o_acc, r, rescale[r], row_max[r], row_sum[r])
 
 
 @T.macro(hygienic=False)
-def _prefill_sequence(
-    q,
-    first,
-    num_q,
-    h_q,
-    kv,
-    positions,
-    kbase,
-    num_kv,
-    window,
-    output,
-    lse,
-    sm_scale,
-    softcap,
-    d,
-    dtype,
-):
+def _write_row(att, row, h, o_acc, acc_row, inverse_sum, row_max, row_sum):
+    """output[row, h] = o_acc[acc_row] * inverse_sum, and lse[row, h] from the running max and
+    sum of weights (base 2; a row that saw no key gets a weightless lse)."""
+    for x in T.vectorized(att.d):
+        att.output[row, h, x] = T.cast(o_acc[acc_row, x] * inverse_sum, att.dtype)
+    att.lse[row, h] = T.if_then_else(row_sum > 0, row_max + T.log2(row_sum), T.float32(_EMPTY_LSE))
+
+
+@T.macro(hygienic=False)
+def _prefill_sequence(q, first, num_q, h_q, kv, positions, kbase, num_kv, att):
     """Attention of one sequence's num_q new rows (from row `first`) over the keys of `kv`:
     a task per (tile of ROW_TILE rows, query head)."""
     for task in T.parallel((num_q + ROW_TILE - 1) // ROW_TILE * h_q):
@@ -338,13 +319,7 @@ def _prefill_sequence(
                 positions,
                 kbase,
                 num_kv,
-                window,
-                output,
-                lse,
-                sm_scale,
-                softcap,
-                d,
-                dtype,
+                att,
             )
 
 
@@ -433,13 +408,7 @@ def ragged_prefill(
                 q_rope_position,
                 k_rope_pos_offset[b],
                 kv_indptr[b + 1] - kv_indptr[b],
-                window,
-                output,
-                lse,
-                sm_scale,
-                softcap,
-                d,
-                dtype,
+                _Attention(output, lse, sm_scale, softcap, window, d, dtype),
             )
 
     return attention_prefill_ragged
@@ -528,13 +497,7 @@ def paged_prefill(
                 q_rope_position,
                 k_rope_pos_offset[b],
                 T.if_then_else(num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0),
-                window,
-                output,
-                lse,
-                sm_scale,
-                softcap,
-                d,
-                dtype,
+                _Attention(output, lse, sm_scale, softcap, window, d, dtype),
             )
 
     return attention_prefill_paged
@@ -553,7 +516,6 @@ def paged_decode(
     """One new token per sequence against the cache's pages (the token is usually in them)."""
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
-    lanes = _lanes(d)
 
     @T.prim_func(s_tir=True)
     def attention_decode_paged(
@@ -629,13 +591,7 @@ def paged_decode(
                     ).for_query_head(h),
                     lo,
                     hi,
-                    output,
-                    lse,
-                    sm_scale,
-                    softcap,
-                    lanes,
-                    d,
-                    dtype,
+                    _Attention(output, lse, sm_scale, softcap, window, d, dtype),
                 )
 
     return attention_decode_paged

@@ -11,7 +11,7 @@ import tvm
 from tvm import relax, te
 from tvm.script import tirx as T
 
-from .vector_math import sigmoid
+from .vector_math import sigmoid, widest_lanes
 
 
 def cpu_legalizations() -> dict:
@@ -64,7 +64,7 @@ def _rms_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
 
 def rms_norm_kernel(d: int, epsilon: float) -> tvm.tirx.PrimFunc:
     """out[r] = x[r] / sqrt(mean(x[r]**2) + epsilon) * weight, for x [rows, d] float32."""
-    lanes = next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
+    lanes = widest_lanes(d)
 
     @T.prim_func(private=True)
     def rms_norm(var_x: T.handle, weight: T.Buffer((d,), "float32"), var_out: T.handle):

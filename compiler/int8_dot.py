@@ -127,46 +127,49 @@ def _tile_rows(
     w, w_scale, codes, correction, scale, res, out, groups, words, seq, tile, first, count, last
 ):
     """Outputs [tile * TILE, +TILE) of rows first .. first + count - 1 (capped at `last`)."""
-    # default scope: small stack arrays that LLVM keeps in registers
+    # default scope: small stack arrays that LLVM keeps in registers; row j's lanes at j * TILE
     acc = T.alloc_buffer((count * TILE,), "float32")
     dot = T.alloc_buffer((count * TILE,), "int32")
+    mask = T.meta_var(T.broadcast(T.uint32(_NIBBLES), TILE))
     for j in T.unroll(count):
-        acc[T.ramp(j * TILE, 1, TILE)] = T.broadcast(T.float32(0), TILE)
+        acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
     for g in range(groups):
         for j in T.unroll(count):
-            dot[T.ramp(j * TILE, 1, TILE)] = T.broadcast(
-                correction[T.min(first + j, last), g], TILE
-            )
+            dot[_lanes_of(j)] = T.broadcast(correction[T.min(first + j, last), g], TILE)
         for o in T.unroll(GROUP // 8):
+            # word o of the group for the tile's 16 rows: two vpdpbusd operands, shared by all j
+            wv = T.meta_var(w[T.ramp(((tile * words) + g * 4 + o) * TILE, 1, TILE)])
+            low = T.meta_var(T.bitwise_and(wv, mask))
+            high = T.meta_var(
+                T.bitwise_and(T.shift_right(wv, T.broadcast(T.uint32(4), TILE)), mask)
+            )
             for j in T.unroll(count):
                 i = T.meta_var(T.min(first + j, last))
-                wv = T.meta_var(w[T.ramp(((tile * words) + g * 4 + o) * TILE, 1, TILE)])
-                mask = T.meta_var(T.broadcast(T.uint32(_NIBBLES), TILE))
-                low = T.meta_var(T.bitwise_and(wv, mask))
-                high = T.meta_var(
-                    T.bitwise_and(T.shift_right(wv, T.broadcast(T.uint32(4), TILE)), mask)
-                )
-                d = T.meta_var(T.ramp(j * TILE, 1, TILE))
-                dot[d] = _dpbusd(
-                    _dpbusd(dot[d], low, _codes4(codes, i, g * GROUP + o * 8)),
+                dot[_lanes_of(j)] = _dpbusd(
+                    _dpbusd(dot[_lanes_of(j)], low, _codes4(codes, i, g * GROUP + o * 8)),
                     high,
                     _codes4(codes, i, g * GROUP + o * 8 + 4),
                 )
+        w_scales = T.meta_var(
+            T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
+        )
         for j in T.unroll(count):
-            a = T.meta_var(T.ramp(j * TILE, 1, TILE))
-            acc[a] = acc[a] + T.Cast("float32x16", dot[a]) * (
-                T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
-                * T.broadcast(scale[T.min(first + j, last), g], TILE)
+            x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
+            acc[_lanes_of(j)] = acc[_lanes_of(j)] + T.Cast("float32x16", dot[_lanes_of(j)]) * (
+                w_scales * x_scale
             )
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
         if res is None:
-            out[i // seq, i % seq, cols] = acc[T.ramp(j * TILE, 1, TILE)]
+            out[i // seq, i % seq, cols] = acc[_lanes_of(j)]
         else:
-            out[i // seq, i % seq, cols] = (
-                acc[T.ramp(j * TILE, 1, TILE)] + res[i // seq, i % seq, cols]
-            )
+            out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
+
+
+def _lanes_of(j):
+    """Row j's TILE lanes in the accumulators."""
+    return T.ramp(j * TILE, 1, TILE)
 
 
 @T.macro(hygienic=False)

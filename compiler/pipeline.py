@@ -157,10 +157,9 @@ def build_library(
     _dump(dump, "1-graph", mod)
 
     # 2. legalize / fuse
-    cpu = preset.device == "cpu"
     mod = tvm.transform.Sequential(
         [
-            relax.transform.LegalizeOps(cpu_legalizations() if cpu else None),
+            relax.transform.LegalizeOps(cpu_legalizations() if preset.device == "cpu" else None),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),

@@ -104,29 +104,27 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         return _GGUF_TE[scheme.ggml_type](_Block(parts[0], n, k, scheme)).astype(dtype)
     q, scale = parts[0], parts[1]
     group = k // scheme.group_size
-    if scheme.row_tile:  # 8 consecutive k per word, rows maybe in tiles (quantization.py)
-        tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0
-        word = _row_tiled(q, n, k // 8, tile)
-        shift = (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")
-        code = ((word >> shift) & tirx.const(15, "uint32")).astype("int32").astype(dtype)
-        s = _row_tiled(scale, n, group, tile).astype(dtype)
-        return code * s + s * tirx.const(-8, dtype)
+    tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0  # see quantization.py
+    s = _row_tiled(scale, n, group, tile).astype(dtype)
     if scheme.storage_dtype == "int8":
         code = q[n, k].astype(dtype)
-    else:  # interleaved blocks, see quantization.py
-        lanes = INTERLEAVE // scheme.per_word
-        word = q[n, k // INTERLEAVE * lanes + k % lanes]
-        shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
+    else:
+        if scheme.row_tile:  # 8 consecutive k per word
+            word = _row_tiled(q, n, k // 8, tile)
+            shift = (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")
+        else:  # interleaved blocks
+            lanes = INTERLEAVE // scheme.per_word
+            word = q[n, k // INTERLEAVE * lanes + k % lanes]
+            shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
         mask = tirx.const((1 << scheme.bits) - 1, "uint32")
         code = ((word >> shift) & mask).astype("int32").astype(dtype)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
-            s = scale[n, group].astype(dtype)
             return code * s + s * tirx.const(-(1 << (scheme.bits - 1)), dtype)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
-    return code * scale[n, group].astype(dtype)
+    return code * s
 
 
 def _row_tiled(part: te.Tensor, row, col, tile: int) -> tirx.Expr:

@@ -21,6 +21,12 @@ _MIN_EXP2 = -126.0  # below: 0 (what would be a denormal is flushed)
 _MAX_EXP2 = 127.0
 
 
+def widest_lanes(n: int, widths=(16, 8, 4, 2, 1)) -> int:
+    """The widest vector of `widths` (16 float32 lanes: one AVX-512 register) that divides n;
+    0 if none does."""
+    return next((w for w in widths if n % w == 0), 0)
+
+
 def _horner(coefficients: list[float], x: tirx.Expr) -> tirx.Expr:
     poly = T.float32(coefficients[-1])
     for c in reversed(coefficients[:-1]):

@@ -14,6 +14,8 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target
 
+from ..vector_math import widest_lanes
+
 LANES = 16  # one AVX-512 register of float32
 ROWS = 4  # output rows computed together: independent accumulators hide FMA latency
 
@@ -106,7 +108,8 @@ class Elementwise(ScheduleRule):
 
     Left serial: in decode they are one row, where a parallel launch costs more than the row,
     and in prefill the vector form is already ~1 cycle per element. (On CPU, sigmoid and SiLU
-    are legalized through `vector_math`: LLVM would call scalar libm exp once per lane.)
+    are legalized with a polynomial exp, `cpu_legalize.py`: LLVM would call scalar libm exp
+    once per lane.)
     """
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
@@ -119,12 +122,11 @@ class Elementwise(ScheduleRule):
         loops = sch.get_loops(infos[0].block_rv)
         if not loops:
             return None
-        last = loops[-1]
-        extent = _extent(sch, last)
-        lanes = next((n for n in (LANES, 8, 4) if isinstance(extent, int) and extent % n == 0), 0)
+        extent = _extent(sch, loops[-1])
+        lanes = widest_lanes(extent, (LANES, 8, 4)) if isinstance(extent, int) else 0
         if not lanes:
             return None
-        sch.vectorize(sch.split(last, [None, lanes])[1])
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
         return sch
 
 
