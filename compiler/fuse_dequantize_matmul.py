@@ -6,10 +6,11 @@ kernel reads packed weights once, which is what makes decode fast. A row gather 
 weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes one kernel
 that dequantizes only the rows it reads.
 
-With `int8_dot` (a CPU with VNNI), a weight of a scheme with int8 activations (`q4-a8`)
-instead becomes one int8_dot.py kernel, which quantizes its input rows and then takes int8
-dot products with the packed weights; a residual `add` of its output joins that kernel.
-Elsewhere such a weight takes the float kernel, exact against its dequantized weights.
+With `int8_dot` (a CPU with VNNI), a weight of a scheme whose activations are rounded to
+integers (`q4-a8`, and `q4` in row tiles) instead becomes one int8_dot.py kernel, which
+quantizes its input rows and then takes int8 dot products with the packed weights; a residual
+`add` of its output joins that kernel. Elsewhere such a weight takes the float kernel, exact
+against its dequantized weights.
 """
 
 import json
@@ -18,7 +19,7 @@ import tvm
 from tvm import relax, te
 
 from . import int8_dot
-from .quantization import scheme_named
+from .quantization import QuantScheme
 from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 
 
@@ -50,7 +51,8 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        # (n, k, Kp, scale dtype), residual -> kernel; and each kernel without residual -> its key
+        # (n, k, Kp, scale dtype, activations), residual -> kernel; and each kernel without
+        # residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
         self.int8_keys: dict[relax.GlobalVar, tuple] = {}
 
@@ -72,7 +74,7 @@ class _Rewriter(relax.PyExprMutator):
         scheme, parts, n, k = found
         out_dtype = call.ty.dtype
         if self._int8_dot_applies(scheme, x, n, k, out_dtype):
-            return self._int8_matmul(x, parts, n, k, scheme.padded_k(k))
+            return self._int8_matmul(x, parts, n, k, scheme)
 
         def compute(x_te, *parts_te):
             r = te.reduce_axis((0, k), name="k")
@@ -94,7 +96,7 @@ class _Rewriter(relax.PyExprMutator):
     def _int8_dot_applies(self, scheme, x: relax.Expr, n: int, k: int, out_dtype: str) -> bool:
         return (
             self.int8_dot
-            and scheme.activations == "int8"
+            and scheme.activations in int8_dot.PIECES
             and scheme.bits == 4
             and scheme.symmetric
             and scheme.row_tile == int8_dot.TILE
@@ -103,11 +105,12 @@ class _Rewriter(relax.PyExprMutator):
             and scheme.scale_dtype_for(out_dtype) in ("float16", "float32")
         )
 
-    def _int8_matmul(self, x: relax.Expr, parts: list, n: int, k: int, k_padded: int):
+    def _int8_matmul(self, x: relax.Expr, parts: list, n: int, k: int, scheme: QuantScheme):
         """x [..., k] @ the packed weight [n, k] by int8 dot products (one kernel, x as 3-D)."""
         lead = list(x.ty.shape.values[:-1])
         rows = x if len(lead) == 2 else self.builder_.emit(relax.op.reshape(x, (1, -1, k)))
-        kernel = self._int8_kernel((n, k, k_padded, parts[1].ty.dtype), residual=False)
+        key = (n, k, scheme.padded_k(k), parts[1].ty.dtype, scheme.activations)
+        kernel = self._int8_kernel(key, residual=False)
         out = relax.call_tir(
             kernel, [rows, *parts], relax.TensorType((*rows.ty.shape.values[:-1], n), "float32")
         )
@@ -116,11 +119,12 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
-        """The kernel for key (n, k, Kp, scale dtype), added to the module on first use."""
+        """The kernel for key (n, k, Kp, scale dtype, activations), added to the module on first
+        use."""
         if (key, residual) not in self.int8_kernels:
-            n, k, k_padded, scale_dtype = key
-            name = f"q4_int8_linear_{n}_{k}" + ("_add" if residual else "")
-            func = int8_dot.q4_int8_linear(n, k, k_padded, scale_dtype, residual)
+            n, k, k_padded, scale_dtype, activations = key
+            name = f"q4_{activations}_linear_{n}_{k}" + ("_add" if residual else "")
+            func = int8_dot.q4_int8_linear(n, k, k_padded, scale_dtype, residual, activations)
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel
             if not residual:
@@ -172,7 +176,8 @@ class _Rewriter(relax.PyExprMutator):
             return None
         info = self.dequantizers[dequant.args[0]]
         parts = list(dequant.args[1].fields)
-        return scheme_named(info["scheme"]), parts, int(parts[0].ty.shape[0]), int(info["k"])
+        scheme = QuantScheme(**info["scheme"])
+        return scheme, parts, int(parts[0].ty.shape[0]), int(info["k"])
 
     def _binding(self, expr: relax.Expr) -> relax.Expr | None:
         if isinstance(expr, relax.Var):

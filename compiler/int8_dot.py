@@ -1,20 +1,29 @@
-"""Int8 dot products for `q4-a8` on CPUs with AVX-512 VNNI: activations quantized at run time.
+"""Int8 dot products for 4-bit weights on CPUs with AVX-512 VNNI: activations quantized at run
+time.
 
 A weight-only q4 GEMV unpacks every weight to float before its FMA, which costs more than
-reading it (~24 GB/s per core here). Like llama.cpp's Q4_0 x Q8_0 dot, `q4-a8` quantizes the
-activations once per matmul to int8 (one scale per group of 32, `scale = max|x| / 127`,
-`code = round(x / scale)`) and multiplies 4-bit codes by int8 codes with `vpdpbusd` (64
-multiply-adds per instruction into int32). The result equals `dequantized weights @
-dequantized int8 activations` up to float rounding of the scales.
+reading it (~24 GB/s per core here). Like llama.cpp's Q4_0 x Q8_0 dot, these kernels quantize
+the activations once per matmul to integers (one scale per group of 32, `scale = max|x| /
+levels`, `code = round(x / scale)`) and multiply 4-bit codes by int8 codes with `vpdpbusd` (64
+multiply-adds per instruction into int32). The result equals `dequantized weights @ dequantized
+integer activations` up to float rounding of the scales.
 
-The kernel puts weight rows in vector lanes: `q4-a8` stores weights in tiles of TILE = 16 rows
+How finely the activations are rounded is the scheme's choice (`PIECES`): `q4-a8` rounds them
+to int8, as Q4_0 does (one `vpdpbusd` per 4 weights x 16 rows); `q4` to 22-bit integers, split
+into three int8 pieces (code = p0 + 256 p1 + 65536 p2), each its own `vpdpbusd` into its own
+int32 sum, shifted together once per group. Their rounding (2^-22 of the group's largest value)
+is far below what float32 sums of the same products differ by, so `q4` stays exact against its
+dequantized weights (1e-4 in a model's logits) at three times q4-a8's integer work, still a
+fraction of the float kernel's.
+
+The kernel puts weight rows in vector lanes: the weights are stored in tiles of TILE = 16 rows
 (quantization.py, `row_tile`), so one 64-byte load holds 8 consecutive k of each of the 16 rows
 (per row, byte e: k = 8o + e in the low nibble, 8o + 4 + e in the high one). A mask and a shift
 give two `vpdpbusd` operands, each multiplied by 4 activation codes broadcast to every lane;
-after a group's 8 of them each lane holds its row's whole group dot, which one convert and one
-FMA scale into the row's float sum. No horizontal sums, one store of 16 outputs, and a tile's
-weights stream as one run of memory. The nibbles are unsigned: a per-group correction
--8 * (sum of the group's activation codes) starts each lane's int32 sum.
+after a group each lane holds its row's whole group dot, which one convert and one FMA scale
+into the row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights
+stream as one run of memory. The nibbles are unsigned: a per-group correction -8 * (sum of the
+group's activation codes) starts each lane's int32 sum.
 """
 
 import tvm
@@ -25,7 +34,12 @@ from tvm.target import codegen
 GROUP = 32  # q4 and the activations: one scale per 32 values along K
 TILE = 16  # weight rows per tile: one 32-bit lane each
 MATRIX_ROWS = 4  # rows of x per step in prefill: each unpacked weight vector serves them all
+PREFETCH = 32
+DECODE_CHAINS = 4  # independent int32 sums per piece for one row of x (see _tile_rows)
 _NIBBLES = 0x0F0F0F0F
+# The scheme's `activations` -> (int8 pieces per code, largest code). Three pieces keep every
+# int32 sum in range: a group's 32 codes below 2^21 times nibbles below 16 stay under 2^31.
+PIECES = {"int8": (1, 127), "int22": (3, (1 << 21) - 1)}
 
 
 def has_int8_dot(target: tvm.target.Target) -> bool:
@@ -34,7 +48,7 @@ def has_int8_dot(target: tvm.target.Target) -> bool:
 
 
 def supports(n: int, k_padded: int) -> bool:
-    """Whether a q4-a8 weight [n, k] (K padded to whole groups) is stored in row tiles."""
+    """Whether a 4-bit weight [n, k] (K padded to whole groups) is stored in row tiles."""
     return n % TILE == 0 and k_padded % GROUP == 0
 
 
@@ -48,44 +62,56 @@ def _dpbusd(acc, unsigned, signed):
     )
 
 
-def _codes4(codes, i, c):
-    """Activation codes c .. c + 3 of row i as one int32, in all 16 lanes."""
-    return T.broadcast(T.reinterpret("int32", codes[i, T.ramp(c, 1, 4)]), TILE)
+def _codes4(codes, piece, i, c):
+    """Activation codes c .. c + 3 of row i (one piece of them) as one int32, in all 16 lanes."""
+    return T.broadcast(T.reinterpret("int32", codes[piece, i, T.ramp(c, 1, 4)]), TILE)
 
 
 def q4_int8_linear(
-    n: int, k: int, k_padded: int, scale_dtype: str = "float32", residual: bool = False
+    n: int,
+    k: int,
+    k_padded: int,
+    scale_dtype: str = "float32",
+    residual: bool = False,
+    activations: str = "int8",
 ) -> tirx.PrimFunc:
-    """out[b, s, n] = sum_k dequantized w[n, k] * int8-rounded x[b, s, k] (+ residual[b, s, n]),
-    in one kernel: the rows of x are quantized first, then the dot products run parallel over
-    tiles of TILE weight rows, MATRIX_ROWS rows of x at a time when there are that many."""
+    """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
+    n]), in one kernel: the rows of x are quantized first (`activations`: a key of PIECES),
+    then the dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at
+    a time when there are that many."""
     groups = k_padded // GROUP
     words = k_padded // 8  # per weight row
+    pieces, levels = PIECES[activations]
+    shape = (n, k, k_padded, groups, words)
 
     @T.macro(hygienic=False)
-    def body(var_x, w, w_scale, res, out, batch, seq, n, k, k_padded, groups, words, scale_dtype):
+    def body(var_x, w, w_scale, res, out, batch, seq, shape, scale_dtype, pieces, levels):
+        n, k, k_padded, groups, words = T.meta_var(shape)
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
         w_flat = T.decl_buffer((n * words,), "uint32", data=w.data)
         s_flat = T.decl_buffer((n * groups,), scale_dtype, data=w_scale.data)
         rows = T.meta_var(batch * seq)
-        codes = T.alloc_buffer((rows, k_padded), "int8")
+        codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
         correction = T.alloc_buffer((rows, groups), "int32")
         scale = T.alloc_buffer((rows, groups), "float32")
-        parts = T.meta_var((w_flat, s_flat, codes, correction, scale, res, out, groups, words))
+        quantized = T.meta_var((k, groups, pieces, levels, codes, correction, scale))
+        parts = T.meta_var(
+            (w_flat, s_flat, codes, correction, scale, res, out, groups, words, pieces)
+        )
         if rows < MATRIX_ROWS:  # decode: a parallel launch would cost more than the rows
             for i in range(rows):
-                _quantize_row(x, i // seq, i % seq, k, groups, codes, correction, scale, i)
+                _quantize_row(x, i // seq, i % seq, *quantized, i)
             for tile in T.parallel(n // TILE):
                 for i in range(rows):
-                    _tile_rows(*parts, seq, tile, i, 1, i)
+                    _tile_rows(*parts, DECODE_CHAINS, seq, tile, i, 1, i)
         else:
             for i in T.parallel(rows):
-                _quantize_row(x, i // seq, i % seq, k, groups, codes, correction, scale, i)
+                _quantize_row(x, i // seq, i % seq, *quantized, i)
             # MATRIX_ROWS rows of x share each unpacked weight vector; a last, partial step
             # repeats the last row (the same values written twice).
             for tile in T.parallel(n // TILE):
                 for i in range((rows + MATRIX_ROWS - 1) // MATRIX_ROWS):
-                    _tile_rows(*parts, seq, tile, i * MATRIX_ROWS, MATRIX_ROWS, rows - 1)
+                    _tile_rows(*parts, 1, seq, tile, i * MATRIX_ROWS, MATRIX_ROWS, rows - 1)
 
     if residual:
 
@@ -101,9 +127,7 @@ def q4_int8_linear(
             batch, seq = T.int64(), T.int64()
             res = T.match_buffer(var_residual, (batch, seq, n), "float32")
             out = T.match_buffer(var_out, (batch, seq, n), "float32")
-            body(
-                var_x, w, w_scale, res, out, batch, seq, n, k, k_padded, groups, words, scale_dtype
-            )
+            body(var_x, w, w_scale, res, out, batch, seq, shape, scale_dtype, pieces, levels)
 
         return with_residual
 
@@ -117,25 +141,61 @@ def q4_int8_linear(
         T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
         batch, seq = T.int64(), T.int64()
         out = T.match_buffer(var_out, (batch, seq, n), "float32")
-        body(var_x, w, w_scale, None, out, batch, seq, n, k, k_padded, groups, words, scale_dtype)
+        body(var_x, w, w_scale, None, out, batch, seq, shape, scale_dtype, pieces, levels)
 
     return kernel
 
 
 @T.macro(hygienic=False)
 def _tile_rows(
-    w, w_scale, codes, correction, scale, res, out, groups, words, seq, tile, first, count, last
+    w,
+    w_scale,
+    codes,
+    correction,
+    scale,
+    res,
+    out,
+    groups,
+    words,
+    pieces,
+    chains,
+    seq,
+    tile,
+    first,
+    count,
+    last,
 ):
-    """Outputs [tile * TILE, +TILE) of rows first .. first + count - 1 (capped at `last`)."""
-    # default scope: small stack arrays that LLVM keeps in registers; row j's lanes at j * TILE
+    """Outputs [tile * TILE, +TILE) of rows first .. first + count - 1 (capped at `last`).
+
+    Each (row, piece) sums into `chains` int32 vectors, which the group's vpdpbusd take in turn
+    and which are added up after it: one row alone (decode) would otherwise wait on each
+    vpdpbusd's latency, not its throughput.
+    """
+    # default scope: small stack arrays that LLVM keeps in registers; see _sums for the layout
     acc = T.alloc_buffer((count * TILE,), "float32")
-    dot = T.alloc_buffer((count * TILE,), "int32")
+    dot = T.alloc_buffer((count * pieces * chains * TILE,), "int32")
     mask = T.meta_var(T.broadcast(T.uint32(_NIBBLES), TILE))
     for j in T.unroll(count):
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
     for g in range(groups):
         for j in T.unroll(count):
-            dot[_lanes_of(j)] = T.broadcast(correction[T.min(first + j, last), g], TILE)
+            for s in T.unroll(pieces * chains):
+                dot[_lanes_of(j * pieces * chains + s)] = T.broadcast(T.int32(0), TILE)
+            # the correction joins the least significant piece's sum
+            dot[_sums(j, 0, 0, pieces, chains)] = T.broadcast(
+                correction[T.min(first + j, last), g], TILE
+            )
+        for line in T.unroll(GROUP // 8 * TILE * 4 // 64):
+            T.evaluate(
+                T.call_llvm_intrin(
+                    "void",
+                    "llvm.prefetch.p0",
+                    T.address_of(w[((tile * words) + (g + PREFETCH) * 4) * TILE + line * 16]),
+                    T.int32(0),
+                    T.int32(3),
+                    T.int32(1),
+                )
+            )
         for o in T.unroll(GROUP // 8):
             # word o of the group for the tile's 16 rows: two vpdpbusd operands, shared by all j
             wv = T.meta_var(w[T.ramp(((tile * words) + g * 4 + o) * TILE, 1, TILE)])
@@ -144,20 +204,29 @@ def _tile_rows(
                 T.bitwise_and(T.shift_right(wv, T.broadcast(T.uint32(4), TILE)), mask)
             )
             for j in T.unroll(count):
-                i = T.meta_var(T.min(first + j, last))
-                dot[_lanes_of(j)] = _dpbusd(
-                    _dpbusd(dot[_lanes_of(j)], low, _codes4(codes, i, g * GROUP + o * 8)),
-                    high,
-                    _codes4(codes, i, g * GROUP + o * 8 + 4),
-                )
+                for p in T.unroll(pieces):
+                    i = T.meta_var(T.min(first + j, last))
+                    c = T.meta_var(g * GROUP + o * 8)
+                    to_low = T.meta_var(_sums(j, p, 2 * o % chains, pieces, chains))
+                    to_high = T.meta_var(_sums(j, p, (2 * o + 1) % chains, pieces, chains))
+                    dot[to_low] = _dpbusd(dot[to_low], low, _codes4(codes, p, i, c))
+                    dot[to_high] = _dpbusd(dot[to_high], high, _codes4(codes, p, i, c + 4))
         w_scales = T.meta_var(
             T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
         )
         for j in T.unroll(count):
+            for p in T.unroll(pieces):
+                for ch in T.unroll(1, chains):
+                    total = T.meta_var(_sums(j, p, 0, pieces, chains))
+                    dot[total] = dot[total] + dot[_sums(j, p, ch, pieces, chains)]
+            for q in T.unroll(pieces - 1):  # most significant first: sum * 256 + the next
+                higher = T.meta_var(dot[_sums(j, pieces - 1 - q, 0, pieces, chains)])
+                lower = T.meta_var(_sums(j, pieces - 2 - q, 0, pieces, chains))
+                dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
             x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
-            acc[_lanes_of(j)] = acc[_lanes_of(j)] + T.Cast("float32x16", dot[_lanes_of(j)]) * (
-                w_scales * x_scale
-            )
+            acc[_lanes_of(j)] = acc[_lanes_of(j)] + T.Cast(
+                "float32x16", dot[_sums(j, 0, 0, pieces, chains)]
+            ) * (w_scales * x_scale)
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
@@ -167,28 +236,39 @@ def _tile_rows(
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
 
 
+def _sums(j, p, ch, pieces, chains):
+    """The lanes of row j's int32 sum number ch of piece p."""
+    return _lanes_of((j * pieces + p) * chains + ch)
+
+
 def _lanes_of(j):
-    """Row j's TILE lanes in the accumulators."""
+    """The j-th run of TILE lanes in an accumulator array."""
     return T.ramp(j * TILE, 1, TILE)
 
 
 @T.macro(hygienic=False)
-def _quantize_row(x, bi, si, k, groups, codes, correction, scale, i):
-    """Row i of x as int8 codes per group of 32 (zero past k), with each group's scale and
-    correction -8 * (sum of its codes)."""
+def _quantize_row(x, bi, si, k, groups, pieces, levels, codes, correction, scale, i):
+    """Row i of x as integer codes in [-levels, levels] per group of 32 (zero past k), each
+    code split into `pieces` signed bytes (least significant first), with each group's scale
+    and correction -8 * (sum of its codes)."""
     for g in range(groups):
         amax = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((1,), "int32")
+        rest = T.alloc_buffer((1,), "int32")
         amax[0] = T.float32(0)
         for e in range(GROUP):
             if g * GROUP + e < k:
                 amax[0] = T.max(amax[0], T.abs(x[bi, si, g * GROUP + e]))
-        d = T.meta_var(amax[0] / T.float32(127))
+        d = T.meta_var(amax[0] / T.float32(levels))
         total[0] = 0
         for e in range(GROUP):
             c = T.meta_var(g * GROUP + e)
             v = T.meta_var(T.if_then_else(c < k, x[bi, si, T.min(c, k - 1)], T.float32(0)))
-            codes[i, c] = T.Cast("int8", T.Select(d > T.float32(0), T.round(v / d), T.float32(0)))
-            total[0] = total[0] + T.Cast("int32", codes[i, c])
+            rest[0] = T.Cast("int32", T.Select(d > T.float32(0), T.round(v / d), T.float32(0)))
+            total[0] = total[0] + rest[0]
+            for p in T.unroll(pieces):
+                # the signed low byte, then the rest (an exact multiple of 256) shifted down
+                codes[p, i, c] = T.Cast("int8", T.bitwise_and(rest[0] + 128, 255) - 128)
+                rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
         correction[i, g] = -8 * total[0]
         scale[i, g] = d

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tvm import relax
 
 import relaxlm
-from relaxlm.artifacts import ArtifactWriter, Manifest
+from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.checkpoint import Checkpoint
 
@@ -40,7 +40,7 @@ from .quantization import (
     dequantize,
     quantize,
     resolve_scheme,
-    scheme_named,
+    row_tiled,
 )
 from .quantize_weights import QuantizeWeights, param_plan
 from .targets import TargetPreset, build_context, resolve_targets
@@ -65,9 +65,10 @@ def compile_model(
     add: keep the libraries of the artifact at `output` and add these (it must have been
         compiled from the same checkpoint with the same options: same weights).
     """
-    scheme = resolve_scheme(quant)
     say = _Reporter(progress)
     presets = resolve_targets(target)
+    base = Path(output) if add else None
+    scheme = scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
     checkpoint = load_checkpoint(model)
     names = ", ".join(p.name for p in presets)
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {names}")
@@ -114,6 +115,21 @@ def compile_model(
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def scheme_for_targets(
+    scheme: QuantScheme | None, presets: list[TargetPreset], dtype: str, base: Path | None
+) -> QuantScheme | None:
+    """`scheme` as stored for these targets: `q4` in row tiles where every target is a CPU with
+    an int8 dot product and the model computes in float32 (see `row_tiled`), else as it is;
+    when adding libraries to the artifact at `base`, as that artifact stores it."""
+    if scheme is None or row_tiled(scheme) == scheme:
+        return scheme
+    if base is not None and (base / MANIFEST).is_file():
+        tiled = bool(Manifest.read(base).quantization.get("row_tile"))
+    else:
+        tiled = dtype == "float32" and all(has_int8_dot(p.target()) for p in presets)
+    return row_tiled(scheme) if tiled else scheme
 
 
 def build_library(
@@ -262,7 +278,7 @@ def _quantization_manifest(checkpoint: Checkpoint, scheme: QuantScheme | None, p
         kept: dict[str, int] = {}
         for entry in plan:
             if entry["part"] in ("", "q"):
-                name = entry.get("scheme") or entry["dtype"]
+                name = entry["scheme"]["name"] if "scheme" in entry else entry["dtype"]
                 kept[name] = kept.get(name, 0) + 1
         out = {**out, "source": "gguf", "tensors": kept}
         if scheme is None:
@@ -296,7 +312,7 @@ def _converted_weights(checkpoint: Checkpoint, exported: ExportedModel, plan: li
             target = dtype_of(first["dtype"])
             yield first["name"], array.astype(np.float32, copy=False).astype(target, copy=False)
             continue
-        scheme = scheme_named(first["scheme"])
+        scheme = QuantScheme(**first["scheme"])
         if scheme.kind == "gguf":  # the file's own blocks, byte for byte
             assert list(array.shape) == first["shape"], (names, array.shape, first["shape"])
             yield first["name"], array

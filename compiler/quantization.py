@@ -8,6 +8,7 @@ number of groups (and of packed words), so any K works:
   (q8 and q4 scales may be negative: see `_symmetric_codes` for how they are chosen)
 - q4-a8   as q4 with float16 scales, packed for int8_dot.py's kernel (see below); activations
           become int8 per group of 32 at run time
+  (q4 itself is packed like q4-a8 where every target has that kernel, see `row_tiled`)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
@@ -19,15 +20,15 @@ at the same shift: a decode kernel unpacks 16 weights with one vector load, shif
 (AWQ/GPTQ checkpoints pack 8 consecutive k per word; loading them is a bit permutation,
 never a requantization).
 
-q4-a8 packs for an int8 dot product over rows in vector lanes instead: word w of a row holds
-k = 8w .. 8w + 7, byte e holding k = 8w + e in its low nibble and 8w + 4 + e in its high one
-(K padded to whole groups only); and when N is a multiple of `row_tile` (16), the words and
-the scales are stored in tiles of 16 rows, tile-major: element [r, c] of a part sits at flat
-index (r // 16 * C + c) * 16 + r % 16 of the same [N, C] array, so one 64-byte load holds the
-same word of 16 rows.
+q4-a8 (and q4 for CPUs with an int8 dot product) packs for an int8 dot product over rows in
+vector lanes instead: word w of a row holds k = 8w .. 8w + 7, byte e holding k = 8w + e in
+its low nibble and 8w + 4 + e in its high one (K padded to whole groups only); and when N is
+a multiple of `row_tile` (16), the words and the scales are stored in tiles of 16 rows,
+tile-major: element [r, c] of a part sits at flat index (r // 16 * C + c) * 16 + r % 16 of the
+same [N, C] array, so one 64-byte load holds the same word of 16 rows.
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -47,8 +48,8 @@ class QuantScheme:
     symmetric: bool = True
     storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16, uint8
     block_bytes: int = 0  # "gguf" only
-    # "int8": activations are quantized at run time where the target has an int8 dot product
-    # (int8_dot.py; its weights are packed for it, see row_tile)
+    # "int8" or "int22": activations are rounded to such integers at run time where the target
+    # has an int8 dot product (int8_dot.py; its weights are packed for it, see row_tile)
     activations: str = ""
     scale_dtype: str = ""  # dtype of the scales; "" = the model's compute dtype
     # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
@@ -94,6 +95,10 @@ class QuantScheme:
         if not self.symmetric:
             parts["zero"] = (n, kp // self.group_size)
         return parts
+
+    def to_dict(self) -> dict:
+        """Every field, for passing the scheme through JSON (`QuantScheme(**d)` reads it back)."""
+        return asdict(self)
 
     def to_manifest(self) -> dict:
         return {
@@ -171,6 +176,16 @@ SCHEMES: dict[str, QuantScheme | None] = {
 }
 
 
+def row_tiled(scheme: QuantScheme) -> QuantScheme:
+    """The scheme as stored where every target has an int8 dot product (int8_dot.py): `q4` in
+    row tiles, its activations rounded to 22-bit integers there, which keeps it exact against
+    its dequantized weights (its codes and scales are unchanged, only their order). Elsewhere
+    `q4` keeps the interleaved layout the GPU kernels read with coalesced loads."""
+    if scheme.name == "q4" and not scheme.row_tile:
+        return replace(scheme, activations="int22", row_tile=16)
+    return scheme
+
+
 def resolve_scheme(name: str) -> QuantScheme | None:
     if name not in SCHEMES:
         raise RelaxlmError(
@@ -178,14 +193,6 @@ def resolve_scheme(name: str) -> QuantScheme | None:
             "(GGUF files keep their own llama.cpp formats)"
         )
     return SCHEMES[name]
-
-
-def scheme_named(name: str) -> QuantScheme:
-    """Any scheme by its `name`: a preset or a GGUF block format."""
-    for scheme in (*SCHEMES.values(), *GGUF_SCHEMES.values()):
-        if scheme is not None and scheme.name == name:
-            return scheme
-    raise KeyError(name)
 
 
 ROWS_PER_CHUNK_ELEMENTS = 1 << 22  # rows are packed in chunks of ~4M values: bounded temporaries

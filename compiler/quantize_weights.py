@@ -13,7 +13,8 @@ gathered from the parts. A weight that cannot be rewritten stays a float tensor.
 The rewritten tuple holds each quantized weight's parts in place of the weight; the plan of
 the new tuple is left in the module attribute `relaxlm.param_plan` (JSON list of
 {"source": index in the old tuple, "part": "" | "q" | "scale" | "zero", "shape", "dtype",
-"scheme": name, for parts}) so the weight converter produces exactly those tensors.
+"scheme": the scheme's fields, for parts}) so the weight converter produces exactly those
+tensors.
 """
 
 import json
@@ -24,7 +25,8 @@ from tvm import relax, te, tirx
 from .quantization import INTERLEAVE, QuantScheme
 
 PLAN_ATTR = "relaxlm.param_plan"
-DEQUANTIZE_ATTR = "relaxlm.dequantize"  # on the dequantize PrimFuncs: the scheme, as JSON
+# on the dequantize PrimFuncs: {"scheme": the scheme's fields, "k"} as JSON
+DEQUANTIZE_ATTR = "relaxlm.dequantize"
 
 
 @tvm.transform.module_pass(opt_level=0, name="QuantizeWeights")
@@ -79,7 +81,7 @@ class QuantizeWeights:
                         "part": part,
                         "shape": list(shape),
                         "dtype": dtype,
-                        "scheme": scheme.name,
+                        "scheme": scheme.to_dict(),
                     }
                 )
                 new_fields.append(relax.TensorType(shape, dtype))
@@ -345,7 +347,7 @@ class _Rewriter(relax.PyExprMutator):
             _dequantize_compute(scheme, n, k, self.compute_dtype),
             *parts,
             primfunc_name_hint=f"dequantize_{scheme.name.replace('-', '_')}",
-            primfunc_attrs={DEQUANTIZE_ATTR: json.dumps({"scheme": scheme.name, "k": k})},
+            primfunc_attrs={DEQUANTIZE_ATTR: json.dumps({"scheme": scheme.to_dict(), "k": k})},
         )
 
 

@@ -38,7 +38,8 @@ SHAPES = {  # the shapes of shared/notes/peers.md
         intermediate_size=5632,
     ),
 }
-# q4-a8 (int8 activations) computes as llama.cpp's Q4_0 does; q4 keeps activations in float32.
+# q4-a8 (int8 activations) computes as llama.cpp's Q4_0 does; q4 stays exact against float
+# activations (on a VNNI CPU it rounds them to 22-bit integers, see compiler/int8_dot.py).
 PAIRS = [("q4-a8", "Q4_0"), ("q4", "Q4_0"), ("q8", "Q8_0"), ("float16", "F16")]
 
 _BANDWIDTH_C = r"""

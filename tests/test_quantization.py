@@ -16,10 +16,17 @@ from tvm.runtime.vm import VirtualMachine
 import relaxlm
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
-from relaxlm.compiler.int8_dot import has_int8_dot
-from relaxlm.compiler.quantization import SCHEMES, dequantize, group_scales, quantize
+from relaxlm.compiler.int8_dot import PIECES, has_int8_dot
+from relaxlm.compiler.pipeline import scheme_for_targets
+from relaxlm.compiler.quantization import (
+    SCHEMES,
+    dequantize,
+    group_scales,
+    quantize,
+    row_tiled,
+)
 from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
-from relaxlm.compiler.targets import resolve_target
+from relaxlm.compiler.targets import resolve_target, resolve_targets
 
 INT_SCHEMES = ["q8", "q4", "q4-a8", "q4-asym"]
 ALL_SCHEMES = [*INT_SCHEMES, "float16", "bfloat16"]
@@ -164,6 +171,8 @@ def test_quantized_model_equals_float_model_with_dequantized_weights(name, check
     quantized = relaxlm.LLM(str(src), quant=name)
     manifest = quantized.manifest.quantization
     assert manifest["scheme"] == name
+    if name == "q4" and VNNI:  # the int8 dot kernels, activations as 22-bit integers
+        assert manifest["activations"] == "int22" and manifest["row_tile"] == 16
     reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", name)))
     ids = [1] + np.random.default_rng(3).integers(5, 400, 23).tolist()
     ours = quantized.score(ids, prefill=12)
@@ -200,23 +209,41 @@ def test_manifest_records_the_scheme(checkpoints, tmp_path):
     assert "model.embed_tokens.weight" in names  # the embedding table is read by take: kept
 
 
+def test_q4_layout_follows_the_targets(checkpoints, tmp_path):
+    """q4 is stored in row tiles (int8 dot kernels) only where every target is a CPU that has
+    them; GPUs keep the interleaved layout; `--add` keeps the layout of the artifact."""
+    q4, cpu, cuda = SCHEMES["q4"], resolve_targets("cpu"), resolve_targets("cuda")
+    tiled = row_tiled(q4)
+    assert tiled.row_tile == 16 and tiled.activations == "int22"
+    assert scheme_for_targets(q4, cpu, "float32", None) == (tiled if VNNI else q4)
+    assert scheme_for_targets(q4, cpu + cuda, "float32", None) == q4
+    assert scheme_for_targets(q4, cpu, "float16", None) == q4  # the kernels take float32 x
+    assert scheme_for_targets(SCHEMES["q8"], cpu, "float32", None) == SCHEMES["q8"]
+    assert scheme_for_targets(None, cpu, "float32", None) is None
+    out = relaxlm.compile(
+        str(checkpoints("llama_gqa")), output=tmp_path / "a", quant="q4", progress=False
+    )
+    assert scheme_for_targets(q4, cuda, "float32", out) == (tiled if VNNI else q4)
+
+
 def test_unknown_scheme_is_refused(checkpoints, tmp_path):
     with pytest.raises(relaxlm.RelaxlmError, match="q3"):
         relaxlm.compile(str(checkpoints("llama_gqa")), output=tmp_path / "a", quant="q3")
 
 
-def _int8_activations(x: np.ndarray) -> np.ndarray:
-    """x with each group of 32 along the last axis rounded to int8 codes of scale max|x|/127
-    (zero-padded to whole groups), as int8_dot.py computes them; numpy, float32."""
+def _int_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
+    """x with each group of 32 along the last axis rounded to integer codes of scale
+    max|x| / levels (zero-padded to whole groups), as int8_dot.py computes them; numpy,
+    float32."""
     k = x.shape[-1]
     padded = np.pad(x.astype(np.float32), [(0, 0)] * (x.ndim - 1) + [(0, -k % 32)])
     groups = padded.reshape(*x.shape[:-1], -1, 32)
-    scale = np.abs(groups).max(-1, keepdims=True) / np.float32(127)
+    scale = np.abs(groups).max(-1, keepdims=True) / np.float32(levels)
     codes = np.rint(groups / np.where(scale > 0, scale, 1))
     return (codes * scale).reshape(padded.shape)[..., :k]
 
 
-def _linear_vm(n: int, k: int, scheme_name: str):
+def _linear_vm(n: int, k: int, scheme):
     """y = x @ W.T for x [1, m, k] through QuantizeWeights and FuseDequantizeMatmul(int8_dot)."""
 
     class Linear(nn.Module):
@@ -233,31 +260,34 @@ def _linear_vm(n: int, k: int, scheme_name: str):
         }
     }
     mod, _ = Linear().export_tvm(spec)
-    fused = FuseDequantizeMatmul(int8_dot=True)(
-        QuantizeWeights(SCHEMES[scheme_name], "float32")(mod)
-    )
+    fused = FuseDequantizeMatmul(int8_dot=True)(QuantizeWeights(scheme, "float32")(mod))
     return _cpu_vm(fused)["forward"], fused.script(show_meta=False)
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("scheme", [SCHEMES["q4-a8"], row_tiled(SCHEMES["q4"])], ids=["a8", "q4"])
 @pytest.mark.parametrize("n,k", [(64, 128), (48, 70), (128, 300), (256, 1000), (40, 70)])
-def test_int8_dot_equals_int8_activations_times_dequantized_weights(n, k):
-    """Weights in row tiles take the int8 kernel; others (N not a multiple of 16) compute as
-    q4, float activations times the dequantized weights."""
-    scheme = SCHEMES["q4-a8"]
-    forward, script = _linear_vm(n, k, "q4-a8")
+def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n, k):
+    """Weights in row tiles take the int8 kernel (q4-a8: activations rounded to int8; q4: to
+    22-bit integers, which leaves it exact against float activations); others (N not a
+    multiple of 16) compute with float activations times the dequantized weights."""
+    forward, script = _linear_vm(n, k, scheme)
     tiled = scheme.tiled(n)
-    assert ("q4_int8_linear" in script) == tiled
+    assert (f"q4_{scheme.activations}_linear" in script) == tiled
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
     parts = quantize(scheme, w, np.float32)
     weights = dequantize(scheme, parts, k)
+    levels = PIECES[scheme.activations][1]
     for m in (1, 5, 33):
         x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
         x[0, 0, : min(k, 40)] = 0  # an all-zero group: scale 0, codes 0
         got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
-        ref = (_int8_activations(x) if tiled else x) @ weights.T
+        ref = (_int_activations(x, levels) if tiled else x) @ weights.T
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+        if scheme.activations == "int22":
+            exact = x @ weights.T
+            np.testing.assert_allclose(got, exact, rtol=0, atol=2e-6 * np.abs(exact).max())
 
 
 def _quantized_linears(manifest) -> set[str]:
@@ -285,7 +315,7 @@ def test_q4_a8_model_equals_transformers_with_int8_activations(checkpoints, tmp_
     def int8_inputs(name, x):
         if name not in quantized:
             return x
-        return torch.from_numpy(_int8_activations(x.numpy()))
+        return torch.from_numpy(_int_activations(x.numpy()))
 
     ids = [1] + np.random.default_rng(5).integers(5, 400, 23).tolist()
     ours = llm.score(ids, prefill=12)
