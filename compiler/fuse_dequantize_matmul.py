@@ -7,7 +7,7 @@ weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes
 that dequantizes only the rows it reads.
 
 With `int8_dot` (a CPU with VNNI), a weight of a scheme whose activations are rounded to
-integers (`q4-a8`, and `q4` in row tiles) instead becomes one int8_dot.py kernel, which
+integers (`q4-a8`, and `q4` and `q8` in row tiles) instead becomes one int8_dot.py kernel, which
 quantizes its input rows and then takes int8 dot products with the packed weights; a residual
 `add` of its output joins that kernel. Elsewhere such a weight takes the float kernel, exact
 against its dequantized weights.
@@ -51,8 +51,8 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        # (n, k, Kp, scale dtype, activations), residual -> kernel; and each kernel without
-        # residual -> its key
+        # (n, k, Kp, scale dtype, activations, bits), residual -> kernel; and each kernel
+        # without residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
         self.int8_keys: dict[relax.GlobalVar, tuple] = {}
 
@@ -97,7 +97,7 @@ class _Rewriter(relax.PyExprMutator):
         return (
             self.int8_dot
             and scheme.activations in int8_dot.PIECES
-            and scheme.bits == 4
+            and scheme.bits in (4, 8)
             and scheme.symmetric
             and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
@@ -109,7 +109,7 @@ class _Rewriter(relax.PyExprMutator):
         """x [..., k] @ the packed weight [n, k] by int8 dot products (one kernel, x as 3-D)."""
         lead = list(x.ty.shape.values[:-1])
         rows = x if len(lead) == 2 else self.builder_.emit(relax.op.reshape(x, (1, -1, k)))
-        key = (n, k, scheme.padded_k(k), parts[1].ty.dtype, scheme.activations)
+        key = (n, k, scheme.padded_k(k), parts[1].ty.dtype, scheme.activations, scheme.bits)
         kernel = self._int8_kernel(key, residual=False)
         out = relax.call_tir(
             kernel, [rows, *parts], relax.TensorType((*rows.ty.shape.values[:-1], n), "float32")
@@ -119,12 +119,12 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
-        """The kernel for key (n, k, Kp, scale dtype, activations), added to the module on first
-        use."""
+        """The kernel for key (n, k, Kp, scale dtype, activations, bits), added to the module on
+        first use."""
         if (key, residual) not in self.int8_kernels:
-            n, k, k_padded, scale_dtype, activations = key
-            name = f"q4_{activations}_linear_{n}_{k}" + ("_add" if residual else "")
-            func = int8_dot.q4_int8_linear(n, k, k_padded, scale_dtype, residual, activations)
+            n, k, k_padded, scale_dtype, activations, bits = key
+            name = f"q{bits}_{activations}_linear_{n}_{k}" + ("_add" if residual else "")
+            func = int8_dot.int8_linear(n, k, k_padded, scale_dtype, residual, activations, bits)
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel
             if not residual:

@@ -1,29 +1,31 @@
-"""Int8 dot products for 4-bit weights on CPUs with AVX-512 VNNI: activations quantized at run
-time.
+"""Int8 dot products for 4- and 8-bit weights on CPUs with AVX-512 VNNI: activations
+quantized at run time.
 
-A weight-only q4 GEMV unpacks every weight to float before its FMA, which costs more than
-reading it (~24 GB/s per core here). Like llama.cpp's Q4_0 x Q8_0 dot, these kernels quantize
+A weight-only GEMV unpacks every weight to float before its FMA, which costs more than reading
+it (~24 GB/s per core here for q4). Like llama.cpp's Q4_0 x Q8_0 dot, these kernels quantize
 the activations once per matmul to integers (one scale per group of 32, `scale = max|x| /
-levels`, `code = round(x / scale)`) and multiply 4-bit codes by int8 codes with `vpdpbusd` (64
+levels`, `code = round(x / scale)`) and multiply weight codes by int8 codes with `vpdpbusd` (64
 multiply-adds per instruction into int32). The result equals `dequantized weights @ dequantized
 integer activations` up to float rounding of the scales.
 
 How finely the activations are rounded is the scheme's choice (`PIECES`): `q4-a8` rounds them
-to int8, as Q4_0 does (one `vpdpbusd` per 4 weights x 16 rows); `q4` to 22-bit integers, split
-into three int8 pieces (code = p0 + 256 p1 + 65536 p2), each its own `vpdpbusd` into its own
-int32 sum, shifted together once per group. Their rounding (2^-22 of the group's largest value)
-is far below what float32 sums of the same products differ by, so `q4` stays exact against its
-dequantized weights (1e-4 in a model's logits) at three times q4-a8's integer work, still a
-fraction of the float kernel's.
+to int8, as Q4_0 does (one `vpdpbusd` per 4 weights x 16 rows); `q4` and `q8` to 22-bit
+integers, split into three int8 pieces (code = p0 + 256 p1 + 65536 p2), each its own
+`vpdpbusd` into its own int32 sum, added up once per group. Their rounding (2^-22 of the
+group's largest value) is far below what float32 sums of the same products differ by, so `q4`
+and `q8` stay exact against their dequantized weights (1e-4 in a model's logits) at three
+times q4-a8's integer work, still a fraction of the float kernel's.
 
 The kernel puts weight rows in vector lanes: the weights are stored in tiles of TILE = 16 rows
-(quantization.py, `row_tile`), so one 64-byte load holds 8 consecutive k of each of the 16 rows
-(per row, byte e: k = 8o + e in the low nibble, 8o + 4 + e in the high one). A mask and a shift
-give two `vpdpbusd` operands, each multiplied by 4 activation codes broadcast to every lane;
-after a group each lane holds its row's whole group dot, which one convert and one FMA scale
-into the row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights
-stream as one run of memory. The nibbles are unsigned: a per-group correction -8 * (sum of the
-group's activation codes) starts each lane's int32 sum.
+(quantization.py, `row_tile`), so one 64-byte load holds one 32-bit word of each of the 16
+rows: 8 consecutive k of 4 bits (byte e: k = 8o + e in the low nibble, 8o + 4 + e in the high
+one), split by a mask and a shift into two `vpdpbusd` operands; or 4 consecutive k of 8 bits,
+one operand. Each operand is multiplied by 4 activation codes broadcast to every lane; after a
+group each lane holds its row's whole group dot, which one convert and one FMA scale into the
+row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights stream as
+one run of memory. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
+int8 weights get their sign bit flipped (w + 128); a per-group correction -bias * (sum of the
+group's activation codes) starts each lane's int32 sums.
 """
 
 import tvm
@@ -31,15 +33,17 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-GROUP = 32  # q4 and the activations: one scale per 32 values along K
+GROUP = 32  # the weights and the activations: one scale per 32 values along K
 TILE = 16  # weight rows per tile: one 32-bit lane each
 MATRIX_ROWS = 4  # rows of x per step in prefill: each unpacked weight vector serves them all
-# Groups ahead (of 256 bytes per tile) that each group prefetches: 8 KiB of one tile's
-# stream. From DRAM the 4096 x 11264 GEMV took 1.35-1.55 ms with it, 2.1-2.8 ms without.
+# Groups ahead that each group prefetches (8 KiB of one q4 tile's stream). From DRAM a
+# 65536 x 4096 q4 GEMV took 1.45-1.55 ms with it, 2.1-2.8 ms without.
 PREFETCH = 32
 _NIBBLES = 0x0F0F0F0F
-# The scheme's `activations` -> (int8 pieces per code, largest code). Three pieces keep every
-# int32 sum in range: a group's 32 codes below 2^21 times nibbles below 16 stay under 2^31.
+_SIGN_BITS = 0x80808080
+# The scheme's `activations` -> (int8 pieces per code, largest code). A group's int32 sums stay
+# in range: the top piece's sum is converted to float on its own, and the lower two pieces
+# (16 bits) times 32 weights below 128 in magnitude stay under 2^31.
 PIECES = {"int8": (1, 127), "int22": (3, (1 << 21) - 1)}
 
 
@@ -49,7 +53,7 @@ def has_int8_dot(target: tvm.target.Target) -> bool:
 
 
 def supports(n: int, k_padded: int) -> bool:
-    """Whether a 4-bit weight [n, k] (K padded to whole groups) is stored in row tiles."""
+    """Whether a weight [n, k] (K padded to whole groups) is stored in row tiles."""
     return n % TILE == 0 and k_padded % GROUP == 0
 
 
@@ -68,46 +72,50 @@ def _codes4(codes, piece, i, c):
     return T.broadcast(T.reinterpret("int32", codes[piece, i, T.ramp(c, 1, 4)]), TILE)
 
 
-def q4_int8_linear(
+def int8_linear(
     n: int,
     k: int,
     k_padded: int,
     scale_dtype: str = "float32",
     residual: bool = False,
     activations: str = "int8",
+    bits: int = 4,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
-    n]), in one kernel: the rows of x are quantized first (`activations`: a key of PIECES),
-    then the dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at
-    a time when there are that many."""
+    n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
+    one kernel: the rows of x are quantized first (`activations`: a key of PIECES), then the
+    dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at a time
+    when there are that many."""
     groups = k_padded // GROUP
-    words = k_padded // 8  # per weight row
+    words = k_padded * bits // 32  # per weight row
     pieces, levels = PIECES[activations]
-    shape = (n, k, k_padded, groups, words)
+    shape = (n, k, k_padded, groups, words, bits)
+    w_type = (n, words) if bits == 4 else (n, k_padded)
+    w_dtype = "uint32" if bits == 4 else "int8"
 
     @T.macro(hygienic=False)
     def body(var_x, w, w_scale, res, out, batch, seq, shape, scale_dtype, pieces, levels):
-        n, k, k_padded, groups, words = T.meta_var(shape)
+        n, k, k_padded, groups, words, bits = T.meta_var(shape)
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
         w_flat = T.decl_buffer((n * words,), "uint32", data=w.data)
         s_flat = T.decl_buffer((n * groups,), scale_dtype, data=w_scale.data)
         rows = T.meta_var(batch * seq)
         codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
-        correction = T.alloc_buffer((rows, groups), "int32")
+        correction = T.alloc_buffer((pieces, rows, groups), "int32")
         scale = T.alloc_buffer((rows, groups), "float32")
-        quantized = T.meta_var((k, groups, pieces, levels, codes, correction, scale))
+        quantized = T.meta_var((k, groups, pieces, levels, 1 << (bits - 1), codes, correction))
         parts = T.meta_var(
-            (w_flat, s_flat, codes, correction, scale, res, out, groups, words, pieces)
+            (w_flat, s_flat, codes, correction, scale, res, out, groups, words, pieces, bits)
         )
         if rows < MATRIX_ROWS:  # decode: a parallel launch would cost more than the rows
             for i in range(rows):
-                _quantize_row(x, i // seq, i % seq, *quantized, i)
+                _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
             for tile in T.parallel(n // TILE):
                 for i in range(rows):
                     _tile_rows(*parts, seq, tile, i, 1, i)
         else:
             for i in T.parallel(rows):
-                _quantize_row(x, i // seq, i % seq, *quantized, i)
+                _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
             # MATRIX_ROWS rows of x share each unpacked weight vector; a last, partial step
             # repeats the last row (the same values written twice).
             for tile in T.parallel(n // TILE):
@@ -119,7 +127,7 @@ def q4_int8_linear(
         @T.prim_func(private=True)
         def with_residual(
             var_x: T.handle,
-            w: T.Buffer((n, words), "uint32"),
+            w: T.Buffer(w_type, w_dtype),
             w_scale: T.Buffer((n, groups), scale_dtype),
             var_residual: T.handle,
             var_out: T.handle,
@@ -135,7 +143,7 @@ def q4_int8_linear(
     @T.prim_func(private=True)
     def kernel(
         var_x: T.handle,
-        w: T.Buffer((n, words), "uint32"),
+        w: T.Buffer(w_type, w_dtype),
         w_scale: T.Buffer((n, groups), scale_dtype),
         var_out: T.handle,
     ):
@@ -159,6 +167,7 @@ def _tile_rows(
     groups,
     words,
     pieces,
+    bits,
     seq,
     tile,
     first,
@@ -170,56 +179,71 @@ def _tile_rows(
     # lanes j * TILE, its int32 sum of piece p at (j * pieces + p) * TILE
     acc = T.alloc_buffer((count * TILE,), "float32")
     dot = T.alloc_buffer((count * pieces * TILE,), "int32")
-    mask = T.meta_var(T.broadcast(T.uint32(_NIBBLES), TILE))
+    group_words = T.meta_var(GROUP * bits // 32)
     for j in T.unroll(count):
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
     for g in range(groups):
         for j in T.unroll(count):
-            # the correction joins the least significant piece's sum
-            dot[_lanes_of(j * pieces)] = T.broadcast(correction[T.min(first + j, last), g], TILE)
-            for p in T.unroll(1, pieces):
-                dot[_lanes_of(j * pieces + p)] = T.broadcast(T.int32(0), TILE)
+            for p in T.unroll(pieces):
+                row = T.meta_var(T.min(first + j, last))
+                dot[_lanes_of(j * pieces + p)] = T.broadcast(correction[p, row, g], TILE)
         # the cache lines of the group PREFETCH ahead: a hint, harmless past the weights' end
-        for line in T.unroll(GROUP // 8 * TILE * 4 // 64):
+        for line in T.unroll(group_words * TILE * 4 // 64):
             T.evaluate(
                 T.call_llvm_intrin(
                     "void",
                     "llvm.prefetch.p0",
-                    T.address_of(w[((tile * words) + (g + PREFETCH) * 4) * TILE + line * 16]),
+                    T.address_of(
+                        w[(tile * words + (g + PREFETCH) * group_words) * TILE + line * 16]
+                    ),
                     T.int32(0),
                     T.int32(3),
                     T.int32(1),
                 )
             )
-        for o in T.unroll(GROUP // 8):
-            # word o of the group for the tile's 16 rows: two vpdpbusd operands, shared by all j
-            wv = T.meta_var(w[T.ramp(((tile * words) + g * 4 + o) * TILE, 1, TILE)])
-            low = T.meta_var(T.bitwise_and(wv, mask))
-            high = T.meta_var(
-                T.bitwise_and(T.shift_right(wv, T.broadcast(T.uint32(4), TILE)), mask)
-            )
-            for j in T.unroll(count):
-                for p in T.unroll(pieces):
-                    i = T.meta_var(T.min(first + j, last))
-                    c = T.meta_var(g * GROUP + o * 8)
-                    sums = T.meta_var(_lanes_of(j * pieces + p))
-                    dot[sums] = _dpbusd(
-                        _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
-                        high,
-                        _codes4(codes, p, i, c + 4),
-                    )
+        for o in T.unroll(group_words):
+            # word o of the group for the tile's 16 rows: vpdpbusd operands shared by all j
+            wv = T.meta_var(w[T.ramp((tile * words + g * group_words + o) * TILE, 1, TILE)])
+            if bits == 4:  # 8 k: low nibbles k .. k + 3, high nibbles k + 4 .. k + 7
+                low = T.meta_var(T.bitwise_and(wv, _broadcast_u32(_NIBBLES)))
+                high = T.meta_var(
+                    T.bitwise_and(T.shift_right(wv, _broadcast_u32(4)), _broadcast_u32(_NIBBLES))
+                )
+                for j in T.unroll(count):
+                    for p in T.unroll(pieces):
+                        i = T.meta_var(T.min(first + j, last))
+                        c = T.meta_var(g * GROUP + o * 8)
+                        sums = T.meta_var(_lanes_of(j * pieces + p))
+                        dot[sums] = _dpbusd(
+                            _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
+                            high,
+                            _codes4(codes, p, i, c + 4),
+                        )
+            else:  # 4 k of int8, sign bits flipped: w + 128
+                biased = T.meta_var(T.bitwise_xor(wv, _broadcast_u32(_SIGN_BITS)))
+                for j in T.unroll(count):
+                    for p in T.unroll(pieces):
+                        i = T.meta_var(T.min(first + j, last))
+                        sums = T.meta_var(_lanes_of(j * pieces + p))
+                        dot[sums] = _dpbusd(
+                            dot[sums], biased, _codes4(codes, p, i, g * GROUP + o * 4)
+                        )
         w_scales = T.meta_var(
             T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
         )
         for j in T.unroll(count):
-            for q in T.unroll(pieces - 1):  # most significant first: sum * 256 + the next
-                higher = T.meta_var(dot[_lanes_of(j * pieces + pieces - 1 - q)])
-                lower = T.meta_var(_lanes_of(j * pieces + pieces - 2 - q))
+            for q in T.unroll(pieces - 2):  # the lower pieces in int32: sum * 256 + the next
+                higher = T.meta_var(dot[_lanes_of(j * pieces + pieces - 2 - q)])
+                lower = T.meta_var(_lanes_of(j * pieces + pieces - 3 - q))
                 dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
             x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
-            acc[_lanes_of(j)] = acc[_lanes_of(j)] + T.Cast(
-                "float32x16", dot[_lanes_of(j * pieces)]
-            ) * (w_scales * x_scale)
+            low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces)]))
+            if pieces == 1:
+                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
+            else:  # the top piece in float: its int32 sum * 256^(pieces-1) could overflow
+                top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces + pieces - 1)]))
+                value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
+                acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
@@ -229,34 +253,40 @@ def _tile_rows(
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
 
 
+def _broadcast_u32(value: int):
+    return T.broadcast(T.uint32(value), TILE)
+
+
 def _lanes_of(j):
     """The j-th run of TILE lanes in an accumulator array."""
     return T.ramp(j * TILE, 1, TILE)
 
 
 @T.macro(hygienic=False)
-def _quantize_row(x, bi, si, k, groups, pieces, levels, codes, correction, scale, i):
+def _quantize_row(x, bi, si, k, groups, pieces, levels, bias, codes, correction, scale, i):
     """Row i of x as integer codes in [-levels, levels] per group of 32 (zero past k), each
     code split into `pieces` signed bytes (least significant first), with each group's scale
-    and correction -8 * (sum of its codes)."""
+    and, per piece, its correction -bias * (sum of the group's bytes of that piece)."""
     for g in range(groups):
         amax = T.alloc_buffer((1,), "float32")
-        total = T.alloc_buffer((1,), "int32")
+        total = T.alloc_buffer((pieces,), "int32")
         rest = T.alloc_buffer((1,), "int32")
         amax[0] = T.float32(0)
         for e in range(GROUP):
             if g * GROUP + e < k:
                 amax[0] = T.max(amax[0], T.abs(x[bi, si, g * GROUP + e]))
         d = T.meta_var(amax[0] / T.float32(levels))
-        total[0] = 0
+        for p in T.unroll(pieces):
+            total[p] = 0
         for e in range(GROUP):
             c = T.meta_var(g * GROUP + e)
             v = T.meta_var(T.if_then_else(c < k, x[bi, si, T.min(c, k - 1)], T.float32(0)))
             rest[0] = T.Cast("int32", T.Select(d > T.float32(0), T.round(v / d), T.float32(0)))
-            total[0] = total[0] + rest[0]
             for p in T.unroll(pieces):
                 # the signed low byte, then the rest (an exact multiple of 256) shifted down
                 codes[p, i, c] = T.Cast("int8", T.bitwise_and(rest[0] + 128, 255) - 128)
+                total[p] = total[p] + T.Cast("int32", codes[p, i, c])
                 rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
-        correction[i, g] = -8 * total[0]
+        for p in T.unroll(pieces):
+            correction[p, i, g] = -bias * total[p]
         scale[i, g] = d

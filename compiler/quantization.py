@@ -8,7 +8,8 @@ number of groups (and of packed words), so any K works:
   (q8 and q4 scales may be negative: see `_symmetric_codes` for how they are chosen)
 - q4-a8   as q4 with float16 scales, packed for int8_dot.py's kernel (see below); activations
           become int8 per group of 32 at run time
-  (q4 itself is packed like q4-a8 where every target has that kernel, see `row_tiled`)
+  (q4 itself is packed like q4-a8, and q8 in the same row tiles, where every target has that
+  kernel: see `row_tiled`)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
@@ -25,7 +26,8 @@ vector lanes instead: word w of a row holds k = 8w .. 8w + 7, byte e holding k =
 its low nibble and 8w + 4 + e in its high one (K padded to whole groups only); and when N is
 a multiple of `row_tile` (16), the words and the scales are stored in tiles of 16 rows,
 tile-major: element [r, c] of a part sits at flat index (r // 16 * C + c) * 16 + r % 16 of the
-same [N, C] array, so one 64-byte load holds the same word of 16 rows.
+same [N, C] array, so one 64-byte load holds the same word of 16 rows. (Row-tiled q8 stores
+its int8 [N, Kp] so too, a word being 4 consecutive k.)
 """
 
 from dataclasses import asdict, dataclass, replace
@@ -122,10 +124,12 @@ def _packing(scheme: QuantScheme) -> str:
             f"{scheme.group_size} values"
         )
     if scheme.row_tile:
-        return (
-            "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high), "
-            f"rows in tiles of {scheme.row_tile} when N is a multiple"
+        word = (
+            "4 consecutive k per 32-bit word"
+            if scheme.bits == 8
+            else "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high)"
         )
+        return f"{word}, rows in tiles of {scheme.row_tile} when N is a multiple"
     if scheme.per_word > 1:
         return f"nibbles interleaved in blocks of {INTERLEAVE} along K"
     return "one per element"
@@ -176,13 +180,17 @@ SCHEMES: dict[str, QuantScheme | None] = {
 }
 
 
+# Activations for the int8 dot kernels that keep a weight-only scheme exact (int8_dot.py)
+_EXACT_ACTIVATIONS = {"q4": "int22", "q8": "int22"}
+
+
 def row_tiled(scheme: QuantScheme) -> QuantScheme:
-    """The scheme as stored where every target has an int8 dot product (int8_dot.py): `q4` in
-    row tiles, its activations rounded to 22-bit integers there, which keeps it exact against
-    its dequantized weights (its codes and scales are unchanged, only their order). Elsewhere
-    `q4` keeps the interleaved layout the GPU kernels read with coalesced loads."""
-    if scheme.name == "q4" and not scheme.row_tile:
-        return replace(scheme, activations="int22", row_tile=16)
+    """The scheme as stored where every target has an int8 dot product (int8_dot.py): `q4` and
+    `q8` in row tiles, their activations rounded to integers fine enough to keep them exact
+    against their dequantized weights (codes and scales are unchanged, only their order).
+    Elsewhere they keep the layouts the GPU kernels read with coalesced loads."""
+    if scheme.name in _EXACT_ACTIVATIONS and not scheme.row_tile:
+        return replace(scheme, activations=_EXACT_ACTIVATIONS[scheme.name], row_tile=16)
     return scheme
 
 
@@ -233,7 +241,11 @@ def _quantize_rows(
         half = 1 << (scheme.bits - 1)  # 128 or 8: values in [-half, half - 1]
         scale, q = _symmetric_codes(groups, half, scheme.scale_dtype_for(compute_dtype))
         if scheme.storage_dtype == "int8":
-            return [q.reshape(n, kp).astype(np.int8), scale]
+            q = q.reshape(n, kp).astype(np.int8)
+            if not tiled:
+                return [q, scale]
+            words = _to_tiles(q.view(np.uint32), scheme.row_tile)  # 4 k per word
+            return [words.view(np.int8), _to_tiles(scale, scheme.row_tile)]
         codes = (q + half).astype(np.uint32).reshape(n, kp)
         if scheme.row_tile:
             words = _pack_octets(codes)
@@ -307,6 +319,8 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
     q, scale = parts[0], group_scales(scheme, parts).astype(np.float32)
     n = q.shape[0]
     if scheme.storage_dtype == "int8":
+        if scheme.tiled(n):
+            q = _from_tiles(q.view(np.uint32), scheme.row_tile).view(np.int8)
         codes = q.astype(np.float32)
     elif scheme.row_tile:
         words = _from_tiles(q, scheme.row_tile) if scheme.tiled(n) else q

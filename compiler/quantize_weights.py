@@ -109,7 +109,12 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0  # see quantization.py
     s = _row_tiled(scale, n, group, tile).astype(dtype)
     if scheme.storage_dtype == "int8":
-        code = q[n, k].astype(dtype)
+        if tile:  # 4 consecutive k per 32-bit word, words in row tiles
+            kp = int(q.shape[1])
+            word = (n // tile * (kp // 4) + k // 4) * tile + n % tile
+            code = q[(word * 4 + k % 4) // kp, (word * 4 + k % 4) % kp].astype(dtype)
+        else:
+            code = q[n, k].astype(dtype)
     else:
         if scheme.row_tile:  # 8 consecutive k per word
             word = _row_tiled(q, n, k // 8, tile)

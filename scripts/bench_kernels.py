@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
 from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
 from relaxlm.compiler.targets import resolve_target
@@ -41,7 +42,7 @@ def build(n: int, k: int, quant: str):
         }
     }
     mod, _ = _Linear(n, k).export_tvm(spec)
-    scheme = resolve_scheme(quant)
+    scheme = scheme_for_targets(resolve_scheme(quant), [preset], "float32", None)
     if scheme:
         int8_dot = has_int8_dot(preset.target())
         mod = FuseDequantizeMatmul(int8_dot)(QuantizeWeights(scheme, "float32")(mod))
