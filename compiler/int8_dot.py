@@ -23,9 +23,9 @@ one), split by a mask and a shift into two `vpdpbusd` operands; or 4 consecutive
 one operand. Each operand is multiplied by 4 activation codes broadcast to every lane; after a
 group each lane holds its row's whole group dot, which one convert and one FMA scale into the
 row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights stream as
-one run of memory. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
-int8 weights get their sign bit flipped (w + 128); a per-group correction -bias * (sum of the
-group's activation codes) starts each lane's int32 sums.
+one run of memory, prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are
+stored so (w + 8), int8 weights get their sign bit flipped (w + 128); a per-group correction
+-bias * (sum of the group's activation codes) starts the int32 sums.
 """
 
 import tvm
@@ -101,9 +101,9 @@ def int8_linear(
         s_flat = T.decl_buffer((n * groups,), scale_dtype, data=w_scale.data)
         rows = T.meta_var(batch * seq)
         codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
-        correction = T.alloc_buffer((pieces, rows, groups), "int32")
+        correction = T.alloc_buffer((2, rows, groups), "int32")  # see _quantize_row
         scale = T.alloc_buffer((rows, groups), "float32")
-        quantized = T.meta_var((k, groups, pieces, levels, 1 << (bits - 1), codes, correction))
+        quantized = T.meta_var((k, groups, pieces, levels, bits, codes, correction))
         parts = T.meta_var(
             (w_flat, s_flat, codes, correction, scale, res, out, groups, words, pieces, bits)
         )
@@ -184,9 +184,14 @@ def _tile_rows(
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
     for g in range(groups):
         for j in T.unroll(count):
-            for p in T.unroll(pieces):
-                row = T.meta_var(T.min(first + j, last))
-                dot[_lanes_of(j * pieces + p)] = T.broadcast(correction[p, row, g], TILE)
+            # the corrections start the least significant piece's sum and the top one's (when
+            # it joins in float)
+            row = T.meta_var(T.min(first + j, last))
+            dot[_lanes_of(j * pieces)] = T.broadcast(correction[0, row, g], TILE)
+            for p in T.unroll(1, pieces):
+                dot[_lanes_of(j * pieces + p)] = T.broadcast(T.int32(0), TILE)
+            if _float_top(pieces, bits):
+                dot[_lanes_of(j * pieces + pieces - 1)] = T.broadcast(correction[1, row, g], TILE)
         # the cache lines of the group PREFETCH ahead: a hint, harmless past the weights' end
         for line in T.unroll(group_words * TILE * 4 // 64):
             T.evaluate(
@@ -232,18 +237,20 @@ def _tile_rows(
             T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
         )
         for j in T.unroll(count):
-            for q in T.unroll(pieces - 2):  # the lower pieces in int32: sum * 256 + the next
-                higher = T.meta_var(dot[_lanes_of(j * pieces + pieces - 2 - q)])
-                lower = T.meta_var(_lanes_of(j * pieces + pieces - 3 - q))
+            # the int32 pieces: sum * 256 + the next, most significant first
+            for q in T.unroll(_int_pieces(pieces, bits) - 1):
+                top_int = T.meta_var(_int_pieces(pieces, bits) - 1)
+                higher = T.meta_var(dot[_lanes_of(j * pieces + top_int - q)])
+                lower = T.meta_var(_lanes_of(j * pieces + top_int - 1 - q))
                 dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
             x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
             low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces)]))
-            if pieces == 1:
-                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
-            else:  # the top piece in float: its int32 sum * 256^(pieces-1) could overflow
+            if _float_top(pieces, bits):
                 top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces + pieces - 1)]))
                 value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
                 acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
+            else:
+                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
@@ -251,6 +258,17 @@ def _tile_rows(
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)]
         else:
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
+
+
+def _float_top(pieces: int, bits: int) -> bool:
+    """Whether the top piece's sum joins in float: with 8-bit weights, 256^2 times it could
+    overflow int32 (4-bit weights stay in range, which saves a convert per group and row)."""
+    return pieces > 1 and bits == 8
+
+
+def _int_pieces(pieces: int, bits: int) -> int:
+    """How many pieces' sums are added up in int32."""
+    return pieces - 1 if _float_top(pieces, bits) else pieces
 
 
 def _broadcast_u32(value: int):
@@ -263,10 +281,12 @@ def _lanes_of(j):
 
 
 @T.macro(hygienic=False)
-def _quantize_row(x, bi, si, k, groups, pieces, levels, bias, codes, correction, scale, i):
+def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction, scale, i):
     """Row i of x as integer codes in [-levels, levels] per group of 32 (zero past k), each
     code split into `pieces` signed bytes (least significant first), with each group's scale
-    and, per piece, its correction -bias * (sum of the group's bytes of that piece)."""
+    and corrections -bias * (sum of the group's codes): of the pieces added up in int32 in
+    correction[0], of the top one in correction[1] when it joins in float (see _float_top).
+    The bias is what makes the weights unsigned: 8 for 4-bit ones, 128 for int8."""
     for g in range(groups):
         amax = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((pieces,), "int32")
@@ -287,6 +307,11 @@ def _quantize_row(x, bi, si, k, groups, pieces, levels, bias, codes, correction,
                 codes[p, i, c] = T.Cast("int8", T.bitwise_and(rest[0] + 128, 255) - 128)
                 total[p] = total[p] + T.Cast("int32", codes[p, i, c])
                 rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
-        for p in T.unroll(pieces):
-            correction[p, i, g] = -bias * total[p]
+        bias = T.meta_var(1 << (bits - 1))
+        rest[0] = 0
+        for p in T.unroll(_int_pieces(pieces, bits)):
+            rest[0] = rest[0] + T.shift_left(total[p], 8 * p)
+        correction[0, i, g] = -bias * rest[0]
+        if _float_top(pieces, bits):
+            correction[1, i, g] = -bias * total[pieces - 1]
         scale[i, g] = d

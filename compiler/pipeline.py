@@ -120,9 +120,9 @@ def compile_model(
 def scheme_for_targets(
     scheme: QuantScheme | None, presets: list[TargetPreset], dtype: str, base: Path | None
 ) -> QuantScheme | None:
-    """`scheme` as stored for these targets: `q4` in row tiles where every target is a CPU with
-    an int8 dot product and the model computes in float32 (see `row_tiled`), else as it is;
-    when adding libraries to the artifact at `base`, as that artifact stores it."""
+    """`scheme` as stored for these targets: `q4` and `q8` in row tiles where every target is a
+    CPU with an int8 dot product and the model computes in float32 (see `row_tiled`), else as
+    it is; when adding libraries to the artifact at `base`, as that artifact stores it."""
     if scheme is None or row_tiled(scheme) == scheme:
         return scheme
     if base is not None and (base / MANIFEST).is_file():
