@@ -655,6 +655,23 @@ def fuzz_operation(operation, mode, server, examples: int, statuses: Counter) ->
         assert mode == GenerationMode.NEGATIVE, operation.label
 
 
+def test_streamed_answers_are_the_documented_events(server):
+    """A streamed 200 is a text/event-stream whose every event /openapi.json describes."""
+    schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+    bodies = {
+        "/v1/chat/completions": {"messages": USER},
+        "/v1/completions": {"prompt": "Hello"},
+    }
+    for path, body in bodies.items():
+        case = schema[path]["POST"].Case(
+            body={**body, "model": MODEL, "max_tokens": 3, "stream": True}
+        )
+        response = case.call(base_url=server.url, timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"][0].startswith("text/event-stream")
+        case.validate_response(response, checks=DOCUMENTED)
+
+
 def test_fuzzed_requests_never_get_a_5xx(server, client):
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]

@@ -75,6 +75,19 @@ class ServerOptions:
 
 _ERRORS = {400: {"model": s.ErrorResponse}, 401: {"model": s.ErrorResponse}}
 _GEN_ERRORS = {**_ERRORS, 404: {"model": s.ErrorResponse}, 429: {"model": s.ErrorResponse}}
+# A streamed answer: before OpenAPI 3.2 (FastAPI writes 3.1), a text/event-stream schema
+# describes one event as SSE clients parse it; each `data` is a JSON chunk, or `[DONE]`.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+_STREAM = {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}
 
 
 def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
@@ -113,7 +126,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext) -> None:
         response_model=s.ChatCompletionResponse,
         responses={
             **_GEN_ERRORS,
-            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            200: _STREAM,
         },
     )
     async def chat_completions(body: s.ChatCompletionRequest, request: Request):
@@ -128,7 +141,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext) -> None:
         response_model=s.CompletionResponse,
         responses={
             **_GEN_ERRORS,
-            200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            200: _STREAM,
         },
     )
     async def completions(body: s.CompletionRequest, request: Request):
