@@ -188,7 +188,7 @@ def _tile_rows(
             # it joins in float)
             row = T.meta_var(T.min(first + j, last))
             dot[_lanes_of(j * pieces)] = T.broadcast(correction[0, row, g], TILE)
-            for p in T.unroll(1, pieces):
+            for p in T.unroll(1, _int_pieces(pieces, bits)):
                 dot[_lanes_of(j * pieces + p)] = T.broadcast(T.int32(0), TILE)
             if _float_top(pieces, bits):
                 dot[_lanes_of(j * pieces + pieces - 1)] = T.broadcast(correction[1, row, g], TILE)
@@ -291,6 +291,7 @@ def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction,
         amax = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((pieces,), "int32")
         rest = T.alloc_buffer((1,), "int32")
+        low = T.alloc_buffer((1,), "int32")
         amax[0] = T.float32(0)
         for e in range(GROUP):
             if g * GROUP + e < k:
@@ -308,10 +309,10 @@ def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction,
                 total[p] = total[p] + T.Cast("int32", codes[p, i, c])
                 rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
         bias = T.meta_var(1 << (bits - 1))
-        rest[0] = 0
+        low[0] = 0  # the sum of the codes' pieces that are added up in int32
         for p in T.unroll(_int_pieces(pieces, bits)):
-            rest[0] = rest[0] + T.shift_left(total[p], 8 * p)
-        correction[0, i, g] = -bias * rest[0]
+            low[0] = low[0] + T.shift_left(total[p], 8 * p)
+        correction[0, i, g] = -bias * low[0]
         if _float_top(pieces, bits):
             correction[1, i, g] = -bias * total[pieces - 1]
         scale[i, g] = d

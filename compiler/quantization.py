@@ -37,6 +37,7 @@ import numpy as np
 from relaxlm.errors import RelaxlmError
 
 INTERLEAVE = 128  # K-block of the 4-bit layout: 16 words x 8 nibbles
+ROW_TILE = 16  # rows per tile of the row-tiled layout (int8_dot.TILE)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ SCHEMES: dict[str, QuantScheme | None] = {
         storage_dtype="uint32",
         activations="int8",
         scale_dtype="float16",
-        row_tile=16,
+        row_tile=ROW_TILE,
     ),
     "q4-asym": QuantScheme(
         "q4-asym", "int", bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
@@ -180,17 +181,13 @@ SCHEMES: dict[str, QuantScheme | None] = {
 }
 
 
-# Activations for the int8 dot kernels that keep a weight-only scheme exact (int8_dot.py)
-_EXACT_ACTIVATIONS = {"q4": "int22", "q8": "int22"}
-
-
 def row_tiled(scheme: QuantScheme) -> QuantScheme:
     """The scheme as stored where every target has an int8 dot product (int8_dot.py): `q4` and
     `q8` in row tiles, their activations rounded to integers fine enough to keep them exact
     against their dequantized weights (codes and scales are unchanged, only their order).
     Elsewhere they keep the layouts the GPU kernels read with coalesced loads."""
-    if scheme.name in _EXACT_ACTIVATIONS and not scheme.row_tile:
-        return replace(scheme, activations=_EXACT_ACTIVATIONS[scheme.name], row_tile=16)
+    if scheme.name in ("q4", "q8") and not scheme.row_tile:
+        return replace(scheme, activations="int22", row_tile=ROW_TILE)
     return scheme
 
 

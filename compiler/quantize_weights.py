@@ -111,8 +111,8 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     if scheme.storage_dtype == "int8":
         if tile:  # 4 consecutive k per 32-bit word, words in row tiles
             kp = int(q.shape[1])
-            word = (n // tile * (kp // 4) + k // 4) * tile + n % tile
-            code = q[(word * 4 + k % 4) // kp, (word * 4 + k % 4) % kp].astype(dtype)
+            byte = _tiled_index(n, k // 4, kp // 4, tile) * 4 + k % 4
+            code = q[byte // kp, byte % kp].astype(dtype)
         else:
             code = q[n, k].astype(dtype)
     else:
@@ -140,8 +140,13 @@ def _row_tiled(part: te.Tensor, row, col, tile: int) -> tirx.Expr:
     if not tile:
         return part[row, col]
     cols = int(part.shape[1])
-    flat = (row // tile * cols + col) * tile + row % tile
+    flat = _tiled_index(row, col, cols, tile)
     return part[flat // cols, flat % cols]
+
+
+def _tiled_index(row, col, cols: int, tile: int):
+    """Flat index of element [row, col] of an [N, cols] array stored in tiles of `tile` rows."""
+    return (row // tile * cols + col) * tile + row % tile
 
 
 # -- GGUF blocks: the numpy reference's arithmetic (quantization.py) as TE, in float32 ----
