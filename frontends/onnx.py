@@ -151,7 +151,7 @@ def _prepare(model, path: Path) -> tuple[Any, dict[str, np.ndarray]]:
         elif _foldable(node, consts):
             try:
                 values = _evaluate(node, consts, opsets)
-            except Exception as e:  # noqa: BLE001 - the importer then reports the node itself
+            except Exception as e:  # any failure: the importer then reports the node itself
                 log.debug("not folding %s (%s): %s", node.name, node.op_type, e)
             else:
                 for name, value in zip(node.output, values, strict=True):
@@ -348,7 +348,7 @@ def _import(checkpoint: OnnxCheckpoint) -> tvm.IRModule:
         raise RelaxlmError(
             f"{checkpoint.path}: ONNX operator(s) {ops} not supported by TVM's ONNX importer"
         ) from e
-    except Exception as e:  # noqa: BLE001 - any importer failure is one clear error
+    except Exception as e:  # any importer failure is one clear error
         found = re.search(r"Error converting operator (\w+)", printed.getvalue())
         op = f" at operator {found[1]}" if found else ""
         raise RelaxlmError(

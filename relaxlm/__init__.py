@@ -24,7 +24,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'relaxlm' has no attribute {name!r}")
 
 
-def compile(  # noqa: A001 - the SDK's name for it
+def compile(  # shadows the builtin on purpose: the SDK's name for it
     model: str | os.PathLike,
     *,
     output: str | os.PathLike,

@@ -1,7 +1,7 @@
 """Decode throughput of the engine at several batch sizes, on a ~100M-parameter Llama.
 
 Builds a random-weight Llama with transformers (hidden 768, 12 layers, 12 heads, ffn 2048,
-vocab 32000; the tiny trained tokenizer of make_tiny_model.py, since only ids matter here),
+vocab 32000; the tiny trained tokenizer of relaxlm.testing.tiny_models, since only ids matter here),
 compiles it once, then for each batch size B generates B different prompts together, greedy
 with EOS ignored. Decode time is the time of a run of 1 + N tokens minus that of a 1-token run
 (prompt prefill and the first token), best of `--repeats`; throughput counts all B sequences.
@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from make_tiny_model import make_tokenizer  # noqa: E402  (a sibling script, not a package)
+from relaxlm.testing.tiny_models import make_tokenizer
 
 CONFIG = {
     "hidden_size": 768,

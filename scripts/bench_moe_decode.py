@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from make_tiny_model import make_model
 
 import relaxlm
 from relaxlm.runtime.model import CompiledModel
+from relaxlm.testing.tiny_models import make_model
 
 
 def _checkpoints(root: Path, args) -> dict[str, tuple[Path, int]]:

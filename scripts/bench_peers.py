@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 SHAPES = {  # the shapes of shared/notes/peers.md
     "llama134m": dict(
@@ -99,8 +98,9 @@ def make_checkpoint(shape: str, work: Path) -> Path:
     if (out / "model.safetensors").exists() or (out / "model.safetensors.index.json").exists():
         return out
     import torch
-    from make_tiny_model import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from relaxlm.testing.tiny_models import make_tokenizer
 
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], vocab_size=32000, max_position_embeddings=2048)
@@ -111,9 +111,8 @@ def make_checkpoint(shape: str, work: Path) -> Path:
 
 def prepare(shape: str, work: Path, pairs: list[tuple[str, str]]) -> dict:
     """Checkpoint, relaxlm artifacts and GGUF files for one shape (cached in `work`)."""
-    from llama_gguf import quantize_gguf, write_llama_gguf
-
     from relaxlm.cache import cached_artifact
+    from relaxlm.testing.llama_gguf import quantize_gguf, write_llama_gguf
 
     ckpt = make_checkpoint(shape, work)
     f16 = work / f"{shape}-F16.gguf"

@@ -1,7 +1,7 @@
 """Tiny random-weight Hugging Face checkpoints and the `transformers` oracle that scores them.
 
-The builders live in scripts/make_tiny_model.py (scripts must not import from tests/), which
-is imported here by path; tests use this module only:
+The builders live in relaxlm/testing/tiny_models.py (shared with the scripts); tests use this
+module only:
 
     from hf_models import PARITY_CASES, hf_greedy, hf_logits, make_model
     model_dir = make_model(tmp_path, **PARITY_CASES["llama_gqa"])
@@ -15,15 +15,13 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_tiny_model import (  # noqa: E402  (importable only once scripts/ is on sys.path)
+from relaxlm.testing.tiny_models import (
     ARCHITECTURES,
     CHATML_TEMPLATE,
     EMBEDDING_ARCHITECTURES,

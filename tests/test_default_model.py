@@ -18,9 +18,7 @@ import relaxlm
 from relaxlm.default_model import INSTALL, default_model
 from relaxlm.errors import RelaxlmError
 from relaxlm.perplexity import perplexity, perplexity_of_ids
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from perplexity import compare, llama_cpp_scorer  # noqa: E402
+from relaxlm.testing.perplexity import compare, llama_cpp_scorer
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 # Prompts whose 32 greedy tokens both engines agree on (the two engines round differently:

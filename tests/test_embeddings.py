@@ -7,11 +7,11 @@ import shutil
 import numpy as np
 import pytest
 from hf_models import hf_embeddings, make_embedding_model
-from make_tiny_model import corpus
 
 import relaxlm
 from relaxlm.artifacts import Manifest
 from relaxlm.errors import RelaxlmError
+from relaxlm.testing.tiny_models import corpus
 
 SENTENCES = [
     "A man is eating food.",

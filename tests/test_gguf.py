@@ -1,7 +1,7 @@
 """GGUF files: llama.cpp's blocks kept as they are and computed exactly, q/k rows un-permuted,
 logits close to llama.cpp's own (llama-cpp-python) on the same file.
 
-Test files are written here from random-weight HF models (scripts/llama_gguf.py writes F16,
+Test files are written here from random-weight HF models (relaxlm/testing/llama_gguf.py writes F16,
 llama.cpp's quantizer makes the rest). Two oracles:
 - transformers on the file's weights dequantized by gguf-py (`gguf.quants`, llama.cpp's
   reference in numpy): relaxlm must match it to float32 rounding, which proves the block
@@ -13,7 +13,6 @@ llama.cpp's quantizer makes the rest). Two oracles:
 """
 
 import json
-import sys
 from pathlib import Path
 
 import gguf
@@ -34,9 +33,7 @@ from relaxlm.compiler.quantize_weights import dequantize_te
 from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import load_checkpoint
 from relaxlm.frontends.gguf import hf_name, load_gguf, unpermute_rows
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from llama_gguf import _permute_rope, quantize_gguf, write_llama_gguf  # noqa: E402
+from relaxlm.testing.llama_gguf import _permute_rope, quantize_gguf, write_llama_gguf
 
 # K-quants need rows of whole 256-value super-blocks: hidden and intermediate multiples of 256.
 WIDE = {

@@ -22,9 +22,7 @@ from relaxlm.errors import RelaxlmError
 from relaxlm.frontends.gguf import read_metadata
 from relaxlm.frontends.gguf_tokenizer import write_tokenizer
 from relaxlm.runtime.tokenizer import Tokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from make_tiny_model import corpus  # noqa: E402
+from relaxlm.testing.tiny_models import corpus
 
 SPM_VOCABS = ["llama-spm", "phi-3"]
 BPE_VOCABS = ["llama-bpe", "qwen2", "gpt-2", "starcoder", "command-r"]

@@ -52,6 +52,20 @@ def built(tmp_path_factory) -> dict:
     return out
 
 
+def test_make_tiny_model_says_what_to_install_without_torch(tmp_path):
+    # The README's first command installs no torch: the script must say so, not trace back.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_tiny_model.py"
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['make_tiny_model.py', {str(tmp_path)!r}]; "
+        f"runpy.run_path({str(script)!r}, run_name='__main__')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "needs torch" in result.stderr and "pip install" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("kind", ["bpe", "spm"])
 def test_tokenizer_loads_and_round_trips(tmp_path, kind):
     make_tokenizer(tmp_path, kind=kind)

@@ -6,7 +6,7 @@ Hugging Face's pairs halves). Qwen2 checkpoints are written as llama.cpp's "qwen
 permutation: its rope pairs halves as HF's does; q/k/v biases). The vocabulary is a
 placeholder of the model's size (tokens are fed as ids).
 
-    python scripts/llama_gguf.py HF_DIR OUT.gguf [--ftype F16]
+    python -m relaxlm.testing.llama_gguf HF_DIR OUT.gguf [--ftype F16]
     then llama_cpp.llama_model_quantize for Q8_0 / Q4_0 / K-quants (see quantize_gguf)
 """
 
