@@ -39,6 +39,10 @@ ARCHITECTURES = (
 EMBEDDING_ARCHITECTURES = ("BertModel", "LlamaModel", "Qwen2Model", "Qwen3Model")
 TOKENIZER_KINDS = ("bpe", "spm")
 
+# The SPM tokenizer's characters: printable ASCII, the Metaspace marker and the accented
+# letters and dash the corpus uses often; everything else is spelled in <0xNN> bytes.
+SPM_ALPHABET = "".join(chr(c) for c in range(0x21, 0x7F)) + "▁éïüëçñ—"
+
 # Fixed ids: [<unk>=0, <s>=1, </s>=2, <|im_start|>=3, <|im_end|>=4] for both tokenizer kinds.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
 
@@ -210,8 +214,17 @@ def _train_spm() -> Tokenizer:
     # specials, then the 256 <0xNN> byte tokens, then the learned pieces.
     trainer_tok = Tokenizer(models.BPE())
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(**metaspace)
-    # limit_alphabet keeps rare characters (CJK, emoji) out of the vocab: they use byte fallback.
-    trainer = BpeTrainer(vocab_size=480 - 261, limit_alphabet=80, show_progress=False)
+    # The alphabet is given, so rare characters (CJK, emoji, Greek) stay out of the vocab and
+    # use byte fallback. A frequency cut (limit_alphabet alone) was not deterministic: tokenizers
+    # breaks ties among characters seen once in hash order, so 日 or 本 were sometimes kept.
+    # With every alphabet character given and the limit equal to its size, the trainer drops
+    # exactly the characters outside it, whatever their counts.
+    trainer = BpeTrainer(
+        vocab_size=480 - 261,
+        initial_alphabet=list(SPM_ALPHABET),
+        limit_alphabet=len(SPM_ALPHABET),
+        show_progress=False,
+    )
     trainer_tok.train_from_iterator(corpus(), trainer=trainer)
     learned = json.loads(trainer_tok.to_str())["model"]
 
