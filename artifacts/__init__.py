@@ -12,6 +12,7 @@ only when complete, so a killed compile never leaves a folder that looks like an
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -98,14 +99,59 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Hidden work folders beside an artifact: `.NAME.partial-PID-XXXX` while it is written,
+# `.NAME.old-PID` for the artifact it replaces. The PID tells whether their owner still runs.
+_WORK_FOLDER = re.compile(r"^\..+\.(partial|old)-(\d+)(-\w+)?$")
+_LEGACY_PARTIAL = re.compile(r"^\..+\.partial-\w+$")  # before the PID was in the name
+_LEGACY_AGE_S = 3600
+
+
+def remove_stale_work_folders(folder: str | os.PathLike) -> list[Path]:
+    """Delete the work folders in `folder` that killed compiles left behind; returns them.
+
+    A folder whose process is gone is stale (nothing is lost: a partial folder only becomes an
+    artifact through its own process); one named before PIDs were recorded, once an hour old.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        if not path.is_dir():
+            continue
+        if match := _WORK_FOLDER.match(path.name):
+            stale = not _process_alive(int(match[2]))
+        elif _LEGACY_PARTIAL.match(path.name):
+            stale = time.time() - path.stat().st_mtime > _LEGACY_AGE_S
+        else:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class ArtifactWriter:
     """Builds an artifact in a hidden temporary folder and renames it into place on commit."""
 
     def __init__(self, output: str | os.PathLike):
         self.output = Path(output).resolve()
         self.output.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_work_folders(self.output.parent)
         self.tmp = Path(
-            tempfile.mkdtemp(prefix=f".{self.output.name}.partial-", dir=self.output.parent)
+            tempfile.mkdtemp(
+                prefix=f".{self.output.name}.partial-{os.getpid()}-", dir=self.output.parent
+            )
         )
         self.params: list[dict[str, Any]] = []
         self.shards: dict[str, dict[str, Any]] = {}

@@ -33,17 +33,42 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     dtype: str = "float32",
     progress: bool = True,
     add: bool = False,
+    force: bool = False,
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
     target: one preset or several (`"cuda:sm_80,sm_90,metal"` or a list), one library each;
     add: add them to the artifact already at `output` (same weights), keeping its libraries.
+    force: replace an artifact of another checkpoint at `output` (one of the same checkpoint
+        is always replaced: a recompile).
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
+    if not (add or force):
+        _refuse_to_replace_another_model(model, Path(output))
     return compile_model(
         model, output, target=target, quant=quant, dtype=dtype, progress=progress, add=add
     )
+
+
+def _refuse_to_replace_another_model(model: str | os.PathLike, output: Path) -> None:
+    """Stop before compiling when `output` holds an artifact of another checkpoint."""
+    from relaxlm.artifacts import Manifest, is_artifact
+    from relaxlm.errors import RelaxlmError
+    from relaxlm.frontends.checkpoint import resolve_model_path
+
+    if not is_artifact(output):
+        return
+    try:
+        existing = Manifest.read(output).source.get("path")
+    except RelaxlmError:
+        existing = None  # a damaged artifact is replaced only on request too
+    new = resolve_model_path(model).resolve()
+    if existing is None or Path(existing).resolve() != new:
+        raise RelaxlmError(
+            f"{output} holds an artifact of another model ({existing or 'unreadable manifest'}); "
+            f"pass --force (force=True) to replace it with {new}, or choose another -o folder"
+        )
 
 
 __all__ = ["LLM", "AsyncLLM", "GenerationResult", "RelaxlmError", "SamplingParams", "compile"]

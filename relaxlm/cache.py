@@ -4,16 +4,67 @@ import functools
 import hashlib
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
 
 import relaxlm
-from relaxlm.artifacts import is_artifact
+from relaxlm.artifacts import Manifest, is_artifact, remove_stale_work_folders
+from relaxlm.errors import RelaxlmError
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("RELAXLM_CACHE") or Path.home() / ".cache" / "relaxlm")
+
+
+@dataclass
+class CacheEntry:
+    """One compiled artifact in the cache, described by its manifest."""
+
+    name: str  # the folder's name: the checkpoint's name and its content key
+    path: Path
+    bytes: int
+    source: str  # the checkpoint it was compiled from
+    options: str  # quantization, dtype and targets, e.g. "q4 float32 cpu"
+    created: str
+
+
+def cache_entries() -> list[CacheEntry]:
+    """The artifacts in the compile cache, oldest first."""
+    folder = cache_root() / "artifacts"
+    remove_stale_work_folders(folder)
+    entries = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not is_artifact(path):
+            continue
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        try:
+            m = Manifest.read(path)
+            source = m.source.get("path", "?")
+            options = " ".join([m.quantization.get("scheme", "none"), m.dtype, *m.targets])
+            created = m.created
+        except RelaxlmError:  # listed all the same, so that `clear` can remove it
+            source, options, created = "(damaged manifest)", "", ""
+        entries.append(CacheEntry(path.name, path, size, source, options, created))
+    return sorted(entries, key=lambda e: e.created)
+
+
+def clear_cache(names: list[str] | None = None) -> list[CacheEntry]:
+    """Delete the named cache entries (all when `names` is empty); returns what was deleted."""
+    entries = cache_entries()
+    if names:
+        known = {e.name for e in entries}
+        if unknown := [n for n in names if n not in known]:
+            raise RelaxlmError(
+                f"not in the compile cache: {', '.join(unknown)}; `relaxlm cache list` shows "
+                "the entries"
+            )
+        entries = [e for e in entries if e.name in names]
+    for entry in entries:
+        shutil.rmtree(entry.path)
+    return entries
 
 
 def content_key(model_path: Path, options: dict) -> str:

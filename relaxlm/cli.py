@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+from relaxlm.compiler.quantization import SCHEMES
 from relaxlm.errors import RelaxlmError
 
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the --target libraries to the artifact already at -o, keeping its others "
         "(same checkpoint, --quant and --dtype: the weights must be the same)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an artifact of another model at -o"
     )
     p.set_defaults(func=_compile)
 
@@ -103,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("cache", help="list or clear the compile cache (RELAXLM_CACHE)")
+    actions = p.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="the compiled artifacts, their sources and sizes")
+    c = actions.add_parser("clear", help="delete cached artifacts (all, or the NAMEs listed)")
+    c.add_argument("names", nargs="*", metavar="NAME", help="entries from `relaxlm cache list`")
+    p.set_defaults(func=_cache)
     return parser
 
 
@@ -123,9 +134,22 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         )
     else:
         p.add_argument("--target", default="cpu", help=f"target preset: {presets} (default: cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads (default: RELAXLM_THREADS or all)")
-    p.add_argument("--quant", default="none", help="weight quantization (default: none)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="CPU threads (default: RELAXLM_THREADS or all)"
+    )
+    p.add_argument(
+        "--quant",
+        default="none",
+        help=f"weight quantization: {', '.join(SCHEMES)} (default: none; a GGUF file keeps "
+        "its own formats)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _compile(args) -> None:
@@ -138,6 +162,7 @@ def _compile(args) -> None:
         quant=args.quant,
         dtype=args.dtype,
         add=args.add,
+        force=args.force,
     )
 
 
@@ -266,6 +291,21 @@ def _serve(args) -> None:
         host=args.host,
     )
     uvicorn.run(create_app(llm, options), host=args.host, port=args.port)
+
+
+def _cache(args) -> None:
+    from relaxlm.cache import cache_entries, cache_root, clear_cache
+
+    if args.action == "clear":
+        removed = clear_cache(args.names)
+        freed = sum(e.bytes for e in removed)
+        print(f"removed {len(removed)} artifact(s), {_size(freed)}, from {cache_root()}")
+        return
+    entries = cache_entries()
+    for e in entries:
+        print(f"{e.name}  {_size(e.bytes)}  {e.options}  {e.created}\n    from {e.source}")
+    total = sum(e.bytes for e in entries)
+    print(f"{len(entries)} artifact(s), {_size(total)}, in {cache_root()}")
 
 
 def _inspect(args) -> None:

@@ -1,6 +1,9 @@
 """The artifact format alone: streamed safetensors shards, the manifest, atomic commit."""
 
 import json
+import os
+import subprocess
+import time
 
 import ml_dtypes
 import numpy as np
@@ -111,3 +114,19 @@ def test_other_format_version_is_refused(tmp_path):
     (out / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(RelaxlmError, match="format version 99"):
         Manifest.read(out)
+
+
+def test_stale_work_folders_are_removed_and_live_ones_kept(tmp_path):
+    gone = subprocess.Popen(["true"])  # a finished child: its PID names no process
+    gone.wait()
+    stale = tmp_path / f".art.partial-{gone.pid}-abc"
+    live = tmp_path / f".art.partial-{os.getpid()}-def"
+    old = tmp_path / f".art.old-{gone.pid}"
+    legacy = tmp_path / ".art.partial-k2j4h"  # named before PIDs were recorded, two hours old
+    other = tmp_path / "art"
+    for folder in (stale, live, old, legacy, other):
+        folder.mkdir()
+    os.utime(legacy, (time.time() - 7200, time.time() - 7200))
+    with ArtifactWriter(tmp_path / "new") as w:  # every compile sweeps the output's folder
+        w.commit(_manifest())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "art", "new"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,3 +179,44 @@ def test_threads_option_sizes_the_kernel_thread_pool(artifact):
     # Two more kernel workers (TVM's default here would be one thread: it halves the CPU count
     # on x86); the engine's own thread may or may not still be alive, hence >=.
     assert tasks(3) >= tasks(1) + 2
+
+
+def test_compile_refuses_to_replace_another_model(checkpoints, artifact, tmp_path):
+    out = tmp_path / "other"
+    shutil.copytree(artifact, out)
+    before = (out / "manifest.json").read_text()
+    proc = relaxlm_cli("compile", checkpoints("llama_mqa"), "-o", out)
+    assert_clean_error(proc, "another model", "--force")
+    assert (out / "manifest.json").read_text() == before  # nothing compiled, nothing replaced
+    # The same checkpoint again is a recompile, not a replacement: allowed.
+    same = relaxlm_cli("compile", Manifest.read(out).source["path"], "-o", out)
+    assert same.returncode == 0, same.stderr
+
+
+def test_bad_thread_counts_are_refused_and_quant_help_lists_the_schemes():
+    for bad in ("0", "-2", "two"):
+        proc = relaxlm_cli("run", "--threads", bad, "--prompt", "hi")
+        assert proc.returncode == 2 and "not a positive integer" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    help_text = " ".join(relaxlm_cli("compile", "--help").stdout.split())
+    assert "none, q8, q4, q4-a8, q4-asym, float16, bfloat16" in help_text
+
+
+def test_cache_list_and_clear(checkpoints, tmp_path):
+    env = {**os.environ, "RELAXLM_CACHE": str(tmp_path / "cache")}
+    proc = relaxlm_cli(
+        "run", checkpoints("llama_gqa"), "--prompt", "hi", "--max-tokens", "2", env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    # A compile killed long ago left its work folder; its process is gone.
+    stale = tmp_path / "cache" / "artifacts" / ".model-abc.partial-999999999-x1"
+    stale.mkdir()
+    listed = relaxlm_cli("cache", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert str(checkpoints("llama_gqa")) in listed.stdout and "1 artifact(s)" in listed.stdout
+    assert not stale.exists()
+    name = listed.stdout.split()[0]
+    assert_clean_error(relaxlm_cli("cache", "clear", "no-such-entry", env=env), "cache list")
+    cleared = relaxlm_cli("cache", "clear", name, env=env)
+    assert cleared.returncode == 0 and "removed 1 artifact(s)" in cleared.stdout, cleared.stderr
+    assert "0 artifact(s)" in relaxlm_cli("cache", "list", env=env).stdout
