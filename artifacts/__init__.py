@@ -25,6 +25,7 @@ import numpy as np
 from relaxlm.errors import RelaxlmError
 
 from .safetensors_io import DTYPE_NAMES, ShardWriter, TensorInfo, index_file
+from .schema import manifest_problems, param_problems
 
 FORMAT = "relaxlm-artifact"
 FORMAT_VERSION = 1
@@ -71,15 +72,20 @@ class Manifest:
         if not path.is_file():
             raise RelaxlmError(f"{folder}: not a relaxlm artifact (no {MANIFEST})")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RelaxlmError(f"{path}: not valid JSON ({e}); recompile the model") from e
-        if data.get("format") != FORMAT:
-            raise RelaxlmError(f"{path}: not a relaxlm manifest (format {data.get('format')!r})")
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            kind = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RelaxlmError(f"{path}: not a relaxlm manifest (format {kind!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise RelaxlmError(
                 f"{path}: artifact format version {data.get('format_version')!r}, but this "
                 f"relaxlm reads version {FORMAT_VERSION}; recompile the model with this relaxlm"
+            )
+        if problems := manifest_problems(data):
+            raise RelaxlmError(
+                f"{path}: damaged manifest ({'; '.join(problems)}); recompile the model"
             )
         try:
             return Manifest(**data)
@@ -270,4 +276,9 @@ def weight_index(folder: Path, manifest: Manifest) -> dict[str, TensorInfo]:
     index: dict[str, TensorInfo] = {}
     for rel in manifest.shards:
         index.update(index_file(folder / rel))
+    if problems := param_problems(manifest.params, list(manifest.shards), index):
+        raise RelaxlmError(
+            f"{folder}: weights do not match the manifest ({'; '.join(problems)}); "
+            "recompile the model"
+        )
     return index

@@ -72,7 +72,13 @@ class Tokenizer:
                 "Convert it with transformers: "
                 "AutoTokenizer.from_pretrained(...).save_pretrained(...)"
             )
-        backend = Backend.from_file(str(path / "tokenizer.json"))
+        try:
+            backend = Backend.from_file(str(path / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a bare Exception for any file it cannot read
+            raise RelaxlmError(
+                f"{path / 'tokenizer.json'} is not a tokenizer the `tokenizers` library reads "
+                f"({e}); fix or re-download the file, or recompile the model"
+            ) from e
         # transformers truncates and pads only when a call asks; tokenizer.json may ask always
         # (all-MiniLM-L6-v2's pads every text to 128 tokens).
         backend.no_truncation()

@@ -220,3 +220,70 @@ def test_cache_list_and_clear(checkpoints, tmp_path):
     cleared = relaxlm_cli("cache", "clear", name, env=env)
     assert cleared.returncode == 0 and "removed 1 artifact(s)" in cleared.stdout, cleared.stderr
     assert "0 artifact(s)" in relaxlm_cli("cache", "list", env=env).stdout
+
+
+# Each damage turns an artifact copy into one that must fail to load with one RelaxlmError
+# before any native code runs (a page size of 0 once crashed with SIGFPE, a larger vocab_size
+# with SIGSEGV): (name, manifest edit or file damage).
+_DAMAGE = {
+    "manifest is a list": lambda m, d: "[]",
+    "manifest is null": lambda m, d: "null",
+    "manifest is a string": lambda m, d: '"artifact"',
+    "manifest not UTF-8": lambda m, d: b'{"format": "\xff\xfe"}',
+    "param renamed": lambda m, d: m["params"][0].update(name="model.renamed.weight"),
+    "param removed": lambda m, d: m["params"].pop(1),
+    "params reordered": lambda m, d: m["params"].insert(0, m["params"].pop(2)),
+    "param shape wrong": lambda m, d: m["params"][0].update(shape=[3, 3]),
+    "param dtype unknown": lambda m, d: m["params"][0].update(dtype="F8"),
+    "param in no shard": lambda m, d: m["params"][0].update(shard="weights/other.safetensors"),
+    "shards empty": lambda m, d: m.update(shards={}),
+    "shard size a string": lambda m, d: next(iter(m["shards"].values())).update(size="big"),
+    "shard outside": lambda m, d: m.update(shards={"../x": next(iter(m["shards"].values()))}),
+    "targets empty": lambda m, d: m.update(targets={}),
+    "target without library": lambda m, d: m.update(targets={"cpu": {"size": 1}}),
+    "page size 0": lambda m, d: m["kv_cache"].update(page_size=0),
+    "page size missing": lambda m, d: m["kv_cache"].pop("page_size"),
+    "vocab larger than the model's": lambda m, d: m.update(vocab_size=100000),
+    "context window negative": lambda m, d: m.update(context_window=-1),
+    "prefill chunk a string": lambda m, d: m.update(prefill_chunk_size="16"),
+    "task unknown": lambda m, d: m.update(task="dance"),
+    "tokenizer.json invalid": lambda m, d: (d / "tokenizer" / "tokenizer.json").write_text("{"),
+}
+
+
+def test_damaged_artifacts_fail_with_one_clear_error(artifact, tmp_path):
+    copies = []
+    for i, (name, damage) in enumerate(_DAMAGE.items()):
+        copy = tmp_path / f"d{i}"
+        shutil.copytree(artifact, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        text = damage(manifest, copy)
+        if not isinstance(text, str | bytes):
+            text = json.dumps(manifest)
+        path = copy / "manifest.json"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        copies.append((name, str(copy)))
+    # One child process loads them all: a crash in native code fails the test, not pytest.
+    script = (
+        "import json, sys, relaxlm\n"
+        "from relaxlm.errors import RelaxlmError\n"
+        "for name, path in json.loads(sys.argv[1]):\n"
+        "    try:\n"
+        "        relaxlm.LLM(path)\n"
+        "        print(name, '-> loaded', flush=True)\n"
+        "    except RelaxlmError as e:\n"
+        "        print(name, '-> error:', str(e).splitlines()[0][:200], flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(copies)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    outcomes = dict(line.split(" -> ", 1) for line in proc.stdout.splitlines())
+    assert set(outcomes) == set(_DAMAGE), proc.stdout
+    loaded = [name for name, outcome in outcomes.items() if not outcome.startswith("error:")]
+    assert not loaded, proc.stdout
+    # The command line reports it as one error line and exit code 2.
+    page_size_0 = copies[list(_DAMAGE).index("page size 0")][1]
+    proc = relaxlm_cli("run", page_size_0, "--prompt", "hi")
+    assert_clean_error(proc, "page_size")
+    assert proc.returncode == 2
