@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LLM": "relaxlm.sdk",
     "AsyncLLM": "relaxlm.sdk",
+    "EmbeddingLLM": "relaxlm.sdk",
     "GenerationResult": "relaxlm.sdk",
     "SamplingParams": "relaxlm.runtime.sampler",
     "RelaxlmError": "relaxlm.errors",
@@ -71,4 +72,12 @@ def _refuse_to_replace_another_model(model: str | os.PathLike, output: Path) -> 
         )
 
 
-__all__ = ["LLM", "AsyncLLM", "GenerationResult", "RelaxlmError", "SamplingParams", "compile"]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "EmbeddingLLM",
+    "GenerationResult",
+    "RelaxlmError",
+    "SamplingParams",
+    "compile",
+]

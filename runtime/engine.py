@@ -142,8 +142,7 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; its outputs go to `sink` on the engine thread. Returns its id."""
-        prompt_ids = self.check_prompt(prompt_ids)
-        self.scheduler.check(prompt_ids, params.n)
+        prompt_ids = self.check(prompt_ids, params)
         request_id = request_id or f"req-{next(self._ids)}"
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -182,18 +181,23 @@ class Engine:
         """A snapshot, as of the engine's latest step or cancellation; never waits."""
         return self._metrics_view.copy()
 
-    def check_prompt(self, prompt_ids) -> list[int]:
-        ids = [int(t) for t in prompt_ids]
-        if not ids:
-            raise RelaxlmError("the prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+    def check(self, prompt_ids, params: SamplingParams | None = None) -> list[int]:
+        """The prompt as a list of ints; RelaxlmError unless the request can ever run.
+
+        The one validation of a request, which every surface (SDK, server) calls before it
+        submits: token ids in the vocabulary, the prompt within the context window, logit_bias
+        keys in the vocabulary, and KV-cache room for its `n` completions.
+        """
+        params = params or SamplingParams()
+        ids = self._checked_ids(prompt_ids)
+        vocab = self.model.vocab_size
+        bad = [t for t in params.logit_bias if not t < vocab]
         if bad:
-            raise RelaxlmError(f"token ids out of range [0, {self.model.vocab_size}): {bad[:5]}")
-        if len(ids) > self.model.context_window:
             raise RelaxlmError(
-                f"the prompt has {len(ids)} tokens, more than the model's context window of "
-                f"{self.model.context_window}; shorten it"
+                f"SamplingParams.logit_bias={params.logit_bias!r} is invalid: token ids "
+                f"{bad[:5]} lie outside the vocabulary [0, {vocab})"
             )
+        self.scheduler.check(ids, params.n)
         return ids
 
     def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
@@ -206,7 +210,7 @@ class Engine:
             raise RelaxlmError(
                 f"prefill={prefill} must be between 1 and len(token_ids)={len(token_ids)}"
             )
-        ids = self.check_prompt(token_ids)
+        ids = self._checked_ids(token_ids)
         with self._step_lock:
             seq_id = self.scheduler.new_seq_id()
             evictions, reserved = self.scheduler.reserve(seq_id, len(ids))
@@ -233,6 +237,21 @@ class Engine:
                 self.scheduler.release(seq_id)
                 self._refresh_gauges()
         return np.stack(rows)
+
+    def _checked_ids(self, prompt_ids) -> list[int]:
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise RelaxlmError("the prompt is empty; pass at least one token")
+        vocab = self.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RelaxlmError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        if len(ids) > self.model.context_window:
+            raise RelaxlmError(
+                f"the prompt has {len(ids)} tokens, more than the model's context window of "
+                f"{self.model.context_window}; shorten it"
+            )
+        return ids
 
     # -- the engine thread --------------------------------------------------------------------
 

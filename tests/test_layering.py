@@ -33,3 +33,17 @@ def test_frontends_know_nothing_of_the_compiler():
     for path in (ROOT / "frontends").glob("*.py"):
         bad = [n for n in _imports(path) if n.startswith(("relaxlm.compiler", "relaxlm.runtime"))]
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_the_server_reaches_the_engine_only_through_the_sdk():
+    """relaxlm/server/ drives the model through relaxlm.sdk (AsyncLLM), never the engine."""
+    forbidden = ("relaxlm.runtime.engine", "relaxlm.runtime.scheduler")
+    for path in (ROOT / "relaxlm" / "server").glob("*.py"):
+        names = _imports(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.ImportFrom) and node.module
+            ):  # from relaxlm.runtime import engine
+                names |= {f"{node.module}.{a.name}" for a in node.names}
+        bad = [n for n in names if n.startswith(forbidden)]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -91,11 +91,12 @@ _STREAM = {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}
 
 
 def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
-    """A FastAPI app serving `llm` (a relaxlm.LLM) with the OpenAI API; see the module doc."""
+    """A FastAPI app serving `llm` (a relaxlm.LLM, AsyncLLM or EmbeddingLLM) with the OpenAI
+    API; see the module doc."""
     options = options or ServerOptions()
     name = options.served_model_name or Path(llm.artifact).name
-    ctx = ModelContext(llm, name, options.max_waiting)
-    metrics = ServerMetrics(lambda: None if ctx.is_embedding else llm.engine.metrics())
+    ctx = ModelContext.serving(llm, name, options.max_waiting)
+    metrics = ServerMetrics(lambda: None if ctx.is_embedding else ctx.llm.metrics())
     app = FastAPI(
         title="relaxlm",
         summary="OpenAI-compatible API over an ahead-of-time compiled model",
@@ -167,7 +168,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext) -> None:
 
         def run():
             with embed_lock:
-                return ctx.llm.embed(texts), [len(_embed_ids(ctx, t)) for t in texts]
+                return ctx.llm.embed(texts), [ctx.llm.num_tokens(t) for t in texts]
 
         try:
             vectors, lengths = await asyncio.to_thread(run)
@@ -253,10 +254,6 @@ def _embedding_texts(ctx: ModelContext, body: s.EmbeddingRequest) -> list[str]:
     if not items or not all(isinstance(t, str) for t in items):
         raise ApiError(400, "input must be a string or a non-empty list of strings", "input")
     return items
-
-
-def _embed_ids(ctx: ModelContext, text: str) -> list[int]:
-    return ctx.llm.model.token_ids(ctx.llm.tokenizer, text)
 
 
 def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:

@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.chat_template import render_chat
-from relaxlm.runtime.engine import RequestOutput
 from relaxlm.runtime.sampler import Logprob, SamplingParams
+from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM, Prompt, RequestGroup
 from relaxlm.server import schemas as s
 from relaxlm.server.tools import CallDelta, ReplyParser, forced_call_schema
 
@@ -48,20 +47,26 @@ class ApiError(Exception):
 class ModelContext:
     """The one model a server serves, and what its endpoints share.
 
-    llm: a relaxlm.LLM (a text model, or an embedding model).
+    llm: the SDK's face of the model, the server's only way into it: an AsyncLLM (a text model)
+        or an EmbeddingLLM.
     name: the model id clients must send.
     max_waiting: sequences waiting for a batch slot beyond which new requests get a 429.
     """
 
-    llm: object
+    llm: AsyncLLM | EmbeddingLLM
     name: str
     max_waiting: int = 256
     created: int = field(default_factory=lambda: int(time.time()))
     _grammars: object = None  # structured.GrammarCompiler, made on first use
 
+    @classmethod
+    def serving(cls, llm: LLM | AsyncLLM | EmbeddingLLM, name: str, max_waiting: int = 256):
+        """The context for a loaded model; an LLM is served through its AsyncLLM."""
+        return cls(AsyncLLM(llm) if isinstance(llm, LLM) else llm, name, max_waiting)
+
     @property
     def is_embedding(self) -> bool:
-        return self.llm.manifest.task == "embed"
+        return isinstance(self.llm, EmbeddingLLM)
 
     @property
     def context_window(self) -> int:
@@ -85,7 +90,7 @@ class ModelContext:
             )
 
     def check_load(self) -> None:
-        if self.llm.engine.metrics().waiting >= self.max_waiting:
+        if self.llm.metrics().waiting >= self.max_waiting:
             raise ApiError(
                 429,
                 f"the server is overloaded ({self.max_waiting} sequences waiting); retry later",
@@ -98,10 +103,10 @@ class ModelContext:
         if self._grammars is None:
             from relaxlm.server.structured import GrammarCompiler
 
-            tokenizer, engine = self.llm.tokenizer, self.llm.engine
+            tokenizer = self.llm.tokenizer
             stops = sorted(set(tokenizer.eos_token_ids))
             compiler = await asyncio.to_thread(
-                GrammarCompiler, tokenizer, engine.model.vocab_size, stops
+                GrammarCompiler, tokenizer, self.llm.vocab_size, stops
             )
             self._grammars = self._grammars or compiler
         return self._grammars
@@ -174,19 +179,11 @@ def _json_or_text(call: s.ToolCall):
 
 def chat_prompt_ids(ctx: ModelContext, messages: list[s.ChatMessage], tools: list[dict]):
     """Token ids of `messages` (and `tools`) through the model's chat template."""
-    tokenizer = ctx.llm.tokenizer
     try:
-        text = render_chat(
-            tokenizer.chat_template,
-            _template_messages(messages),
-            add_generation_prompt=True,
-            bos_token=tokenizer.bos_token or "",
-            eos_token=tokenizer.eos_token or "",
-            tools=tools or None,
-        )
+        text = ctx.llm.apply_chat_template(_template_messages(messages), tools)
     except RelaxlmError as e:
         raise ApiError(400, str(e), "messages") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+    return ctx.llm.tokenizer.encode(text, add_special_tokens=False)
 
 
 async def chat_completion(
@@ -204,8 +201,10 @@ async def chat_completion(
         ctx, request, ids, request.max_completion_tokens or request.max_tokens, logprobs, constraint
     )
     ctx.check_load()
-    run = EngineRun(ctx.llm, [(ids, params)])
-    meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, len(ids))
+    run = _submit(ctx, [(ids, params)], "messages")
+    meta = _Meta(
+        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, len(ids), logprobs is not None
+    )
     parsers = [ReplyParser(plan.mode, plan.names, plan.forced_name) for _ in range(request.n)]
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
@@ -219,6 +218,7 @@ class _Meta:
     created: int
     model: str
     prompt_tokens: int
+    wants_logprobs: bool
     completion_tokens: int = 0
 
     def usage(self) -> s.Usage:
@@ -258,7 +258,7 @@ async def _chat_response(ctx, run, meta: _Meta, parsers: list[ReplyParser]):
             s.ChatChoice(
                 index=i,
                 message=message,
-                logprobs=s.ChoiceLogprobs(content=logprobs[i]) if run.wants_logprobs else None,
+                logprobs=s.ChoiceLogprobs(content=logprobs[i]) if meta.wants_logprobs else None,
                 finish_reason=_finish_reason(reasons[i], parser),
             )
         )
@@ -318,7 +318,7 @@ async def _chat_chunks(ctx, run, meta: _Meta, parsers: list[ReplyParser], includ
                         delta=s.ChatDelta(
                             content=text or None, tool_calls=_delta_calls(calls) or None
                         ),
-                        logprobs=s.ChoiceLogprobs(content=lp) if run.wants_logprobs else None,
+                        logprobs=s.ChoiceLogprobs(content=lp) if meta.wants_logprobs else None,
                         finish_reason=reason,
                     )
                 )
@@ -394,8 +394,14 @@ async def text_completion(
         for ids in prompts
     ]
     ctx.check_load()
-    run = EngineRun(ctx.llm, runs)
-    meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, sum(map(len, prompts)))
+    run = _submit(ctx, runs, "prompt")
+    meta = _Meta(
+        f"cmpl-{uuid.uuid4().hex}",
+        int(time.time()),
+        ctx.name,
+        sum(map(len, prompts)),
+        request.logprobs is not None,
+    )
     echoes = [ctx.llm.tokenizer.decode(ids) if request.echo else "" for ids in prompts]
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
@@ -419,7 +425,7 @@ async def _completion_response(ctx, run, meta: _Meta, n: int, echoes: list[str])
         s.CompletionChoice(
             index=i,
             text="".join(texts[i]),
-            logprobs=logprobs[i] if run.wants_logprobs else None,
+            logprobs=logprobs[i] if meta.wants_logprobs else None,
             finish_reason=reasons[i],
         )
         for i in sorted(texts)
@@ -449,7 +455,7 @@ async def _completion_chunks(ctx, run, meta: _Meta, n: int, echoes, include_usag
             for delta in output.deltas:
                 meta.completion_tokens += len(delta.token_ids)
                 lp = None
-                if run.wants_logprobs:
+                if meta.wants_logprobs:
                     lp = s.CompletionLogprobs()
                     _add_completion_logprobs(ctx, lp, delta.logprobs)
                 if delta.text or delta.finish_reason or delta.token_ids:
@@ -510,9 +516,6 @@ def sampling_params(
             "max_tokens",
             code="context_length_exceeded",
         )
-    vocab = ctx.llm.engine.model.vocab_size
-    if any(not 0 <= t < vocab for t in prompt_ids):
-        raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", "prompt")
     try:
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -528,23 +531,21 @@ def sampling_params(
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             repetition_penalty=request.repetition_penalty,
-            logit_bias=_logit_bias(request.logit_bias, vocab),
+            logit_bias=_logit_bias(request.logit_bias),
             logprobs=logprobs,
             constraint=constraint,
         )
-        ctx.llm.engine.scheduler.check(prompt_ids, params.n)
     except RelaxlmError as e:
         raise ApiError(400, str(e), _field_named(str(e))) from e
     return params
 
 
-def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
+    # JSON keys are strings; whether each id is in the vocabulary is Engine.check's question.
     out = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit() or not int(key) < vocab:
-            raise ApiError(
-                400, f"logit_bias key {key!r} is not a token id in [0, {vocab})", "logit_bias"
-            )
+        if not key.isdigit():
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
         out[int(key)] = value
     return out
 
@@ -577,55 +578,12 @@ async def _constraint(ctx: ModelContext, response_format, schema: dict | None):
     return grammars.constraint_factory(compiled)
 
 
-class EngineRun:
-    """Requests submitted to the engine together; their outputs as one async stream of
-    (request index, RequestOutput). Leaving `async with` early aborts the unfinished ones, which
-    frees their KV pages (a client that went away)."""
-
-    def __init__(self, llm, requests: list[tuple[list[int], SamplingParams]]):
-        self.engine = llm.engine
-        self.wants_logprobs = any(p.logprobs is not None for _, p in requests)
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._pending: dict[str, int] = {}
-        loop = asyncio.get_running_loop()
-        try:
-            for index, (ids, params) in enumerate(requests):
-                sink = self._sink(loop, index)
-                self._pending[self.engine.submit(ids, params, sink, f"srv-{uuid.uuid4().hex}")] = (
-                    index
-                )
-        except RelaxlmError as e:
-            self._abort()
-            raise ApiError(400, str(e)) from e
-
-    def _sink(self, loop, index: int):
-        def put(output):  # on the engine thread
-            loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
-
-        return put
-
-    async def __aenter__(self) -> "EngineRun":
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self._abort()
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> tuple[int, RequestOutput]:
-        if not self._pending:
-            raise StopAsyncIteration
-        index, output = await self._queue.get()
-        if isinstance(output, BaseException):
-            self._abort()
-            raise output
-        if output.finished:
-            self._pending.pop(output.request_id, None)
-        return index, output
-
-    def _abort(self) -> None:
-        # Never waits: this may run in a task being cancelled.
-        for request_id in self._pending:
-            self.engine.abort(request_id, wait=False)
-        self._pending.clear()
+def _submit(
+    ctx: ModelContext, requests: list[tuple[Prompt, SamplingParams]], prompt_field: str
+) -> RequestGroup:
+    """The requests, checked (Engine.check, through the SDK) and submitted; a 400 naming the
+    field at fault when one can never run, before any is submitted."""
+    try:
+        return ctx.llm.generate_many(requests, [f"srv-{uuid.uuid4().hex}" for _ in requests])
+    except RelaxlmError as e:
+        raise ApiError(400, str(e), _field_named(str(e)) or prompt_field) from e

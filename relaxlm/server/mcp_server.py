@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.routing import BaseRoute
 
 from relaxlm.errors import RelaxlmError
-from relaxlm.sdk import LLM
+from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM
 from relaxlm.server import completions, schemas
 from relaxlm.server.mcp_client import McpTools, chat_with_tools, load_config, stream_with_tools
 
@@ -216,7 +216,7 @@ def build_mcp_server(
     return server
 
 
-def model_card(llm: LLM, model_name: str) -> dict[str, Any]:
+def model_card(llm: AsyncLLM | EmbeddingLLM, model_name: str) -> dict[str, Any]:
     """What a client needs to know of the loaded model, as a JSON-able dict."""
     m = llm.manifest
     return {
@@ -345,9 +345,9 @@ def install_mcp(app: FastAPI, ctx: completions.ModelContext, options) -> None:
     app.router.lifespan_context = lifespan
 
 
-def run_stdio(llm: LLM, model_name: str) -> None:
+def run_stdio(llm: LLM | EmbeddingLLM, model_name: str) -> None:
     """Serve `llm` over stdio until the client closes stdin (`relaxlm mcp MODEL`)."""
-    build_mcp_server(completions.ModelContext(llm, model_name)).run("stdio")
+    build_mcp_server(completions.ModelContext.serving(llm, model_name)).run("stdio")
 
 
 def _embedder_message(model_name: str, tool: str) -> str:
