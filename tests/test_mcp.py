@@ -28,6 +28,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.server import schemas
 from relaxlm.server.app import ServerOptions, create_app
 from relaxlm.server.background import BackgroundServer
 from relaxlm.server.mcp_client import McpTools, _function_name, chat_with_tools, load_config
@@ -284,15 +285,18 @@ def test_mcp_endpoint_needs_the_api_key(llm):
 
 def test_tool_loop_stops_after_max_tool_rounds(mcp_config):
     """A model that only ever calls `add`: the loop runs it max_tool_rounds times, then stops."""
-    requests_seen: list[dict] = []
+    requests_seen: list[schemas.ChatCompletionRequest] = []
 
-    async def always_add(request: dict) -> dict:
+    async def always_add(request: schemas.ChatCompletionRequest) -> schemas.ChatCompletionResponse:
         requests_seen.append(request)
         call = {"id": f"c{len(requests_seen)}", "type": "function"}
         call["function"] = {"name": "add", "arguments": json.dumps({"a": 1, "b": 2})}
         message = {"role": "assistant", "content": None, "tool_calls": [call]}
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-        return {"choices": [{"message": message, "finish_reason": "tool_calls"}], "usage": usage}
+        choice = {"index": 0, "message": message, "finish_reason": "tool_calls"}
+        return schemas.ChatCompletionResponse(
+            id="x", created=0, model="m", choices=[choice], usage=usage
+        )
 
     async def run():
         async with AsyncExitStack() as stack:
@@ -300,23 +304,24 @@ def test_tool_loop_stops_after_max_tool_rounds(mcp_config):
             await tools.connect(stack)
             request = {"model": "m", "messages": [{"role": "user", "content": "go"}]}
             request["tool_choice"] = forced("add")
+            request = schemas.ChatCompletionRequest.model_validate(request)
             return await chat_with_tools(request, always_add, tools, 2)
 
     response = asyncio.run(run())
-    assert [c["result"] for c in response["mcp_trace"]] == ["3", "3"]
+    assert [c.result for c in response.mcp_trace] == ["3", "3"]
     assert len(requests_seen) == 3
-    assert requests_seen[0]["tool_choice"] == forced("add")
-    assert requests_seen[1]["tool_choice"] == "auto"  # forced once, then the model's choice
-    assert [m["role"] for m in requests_seen[2]["messages"]] == [
+    assert requests_seen[0].tool_choice.model_dump() == forced("add")
+    assert requests_seen[1].tool_choice == "auto"  # forced once, then the model's choice
+    assert [m.role for m in requests_seen[2].messages] == [
         "user",
         "assistant",
         "tool",
         "assistant",
         "tool",
     ]
-    assert requests_seen[0]["tools"][0]["function"]["name"] == "add"
-    assert response["usage"]["total_tokens"] == 15
-    assert "max_tool_rounds=2" in response["mcp_errors"][0]
+    assert requests_seen[0].tools[0].function.name == "add"
+    assert response.usage.total_tokens == 15
+    assert "max_tool_rounds=2" in response.mcp_errors[0]
 
 
 def test_mcp_tool_names_become_openai_function_names():

@@ -11,11 +11,12 @@ cancels its request, which frees its KV pages at once.
 
 import asyncio
 import base64
+import functools
 import hmac
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from relaxlm.errors import RelaxlmError
 from relaxlm.server import schemas as s
 from relaxlm.server.completions import (
     ApiError,
+    Chat,
     ModelContext,
     chat_completion,
     chat_prompt_ids,
@@ -97,31 +99,51 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     name = options.served_model_name or Path(llm.artifact).name
     ctx = ModelContext.serving(llm, name, options.max_waiting)
     metrics = ServerMetrics(lambda: None if ctx.is_embedding else ctx.llm.metrics())
+    chat: Chat = functools.partial(chat_completion, ctx)
+    tools = mcp_server = None
+    if options.mcp or options.mcp_config:  # MCP (mcp_client.py, mcp_server.py): SDK on demand
+        from relaxlm.server.mcp_client import McpTools, ToolLoop, load_config
+        from relaxlm.server.mcp_server import McpModelServer
+
+        if options.mcp_config:  # the model may call the configured servers' tools
+            tools = McpTools(load_config(options.mcp_config))
+            chat = ToolLoop(chat, tools, options.max_tool_rounds)
+        if options.mcp:  # the model as an MCP server at /mcp; its `chat` is the chat route's
+            mcp_server = McpModelServer(ctx, chat)
     app = FastAPI(
         title="relaxlm",
         summary="OpenAI-compatible API over an ahead-of-time compiled model",
         version="0.1.0",
+        lifespan=functools.partial(_lifespan, tools=tools, mcp_server=mcp_server),
     )
-    app.state.model = ctx
-    app.state.options = options
-    app.state.metrics = metrics
     _install_errors(app)
     app.add_middleware(_AuthAndCount, api_key=options.api_key, metrics=metrics, router=app.router)
-    _add_openai_routes(app, ctx)
+    _add_openai_routes(app, ctx, chat)
     _add_service_routes(app, ctx, metrics)
-    if options.mcp or options.mcp_config:  # /mcp and the MCP tool loop (mcp_server.py)
-        from relaxlm.server.mcp_server import install_mcp
-
-        install_mcp(app, ctx, options)
+    if mcp_server is not None:
+        app.router.routes.extend(mcp_server.http_routes(options.host))
     if options.ui:
         app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), "ui")
     return app
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI, tools, mcp_server) -> AsyncIterator[None]:
+    """Open the MCP tool servers' sessions and run /mcp's session manager while serving."""
+    async with AsyncExitStack() as stack:
+        if tools is not None:
+            await tools.connect(stack)
+        if mcp_server is not None:
+            await stack.enter_async_context(mcp_server.sessions())
+        yield
+
+
 # -- routes -------------------------------------------------------------------------------------
 
 
-def _add_openai_routes(app: FastAPI, ctx: ModelContext) -> None:
+def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
+    """The /v1 routes; `chat` answers /v1/chat/completions (the MCP tool loop, or plainly)."""
+
     @app.post(
         "/v1/chat/completions",
         response_model=s.ChatCompletionResponse,
@@ -131,11 +153,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext) -> None:
         },
     )
     async def chat_completions(body: s.ChatCompletionRequest, request: Request):
-        tool_loop = getattr(app.state, "tool_loop", None)
-        if tool_loop is not None:  # MCP tools offered to the model: dicts, with their trace
-            result = await tool_loop(body)
-            return JSONResponse(result) if isinstance(result, dict) else EventStream(_sse(result))
-        return _answer(await _unless_client_leaves(request, chat_completion(ctx, body)))
+        return _answer(await _unless_client_leaves(request, chat(body)))
 
     @app.post(
         "/v1/completions",
@@ -235,6 +253,9 @@ async def _unless_client_leaves(request: Request, work: Awaitable):
 
 def _answer(result):
     """A response model or Response as it is; a stream of chunks as Server-Sent Events."""
+    if isinstance(result, s.ToolLoopResponse):  # more fields than the route's response_model
+        unset = {"mcp_errors"} if result.mcp_errors is None else None
+        return JSONResponse(result.model_dump(mode="json", exclude=unset))
     if isinstance(result, BaseModel | Response):
         return result
     return EventStream(_sse(result))
@@ -269,9 +290,6 @@ async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
     """Server-Sent Events: one `data:` line per chunk, then `data: [DONE]`."""
     try:
         async for chunk in chunks:
-            if isinstance(chunk, dict):  # from the MCP tool loop
-                yield f"data: {json.dumps(chunk)}\n\n"
-                continue
             yield f"data: {chunk.model_dump_json(exclude_unset=False)}\n\n"
     except Exception as e:  # after the 200 went out, an error can only be an event
         if not isinstance(e, ApiError | RelaxlmError):

@@ -10,7 +10,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from relaxlm.errors import RelaxlmError
@@ -18,6 +19,13 @@ from relaxlm.runtime.sampler import Logprob, SamplingParams
 from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM, Prompt, RequestGroup
 from relaxlm.server import schemas as s
 from relaxlm.server.tools import CallDelta, ReplyParser, forced_call_schema
+
+# The chat route's function (chat_completion for a model): a request in, the response out, or
+# (request.stream) its chunks; awaiting it checks the request, so errors come before any chunk.
+Chat = Callable[
+    [s.ChatCompletionRequest],
+    Awaitable[s.ChatCompletionResponse | AsyncIterator[s.ChatCompletionChunk]],
+]
 
 
 class ApiError(Exception):
@@ -209,7 +217,7 @@ async def chat_completion(
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
         return _chat_chunks(ctx, run, meta, parsers, usage)
-    return await _chat_response(ctx, run, meta, parsers)
+    return await _chat_response(meta, _chat_chunks(ctx, run, meta, parsers, include_usage=True))
 
 
 @dataclass
@@ -229,26 +237,25 @@ class _Meta:
         )
 
 
-async def _chat_response(ctx, run, meta: _Meta, parsers: list[ReplyParser]):
-    content = [[] for _ in parsers]
-    calls: list[dict[int, s.ResponseToolCall]] = [{} for _ in parsers]
-    logprobs: list[list[s.TokenLogprob]] = [[] for _ in parsers]
-    reasons: list[str | None] = [None] * len(parsers)
-    async with run:
-        async for _, output in run:
-            for delta in output.deltas:
-                i, parser = delta.index, parsers[delta.index]
-                pieces = [parser.push(delta.text)]
-                meta.completion_tokens += len(delta.token_ids)
-                logprobs[i] += _chat_logprobs(ctx, delta.logprobs)
-                if delta.finish_reason is not None:
-                    pieces.append(parser.finish())
-                    reasons[i] = delta.finish_reason
-                for piece in pieces:
-                    content[i].append(piece.content)
-                    _merge_calls(calls[i], piece.calls)
+async def _chat_response(
+    meta: _Meta, chunks: AsyncIterator[s.ChatCompletionChunk]
+) -> s.ChatCompletionResponse:
+    """The whole response: the fold of its streamed chunks (the usage chunk included)."""
+    content: dict[int, list[str]] = {}
+    calls: dict[int, dict[int, s.ResponseToolCall]] = {}
+    logprobs: dict[int, list[s.TokenLogprob]] = {}
+    reasons: dict[int, str | None] = {}
+    usage = None
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                content.setdefault(c.index, []).append(c.delta.content or "")
+                merge_tool_calls(calls.setdefault(c.index, {}), c.delta.tool_calls or [])
+                logprobs.setdefault(c.index, []).extend(c.logprobs.content if c.logprobs else [])
+                reasons[c.index] = c.finish_reason or reasons.get(c.index)
     choices = []
-    for i, parser in enumerate(parsers):
+    for i in sorted(content):
         tool_calls = list(calls[i].values()) or None
         text = "".join(content[i])
         message = s.ResponseMessage(
@@ -259,20 +266,22 @@ async def _chat_response(ctx, run, meta: _Meta, parsers: list[ReplyParser]):
                 index=i,
                 message=message,
                 logprobs=s.ChoiceLogprobs(content=logprobs[i]) if meta.wants_logprobs else None,
-                finish_reason=_finish_reason(reasons[i], parser),
+                finish_reason=reasons[i],
             )
         )
     return s.ChatCompletionResponse(
-        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=meta.usage()
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage
     )
 
 
-def _merge_calls(calls: dict[int, s.ResponseToolCall], deltas: list[CallDelta]) -> None:
+def merge_tool_calls(calls: dict[int, s.ResponseToolCall], deltas: list[s.DeltaToolCall]) -> None:
+    """Join streamed tool-call pieces onto `calls` by index (id and name once, arguments in
+    pieces)."""
     for d in deltas:
         if d.index not in calls:
-            function = s.ResponseFunctionCall(name=d.name or "", arguments="")
+            function = s.ResponseFunctionCall(name=d.function.name or "", arguments="")
             calls[d.index] = s.ResponseToolCall(id=d.id or "", function=function)
-        calls[d.index].function.arguments += d.arguments
+        calls[d.index].function.arguments += d.function.arguments or ""
 
 
 def _finish_reason(reason: str | None, parser: ReplyParser) -> str | None:
@@ -406,21 +415,29 @@ async def text_completion(
     if request.stream:
         usage = request.stream_options is not None and request.stream_options.include_usage
         return _completion_chunks(ctx, run, meta, request.n, echoes, usage)
-    return await _completion_response(ctx, run, meta, request.n, echoes)
+    chunks = _completion_chunks(ctx, run, meta, request.n, echoes, include_usage=True)
+    return await _completion_response(meta, len(prompts) * request.n, chunks)
 
 
-async def _completion_response(ctx, run, meta: _Meta, n: int, echoes: list[str]):
-    texts = {i: [echo] for p, echo in enumerate(echoes) for i in range(p * n, p * n + n)}
+async def _completion_response(
+    meta: _Meta, count: int, chunks: AsyncIterator[s.CompletionResponse]
+) -> s.CompletionResponse:
+    """The whole response of `count` choices: the fold of its streamed chunks."""
+    texts: dict[int, list[str]] = {i: [] for i in range(count)}
     logprobs = {i: s.CompletionLogprobs() for i in texts}
     reasons: dict[int, str | None] = dict.fromkeys(texts)
-    async with run:
-        async for p, output in run:
-            for delta in output.deltas:
-                i = p * n + delta.index
-                texts[i].append(delta.text)
-                meta.completion_tokens += len(delta.token_ids)
-                _add_completion_logprobs(ctx, logprobs[i], delta.logprobs)
-                reasons[i] = delta.finish_reason or reasons[i]
+    usage = None
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                texts[c.index].append(c.text)
+                part = c.logprobs or s.CompletionLogprobs()
+                for token, logprob, top in zip(
+                    part.tokens, part.token_logprobs, part.top_logprobs, strict=True
+                ):  # the whole text's offsets run on from the chunks before
+                    _append_logprob(logprobs[c.index], token, logprob, top)
+                reasons[c.index] = c.finish_reason or reasons[c.index]
     choices = [
         s.CompletionChoice(
             index=i,
@@ -431,7 +448,7 @@ async def _completion_response(ctx, run, meta: _Meta, n: int, echoes: list[str])
         for i in sorted(texts)
     ]
     return s.CompletionResponse(
-        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=meta.usage()
+        id=meta.id, created=meta.created, model=meta.model, choices=choices, usage=usage
     )
 
 
@@ -454,10 +471,7 @@ async def _completion_chunks(ctx, run, meta: _Meta, n: int, echoes, include_usag
             choices = []
             for delta in output.deltas:
                 meta.completion_tokens += len(delta.token_ids)
-                lp = None
-                if meta.wants_logprobs:
-                    lp = s.CompletionLogprobs()
-                    _add_completion_logprobs(ctx, lp, delta.logprobs)
+                lp = _completion_logprobs(ctx, delta.logprobs) if meta.wants_logprobs else None
                 if delta.text or delta.finish_reason or delta.token_ids:
                     choices.append(
                         s.CompletionChoice(
@@ -473,15 +487,22 @@ async def _completion_chunks(ctx, run, meta: _Meta, n: int, echoes, include_usag
             yield chunk([], meta.usage())
 
 
-def _add_completion_logprobs(ctx, out: s.CompletionLogprobs, logprobs: list[Logprob] | None):
+def _completion_logprobs(ctx, logprobs: list[Logprob] | None) -> s.CompletionLogprobs:
+    """One chunk's logprobs (its text offsets start at 0)."""
     decode = ctx.llm.tokenizer.decode
+    out = s.CompletionLogprobs()
     for lp in logprobs or []:
-        token = decode([lp.token_id])
-        offset = (out.text_offset[-1] + len(out.tokens[-1])) if out.tokens else 0
-        out.tokens.append(token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({decode([t]): v for t, v in lp.top})
-        out.text_offset.append(offset)
+        top = {decode([t]): v for t, v in lp.top}
+        _append_logprob(out, decode([lp.token_id]), lp.logprob, top)
+    return out
+
+
+def _append_logprob(out: s.CompletionLogprobs, token: str, logprob: float, top) -> None:
+    # Each token's offset is where the one before it ended.
+    out.text_offset.append((out.text_offset[-1] + len(out.tokens[-1])) if out.tokens else 0)
+    out.tokens.append(token)
+    out.token_logprobs.append(logprob)
+    out.top_logprobs.append(top)
 
 
 # -- shared: sampling, structured output, the engine -----------------------------------------

@@ -11,12 +11,14 @@ HTTP, with the `mcp` SDK's `Client`) onto an AsyncExitStack that the OpenAI serv
 shutdown, and lists their tools; a server that cannot be reached is logged and reported in every
 chat response (`mcp_errors`), and the others still serve.
 
-`chat_with_tools` is the tool loop: the MCP tools are merged into the request's `tools`; when the
-model calls one, it runs through its session, the assistant's call and the tool's result are
-appended to the messages, and the model is asked again, until it answers, calls a tool of the
-client's own (returned to the client as usual), or `max_tool_rounds` rounds have run. The
-response carries the calls and results as `mcp_trace`; streamed, each call and result is an
-extra chunk between the model's own chunks.
+`ToolLoop` is the tool loop, which the OpenAI server's chat route and /mcp `chat` tool call in
+place of the plain chat function; requests and responses stay the server's pydantic models
+(schemas.py) throughout. The MCP tools are merged into the request's `tools`; when the model
+calls one, it runs through its session, the assistant's call and the tool's result are appended
+to the messages, and the model is asked again, until it answers, calls a tool of the client's
+own (returned to the client as usual), or `max_tool_rounds` rounds have run. The response
+carries the calls and results as `mcp_trace`; streamed, each call and result is an extra chunk
+(an McpEventChunk) between the model's own chunks.
 """
 
 import json
@@ -24,8 +26,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,10 @@ from typing import Any
 from mcp import Client, StdioServerParameters
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.server import schemas as s
+from relaxlm.server.completions import Chat, merge_tool_calls
 
 logger = logging.getLogger("relaxlm.mcp")
-
-# An OpenAI chat-completions request body in, the response body (or its stream of chunks) out.
-ChatCompletion = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-# Awaiting a ChatStream checks the request (errors before any chunk), then yields the chunks.
-ChatStream = Callable[[dict[str, Any]], Awaitable[AsyncIterator[dict[str, Any]]]]
 
 DEFAULT_MAX_TOOL_ROUNDS = 4
 
@@ -110,16 +109,14 @@ class McpTool:
     description: str
     input_schema: dict[str, Any]
 
-    def openai(self) -> dict[str, Any]:
+    def openai(self) -> s.Tool:
         """The tool as an OpenAI `tools` entry."""
-        return {
-            "type": "function",
-            "function": {
-                "name": self.name,
-                "description": self.description or f"{self.remote_name} (MCP server {self.server})",
-                "parameters": self.input_schema or {"type": "object", "properties": {}},
-            },
-        }
+        function = s.FunctionSpec(
+            name=self.name,
+            description=self.description or f"{self.remote_name} (MCP server {self.server})",
+            parameters=self.input_schema or {"type": "object", "properties": {}},
+        )
+        return s.Tool(type="function", function=function)
 
 
 @dataclass
@@ -165,7 +162,7 @@ class McpTools:
                 )
             logger.info("MCP server %r: tools %s", spec.name, [t.name for t in listed.tools])
 
-    def openai_tools(self) -> list[dict[str, Any]]:
+    def openai_tools(self) -> list[s.Tool]:
         return [tool.openai() for tool in self.tools.values()]
 
     async def call(self, name: str, arguments: str | dict[str, Any]) -> ToolOutcome:
@@ -216,185 +213,197 @@ def _reason(e: BaseException) -> str:
 # -- the tool loop --------------------------------------------------------------------------------
 
 
-def _own_tool_names(request: dict[str, Any]) -> set[str]:
-    tools = request.get("tools") or []
-    return {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+class ToolLoop:
+    """The chat route with MCP tools run on the server side: what /v1/chat/completions and the
+    /mcp `chat` tool call when MCP servers are configured.
+
+    chat: the chat route's own function (completions.chat_completion for the served model).
+    """
+
+    def __init__(self, chat: Chat, tools: McpTools, max_tool_rounds: int = DEFAULT_MAX_TOOL_ROUNDS):
+        if max_tool_rounds < 0:
+            raise RelaxlmError(
+                f"max_tool_rounds={max_tool_rounds}; it must be >= 0 (0: run no MCP tool)"
+            )
+        self.chat, self.tools, self.max_tool_rounds = chat, tools, max_tool_rounds
+
+    async def __call__(
+        self, request: s.ChatCompletionRequest
+    ) -> s.ToolLoopResponse | AsyncIterator[s.ChatCompletionChunk]:
+        """The answer after the tool rounds, or (request.stream) the chunks of every round."""
+        if request.stream:
+            return await stream_with_tools(request, self.chat, self.tools, self.max_tool_rounds)
+        return await chat_with_tools(request, self.chat, self.tools, self.max_tool_rounds)
 
 
-def _with_mcp_tools(request: dict[str, Any], mcp: McpTools) -> dict[str, Any]:
+def _own_tool_names(request: s.ChatCompletionRequest) -> set[str]:
+    return {t.function.name for t in request.tools or []}
+
+
+def _with_mcp_tools(request: s.ChatCompletionRequest, mcp: McpTools) -> s.ChatCompletionRequest:
     """The request with the MCP tools added to its own (the client's tool wins a name clash)."""
     own_names = _own_tool_names(request)
-    extra = [t for t in mcp.openai_tools() if t["function"]["name"] not in own_names]
-    if not extra or request.get("tool_choice") == "none":
-        return dict(request)
-    return {**request, "tools": [*(request.get("tools") or []), *extra]}
+    extra = [t for t in mcp.openai_tools() if t.function.name not in own_names]
+    if not extra or request.tool_choice == "none":
+        return request
+    return request.model_copy(update={"tools": [*(request.tools or []), *extra]})
 
 
-def _is_mcp_call(call: dict[str, Any], mcp: McpTools, own_names: set[str]) -> bool:
-    name = call.get("function", {}).get("name")
-    return name in mcp.tools and name not in own_names
+def _is_mcp_call(call: s.ResponseToolCall, mcp: McpTools, own_names: set[str]) -> bool:
+    return call.function.name in mcp.tools and call.function.name not in own_names
 
 
 async def _run_calls(
-    calls: list[dict[str, Any]], mcp: McpTools, round_index: int, trace: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+    calls: list[s.ResponseToolCall], mcp: McpTools, round_index: int, trace: list[s.McpToolRun]
+) -> list[s.ChatMessage]:
     """Run the model's MCP tool calls; the `tool` messages to append, one per call."""
     messages = []
     for call in calls:
-        function = call.get("function", {})
-        outcome = await mcp.call(function.get("name", ""), function.get("arguments") or "{}")
+        name, arguments = call.function.name, call.function.arguments
+        outcome = await mcp.call(name, arguments or "{}")
         trace.append(
-            {
-                "round": round_index,
-                "id": call.get("id"),
-                "server": mcp.tools[function["name"]].server,
-                "tool": function["name"],
-                "arguments": function.get("arguments"),
-                "result": outcome.text,
-                "is_error": outcome.is_error,
-            }
+            s.McpToolRun(
+                round=round_index,
+                id=call.id,
+                server=mcp.tools[name].server,
+                tool=name,
+                arguments=arguments,
+                result=outcome.text,
+                is_error=outcome.is_error,
+            )
         )
         messages.append(
-            {
-                "role": "tool",
-                "tool_call_id": call.get("id"),
-                "name": function["name"],
-                "content": outcome.text,
-            }
+            s.ChatMessage(role="tool", tool_call_id=call.id, name=name, content=outcome.text)
         )
     return messages
 
 
 def _next_request(
-    request: dict[str, Any], message: dict[str, Any], tool_messages: list[dict[str, Any]]
-) -> dict[str, Any]:
-    """The request for the next round: the call and its results appended; a forced
+    request: s.ChatCompletionRequest,
+    content: str,
+    calls: list[s.ResponseToolCall],
+    tool_messages: list[s.ChatMessage],
+) -> s.ChatCompletionRequest:
+    """The request for the next round: the calls and their results appended; a forced
     tool_choice is lifted (forced again, the model could only ever call the tool again)."""
-    assistant = {
-        "role": "assistant",
-        "content": message.get("content") or "",  # templates concatenate content
-        "tool_calls": message["tool_calls"],
-    }
-    forced = request.get("tool_choice") not in (None, "auto", "none")
-    return {
-        **request,
-        "messages": [*request["messages"], assistant, *tool_messages],
-        **({"tool_choice": "auto"} if forced else {}),
-    }
+    assistant = s.ChatMessage(
+        role="assistant",
+        content=content,  # templates concatenate content: "", not None
+        tool_calls=[
+            s.ToolCall(id=c.id, function=s.FunctionCall(**c.function.model_dump())) for c in calls
+        ],
+    )
+    update: dict[str, Any] = {"messages": [*request.messages, assistant, *tool_messages]}
+    if request.tool_choice not in (None, "auto", "none"):
+        update["tool_choice"] = "auto"
+    return request.model_copy(update=update)
 
 
-def _add_usage(total: dict[str, int] | None, usage: dict[str, int] | None) -> dict[str, int] | None:
-    if not usage:
-        return total
-    if total is None:
-        return dict(usage)
-    return {
-        k: total.get(k, 0) + usage.get(k, 0)
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens")
-    }
+def _add_usage(total: s.Usage | None, usage: s.Usage | None) -> s.Usage | None:
+    if usage is None or total is None:
+        return usage or total
+    return s.Usage(
+        prompt_tokens=total.prompt_tokens + usage.prompt_tokens,
+        completion_tokens=total.completion_tokens + usage.completion_tokens,
+        total_tokens=total.total_tokens + usage.total_tokens,
+    )
 
 
 async def chat_with_tools(
-    request: dict[str, Any], complete: ChatCompletion, mcp: McpTools, max_tool_rounds: int
-) -> dict[str, Any]:
+    request: s.ChatCompletionRequest, chat: Chat, mcp: McpTools, max_tool_rounds: int
+) -> s.ToolLoopResponse:
     """A non-streamed chat completion with MCP tools run on the server side.
 
-    complete: the OpenAI server's chat function (request body -> response body).
+    chat: the OpenAI server's chat function (a request with stream=False -> its response).
     Returns the last round's response plus `mcp_trace` (the calls and their results),
     `mcp_errors` (servers not available) and `usage` summed over the rounds.
     """
     own_names = _own_tool_names(request)
     request = _with_mcp_tools(request, mcp)
-    trace: list[dict[str, Any]] = []
+    trace: list[s.McpToolRun] = []
     usage = None
     errors = list(mcp.errors.values())
-    response = await complete(request)  # the request's own errors are the caller's (a 4xx)
+    response = await chat(request)  # the request's own errors are the caller's (a 4xx)
     for round_index in range(max_tool_rounds + 1):
         if round_index > 0:
             try:
-                response = await complete(request)
+                response = await chat(request)
             except Exception as e:  # e.g. the tool results overflow the context window
                 errors.append(f"the model could not continue after the tool results: {e}")
                 break
-        usage = _add_usage(usage, response.get("usage"))
-        message = response["choices"][0].get("message", {})
-        calls = message.get("tool_calls") or []
+        usage = _add_usage(usage, response.usage)
+        message = response.choices[0].message
+        calls = message.tool_calls or []
         mcp_calls = [c for c in calls if _is_mcp_call(c, mcp, own_names)]
         # Stop when the model answered, called a tool of the client's, or the rounds ran out.
         if not calls or len(mcp_calls) < len(calls) or round_index == max_tool_rounds:
             break
         tool_messages = await _run_calls(mcp_calls, mcp, round_index, trace)
-        request = _next_request(request, message, tool_messages)
+        request = _next_request(request, message.content or "", calls, tool_messages)
     if round_index == max_tool_rounds and calls and len(mcp_calls) == len(calls):
         errors.append(f"stopped after max_tool_rounds={max_tool_rounds} rounds of tool calls")
-    response["usage"] = usage if usage is not None else response.get("usage")
-    response["mcp_trace"] = trace
-    if errors:
-        response["mcp_errors"] = errors
-    return response
+    fields = {**dict(response), "usage": usage or response.usage}
+    return s.ToolLoopResponse(**fields, mcp_trace=trace, mcp_errors=errors or None)
 
 
 async def stream_with_tools(
-    request: dict[str, Any], stream: ChatStream, mcp: McpTools, max_tool_rounds: int
-) -> AsyncIterator[dict[str, Any]]:
+    request: s.ChatCompletionRequest, chat: Chat, mcp: McpTools, max_tool_rounds: int
+) -> AsyncIterator[s.ChatCompletionChunk]:
     """The streamed tool loop: the model's chunks as they come, with progress chunks between.
 
-    stream: the OpenAI server's streamed chat function. Awaiting this function checks the
-    request (its errors are the caller's, before any chunk); the chunks follow.
+    chat: the OpenAI server's chat function (a request with stream=True -> its chunks).
+    Awaiting this function checks the request (its errors are the caller's, before any chunk);
+    the chunks follow.
 
     Content deltas pass through at once. Tool-call deltas are held until the round ends: calls
-    of MCP tools are then run and announced by chunks with no choices and an `mcp_event`
-    ({"type": "tool_call" | "tool_result", ...}); calls of the client's own tools are released
+    of MCP tools are then run and announced by McpEventChunks (no choices, an `mcp_event`
+    {"type": "tool_call" | "tool_result", ...}); calls of the client's own tools are released
     as they came, with the model's finish chunk. MCP servers that are not available, and a
     round the model could not run, are announced as {"type": "error", "message": ...}.
     """
     own_names = _own_tool_names(request)
     request = _with_mcp_tools(request, mcp)
-    first = await stream(request)
-    return _stream_rounds(request, first, stream, mcp, own_names, max_tool_rounds)
+    first = await chat(request)
+    return _stream_rounds(request, first, chat, mcp, own_names, max_tool_rounds)
 
 
 async def _stream_rounds(
-    request: dict[str, Any],
-    chunks: AsyncIterator[dict[str, Any]],
-    stream: ChatStream,
+    request: s.ChatCompletionRequest,
+    chunks: AsyncIterator[s.ChatCompletionChunk],
+    chat: Chat,
     mcp: McpTools,
     own_names: set[str],
     max_tool_rounds: int,
-) -> AsyncIterator[dict[str, Any]]:
-    base = {"id": "chatcmpl-mcp", "model": request.get("model")}  # then the model's chunks'
+) -> AsyncIterator[s.ChatCompletionChunk]:
+    base = ("chatcmpl-mcp", request.model)  # (id, model), then the model's chunks'
     for error in mcp.errors.values():
         yield _event_chunk(base, {"type": "error", "message": error})
     for round_index in range(max_tool_rounds + 1):
         if round_index > 0:
             try:
-                chunks = await stream(request)
+                chunks = await chat(request)
             except Exception as e:  # e.g. the tool results overflow the context window
                 message = f"the model could not continue after the tool results: {e}"
                 yield _event_chunk(base, {"type": "error", "message": message})
                 return
-        held: list[dict[str, Any]] = []  # chunks with tool-call deltas or the finish reason
-        calls: dict[int, dict[str, Any]] = {}  # index -> accumulated call
+        held: list[s.ChatCompletionChunk] = []  # chunks with tool-call deltas or the finish
+        calls: dict[int, s.ResponseToolCall] = {}  # index -> the call so far
         content: list[str] = []
-        tail: list[dict[str, Any]] = []  # chunks after the finish (usage)
-        try:
+        tail: list[s.ChatCompletionChunk] = []  # chunks after the finish (usage)
+        async with aclosing(chunks):
             async for chunk in chunks:
-                base = {"id": chunk.get("id", base["id"]), "model": chunk.get("model")}
-                choices = chunk.get("choices") or []
-                if not choices:
+                base = (chunk.id, chunk.model)
+                if not chunk.choices:
                     tail.append(chunk)
                     continue
-                delta = choices[0].get("delta") or {}
-                if delta.get("content"):
-                    content.append(delta["content"])
-                if delta.get("tool_calls") or choices[0].get("finish_reason"):
-                    for part in delta.get("tool_calls") or []:
-                        _accumulate(calls, part)
+                choice = chunk.choices[0]
+                if choice.delta.content:
+                    content.append(choice.delta.content)
+                if choice.delta.tool_calls or choice.finish_reason:
+                    merge_tool_calls(calls, choice.delta.tool_calls or [])
                     held.append(chunk)
                 else:
                     yield chunk
-        finally:
-            await chunks.aclose()
         ordered = [calls[i] for i in sorted(calls)]
         mcp_calls = [c for c in ordered if _is_mcp_call(c, mcp, own_names)]
         if not ordered or len(mcp_calls) < len(ordered) or round_index == max_tool_rounds:
@@ -402,41 +411,18 @@ async def _stream_rounds(
                 yield chunk
             return
         for call in mcp_calls:
-            yield _event_chunk(base, {"type": "tool_call", "round": round_index, **_summary(call)})
-        trace: list[dict[str, Any]] = []
+            event = {"type": "tool_call", "round": round_index, "id": call.id}
+            event |= {"tool": call.function.name, "arguments": call.function.arguments}
+            yield _event_chunk(base, event)
+        trace: list[s.McpToolRun] = []
         tool_messages = await _run_calls(mcp_calls, mcp, round_index, trace)
         for entry in trace:
-            yield _event_chunk(base, {"type": "tool_result", **entry})
-        message = {"content": "".join(content), "tool_calls": mcp_calls}
-        request = _next_request(request, message, tool_messages)
+            yield _event_chunk(base, {"type": "tool_result", **entry.model_dump()})
+        request = _next_request(request, "".join(content), mcp_calls, tool_messages)
 
 
-def _accumulate(calls: dict[int, dict[str, Any]], part: dict[str, Any]) -> None:
-    """Join a streamed tool-call delta onto its call (name and id once, arguments in pieces)."""
-    call = calls.setdefault(
-        part.get("index", 0), {"id": None, "type": "function", "function": {"arguments": ""}}
+def _event_chunk(base: tuple[str, str], event: dict[str, Any]) -> s.McpEventChunk:
+    chunk_id, model = base
+    return s.McpEventChunk(
+        id=chunk_id, created=int(time.time()), model=model, choices=[], mcp_event=event
     )
-    if part.get("id"):
-        call["id"] = part["id"]
-    function = part.get("function") or {}
-    if function.get("name"):
-        call["function"]["name"] = function["name"]
-    call["function"]["arguments"] += function.get("arguments") or ""
-
-
-def _summary(call: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": call.get("id"),
-        "tool": call["function"].get("name"),
-        "arguments": call["function"].get("arguments"),
-    }
-
-
-def _event_chunk(base: dict[str, Any], event: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **base,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "choices": [],
-        "mcp_event": event,
-    }

@@ -1,148 +1,120 @@
 """The loaded model as an MCP server, on the official `mcp` SDK.
 
-Tools: `chat` (messages + sampling fields), `complete` (a prompt), `embed` (embedding models),
-`tokenize`, `list_models`; resources: the artifact's manifest and the checkpoint config. A
-failure (bad arguments, a prompt over the context window, `embed` on a text model) comes back as
-an MCP tool error with the reason, never as a crash of the server.
+Tools: `chat` (messages + the chat route's sampling fields), `complete` (a prompt), `embed`
+(embedding models), `tokenize`, `list_models`; resources: the artifact's manifest and the
+checkpoint config. A failure (bad arguments, a prompt over the context window, `embed` on a text
+model) comes back as an MCP tool error with the reason, never as a crash of the server.
 
 Transports: stdio for `relaxlm mcp MODEL` (`run_stdio`), streamable HTTP at `/mcp` of the
-OpenAI server (`http_routes`, whose session manager runs in the app's lifespan).
+OpenAI server (`McpModelServer.http_routes`, whose sessions run in the app's lifespan).
 
-`chat` goes through the same chat-completion function as `POST /v1/chat/completions`
-(completions.chat_completion, with the MCP tool loop when the OpenAI server has one), so a seeded
-request gives the same answer on both.
+`chat` goes through the same function as `POST /v1/chat/completions` (completions.chat_completion,
+or the MCP tool loop when the OpenAI server has one), so a seeded request gives the same answer
+on both.
 """
 
+import functools
+import inspect
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from typing import Any, Literal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
 
-from fastapi import FastAPI
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.resources import FunctionResource
 from mcp.types import CallToolResult, TextContent
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.routing import BaseRoute
 
 from relaxlm.errors import RelaxlmError
 from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM
-from relaxlm.server import completions, schemas
-from relaxlm.server.mcp_client import McpTools, chat_with_tools, load_config, stream_with_tools
+from relaxlm.server import completions
+from relaxlm.server import schemas as s
+from relaxlm.server.completions import Chat
 
-# An OpenAI chat-completions request body in, the response body (or its chunks) out.
-ChatCompletion = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
-# The streamed form: awaiting it checks the request (ApiError before any chunk), then the chunks.
-ChatStream = Callable[[dict[str, Any]], Awaitable[AsyncIterator[dict[str, Any]]]]
-
-
-class Message(BaseModel):
-    """One chat message, as in OpenAI's chat API (extra keys such as tool_calls are kept)."""
-
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str = ""
+# Request fields a tool fixes: the model is the served one, and a tool answers one choice's
+# text, whole. The tools take every other field of the route's schema, with its ranges.
+_FIXED_FIELDS = {"model", "stream", "stream_options", "n", "logprobs", "top_logprobs", "user"}
+_COMPLETE_FIXED = _FIXED_FIELDS | {"echo", "suffix", "best_of"}
 
 
-def build_mcp_server(
-    ctx: completions.ModelContext, chat_completion: ChatCompletion | None = None
-) -> MCPServer:
+class McpModelServer:
     """An MCPServer whose tools and resources serve the model of `ctx` (the OpenAI server's:
-    its LLM and served name).
+    its SDK model and served name).
 
-    chat_completion: what `chat` calls: the chat route's path (with the MCP tool loop when
-        there is one); `chat_function(ctx)` by default.
+    chat: what the `chat` tool calls: the chat route's function (with the MCP tool loop when
+        there is one); completions.chat_completion by default.
     """
-    llm, model_name = ctx.llm, ctx.name
-    is_embedder = ctx.is_embedding
-    chat_completion = chat_completion or chat_function(ctx)
-    server = MCPServer(
-        "relaxlm",
-        instructions=f"relaxlm serving {model_name} ({llm.manifest.architecture}); "
-        "call `chat` for an assistant reply, `complete` to continue text.",
-        log_level="WARNING",
-    )
 
-    @server.tool()
-    async def chat(
-        messages: list[Message],
-        max_tokens: int | None = Field(None, description="tokens to generate at most"),
-        temperature: float | None = Field(None, description="0 is greedy"),
-        top_p: float | None = None,
-        top_k: int | None = None,
-        min_p: float | None = None,
-        seed: int | None = Field(None, description="same seed, same answer"),
-        stop: list[str] | None = None,
-        presence_penalty: float | None = None,
-        frequency_penalty: float | None = None,
-        repetition_penalty: float | None = None,
-    ) -> CallToolResult:
+    def __init__(self, ctx: completions.ModelContext, chat: Chat | None = None):
+        self.ctx = ctx
+        self._chat = chat or functools.partial(completions.chat_completion, ctx)
+        llm, name = ctx.llm, ctx.name
+        self.server = MCPServer(
+            "relaxlm",
+            instructions=f"relaxlm serving {name} ({llm.manifest.architecture}); "
+            "call `chat` for an assistant reply, `complete` to continue text.",
+            log_level="WARNING",
+        )
+        self.server.add_tool(_taking_fields(self.chat, s.ChatCompletionRequest, _FIXED_FIELDS))
+        self.server.add_tool(
+            _taking_fields(self.complete, s.CompletionRequest, _COMPLETE_FIXED, prompt=str)
+        )
+        for tool in (self.embed, self.tokenize, self.list_models):
+            self.server.add_tool(tool)
+        for resource, description, read in (
+            (
+                "manifest",
+                f"{name}'s artifact manifest: versions, config, quantization, KV-cache layout, "
+                "parameter index, targets",
+                llm.manifest.to_json,
+            ),
+            (
+                "config",
+                f"{name}'s checkpoint config.json",
+                lambda: json.dumps(llm.manifest.model_config, indent=2),
+            ),
+        ):
+            self.server.add_resource(
+                FunctionResource(
+                    uri=f"relaxlm://models/{name}/{resource}",
+                    name=resource,
+                    description=description,
+                    mime_type="application/json",
+                    fn=read,
+                )
+            )
+
+    # -- tools (their docstrings are the descriptions clients see) ------------------------------
+
+    async def chat(self, **fields) -> CallToolResult:
         """The model's reply to a conversation, through its chat template."""
-        if is_embedder:
-            raise ToolError(_embedder_message(model_name, "chat"))
-        fields = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "min_p": min_p,
-            "seed": seed,
-            "stop": stop,
-            "presence_penalty": presence_penalty,
-            "frequency_penalty": frequency_penalty,
-            "repetition_penalty": repetition_penalty,
-        }
-        request = {
-            "model": model_name,
-            "messages": [m.model_dump(exclude_none=True) for m in messages],
-            **{k: v for k, v in fields.items() if v is not None},
-        }
+        self._check_generates("chat")
+        request = self._request(s.ChatCompletionRequest, fields)
         try:
-            response = await chat_completion(request)
+            response = await self._chat(request)
         except (RelaxlmError, completions.ApiError) as e:  # the 4xx the HTTP API would answer
             raise ToolError(str(e)) from e
-        choice = response["choices"][0]
-        content = choice["message"].get("content") or ""
+        choice = response.choices[0]
+        content = choice.message.content or ""
         return CallToolResult(
             content=[TextContent(type="text", text=content)],
             structured_content={
                 "content": content,
-                "finish_reason": choice.get("finish_reason"),
-                "tool_calls": choice["message"].get("tool_calls") or [],
-                "usage": response.get("usage"),
+                "finish_reason": choice.finish_reason,
+                "tool_calls": [c.model_dump() for c in choice.message.tool_calls or []],
+                "usage": response.usage.model_dump(),
             },
         )
 
-    @server.tool()
-    async def complete(
-        prompt: str,
-        max_tokens: int | None = Field(None, description="tokens to generate at most (16)"),
-        temperature: float | None = Field(None, description="0 is greedy"),
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: list[str] | None = None,
-    ) -> CallToolResult:
+    async def complete(self, **fields) -> CallToolResult:
         """The model's continuation of `prompt` as plain text (no chat template), as
         /v1/completions answers it."""
-        if is_embedder:
-            raise ToolError(_embedder_message(model_name, "complete"))
-        fields = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "top_k": top_k,
-            "seed": seed,
-            "stop": stop,
-        }
-        body = {"model": model_name, "prompt": prompt}
-        body |= {k: v for k, v in fields.items() if v is not None}
+        self._check_generates("complete")
+        request = self._request(s.CompletionRequest, fields)
         try:
-            request = schemas.CompletionRequest.model_validate(body)
-            response = await completions.text_completion(ctx, request)
-        except ValidationError as e:
-            raise ToolError(_validation_message(e)) from e
+            response = await completions.text_completion(self.ctx, request)
         except (RelaxlmError, completions.ApiError) as e:
             raise ToolError(str(e)) from e
         choice = response.choices[0]
@@ -155,17 +127,16 @@ def build_mcp_server(
             },
         )
 
-    @server.tool()
-    async def embed(texts: list[str]) -> CallToolResult:
+    async def embed(self, texts: list[str]) -> CallToolResult:
         """Embedding vectors of `texts` (embedding models only)."""
-        if not is_embedder:
+        if not self.ctx.is_embedding:
             raise ToolError(
-                f"{model_name} ({llm.manifest.architecture}) generates text and has no "
-                "embeddings; serve an embedding model (e.g. a sentence-transformers folder) to "
-                "use `embed`, or call `chat` / `complete`"
+                f"{self.ctx.name} ({self.ctx.llm.manifest.architecture}) generates text and has "
+                "no embeddings; serve an embedding model (e.g. a sentence-transformers folder) "
+                "to use `embed`, or call `chat` / `complete`"
             )
         try:
-            vectors = llm.embed(texts).tolist()
+            vectors = self.ctx.llm.embed(texts).tolist()
         except RelaxlmError as e:
             raise ToolError(str(e)) from e
         return CallToolResult(
@@ -173,47 +144,80 @@ def build_mcp_server(
             structured_content={"embeddings": vectors, "dim": len(vectors[0]) if vectors else 0},
         )
 
-    @server.tool()
-    def tokenize(
-        text: str, add_special_tokens: bool = Field(True, description="BOS etc. as the model's")
-    ) -> CallToolResult:
-        """Token ids of `text` under the model's tokenizer."""
-        ids = llm.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        tokens = [llm.tokenizer.id_to_token(i) for i in ids]
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> CallToolResult:
+        """Token ids of `text` under the model's tokenizer (BOS etc. as the model's config
+        says, unless add_special_tokens is false)."""
+        tokenizer = self.ctx.llm.tokenizer
+        ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        tokens = [tokenizer.id_to_token(i) for i in ids]
         return CallToolResult(
             content=[TextContent(type="text", text=json.dumps(ids))],
             structured_content={"token_ids": ids, "tokens": tokens, "count": len(ids)},
         )
 
-    @server.tool()
-    def list_models() -> CallToolResult:
+    def list_models(self) -> CallToolResult:
         """The models this server serves, with architecture, task and context window."""
-        models = [model_card(llm, model_name)]
+        models = [model_card(self.ctx.llm, self.ctx.name)]
         return CallToolResult(
             content=[TextContent(type="text", text=json.dumps(models))],
             structured_content={"models": models},
         )
 
-    server.add_resource(
-        FunctionResource(
-            uri=f"relaxlm://models/{model_name}/manifest",
-            name="manifest",
-            description=f"{model_name}'s artifact manifest: versions, config, quantization, "
-            "KV-cache layout, parameter index, targets",
-            mime_type="application/json",
-            fn=llm.manifest.to_json,
+    # -- transports -----------------------------------------------------------------------------
+
+    def http_routes(self, host: str = "127.0.0.1") -> list[BaseRoute]:
+        """The `/mcp` streamable-HTTP route to add to an ASGI app; enter `sessions()` in that
+        app's lifespan (a mounted sub-app's lifespan never runs).
+
+        host: the bind address; on loopback the SDK checks Host/Origin against DNS rebinding.
+        """
+        return list(self.server.streamable_http_app(streamable_http_path="/mcp", host=host).routes)
+
+    def sessions(self) -> AbstractAsyncContextManager[None]:
+        """The streamable-HTTP session manager's run, for the serving app's lifespan."""
+        return self.server.session_manager.run()
+
+    def _check_generates(self, tool: str) -> None:
+        if self.ctx.is_embedding:
+            raise ToolError(
+                f"{self.ctx.name} is an embedding model: it has no KV cache to generate text "
+                f"with, so `{tool}` is unavailable; call `embed`"
+            )
+
+    def _request(self, schema: type[BaseModel], fields: dict[str, Any]) -> BaseModel:
+        try:
+            return schema.model_validate({**fields, "model": self.ctx.name, "stream": False})
+        except ValidationError as e:
+            error = e.errors()[0]
+            raise ToolError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from e
+
+
+def _taking_fields(tool, schema: type[BaseModel], fixed: set[str], **types) -> Callable:
+    """`tool` (which takes **fields) with the keyword signature of `schema`'s fields less
+    `fixed`, each with its type, range and default: MCP derives the tool's input schema from it.
+
+    types: a narrower type for a field (the `complete` tool's prompt is one text).
+    """
+
+    @functools.wraps(tool)
+    async def call(**fields) -> CallToolResult:
+        return await tool(**fields)
+
+    parameters = []
+    for name, field in schema.model_fields.items():
+        if name in fixed:
+            continue
+        required = field.is_required() or name in types
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=types.get(name) or Annotated[field.annotation, field],
+                default=inspect.Parameter.empty if required else field.get_default(),
+            )
         )
-    )
-    server.add_resource(
-        FunctionResource(
-            uri=f"relaxlm://models/{model_name}/config",
-            name="config",
-            description=f"{model_name}'s checkpoint config.json",
-            mime_type="application/json",
-            fn=lambda: json.dumps(llm.manifest.model_config, indent=2),
-        )
-    )
-    return server
+    call.__signature__ = inspect.Signature(parameters, return_annotation=CallToolResult)
+    return call
 
 
 def model_card(llm: AsyncLLM | EmbeddingLLM, model_name: str) -> dict[str, Any]:
@@ -231,127 +235,6 @@ def model_card(llm: AsyncLLM | EmbeddingLLM, model_name: str) -> dict[str, Any]:
     }
 
 
-def chat_function(ctx: completions.ModelContext) -> ChatCompletion:
-    """/v1/chat/completions as a function of JSON bodies (non-streamed); ApiError as the route's.
-
-    The tool loop and the `chat` tool build request bodies as dicts; this validates them with
-    the route's own schema, so they are answered exactly as over HTTP.
-    """
-
-    async def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
-        request = _validated({**body, "stream": False})
-        response = await completions.chat_completion(ctx, request)
-        return response.model_dump(mode="json")
-
-    return chat_completion
-
-
-def chat_stream_function(ctx: completions.ModelContext) -> ChatStream:
-    """The streamed /v1/chat/completions as a function of JSON bodies: the chunks as dicts."""
-
-    async def chat_stream(body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        request = _validated({**body, "stream": True})
-        chunks = await completions.chat_completion(ctx, request)
-
-        async def dicts() -> AsyncIterator[dict[str, Any]]:
-            try:
-                async for chunk in chunks:
-                    yield chunk.model_dump(mode="json", exclude_none=True)
-            finally:
-                await chunks.aclose()  # a client gone mid-stream aborts the engine request
-
-        return dicts()
-
-    return chat_stream
-
-
-def _validated(body: dict[str, Any]) -> schemas.ChatCompletionRequest:
-    try:
-        return schemas.ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        error = e.errors()[0]
-        field = ".".join(str(part) for part in error["loc"])
-        raise completions.ApiError(400, _validation_message(e), field) from e
-
-
-def _validation_message(e: ValidationError) -> str:
-    """`field: what is wrong` for the first error, as the HTTP API's 400s say it."""
-    error = e.errors()[0]
-    return f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-
-
-def http_routes(
-    server: MCPServer, host: str = "127.0.0.1"
-) -> tuple[list[BaseRoute], Callable[[], AbstractAsyncContextManager[None]]]:
-    """The `/mcp` streamable-HTTP route to add to an ASGI app, and the session manager's
-    context, to enter in that app's lifespan (a mounted sub-app's lifespan never runs).
-
-    host: the bind address; on loopback the SDK checks Host/Origin against DNS rebinding.
-    """
-    app = server.streamable_http_app(streamable_http_path="/mcp", host=host)
-    return list(app.routes), server.session_manager.run
-
-
-def install_mcp(app: FastAPI, ctx: completions.ModelContext, options) -> None:
-    """What `create_app` adds for MCP, as its ServerOptions say.
-
-    options.mcp_config: the MCP servers whose tools the model may call; sets
-        `app.state.tool_loop` (body -> response dict, or an async iterator of chunk dicts when
-        streamed) for the chat route, and opens the sessions in the app's lifespan.
-    options.mcp: the model as an MCP server at /mcp (streamable HTTP); its `chat` tool goes
-        through the same tool loop as the chat route.
-    options.max_tool_rounds: the tool loop's bound on rounds of tool calls.
-    """
-    if options.max_tool_rounds < 0:
-        raise RelaxlmError(
-            f"max_tool_rounds={options.max_tool_rounds}; it must be >= 0 (0: run no MCP tool)"
-        )
-    complete, stream = chat_function(ctx), chat_stream_function(ctx)
-    tools = McpTools(load_config(options.mcp_config)) if options.mcp_config else None
-    app.state.mcp_tools = tools
-    app.state.tool_loop = None
-    mcp_chat = complete  # what the /mcp `chat` tool calls: the chat route's path
-    if tools is not None:
-        rounds = options.max_tool_rounds
-
-        async def tool_loop(request: schemas.ChatCompletionRequest):
-            body = request.model_dump(mode="json", by_alias=True, exclude_unset=True)
-            if request.stream:
-                return await stream_with_tools(body, stream, tools, rounds)
-            return await chat_with_tools(body, complete, tools, rounds)
-
-        app.state.tool_loop = tool_loop
-
-        async def mcp_chat(body: dict[str, Any]) -> dict[str, Any]:
-            return await chat_with_tools(body, complete, tools, rounds)
-
-    run_sessions = None
-    if options.mcp:
-        server = build_mcp_server(ctx, mcp_chat)
-        routes, run_sessions = http_routes(server, options.host)
-        app.router.routes.extend(routes)
-    previous = app.router.lifespan_context
-
-    @asynccontextmanager
-    async def lifespan(app_: FastAPI):
-        async with AsyncExitStack() as stack:
-            if tools is not None:
-                await tools.connect(stack)
-            if run_sessions is not None:
-                await stack.enter_async_context(run_sessions())
-            async with previous(app_) as state:
-                yield state
-
-    app.router.lifespan_context = lifespan
-
-
 def run_stdio(llm: LLM | EmbeddingLLM, model_name: str) -> None:
     """Serve `llm` over stdio until the client closes stdin (`relaxlm mcp MODEL`)."""
-    build_mcp_server(completions.ModelContext.serving(llm, model_name)).run("stdio")
-
-
-def _embedder_message(model_name: str, tool: str) -> str:
-    return (
-        f"{model_name} is an embedding model: it has no KV cache to generate text with, so "
-        f"`{tool}` is unavailable; call `embed`"
-    )
+    McpModelServer(completions.ModelContext.serving(llm, model_name)).server.run("stdio")

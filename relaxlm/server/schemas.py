@@ -263,6 +263,35 @@ class ChatCompletionChunk(_Response):
     system_fingerprint: str | None = None
 
 
+# -- the MCP tool loop's additions (mcp_client.py) ----------------------------------------------
+
+
+class McpToolRun(_Response):
+    """One MCP tool call the server ran for the model, and its result."""
+
+    round: int
+    id: str | None
+    server: str
+    tool: str
+    arguments: str | None
+    result: str
+    is_error: bool
+
+
+class ToolLoopResponse(ChatCompletionResponse):
+    """A chat completion with MCP tools run on the server side: the last round's answer."""
+
+    mcp_trace: list[McpToolRun] = Field(default_factory=list)
+    mcp_errors: list[str] | None = None  # servers not available, a round that could not run
+
+
+class McpEventChunk(ChatCompletionChunk):
+    """A streamed tool loop's progress, between the model's chunks: no choices, an event
+    ({"type": "tool_call" | "tool_result" | "error", ...})."""
+
+    mcp_event: dict[str, Any]
+
+
 # -- completions --------------------------------------------------------------------------------
 
 TokenIds = list[Annotated[int, Field(ge=0)]]
