@@ -31,6 +31,7 @@ FORMAT = "relaxlm-artifact"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SHARD_BYTES = 1 << 30
+CREATED_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # UTC
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Manifest:
     embedding: dict[str, Any] = field(default_factory=dict)  # {pooling, normalize, ...}
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
-    created: str = ""
+    created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
@@ -237,8 +238,10 @@ class ArtifactWriter:
             self.tokenizer_files.append(f"tokenizer/{file.name}")
 
     def commit(self, manifest: Manifest) -> Path:
-        """Write the manifest last, then move the folder into place (replacing an old one)."""
-        manifest.params, manifest.shards, manifest.targets = self.params, self.shards, self.targets
+        """Write the manifest last, then move the folder into place (replacing an old one).
+
+        `manifest` lists what this writer wrote (its params, shards, targets, tokenizer files).
+        """
         if self.base is not None:
             folder, base = self.base
             if (base.params, base.shards) != (self.params, self.shards):
@@ -247,8 +250,6 @@ class ArtifactWriter:
                     "checkpoint, --quant or --dtype), so its libraries would not fit them; "
                     "compile all targets with the same options, or write a new artifact"
                 )
-        manifest.tokenizer = {**manifest.tokenizer, "files": self.tokenizer_files}
-        manifest.created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         (self.tmp / MANIFEST).write_text(manifest.to_json())
         if self.output.exists():
             old = self.output.with_name(f".{self.output.name}.old-{os.getpid()}")

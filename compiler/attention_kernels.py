@@ -4,7 +4,7 @@ TVM 0.27's CPU kernels (`tvm.relax.frontend.nn.llm.kv_cache`) have no soft-cappi
 sliding windows only in the paged-prefill kernel, that kernel returns NaN for a query that
 sees no cached key (a chunk as long as the window), and its decode kernel is serial over heads
 with scalar dot products. These replace them, with the same signatures, on every CPU target
-(`LowerAttentionToPagedKV`); decode runs (sequence, head) pairs in parallel, in vectors.
+(`lower_attention_to_paged_kv`); decode runs (sequence, head) pairs in parallel, in vectors.
 
 Every kernel masks by absolute position: the query at position `qpos` sees the key at `kpos`
 iff `kpos <= qpos` and, with a window `w`, `kpos > qpos - w` (transformers' sliding-window

@@ -1,6 +1,6 @@
 """FuseDequantizeMatmul: `matmul(x, permute_dims(dequantize(parts)))` becomes one kernel.
 
-QuantizeWeights leaves the naive form (easy to test against numpy); this pass folds the
+quantize_weights leaves the naive form (easy to test against numpy); this pass folds the
 dequantize into the matmul's reduction so the float weight is never materialised: the
 kernel reads packed weights once, which is what makes decode fast. A row gather of packed
 weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes one kernel

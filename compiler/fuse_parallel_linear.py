@@ -1,11 +1,11 @@
-"""FuseParallelLinear: linear layers that read the same input become one wider matmul.
+"""fuse_parallel_linear: linear layers that read the same input become one wider matmul.
 
 q/k/v projections and an MLP's gate/up read the same normalized hidden state. As separate
 matmuls each is a kernel launch and, at decode, a GEMV too narrow to keep every core busy;
 as one matmul over the row-concatenated weight they are one launch over all the rows. The
 numbers do not change: every output element is the same dot product.
 
-Works on functions whose last parameter is the packed weight tuple (as `QuantizeWeights`).
+Works on functions whose last parameter is the packed weight tuple (as `quantize_weights`).
 Weights `w1..wn` are fused when, in every such function, each is used exactly once, as
 `matmul(x, permute_dims(w))` with the same `x`, and they agree in dtype, K and stored format
 (`stored`: packed-param index -> scheme of a weight kept as stored, e.g. GGUF blocks, whose
@@ -13,60 +13,52 @@ rows may only be concatenated with rows of the same format). The fused weight re
 first of its group in the tuple; each original output becomes a slice of the wide one, and
 `concat` of all the slices in order (the frontends' fused qkv) becomes the wide output itself.
 
-The new tuple's provenance is left in the module attribute `relaxlm.param_sources` (JSON list,
-one entry per new field: the old indices whose rows it concatenates, in order).
+The pass returns the new tuple's provenance with the module: per new field, the old indices
+whose rows it concatenates, in order.
 """
-
-import json
 
 import tvm
 from tvm import relax
 
+from .quantization import QuantScheme
 from .quantize_weights import is_op, packed_params, static_shape
 
-SOURCES_ATTR = "relaxlm.param_sources"
+
+def fuse_parallel_linear(
+    mod: tvm.IRModule, stored: dict[int, QuantScheme] | None = None
+) -> tuple[tvm.IRModule, list[tuple[int, ...]]]:
+    """Concatenate the weights of linear layers that share an input.
+
+    Returns the rewritten module and, per field of its weight tuple, the old indices whose rows
+    it concatenates, in order (one each where nothing fused; empty without packed weights).
+    """
+    stored = stored or {}
+    funcs = {gv: f for gv, f in mod.functions_items() if packed_params(f) is not None}
+    if not funcs:
+        return mod, []
+    fields = list(packed_params(next(iter(funcs.values()))).ty.fields)
+    groups = set.intersection(*(_parallel_groups(f) for f in funcs.values()))
+    groups = sorted(g for g in groups if _fusable(g, fields, stored))
+    if not groups:
+        return mod, [(i,) for i in range(len(fields))]
+    sources, new_fields, slot = _new_tuple(fields, groups)
+    rewriter = _Rewriter(mod, groups, slot, new_fields)
+    for gv, func in funcs.items():
+        rewriter.rewrite(gv, func)
+    return rewriter.builder_.get(), sources
 
 
-@tvm.transform.module_pass(opt_level=0, name="FuseParallelLinear")
-class FuseParallelLinear:
-    """Concatenate the weights of linear layers that share an input."""
-
-    def __init__(self, stored: dict | None = None):
-        self.stored = stored or {}
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        funcs = {gv: f for gv, f in mod.functions_items() if packed_params(f) is not None}
-        if not funcs:
-            return mod
-        fields = list(packed_params(next(iter(funcs.values()))).ty.fields)
-        groups = set.intersection(*(_parallel_groups(f) for f in funcs.values()))
-        groups = sorted(g for g in groups if self._fusable(g, fields))
-        if not groups:
-            return mod
-        sources, new_fields, slot = _new_tuple(fields, groups)
-        rewriter = _Rewriter(mod, groups, slot, new_fields)
-        for gv, func in funcs.items():
-            rewriter.rewrite(gv, func)
-        return rewriter.builder_.get().with_attr(SOURCES_ATTR, json.dumps(sources))
-
-    def _fusable(self, group: tuple[int, ...], fields: list) -> bool:
-        types = [fields[i] for i in group]
-        shapes = [static_shape(t) for t in types]
-        if any(s is None or len(s) != 2 for s in shapes):
-            return False
-        formats = {getattr(self.stored.get(i), "name", None) for i in group}
-        return (
-            len({t.dtype for t in types}) == 1
-            and len({s[1] for s in shapes}) == 1
-            and len(formats) == 1
-        )
-
-
-def param_sources(mod: tvm.IRModule, count: int) -> list[list[int]]:
-    """Old packed-param indices behind each field of the tuple (identity if nothing fused)."""
-    if mod.attrs is None or SOURCES_ATTR not in mod.attrs:
-        return [[i] for i in range(count)]
-    return json.loads(str(mod.attrs[SOURCES_ATTR]))
+def _fusable(group: tuple[int, ...], fields: list, stored: dict[int, QuantScheme]) -> bool:
+    types = [fields[i] for i in group]
+    shapes = [static_shape(t) for t in types]
+    if any(s is None or len(s) != 2 for s in shapes):
+        return False
+    formats = {getattr(stored.get(i), "name", None) for i in group}
+    return (
+        len({t.dtype for t in types}) == 1
+        and len({s[1] for s in shapes}) == 1
+        and len(formats) == 1
+    )
 
 
 def _parallel_groups(func: relax.Function) -> set[tuple[int, ...]]:
@@ -111,7 +103,7 @@ def _new_tuple(fields: list, groups: list[tuple[int, ...]]):
             rows += n or 0
         if i in first:
             ty = relax.TensorType([rows, static_shape(ty)[1]], ty.dtype)
-        sources.append(list(group))
+        sources.append(tuple(group))
         new_fields.append(ty)
     return sources, new_fields, slot
 

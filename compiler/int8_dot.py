@@ -33,6 +33,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import codegen
 
+from .quantization import Activations
+
 GROUP = 32  # the weights and the activations: one scale per 32 values along K
 TILE = 16  # weight rows per tile: one 32-bit lane each
 MATRIX_ROWS = 4  # rows of x per step in prefill: each unpacked weight vector serves them all
@@ -44,7 +46,7 @@ _SIGN_BITS = 0x80808080
 # The scheme's `activations` -> (int8 pieces per code, largest code). A group's int32 sums stay
 # in range: the top piece's sum is converted to float on its own, and the lower two pieces
 # (16 bits) times 32 weights below 128 in magnitude stay under 2^31.
-PIECES = {"int8": (1, 127), "int22": (3, (1 << 21) - 1)}
+PIECES = {Activations.INT8: (1, 127), Activations.INT22: (3, (1 << 21) - 1)}
 
 
 def has_int8_dot(target: tvm.target.Target) -> bool:
@@ -78,7 +80,7 @@ def int8_linear(
     k_padded: int,
     scale_dtype: str = "float32",
     residual: bool = False,
-    activations: str = "int8",
+    activations: Activations = Activations.INT8,
     bits: int = 4,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,

@@ -20,7 +20,6 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
 """
 
 import functools
-import json
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -52,58 +51,35 @@ CREATE_ARGS = (
 
 _ATTENTION_BUILTIN = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 _POSITIONS_BUILTIN = "vm.builtin.attention_kv_cache_get_query_positions"
-_LAYOUT_ATTR = "relaxlm.paged_kv_layout"
-
-# A pass runs behind TVM's FFI, which turns unknown exception types into RuntimeError; with the
-# type registered, "not supported" errors reach the caller (and the CLI) as RelaxlmError.
-tvm.error.register_error("RelaxlmError", RelaxlmError)
 
 
-@tvm.transform.module_pass(opt_level=0, name="LowerAttentionToPagedKV")
-class LowerAttentionToPagedKV:
-    """Rewrite `relaxlm.attention` calls onto one paged KV cache passed in as a new parameter."""
+def lower_attention_to_paged_kv(
+    mod: tvm.IRModule, target: tvm.target.Target, dtype: str
+) -> tuple[tvm.IRModule, "KVCachePlan | None"]:
+    """Rewrite `relaxlm.attention` calls onto one paged KV cache passed in as a new parameter.
 
-    def __init__(self, target: tvm.target.Target, dtype: str):
-        self.target = target
-        self.dtype = dtype
-
-    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
-        calls, wants_positions = _collect(mod)
-        if not calls:
-            if wants_positions:
-                raise ValueError(
-                    "relaxlm.query_positions reads the KV cache's positions, but the module has "
-                    "no relaxlm.attention call to build a cache for"
-                )
-            return mod
-        plan = _plan(calls, self.dtype, self.target)
-        rewriter = _AttentionRewriter(mod, plan)
-        for gvar, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                rewriter.rewrite(gvar, func)
-        mod = _add_create_function(rewriter.builder_.get(), plan, self.target)
-        return mod.with_attr(_LAYOUT_ATTR, json.dumps(plan.layout(), sort_keys=True))
-
-
-def paged_kv_layout(mod: tvm.IRModule) -> dict:
-    """The KV-cache layout `LowerAttentionToPagedKV` built, as a plain dict for the manifest.
-
-    Keys: num_layers, num_q_heads, num_kv_heads, head_dim, sm_scale, dtype, rope (RopeSpec fields
-    when the cache applies RoPE, else None), rope_in_graph, sliding_windows (per layer, 0 = none),
-    logit_softcap (0 = none), max_prefill_chunk (most tokens one sequence may add per forward;
-    None = no limit beyond the cache's prefill chunk).
+    Returns the rewritten module and the cache it builds (None, and the module as it was, when
+    there is no attention call).
     """
-    if mod.attrs is None or _LAYOUT_ATTR not in mod.attrs:
-        raise ValueError(
-            f"module has no {_LAYOUT_ATTR!r} attribute: run LowerAttentionToPagedKV on a module "
-            "with relaxlm.attention calls first"
-        )
-    return json.loads(str(mod.attrs[_LAYOUT_ATTR]))
+    calls, wants_positions = _collect(mod)
+    if not calls:
+        if wants_positions:
+            raise ValueError(
+                "relaxlm.query_positions reads the KV cache's positions, but the module has "
+                "no relaxlm.attention call to build a cache for"
+            )
+        return mod, None
+    plan = _plan(calls, dtype, target)
+    rewriter = _AttentionRewriter(mod, plan)
+    for gvar, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            rewriter.rewrite(gvar, func)
+    return _add_create_function(rewriter.builder_.get(), plan, target), plan
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """How the calls map onto one cache."""
+class KVCachePlan:
+    """How the attention calls map onto one paged KV cache."""
 
     num_layers: int
     num_q_heads: int
@@ -130,7 +106,18 @@ class _Plan:
     def relaxlm_kernels(self) -> bool:
         return self.window > 0 or self.softcap > 0
 
-    def layout(self) -> dict:
+    @property
+    def max_prefill_chunk(self) -> int | None:
+        """Most tokens one sequence may add per forward; None: no limit beyond the cache's."""
+        return self.window if self.per_layer_windows else None
+
+    def to_manifest(self) -> dict:
+        """The layout the manifest records (`kv_cache`, less the page size).
+
+        Keys: num_layers, num_q_heads, num_kv_heads, head_dim, sm_scale, dtype, rope (RopeSpec
+        fields when the cache applies RoPE, else None), rope_in_graph, sliding_windows (per
+        layer, 0 = none), logit_softcap (0 = none), max_prefill_chunk.
+        """
         return {
             "num_layers": self.num_layers,
             "num_q_heads": self.num_q_heads,
@@ -142,7 +129,7 @@ class _Plan:
             "rope_in_graph": self.rope_in_graph,
             "sliding_windows": list(self.windows),
             "logit_softcap": self.softcap,
-            "max_prefill_chunk": self.window if self.per_layer_windows else None,
+            "max_prefill_chunk": self.max_prefill_chunk,
         }
 
 
@@ -164,7 +151,7 @@ def _collect(mod: tvm.IRModule) -> tuple[list[tuple[str, AttentionCall, str]], b
     return calls, positions
 
 
-def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> _Plan:
+def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KVCachePlan:
     """The one cache every call fits; ValueError naming the first call that does not."""
     first_func, first, _ = calls[0]
     uniform = ("num_q_heads", "num_kv_heads", "head_dim", "sm_scale", "logit_softcap")
@@ -182,7 +169,7 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> _P
         if qkv_dtype != dtype:
             raise ValueError(
                 f"{where}: qkv dtype is {qkv_dtype}, but the KV cache is {dtype}; "
-                "pass the model's activation dtype to LowerAttentionToPagedKV"
+                "pass the model's activation dtype to lower_attention_to_paged_kv"
             )
         for name in uniform:
             got, want = getattr(call, name), getattr(first, name)
@@ -210,7 +197,7 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> _P
     shared = RopeSpec.from_json(ropes.pop()) if len(ropes) == 1 else None
     # TVM's LongRoPE picks its table by the number of tokens in a forward, not by position.
     cache_rope = shared if shared and shared.scaling.get("rope_type") != "longrope" else None
-    plan = _Plan(
+    plan = KVCachePlan(
         num_layers=num_layers,
         num_q_heads=first.num_q_heads,
         num_kv_heads=first.num_kv_heads,
@@ -233,7 +220,7 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> _P
 
 @relax.expr_functor.mutator
 class _AttentionRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: _Plan):
+    def __init__(self, mod: tvm.IRModule, plan: KVCachePlan):
         super().__init__(mod)
         self._plan = plan
         self._cache: relax.Var | None = None
@@ -308,7 +295,7 @@ class _AttentionRewriter(relax.PyExprMutator):
         )
 
 
-def _add_create_function(mod: tvm.IRModule, plan: _Plan, target: tvm.target.Target):
+def _add_create_function(mod: tvm.IRModule, plan: KVCachePlan, target: tvm.target.Target):
     """`mod` plus `create_paged_kv_cache(5 × ShapeTuple([v]))` and the cache's TIR kernels."""
     rope, head_dim = plan.cache_rope, plan.head_dim
     sizes = {name: tirx.Var(name, "int64") for name in CREATE_ARGS}
@@ -355,7 +342,7 @@ def _add_create_function(mod: tvm.IRModule, plan: _Plan, target: tvm.target.Targ
     return new_mod.with_attrs(mod.attrs) if mod.attrs else new_mod
 
 
-def _use_relaxlm_kernels(mod: tvm.IRModule, plan: _Plan) -> tvm.IRModule:
+def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan) -> tvm.IRModule:
     """Swap the cache's CPU attention kernels for relaxlm's (same signatures, same names)."""
     shape = (plan.num_kv_heads, plan.num_q_heads, plan.head_dim, plan.dtype)
     # With one window on every layer, every kernel masks it; with per-layer windows only the

@@ -31,6 +31,7 @@ its int8 [N, Kp] so too, a word being 4 consecutive k.)
 """
 
 from dataclasses import asdict, dataclass, replace
+from enum import StrEnum
 
 import numpy as np
 
@@ -40,24 +41,42 @@ INTERLEAVE = 128  # K-block of the 4-bit layout: 16 words x 8 nibbles
 ROW_TILE = 16  # rows per tile of the row-tiled layout (int8_dot.TILE)
 
 
+class QuantKind(StrEnum):
+    """How a scheme stores a weight (the manifest's `kind`)."""
+
+    INT = "int"  # packed integers with scales
+    CAST = "cast"  # a narrower float dtype
+    GGUF = "gguf"  # raw llama.cpp blocks of `group_size` values, `block_bytes` bytes each
+
+
+class Activations(StrEnum):
+    """What activations are rounded to at run time where the target has an int8 dot product
+    (int8_dot.py; the scheme's weights are packed for it, see `row_tile`)."""
+
+    FLOAT = ""  # not rounded (falsy, and absent from the manifest)
+    INT8 = "int8"
+    INT22 = "int22"
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     name: str
-    # "int" (packed integers with scales), "cast" (a narrower float dtype) or "gguf" (raw
-    # llama.cpp blocks of `group_size` values, `block_bytes` bytes each)
-    kind: str
+    kind: QuantKind
     bits: int = 0
     group_size: int = 0
     symmetric: bool = True
     storage_dtype: str = ""  # dtype of the packed part: int8, uint32, float16, bfloat16, uint8
-    block_bytes: int = 0  # "gguf" only
-    # "int8" or "int22": activations are rounded to such integers at run time where the target
-    # has an int8 dot product (int8_dot.py; its weights are packed for it, see row_tile)
-    activations: str = ""
+    block_bytes: int = 0  # GGUF only
+    activations: Activations = Activations.FLOAT
     scale_dtype: str = ""  # dtype of the scales; "" = the model's compute dtype
     # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
     # (see the module docstring); 0: the interleaved layout
     row_tile: int = 0
+
+    def __post_init__(self):
+        # Read back from JSON (`QuantScheme(**scheme.to_dict())`) the two come as strings.
+        object.__setattr__(self, "kind", QuantKind(self.kind))
+        object.__setattr__(self, "activations", Activations(self.activations))
 
     def scale_dtype_for(self, compute_dtype: str) -> str:
         return self.scale_dtype or compute_dtype
@@ -76,8 +95,8 @@ class QuantScheme:
 
     @property
     def ggml_type(self) -> str:
-        """The GGML tensor type of a "gguf" scheme ("Q4_K"); empty for the others."""
-        return self.name.removeprefix("gguf-").upper() if self.kind == "gguf" else ""
+        """The GGML tensor type of a GGUF scheme ("Q4_K"); empty for the others."""
+        return self.name.removeprefix("gguf-").upper() if self.kind == QuantKind.GGUF else ""
 
     def tiled(self, n: int) -> bool:
         """Whether a weight of n rows is stored in row tiles."""
@@ -88,9 +107,9 @@ class QuantScheme:
 
     def part_shapes(self, n: int, k: int) -> dict[str, tuple[int, ...]]:
         """Name suffix -> shape of each stored part for a weight [n, k]."""
-        if self.kind == "cast":
+        if self.kind == QuantKind.CAST:
             return {"": (n, k)}
-        if self.kind == "gguf":  # GGUF rows are whole blocks: K is a multiple of the block
+        if self.kind == QuantKind.GGUF:  # GGUF rows are whole blocks: K is a multiple of the block
             assert k % self.group_size == 0, (self.name, k)
             return {"q": (n, k // self.group_size * self.block_bytes)}
         kp = self.padded_k(k)
@@ -106,20 +125,20 @@ class QuantScheme:
     def to_manifest(self) -> dict:
         return {
             "scheme": self.name,
-            "kind": self.kind,
+            "kind": self.kind.value,
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
             "storage_dtype": self.storage_dtype,
             "packing": _packing(self),
-            **({"activations": self.activations} if self.activations else {}),
+            **({"activations": self.activations.value} if self.activations else {}),
             **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {}),
             **({"row_tile": self.row_tile} if self.row_tile else {}),
         }
 
 
 def _packing(scheme: QuantScheme) -> str:
-    if scheme.kind == "gguf":
+    if scheme.kind == QuantKind.GGUF:
         return (
             f"llama.cpp {scheme.ggml_type} blocks: {scheme.block_bytes} bytes per "
             f"{scheme.group_size} values"
@@ -138,7 +157,7 @@ def _packing(scheme: QuantScheme) -> str:
 
 def _gguf(ggml_type: str, bits: int, block: int, block_bytes: int) -> QuantScheme:
     name = f"gguf-{ggml_type.lower()}"
-    return QuantScheme(name, "gguf", bits, block, True, "uint8", block_bytes)
+    return QuantScheme(name, QuantKind.GGUF, bits, block, True, "uint8", block_bytes)
 
 
 # GGML tensor type -> scheme keeping its blocks as they are (llama.cpp's ggml-common.h).
@@ -159,25 +178,25 @@ GGUF_SCHEMES: dict[str, QuantScheme] = {
 
 SCHEMES: dict[str, QuantScheme | None] = {
     "none": None,
-    "q8": QuantScheme("q8", "int", bits=8, group_size=32, storage_dtype="int8"),
-    "q4": QuantScheme("q4", "int", bits=4, group_size=32, storage_dtype="uint32"),
+    "q8": QuantScheme("q8", QuantKind.INT, bits=8, group_size=32, storage_dtype="int8"),
+    "q4": QuantScheme("q4", QuantKind.INT, bits=4, group_size=32, storage_dtype="uint32"),
     # q4 codes x int8 activations, like llama.cpp's Q4_0 (see int8_dot.py); float16 scales
     # as Q4_0's: decode streams 4.5 bits per weight, not 5
     "q4-a8": QuantScheme(
         "q4-a8",
-        "int",
+        QuantKind.INT,
         bits=4,
         group_size=32,
         storage_dtype="uint32",
-        activations="int8",
+        activations=Activations.INT8,
         scale_dtype="float16",
         row_tile=ROW_TILE,
     ),
     "q4-asym": QuantScheme(
-        "q4-asym", "int", bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
+        "q4-asym", QuantKind.INT, bits=4, group_size=128, symmetric=False, storage_dtype="uint32"
     ),
-    "float16": QuantScheme("float16", "cast", storage_dtype="float16"),
-    "bfloat16": QuantScheme("bfloat16", "cast", storage_dtype="bfloat16"),
+    "float16": QuantScheme("float16", QuantKind.CAST, storage_dtype="float16"),
+    "bfloat16": QuantScheme("bfloat16", QuantKind.CAST, storage_dtype="bfloat16"),
 }
 
 
@@ -187,7 +206,7 @@ def row_tiled(scheme: QuantScheme) -> QuantScheme:
     against their dequantized weights (codes and scales are unchanged, only their order).
     Elsewhere they keep the layouts the GPU kernels read with coalesced loads."""
     if scheme.name in ("q4", "q8") and not scheme.row_tile:
-        return replace(scheme, activations="int22", row_tile=ROW_TILE)
+        return replace(scheme, activations=Activations.INT22, row_tile=ROW_TILE)
     return scheme
 
 
@@ -221,12 +240,12 @@ def quantize(scheme: QuantScheme, weight: np.ndarray, compute_dtype: np.dtype) -
 def _quantize_rows(
     scheme: QuantScheme, weight: np.ndarray, compute_dtype, tiled: bool = False
 ) -> list[np.ndarray]:
-    if scheme.kind == "gguf":
+    if scheme.kind == QuantKind.GGUF:
         raise RelaxlmError(
             f"{scheme.name}: relaxlm keeps llama.cpp's blocks but does not make them; "
             "quantize with llama.cpp or pick one of " + ", ".join(SCHEMES)
         )
-    if scheme.kind == "cast":
+    if scheme.kind == QuantKind.CAST:
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
     w = weight.astype(np.float32)
     n, k = w.shape
@@ -309,9 +328,9 @@ def _away_from_zero(scale: np.ndarray, dtype) -> np.ndarray:
 
 def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarray:
     """The float32 weight [N, K] the kernels compute with (numpy reference)."""
-    if scheme.kind == "cast":
+    if scheme.kind == QuantKind.CAST:
         return parts[0].astype(np.float32)
-    if scheme.kind == "gguf":
+    if scheme.kind == QuantKind.GGUF:
         return dequantize_gguf(scheme, parts[0], k)
     q, scale = parts[0], group_scales(scheme, parts).astype(np.float32)
     n = q.shape[0]
@@ -334,7 +353,7 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
 
 
 def group_scales(scheme: QuantScheme, parts: list[np.ndarray]) -> np.ndarray:
-    """The scales of an "int" scheme's parts as [N, groups], rows in order."""
+    """The scales of an integer scheme's parts as [N, groups], rows in order."""
     scale = parts[1]
     return _from_tiles(scale, scheme.row_tile) if scheme.tiled(scale.shape[0]) else scale
 

@@ -1,4 +1,4 @@
-"""QuantizeWeights: weight matmuls become dequantize + matmul over packed weights.
+"""quantize_weights: weight matmuls become dequantize + matmul over packed weights.
 
 Works on any Relax function whose last parameter is the packed weight tuple (`num_input`
 splits runtime inputs from weights, as `nn.Module.export_tvm` emits). With one scheme, a weight
@@ -10,11 +10,9 @@ already packed, such as a GGUF file's llama.cpp blocks: such a weight may also b
 `take(w, ids, axis=0)` (an embedding, or the tied table of an lm_head), whose rows are then
 gathered from the parts. A weight that cannot be rewritten stays a float tensor.
 
-The rewritten tuple holds each quantized weight's parts in place of the weight; the plan of
-the new tuple is left in the module attribute `relaxlm.param_plan` (JSON list of
-{"source": index in the old tuple, "part": "" | "q" | "scale" | "zero", "shape", "dtype",
-"scheme": the scheme's fields, for parts}) so the weight converter produces exactly those
-tensors.
+The rewritten tuple holds each quantized weight's parts in place of the weight; the pass
+returns the new tuple's fields (`weights.PackedField`: source index in the old tuple, part,
+shape, dtype, scheme) with the module, so the weight converter produces exactly those tensors.
 """
 
 import json
@@ -22,87 +20,69 @@ import json
 import tvm
 from tvm import relax, te, tirx
 
-from .quantization import INTERLEAVE, QuantScheme
+from .quantization import INTERLEAVE, QuantKind, QuantScheme
+from .weights import PackedField
 
-PLAN_ATTR = "relaxlm.param_plan"
 # on the dequantize PrimFuncs: {"scheme": the scheme's fields, "k"} as JSON
 DEQUANTIZE_ATTR = "relaxlm.dequantize"
 
 
-@tvm.transform.module_pass(opt_level=0, name="QuantizeWeights")
-class QuantizeWeights:
-    """Replace linear-layer weights by packed parts and a dequantize call."""
+def quantize_weights(
+    mod: tvm.IRModule,
+    scheme: QuantScheme | None,
+    compute_dtype: str,
+    per_weight: dict[int, QuantScheme] | None = None,
+) -> tuple[tvm.IRModule, list[PackedField]]:
+    """Replace linear-layer weights by packed parts and a dequantize call.
 
-    def __init__(
-        self,
-        scheme: QuantScheme | None,
-        compute_dtype: str,
-        per_weight: dict[int, QuantScheme] | None = None,
-    ):
-        self.scheme = scheme
-        self.compute_dtype = compute_dtype
-        self.per_weight = per_weight or {}
-
-    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        funcs = {gv: f for gv, f in mod.functions_items() if packed_params(f) is not None}
-        if not funcs:
-            return mod
-        fields = list(packed_params(next(iter(funcs.values()))).ty.fields)
-        # A weight is packed only if every function uses it, each time in a way we rewrite.
-        uses = [_weight_uses(func) for func in funcs.values()]
-        schemes: dict[int, QuantScheme] = {}
-        for i, ty in enumerate(fields):
-            if not _is_float_matrix(ty) or not all(i in u for u in uses):
-                continue
-            kinds = set().union(*(u[i] for u in uses))
-            if i in self.per_weight and kinds <= {"linear", "gather"}:
-                schemes[i] = self.per_weight[i]
-            elif self.scheme is not None and kinds == {"linear"}:
-                schemes[i] = self.scheme
-        plan, new_fields, layout = [], [], {}
-        for i, ty in enumerate(fields):
-            layout[i] = []
-            if i not in schemes:
-                layout[i].append(len(new_fields))
-                plan.append({"source": i, "part": "", "shape": _shape(ty), "dtype": str(ty.dtype)})
-                new_fields.append(ty)
-                continue
-            scheme = schemes[i]
-            n, k = _shape(ty)
-            for part, shape in scheme.part_shapes(n, k).items():
-                dtype = {
-                    "scale": scheme.scale_dtype_for(self.compute_dtype),
-                    "zero": self.compute_dtype,
-                }.get(part, scheme.storage_dtype)
-                layout[i].append(len(new_fields))
-                plan.append(
-                    {
-                        "source": i,
-                        "part": part,
-                        "shape": list(shape),
-                        "dtype": dtype,
-                        "scheme": scheme.to_dict(),
-                    }
-                )
-                new_fields.append(relax.TensorType(shape, dtype))
-        rewriter = _Rewriter(mod, schemes, self.compute_dtype, layout, new_fields)
-        for gv, func in funcs.items():
-            rewriter.rewrite(gv, func)
-        return rewriter.builder_.get().with_attr(PLAN_ATTR, json.dumps(plan))
-
-
-def param_plan(mod: tvm.IRModule) -> list[dict] | None:
-    """The weight plan `QuantizeWeights` left, or None if it did not run."""
-    if mod.attrs is None or PLAN_ATTR not in mod.attrs:
-        return None
-    return json.loads(str(mod.attrs[PLAN_ATTR]))
+    Returns the rewritten module and its weight tuple's fields, in order (empty if the module
+    has no packed weights).
+    """
+    per_weight = per_weight or {}
+    funcs = {gv: f for gv, f in mod.functions_items() if packed_params(f) is not None}
+    if not funcs:
+        return mod, []
+    fields = list(packed_params(next(iter(funcs.values()))).ty.fields)
+    # A weight is packed only if every function uses it, each time in a way we rewrite.
+    uses = [_weight_uses(func) for func in funcs.values()]
+    schemes: dict[int, QuantScheme] = {}
+    for i, ty in enumerate(fields):
+        if not _is_float_matrix(ty) or not all(i in u for u in uses):
+            continue
+        kinds = set().union(*(u[i] for u in uses))
+        if i in per_weight and kinds <= {"linear", "gather"}:
+            schemes[i] = per_weight[i]
+        elif scheme is not None and kinds == {"linear"}:
+            schemes[i] = scheme
+    plan, new_fields, layout = [], [], {}
+    for i, ty in enumerate(fields):
+        layout[i] = []
+        if i not in schemes:
+            layout[i].append(len(new_fields))
+            plan.append(PackedField(i, "", tuple(_shape(ty)), str(ty.dtype)))
+            new_fields.append(ty)
+            continue
+        packed = schemes[i]
+        n, k = _shape(ty)
+        for part, shape in packed.part_shapes(n, k).items():
+            dtype = {
+                "scale": packed.scale_dtype_for(compute_dtype),
+                "zero": compute_dtype,
+            }.get(part, packed.storage_dtype)
+            layout[i].append(len(new_fields))
+            plan.append(PackedField(i, part, tuple(shape), dtype, packed))
+            new_fields.append(relax.TensorType(shape, dtype))
+    rewriter = _Rewriter(mod, schemes, compute_dtype, layout, new_fields)
+    for gv, func in funcs.items():
+        rewriter.rewrite(gv, func)
+    return rewriter.builder_.get(), plan
 
 
 def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str):
     """The float value of weight element [n, k] from its packed parts (a TE expression)."""
-    if scheme.kind == "cast":
+    if scheme.kind == QuantKind.CAST:
         return parts[0][n, k].astype(dtype)
-    if scheme.kind == "gguf":
+    if scheme.kind == QuantKind.GGUF:
         return _GGUF_TE[scheme.ggml_type](_Block(parts[0], n, k, scheme)).astype(dtype)
     q, scale = parts[0], parts[1]
     group = k // scheme.group_size

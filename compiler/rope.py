@@ -2,7 +2,7 @@
 
 One paged KV cache applies one RoPE to every layer, from its own positions. Models whose layers
 differ (Gemma 3: local and global bases) or whose RoPE the cache gets wrong (Phi-3 LongRoPE)
-get a cache without RoPE, and `LowerAttentionToPagedKV` rotates q and k here first, at the
+get a cache without RoPE, and `lower_attention_to_paged_kv` rotates q and k here first, at the
 positions the cache reports. Frequencies follow transformers (`modeling_rope_utils`).
 """
 

@@ -55,6 +55,11 @@ class Checkpoint:
     def tokenizer_files(self) -> list[Path]:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
+    @property
+    def stored_types(self) -> dict[str, str]:
+        """Tensor name -> the GGML type it is stored as; empty for all but GGUF files."""
+        return {}
+
     def read(self, name: str) -> np.ndarray:
         """One tensor, memory-mapped from its shard (no copy until converted)."""
         info = self.tensors[name]

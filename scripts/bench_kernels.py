@@ -21,7 +21,7 @@ from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
 from relaxlm.compiler.int8_dot import has_int8_dot
 from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import quantize, resolve_scheme
-from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
+from relaxlm.compiler.quantize_weights import quantize_weights
 from relaxlm.compiler.targets import resolve_target
 
 
@@ -43,10 +43,11 @@ def build(n: int, k: int, quant: str):
     }
     mod, _ = _Linear(n, k).export_tvm(spec)
     scheme = scheme_for_targets(resolve_scheme(quant), [preset], "float32", None)
+    plan = None
     if scheme:
         int8_dot = has_int8_dot(preset.target())
-        mod = FuseDequantizeMatmul(int8_dot)(QuantizeWeights(scheme, "float32")(mod))
-    plan = param_plan(mod)
+        mod, plan = quantize_weights(mod, scheme, "float32")
+        mod = FuseDequantizeMatmul(int8_dot)(mod)
     mod = tvm.transform.Sequential(
         [
             relax.transform.FuseTransposeMatmul(),

@@ -15,7 +15,8 @@ from relaxlm.artifacts.safetensors_io import ShardWriter, index_file, read
 from relaxlm.errors import RelaxlmError
 
 
-def _manifest() -> Manifest:
+def _manifest(writer: ArtifactWriter) -> Manifest:
+    """A manifest of what `writer` wrote, for a made-up model."""
     return Manifest(
         relaxlm_version="0",
         tvm_version="0",
@@ -33,10 +34,10 @@ def _manifest() -> Manifest:
             "num_kv_heads": 1,
             "head_dim": 4,
         },
-        params=[],
-        shards={},
-        targets={},
-        tokenizer={},
+        params=writer.params,
+        shards=writer.shards,
+        targets=writer.targets,
+        tokenizer={"files": writer.tokenizer_files},
     )
 
 
@@ -84,7 +85,7 @@ def test_commit_is_atomic_and_checksummed(tmp_path):
     with ArtifactWriter(out) as w:
         w.write_weights([("x", (4, 4), np.dtype("float32"))], [("x", x)])
         assert not is_artifact(out)  # nothing at the destination until commit
-        w.commit(_manifest())
+        w.commit(_manifest(w))
     assert is_artifact(out)
     m = Manifest.read(out)
     assert m.params == [
@@ -114,7 +115,7 @@ def test_failure_before_commit_leaves_nothing(tmp_path):
 def test_other_format_version_is_refused(tmp_path):
     out = tmp_path / "art"
     with ArtifactWriter(out) as w:
-        w.commit(_manifest())
+        w.commit(_manifest(w))
     data = json.loads((out / "manifest.json").read_text())
     data["format_version"] = 99
     (out / "manifest.json").write_text(json.dumps(data))
@@ -134,5 +135,5 @@ def test_stale_work_folders_are_removed_and_live_ones_kept(tmp_path):
         folder.mkdir()
     os.utime(legacy, (time.time() - 7200, time.time() - 7200))
     with ArtifactWriter(tmp_path / "new") as w:  # every compile sweeps the output's folder
-        w.commit(_manifest())
+        w.commit(_manifest(w))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "art", "new"])

@@ -44,7 +44,7 @@ def test_default_model_is_the_smollm2_gguf(smollm2):
     assert m.architecture == "LlamaForCausalLM" and m.model_config["tie_word_embeddings"]
     # The file's blocks are kept: Q4_1 layers, a Q8_0 embedding shared with the lm_head. The
     # 210 Q4_1 matrices are stored as 120: per layer q/k/v and gate/up each as one
-    # (FuseParallelLinear), besides o and down.
+    # (fuse_parallel_linear), besides o and down.
     assert m.quantization["tensors"] == {"gguf-q4_1": 120, "gguf-q8_0": 1, "float32": 61}
 
 

@@ -1,4 +1,4 @@
-"""FuseParallelLinear on a hand-made graph: which weights it fuses, and equal numbers."""
+"""fuse_parallel_linear on a hand-made graph: which weights it fuses, and equal numbers."""
 
 import numpy as np
 import tvm
@@ -6,7 +6,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.compiler.fuse_parallel_linear import FuseParallelLinear, param_sources
+from relaxlm.compiler.fuse_parallel_linear import fuse_parallel_linear
 from relaxlm.compiler.quantization import GGUF_SCHEMES
 
 
@@ -50,8 +50,7 @@ def _run(mod, x, weights):
 
 def test_fuses_linears_that_share_an_input_and_keeps_the_numbers():
     mod, names, shapes = _export()
-    fused = FuseParallelLinear()(mod)
-    sources = param_sources(fused, len(names))
+    fused, sources = fuse_parallel_linear(mod)
     groups = [[names[i] for i in s] for s in sources if len(s) > 1]
     assert groups == [["q.weight", "k.weight", "v.weight"], ["gate.weight", "up.weight"]]
     assert _matmuls(mod) == 7 and _matmuls(fused) == 4
@@ -68,11 +67,31 @@ def test_fuses_linears_that_share_an_input_and_keeps_the_numbers():
 def test_weights_stored_in_different_formats_stay_apart():
     mod, names, _ = _export()
     stored = {names.index("v.weight"): GGUF_SCHEMES["Q6_K"]}  # q, k as floats, v as blocks
-    fused = FuseParallelLinear(stored)(mod)
-    groups = [[names[i] for i in s] for s in param_sources(fused, len(names)) if len(s) > 1]
+    _, sources = fuse_parallel_linear(mod, stored)
+    groups = [[names[i] for i in s] for s in sources if len(s) > 1]
     assert groups == [["gate.weight", "up.weight"]]
 
 
+class _NothingShared(nn.Module):
+    """An embedding and one linear with a bias: three weights, no two linears share an input."""
+
+    def __init__(self):
+        self.embed = nn.Embedding(10, 8)
+        self.proj = nn.Linear(8, 4, bias=True)
+
+    def forward(self, ids: nn.Tensor) -> nn.Tensor:
+        return self.proj(self.embed(ids))
+
+
 def test_nothing_to_fuse_leaves_the_module_as_it_was():
-    mod = FuseParallelLinear()(tvm.IRModule())
-    assert param_sources(mod, 3) == [[0], [1], [2]]
+    spec = {
+        "forward": {
+            "ids": nn.spec.Tensor([1, "n"], "int32"),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        }
+    }
+    mod, _ = _NothingShared().export_tvm(spec)
+    fused, sources = fuse_parallel_linear(mod)
+    tvm.ir.assert_structural_equal(fused, mod)
+    assert sources == [(0,), (1,), (2,)]
+    assert fuse_parallel_linear(tvm.IRModule())[1] == []

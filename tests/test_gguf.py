@@ -306,7 +306,7 @@ def test_blocks_are_copied_not_requantized(gguf_file, gguf_llm):
     for stored in index:
         if not stored.endswith(".q"):
             continue
-        # FuseParallelLinear stores weights that share an input as one, rows concatenated
+        # fuse_parallel_linear stores weights that share an input as one, rows concatenated
         names = _fused_members(stored.removesuffix(".q"))
         if any(n not in blocks or "q_proj" in n or "k_proj" in n for n in names):
             continue  # q/k rows are un-permuted; the GGUF tests compare their logits

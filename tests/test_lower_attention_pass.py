@@ -1,4 +1,5 @@
-"""LowerAttentionToPagedKV: before/after IR, and paged-KV runs against a float64 numpy reference."""
+"""lower_attention_to_paged_kv: before/after IR, and paged-KV runs against a float64 numpy
+reference."""
 
 import math
 
@@ -12,8 +13,7 @@ from tvm.runtime import ShapeTuple
 from relaxlm.compiler.lower_attention_to_paged_kv import (
     CACHE_PARAM,
     CREATE_FUNCTION,
-    LowerAttentionToPagedKV,
-    paged_kv_layout,
+    lower_attention_to_paged_kv,
 )
 from relaxlm.errors import RelaxlmError
 from relaxlm.frontends.ops import RopeSpec, attention, is_attention_call, query_positions
@@ -105,7 +105,7 @@ def test_rewrites_signature_and_calls():
     assert len(_attention_calls(mod["forward"])) == 2
     assert int(mod["forward"].attrs["num_input"]) == 1
 
-    after = LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
+    after, cache = lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
 
     forward = after["forward"]
     assert [p.name for p in forward.params] == ["x", CACHE_PARAM, "packed_params"]
@@ -115,7 +115,7 @@ def test_rewrites_signature_and_calls():
     assert "vm.builtin.attention_kv_cache_attention_with_fused_qkv" in forward.script()
     tvm.ir.assert_structural_equal(after["double"], mod["double"])
     assert len(after[CREATE_FUNCTION].params) == 5
-    assert paged_kv_layout(after) == {
+    assert cache.to_manifest() == {
         "num_layers": 2,
         "num_q_heads": 4,
         "num_kv_heads": 2,
@@ -132,7 +132,7 @@ def test_rewrites_signature_and_calls():
 
 def test_module_without_attention_is_unchanged():
     mod, _ = _export([])
-    after = LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
+    after, _ = lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
     tvm.ir.assert_structural_equal(after, mod)
 
 
@@ -147,20 +147,20 @@ def test_module_without_attention_is_unchanged():
 def test_mismatched_layers_raise(layer1, field):
     mod, _ = _export([_Layer(0, 4, 2, 16, 0.25, RopeSpec()), layer1])
     with pytest.raises(ValueError, match=f"layer 1 .*{field}"):
-        LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
+        lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
 
 
 def test_two_window_sizes_raise():
     mod, _ = _export([_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=4 + i) for i in range(2)])
     with pytest.raises(RelaxlmError, match=r"sliding windows \[4, 5\]"):
-        LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod)
+        lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
 
 
 def test_windows_on_a_gpu_target_raise():
     mod, _ = _export([_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=4) for i in range(2)])
     with pytest.raises(RelaxlmError, match="CPU targets only, not 'cuda'"):
-        LowerAttentionToPagedKV(tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "float32")(
-            mod
+        lower_attention_to_paged_kv(
+            mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "float32"
         )
 
 
@@ -170,7 +170,8 @@ def test_layout_records_per_layer_features():
         _Layer(1, 4, 2, 16, 0.25, RopeSpec(theta=1e6), softcap=5.0),
     ]
     mod, _ = _export(layers)
-    layout = paged_kv_layout(LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float32")(mod))
+    _, cache = lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
+    layout = cache.to_manifest()
     assert layout["rope"] is None and layout["rope_in_graph"]
     assert layout["sliding_windows"] == [4, 0]
     assert layout["logit_softcap"] == 5.0
@@ -180,7 +181,7 @@ def test_layout_records_per_layer_features():
 def test_dtype_mismatch_raises():
     mod, _ = _export(_gqa_layers(RopeSpec()))
     with pytest.raises(ValueError, match="layer 0 .*dtype"):
-        LowerAttentionToPagedKV(tvm.target.Target(TARGET), "float16")(mod)
+        lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float16")
 
 
 def _inv_freq(rope: RopeSpec, head_dim: int, position: int) -> np.ndarray:
@@ -259,7 +260,7 @@ def _compile(model: nn.Module, spec: dict) -> tuple[relax.VirtualMachine, list]:
     """The paged-KV-lowered model's VM and random weights (1/sqrt(fan_in) keeps them O(1))."""
     mod, named = model.export_tvm(spec=spec)
     target = tvm.target.Target(TARGET)
-    mod = LowerAttentionToPagedKV(target, "float32")(mod)
+    mod, _ = lower_attention_to_paged_kv(mod, target, "float32")
     vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
     rng = np.random.default_rng(0)
     weights = {name: rng.standard_normal(p.shape) / math.sqrt(int(p.shape[1])) for name, p in named}

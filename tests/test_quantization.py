@@ -25,7 +25,7 @@ from relaxlm.compiler.quantization import (
     quantize,
     row_tiled,
 )
-from relaxlm.compiler.quantize_weights import QuantizeWeights, param_plan
+from relaxlm.compiler.quantize_weights import quantize_weights
 from relaxlm.compiler.targets import resolve_target, resolve_targets
 
 INT_SCHEMES = ["q8", "q4", "q4-a8", "q4-asym"]
@@ -91,17 +91,16 @@ def _calls(mod, prefix: str) -> int:
 def test_passes_on_a_graph_from_no_frontend(name):
     scheme = SCHEMES[name]
     mod, names, shapes = _export()
-    quantized = QuantizeWeights(scheme, "float32")(mod)
-    plan = param_plan(quantized)
+    quantized, plan = quantize_weights(mod, scheme, "float32")
     # The embedding (read by take) and the bias stay; both linear weights become parts.
-    sources = {names[e["source"]] for e in plan if e["part"] not in ("",) or scheme.kind == "cast"}
+    sources = {names[e.source] for e in plan if e.part not in ("",) or scheme.kind == "cast"}
     assert {"up.weight", "down.weight"} <= {
-        names[e["source"]] for e in plan if e["dtype"] != "float32" or e["part"]
+        names[e.source] for e in plan if e.dtype != "float32" or e.part
     }
     assert all(
-        names[e["source"]] in ("embed.weight", "up.bias")
+        names[e.source] in ("embed.weight", "up.bias")
         for e in plan
-        if e["part"] == "" and e["dtype"] == "float32"
+        if e.part == "" and e.dtype == "float32"
     )
     assert sources
     assert _calls(quantized, "dequantize") == 2
@@ -117,8 +116,8 @@ def test_passes_on_a_graph_from_no_frontend(name):
     packed, deq = [], dict(weights)
     entries = iter(plan)
     for entry in entries:
-        source = names[entry["source"]]
-        if entry["part"] == "" and scheme.kind != "cast" or entry["dtype"] == "float32":
+        source = names[entry.source]
+        if entry.part == "" and scheme.kind != "cast" or entry.dtype == "float32":
             packed.append(weights[source])
             continue
         parts = quantize(scheme, weights[source], np.float32)
@@ -209,7 +208,7 @@ def test_manifest_records_the_scheme(checkpoints, tmp_path):
         "model.layers.0.mlp.down_proj.weight.q" in names
         and "model.layers.0.mlp.down_proj.weight.scale" in names
     )
-    # gate and up read the same input: FuseParallelLinear stores their rows as one weight
+    # gate and up read the same input: fuse_parallel_linear stores their rows as one weight
     assert "model.layers.0.mlp.gate_proj+up_proj.weight.q" in names
     assert "model.embed_tokens.weight" in names  # the embedding table is read by take: kept
 
@@ -252,7 +251,7 @@ def _int_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
 
 
 def _linear_vm(n: int, k: int, scheme):
-    """y = x @ W.T for x [1, m, k] through QuantizeWeights and FuseDequantizeMatmul(int8_dot)."""
+    """y = x @ W.T for x [1, m, k] through quantize_weights and FuseDequantizeMatmul(int8_dot)."""
 
     class Linear(nn.Module):
         def __init__(self):
@@ -268,7 +267,7 @@ def _linear_vm(n: int, k: int, scheme):
         }
     }
     mod, _ = Linear().export_tvm(spec)
-    fused = FuseDequantizeMatmul(int8_dot=True)(QuantizeWeights(scheme, "float32")(mod))
+    fused = FuseDequantizeMatmul(int8_dot=True)(quantize_weights(mod, scheme, "float32")[0])
     return _cpu_vm(fused)["forward"], fused.script(show_meta=False)
 
 

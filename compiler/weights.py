@@ -1,0 +1,173 @@
+"""The weight plan: which tensors a compiled library takes, in order, and how each is made
+from the checkpoint's tensors.
+
+The graph passes decide the plan (`fuse_parallel_linear` concatenates rows of weights that
+share an input, `quantize_weights` replaces a weight by its packed parts); the pipeline names
+it (`weight_plan`) and converts the checkpoint's tensors to match (`converted_weights`).
+"""
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from relaxlm.frontends import ExportedModel
+from relaxlm.frontends.checkpoint import Checkpoint
+
+from .quantization import GGUF_SCHEMES, SCHEMES, QuantKind, QuantScheme, dequantize, quantize
+
+# Float types a GGUF file stores tensors in -> the scheme that keeps them so.
+_CAST_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class PackedField:
+    """One field of the weight tuple after `quantize_weights`: a whole weight (part "") or one
+    stored part ("q", "scale", "zero") of a quantized one."""
+
+    source: int  # index of the weight in the tuple before quantization
+    part: str
+    shape: tuple[int, ...]
+    dtype: str
+    scheme: QuantScheme | None = None  # of a part
+
+
+@dataclass(frozen=True)
+class PlannedWeight:
+    """One tensor the library takes: its name in the artifact and what it is made from."""
+
+    name: str
+    sources: tuple[str, ...]  # checkpoint tensors whose rows it concatenates, in order
+    part: str  # "" (the weight itself) | "q" | "scale" | "zero"
+    shape: tuple[int, ...]
+    dtype: str
+    scheme: QuantScheme | None = None  # of a part
+
+
+def weight_plan(
+    exported: ExportedModel, sources: list[tuple[int, ...]], fields: list[PackedField] | None
+) -> list[PlannedWeight]:
+    """Every tensor the library takes, in its parameter order.
+
+    sources: per field of the fused tuple, the checkpoint tensors (indices into
+        `exported.param_names`) whose rows it concatenates (see `fuse_parallel_linear`).
+    fields: the fields `quantize_weights` made of the fused tuple; None if it did not run.
+    """
+    members = [tuple(exported.param_names[i] for i in s) for s in sources]
+    if fields is None:
+        fields = []
+        for i, names in enumerate(members):
+            shapes = [exported.param_shapes[n] for n in names]
+            rows = sum(s[0] for s in shapes)
+            shape = (rows, *shapes[0][1:]) if len(names) > 1 else tuple(shapes[0])
+            fields.append(PackedField(i, "", shape, exported.dtype))
+    plan = []
+    for field in fields:
+        names = members[field.source]
+        name = _fused_name(names)
+        plan.append(
+            PlannedWeight(
+                name=f"{name}.{field.part}" if field.part else name,
+                sources=names,
+                part=field.part,
+                shape=field.shape,
+                dtype=field.dtype,
+                scheme=field.scheme,
+            )
+        )
+    return plan
+
+
+def _fused_name(names: tuple[str, ...]) -> str:
+    """a.q_proj.weight + a.k_proj.weight -> a.q_proj+k_proj.weight (the name if alone)."""
+    if len(names) == 1:
+        return names[0]
+    head = os.path.commonprefix(names)
+    head = head[: head.rfind(".") + 1]
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1]
+    tail = tail[tail.find(".") :] if "." in tail else ""
+    return head + "+".join(n[len(head) : len(n) - len(tail)] for n in names) + tail
+
+
+def dtype_of(dtype: str) -> np.dtype:
+    """numpy dtype for a weight dtype name (bfloat16 through ml_dtypes)."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def stored_schemes(
+    checkpoint: Checkpoint, exported: ExportedModel, scheme: QuantScheme | None
+) -> dict[int, QuantScheme]:
+    """Packed-param index -> the scheme its weight is stored in, for weights kept as stored.
+
+    GGUF block types (Q4_K, ...) are always kept: never dequantized and requantized. F16 /
+    BF16 tensors are kept as they are unless a quantization scheme was asked for.
+    """
+    out = {}
+    for i, name in enumerate(exported.param_names):
+        ggml_type = checkpoint.stored_types.get(name, "F32")
+        if ggml_type in GGUF_SCHEMES:
+            out[i] = GGUF_SCHEMES[ggml_type]
+        elif ggml_type in _CAST_TYPES and scheme is None and exported.dtype == "float32":
+            out[i] = SCHEMES[_CAST_TYPES[ggml_type]]
+    return out
+
+
+def quantization_manifest(
+    checkpoint: Checkpoint, scheme: QuantScheme | None, plan: list[PlannedWeight]
+) -> dict:
+    """The requested scheme, and for a GGUF file the formats its weights are kept in."""
+    out = scheme.to_manifest() if scheme else {"scheme": "none"}
+    if checkpoint.stored_types:
+        kept: dict[str, int] = {}
+        for weight in plan:
+            if weight.part in ("", "q"):
+                name = weight.scheme.name if weight.scheme else weight.dtype
+                kept[name] = kept.get(name, 0) + 1
+        out = {**out, "source": "gguf", "tensors": kept}
+        if scheme is None:
+            out["scheme"] = "gguf"
+    return out
+
+
+def converted_weights(
+    checkpoint: Checkpoint, exported: ExportedModel, plan: list[PlannedWeight], progress: bool
+) -> Iterator[tuple[str, np.ndarray]]:
+    """The plan's tensors in order, each checkpoint tensor read and converted once.
+
+    One tensor at a time: peak memory stays near the largest tensor, not the model. Stored
+    blocks (GGUF) are copied as they are; a block tensor the graph needs as floats is
+    dequantized exactly (numpy reference), never requantized.
+    """
+    compute = dtype_of(exported.dtype)  # of scales and zero points
+    count = len(dict.fromkeys(w.sources for w in plan))
+    weights = iter(plan)
+    bar = tqdm(range(count), desc="weights", unit="tensor", disable=not progress, file=sys.stderr)
+    for _ in bar:
+        first = next(weights)
+        names = first.sources  # fused rows (fuse_parallel_linear) share one stored format
+        arrays = [checkpoint.read(n) for n in names]
+        array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+        if first.part == "":  # stored as is, in its dtype (a cast scheme's narrower one)
+            kind = checkpoint.stored_types.get(names[0])
+            if kind in GGUF_SCHEMES:
+                k = exported.param_shapes[names[0]][-1]
+                array = dequantize(GGUF_SCHEMES[kind], [array], k)
+            # via float32: numpy cannot cast bfloat16 to float16 directly
+            target = dtype_of(first.dtype)
+            yield first.name, array.astype(np.float32, copy=False).astype(target, copy=False)
+            continue
+        if first.scheme.kind == QuantKind.GGUF:  # the file's own blocks, byte for byte
+            assert array.shape == first.shape, (names, array.shape, first.shape)
+            yield first.name, array
+            continue
+        parts = quantize(first.scheme, array, compute)
+        yield first.name, parts[0]
+        for part in parts[1:]:
+            yield next(weights).name, part
