@@ -19,8 +19,7 @@ then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel e
 import copy
 import math
 
-from tvm import tirx
-from tvm.script import tirx as T
+from relaxlm.tvm_api import T, tirx
 
 from .vector_math import exp2, widest_lanes
 

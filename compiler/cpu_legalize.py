@@ -9,7 +9,8 @@ rows in parallel, the sum of squares in 16 vector lanes. Anything else legalizes
 
 import tvm
 from tvm import relax, te
-from tvm.script import tirx as T
+
+from relaxlm.tvm_api import T, tirx
 
 from .vector_math import sigmoid, widest_lanes
 
@@ -50,7 +51,7 @@ def _rms_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     if not (
         last_axis_only
         and x.ty.dtype == weight.ty.dtype == "float32"
-        and isinstance(shape[-1], tvm.tirx.IntImm)
+        and isinstance(shape[-1], tirx.IntImm)
     ):
         return _default("relax.nn.rms_norm")(bb, call)
     d = int(shape[-1])
@@ -62,7 +63,7 @@ def _rms_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     return relax.op.reshape(out, x.ty.shape)
 
 
-def rms_norm_kernel(d: int, epsilon: float) -> tvm.tirx.PrimFunc:
+def rms_norm_kernel(d: int, epsilon: float) -> tirx.PrimFunc:
     """out[r] = x[r] / sqrt(mean(x[r]**2) + epsilon) * weight, for x [rows, d] float32."""
     lanes = widest_lanes(d)
 

@@ -18,6 +18,8 @@ import json
 import tvm
 from tvm import relax, te
 
+from relaxlm.tvm_api import tirx
+
 from . import int8_dot
 from .quantization import QuantScheme
 from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
@@ -34,7 +36,7 @@ class FuseDequantizeMatmul:
         dequantizers = {
             gv: json.loads(str(f.attrs[DEQUANTIZE_ATTR]))
             for gv, f in mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and DEQUANTIZE_ATTR in f.attrs
+            if isinstance(f, tirx.PrimFunc) and f.attrs and DEQUANTIZE_ATTR in f.attrs
         }
         if not dequantizers:
             return mod

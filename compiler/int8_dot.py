@@ -29,9 +29,9 @@ stored so (w + 8), int8 weights get their sign bit flipped (w + 128); a per-grou
 """
 
 import tvm
-from tvm import tirx
-from tvm.script import tirx as T
 from tvm.target import codegen
+
+from relaxlm.tvm_api import T, tirx
 
 from .quantization import Activations
 

@@ -14,7 +14,7 @@ import functools
 
 import numpy as np
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te
 
 from relaxlm.frontends.ops import (
     AttentionCall,
@@ -22,6 +22,7 @@ from relaxlm.frontends.ops import (
     is_positions_call,
     read_attention_call,
 )
+from relaxlm.tvm_api import tirx
 
 from .rope import longrope_factors, rope_te
 

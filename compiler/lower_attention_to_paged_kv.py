@@ -23,7 +23,7 @@ import functools
 from dataclasses import asdict, dataclass
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax.frontend.nn.llm.kv_cache import RopeMode, TIRPagedKVCache
 
 from relaxlm.errors import RelaxlmError
@@ -34,6 +34,7 @@ from relaxlm.frontends.ops import (
     is_positions_call,
     read_attention_call,
 )
+from relaxlm.tvm_api import tirx
 
 from . import attention_kernels
 from .rope import longrope_factors, rope_te, split_rotary_cpu

@@ -18,7 +18,9 @@ shape, dtype, scheme) with the module, so the weight converter produces exactly 
 import json
 
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te
+
+from relaxlm.tvm_api import tirx
 
 from .quantization import INTERLEAVE, QuantKind, QuantScheme
 from .weights import PackedField

@@ -6,11 +6,11 @@ get a cache without RoPE, and `lower_attention_to_paged_kv` rotates q and k here
 positions the cache reports. Frequencies follow transformers (`modeling_rope_utils`).
 """
 
-from tvm import te, tirx
+from tvm import te
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
-from tvm.script import tirx as T
 
 from relaxlm.frontends.ops import RopeSpec
+from relaxlm.tvm_api import T, tirx
 
 
 def longrope_factors(spec: RopeSpec) -> list[list[float]]:

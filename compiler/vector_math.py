@@ -9,8 +9,7 @@ operations LLVM keeps in AVX-512 lanes.
 
 import math
 
-from tvm import tirx
-from tvm.script import tirx as T
+from relaxlm.tvm_api import T, tirx
 
 _LOG2E = math.log2(math.e)
 # ln 2 in two parts (Cody-Waite): n * _LN2_HI is exact in float32 for the n that occur here, so

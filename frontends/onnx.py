@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax, tirx
+from tvm import relax
 from tvm.relax.frontend import nn
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.tvm_api import tirx
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .pooling import Pooling, pool, read_json, read_pooling

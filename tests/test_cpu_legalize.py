@@ -9,6 +9,7 @@ from tvm.relax.frontend import nn
 from relaxlm.compiler import schedules
 from relaxlm.compiler.cpu_legalize import cpu_legalizations
 from relaxlm.compiler.targets import resolve_target
+from relaxlm.tvm_api import tirx
 
 PRESET = resolve_target("cpu")
 
@@ -32,7 +33,7 @@ def _build(module: nn.Module, width: int):
     )(mod)
     with PRESET.target():
         mod = schedules.for_target(PRESET)(mod)
-    kernels = [f.script() for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    kernels = [f.script() for f in mod.functions.values() if isinstance(f, tirx.PrimFunc)]
     vm = relax.VirtualMachine(tvm.compile(mod, target=PRESET.target()), tvm.cpu())
     return vm["forward"], kernels, params
 

@@ -260,10 +260,11 @@ def test_add_a_target_to_an_existing_artifact(artifact, checkpoints, tmp_path):
 def test_metal_matmul_gets_the_generic_tiled_schedule():
     """dlight's MetalMatmul segfaults in TVM 0.27; the GPU rules must never reach it."""
     import tvm
-    from tvm import te, tirx
+    from tvm import te
 
     from relaxlm.compiler.schedules.gpu import gpu_schedules
     from relaxlm.compiler.targets import resolve_target
+    from relaxlm.tvm_api import tirx
 
     tokens = tirx.Var("tokens", "int32")
     x = te.placeholder((1, tokens, 256), "float16", name="x")

@@ -2,10 +2,10 @@
 
 import numpy as np
 import tvm
-from tvm.script import tirx as T
 
 from relaxlm.compiler import vector_math
 from relaxlm.compiler.targets import resolve_target
+from relaxlm.tvm_api import T, s_tir
 
 PRESET = resolve_target("cpu")
 X = np.concatenate(
@@ -23,7 +23,7 @@ def _apply(build, x: np.ndarray) -> np.ndarray:
                 v = T.axis.spatial(n, i * 16 + lane)
                 b[v] = build(a[v])
 
-    sch = tvm.s_tir.Schedule(kernel)
+    sch = s_tir.Schedule(kernel)
     sch.vectorize(sch.get_loops(sch.get_sblock("apply"))[1])
     out = tvm.runtime.tensor(np.zeros_like(x), tvm.cpu())
     tvm.compile(sch.mod["main"], target=PRESET.target())(tvm.runtime.tensor(x, tvm.cpu()), out)

@@ -15,13 +15,14 @@ import math
 import numpy as np
 import pytest
 import tvm
-from tvm import te, tirx, topi
+from tvm import te, topi
 
 from relaxlm.compiler.pipeline import build_library
 from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
 from relaxlm.compiler.schedules.gpu import gpu_schedules
 from relaxlm.compiler.targets import resolve_target
 from relaxlm.frontends import export, load_checkpoint
+from relaxlm.tvm_api import tirx
 
 # (rtol, atol) by the kernels' dtype; references are float64 over the same (rounded) inputs.
 # float16 matmuls also accumulate in float16, as the pipeline builds them.

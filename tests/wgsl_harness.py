@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm import tirx
-from tvm.tirx.build import codegen_build, split_host_device_mods
+
+from relaxlm.tvm_api import codegen_build, split_host_device_mods, tirx
 
 LAVAPIPE_ICD = Path("/usr/share/vulkan/icd.d/lvp_icd.x86_64.json")
 _MAX_GROUPS = 65535  # WebGPU's maxComputeWorkgroupsPerDimension default
@@ -70,7 +70,7 @@ class WebGPUFunction:
         self.device = device
         mod = tvm.IRModule({"main": self.func})
         mod = tirx.transform.BindTarget(target.with_host(target.host))(mod)
-        pipeline, finalize_host, finalize_device = tvm.tirx.get_tir_pipeline("default")
+        pipeline, finalize_host, finalize_device = tirx.get_tir_pipeline("default")
         mod = pipeline(mod)
         host_mod, device_mods = split_host_device_mods(mod)
         ((device_target, device_mod),) = device_mods.items()

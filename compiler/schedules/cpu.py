@@ -8,11 +8,16 @@ run the fused epilogue (bias, residual, activation) right after each tile.
 """
 
 import tvm
-from tvm import s_tir, tirx
-from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
 from tvm.target import Target
+
+from relaxlm.tvm_api import (
+    ScheduleRule,
+    dlight,
+    normalize_prim_func,
+    s_tir,
+    tirx,
+    try_inline_contiguous_spatial,
+)
 
 from ..vector_math import widest_lanes
 

@@ -18,10 +18,9 @@ thread limits but is not Metal.
 """
 
 import tvm
-from tvm import s_tir, tirx
-from tvm.s_tir import dlight
-from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
+
+from relaxlm.tvm_api import dlight, normalize_prim_func, s_tir, tirx
 
 
 class Matmul(dlight.gpu.Matmul):
