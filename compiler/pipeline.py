@@ -19,7 +19,7 @@ from pathlib import Path
 import tvm
 from tvm import relax
 
-import relaxlm
+from relaxlm._version import __version__
 from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 
@@ -88,7 +88,7 @@ def compile_model(
         # Per-layer sliding windows cap the tokens one sequence may add per forward.
         chunk_limit = kv_cache.max_prefill_chunk if kv_cache else None
         manifest = Manifest(
-            relaxlm_version=relaxlm.__version__,
+            relaxlm_version=__version__,
             tvm_version=tvm.__version__,
             architecture=exported.architecture,
             model_config=exported.config,

@@ -1,19 +1,19 @@
 """Frontends: checkpoints in, one Relax IRModule plus named weights out."""
 
 import logging
-from dataclasses import dataclass, field
+import os
 from typing import Any
 
 import numpy as np
-from tvm import IRModule
 
 from relaxlm.errors import RelaxlmError
 
 from . import gemma2, gemma3, gpt2, llama, mixtral, phi, phi3, qwen3, qwen3_moe
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint, load_hf_checkpoint, resolve_model_path
 from .embedding import ENCODERS, embedding_model
-from .entry import export_causal_lm, export_embedding
-from .onnx import OnnxCheckpoint, export_onnx
+from .entry import ExportedModel, export_causal_lm, export_embedding
+from .gguf import load_gguf
+from .onnx import OnnxCheckpoint, export_onnx, load_onnx
 
 # architecture name in config.json -> (config reader, model class)
 ARCHITECTURES = {
@@ -35,20 +35,14 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-@dataclass
-class ExportedModel:
-    """What a frontend hands the compiler: the graph, its weights in order, and model facts."""
-
-    mod: IRModule
-    param_names: list[str]  # the packed-params order of the graph's functions
-    param_shapes: dict[str, tuple[int, ...]]
-    dtype: str
-    architecture: str
-    config: dict[str, Any]  # the checkpoint's config.json
-    context_window: int
-    vocab_size: int
-    task: str = "generate"  # "generate": prefill/decode over a KV cache; "embed": embed()
-    embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
+def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
+    """Open a Hugging Face checkpoint (or a GGUF or ONNX file) and index its tensors."""
+    path = resolve_model_path(source)
+    if path.suffix == ".onnx":  # an ONNX graph; tokenizer and pooling from its folder
+        return load_onnx(path)
+    if path.is_file():  # a .gguf file: config, tensors and tokenizer all come from it
+        return load_gguf(path)
+    return load_hf_checkpoint(path)
 
 
 def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:

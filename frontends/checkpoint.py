@@ -148,17 +148,8 @@ def _snapshot(repo_id: str) -> Path:
         raise RelaxlmError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {e}") from e
 
 
-def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
-    """Open a Hugging Face checkpoint (or a GGUF or ONNX file) and index its tensors."""
-    path = resolve_model_path(source)
-    if path.suffix == ".onnx":  # an ONNX graph; tokenizer and pooling from its folder
-        from .onnx import load_onnx
-
-        return load_onnx(path)
-    if path.is_file():  # a .gguf file: config, tensors and tokenizer all come from it
-        from .gguf import load_gguf
-
-        return load_gguf(path)
+def load_hf_checkpoint(path: Path) -> Checkpoint:
+    """Open a Hugging Face model folder and index its tensors (reads no tensor data)."""
     config_path = path / "config.json"
     if not config_path.is_file():
         raise RelaxlmError(f"{path}: no config.json; is this a Hugging Face model folder?")

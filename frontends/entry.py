@@ -12,7 +12,27 @@ Every embedding model exports one entry instead, and no KV cache:
   mask 1 on them, 0 on padding); returns the pooled embeddings, `[b, dim]` float32.
 """
 
+from dataclasses import dataclass, field
+from typing import Any
+
+from tvm import IRModule
 from tvm.relax.frontend import nn
+
+
+@dataclass
+class ExportedModel:
+    """What a frontend hands the compiler: the graph, its weights in order, and model facts."""
+
+    mod: IRModule
+    param_names: list[str]  # the packed-params order of the graph's functions
+    param_shapes: dict[str, tuple[int, ...]]
+    dtype: str
+    architecture: str
+    config: dict[str, Any]  # the checkpoint's config.json
+    context_window: int
+    vocab_size: int
+    task: str = "generate"  # "generate": prefill/decode over a KV cache; "embed": embed()
+    embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
 
 
 class CausalLM(nn.Module):

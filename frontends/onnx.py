@@ -37,6 +37,7 @@ from relaxlm.errors import RelaxlmError
 from relaxlm.tvm_api import tirx
 
 from .checkpoint import TOKENIZER_FILES, Checkpoint
+from .entry import ExportedModel
 from .pooling import Pooling, pool, read_json, read_pooling
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,6 @@ def _evaluate(node, consts: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
 
 def export_onnx(checkpoint: OnnxCheckpoint, dtype: str):
     """The `embed` entry over the imported graph, as an ExportedModel."""
-    from relaxlm.frontends import ExportedModel  # the package imports this module lazily
 
     if dtype != "float32":
         raise RelaxlmError(

@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 # The SDK names resolve on first use, so that `import relaxlm.runtime` (an embedded
 # deployment) loads only the runtime, and submodules import without cycles.
