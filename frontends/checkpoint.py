@@ -141,8 +141,8 @@ def _snapshot(repo_id: str) -> Path:
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub cannot be reached"
         raise RelaxlmError(
             f"model {repo_id!r} is not in the local Hugging Face cache and {why}; "
-            f"download it on a connected machine (huggingface-cli download {repo_id}) "
-            "or pass a local folder"
+            f"download it on a connected machine with huggingface_hub's command "
+            f"(`hf download {repo_id}`) or pass a local folder"
         ) from e
     except (HfHubHTTPError, OSError) as e:
         raise RelaxlmError(f"could not fetch {repo_id!r} from the Hugging Face Hub: {e}") from e

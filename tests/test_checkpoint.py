@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def test_repo_id_not_cached_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(RelaxlmError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"):
         load_checkpoint("tiny-org/absent-model")
+    # The command to suggest is the one huggingface_hub installs today (`huggingface-cli` is gone).
+    with pytest.raises(RelaxlmError, match="`hf download tiny-org/absent-model`"):
+        load_checkpoint("tiny-org/absent-model")
+    assert shutil.which("hf", path=str(Path(sys.executable).parent))
 
 
 def test_sharded_checkpoint_is_indexed(checkpoints):
