@@ -6,16 +6,12 @@ Imports only the TVM runtime, numpy and relaxlm's artifact format - never compil
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 import tvm
-from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.artifacts import Manifest, verify, weight_index
-from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.model import use_threads
+from relaxlm.runtime.loader import load_artifact
 
 from .tokenizer import Tokenizer
 
@@ -24,27 +20,11 @@ class EmbeddingModel:
     """Runs an embedding artifact's `embed` entry on batches of texts."""
 
     def __init__(self, folder: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-        use_threads(threads)
-        self.folder = Path(folder)
-        self.manifest = manifest = Manifest.read(self.folder)
-        if manifest.task != "embed":
-            raise RelaxlmError(
-                f"{folder} is a text generator ({manifest.architecture}), not an embedding model"
-            )
-        verify(self.folder, manifest)
-        kind = device.split(":")[0]
-        if kind not in manifest.targets:
-            raise RelaxlmError(
-                f"{folder}: artifact has no library for device {device!r} "
-                f"(built for: {', '.join(manifest.targets)}); compile it with --target {kind}"
-            )
-        self.device = tvm.runtime.device(device)
-        library = tvm.runtime.load_module(str(self.folder / manifest.targets[kind]["library"]))
-        self._embed = VirtualMachine(library, self.device)["embed"]
-        index = weight_index(self.folder, manifest)
-        self.params = [
-            tvm.runtime.tensor(read(index[p["name"]]), self.device) for p in manifest.params
-        ]
+        loaded = load_artifact(folder, device, "embed", threads)
+        self.folder, self.manifest, self.device = loaded.folder, loaded.manifest, loaded.device
+        self.params = loaded.params
+        self._embed = loaded.vm["embed"]
+        manifest = self.manifest
         self.context_window = manifest.context_window  # longest input, special tokens included
         self.lowercase = bool(manifest.embedding.get("lowercase", False))
 

@@ -4,16 +4,13 @@ Imports only the TVM runtime, numpy and relaxlm's artifact format - never compil
 """
 
 import os
-from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
-from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.artifacts import Manifest, verify, weight_index
-from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.loader import load_artifact
 
 _kv = {
     name: tvm.get_global_func(f"vm.builtin.{name}")
@@ -28,62 +25,6 @@ _kv = {
         "attention_kv_cache_get_num_available_pages",
     )
 }
-
-
-def use_threads(threads: int | None = None) -> int:
-    """Size TVM's CPU thread pool: `threads`, else RELAXLM_THREADS, else TVM_NUM_THREADS, else
-    every CPU this process may run on.
-
-    TVM reads TVM_NUM_THREADS once, when its first parallel kernel starts the pool; unset, it
-    counts half the CPUs on x86 (assuming hyper-threads) - one thread on a 2-vCPU machine.
-    Process-wide: the first model loaded decides.
-    """
-    n = threads or int(os.environ.get("RELAXLM_THREADS") or 0)
-    n = n or int(os.environ.get("TVM_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
-    if n < 1:
-        raise RelaxlmError(f"threads={n} is invalid; set it to a positive integer")
-    os.environ["TVM_NUM_THREADS"] = str(n)
-    return n
-
-
-def library_for_device(folder: Path, manifest: Manifest, device: str) -> Path:
-    """The artifact's library for `device` ("cpu", "cuda:0", ...): the target whose manifest
-    entry names that device kind (older artifacts: the target named like it)."""
-    kind = device.split(":")[0]
-    for name, entry in manifest.targets.items():
-        if entry.get("device", name) == kind:
-            return folder / entry["library"]
-    built = ", ".join(f"{n} ({e.get('device', n)})" for n, e in manifest.targets.items())
-    raise RelaxlmError(
-        f"{folder}: artifact has no library for device {device!r} (built for: {built}); "
-        f"compile it with --target {kind} (one artifact may hold several targets)"
-    )
-
-
-def open_device(device: str) -> tvm.runtime.Device:
-    """The TVM device called `device` ("cpu", "cuda:0", "metal"); RelaxlmError if it is not
-    there (no GPU, no driver, or a TVM without that runtime)."""
-    try:
-        dev = tvm.runtime.device(device)
-    except (ValueError, tvm.error.TVMError) as e:
-        raise RelaxlmError(f"device {device!r} is not a device name TVM knows ({e})") from e
-    if device.split(":")[0] != "cpu" and not dev.exist:
-        raise RelaxlmError(
-            f"device {device!r} is not available on this machine: no such GPU, no driver, or "
-            f"this TVM build has no {device.split(':')[0]} runtime (tvm {tvm.__version__})"
-        )
-    return dev
-
-
-def load_library(path: Path, device: str) -> tvm.runtime.Module:
-    """The compiled library at `path`; RelaxlmError naming what is missing if TVM can't load it."""
-    try:
-        return tvm.runtime.load_module(str(path))
-    except (RuntimeError, ValueError, tvm.error.TVMError) as e:
-        raise RelaxlmError(
-            f"{path}: the {device} library does not load in this TVM ({e}); load it where TVM "
-            f"has the {device.split(':')[0]} runtime (e.g. its GPU driver), or recompile"
-        ) from e
 
 
 class CompiledModel:
@@ -104,11 +45,10 @@ class CompiledModel:
         max_total_tokens: int | None = None,
         threads: int | None = None,
     ):
-        self.threads = use_threads(threads)
-        self.folder = Path(folder)
-        self.manifest = manifest = Manifest.read(self.folder)
-        verify(self.folder, manifest)
-        library_file = library_for_device(self.folder, manifest, device)
+        loaded = load_artifact(folder, device, "generate", threads)
+        self.threads, self.folder, self.manifest = loaded.threads, loaded.folder, loaded.manifest
+        self.device, self.vm, self.params = loaded.device, loaded.vm, loaded.params
+        manifest = self.manifest
         self.context_window = manifest.context_window
         self.prefill_chunk = manifest.prefill_chunk_size
         # The cache's scratch buffers hold prefill_chunk tokens per forward; a decode step of
@@ -125,14 +65,8 @@ class CompiledModel:
             )
         self.max_batch_size = max_batch_size
         self.page_size = manifest.kv_cache["page_size"]
-        self.device = open_device(device)
-        self.vm = VirtualMachine(load_library(library_file, device), self.device)
         self._prefill = self.vm["prefill"]
         self._decode = self.vm["decode"]
-        index = weight_index(self.folder, manifest)
-        self.params = [
-            tvm.runtime.tensor(read(index[p["name"]]), self.device) for p in manifest.params
-        ]
         self.kv_cache = self.vm["create_paged_kv_cache"](
             ShapeTuple([max_batch_size]),
             ShapeTuple([total]),

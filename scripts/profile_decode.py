@@ -21,7 +21,8 @@ import tvm
 from tvm.runtime import ShapeTuple
 from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.runtime.model import CompiledModel, library_for_device, load_library
+from relaxlm.runtime.loader import library_for_device, load_library
+from relaxlm.runtime.model import CompiledModel
 
 
 def main() -> None:

@@ -141,7 +141,7 @@ def test_vulkan_without_spirv_codegen_is_a_clear_error(tmp_path, checkpoints):
 @needs_nvcc
 def test_runtime_picks_the_library_by_device_or_says_what_is_missing(artifact):
     import relaxlm
-    from relaxlm.runtime.model import library_for_device
+    from relaxlm.runtime.loader import library_for_device
 
     m = Manifest.read(artifact)
     assert library_for_device(artifact, m, "cuda:0").name == "cuda.so"
