@@ -2,8 +2,9 @@
 
 One thread, the engine thread, owns the model. Each iteration it takes new requests and
 cancellations from an inbox, asks the scheduler for a plan, runs the plan's KV-cache operations
-and forwards, samples every sequence that has logits, detokenizes, checks stop conditions and
-hands each request's new output to the request's sink. Callers on other threads (the SDK, an
+and forwards and samples every sequence that has logits (the forward); the output processor
+(runtime/output_processor.py) then detokenizes, checks stop conditions and counts, and the
+engine hands each request's new output to the request's sink. Callers on other threads (the SDK, an
 asyncio event loop) never wait on compute: `submit` and `abort` only touch the inbox. The thread
 runs while there is work and exits when idle; the next `submit` starts a new one.
 """
@@ -11,16 +12,22 @@ runs while there is work and exits when idle; the next `submit` starts a new one
 import itertools
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.detokenizer import IncrementalDetokenizer, StopStrings
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
-from relaxlm.runtime.sampler import Logprob, Sample, Sampler, SamplingParams, sample_batch
+from relaxlm.runtime.output_processor import (
+    CompletionDelta,
+    CompletionState,
+    OutputProcessor,
+    RequestOutput,
+    RequestState,
+    Sink,
+)
+from relaxlm.runtime.sampler import Sample, SamplingParams, sample_batch
 from relaxlm.runtime.scheduler import (
     AddSeq,
     ForkSeq,
@@ -28,62 +35,24 @@ from relaxlm.runtime.scheduler import (
     RemoveSeq,
     Scheduler,
     SchedulerConfig,
-    Sequence,
+    StepPlan,
 )
 from relaxlm.runtime.tokenizer import Tokenizer
 
 
-@dataclass
-class CompletionDelta:
-    """What one completion of a request added in one step."""
+@dataclass(eq=False)
+class _Submit:
+    """Inbox item: a request to admit."""
 
-    index: int  # which of the request's n completions
-    text: str = ""  # new text; a stop string and anything after it never appear
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Logprob] | None = None  # one per new token when SamplingParams.logprobs is set
-    # Set on the completion's last delta: "stop" (EOS, a stop token or a stop string), "length"
-    # (max_tokens, the context window or the KV cache) or "abort".
-    finish_reason: str | None = None
-
-
-@dataclass
-class RequestOutput:
-    """A request's news from one engine step; `finished` is set on its last one."""
-
-    request_id: str
-    deltas: list[CompletionDelta]
-    finished: bool
-
-
-# Called on the engine thread with each RequestOutput, or with the exception that ended the
-# request. It must not block: hand the value to a queue.
-Sink = Callable[[RequestOutput | BaseException], None]
+    request: RequestState
 
 
 @dataclass(eq=False)
-class _Completion:
-    seq: Sequence
-    sampler: Sampler
-    detok: IncrementalDetokenizer
-    stops: StopStrings
-    finish_reason: str | None = None
-    last_token_time: float | None = None
+class _Abort:
+    """Inbox item: a request to stop; `done` is set once its pages are free."""
 
-
-@dataclass(eq=False)
-class _Request:
     request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sink: Sink
-    arrival_time: float
-    stop_ids: frozenset[int]
-    completions: list[_Completion] = field(default_factory=list)
-    first_token_time: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.completions)
+    done: threading.Event
 
 
 class Engine:
@@ -118,10 +87,10 @@ class Engine:
             enable_prefix_cache=enable_prefix_cache,
         )
         self.scheduler = Scheduler(self.config)
-        self._requests: dict[str, _Request] = {}
-        self._completions: dict[int, tuple[_Request, _Completion]] = {}  # by seq_id
+        self._requests: dict[str, RequestState] = {}
+        self._completions: dict[int, tuple[RequestState, CompletionState]] = {}  # by seq_id
         self._ids = itertools.count()
-        self._inbox: list[tuple] = []
+        self._inbox: list[_Submit | _Abort] = []
         self._inbox_lock = threading.Lock()  # held only briefly: callers never wait on compute
         self._step_lock = threading.RLock()  # held while the model or the scheduler changes
         self._thread: threading.Thread | None = None
@@ -131,6 +100,7 @@ class Engine:
             page_size=model.page_size,
         )
         self._metrics_view = self._metrics.copy()
+        self._outputs = OutputProcessor(tokenizer, self._metrics, model.context_window)
 
     # -- public, any thread -------------------------------------------------------------------
 
@@ -147,15 +117,16 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= set(self.tokenizer.eos_token_ids)
-        request = _Request(
+        request = RequestState(
             request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
         )
         with self._inbox_lock:
             if request_id in self._requests or any(
-                item[0] == "submit" and item[1].request_id == request_id for item in self._inbox
+                isinstance(item, _Submit) and item.request.request_id == request_id
+                for item in self._inbox
             ):
                 raise RelaxlmError(f"request id {request_id!r} is in use; pass a unique one")
-            self._inbox.append(("submit", request))
+            self._inbox.append(_Submit(request))
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="relaxlm-engine", daemon=True
@@ -173,7 +144,7 @@ class Engine:
             thread = self._thread
             if thread is None:  # the engine is idle, so the request has ended already
                 return
-            self._inbox.append(("abort", request_id, done))
+            self._inbox.append(_Abort(request_id, done))
         if wait and threading.current_thread() is not thread:
             done.wait()
 
@@ -265,16 +236,16 @@ class Engine:
                         return
                 for item in inbox:
                     try:
-                        if item[0] == "submit":
-                            self._admit(item[1])
+                        if isinstance(item, _Submit):
+                            self._admit(item.request)
                         else:
-                            self._abort(item[1])
+                            self._abort(item.request_id)
                     except Exception as e:  # the KV cache is in an unknown state: reset
                         self._fail_all(e)
                     finally:
-                        if item[0] == "abort":
+                        if isinstance(item, _Abort):
                             self._refresh_gauges()
-                            item[2].set()
+                            item.done.set()
                 try:
                     if self.scheduler.has_work():
                         self._step()
@@ -283,21 +254,14 @@ class Engine:
                 finally:
                     self._refresh_gauges()
 
-    def _admit(self, request: _Request) -> None:
+    def _admit(self, request: RequestState) -> None:
         try:
             seqs = self.scheduler.add(request.request_id, request.prompt_ids, request.params.n)
         except RelaxlmError as e:
             self._emit(request, e)
             return
         for seq in seqs:
-            completion = _Completion(
-                seq,
-                Sampler(request.params, request.prompt_ids, stream=seq.index),
-                IncrementalDetokenizer(self.tokenizer),
-                StopStrings(request.params.stop),
-            )
-            request.completions.append(completion)
-            self._completions[seq.seq_id] = (request, completion)
+            self._completions[seq.seq_id] = (request, self._outputs.completion(request, seq))
         self._requests[request.request_id] = request
         self._metrics.requests_submitted += 1
         self._metrics.prompt_tokens += len(request.prompt_ids)
@@ -307,17 +271,19 @@ class Engine:
         if request is None:
             return
         self._run_ops(self.scheduler.abort(request_id))
-        deltas = []
         for completion in request.completions:
             self._completions.pop(completion.seq.seq_id, None)
-            if completion.finish_reason is None:
-                completion.finish_reason = "abort"
-                deltas.append(CompletionDelta(completion.seq.index, finish_reason="abort"))
-        self._metrics.requests_aborted += 1
+        deltas = self._outputs.abort(request)
         self._emit(request, RequestOutput(request_id, deltas, finished=True))
 
     def _step(self) -> None:
+        """One iteration: the forward, then the output processing of its samples."""
         plan = self.scheduler.schedule()
+        self._process(plan, self._forward(plan))
+
+    def _forward(self, plan: StepPlan) -> list[tuple[RequestState, CompletionState, Sample]]:
+        """Run the plan's KV-cache operations and forwards, then sample every sequence that has
+        logits and append its token; each sample with its request and completion."""
         m = self._metrics
         m.steps += 1
         m.preemptions += len(plan.preempted)
@@ -342,26 +308,38 @@ class Engine:
             m.prefill_tokens += len(chunk.tokens) - newest
 
         # One sample per sequence with logits; n > 1 completions share their prompt's row.
-        taken, samplers, row_of = [], [], []
+        taken, row_of = [], []
         for i, (chunk, _) in enumerate(rows):
             for seq in (chunk.seq, *chunk.forks):
                 taken.append(self._completions[seq.seq_id])
-                samplers.append(taken[-1][1].sampler)
                 row_of.append(i)
+        if not taken:
+            return []
+        matrix = np.stack([row for _, row in rows])[row_of]
+        samples = sample_batch(matrix, [completion.sampler for _, completion in taken])
+        sampled = []
+        for (request, completion), sample in zip(taken, samples, strict=True):
+            self.scheduler.append_token(completion.seq, sample.token_id)
+            sampled.append((request, completion, sample))
+        return sampled
+
+    def _process(
+        self, plan: StepPlan, sampled: list[tuple[RequestState, CompletionState, Sample]]
+    ) -> None:
+        """Turn the step's samples into outputs, free the sequences that ended and hand each
+        request its news."""
         news: dict[str, list[CompletionDelta]] = {}
-        if taken:
-            matrix = np.stack([row for _, row in rows])[row_of]
-            now = time.monotonic()
-            for (request, completion), sample in zip(
-                taken, sample_batch(matrix, samplers), strict=True
-            ):
-                delta = self._advance(request, completion, sample, now)
-                news.setdefault(request.request_id, []).append(delta)
-        for seq in plan.out_of_pages:
-            request, completion = self._completions[seq.seq_id]
-            delta = CompletionDelta(seq.index, text=self._flush(completion)[0])
-            self._end(request, completion, delta, "length")
+        now = time.monotonic()
+        for request, completion, sample in sampled:
+            delta = self._outputs.advance(request, completion, sample, now)
             news.setdefault(request.request_id, []).append(delta)
+        cut = [self._completions[seq.seq_id] for seq in plan.out_of_pages]
+        for request, completion in cut:
+            news.setdefault(request.request_id, []).append(self._outputs.cut(completion))
+        for completion in [c for _, c, _ in sampled] + [c for _, c in cut]:
+            if completion.finish_reason is not None:  # ended this step: free its sequence
+                self._run_ops(self.scheduler.finish(completion.seq))
+                del self._completions[completion.seq.seq_id]
         # The scheduler's page table mirrors the cache's; a plan that disagreed could overrun it.
         assert self.model.free_pages() == self.scheduler.pages.free_pages, (
             self.model.free_pages(),
@@ -372,51 +350,8 @@ class Engine:
             request = self._requests[request_id]
             if request.finished:
                 del self._requests[request_id]
-                m.requests_finished += 1
+                self._metrics.requests_finished += 1
             self._emit(request, RequestOutput(request_id, deltas, request.finished))
-
-    def _advance(
-        self, request: _Request, completion: _Completion, sample: Sample, now: float
-    ) -> CompletionDelta:
-        """Take one sampled token: stop conditions, text, metrics; the completion's delta."""
-        seq, params, token = completion.seq, request.params, sample.token_id
-        self.scheduler.append_token(seq, token)
-        m = self._metrics
-        m.generated_tokens += 1
-        if request.first_token_time is None:
-            request.first_token_time = now
-            m.time_to_first_token.observe(now - request.arrival_time)
-        if completion.last_token_time is not None:
-            m.inter_token_latency.observe(now - completion.last_token_time)
-        completion.last_token_time = now
-
-        delta = CompletionDelta(seq.index, token_ids=[token])
-        if params.logprobs is not None:
-            delta.logprobs = [sample.logprob]
-        if token in request.stop_ids:  # the stop token is returned but never detokenized
-            delta.text, hit = self._flush(completion)
-            return self._end(request, completion, delta, "stop")
-        delta.text, hit = completion.stops.push(completion.detok.push(token))
-        if hit:
-            return self._end(request, completion, delta, "stop")
-        if seq.num_generated >= params.max_tokens or len(seq.tokens) >= self.model.context_window:
-            rest, hit = self._flush(completion)
-            delta.text += rest
-            return self._end(request, completion, delta, "stop" if hit else "length")
-        return delta
-
-    def _flush(self, completion: _Completion) -> tuple[str, bool]:
-        """The text still held back once a completion ends; whether it held a stop string."""
-        text, hit = completion.stops.push(completion.detok.flush())
-        return (text, True) if hit else (text + completion.stops.flush(), False)
-
-    def _end(
-        self, request: _Request, completion: _Completion, delta: CompletionDelta, reason: str
-    ) -> CompletionDelta:
-        completion.finish_reason = delta.finish_reason = reason
-        self._run_ops(self.scheduler.finish(completion.seq))
-        del self._completions[completion.seq.seq_id]
-        return delta
 
     def _run_ops(self, ops: list[KVOp]) -> None:
         for op in ops:
@@ -429,7 +364,7 @@ class Engine:
             else:
                 raise TypeError(f"unknown KV-cache operation {op!r}")
 
-    def _emit(self, request: _Request, output: RequestOutput | BaseException) -> None:
+    def _emit(self, request: RequestState, output: RequestOutput | BaseException) -> None:
         try:
             request.sink(output)
         except Exception:  # the consumer is gone (a closed event loop): stop its work
