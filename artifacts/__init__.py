@@ -261,19 +261,38 @@ class ArtifactWriter:
         return self.output
 
 
-def verify(folder: Path, manifest: Manifest) -> None:
-    """Check every file the manifest names against its size and checksum."""
-    files = {**manifest.shards, **{t["library"]: t for t in manifest.targets.values()}}
-    for rel, meta in files.items():
+def check_files(folder: Path, manifest: Manifest) -> None:
+    """The check at every load, cheap at any size: each file the manifest names is there with
+    its recorded size. Headers are checked as weight_index reads them; verify() hashes."""
+    for rel, meta in _files(manifest).items():
         path = folder / rel
         if not path.is_file():
             raise RelaxlmError(f"{folder}: artifact file {rel} is missing; recompile the model")
-        if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+        size = path.stat().st_size
+        if size != meta["size"]:
+            raise RelaxlmError(
+                f"{folder}: {rel} is {size} bytes, but the manifest records {meta['size']}; "
+                "the file is damaged, recompile the model"
+            )
+
+
+def verify(folder: Path, manifest: Manifest) -> None:
+    """Check every file the manifest names against its size, then its SHA-256 (seconds per GB:
+    `relaxlm inspect --verify`, compile and tests, not every load)."""
+    check_files(folder, manifest)
+    for rel, meta in _files(manifest).items():
+        if sha256_file(folder / rel) != meta["sha256"]:
             raise RelaxlmError(f"{folder}: {rel} does not match its checksum; recompile the model")
 
 
+def _files(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """Every file the manifest records -> its entry ({size, sha256, ...})."""
+    return {**manifest.shards, **{t["library"]: t for t in manifest.targets.values()}}
+
+
 def weight_index(folder: Path, manifest: Manifest) -> dict[str, TensorInfo]:
-    """Where each parameter lies in the artifact's shards."""
+    """Where each parameter lies in the artifact's shards; RelaxlmError if a shard's header is
+    damaged or disagrees with the manifest's parameter list."""
     index: dict[str, TensorInfo] = {}
     for rel in manifest.shards:
         index.update(index_file(folder / rel))

@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also hash every weight shard and library against the manifest's SHA-256 "
+        "(loading checks only sizes and headers)",
+    )
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("cache", help="list or clear the compile cache (RELAXLM_CACHE)")
@@ -309,10 +315,12 @@ def _cache(args) -> None:
 
 
 def _inspect(args) -> None:
-    from relaxlm.artifacts import Manifest
+    from relaxlm.artifacts import Manifest, verify
 
     folder = Path(args.artifact)
     m = Manifest.read(folder)
+    if args.verify:  # a damaged file is an error (exit 2) before anything is shown
+        verify(folder, m)
     if args.json:
         print(m.to_json())
         return
@@ -337,6 +345,8 @@ def _inspect(args) -> None:
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]
     rows += [("created", m.created)]
+    if args.verify:
+        rows += [("verified", f"{len(m.shards) + len(m.targets)} files match their SHA-256")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

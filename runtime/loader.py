@@ -13,7 +13,7 @@ from pathlib import Path
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.artifacts import Manifest, verify, weight_index
+from relaxlm.artifacts import Manifest, check_files, weight_index
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
 
@@ -37,7 +37,8 @@ def load_artifact(
     folder: str | os.PathLike, device: str, task: str, threads: int | None = None
 ) -> LoadedArtifact:
     """The artifact at `folder` loaded on `device` ("cpu", "cuda:0", ...); RelaxlmError if it
-    is not a `task` artifact, its files are damaged, or it has no library for that device."""
+    is not a `task` artifact, a file is missing or the wrong size, a shard's header is damaged,
+    or it has no library for that device."""
     threads = use_threads(threads)
     folder = Path(folder)
     manifest = Manifest.read(folder)
@@ -46,7 +47,7 @@ def load_artifact(
             f"{folder} is {_TASKS.get(manifest.task, manifest.task)} ({manifest.architecture}), "
             f"not {_TASKS[task]}"
         )
-    verify(folder, manifest)
+    check_files(folder, manifest)  # sizes only: verify() would hash seconds per GB
     library = library_for_device(folder, manifest, device)
     dev = open_device(device)
     vm = VirtualMachine(load_library(library, device), dev)

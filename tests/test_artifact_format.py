@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from relaxlm.artifacts import ArtifactWriter, Manifest, is_artifact, verify, weight_index
+from relaxlm.artifacts import (
+    ArtifactWriter,
+    Manifest,
+    check_files,
+    is_artifact,
+    verify,
+    weight_index,
+)
 from relaxlm.artifacts.safetensors_io import ShardWriter, index_file, read
 from relaxlm.errors import RelaxlmError
 
@@ -99,8 +106,12 @@ def test_commit_is_atomic_and_checksummed(tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[-1] ^= 0xFF
     shard.write_bytes(bytes(raw))
+    check_files(out, m)  # the load's check sees sizes only
     with pytest.raises(RelaxlmError, match="checksum"):
         verify(out, m)
+    shard.write_bytes(bytes(raw[:-1]))
+    with pytest.raises(RelaxlmError, match=r"is \d+ bytes, but the manifest records \d+"):
+        check_files(out, m)
 
 
 def test_failure_before_commit_leaves_nothing(tmp_path):

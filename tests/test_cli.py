@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from relaxlm.artifacts import Manifest, is_artifact
+from relaxlm.errors import RelaxlmError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,37 @@ def test_inspect_shows_the_manifest(artifact):
     raw = json.loads(relaxlm_cli("inspect", artifact, "--json").stdout)
     assert raw["format_version"] == m.format_version
     assert [p["name"] for p in raw["params"]] == [p["name"] for p in m.params]
+
+
+def test_a_damaged_shard_fails_load_and_inspect_verify_finds_a_flipped_byte(artifact, tmp_path):
+    import relaxlm
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(artifact, damaged)
+    shard = damaged / "weights" / "shard-000.safetensors"
+    good = shard.read_bytes()
+
+    shard.write_bytes(good[:-4])  # truncated: the size check at load
+    with pytest.raises(RelaxlmError, match=r"shard-000.safetensors is \d+ bytes, but the manifest"):
+        relaxlm.LLM(str(damaged))
+    shard.write_bytes(b"\0" + good[1:])  # the header length's low byte: no longer parses
+    with pytest.raises(RelaxlmError, match="shard-000.safetensors: corrupt or truncated"):
+        relaxlm.LLM(str(damaged))
+    name = Manifest.read(damaged).params[0]["name"].encode()
+    shard.write_bytes(good.replace(b'"' + name + b'"', b'"' + name[:-1] + b'#"', 1))
+    with pytest.raises(RelaxlmError, match="params not in the shards: .*recompile"):
+        relaxlm.LLM(str(damaged))
+
+    flipped = bytearray(good)
+    flipped[-1] ^= 0xFF  # in the last tensor's data: sizes and headers still agree
+    shard.write_bytes(bytes(flipped))
+    relaxlm.LLM(str(damaged))  # loads: only `inspect --verify` hashes
+    assert_clean_error(
+        relaxlm_cli("inspect", damaged, "--verify"), "shard-000.safetensors", "checksum"
+    )
+    proc = relaxlm_cli("inspect", artifact, "--verify")
+    assert proc.returncode == 0, proc.stderr
+    assert "match their SHA-256" in proc.stdout
 
 
 def test_run_streams_an_answer(artifact):
