@@ -4,23 +4,36 @@ TVM's legalizations are written for its schedulers: SiLU's sigmoid lowers to one
 `exp` call per vector lane, and RMSNorm to a chain of blocks no CPU rule here schedules, so it
 ran serially with a scalar sum of squares (768 dependent adds a row). On CPU, float32 sigmoid
 and SiLU are built from `vector_math.sigmoid`, and RMSNorm over the last axis is one kernel:
-rows in parallel, the sum of squares in 16 vector lanes. Anything else legalizes as TVM does.
+rows in parallel, the sum of squares in 16 vector lanes. On every target, gathers clip their
+indices. Anything else legalizes as TVM does.
 """
 
 import tvm
-from tvm import relax, te
+from tvm import relax, te, topi
 
 from relaxlm.tvm_api import T, tirx
 
 from .vector_math import sigmoid, widest_lanes
 
 
-def cpu_legalizations() -> dict:
+def legalizations(device: str) -> dict:
+    """The LegalizeOps overrides for a target's device kind ("cpu", "cuda", ...)."""
+    every_target = {"relax.take": _clipped_take}
+    if device != "cpu":
+        return every_target
     return {
+        **every_target,
         "relax.sigmoid": _elementwise("relax.sigmoid", sigmoid),
         "relax.nn.silu": _elementwise("relax.nn.silu", lambda x: x * sigmoid(x)),
         "relax.nn.rms_norm": _rms_norm,
     }
+
+
+def _clipped_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    # TVM's default gather ("fast") reads out of bounds on a bad index and warns so at every
+    # compile; ids are checked before they reach the library, and a clip costs two integer
+    # ops per gathered row.
+    return bb.call_te(topi.take, call.args[0], call.args[1], call.attrs.axis, mode="clip")
 
 
 def _default(name: str):

@@ -24,7 +24,7 @@ from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 
 from . import schedules
-from .cpu_legalize import cpu_legalizations
+from .cpu_legalize import legalizations
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot
@@ -164,11 +164,12 @@ def build_library(
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)
+    say("graph rewritten (attention on the paged KV cache, fused and quantized linears)")
 
     # 2. legalize / fuse
     mod = tvm.transform.Sequential(
         [
-            relax.transform.LegalizeOps(cpu_legalizations() if preset.device == "cpu" else None),
+            relax.transform.LegalizeOps(legalizations(preset.device)),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -177,6 +178,7 @@ def build_library(
         ]
     )(mod)
     _dump(dump, "2-fused", mod)
+    say("operators legalized and fused; scheduling kernels")
 
     # 3. schedules
     with target:

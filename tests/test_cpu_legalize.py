@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 
 from relaxlm.compiler import schedules
-from relaxlm.compiler.cpu_legalize import cpu_legalizations
+from relaxlm.compiler.cpu_legalize import legalizations
 from relaxlm.compiler.targets import resolve_target
 from relaxlm.tvm_api import tirx
 
@@ -25,7 +25,7 @@ def _build(module: nn.Module, width: int):
     mod, params = module.export_tvm(spec)
     mod = tvm.transform.Sequential(
         [
-            relax.transform.LegalizeOps(cpu_legalizations()),
+            relax.transform.LegalizeOps(legalizations("cpu")),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FuseOps(),
             relax.transform.FuseTIR(),
