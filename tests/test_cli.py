@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import relaxlm
 from relaxlm.artifacts import Manifest, is_artifact
 from relaxlm.errors import RelaxlmError
 
@@ -84,8 +85,6 @@ def test_inspect_shows_the_manifest(artifact):
 
 
 def test_a_damaged_shard_fails_load_and_inspect_verify_finds_a_flipped_byte(artifact, tmp_path):
-    import relaxlm
-
     damaged = tmp_path / "damaged"
     shutil.copytree(artifact, damaged)
     shard = damaged / "weights" / "shard-000.safetensors"
@@ -321,3 +320,17 @@ def test_damaged_artifacts_fail_with_one_clear_error(artifact, tmp_path):
     proc = relaxlm_cli("run", page_size_0, "--prompt", "hi")
     assert_clean_error(proc, "page_size")
     assert proc.returncode == 2
+
+
+def test_bad_device_names_and_libraries_are_clear_errors(artifact, tmp_path):
+    # TVM 0.27 has no tvm.error.TVMError: catching it raised AttributeError instead.
+    with pytest.raises(RelaxlmError, match="'cpu:abc' is not a device name"):
+        relaxlm.LLM(str(artifact), device="cpu:abc")
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    library = broken / Manifest.read(broken).targets["cpu"]["library"]
+    manifest = json.loads((broken / "manifest.json").read_text())
+    library.write_bytes(b"not a shared library".ljust(library.stat().st_size, b"\0"))
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RelaxlmError, match="library does not load"):
+        relaxlm.LLM(str(broken))
