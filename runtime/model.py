@@ -27,13 +27,17 @@ _kv = {
 }
 
 
+DEFAULT_MAX_BATCH_SIZE = 8
+
+
 class CompiledModel:
     """Runs the artifact's entry functions over sequences held in one paged KV cache.
 
     The caller names the sequences (integer ids) and decides when to add, fork and remove them;
     `prefill` and `decode` each run one forward over several sequences.
 
-    max_batch_size: sequences in one forward.
+    max_batch_size: sequences in one forward; by default 8, or the artifact's prefill chunk
+        where that is smaller (sliding windows under 8 tokens cap it).
     max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
     """
 
@@ -41,7 +45,7 @@ class CompiledModel:
         self,
         folder: str | os.PathLike,
         device: str = "cpu",
-        max_batch_size: int = 8,
+        max_batch_size: int | None = None,
         max_total_tokens: int | None = None,
         threads: int | None = None,
     ):
@@ -53,6 +57,8 @@ class CompiledModel:
         self.prefill_chunk = manifest.prefill_chunk_size
         # The cache's scratch buffers hold prefill_chunk tokens per forward; a decode step of
         # max_batch_size sequences is one token each.
+        if max_batch_size is None:
+            max_batch_size = min(DEFAULT_MAX_BATCH_SIZE, self.prefill_chunk)
         if not isinstance(max_batch_size, int) or not 1 <= max_batch_size <= self.prefill_chunk:
             raise RelaxlmError(
                 f"max_batch_size={max_batch_size!r} is invalid; set it to an integer in "

@@ -9,6 +9,7 @@ import threading
 
 import numpy as np
 import pytest
+from hf_models import hf_greedy, make_model
 
 import relaxlm
 from relaxlm import SamplingParams
@@ -333,3 +334,14 @@ def test_requests_that_cannot_run_are_refused(llm):
         fresh(llm, max_batch_size=100000)
     with pytest.raises(RelaxlmError, match="2 SamplingParams for 1 prompts"):
         llm.generate([[1, 2]], [GREEDY, GREEDY])
+
+
+def test_a_window_smaller_than_the_default_batch_loads_with_defaults(tmp_path):
+    # Gemma 2's windows on every other layer cap the prefill chunk at the window (see
+    # compiler/lower_attention_to_paged_kv.py): with 4 tokens, the default batch of 8 was refused.
+    folder = make_model(tmp_path / "w4", "Gemma2ForCausalLM", seed=33, sliding_window=4)
+    llm = relaxlm.LLM(str(folder))
+    assert llm.model.max_batch_size == llm.model.prefill_chunk == 4
+    prompt = [1, 17, 42, 99, 7, 250, 31, 64, 12]
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
+    assert out.token_ids == hf_greedy(folder, prompt, 8)
