@@ -345,3 +345,19 @@ def test_a_window_smaller_than_the_default_batch_loads_with_defaults(tmp_path):
     prompt = [1, 17, 42, 99, 7, 250, 31, 64, 12]
     out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0))[0]
     assert out.token_ids == hf_greedy(folder, prompt, 8)
+
+
+def test_a_bad_request_fails_alone_while_others_run(llm, solo):
+    prompt = token_prompts(llm.model.vocab_size, (20,))[0]
+    params = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
+    want = alone(solo, [prompt], params)
+    results = []
+    runner = threading.Thread(target=lambda: results.extend(llm.generate([prompt], params)))
+    runner.start()
+    # Out-of-vocabulary logit_bias ids once reached the engine thread, where the OverflowError
+    # failed every request in flight; now each is refused at submission, in the caller.
+    for bias in ({2**70: 1.0}, {llm.model.vocab_size: 1.0}):
+        with pytest.raises(RelaxlmError, match="logit_bias"):
+            llm.generate([[1, 5, 9]], SamplingParams(max_tokens=4, logit_bias=bias))
+    runner.join()
+    assert [r.token_ids for r in results] == want
