@@ -342,9 +342,10 @@ class Scheduler:
         needed = _ceil_div(len(tokens), p) + (n - 1) * self.pages.fork_cost(len(tokens))
         if needed > self.config.num_pages:
             raise RelaxlmError(
-                f"the prompt ({len(tokens)} tokens, n={n}) needs {needed} KV-cache pages but the "
-                f"cache has {self.config.num_pages} of {p} tokens; raise kv_cache_tokens or "
-                "shorten the prompt"
+                f"the prompt ({len(tokens)} tokens, n={n}) needs {needed} KV-cache pages of {p} "
+                f"tokens each ({needed * p} tokens) but the cache holds {self.config.num_pages} "
+                f"pages ({self.config.num_pages * p} tokens); raise kv_cache_tokens or shorten "
+                "the prompt"
             )
 
     def append_token(self, seq: Sequence, token: int) -> None:

@@ -334,6 +334,11 @@ def test_requests_that_can_never_run_are_refused():
         s.add("a", [1, 2, 3], n=3)
     with pytest.raises(RelaxlmError, match="kv_cache_tokens"):
         s.add("a", list(range(17)))
+    # Pages and tokens are named as such (it said "4 of 4 tokens", meaning 4 pages of 4 tokens).
+    with pytest.raises(RelaxlmError, match=r"5 KV-cache pages of 4 tokens each \(20 tokens\) "):
+        s.add("a", list(range(17)))
+    with pytest.raises(RelaxlmError, match=r"holds 4 pages \(16 tokens\)"):
+        s.add("a", list(range(17)))
     with pytest.raises(RelaxlmError, match="empty"):
         s.add("a", [])
     with pytest.raises(RelaxlmError, match="max_prefill_tokens=0"):
