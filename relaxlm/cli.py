@@ -200,8 +200,9 @@ def _run(args) -> None:
 
 
 def _chat(llm, params) -> None:
-    """Interactive chat through the model's chat template; /exit or end of input quits."""
-    print("chat with the model; /exit or Ctrl-D to quit", file=sys.stderr)
+    """Interactive chat through the model's chat template; /exit or end of input quits, Ctrl-C
+    stops the reply being written (the conversation goes on) and, at the prompt, quits."""
+    print("chat with the model; Ctrl-C stops a reply; /exit or Ctrl-D to quit", file=sys.stderr)
     messages: list[dict] = []
     while True:
         try:
@@ -215,9 +216,14 @@ def _chat(llm, params) -> None:
             continue
         messages.append({"role": "user", "content": line})
         reply = []
-        for delta in llm.stream(messages, params):
-            reply.append(delta)
-            print(delta, end="", flush=True)
+        stream = llm.stream(messages, params)
+        try:
+            for delta in stream:
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()  # aborts the request: its KV pages are freed
+            print(" [stopped]", end="", file=sys.stderr, flush=True)
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
 

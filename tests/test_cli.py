@@ -334,3 +334,27 @@ def test_bad_device_names_and_libraries_are_clear_errors(artifact, tmp_path):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RelaxlmError, match="library does not load"):
         relaxlm.LLM(str(broken))
+
+
+def test_ctrl_c_stops_the_reply_not_the_chat(compiled, monkeypatch, capsys):
+    from relaxlm.cli import _chat
+
+    llm = compiled("llama_gqa")
+    params = relaxlm.SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    stream = llm.stream
+
+    def interrupted_stream(messages, p):  # Ctrl-C arrives after two pieces of the first reply
+        for i, delta in enumerate(stream(messages, p)):
+            if i == 2 and len(messages) == 1:
+                raise KeyboardInterrupt
+            yield delta
+
+    lines = iter(["hello", "again", "/exit"])
+    monkeypatch.setattr(llm, "stream", interrupted_stream)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    _chat(llm, params)  # returns at /exit: the interrupt ended only the first reply
+    out = capsys.readouterr()
+    assert "[stopped]" in out.err
+    first, second = out.out.splitlines()[:2]
+    assert len(first) < len(second)  # the second reply ran to its 20 tokens
+    assert llm.metrics().running == 0  # the stopped request freed its sequence
