@@ -2,6 +2,7 @@
 one engine that batches every request in flight (see runtime/engine.py)."""
 
 import asyncio
+import inspect
 import os
 import queue
 import uuid
@@ -91,6 +92,10 @@ class LLM:
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **options):
+        # __init__ never runs for an embedding model: its keywords are checked here
+        known = inspect.signature(cls.__init__).parameters
+        if unknown := [name for name in options if name not in known]:
+            raise TypeError(f"LLM() got unexpected keyword argument(s): {', '.join(unknown)}")
         folder = _artifact_folder(model, **options)
         if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
             device = _device(options.get("device"), options.get("target", "cpu"))

@@ -88,6 +88,9 @@ def test_embedding_artifact_has_no_kv_cache(minilm):
         llm.generate(["hello"])
     # tokenizer.json pads and truncates every text to 128 tokens; transformers ignores that.
     assert llm.tokenizer.encode("hi") == [101, 7632, 102]
+    # LLM.__init__ does not run for an embedding model: a misspelt option must still be caught.
+    with pytest.raises(TypeError, match="max_bach_size"):
+        relaxlm.LLM(str(artifact), max_bach_size=4)
 
 
 def test_embed_on_a_text_generator_is_a_clear_error(compiled):
