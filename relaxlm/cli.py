@@ -76,7 +76,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=_MODEL_HELP)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=1234, help="(default: 1234)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on every route but /health and /ui"
+    )
+    p.add_argument(
+        "--open-metrics", action="store_true", help="leave /metrics open when --api-key is set"
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=_positive_int,
+        help="larger request bodies get a 413 before they are read (default: 4 MiB)",
+    )
     p.add_argument("--served-model-name", help="model id clients send (default: artifact name)")
     p.add_argument(
         "--max-batch",
@@ -286,6 +296,7 @@ def _serve(args) -> None:
 
     import relaxlm
     from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES
 
     llm = relaxlm.LLM(
         args.model,
@@ -305,8 +316,14 @@ def _serve(args) -> None:
         mcp_config=args.mcp_config,
         max_tool_rounds=args.max_tool_rounds,
         host=args.host,
+        open_metrics=args.open_metrics,
+        max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
     )
-    uvicorn.run(create_app(llm, options), host=args.host, port=args.port)
+    app = create_app(llm, options)
+    base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    paths = ["/v1"] + ["/ui"] * args.ui + ["/mcp"] * args.mcp
+    print("serving " + ", ".join(base + path for path in paths), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
 
 
 def _cache(args) -> None:

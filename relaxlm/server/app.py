@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=1234)
 
 Errors always come back in OpenAI's shape ({"error": {...}}) with a 4xx status: bad fields
-400 (naming the field), unknown model 404, missing or wrong API key 401, overload 429.
+400 (naming the field), unknown model 404, missing or wrong API key 401, overload 429; a body
+too large 413, and on loopback a foreign Host 421 or Origin 403 (guards.py, before any route).
 Streams are Server-Sent Events ending with `data: [DONE]`; a client that disconnects mid-stream
 cancels its request, which frees its KV pages at once.
 """
@@ -39,14 +40,17 @@ from relaxlm.server.completions import (
     chat_prompt_ids,
     text_completion,
 )
+from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, is_loopback
 from relaxlm.server.metrics import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.25  # how often a long non-streamed request checks for its client
 
-# Routes that need the API key when one is set (health and metrics stay open for probes).
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/mcp")
+# Routes open without the API key: the liveness probe, and the chat page (which asks for the
+# key itself). /metrics too with ServerOptions.open_metrics.
+_OPEN_PATHS = ("/health",)
+_OPEN_PREFIXES = ("/ui/",)
 
 
 @dataclass
@@ -55,14 +59,17 @@ class ServerOptions:
 
     served_model_name: the model id clients send (and /v1/models lists); the artifact folder's
         name by default.
-    api_key: when set, requests to /v1/*, /tokenize and /detokenize need
+    api_key: when set, every route but /health and /ui (and /metrics with open_metrics) needs
         `Authorization: Bearer <api_key>`.
+    open_metrics: leave /metrics open when api_key is set (for a scraper without the key).
     max_waiting: sequences queued for a batch slot beyond which requests get a 429.
     mcp: serve the model as an MCP server at /mcp (streamable HTTP; see mcp_server.py).
     ui: serve the web chat page at /ui.
     mcp_config: JSON file of MCP servers whose tools the model may call (see mcp_client.py).
     max_tool_rounds: rounds of MCP tool calls per chat request before the answer is returned.
-    host: the address served on; on loopback /mcp refuses other Host headers (DNS rebinding).
+    host: the address served on; on loopback every route refuses other Host headers and
+        foreign Origins (DNS rebinding).
+    max_body_bytes: larger request bodies get a 413 before they are read.
     """
 
     served_model_name: str | None = None
@@ -73,6 +80,8 @@ class ServerOptions:
     mcp_config: str | None = None
     max_tool_rounds: int = 4
     host: str = "127.0.0.1"
+    open_metrics: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 _ERRORS = {400: {"model": s.ErrorResponse}, 401: {"model": s.ErrorResponse}}
@@ -115,13 +124,28 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
         summary="OpenAI-compatible API over an ahead-of-time compiled model",
         version="0.1.0",
         lifespan=functools.partial(_lifespan, tools=tools, mcp_server=mcp_server),
+        # Swagger UI and ReDoc load their scripts from a CDN; /openapi.json is the document.
+        docs_url=None,
+        redoc_url=None,
     )
     _install_errors(app)
-    app.add_middleware(_AuthAndCount, api_key=options.api_key, metrics=metrics, router=app.router)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=options.max_body_bytes,
+        loopback_only=is_loopback(options.host),
+    )
+    open_paths = _OPEN_PATHS + (("/metrics",) if options.open_metrics else ())
+    app.add_middleware(
+        _AuthAndCount,
+        api_key=options.api_key,
+        open_paths=open_paths,
+        metrics=metrics,
+        router=app.router,
+    )
     _add_openai_routes(app, ctx, chat)
     _add_service_routes(app, ctx, metrics)
     if mcp_server is not None:
-        app.router.routes.extend(mcp_server.http_routes(options.host))
+        app.router.routes.extend(mcp_server.http_routes())
     if options.ui:
         app.mount("/ui", StaticFiles(directory=Path(__file__).parent / "ui", html=True), "ui")
     return app
@@ -166,16 +190,18 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
     async def completions(body: s.CompletionRequest, request: Request):
         return _answer(await _unless_client_leaves(request, text_completion(ctx, body)))
 
+    def card() -> s.ModelCard:
+        window = None if ctx.is_embedding else ctx.context_window
+        return s.ModelCard(id=ctx.name, created=ctx.created, max_model_len=window)
+
     @app.get("/v1/models", response_model=s.ModelList, responses=_ERRORS)
     async def models():
-        window = None if ctx.is_embedding else ctx.context_window
-        card = s.ModelCard(id=ctx.name, created=ctx.created, max_model_len=window)
-        return s.ModelList(data=[card])
+        return s.ModelList(data=[card()])
 
     @app.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=_GEN_ERRORS)
     async def model(model_id: str):
         ctx.check_model(model_id)
-        return s.ModelCard(id=ctx.name, created=ctx.created)
+        return card()
 
     embed_lock = threading.Lock()  # one embedding batch at a time through the VM
 
@@ -391,8 +417,17 @@ class _AuthAndCount:
     hide client disconnects from them.
     """
 
-    def __init__(self, app, *, api_key: str | None, metrics: ServerMetrics, router):
+    def __init__(
+        self,
+        app,
+        *,
+        api_key: str | None,
+        open_paths: tuple[str, ...],
+        metrics: ServerMetrics,
+        router,
+    ):
         self.app, self.api_key, self.metrics, self.router = app, api_key, metrics, router
+        self.open_paths = open_paths
         self._known: set[str] | None = None
 
     async def __call__(self, scope, receive, send) -> None:
@@ -403,7 +438,8 @@ class _AuthAndCount:
         if self._known is None:  # routes are all added by the first request
             self._known = {getattr(r, "path", "") for r in self.router.routes}
         route = path if path in self._known else "other"  # bounded label values
-        if self.api_key is not None and path.startswith(PROTECTED_PREFIXES):
+        is_open = path in self.open_paths or path.startswith(_OPEN_PREFIXES) or path == "/ui"
+        if self.api_key is not None and not is_open:
             if not self._authorized(scope):
                 error = ApiError(
                     401,

@@ -20,6 +20,11 @@ from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM, Prompt, RequestGroup
 from relaxlm.server import schemas as s
 from relaxlm.server.tools import CallDelta, ReplyParser, forced_call_schema
 
+# No tokenizer writes text this long per token on average; a longer prompt text can never fit
+# the context window, and is refused before tokenizing it, which holds the GIL (4 MB: ~5 s of
+# stalled streams).
+MAX_CHARS_PER_TOKEN = 32
+
 # The chat route's function (chat_completion for a model): a request in, the response out, or
 # (request.stream) its chunks; awaiting it checks the request, so errors come before any chunk.
 Chat = Callable[
@@ -97,6 +102,20 @@ class ModelContext:
                 "model",
             )
 
+    def check_text_fits(self, chars: int, field: str) -> None:
+        """A 400 if a prompt text of `chars` characters cannot fit the context window whatever
+        it tokenizes to (see MAX_CHARS_PER_TOKEN)."""
+        window = self.context_window
+        if chars > window * MAX_CHARS_PER_TOKEN:
+            raise ApiError(
+                400,
+                f"the prompt's text has {chars} characters, more than this model's context "
+                f"window of {window} tokens can hold (at most {MAX_CHARS_PER_TOKEN} characters "
+                "a token); shorten it",
+                field,
+                code="context_length_exceeded",
+            )
+
     def check_load(self) -> None:
         if self.llm.metrics().waiting >= self.max_waiting:
             raise ApiError(
@@ -156,10 +175,10 @@ def _template_messages(messages: list[s.ChatMessage]) -> list[dict]:
     """Messages as chat templates expect them (Hugging Face's conventions)."""
     out = []
     for m in messages:
-        content = m.content
-        if isinstance(content, list):
-            content = "".join(part.text for part in content)
-        message = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        message = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": _text(m.content),
+        }
         if m.name is not None:
             message["name"] = m.name
         if m.tool_call_id is not None:
@@ -177,6 +196,12 @@ def _template_messages(messages: list[s.ChatMessage]) -> list[dict]:
     return out
 
 
+def _text(content: str | list[s.TextPart] | None) -> str:
+    if isinstance(content, list):
+        return "".join(part.text for part in content)
+    return content or ""
+
+
 def _json_or_text(call: s.ToolCall):
     # Templates write arguments with `tojson`: a dict, or the string when it is not JSON.
     try:
@@ -187,6 +212,7 @@ def _json_or_text(call: s.ToolCall):
 
 def chat_prompt_ids(ctx: ModelContext, messages: list[s.ChatMessage], tools: list[dict]):
     """Token ids of `messages` (and `tools`) through the model's chat template."""
+    ctx.check_text_fits(sum(len(_text(m.content)) for m in messages), "messages")
     try:
         text = ctx.llm.apply_chat_template(_template_messages(messages), tools)
     except RelaxlmError as e:
@@ -380,6 +406,7 @@ def _completion_prompts(ctx: ModelContext, prompt) -> list[list[int]]:
         prompts = list(prompt)
     if not prompts:
         raise ApiError(400, "prompt is empty; pass text or token ids", "prompt")
+    ctx.check_text_fits(sum(len(p) for p in prompts if isinstance(p, str)), "prompt")
     tokenizer = ctx.llm.tokenizer
     return [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
 

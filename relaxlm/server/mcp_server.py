@@ -23,6 +23,7 @@ from typing import Annotated, Any
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.resources import FunctionResource
+from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ValidationError
 from starlette.routing import BaseRoute
@@ -165,13 +166,18 @@ class McpModelServer:
 
     # -- transports -----------------------------------------------------------------------------
 
-    def http_routes(self, host: str = "127.0.0.1") -> list[BaseRoute]:
+    def http_routes(self) -> list[BaseRoute]:
         """The `/mcp` streamable-HTTP route to add to an ASGI app; enter `sessions()` in that
         app's lifespan (a mounted sub-app's lifespan never runs).
 
-        host: the bind address; on loopback the SDK checks Host/Origin against DNS rebinding.
+        The app checks Host and Origin for all its routes (guards.RequestGuard), so the SDK's
+        own check, which would differ from the other routes', is off.
         """
-        return list(self.server.streamable_http_app(streamable_http_path="/mcp", host=host).routes)
+        app = self.server.streamable_http_app(
+            streamable_http_path="/mcp",
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
+        return list(app.routes)
 
     def sessions(self) -> AbstractAsyncContextManager[None]:
         """The streamable-HTTP session manager's run, for the serving app's lifespan."""
