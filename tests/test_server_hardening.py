@@ -183,3 +183,51 @@ def test_a_model_and_the_model_list_agree(server, llm):
     listed = requests.get(f"{server.url}/v1/models", timeout=10).json()["data"][0]
     one = requests.get(f"{server.url}/v1/models/{MODEL}", timeout=10).json()
     assert one == listed and one["max_model_len"] == llm.manifest.context_window
+
+
+# -- fields: strict types, token ids, other servers' fields -----------------------------------
+
+BASE = {"model": MODEL, "messages": USER, "max_tokens": 2}
+
+
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"logit_bias": {"²": 1}}, "logit_bias"),  # str.isdigit() is True, int() refuses it
+        ({"logit_bias": {"9" * 5000: 1}}, "logit_bias"),  # past int()'s 4300-digit limit
+        ({"logit_bias": {"100000": 1}}, "logit_bias"),  # outside the vocabulary
+        ({"max_tokens": True}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"n": 1.5}, "n"),
+        ({"seed": True}, "seed"),
+        ({"stop_token_ids": [10**30]}, "stop_token_ids.0"),
+        ({"stop_token_ids": [100000]}, "stop_token_ids"),  # outside the vocabulary
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"guided_regex": "a+"}, "guided_regex"),
+        ({"guided_choice": ["yes", "no"]}, "guided_choice"),
+        ({"guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    ],
+)
+def test_wrong_types_and_ids_are_400s_naming_the_field(server, fields, param):
+    error = assert_error(post(server, {**BASE, **fields}), 400, param)
+    if param.startswith("guided_"):
+        assert "response_format" in error["message"]
+
+
+def test_what_strict_types_still_take(server):
+    # An integer where a number goes, null for the default, other unknown fields ignored.
+    body = {**BASE, "temperature": 0, "top_p": 1, "stop": None, "n": None, "metadata": {"a": 1}}
+    assert post(server, {**body, "n": 1.0, "max_tokens": 2.0}).status_code == 200  # JSON: 1.0 == 1
+    assert post(server, {**body, "guided_json": None}).status_code == 200
+    r = post(server, {"model": MODEL, "prompt": [5, 6], "max_tokens": 2}, path="/v1/completions")
+    assert r.status_code == 200, r.text
+
+
+def test_prompt_text_too_long_for_any_tokenization_is_refused_before_tokenizing(server, llm):
+    chars = llm.manifest.context_window * 32 + 1
+    r = post(server, {**BASE, "messages": [{"role": "user", "content": "a" * chars}]})
+    assert assert_error(r, 400, "messages")["code"] == "context_length_exceeded"
+    r = post(server, {"model": MODEL, "prompt": ["a" * chars]}, path="/v1/completions")
+    assert assert_error(r, 400, "prompt")["code"] == "context_length_exceeded"

@@ -8,6 +8,7 @@ never starts and then fails: errors are `ApiError`s carrying OpenAI's status and
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -574,7 +575,7 @@ def sampling_params(
             seed=request.seed,
             n=request.n,
             stop=tuple([request.stop] if isinstance(request.stop, str) else request.stop or ()),
-            stop_token_ids=tuple(request.stop_token_ids or ()),
+            stop_token_ids=_stop_token_ids(ctx, request.stop_token_ids),
             ignore_eos=request.ignore_eos,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
@@ -589,13 +590,28 @@ def sampling_params(
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
-    # JSON keys are strings; whether each id is in the vocabulary is Engine.check's question.
+    # JSON keys are strings of ASCII digits (str.isdigit also takes "²", which int() refuses);
+    # whether each id is in the vocabulary is Engine.check's question.
     out = {}
     for key, value in (bias or {}).items():
-        if not key.isdigit():
-            raise ApiError(400, f"logit_bias key {key!r} is not a token id", "logit_bias")
+        if not re.fullmatch("[0-9]{1,10}", key):
+            raise ApiError(
+                400, f"logit_bias key {key[:20]!r} is not a token id (an integer)", "logit_bias"
+            )
         out[int(key)] = value
     return out
+
+
+def _stop_token_ids(ctx: ModelContext, ids: list[int] | None) -> tuple[int, ...]:
+    vocab = ctx.llm.vocab_size
+    bad = [t for t in ids or () if t >= vocab]
+    if bad:
+        raise ApiError(
+            400,
+            f"stop_token_ids {bad[:5]} lie outside the vocabulary [0, {vocab})",
+            "stop_token_ids",
+        )
+    return tuple(ids or ())
 
 
 def _field_named(message: str) -> str | None:

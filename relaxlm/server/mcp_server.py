@@ -37,6 +37,7 @@ from relaxlm.server.completions import Chat
 # Request fields a tool fixes: the model is the served one, and a tool answers one choice's
 # text, whole. The tools take every other field of the route's schema, with its ranges.
 _FIXED_FIELDS = {"model", "stream", "stream_options", "n", "logprobs", "top_logprobs", "user"}
+_FIXED_FIELDS |= set(s.REFUSED_FIELDS)
 _COMPLETE_FIXED = _FIXED_FIELDS | {"echo", "suffix", "best_of"}
 
 

@@ -3,26 +3,42 @@
 They are the validation (a wrong field is a 400 that names it) and the OpenAPI document at
 /openapi.json. Field names, defaults and ranges are OpenAI's; `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos` and `stop_token_ids` are relaxlm's (and vLLM's) extras.
-Unknown request fields are ignored, as OpenAI clients send fields this server has no use for.
+Types are strict, as OpenAI's: `"max_tokens": true`, `"stream": "yes"` or `"n": 1.5` are 400s.
+Unknown request fields are ignored, as OpenAI clients send fields this server has no use for,
+except other servers' fields that would change the answer (REFUSED_FIELDS), which are 400s.
 """
 
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # 2**63 - 1: the largest seed numpy takes and JSON clients send without losing precision.
 _MAX_SEED = 9_223_372_036_854_775_807
+_MAX_TOKEN_ID = 2**31 - 1  # ids are int32 on the device; the vocabulary check comes later
+TokenId = Annotated[int, Field(ge=0, le=_MAX_TOKEN_ID)]
+
+# vLLM's structured-output fields, and what to send this server instead: a client that sends
+# one expects a constrained answer, so ignoring it would be a silent wrong answer.
+REFUSED_FIELDS = {
+    "guided_json": 'response_format {"type": "json_schema", "json_schema": {"name": ..., '
+    '"schema": SCHEMA}}',
+    "guided_regex": "response_format json_schema (only JSON is constrained here; a string "
+    'field with a "pattern" where the grammar allows it)',
+    "guided_choice": 'response_format json_schema with {"enum": [CHOICES]}',
+    "guided_grammar": "response_format json_schema (no grammars but JSON here)",
+}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data):
-        data = _without_surrogates(data)
+        data = _json_values(data)
         if not isinstance(data, dict):
             return data
         # OpenAI's API takes `null` for "the default" (clients send "stop": null, "n": null).
@@ -34,15 +50,19 @@ class _Request(BaseModel):
         }
 
 
-def _without_surrogates(value):
+def _json_values(value):
     """`value` with each lone UTF-16 surrogate (JSON may escape one: "\\udb34") replaced by
-    U+FFFD, as a lenient UTF-8 decoder would: no tokenizer, and not pydantic's errors, take it."""
+    U+FFFD, as a lenient UTF-8 decoder would (no tokenizer, and not pydantic's errors, take it),
+    and each integral float as an int: JSON has one number type, 2.0 is the integer 2 (as JSON
+    Schema says), while strict types refuse true and "2"."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
     if isinstance(value, dict):
-        return {_without_surrogates(k): _without_surrogates(v) for k, v in value.items()}
+        return {_json_values(k): _json_values(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_surrogates(v) for v in value]
+        return [_json_values(v) for v in value]
     return value
 
 
@@ -105,7 +125,23 @@ class SamplingFields(_Request):
     min_p: float = Field(0.0, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    # REFUSED_FIELDS, declared so that sending one is a 400 naming it; not in the OpenAPI
+    # document, where they would read as supported.
+    guided_json: SkipJsonSchema[Any] = None
+    guided_regex: SkipJsonSchema[Any] = None
+    guided_choice: SkipJsonSchema[Any] = None
+    guided_grammar: SkipJsonSchema[Any] = None
+
+    @field_validator(*REFUSED_FIELDS)
+    @classmethod
+    def _refused(cls, value, info: ValidationInfo):
+        if value is not None:
+            raise ValueError(
+                f"{info.field_name} is not supported by this server; send "
+                f"{REFUSED_FIELDS[info.field_name]}"
+            )
+        return value
 
 
 # -- chat ---------------------------------------------------------------------------------------
@@ -294,7 +330,7 @@ class McpEventChunk(ChatCompletionChunk):
 
 # -- completions --------------------------------------------------------------------------------
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0)]]  # beyond the vocabulary: Engine.check's 400
 
 
 class CompletionRequest(SamplingFields):
