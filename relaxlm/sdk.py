@@ -2,11 +2,13 @@
 one engine that batches every request in flight (see runtime/engine.py)."""
 
 import asyncio
+import functools
 import inspect
 import os
 import queue
+import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -282,6 +284,7 @@ class AsyncLLM:
             raise RelaxlmError(f"{self.llm.artifact} is an embedding model; use LLM.embed()")
         self.artifact, self.manifest = self.llm.artifact, self.llm.manifest
         self.tokenizer = self.llm.tokenizer
+        self._in_flight = _Counter()  # sequences submitted here whose request has not ended
 
     @property
     def vocab_size(self) -> int:
@@ -305,7 +308,14 @@ class AsyncLLM:
         """
         checked = [(self.llm.check(prompt, params), params) for prompt, params in requests]
         ids = list(request_ids) if request_ids is not None else [None] * len(checked)
-        return RequestGroup(self.llm.engine, checked, ids)
+        return RequestGroup(self.llm.engine, checked, ids, self._in_flight)
+
+    def waiting(self) -> int:
+        """Sequences waiting for a batch slot, counting those submitted a moment ago: the
+        engine's gauge (metrics().waiting) sees a submission only at its next step, so a burst
+        would pass a check on the gauge alone."""
+        queued = self._in_flight.value - self.llm.engine.config.max_batch_size
+        return max(self.llm.metrics().waiting, queued)
 
     async def generate(
         self,
@@ -368,24 +378,38 @@ class RequestGroup:
         engine: Engine,
         requests: list[tuple[list[int], SamplingParams]],
         request_ids: list[str | None],
+        in_flight: "_Counter | None" = None,
     ):
         self.prompt_ids = [ids for ids, _ in requests]
         self._engine = engine
         self._queue: asyncio.Queue = asyncio.Queue()
         self._pending: dict[str, int] = {}  # request id -> index, until its last output
+        in_flight = in_flight or _Counter()
         loop = asyncio.get_running_loop()
         try:
             for index, ((ids, params), request_id) in enumerate(
                 zip(requests, request_ids, strict=True)
             ):
-                request_id = engine.submit(ids, params, self._sink(loop, index), request_id)
+                in_flight.add(params.n)
+                try:
+                    sink = self._sink(loop, index, functools.partial(in_flight.add, -params.n))
+                    request_id = engine.submit(ids, params, sink, request_id)
+                except BaseException:
+                    in_flight.add(-params.n)
+                    raise
                 self._pending[request_id] = index
         except BaseException:
             self.abort()
             raise
 
-    def _sink(self, loop: asyncio.AbstractEventLoop, index: int):
+    def _sink(self, loop: asyncio.AbstractEventLoop, index: int, ended: Callable[[], None]):
+        done = False
+
         def put(output):  # on the engine thread
+            nonlocal done
+            if not done and (isinstance(output, BaseException) or output.finished):
+                done = True
+                ended()
             loop.call_soon_threadsafe(self._queue.put_nowait, (index, output))
 
         return put
@@ -473,6 +497,18 @@ class _ResultBuilder:
         for completion, texts in zip(self.completions, self.texts, strict=True):
             completion.text = "".join(texts)
         return GenerationResult(self.prompt_ids, self.completions, self.request_id)
+
+
+class _Counter:
+    """An int that threads add to."""
+
+    def __init__(self):
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
 
 
 def _tagged(outputs: queue.Queue, request_id: str):

@@ -231,3 +231,46 @@ def test_prompt_text_too_long_for_any_tokenization_is_refused_before_tokenizing(
     assert assert_error(r, 400, "messages")["code"] == "context_length_exceeded"
     r = post(server, {"model": MODEL, "prompt": ["a" * chars]}, path="/v1/completions")
     assert assert_error(r, 400, "prompt")["code"] == "context_length_exceeded"
+
+
+# -- admission and the KV cache ----------------------------------------------------------------
+
+
+def test_max_waiting_holds_for_a_burst(llm):
+    # 8 batch slots and 1 waiting place: of 64 requests at once, the first 9 are taken.
+    app = create_app(llm, ServerOptions(served_model_name=MODEL, max_waiting=1))
+    body = {"model": MODEL, "messages": USER, "max_tokens": 64, "ignore_eos": True}
+    with BackgroundServer(app) as s:
+        statuses = []
+        barrier = threading.Barrier(64)
+
+        def send():
+            barrier.wait()
+            statuses.append(post(s, body).status_code)
+
+        threads = [threading.Thread(target=send) for _ in range(64)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert set(statuses) <= {200, 429} and len(statuses) == 64
+    assert statuses.count(429) >= 32, statuses.count(429)
+
+
+def test_a_request_the_kv_cache_cannot_hold_is_refused_not_cut_short(llm):
+    small = relaxlm.LLM(str(llm.artifact), max_batch_size=2, kv_cache_tokens=512)
+    with BackgroundServer(create_app(small, ServerOptions(served_model_name=MODEL))) as s:
+        messages = [{"role": "user", "content": "cat dog " * 60}]
+        body = {"model": MODEL, "messages": messages, "ignore_eos": True}
+        error = assert_error(post(s, {**body, "max_tokens": 600}), 400, "max_tokens")
+        assert error["code"] == "context_length_exceeded" and "KV cache" in error["message"]
+        # Without max_tokens, the default is what the cache holds: a plain "length" stop.
+        out = post(s, body).json()
+        usage = out["usage"]
+        assert out["choices"][0]["finish_reason"] == "length"
+        m = small.metrics()  # 512 tokens, rounded up to whole pages
+        assert usage["total_tokens"] <= m.kv_pages_total * m.page_size
+        assert usage["completion_tokens"] > 1
+        room = int(error["message"].split("at most ")[1].split(",")[0])
+        assert usage["completion_tokens"] == room
+        assert post(s, {**body, "max_tokens": room}).status_code == 200

@@ -103,6 +103,11 @@ class ModelContext:
                 "model",
             )
 
+    @property
+    def kv_cache_tokens(self) -> int:
+        m = self.llm.metrics()
+        return m.kv_pages_total * m.page_size
+
     def check_text_fits(self, chars: int, field: str) -> None:
         """A 400 if a prompt text of `chars` characters cannot fit the context window whatever
         it tokenizes to (see MAX_CHARS_PER_TOKEN)."""
@@ -118,7 +123,9 @@ class ModelContext:
             )
 
     def check_load(self) -> None:
-        if self.llm.metrics().waiting >= self.max_waiting:
+        # AsyncLLM.waiting counts submissions at once, so a burst cannot all pass this check
+        # before the engine sees any of them (check and submit run with no await between).
+        if self.llm.waiting() >= self.max_waiting:
             raise ApiError(
                 429,
                 f"the server is overloaded ({self.max_waiting} sequences waiting); retry later",
@@ -235,7 +242,6 @@ async def chat_completion(
     params = sampling_params(
         ctx, request, ids, request.max_completion_tokens or request.max_tokens, logprobs, constraint
     )
-    ctx.check_load()
     run = _submit(ctx, [(ids, params)], "messages")
     meta = _Meta(
         f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, len(ids), logprobs is not None
@@ -430,7 +436,6 @@ async def text_completion(
         (ids, sampling_params(ctx, request, ids, request.max_tokens, request.logprobs, constraint))
         for ids in prompts
     ]
-    ctx.check_load()
     run = _submit(ctx, runs, "prompt")
     meta = _Meta(
         f"cmpl-{uuid.uuid4().hex}",
@@ -554,14 +559,24 @@ def sampling_params(
             "messages" if isinstance(request, s.ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
+    room = _kv_room(ctx, len(prompt_ids), request.n)
     if max_tokens is None:
-        max_tokens = window - len(prompt_ids)
+        max_tokens = min(window - len(prompt_ids), room)
     if len(prompt_ids) + max_tokens > window:
         raise ApiError(
             400,
             f"the prompt's {len(prompt_ids)} tokens plus max_tokens={max_tokens} exceed this "
             f"model's context window of {window} tokens; lower max_tokens to at most "
             f"{window - len(prompt_ids)}, or shorten the prompt",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    if max_tokens > room:  # the engine would cut it short, as if max_tokens had stopped it
+        raise ApiError(
+            400,
+            f"the prompt's {len(prompt_ids)} tokens plus max_tokens={max_tokens} (n={request.n}) "
+            f"need more than the server's KV cache holds ({ctx.kv_cache_tokens} tokens); lower "
+            f"max_tokens to at most {room}, or serve with a larger --kv-cache-tokens",
             "max_tokens",
             code="context_length_exceeded",
         )
@@ -587,6 +602,23 @@ def sampling_params(
     except RelaxlmError as e:
         raise ApiError(400, str(e), _field_named(str(e))) from e
     return params
+
+
+def _kv_room(ctx: ModelContext, prompt_tokens: int, n: int) -> int:
+    """The most tokens each of `n` completions of a prompt can generate in the whole KV cache:
+    the prompt's pages, shared, then each completion's own pages (a partial page copied)."""
+    m = ctx.llm.metrics()
+    pages, size = m.kv_pages_total, m.page_size
+
+    def fits(new: int) -> bool:
+        own = -(-new // size) + 1 if n > 1 else 0
+        return -(-(prompt_tokens + new) // size) + (n - 1) * own <= pages
+
+    low, high = 0, ctx.context_window  # fits(low); the answer is below high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
@@ -646,7 +678,9 @@ def _submit(
     ctx: ModelContext, requests: list[tuple[Prompt, SamplingParams]], prompt_field: str
 ) -> RequestGroup:
     """The requests, checked (Engine.check, through the SDK) and submitted; a 400 naming the
-    field at fault when one can never run, before any is submitted."""
+    field at fault when one can never run, before any is submitted; a 429 when the queue is
+    full."""
+    ctx.check_load()
     try:
         return ctx.llm.generate_many(requests, [f"srv-{uuid.uuid4().hex}" for _ in requests])
     except RelaxlmError as e:
