@@ -228,6 +228,11 @@ class LLM:
         """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
         return self.engine.metrics()
 
+    def max_new_tokens(self, prompt_len: int, n: int = 1) -> int:
+        """The most tokens each of `n` completions of a `prompt_len`-token prompt can generate
+        in this engine's KV cache (the context window aside)."""
+        return self.engine.max_new_tokens(prompt_len, n)
+
     def embed(self, texts: str | list[str], batch_size: int = 32) -> np.ndarray:
         """Embedding models only (see EmbeddingLLM): a text model says so."""
         raise RelaxlmError(
@@ -366,6 +371,10 @@ class AsyncLLM:
     def metrics(self) -> EngineMetrics:
         """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
         return self.llm.metrics()
+
+    def max_new_tokens(self, prompt_len: int, n: int = 1) -> int:
+        """See LLM.max_new_tokens."""
+        return self.llm.max_new_tokens(prompt_len, n)
 
 
 class RequestGroup:

@@ -152,6 +152,11 @@ class Engine:
         """A snapshot, as of the engine's latest step or cancellation; never waits."""
         return self._metrics_view.copy()
 
+    def max_new_tokens(self, prompt_len: int, n: int = 1) -> int:
+        """The most tokens each of `n` completions of such a prompt can ever generate here:
+        beyond it the KV cache cuts a completion short (finish_reason "length")."""
+        return self.scheduler.max_new_tokens(prompt_len, n)
+
     def check(self, prompt_ids, params: SamplingParams | None = None) -> list[int]:
         """The prompt as a list of ints; RelaxlmError unless the request can ever run.
 

@@ -348,6 +348,24 @@ class Scheduler:
                 "the prompt"
             )
 
+    def max_new_tokens(self, prompt_len: int, n: int = 1) -> int:
+        """The most tokens each of `n` completions of a `prompt_len`-token prompt can generate
+        with the whole KV cache to itself: the prompt's pages shared, then each completion's
+        own pages (a partly filled prompt page copied). 0 if even the prompt does not fit."""
+        p, total = self.config.page_size, self.config.num_pages
+
+        def fits(new: int) -> bool:
+            own = _ceil_div(new, p) + 1 if n > 1 else 0
+            return _ceil_div(prompt_len + new, p) + (n - 1) * own <= total
+
+        low, high = 0, total * p + 1  # fits(low) unless nothing does; never fits(high)
+        if not fits(0):
+            return 0
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
     def append_token(self, seq: Sequence, token: int) -> None:
         """The engine sampled `token` for `seq` from the logits of its last chunk."""
         assert seq.status is Status.RUNNING and seq.remaining == 0, seq

@@ -343,3 +343,12 @@ def test_requests_that_can_never_run_are_refused():
         s.add("a", [])
     with pytest.raises(RelaxlmError, match="max_prefill_tokens=0"):
         SchedulerConfig(1, 1, 1, 0)
+
+
+def test_max_new_tokens_is_what_the_cache_can_ever_hold():
+    s, _ = make(max_batch_size=4, num_pages=8)  # 8 pages of 4 tokens: 32 tokens
+    assert s.max_new_tokens(10) == 22
+    # n=2: 18 tokens take 5 pages; the second completion's own 8 tokens 2 pages, plus its copy
+    # of the prompt's half-full last page: 8 pages. One more token needs a ninth.
+    assert s.max_new_tokens(10, n=2) == 8
+    assert s.max_new_tokens(32) == 0 and s.max_new_tokens(33) == 0

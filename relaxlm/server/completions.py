@@ -559,7 +559,7 @@ def sampling_params(
             "messages" if isinstance(request, s.ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
-    room = _kv_room(ctx, len(prompt_ids), request.n)
+    room = ctx.llm.max_new_tokens(len(prompt_ids), request.n)
     if max_tokens is None:
         max_tokens = min(window - len(prompt_ids), room)
     if len(prompt_ids) + max_tokens > window:
@@ -602,23 +602,6 @@ def sampling_params(
     except RelaxlmError as e:
         raise ApiError(400, str(e), _field_named(str(e))) from e
     return params
-
-
-def _kv_room(ctx: ModelContext, prompt_tokens: int, n: int) -> int:
-    """The most tokens each of `n` completions of a prompt can generate in the whole KV cache:
-    the prompt's pages, shared, then each completion's own pages (a partial page copied)."""
-    m = ctx.llm.metrics()
-    pages, size = m.kv_pages_total, m.page_size
-
-    def fits(new: int) -> bool:
-        own = -(-new // size) + 1 if n > 1 else 0
-        return -(-(prompt_tokens + new) // size) + (n - 1) * own <= pages
-
-    low, high = 0, ctx.context_window  # fits(low); the answer is below high
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
 
 
 def _logit_bias(bias: dict[str, float] | None) -> dict[int, float]:
