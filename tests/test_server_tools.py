@@ -93,6 +93,14 @@ def test_streamed_replies_equal_whole_ones(step):
     ]
 
 
+@pytest.mark.parametrize("step", [1, 1000])
+def test_a_forced_call_cut_short_is_no_content(step):
+    # tool_choice "required" cut by max_tokens: the half call once came back as content text;
+    # now the reply is empty and the route reports finish_reason "length".
+    content, calls, parser = streamed("required", '{"name": "add", "argu', step)
+    assert content == "" and not calls and parser.num_calls == 0
+
+
 def test_content_streams_before_the_reply_ends():
     parser = ReplyParser("auto", NAMES)
     assert parser.push("Hello").content == "Hello"

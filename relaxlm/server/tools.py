@@ -92,9 +92,8 @@ class ReplyParser:
             return self.push("") if self.num_calls == 0 else ReplyPiece()
         held = self.text[self.sent :]
         self.sent = len(self.text)
-        if self.mode == "required":
-            calls = parse_forced(held, None)
-            content = None if calls else held
+        if self.mode == "required":  # the text is the call: cut short (max_tokens), no content
+            calls, content = parse_forced(held, None), None
         elif self.mode == "auto" and self.holding:
             content, calls = parse_tool_calls(held, self.tool_names)
         else:
