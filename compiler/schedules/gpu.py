@@ -11,10 +11,14 @@ Rules are tried in order; the first that schedules a kernel wins. What takes wha
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
 The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
 
-Metal: dlight's `Matmul` calls `MetalMatmul` (simdgroup tensorization), which segfaults inside
-Tensorize in TVM 0.27 (shared/notes/targets.md), killing the compiler. `Matmul` below schedules
-Metal kernels with the generic tiled matmul instead, planned for a target that has Metal's
-thread limits but is not Metal.
+Tensor cores: in the TVM 0.27 wheel every `Schedule.tensorize` segfaults, because Tensorize
+deep-copies the intrinsic's implementation through `save_json`, and serializing any PrimFunc to
+JSON crashes that build. dlight's `Matmul` tensorizes float16 matmuls for CUDA sm_70+ whose fixed
+dimensions all exceed 64 (`MatmulTensorization`, WMMA), int8 ones (`MatmulInt8Tensorization`)
+and Metal's (`MetalMatmul`, simdgroups), so such kernels killed the compiler. `Matmul` below
+takes dlight's generic tiled matmul for every target instead: CUDA kernels are marked
+`dlight.do_not_tensorize`; Metal's are planned for a target with Metal's thread limits that is
+not Metal (its `MetalMatmul` branch ignores that mark).
 """
 
 import tvm
@@ -24,11 +28,13 @@ from relaxlm.tvm_api import dlight, normalize_prim_func, s_tir, tirx
 
 
 class Matmul(dlight.gpu.Matmul):
-    """dlight's GPU matmul, with the generic tiled schedule on Metal (no simdgroup tensorize)."""
+    """dlight's GPU matmul, always its generic tiled schedule (no tensorize: see above)."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if target.kind.name == "metal":
             target = _without_metal_matmul(target)
+        if isinstance(func, tirx.PrimFunc):
+            func = func.with_attr("dlight.do_not_tensorize", True)
         return super().apply(func, target, tunable)
 
 
