@@ -156,12 +156,16 @@ def build_context(preset: TargetPreset):
     if not preset.is_gpu:
         yield
         return
-    with preset.target():
+    # TVM's TIR common-subexpression pass emits a `cse_vN` use before its definition in some
+    # GPU kernels (InternalError in the device lowering, e.g. a Llama of hidden size 256 with
+    # llama3 RoPE); nvcc eliminates common subexpressions itself, so GPU builds skip the pass.
+    config = {"tirx.disable_cse_tir": True}
+    with preset.target(), tvm.transform.PassContext(config=config):
         if preset.device != "cuda":
             yield
             return
         _load_cuda_runtime()
-        import tvm.support.nvcc  # noqa: F401 - registers TVM's own compile callback
+        from tvm.support import nvcc  # noqa: F401 - registers TVM's own compile callback
 
         original = tvm_ffi.get_global_func("tvm_callback_cuda_compile")
         compile_fatbin = functools.partial(nvcc_fatbin, archs=preset.archs)
