@@ -28,6 +28,7 @@ from .cpu_legalize import legalizations
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot
+from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
 from .quantization import QuantScheme, resolve_scheme, row_tiled
@@ -184,6 +185,8 @@ def build_library(
     with target:
         mod = schedules.for_target(preset)(mod)
     _dump(dump, "3-scheduled", mod)
+    if preset.is_gpu:  # a block too large for the device fails only at launch: refuse it here
+        check_launch_limits(mod, target, exported.architecture, preset.name)
     if scheduled_only:
         return mod, kv_cache, plan
     say("graph lowered and scheduled; generating code")
