@@ -8,7 +8,6 @@ Hub and are untrusted), trim_blocks / lstrip_blocks, `{% break %}` / `{% continu
 
 import functools
 import json
-import logging
 from datetime import datetime
 
 import jinja2
@@ -16,8 +15,6 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from relaxlm.errors import RelaxlmError
-
-log = logging.getLogger(__name__)
 
 
 def render_chat(
@@ -44,55 +41,18 @@ def render_chat(
         raise RelaxlmError(
             "the chat has no messages; pass at least one {'role': ..., 'content': ...}"
         )
-    def render(messages: list[dict], tools: list[dict] | None) -> str:
-        try:
-            return _compile(template).render(
-                messages=[_normalize(m) for m in messages],
-                tools=tools,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=bos_token,
-                eos_token=eos_token,
-                **extra,
-            )
-        except jinja2.TemplateError as e:
-            raise RelaxlmError(f"the model's chat template failed: {e}") from e
-
-    text = render(messages, tools)
-    if tools and text == render(messages, None):
-        # The template drops `tools` (SmolLM2's does): without the fallback the model would
-        # never hear of them, and tool_choice "auto" would silently do nothing.
-        _warn_tools_dropped(template)
-        text = render(with_tool_instructions(messages, tools), None)
-    return text
-
-
-# How tools reach a model whose chat template ignores them: a system message in the Hermes
-# format, whose <tool_call> replies the server parses like any other.
-TOOLS_FALLBACK = (
-    "You may call functions to answer. Their JSON schemas:\n<tools>\n{tools}\n</tools>\n"
-    "To call one, reply with only "
-    '<tool_call>{{"name": <function name>, "arguments": <arguments object>}}</tool_call>.'
-)
-
-
-def with_tool_instructions(messages: list[dict], tools: list[dict]) -> list[dict]:
-    """`messages` with TOOLS_FALLBACK in the system message (one is added first if none)."""
-    listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    note = TOOLS_FALLBACK.format(tools=listed)
-    if messages and messages[0].get("role") == "system":
-        first = messages[0]
-        return [{**first, "content": f"{first.get('content') or ''}\n\n{note}"}, *messages[1:]]
-    return [{"role": "system", "content": note}, *messages]
-
-
-@functools.cache
-def _warn_tools_dropped(template: str) -> None:
-    log.warning(
-        "the model's chat template ignores `tools`: they are described in a system message "
-        "instead (relaxlm.runtime.chat_template.TOOLS_FALLBACK), and <tool_call> replies are "
-        "parsed as tool calls"
-    )
+    try:
+        return _compile(template).render(
+            messages=[_normalize(m) for m in messages],
+            tools=tools,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token,
+            eos_token=eos_token,
+            **extra,
+        )
+    except jinja2.TemplateError as e:
+        raise RelaxlmError(f"the model's chat template failed: {e}") from e
 
 
 # Older names for a message's reasoning; transformers fills in the standard one from them.

@@ -160,7 +160,8 @@ PARITY_CASES: dict[str, dict] = {
     # Local (sliding) and global (full, linearly scaled) RoPE bases, q/k norms.
     "gemma3": {
         "arch": "Gemma3ForCausalLM",
-        "seed": 36,
+        # 37: with the deterministic SPM tokenizer, seed 36's greedy decode repeated 2 tokens
+        "seed": 37,
         "head_dim": 16,
         "query_pre_attn_scalar": 24,
         "sliding_window": 8,

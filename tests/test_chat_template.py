@@ -4,7 +4,7 @@ import json
 
 import pytest
 import transformers
-from hf_models import CHATML_TEMPLATE, make_tokenizer
+from hf_models import make_tokenizer
 
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.chat_template import render_chat
@@ -270,20 +270,3 @@ def test_sandbox_blocks_unsafe_access():
         render_chat("{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "hi"}])
     with pytest.raises(RelaxlmError, match="chat template failed"):
         render_chat("{% set _ = messages.append(1) %}", [{"role": "user", "content": "hi"}])
-
-
-def test_tools_reach_a_template_that_drops_them(caplog):
-    # SmolLM2's template (like this ChatML one) never mentions `tools`: they would be lost.
-    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
-    chatml = CHATML_TEMPLATE + "{# a template of its own, so its warning is not cached #}"
-    with caplog.at_level("WARNING", logger="relaxlm.runtime.chat_template"):
-        plain = render_chat(chatml, CHATS["system_user"])
-        with_tools = render_chat(chatml, CHATS["system_user"], tools=[tool])
-        again = render_chat(chatml, [{"role": "user", "content": "hi"}], tools=[tool])
-    assert with_tools != plain
-    assert json.dumps(tool) in with_tools and "<tool_call>" in with_tools
-    # Appended to the chat's own system message; a chat without one gets one first.
-    assert with_tools.count("<|im_start|>system") == 1
-    assert CHATS["system_user"][0]["content"] in with_tools
-    assert again.startswith("<|im_start|>system\nYou may call functions")
-    assert len([r for r in caplog.records if "ignores `tools`" in r.message]) == 1  # once
