@@ -39,6 +39,7 @@ from .weights import (
     converted_weights,
     dtype_of,
     quantization_manifest,
+    requantized_types,
     stored_schemes,
     weight_plan,
 )
@@ -73,6 +74,12 @@ def compile_model(
     exported = export(checkpoint, dtype)
     say("graph exported")
     stored = stored_schemes(checkpoint, exported, scheme)
+    if scheme is not None and (blocks := requantized_types(checkpoint)):
+        kinds = ", ".join(f"{n} {t}" for t, n in blocks.items())
+        say(
+            f"requantizing the GGUF file's blocks ({kinds}) to {scheme.name}: "
+            "dequantized exactly, then quantized again"
+        )
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
         if add:
             writer.keep_libraries(output)

@@ -106,13 +106,14 @@ def stored_schemes(
 ) -> dict[int, QuantScheme]:
     """Packed-param index -> the scheme its weight is stored in, for weights kept as stored.
 
-    GGUF block types (Q4_K, ...) are always kept: never dequantized and requantized. F16 /
-    BF16 tensors are kept as they are unless a quantization scheme was asked for.
+    Without a requested scheme, GGUF block types (Q4_K, ...) are kept byte for byte and F16 /
+    BF16 tensors as they are. With one, nothing is kept: every weight is converted to it
+    (blocks dequantized exactly first, see `converted_weights`).
     """
     out = {}
     for i, name in enumerate(exported.param_names):
         ggml_type = checkpoint.stored_types.get(name, "F32")
-        if ggml_type in GGUF_SCHEMES:
+        if ggml_type in GGUF_SCHEMES and scheme is None:
             out[i] = GGUF_SCHEMES[ggml_type]
         elif ggml_type in _CAST_TYPES and scheme is None and exported.dtype == "float32":
             out[i] = SCHEMES[_CAST_TYPES[ggml_type]]
@@ -133,6 +134,18 @@ def quantization_manifest(
         out = {**out, "source": "gguf", "tensors": kept}
         if scheme is None:
             out["scheme"] = "gguf"
+        else:
+            out["requantized_from"] = requantized_types(checkpoint)
+    return out
+
+
+def requantized_types(checkpoint: Checkpoint) -> dict[str, int]:
+    """GGUF block type -> how many of the file's tensors are in it (those a requested scheme
+    converts: dequantized exactly, then quantized again)."""
+    out: dict[str, int] = {}
+    for ggml_type in checkpoint.stored_types.values():
+        if ggml_type in GGUF_SCHEMES:
+            out[ggml_type] = out.get(ggml_type, 0) + 1
     return out
 
 
@@ -142,8 +155,8 @@ def converted_weights(
     """The plan's tensors in order, each checkpoint tensor read and converted once.
 
     One tensor at a time: peak memory stays near the largest tensor, not the model. Stored
-    blocks (GGUF) are copied as they are; a block tensor the graph needs as floats is
-    dequantized exactly (numpy reference), never requantized.
+    blocks (GGUF) are copied as they are; a block tensor the graph needs as floats, or that a
+    requested scheme converts, is dequantized exactly (numpy reference) first.
     """
     compute = dtype_of(exported.dtype)  # of scales and zero points
     count = len(dict.fromkeys(w.sources for w in plan))
@@ -153,12 +166,12 @@ def converted_weights(
         first = next(weights)
         names = first.sources  # fused rows (fuse_parallel_linear) share one stored format
         arrays = [checkpoint.read(n) for n in names]
+        if first.part == "" or first.scheme.kind != QuantKind.GGUF:  # needed as numbers
+            arrays = [
+                _unblocked(checkpoint, exported, n, a) for n, a in zip(names, arrays, strict=True)
+            ]
         array = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
         if first.part == "":  # stored as is, in its dtype (a cast scheme's narrower one)
-            kind = checkpoint.stored_types.get(names[0])
-            if kind in GGUF_SCHEMES:
-                k = exported.param_shapes[names[0]][-1]
-                array = dequantize(GGUF_SCHEMES[kind], [array], k)
             # via float32: numpy cannot cast bfloat16 to float16 directly
             target = dtype_of(first.dtype)
             yield first.name, array.astype(np.float32, copy=False).astype(target, copy=False)
@@ -171,3 +184,11 @@ def converted_weights(
         yield first.name, parts[0]
         for part in parts[1:]:
             yield next(weights).name, part
+
+
+def _unblocked(checkpoint: Checkpoint, exported: ExportedModel, name: str, array: np.ndarray):
+    """A checkpoint tensor as numbers: GGUF blocks dequantized exactly, others as read."""
+    kind = checkpoint.stored_types.get(name)
+    if kind not in GGUF_SCHEMES:
+        return array
+    return dequantize(GGUF_SCHEMES[kind], [array], exported.param_shapes[name][-1])

@@ -316,6 +316,30 @@ def test_blocks_are_copied_not_requantized(gguf_file, gguf_llm):
     assert checked >= 3, checked
 
 
+def test_requested_scheme_requantizes_the_blocks(gguf_file, tmp_path):
+    """`quant="q8"` on a Q4_1 file converts every block tensor (it was once recorded in the
+    manifest and ignored): dequantized exactly, then quantized as a float checkpoint is. So the
+    artifact's weights are those of the file's weights dequantized by gguf-py and compiled with
+    q8, and the manifest says what was converted."""
+    source = gguf_file("Q4_1")
+    floats = _dequantized_hf_folder(source, tmp_path / "dequantized")
+    ours = relaxlm.compile(source, output=tmp_path / "gguf-q8", quant="q8", progress=False)
+    reference = relaxlm.compile(floats, output=tmp_path / "hf-q8", quant="q8", progress=False)
+    quantization = Manifest.read(ours).quantization
+    blocks: dict[str, int] = {}  # llama.cpp keeps a tensor or two in Q8_0 in a Q4_1 file
+    for t in gguf.GGUFReader(str(source)).tensors:
+        if t.tensor_type.name in GGUF_SCHEMES:
+            blocks[t.tensor_type.name] = blocks.get(t.tensor_type.name, 0) + 1
+    assert quantization["scheme"] == "q8"
+    assert quantization["requantized_from"] == blocks and blocks["Q4_1"] > 1
+    assert not [name for name in quantization["tensors"] if name.startswith("gguf-")]
+    ours_index = weight_index(ours, Manifest.read(ours))
+    reference_index = weight_index(reference, Manifest.read(reference))
+    assert list(ours_index) == list(reference_index)
+    for name, stored in ours_index.items():
+        np.testing.assert_array_equal(read(stored), read(reference_index[name]), err_msg=name)
+
+
 def _fused_members(name: str) -> list[str]:
     """a.q_proj+k_proj.weight -> [a.q_proj.weight, a.k_proj.weight]."""
     if "+" not in name:
