@@ -9,6 +9,12 @@ C reader compiled with gcc; bytes per token = weights read per decode step, i.e.
 the embedding table).
 
     python scripts/bench_peers.py --models llama134m --threads 2 --rounds 3
+
+With `--gguf FILE ...` (`default` for the default model's file) it runs relaxlm and llama.cpp
+on the same GGUF files instead: relaxlm keeps the file's blocks (and, with `--requant SCHEME`,
+also runs the file converted to SCHEME), llama.cpp reads the file.
+
+    python scripts/bench_peers.py --gguf default --threads 2 --rounds 3 --requant q4-a8
 """
 
 import argparse
@@ -231,16 +237,81 @@ def measure(engine: str, path: str, threads: int, prompt: int, decode: int) -> d
 
 
 def weight_bytes_per_token(engine: str, path: str) -> int:
-    """Bytes of weights a decode step streams: all but the embedding table."""
+    """Bytes of weights a decode step streams: all but the embedding table (unless it is tied
+    to the output head, which reads all of it)."""
     if engine == "relaxlm":
         from relaxlm.artifacts import Manifest, weight_index
 
         index = weight_index(Path(path), Manifest.read(path))
-        return sum(i.nbytes for n, i in index.items() if not n.startswith("model.embed_tokens"))
+        tied = not any(n.startswith("lm_head") for n in index)
+        return sum(
+            i.nbytes for n, i in index.items() if tied or not n.startswith("model.embed_tokens")
+        )
     import gguf
 
     reader = gguf.GGUFReader(path)
-    return sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    return sum(int(t.n_bytes) for t in reader.tensors if tied or t.name != "token_embd.weight")
+
+
+def gguf_runs(files: list[str], requant: list[str]) -> list[tuple[str, list[tuple]]]:
+    """Per GGUF file: (title, runs), relaxlm on the file's blocks (and converted to each
+    `requant` scheme) then llama.cpp on the file, compiled through the cache first."""
+    from relaxlm.cache import cached_artifact
+    from relaxlm.default_model import default_model
+
+    out = []
+    for name in files:
+        path = default_model() if name == "default" else Path(name)
+        runs = []
+        for quant in ["none", *requant]:
+            artifact = cached_artifact(path, target="cpu", quant=quant, dtype="float32")
+            runs.append(("relaxlm", "gguf blocks" if quant == "none" else quant, str(artifact)))
+        runs.append(("llama.cpp", "gguf", str(path)))
+        out.append((path.name, runs))
+    return out
+
+
+def run_alternated(runs: list[tuple], args, work: Path) -> tuple[dict, float]:
+    """Each run once per round, engines alternated so drift on the host hits all alike; the
+    best figure of each, and the best of one bandwidth measurement per round."""
+    results: dict[tuple, list[dict]] = {}
+    bw = 0.0
+    for _ in range(args.rounds):
+        bw = max(bw, bandwidth_gbs(args.threads, work))
+        for engine, fmt, path in runs:
+            results.setdefault((engine, fmt), []).append(
+                measure(engine, path, args.threads, args.prompt, args.decode)
+            )
+    best = {
+        k: {m: (min if m in ("ttft", "rss") else max)(r[m] for r in v) for m in v[0]}
+        for k, v in results.items()
+    }
+    return best, bw
+
+
+def main_gguf(args, work: Path) -> None:
+    for title, runs in gguf_runs(args.gguf, args.requant):
+        best, bw = run_alternated(runs, args, work)
+        print(
+            f"## {title}: {args.prompt}-token prompt, {args.decode} greedy tokens, "
+            f"{args.threads} threads, best of {args.rounds}; memory bandwidth {bw:.1f} GB/s"
+        )
+        print(
+            "| engine | weights | MB/token | prefill tok/s | decode tok/s | TTFT ms "
+            "| peak RSS MiB | prefill vs llama.cpp | decode vs llama.cpp | roofline |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        peer = best[("llama.cpp", "gguf")]
+        for engine, fmt, path in runs:
+            r = best[(engine, fmt)]
+            mb = weight_bytes_per_token(engine, path) / 1e6
+            print(
+                f"| {engine} | {fmt} | {mb:.0f} | {r['prefill']:.0f} | {r['decode']:.1f} "
+                f"| {r['ttft'] * 1e3:.0f} | {r['rss']:.0f} | {r['prefill'] / peer['prefill']:.2f}x "
+                f"| {r['decode'] / peer['decode']:.2f}x | {r['decode'] * mb / 1e3 / bw:.0%} |"
+            )
+        print()
 
 
 def main() -> None:
@@ -259,10 +330,26 @@ def main() -> None:
         choices=[ours for ours, _ in PAIRS],
         help="relaxlm formats to run (each with its llama.cpp peer)",
     )
+    ap.add_argument(
+        "--gguf",
+        nargs="+",
+        metavar="FILE",
+        help="benchmark these GGUF files (`default`: the default model's) instead of --models",
+    )
+    ap.add_argument(
+        "--requant",
+        nargs="*",
+        default=[],
+        metavar="SCHEME",
+        help="with --gguf: also run relaxlm on each file converted to these schemes",
+    )
     args = ap.parse_args()
     pairs = [(ours, theirs) for ours, theirs in PAIRS if ours in args.formats]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.gguf:
+        main_gguf(args, work)
+        return
     for shape in args.models:
         files = prepare(shape, work, pairs)
         runs = [("relaxlm", ours, files["relaxlm"][ours]) for ours, _ in pairs]
@@ -270,18 +357,7 @@ def main() -> None:
         runs += [("llama.cpp", theirs, files["gguf"][theirs]) for theirs in peers]
         if not args.no_transformers:
             runs.append(("transformers", "fp32", files["ckpt"]))
-        results: dict[tuple, list[dict]] = {}
-        bw = 0.0  # the best of one measurement per round: the host's bandwidth drifts
-        for _ in range(args.rounds):  # alternate engines so drift on the host hits all alike
-            bw = max(bw, bandwidth_gbs(args.threads, work))
-            for engine, fmt, path in runs:
-                results.setdefault((engine, fmt), []).append(
-                    measure(engine, path, args.threads, args.prompt, args.decode)
-                )
-        best = {
-            k: {m: (min if m in ("ttft", "rss") else max)(r[m] for r in v) for m in v[0]}
-            for k, v in results.items()
-        }
+        best, bw = run_alternated(runs, args, work)
         print(
             f"## {shape}: {args.prompt}-token prompt, {args.decode} greedy tokens, "
             f"{args.threads} threads, best of {args.rounds}; memory bandwidth {bw:.1f} GB/s"
