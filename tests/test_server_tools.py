@@ -2,6 +2,8 @@
 streamed piece by piece), forced-call schemas, and grammar constraints in the sampler."""
 
 import json
+import subprocess
+import sys
 
 import jsonschema
 import numpy as np
@@ -155,7 +157,6 @@ def test_the_sampler_applies_each_sequences_constraint():
 
 @pytest.mark.parametrize("kind", ["bpe", "spm"])
 def test_grammar_constraint_forces_schema_valid_json(tmp_path, kind):
-    pytest.importorskip("xgrammar")
     from relaxlm.server.structured import GrammarCompiler
 
     make_tokenizer(tmp_path, kind=kind)
@@ -188,3 +189,35 @@ def test_grammar_constraint_forces_schema_valid_json(tmp_path, kind):
             pytest.fail(f"trial {trial} did not end: {tokenizer.decode(tokens)!r}")
         # json.loads is strict: control characters inside strings fail it.
         jsonschema.validate(json.loads(tokenizer.decode(tokens)), schema)
+
+
+def test_structured_output_needs_neither_torch_nor_triton(tmp_path):
+    """The `structured` extra is llguidance alone: a schema compiles and masks with torch,
+    transformers and triton unimportable (xgrammar, its predecessor, imported torch)."""
+    make_tokenizer(tmp_path)
+    script = f"""
+import sys
+for name in ("torch", "transformers", "triton"):
+    sys.modules[name] = None  # any import of them raises ImportError
+from relaxlm.runtime.tokenizer import Tokenizer
+from relaxlm.server.structured import GrammarCompiler
+tokenizer = Tokenizer.from_dir({str(tmp_path)!r})
+compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, [2])
+constraint = compiler.constraint_factory(compiler.json_object())()
+allowed = constraint.allowed(tokenizer.vocab_size)
+print(sorted(tokenizer.decode([int(i)]) for i in allowed.nonzero()[0]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['{']"
+
+
+def test_an_unsupported_schema_is_one_clear_error(tmp_path):
+    from relaxlm.errors import RelaxlmError
+    from relaxlm.server.structured import GrammarCompiler
+
+    make_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, [2])
+    with pytest.raises(RelaxlmError, match="the JSON schema is not supported: .*nope"):
+        compiler.json_schema({"type": "object", "properties": {"a": {"type": "nope"}}})

@@ -134,7 +134,7 @@ class ModelContext:
             )
 
     async def grammars(self):
-        """The grammar compiler, made on first use (it imports xgrammar and torch)."""
+        """The grammar compiler, made on first use (it imports llguidance)."""
         if self._grammars is None:
             from relaxlm.server.structured import GrammarCompiler
 

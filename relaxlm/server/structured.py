@@ -1,16 +1,16 @@
-"""Structured output: JSON constrained by a grammar, compiled with xgrammar.
+"""Structured output: JSON constrained by a grammar, compiled with llguidance.
 
-A request's `response_format` (or a forced tool call's schema) becomes a `CompiledGrammar`
-once; each completion then gets its own `GrammarConstraint` (runtime/sampler.py's
-TokenConstraint), whose mask the sampler applies before every choice. Once the JSON is complete
-the grammar allows only the stop tokens, so the completion ends with "stop".
+A request's `response_format` (or a forced tool call's schema) becomes a grammar once; each
+completion then gets its own `GrammarConstraint` (runtime/sampler.py's TokenConstraint), whose
+mask the sampler applies before every choice. Once the JSON is complete the grammar allows only
+the stop tokens, so the completion ends with "stop".
 
-xgrammar is imported on first use: it imports torch, which plain text generation never needs.
+llguidance (the `structured` extra) has no dependencies of its own (no torch, no triton); it is
+imported on first use, so plain text generation never needs it.
 """
 
 import functools
 import json
-import re
 import threading
 
 import numpy as np
@@ -18,22 +18,20 @@ import numpy as np
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.tokenizer import Tokenizer
 
-# xgrammar 0.2.8 lets a length-bounded string ("maxLength") hold control characters, which JSON
-# forbids (json.loads rejects them): its character class excludes only \r and \n.
-_LOOSE_STRING_CHAR = r"[^\"\\\r\n]"
-_JSON_STRING_CHAR = r"[^\0-\x1f\"\\]"
 _CACHE_SIZE = 64
+# Compact separators and no free whitespace: a weak model cannot stall in spaces.
+_COMPACT_JSON = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 
 
-def _xgrammar():
+def _llguidance():
     try:
-        import xgrammar
+        import llguidance
     except ImportError as e:
         raise RelaxlmError(
-            "structured output (response_format, forced tool calls) needs xgrammar; install it "
-            "after torch without its GPU dependencies: pip install --no-deps xgrammar==0.2.8"
+            "structured output (response_format, forced tool calls) needs llguidance: "
+            "pip install 'relaxlm[structured]'"
         ) from e
-    return xgrammar
+    return llguidance
 
 
 class GrammarCompiler:
@@ -44,73 +42,73 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: list[int]):
-        xgr = _xgrammar()
-        meta = xgr.TokenizerInfo._detect_metadata_from_hf(tokenizer.backend.to_str())
-        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
-        encoded = [""] * max(len(vocab), max(vocab.values()) + 1)
-        for token, i in vocab.items():
-            encoded[i] = token
+        llg = _llguidance()
         self.vocab_size = vocab_size
-        self._info = xgr.TokenizerInfo(
-            encoded,
-            meta["vocab_type"],
-            vocab_size=vocab_size,
-            stop_token_ids=list(stop_token_ids),
-            add_prefix_space=meta["add_prefix_space"],
+        self._tokenizer = llg.LLTokenizer(
+            tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(stop_token_ids)
         )
-        self._compiler = xgr.GrammarCompiler(self._info, max_threads=1)
         self._lock = threading.Lock()
-        self._cache: dict[str, object] = {}  # schema JSON -> compiled grammar, oldest first
+        self._cache: dict[str, str] = {}  # schema JSON -> checked grammar, oldest first
 
-    def json_schema(self, schema: dict):
-        """The grammar of compact JSON valid under `schema`; RelaxlmError if xgrammar refuses it."""
-        return self._compile(json.dumps(schema))
+    def json_schema(self, schema: dict) -> str:
+        """The grammar of compact JSON valid under `schema`; RelaxlmError if it is refused."""
+        return self._compile(json.dumps(_closed_objects(schema), sort_keys=True))
 
-    def json_object(self):
+    def json_object(self) -> str:
         """The grammar of any compact JSON object (response_format json_object)."""
         return self._compile(json.dumps({"type": "object"}))
 
-    def _compile(self, schema_json: str):
+    def _compile(self, schema_json: str) -> str:
         with self._lock:
             if schema_json in self._cache:
                 return self._cache[schema_json]
-        xgr = _xgrammar()
-        try:
-            # Compact separators and no free whitespace: a weak model cannot stall in spaces.
-            grammar = xgr.Grammar.from_json_schema(schema_json, any_whitespace=False)
-        except Exception as e:  # xgrammar raises RuntimeError / InvalidJSONError variants
-            # Its messages start with a timestamp and a C++ source line: "[23:18:06] x.cc:49: ".
-            reason = re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(e).strip())
-            raise RelaxlmError(f"the JSON schema is not supported: {reason}") from e
-        ebnf = str(grammar).replace(_LOOSE_STRING_CHAR, _JSON_STRING_CHAR)
+        llg = _llguidance()
+        grammar = llg.LLMatcher.grammar_from_json_schema(schema_json, overrides=_COMPACT_JSON)
+        # Checking builds the lexer over the vocabulary: the cost is paid here, once per schema.
+        failed, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self._tokenizer)
+        if failed:
+            raise RelaxlmError(f"the JSON schema is not supported: {messages[0]}")
         with self._lock:
-            compiled = self._compiler.compile_grammar(ebnf)
             if len(self._cache) >= _CACHE_SIZE:  # clients may send a new schema every time
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[schema_json] = compiled
-            return compiled
+            self._cache[schema_json] = grammar
+        return grammar
 
-    def constraint_factory(self, compiled):
+    def constraint_factory(self, grammar: str):
         """A SamplingParams.constraint: a fresh GrammarConstraint per completion."""
-        return functools.partial(GrammarConstraint, compiled, self.vocab_size)
+        return functools.partial(GrammarConstraint, self._tokenizer, grammar, self.vocab_size)
+
+
+def _closed_objects(schema):
+    """`schema` with "additionalProperties": false wherever an object lists its properties and
+    says nothing of others, as OpenAI's strict structured outputs (and xgrammar) read schemas: a
+    weak model offered free extra keys can write one key name until max_tokens."""
+    if isinstance(schema, list):
+        return [_closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {k: _closed_objects(v) for k, v in schema.items()}
+    if "properties" in closed and not {"additionalProperties", "patternProperties"} & set(closed):
+        closed["additionalProperties"] = False
+    return closed
 
 
 class GrammarConstraint:
     """One completion's grammar state: the mask of tokens that keep the output valid."""
 
-    def __init__(self, compiled, vocab_size: int):
-        xgr = _xgrammar()
-        self._matcher = xgr.GrammarMatcher(compiled)
-        self._bitmask = np.zeros((1, (vocab_size + 31) // 32), dtype=np.int32)
+    def __init__(self, tokenizer, grammar: str, vocab_size: int):
+        llg = _llguidance()
+        self._matcher = llg.LLMatcher(tokenizer, grammar, log_level=0)
+        self._bitmask = np.zeros((vocab_size + 31) // 32, dtype=np.int32)
 
     def allowed(self, vocab_size: int) -> np.ndarray | None:
-        if self._matcher.is_terminated():
+        if self._matcher.is_error():  # only a token the mask refused gets it here
             return None
-        if not self._matcher.fill_next_token_bitmask(self._bitmask):
-            return None  # every token is allowed
+        # A complete value leaves the matcher "stopped": its mask then holds the stop tokens.
+        self._matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
         bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
         return bits[:vocab_size].astype(bool)
 
     def accept(self, token: int) -> None:
-        if not self._matcher.is_terminated():
-            self._matcher.accept_token(token)
+        if not self._matcher.is_stopped():
+            self._matcher.consume_token(token)
