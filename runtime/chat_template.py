@@ -8,6 +8,7 @@ Hub and are untrusted), trim_blocks / lstrip_blocks, `{% break %}` / `{% continu
 
 import functools
 import json
+import logging
 from datetime import datetime
 
 import jinja2
@@ -15,6 +16,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from relaxlm.errors import RelaxlmError
+
+log = logging.getLogger(__name__)
 
 
 def render_chat(
@@ -41,18 +44,72 @@ def render_chat(
         raise RelaxlmError(
             "the chat has no messages; pass at least one {'role': ..., 'content': ...}"
         )
-    try:
-        return _compile(template).render(
-            messages=[_normalize(m) for m in messages],
-            tools=tools,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            **extra,
-        )
-    except jinja2.TemplateError as e:
-        raise RelaxlmError(f"the model's chat template failed: {e}") from e
+
+    def render(messages: list[dict], tools: list[dict] | None) -> str:
+        try:
+            return _compile(template).render(
+                messages=[_normalize(m) for m in messages],
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=bos_token,
+                eos_token=eos_token,
+                **extra,
+            )
+        except jinja2.TemplateError as e:
+            raise RelaxlmError(f"the model's chat template failed: {e}") from e
+
+    text = render(messages, tools)
+    if tools and text == render(messages, None):
+        # The template drops `tools` (SmolLM2's does): the model would never hear of them, and
+        # tool_choice "auto" would silently do nothing.
+        _warn_tools_dropped(template)
+        text = render(with_tool_instructions(messages, tools), None)
+    return text
+
+
+# How tools reach a model whose chat template ignores them: a system message listing each
+# function on one line (short: small models have small windows), asking for the Hermes
+# <tool_call> replies the server parses like any other.
+TOOLS_FALLBACK = (
+    "You can call these functions:\n{functions}\nTo call one, reply with only "
+    '<tool_call>{{"name": "<function>", "arguments": {{<arguments>}}}}</tool_call>'
+)
+
+
+def with_tool_instructions(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """`messages` with TOOLS_FALLBACK in the system message (one is added first if none)."""
+    functions = "\n".join(describe_function(t.get("function", t)) for t in tools)
+    note = TOOLS_FALLBACK.format(functions=functions)
+    if messages and messages[0].get("role") == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first.get('content') or ''}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
+
+
+def describe_function(function: dict) -> str:
+    """One line: `name(a: integer, b?: string): description` (? marks an optional argument;
+    an argument's enum is listed instead of its type)."""
+    params = function.get("parameters") or {}
+    required = set(params.get("required") or ())
+    args = []
+    for name, schema in (params.get("properties") or {}).items():
+        kind = schema.get("type", "any") if isinstance(schema, dict) else "any"
+        if isinstance(schema, dict) and "enum" in schema:
+            kind = " | ".join(json.dumps(v) for v in schema["enum"])
+        args.append(f"{name}{'' if name in required else '?'}: {kind}")
+    line = f"{function.get('name', '?')}({', '.join(args)})"
+    description = (function.get("description") or "").strip().splitlines()
+    return f"{line}: {description[0]}" if description else line
+
+
+@functools.cache
+def _warn_tools_dropped(template: str) -> None:
+    log.warning(
+        "the model's chat template ignores `tools`: they are listed in a system message instead "
+        "(relaxlm.runtime.chat_template.TOOLS_FALLBACK), and <tool_call> replies are parsed as "
+        "tool calls"
+    )
 
 
 # Older names for a message's reasoning; transformers fills in the standard one from them.

@@ -87,6 +87,8 @@ PARITY_CASES: dict[str, dict] = {
         "tokenizer": "bpe",
         "tie_word_embeddings": True,
         "rope_theta": 1000000.0,
+        # The MCP tests serve it with tools, listed in the prompt (its template drops them).
+        "max_position_embeddings": 1024,
     },
     # Mixture of experts: 8 experts, top-2, renormalised (Mixtral always renormalises).
     "mixtral": {

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import transformers
-from hf_models import make_tokenizer
+from hf_models import CHATML_TEMPLATE, make_tokenizer
 
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.chat_template import render_chat
@@ -270,3 +270,60 @@ def test_sandbox_blocks_unsafe_access():
         render_chat("{{ messages.__class__.__mro__ }}", [{"role": "user", "content": "hi"}])
     with pytest.raises(RelaxlmError, match="chat template failed"):
         render_chat("{% set _ = messages.append(1) %}", [{"role": "user", "content": "hi"}])
+
+
+FALLBACK_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two numbers.\nLong details the line leaves out.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "a": {"type": "integer"},
+                    "b": {"type": "integer"},
+                    "unit": {"enum": ["m", "km"]},
+                },
+                "required": ["a", "b"],
+            },
+        },
+    },
+    {"type": "function", "function": {"name": "now"}},
+]
+
+
+def test_tools_reach_a_template_that_drops_them(caplog):
+    # This ChatML template, like SmolLM2's, never mentions `tools`: they would be lost.
+    chatml = CHATML_TEMPLATE + "{# a template of its own, so its warning is not cached #}"
+    with caplog.at_level("WARNING", logger="relaxlm.runtime.chat_template"):
+        plain = render_chat(chatml, CHATS["system_user"])
+        with_tools = render_chat(chatml, CHATS["system_user"], tools=FALLBACK_TOOLS)
+        again = render_chat(chatml, [{"role": "user", "content": "hi"}], tools=FALLBACK_TOOLS)
+    assert with_tools != plain
+    listing = 'add(a: integer, b: integer, unit?: "m" | "km"): Add two numbers.\nnow()\n'
+    assert listing in with_tools and '<tool_call>{"name": "<function>"' in with_tools
+    # Appended to the chat's own system message; a chat without one gets one first.
+    assert with_tools.count("<|im_start|>system") == 1
+    assert CHATS["system_user"][0]["content"] in with_tools
+    assert again.startswith("<|im_start|>system\nYou can call these functions:\nadd(")
+    assert len([r for r in caplog.records if "ignores `tools`" in r.message]) == 1  # once
+    # A template that renders tools itself is left alone.
+    qwen = render_chat(TEMPLATES["qwen25"], CHATS["system_user"], tools=FALLBACK_TOOLS)
+    assert "You can call these functions" not in qwen and '"name": "add"' in qwen
+
+
+def test_the_default_models_template_gets_the_tools():
+    """SmolLM2-135M-Instruct's real template (from the GGUF the default model ships) drops
+    `tools`; with the fallback the listing reaches the prompt."""
+    import gguf
+
+    from relaxlm.default_model import default_model
+
+    reader = gguf.GGUFReader(default_model())
+    template = reader.fields["tokenizer.chat_template"].contents()
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert render_chat(template, messages, tools=[]) == render_chat(template, messages)
+    prompt = render_chat(template, messages, tools=FALLBACK_TOOLS)
+    assert prompt.startswith("<|im_start|>system\nYou can call these functions:\nadd(a: integer")
+    assert prompt.endswith("<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
