@@ -94,6 +94,18 @@ def _parser() -> argparse.ArgumentParser:
         help="sequences decoded together (default: 8, fewer if the model's prefill chunk is)",
     )
     p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size, tokens (all sequences)")
+    p.add_argument(
+        "--prefill-step-ms",
+        type=_positive_float,
+        default=100.0,
+        help="while streams decode, a long prompt is computed in chunks of about this many ms, "
+        "the longest the streams pause (default: 100)",
+    )
+    p.add_argument(
+        "--max-prefill-tokens",
+        type=_positive_int,
+        help="a fixed number of prompt tokens per step instead (at most the prefill chunk)",
+    )
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429s")
     p.add_argument("--mcp", action="store_true", help="also serve the model over MCP at /mcp")
     p.add_argument("--ui", action="store_true", help="serve a web chat page at /ui")
@@ -170,6 +182,16 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
 
 
 def _compile(args) -> None:
@@ -306,6 +328,8 @@ def _serve(args) -> None:
         threads=args.threads,
         max_batch_size=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        prefill_step_target_s=args.prefill_step_ms / 1000,
     )
     options = ServerOptions(
         served_model_name=args.served_model_name,

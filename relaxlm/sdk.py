@@ -21,6 +21,7 @@ from relaxlm.runtime.embedder import EmbeddingModel
 from relaxlm.runtime.engine import Engine, RequestOutput
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
+from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S
 from relaxlm.runtime.sampler import Logprob, SamplingParams
 from relaxlm.runtime.tokenizer import Tokenizer
 
@@ -84,8 +85,10 @@ class LLM:
         default, fewer where the artifact's prefill chunk is smaller.
     kv_cache_tokens: tokens the paged KV cache holds in all; context window x max_batch_size
         by default. Requests beyond it wait, or are preempted and recomputed later.
-    max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), so long
-        prompts do not stall running streams; the artifact's prefill chunk size by default.
+    max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), a fixed
+        number; by default the budget follows `prefill_step_target_s`.
+    prefill_step_target_s: while sequences decode, a long prompt is computed in steps of about
+        this long (so running streams pause no longer); with none decoding, in whole chunks.
     enable_prefix_cache: reuse the KV pages of prompt prefixes already computed.
     threads: CPU threads for the kernels (else RELAXLM_THREADS, else all CPUs); process-wide.
     target: the preset a checkpoint is compiled for (see `relaxlm.compiler.targets`).
@@ -117,6 +120,7 @@ class LLM:
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
+        prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
         threads: int | None = None,
     ):
@@ -136,6 +140,7 @@ class LLM:
             self.model,
             self.tokenizer,
             max_prefill_tokens=max_prefill_tokens,
+            prefill_step_target_s=prefill_step_target_s,
             enable_prefix_cache=enable_prefix_cache,
         )
 

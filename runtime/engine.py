@@ -27,6 +27,7 @@ from relaxlm.runtime.output_processor import (
     RequestState,
     Sink,
 )
+from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S, PrefillBudget
 from relaxlm.runtime.sampler import Sample, SamplingParams, sample_batch
 from relaxlm.runtime.scheduler import (
     AddSeq,
@@ -59,7 +60,10 @@ class Engine:
     """Serves many requests at once over one model; thread-safe.
 
     max_prefill_tokens: prompt tokens computed per step, all requests together (chunked
-        prefill); the artifact's prefill chunk size by default, and at most that.
+        prefill), every step; by default a budget that follows `prefill_step_target_s`, up to
+        the artifact's prefill chunk size (see prefill_budget.py).
+    prefill_step_target_s: while sequences decode, the time a step's prefill aims at (their
+        streams pause that long at most); ignored when max_prefill_tokens is given.
     enable_prefix_cache: keep computed prompts' full pages for requests that share them.
     """
 
@@ -69,6 +73,7 @@ class Engine:
         tokenizer: Tokenizer,
         *,
         max_prefill_tokens: int | None = None,
+        prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
     ):
         chunk = model.prefill_chunk if max_prefill_tokens is None else max_prefill_tokens
@@ -87,6 +92,14 @@ class Engine:
             enable_prefix_cache=enable_prefix_cache,
         )
         self.scheduler = Scheduler(self.config)
+        if not isinstance(prefill_step_target_s, int | float) or not prefill_step_target_s > 0:
+            raise RelaxlmError(
+                f"prefill_step_target_s={prefill_step_target_s!r} is invalid; set it to a "
+                "positive number of seconds"
+            )
+        self.prefill_budget = PrefillBudget(
+            chunk, None if max_prefill_tokens is not None else float(prefill_step_target_s)
+        )
         self._requests: dict[str, RequestState] = {}
         self._completions: dict[int, tuple[RequestState, CompletionState]] = {}  # by seq_id
         self._ids = itertools.count()
@@ -283,8 +296,15 @@ class Engine:
 
     def _step(self) -> None:
         """One iteration: the forward, then the output processing of its samples."""
-        plan = self.scheduler.schedule()
-        self._process(plan, self._forward(plan))
+        budget = self.prefill_budget.tokens(decoding=self.scheduler.decoding())
+        start = time.perf_counter()
+        plan = self.scheduler.schedule(budget)
+        sampled = self._forward(plan)
+        # The whole step is what a decoding stream waits for between two tokens.
+        self.prefill_budget.observe(
+            sum(len(c.tokens) for c in plan.prefill), time.perf_counter() - start
+        )
+        self._process(plan, sampled)
 
     def _forward(self, plan: StepPlan) -> list[tuple[RequestState, CompletionState, Sample]]:
         """Run the plan's KV-cache operations and forwards, then sample every sequence that has

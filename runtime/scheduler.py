@@ -437,13 +437,23 @@ class Scheduler:
         """A KV-cache sequence id that no scheduled sequence uses, for work outside the plans."""
         return next(self._ids)
 
+    def decoding(self) -> bool:
+        """Whether a running sequence waits for its next token (a step's length delays it)."""
+        return any(seq.remaining == 1 for seq in self.running)
+
     # -- one step ---------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan:
-        """Plan one step and commit it to the page table: the engine must run the whole plan."""
+    def schedule(self, prefill_budget: int | None = None) -> StepPlan:
+        """Plan one step and commit it to the page table: the engine must run the whole plan.
+
+        prefill_budget: prompt tokens this step may compute (at most config.max_prefill_tokens,
+            which is the default).
+        """
         plan = StepPlan()
         scheduled: set[int] = set()
         budget = self.config.max_prefill_tokens
+        if prefill_budget is not None:
+            budget = max(1, min(prefill_budget, budget))
         for seq in sorted(self.running, key=_priority):
             if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue

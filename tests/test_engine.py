@@ -381,3 +381,42 @@ def test_a_prefix_cache_hit_moves_the_logits_by_rounding_only(llm, solo):
     for w, c in zip(warm.logprobs, cold.logprobs, strict=True):
         assert [t for t, _ in w.top] == [t for t, _ in c.top]
         np.testing.assert_allclose([v for _, v in w.top], [v for _, v in c.top], atol=1e-4)
+
+
+def test_a_long_prompt_prefills_in_latency_sized_steps_beside_a_decoding_one(llm, solo):
+    """With a stream decoding, a step's prompt tokens follow prefill_step_target_s (here far
+    below one token's cost, so the floor of MIN_ADAPTIVE_TOKENS); with none, whole chunks."""
+    from relaxlm.runtime.prefill_budget import MIN_ADAPTIVE_TOKENS
+
+    engine = fresh(llm, prefill_step_target_s=1e-9)
+    sizes = []  # prompt tokens of each prefill forward
+    prefill = engine.model.prefill
+
+    def recording(seq_ids, chunks, *args, **kwargs):
+        sizes.append(sum(map(len, chunks)))
+        return prefill(seq_ids, chunks, *args, **kwargs)
+
+    engine.model.prefill = recording
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    window = engine.model.context_window
+    short, long = token_prompts(llm.model.vocab_size, (4, window - params.max_tokens), seed=9)
+    tokens = {"short": [], "long": []}
+    done = threading.Semaphore(0)
+
+    def sink(name):
+        def put(output):
+            tokens[name] += [t for d in output.deltas for t in d.token_ids]
+            if name == "short" and len(tokens["short"]) == 1:  # the short one decodes now
+                engine.engine.submit(long, params, sink("long"), "long")
+            if output.finished:
+                done.release()
+
+        return put
+
+    engine.engine.submit(short, params, sink("short"), "short")
+    assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    assert [tokens["short"], tokens["long"]] == alone(solo, [short, long], params)
+    # The short prompt alone, then the long one beside its decoding, 32 tokens a step (it was
+    # one forward of the whole prompt, the decoding stream waiting for all of it).
+    assert sizes[0] == len(short) and sum(sizes[1:]) == len(long)
+    assert len(sizes) > 2 and max(sizes[1:]) == MIN_ADAPTIVE_TOKENS

@@ -352,3 +352,19 @@ def test_max_new_tokens_is_what_the_cache_can_ever_hold():
     # of the prompt's half-full last page: 8 pages. One more token needs a ninth.
     assert s.max_new_tokens(10, n=2) == 8
     assert s.max_new_tokens(32) == 0 and s.max_new_tokens(33) == 0
+
+
+def test_the_prefill_budget_follows_the_step_latency_target():
+    from relaxlm.runtime.prefill_budget import MIN_ADAPTIVE_TOKENS, PrefillBudget
+
+    budget = PrefillBudget(cap=1024, step_target_s=0.1)
+    assert budget.tokens(decoding=True) == 1024  # nothing measured yet
+    budget.observe(1024, 0.512)  # 0.5 ms a token: 200 fit in 0.1 s
+    assert budget.tokens(decoding=True) == 200
+    assert budget.tokens(decoding=False) == 1024  # nobody waits: the fastest prefill
+    for _ in range(30):  # a slower phase: the running cost follows it
+        budget.observe(100, 0.5)
+    assert budget.tokens(decoding=True) == MIN_ADAPTIVE_TOKENS  # 20 fit: the floor holds
+    assert PrefillBudget(cap=16, step_target_s=1e-9, seconds_per_token=1.0).tokens(True) == 16
+    fixed = PrefillBudget(cap=64, step_target_s=None, seconds_per_token=1.0)
+    assert fixed.tokens(decoding=True) == 64
