@@ -164,6 +164,15 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "its own formats)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ADAPTER_DIR",
+        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to "
+        "merge into the checkpoint's weights before quantization; repeat it to merge several, "
+        "in order",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -183,6 +192,7 @@ def _compile(args) -> None:
         dtype=args.dtype,
         add=args.add,
         force=args.force,
+        lora=args.lora,
     )
 
 
@@ -190,7 +200,12 @@ def _run(args) -> None:
     import relaxlm
 
     llm = relaxlm.LLM(
-        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+        args.model,
+        target=args.target,
+        quant=args.quant,
+        dtype=args.dtype,
+        lora=args.lora,
+        threads=args.threads,
     )
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
@@ -243,7 +258,12 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     llm = relaxlm.LLM(
-        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+        args.model,
+        target=args.target,
+        quant=args.quant,
+        dtype=args.dtype,
+        lora=args.lora,
+        threads=args.threads,
     )
     if args.perplexity:
         from relaxlm.perplexity import perplexity
@@ -282,7 +302,12 @@ def _mcp(args) -> None:
     os.dup2(2, 1)
     try:
         llm = relaxlm.LLM(
-            args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+            args.model,
+            target=args.target,
+            quant=args.quant,
+            dtype=args.dtype,
+            lora=args.lora,
+            threads=args.threads,
         )
     finally:
         sys.stdout.flush()
@@ -303,6 +328,7 @@ def _serve(args) -> None:
         target=args.target,
         quant=args.quant,
         dtype=args.dtype,
+        lora=args.lora,
         threads=args.threads,
         max_batch_size=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens,
