@@ -394,6 +394,10 @@ def _inspect(args) -> None:
         ("kv cache", json.dumps(m.kv_cache)),
         ("parameters", f"{n_params:,} in {len(m.params)} tensors, {_size(weight_bytes)}"),
     ]
+    rows += [
+        (f"lora {i}", f"{a['path']}  r {a['r']}, alpha {a['alpha']}, sha256 {a['sha256'][:12]}")
+        for i, a in enumerate(m.lora)
+    ]
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]

@@ -133,6 +133,9 @@ def test_logits_equal_transformers_with_merged_adapters(llama, lora_llm):
     assert (records[0]["r"], records[0]["alpha"], records[0]["use_rslora"]) == (4, 8, False)
     assert sorted(records[0]["target_modules"]) == sorted(LLAMA_TARGETS)
     assert records[1]["use_rslora"] and records[1]["rank_pattern"] == RSLORA["rank_pattern"]
+    shown = relaxlm_cli("inspect", llm.artifact)
+    (line,) = [row for row in shown.stdout.splitlines() if row.startswith("lora 1 ")]
+    assert line.split()[2:6] == [str(rslora.resolve()), "r", "4,", "alpha"], line
 
 
 def test_q8_base_with_adapters_stores_the_merged_weights_quantized(llama):
