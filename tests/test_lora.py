@@ -98,14 +98,15 @@ def test_adapters_merge_as_peft_does(llama):
     base, plain, rslora, merged = llama
     checkpoint = merge_lora(load_checkpoint(base), [plain, rslora])
     reference = load_file(merged / "model.safetensors")
-    changed = [n for n, w in reference.items() if not np.array_equal(w, checkpoint.read(n))]
-    assert changed == []
+    assert set(reference) == set(checkpoint.tensors)
+    for name, weight in reference.items():  # equal up to the summation order of B @ A
+        ours = checkpoint.read(name)
+        assert ours.dtype == weight.dtype
+        np.testing.assert_allclose(ours, weight, rtol=0, atol=1e-6 * np.abs(weight).max())
     untouched = load_checkpoint(base)
     adapted = [n for n in reference if not np.array_equal(untouched.read(n), reference[n])]
     # 5 modules a layer, 2 layers: the merge did change them (and nothing else)
     assert len(adapted) == 10 and all(n.endswith(".weight") for n in adapted)
-    q = "model.layers.1.self_attn.q_proj.weight"
-    np.testing.assert_allclose(checkpoint.read(q), reference[q], rtol=0, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,9 @@ def test_logits_equal_transformers_with_merged_adapters(llama, lora_llm):
 
 def test_q8_base_with_adapters_stores_the_merged_weights_quantized(llama):
     """Merged before quantization (and before q/k/v fusion): the q8 artifact holds PEFT's
-    merged weights, quantized as q8 stores them for this CPU, and its logits follow."""
+    merged weights, quantized as q8 stores them for this CPU (equal here; the test allows a
+    level's difference where float rounding in B @ A crosses a rounding boundary), and its
+    logits follow."""
     base, plain, rslora, merged = llama
     llm = relaxlm.LLM(str(base), quant="q8", lora=[plain, rslora])
     assert llm.manifest.quantization["scheme"] == "q8" and len(llm.manifest.lora) == 2
@@ -159,7 +162,13 @@ def test_q8_base_with_adapters_stores_the_merged_weights_quantized(llama):
         shapes = scheme.part_shapes(*weight.shape)
         assert len(parts) == len(shapes) >= 2
         for part, want in zip(shapes, parts, strict=True):
-            np.testing.assert_array_equal(stored[f"{name}.{part}"], want)
+            got = stored[f"{name}.{part}"]
+            if got.dtype.kind == "i":  # a weight off by an ulp may round to the next level
+                assert (
+                    np.abs(got.astype(np.int32) - want).max() <= 1 and (got != want).mean() < 1e-3
+                )
+            else:
+                np.testing.assert_allclose(got, want, rtol=1e-5)
     ids = _token_ids(PREFILL + 12, seed=1)
     ours, ref = llm.score(ids, prefill=PREFILL), hf_logits(merged, ids, PREFILL)
     # q8's rounding, amplified by the fixture's weights and the random adapters (0.9989 and
