@@ -109,6 +109,34 @@ def test_adapters_merge_as_peft_does(llama):
     assert len(adapted) == 10 and all(n.endswith(".weight") for n in adapted)
 
 
+def test_lora_bias_adds_to_the_base_bias(checkpoints, tmp_path):
+    """lora_bias=True: lora_B has a bias, which the merge adds (scaled) to the layer's bias."""
+    base = checkpoints("qwen2")  # q/k/v have biases
+    torch.manual_seed(3)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        lora_bias=True,
+    )
+    model = peft.get_peft_model(_hf_model(base), config)
+    with torch.no_grad():  # PEFT starts the bias at zero; make it count
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B.default.bias"):
+                param.normal_()
+    model.save_pretrained(tmp_path / "adapter")
+    merged = _peft_merged(base, [tmp_path / "adapter"], tmp_path / "merged")
+    reference = load_file(merged / "model.safetensors")
+    checkpoint = merge_lora(load_checkpoint(base), [tmp_path / "adapter"])
+    untouched = load_checkpoint(base)
+    for layer in range(2):
+        for proj in ("q", "v"):
+            name = f"model.layers.{layer}.self_attn.{proj}_proj.bias"
+            assert not np.allclose(untouched.read(name), reference[name])
+            np.testing.assert_allclose(checkpoint.read(name), reference[name], rtol=0, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def lora_llm(llama):
     """The tiny Llama compiled with both adapters (into the session's compile cache)."""
