@@ -59,6 +59,9 @@ class Manifest:
     # no KV cache (kv_cache is empty), pooling described by `embedding`.
     task: str = "generate"
     embedding: dict[str, Any] = field(default_factory=dict)  # {pooling, normalize, ...}
+    # LoRA adapters merged into the weights at compile time, in order: {path, sha256 (of
+    # adapter_model.safetensors), r, alpha, target_modules, ...}; absent before they existed.
+    lora: list[dict[str, Any]] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))
@@ -247,7 +250,7 @@ class ArtifactWriter:
             if (base.params, base.shards) != (self.params, self.shards):
                 raise RelaxlmError(
                     f"{folder}: its weights differ from the ones just compiled (another "
-                    "checkpoint, --quant or --dtype), so its libraries would not fit them; "
+                    "checkpoint, --quant, --dtype or --lora), so its libraries would not fit them; "
                     "compile all targets with the same options, or write a new artifact"
                 )
         (self.tmp / MANIFEST).write_text(manifest.to_json())

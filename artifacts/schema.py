@@ -8,7 +8,7 @@ shard exists, files stay inside the artifact) below it.
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from pydantic import ValidationError as _ValidationError
 
 from .safetensors_io import DTYPES
@@ -45,6 +45,14 @@ class KVCache(_Open):
     head_dim: StrictInt = Positive
 
 
+class LoraAdapter(_Open):
+    path: StrictStr
+    sha256: StrictStr
+    r: StrictInt = Positive
+    alpha: StrictInt | StrictFloat
+    target_modules: list[StrictStr] | StrictStr | None
+
+
 class TokenizerFiles(_Open):
     files: list[StrictStr]
 
@@ -67,6 +75,7 @@ class ManifestSchema(_Open):
     source: dict[str, Any] = {}
     task: Literal["generate", "embed"] = "generate"
     embedding: dict[str, Any] = {}
+    lora: list[LoraAdapter] = []  # older artifacts have none
     format: StrictStr
     format_version: StrictInt
     created: StrictStr = ""

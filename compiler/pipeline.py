@@ -22,6 +22,7 @@ from tvm import relax
 from relaxlm._version import __version__
 from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
+from relaxlm.frontends.lora import merge_lora
 
 from . import schedules
 from .cpu_legalize import legalizations
@@ -56,6 +57,7 @@ def compile_model(
     dtype: str = "float32",
     progress: bool = True,
     add: bool = False,
+    lora: list[str | os.PathLike] = (),
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -63,14 +65,18 @@ def compile_model(
         over one set of weights.
     add: keep the libraries of the artifact at `output` and add these (it must have been
         compiled from the same checkpoint with the same options: same weights).
+    lora: PEFT LoRA adapter folders merged into the checkpoint's weights, in order, before
+        anything else sees them (so quantization applies to the merged weights).
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
     base = Path(output) if add else None
     scheme = scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
-    checkpoint = load_checkpoint(model)
+    checkpoint = merge_lora(load_checkpoint(model), lora)
     names = ", ".join(p.name for p in presets)
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {names}")
+    for adapter in checkpoint.adapters:
+        say(f"merging LoRA adapter {adapter.path} as its weights are read")
     exported = export(checkpoint, dtype)
     say("graph exported")
     stored = stored_schemes(checkpoint, exported, scheme)
@@ -115,6 +121,7 @@ def compile_model(
             source={"path": str(checkpoint.path)},
             task=exported.task,
             embedding=exported.embedding,
+            lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
         )
         out = writer.commit(manifest)
     say(f"artifact written to {out}")

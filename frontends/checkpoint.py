@@ -60,6 +60,11 @@ class Checkpoint:
         """Tensor name -> the GGML type it is stored as; empty for all but GGUF files."""
         return {}
 
+    @property
+    def adapters(self) -> tuple:
+        """The LoRA adapters merged into its tensors, in order (frontends/lora.py); none here."""
+        return ()
+
     def read(self, name: str) -> np.ndarray:
         """One tensor, memory-mapped from its shard (no copy until converted)."""
         info = self.tensors[name]

@@ -35,6 +35,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     progress: bool = True,
     add: bool = False,
     force: bool = False,
+    lora: list[str | os.PathLike] = (),
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -42,13 +43,21 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     add: add them to the artifact already at `output` (same weights), keeping its libraries.
     force: replace an artifact of another checkpoint at `output` (one of the same checkpoint
         is always replaced: a recompile).
+    lora: PEFT LoRA adapter folders (save_pretrained's) merged into the weights, in order.
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
     if not (add or force):
         _refuse_to_replace_another_model(model, Path(output))
     return compile_model(
-        model, output, target=target, quant=quant, dtype=dtype, progress=progress, add=add
+        model,
+        output,
+        target=target,
+        quant=quant,
+        dtype=dtype,
+        progress=progress,
+        add=add,
+        lora=lora,
     )
 
 

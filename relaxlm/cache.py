@@ -43,7 +43,8 @@ def cache_entries() -> list[CacheEntry]:
         try:
             m = Manifest.read(path)
             source = m.source.get("path", "?")
-            options = " ".join([m.quantization.get("scheme", "none"), m.dtype, *m.targets])
+            lora = [f"+lora:{Path(a.get('path', '?')).name}" for a in m.lora]
+            options = " ".join([m.quantization.get("scheme", "none"), m.dtype, *m.targets, *lora])
             created = m.created
         except RelaxlmError:  # listed all the same, so that `clear` can remove it
             source, options, created = "(damaged manifest)", "", ""
@@ -67,18 +68,30 @@ def clear_cache(names: list[str] | None = None) -> list[CacheEntry]:
     return entries
 
 
-def content_key(model_path: Path, options: dict) -> str:
-    """Hash of every file that shapes the artifact, plus the options and versions."""
+def content_key(model_path: Path, options: dict, adapters: list[Path] = ()) -> str:
+    """Hash of every file that shapes the artifact, plus the options and versions.
+
+    adapters: LoRA adapter folders merged into the weights, in order (their config and
+        tensors count, not where they lie).
+    """
     digest = hashlib.sha256()
     versions = {"relaxlm": relaxlm.__version__, "tvm": tvm.__version__}
     digest.update(json.dumps({**options, **versions}, sort_keys=True).encode())
     digest.update(_code_digest().encode())
     for file in _shaping_files(model_path):
-        digest.update(file.name.encode())
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
+        _hash_file(digest, file.name, file)
+    for i, folder in enumerate(adapters):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if (folder / name).is_file():  # a missing one is compile's error to report
+                _hash_file(digest, f"lora {i} {name}", folder / name)
     return digest.hexdigest()[:24]
+
+
+def _hash_file(digest, label: str, file: Path) -> None:
+    digest.update(label.encode())
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
 
 
 def _shaping_files(model_path: Path) -> list[Path]:
@@ -108,16 +121,19 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
-def cached_artifact(model: str | os.PathLike, **options) -> Path:
-    """The artifact for `model` under the cache, compiling it first if it is not there."""
+def cached_artifact(model: str | os.PathLike, lora: list = (), **options) -> Path:
+    """The artifact for `model` (with the LoRA adapter folders `lora` merged in) under the
+    cache, compiling it first if it is not there."""
     from relaxlm.compiler.pipeline import compile_model
     from relaxlm.compiler.targets import resolve_target
     from relaxlm.frontends.checkpoint import resolve_model_path
 
     path = resolve_model_path(model)
+    adapters = [Path(a).expanduser().resolve() for a in lora]
     # The preset's TVM target names this CPU's features: another CPU gets another entry.
-    key = content_key(path, {**options, "tvm_target": resolve_target(options["target"]).tvm_target})
+    tvm_target = resolve_target(options["target"]).tvm_target
+    key = content_key(path, {**options, "tvm_target": tvm_target}, adapters)
     folder = cache_root() / "artifacts" / f"{path.name}-{key}"
     if not is_artifact(folder):
-        compile_model(path, folder, **options)
+        compile_model(path, folder, lora=adapters, **options)
     return folder

@@ -176,6 +176,15 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "its own formats)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="ADAPTER_DIR",
+        help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to "
+        "merge into the checkpoint's weights before quantization; repeat it to merge several, "
+        "in order",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -205,6 +214,7 @@ def _compile(args) -> None:
         dtype=args.dtype,
         add=args.add,
         force=args.force,
+        lora=args.lora,
     )
 
 
@@ -212,7 +222,12 @@ def _run(args) -> None:
     import relaxlm
 
     llm = relaxlm.LLM(
-        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+        args.model,
+        target=args.target,
+        quant=args.quant,
+        dtype=args.dtype,
+        lora=args.lora,
+        threads=args.threads,
     )
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
@@ -265,7 +280,12 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     llm = relaxlm.LLM(
-        args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+        args.model,
+        target=args.target,
+        quant=args.quant,
+        dtype=args.dtype,
+        lora=args.lora,
+        threads=args.threads,
     )
     if args.perplexity:
         from relaxlm.perplexity import perplexity
@@ -304,7 +324,12 @@ def _mcp(args) -> None:
     os.dup2(2, 1)
     try:
         llm = relaxlm.LLM(
-            args.model, target=args.target, quant=args.quant, dtype=args.dtype, threads=args.threads
+            args.model,
+            target=args.target,
+            quant=args.quant,
+            dtype=args.dtype,
+            lora=args.lora,
+            threads=args.threads,
         )
     finally:
         sys.stdout.flush()
@@ -325,6 +350,7 @@ def _serve(args) -> None:
         target=args.target,
         quant=args.quant,
         dtype=args.dtype,
+        lora=args.lora,
         threads=args.threads,
         max_batch_size=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens,
@@ -391,6 +417,10 @@ def _inspect(args) -> None:
         ("vocab size", str(m.vocab_size)),
         ("kv cache", json.dumps(m.kv_cache)),
         ("parameters", f"{n_params:,} in {len(m.params)} tensors, {_size(weight_bytes)}"),
+    ]
+    rows += [
+        (f"lora {i}", f"{a['path']}  r {a['r']}, alpha {a['alpha']}, sha256 {a['sha256'][:12]}")
+        for i, a in enumerate(m.lora)
     ]
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]

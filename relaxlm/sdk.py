@@ -92,6 +92,8 @@ class LLM:
     enable_prefix_cache: reuse the KV pages of prompt prefixes already computed.
     threads: CPU threads for the kernels (else RELAXLM_THREADS, else all CPUs); process-wide.
     target: the preset a checkpoint is compiled for (see `relaxlm.compiler.targets`).
+    lora: PEFT LoRA adapter folders merged into a checkpoint's weights when it is compiled, in
+        order (README, "LoRA adapters"); each set of adapters is its own cache entry.
     device: where to run ("cpu", "cuda:0", "metal"); the target's kind by default. The
         artifact's library for that device kind is loaded.
     """
@@ -116,6 +118,7 @@ class LLM:
         target: str = "cpu",
         quant: str = "none",
         dtype: str = "float32",
+        lora: list[str | os.PathLike] = (),
         device: str | None = None,
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
@@ -124,7 +127,7 @@ class LLM:
         enable_prefix_cache: bool = True,
         threads: int | None = None,
     ):
-        # target, quant and dtype chose the artifact in __new__; target also names the device.
+        # target, quant, dtype and lora chose the artifact in __new__; target also names the device.
         self.model = CompiledModel(
             self.artifact,
             device=_device(device, target),
@@ -543,6 +546,7 @@ def _artifact_folder(
     target: str = "cpu",
     quant: str = "none",
     dtype: str = "float32",
+    lora: list[str | os.PathLike] = (),
     **_engine_options,
 ) -> Path:
     """The artifact for `model`: itself, or its compile in the cache; None: the default model.
@@ -554,10 +558,16 @@ def _artifact_folder(
 
         model = default_model()
     if is_artifact(model):
+        if lora:
+            raise RelaxlmError(
+                f"{model} is a compiled artifact, and LoRA adapters merge at compile time: "
+                "pass the base checkpoint with the adapters, or compile one "
+                "(`relaxlm compile BASE --lora ADAPTER -o DIR`)"
+            )
         return Path(model)
     from relaxlm.cache import cached_artifact  # compiler code only when compiling
 
-    return cached_artifact(model, target=target, quant=quant, dtype=dtype)
+    return cached_artifact(model, target=target, quant=quant, dtype=dtype, lora=list(lora))
 
 
 def _device(device: str | None, target: str) -> str:
