@@ -200,6 +200,36 @@ SCHEMES: dict[str, QuantScheme | None] = {
 }
 
 
+def asym_int4(group_size: int) -> QuantScheme:
+    """`q4-asym` in groups of `group_size`: how AWQ / GPTQ checkpoints' 4-bit layers are kept
+    (w = (q - zero) * scale, as theirs)."""
+    scheme = SCHEMES["q4-asym"]
+    if group_size == scheme.group_size:
+        return scheme
+    return replace(scheme, name=f"q4-asym-g{group_size}", group_size=group_size)
+
+
+def pack_int4(
+    scheme: QuantScheme,
+    codes: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    compute_dtype: np.dtype,
+) -> list[np.ndarray]:
+    """The parts of an asymmetric 4-bit scheme from codes already chosen (an AWQ or GPTQ
+    layer): codes uint8 [N, K] in 0..15, scale and zero [N, K / group_size]. A bit
+    permutation: nothing is rounded again (scales cast to the compute dtype, exact from
+    float16 checkpoints; zero points are small integers)."""
+    assert scheme.bits == 4 and not scheme.symmetric and not scheme.row_tile, scheme
+    n, k = codes.shape
+    kp = scheme.padded_k(k)
+    extra_groups = (kp - k) // scheme.group_size
+    codes = np.pad(codes.astype(np.uint32), ((0, 0), (0, kp - k)))  # padded k: 0 * any scale
+    scale = np.pad(scale, ((0, 0), (0, extra_groups)), constant_values=1).astype(compute_dtype)
+    zero = np.pad(zero, ((0, 0), (0, extra_groups))).astype(compute_dtype)
+    return [_pack(codes, scheme.bits), scale, zero]
+
+
 def row_tiled(scheme: QuantScheme) -> QuantScheme:
     """The scheme as stored where every target has an int8 dot product (int8_dot.py): `q4` and
     `q8` in row tiles, their activations rounded to integers fine enough to keep them exact

@@ -7,6 +7,7 @@ it (`weight_plan`) and converts the checkpoint's tensors to match (`converted_we
 """
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +18,27 @@ from tqdm import tqdm
 from relaxlm.frontends import ExportedModel
 from relaxlm.frontends.checkpoint import Checkpoint
 
-from .quantization import GGUF_SCHEMES, SCHEMES, QuantKind, QuantScheme, dequantize, quantize
+from .quantization import (
+    GGUF_SCHEMES,
+    SCHEMES,
+    QuantKind,
+    QuantScheme,
+    asym_int4,
+    dequantize,
+    pack_int4,
+    quantize,
+)
 
 # Float types a GGUF file stores tensors in -> the scheme that keeps them so.
 _CAST_TYPES = {"F16": "float16", "BF16": "bfloat16"}
+# 4-bit layers of an AWQ / GPTQ checkpoint ("INT4_G128"; frontends/prequantized.py).
+_INT4_TYPE = re.compile(r"INT4_G(\d+)")
+
+
+def _int4_scheme(stored_type: str | None) -> QuantScheme | None:
+    """The scheme that keeps a checkpoint's AWQ / GPTQ layer as it is; None for others."""
+    m = _INT4_TYPE.fullmatch(stored_type or "")
+    return asym_int4(int(m[1])) if m else None
 
 
 @dataclass(frozen=True)
@@ -106,15 +124,18 @@ def stored_schemes(
 ) -> dict[int, QuantScheme]:
     """Packed-param index -> the scheme its weight is stored in, for weights kept as stored.
 
-    Without a requested scheme, GGUF block types (Q4_K, ...) are kept byte for byte and F16 /
-    BF16 tensors as they are. With one, nothing is kept: every weight is converted to it
-    (blocks dequantized exactly first, see `converted_weights`).
+    Without a requested scheme, GGUF block types (Q4_K, ...) are kept byte for byte, F16 /
+    BF16 tensors as they are, and AWQ / GPTQ layers as `q4-asym` in their own groups. With
+    one, nothing is kept: every weight is converted to it (blocks and 4-bit layers
+    dequantized exactly first, see `converted_weights`).
     """
     out = {}
     for i, name in enumerate(exported.param_names):
         ggml_type = checkpoint.stored_types.get(name, "F32")
         if ggml_type in GGUF_SCHEMES and scheme is None:
             out[i] = GGUF_SCHEMES[ggml_type]
+        elif (int4 := _int4_scheme(ggml_type)) and scheme is None:
+            out[i] = int4
         elif ggml_type in _CAST_TYPES and scheme is None and exported.dtype == "float32":
             out[i] = SCHEMES[_CAST_TYPES[ggml_type]]
     return out
@@ -131,20 +152,21 @@ def quantization_manifest(
             if weight.part in ("", "q"):
                 name = weight.scheme.name if weight.scheme else weight.dtype
                 kept[name] = kept.get(name, 0) + 1
-        out = {**out, "source": "gguf", "tensors": kept}
+        source = getattr(checkpoint, "method", "") or "gguf"  # an AWQ / GPTQ folder says which
+        out = {**out, "source": source, "tensors": kept}
         if scheme is None:
-            out["scheme"] = "gguf"
+            out["scheme"] = source
         else:
             out["requantized_from"] = requantized_types(checkpoint)
     return out
 
 
 def requantized_types(checkpoint: Checkpoint) -> dict[str, int]:
-    """GGUF block type -> how many of the file's tensors are in it (those a requested scheme
-    converts: dequantized exactly, then quantized again)."""
+    """GGUF block type (or AWQ / GPTQ "INT4_G<group>") -> how many of the file's tensors are in
+    it (those a requested scheme converts: dequantized exactly, then quantized again)."""
     out: dict[str, int] = {}
     for ggml_type in checkpoint.stored_types.values():
-        if ggml_type in GGUF_SCHEMES:
+        if ggml_type in GGUF_SCHEMES or _int4_scheme(ggml_type):
             out[ggml_type] = out.get(ggml_type, 0) + 1
     return out
 
@@ -155,8 +177,9 @@ def converted_weights(
     """The plan's tensors in order, each checkpoint tensor read and converted once.
 
     One tensor at a time: peak memory stays near the largest tensor, not the model. Stored
-    blocks (GGUF) are copied as they are; a block tensor the graph needs as floats, or that a
-    requested scheme converts, is dequantized exactly (numpy reference) first.
+    blocks (GGUF) are copied as they are, AWQ / GPTQ layers repacked; a block tensor the graph
+    needs as floats, or that a requested scheme converts, is dequantized exactly (numpy
+    reference) first (an AWQ / GPTQ checkpoint reads its layers so).
     """
     compute = dtype_of(exported.dtype)  # of scales and zero points
     count = len(dict.fromkeys(w.sources for w in plan))
@@ -165,6 +188,15 @@ def converted_weights(
     for _ in bar:
         first = next(weights)
         names = first.sources  # fused rows (fuse_parallel_linear) share one stored format
+        if first.part == "q" and all(
+            _int4_scheme(checkpoint.stored_types.get(n)) == first.scheme for n in names
+        ):  # AWQ / GPTQ layers kept: their codes repacked, nothing rounded again
+            layers = [pack_int4(first.scheme, *checkpoint.read_int4(n), compute) for n in names]
+            parts = [np.concatenate(p, axis=0) for p in zip(*layers, strict=True)]
+            yield first.name, parts[0]
+            for part in parts[1:]:
+                yield next(weights).name, part
+            continue
         arrays = [checkpoint.read(n) for n in names]
         if first.part == "" or first.scheme.kind != QuantKind.GGUF:  # needed as numbers
             arrays = [

@@ -14,6 +14,7 @@ from .embedding import ENCODERS, embedding_model
 from .entry import ExportedModel, export_causal_lm, export_embedding
 from .gguf import load_gguf
 from .onnx import OnnxCheckpoint, export_onnx, load_onnx
+from .prequantized import prequantized
 
 # architecture name in config.json -> (config reader, model class)
 ARCHITECTURES = {
@@ -42,7 +43,7 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
         return load_onnx(path)
     if path.is_file():  # a .gguf file: config, tensors and tokenizer all come from it
         return load_gguf(path)
-    return load_hf_checkpoint(path)
+    return prequantized(load_hf_checkpoint(path))
 
 
 def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:

@@ -215,10 +215,12 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[str | os.PathLike]) -> Che
     """
     if not adapters:
         return checkpoint
-    if type(checkpoint) is not Checkpoint:  # a GGUF or ONNX file
-        kind = "GGUF" if checkpoint.path.suffix == ".gguf" else "ONNX"
+    if type(checkpoint) is not Checkpoint:  # a GGUF or ONNX file, or 4-bit AWQ/GPTQ layers
+        kind = {".gguf": "a GGUF file", ".onnx": "an ONNX file"}.get(
+            checkpoint.path.suffix, "an AWQ/GPTQ checkpoint of 4-bit weights"
+        )
         raise RelaxlmError(
-            f"--lora: {checkpoint.path} is a {kind} file; LoRA adapters merge into Hugging Face "
+            f"--lora: {checkpoint.path} is {kind}; LoRA adapters merge into float Hugging Face "
             "safetensors checkpoints only: pass the adapter's base model folder (or repo id)"
         )
     opened = [read_adapter(a) for a in adapters]
