@@ -264,7 +264,10 @@ class LLM:
     def _draft_model(self, path, target, quant, dtype, device, threads) -> CompiledModel:
         """The draft artifact (a checkpoint compiled like the target), loaded beside it with a
         KV cache as large as the target's; RelaxlmError unless its vocabulary is the target's."""
-        folder = _artifact_folder(path, target=target, quant=quant, dtype=dtype)
+        try:
+            folder = _artifact_folder(path, target=target, quant=quant, dtype=dtype)
+        except RelaxlmError as e:
+            raise RelaxlmError(f"draft_model={str(path)!r}: {e}") from None
         manifest = Manifest.read(folder)
         if manifest.task == "embed":
             raise RelaxlmError(f"draft_model={str(path)!r} is an embedding model; pass a text one")
