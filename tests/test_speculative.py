@@ -4,6 +4,7 @@ distribution itself for the acceptance rule (chi-square over seeded draws), and 
 own page count after rollbacks."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -247,3 +248,19 @@ def test_bad_speculation_settings_are_one_clear_error(llm):
     for args in ((vocab, other, 480, 480), (vocab, vocab, 480, 512)):
         with pytest.raises(RelaxlmError, match="another vocabulary"):
             check_draft_vocabulary(*args, "other")
+
+
+def test_bench_reports_the_speed_up_and_acceptance(llm, capsys):
+    from relaxlm.cli import main
+
+    # Random weights rarely repeat the prompt, so the figures are the report's shape and its
+    # own oracle: the same greedy tokens with speculation off and on.
+    argv = ["bench", str(llm.artifact), "--draft-model", "ngram", "--num-draft-tokens", "3"]
+    assert main(argv + ["--decode-tokens", "8", "--repeats", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["same_tokens"] is True and report["draft_model"] == "ngram"
+    assert report["num_draft_tokens"] == 3 and report["decode_tokens"] == 8
+    assert report["speedup"] > 0 and report["draft_tokens"] >= report["accepted_draft_tokens"]
+    too_many = ["--num-draft-tokens", "100000"]
+    assert main(["bench", str(llm.artifact), "--draft-model", "ngram", *too_many]) == 2
+    assert "num_draft_tokens=100000 is invalid" in capsys.readouterr().err
