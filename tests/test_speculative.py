@@ -256,6 +256,7 @@ def test_bench_reports_the_speed_up_and_acceptance(llm, capsys):
     # Random weights rarely repeat the prompt, so the figures are the report's shape and its
     # own oracle: the same greedy tokens with speculation off and on.
     argv = ["bench", str(llm.artifact), "--draft-model", "ngram", "--num-draft-tokens", "3"]
+    argv += ["--prompt", "one two one two one two"]
     assert main(argv + ["--decode-tokens", "8", "--repeats", "1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["same_tokens"] is True and report["draft_model"] == "ngram"
