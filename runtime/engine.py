@@ -31,6 +31,7 @@ from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S, PrefillBudget
 from relaxlm.runtime.sampler import Sample, SamplingParams, sample_batch
 from relaxlm.runtime.scheduler import (
     AddSeq,
+    Chunk,
     ForkSeq,
     KVOp,
     RemoveSeq,
@@ -38,7 +39,21 @@ from relaxlm.runtime.scheduler import (
     SchedulerConfig,
     StepPlan,
 )
+from relaxlm.runtime.speculative import NGRAM, DraftModel, NgramDrafter, verify
 from relaxlm.runtime.tokenizer import Tokenizer
+
+DEFAULT_NUM_DRAFT_TOKENS = 4
+
+
+@dataclass(eq=False)
+class _Speculation:
+    """A decoding sequence's drafts this step, verified in the target's forward."""
+
+    chunk: Chunk
+    request: RequestState
+    completion: CompletionState
+    drafts: list[int]
+    qs: np.ndarray | None  # the drafter's distributions; None for deterministic drafts
 
 
 @dataclass(eq=False)
@@ -65,6 +80,9 @@ class Engine:
     prefill_step_target_s: while sequences decode, the time a step's prefill aims at (their
         streams pause that long at most); ignored when max_prefill_tokens is given.
     enable_prefix_cache: keep computed prompts' full pages for requests that share them.
+    draft_model: speculative decoding (runtime/speculative.py): "ngram" (prompt lookup), or a
+        CompiledModel with the same vocabulary that drafts; None decodes one token a step.
+    num_draft_tokens: tokens drafted per sequence and step, all verified in one forward.
     """
 
     def __init__(
@@ -75,6 +93,8 @@ class Engine:
         max_prefill_tokens: int | None = None,
         prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
+        draft_model: "CompiledModel | str | None" = None,
+        num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
     ):
         chunk = model.prefill_chunk if max_prefill_tokens is None else max_prefill_tokens
         if not isinstance(chunk, int) or not 1 <= chunk <= model.prefill_chunk:
@@ -100,6 +120,8 @@ class Engine:
         self.prefill_budget = PrefillBudget(
             chunk, None if max_prefill_tokens is not None else float(prefill_step_target_s)
         )
+        self.drafter = _drafter(draft_model, num_draft_tokens, model.prefill_chunk)
+        self.num_draft_tokens = num_draft_tokens
         self._requests: dict[str, RequestState] = {}
         self._completions: dict[int, tuple[RequestState, CompletionState]] = {}  # by seq_id
         self._ids = itertools.count()
@@ -314,12 +336,24 @@ class Engine:
         m.preemptions += len(plan.preempted)
         m.prefix_cache_hit_tokens += plan.prefix_hit_tokens
         self._run_ops(plan.kv_ops)
+        specs = self._draft(plan.decode) if self.drafter is not None else []
+        speculating = {spec.chunk.seq.seq_id for spec in specs}
+        decode = [c for c in plan.decode if c.seq.seq_id not in speculating]
         rows = []  # (chunk, logits row) for chunks that want logits
-        if plan.decode:
+        if decode:
             logits = self.model.decode(
-                [c.seq.seq_id for c in plan.decode], [c.tokens[0] for c in plan.decode]
+                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode]
             )
-            rows += zip(plan.decode, logits, strict=True)
+            rows += zip(decode, logits, strict=True)
+        if specs:
+            # One forward scores every speculating sequence's last token and drafts.
+            logits = self.model.prefill(
+                [spec.chunk.seq.seq_id for spec in specs],
+                [spec.chunk.tokens + spec.drafts for spec in specs],
+                every_token=True,
+            )
+            ends = np.cumsum([len(spec.drafts) + 1 for spec in specs])
+            verified = np.split(logits, ends[:-1])
         if plan.prefill:
             logits = self.model.prefill(
                 [c.seq.seq_id for c in plan.prefill], [c.tokens for c in plan.prefill]
@@ -338,15 +372,70 @@ class Engine:
             for seq in (chunk.seq, *chunk.forks):
                 taken.append(self._completions[seq.seq_id])
                 row_of.append(i)
-        if not taken:
-            return []
-        matrix = np.stack([row for _, row in rows])[row_of]
-        samples = sample_batch(matrix, [completion.sampler for _, completion in taken])
         sampled = []
-        for (request, completion), sample in zip(taken, samples, strict=True):
-            self.scheduler.append_token(completion.seq, sample.token_id)
-            sampled.append((request, completion, sample))
+        if taken:
+            matrix = np.stack([row for _, row in rows])[row_of]
+            samples = sample_batch(matrix, [completion.sampler for _, completion in taken])
+            for (request, completion), sample in zip(taken, samples, strict=True):
+                self.scheduler.append_token(completion.seq, sample.token_id)
+                sampled.append((request, completion, sample))
+        for spec, spec_rows in zip(specs, verified if specs else [], strict=True):
+            sampled += self._accept(spec, spec_rows)
         return sampled
+
+    def _draft(self, chunks: list[Chunk]) -> list[_Speculation]:
+        """Drafts for the decode chunks whose requests speculate, with pages taken for them."""
+        self.drafter.forget_except({seq.seq_id for seq in self.scheduler.running})
+        budget = self.model.prefill_chunk  # tokens of the one verification forward
+        wanted = []
+        for chunk in chunks:
+            request, completion = self._completions[chunk.seq.seq_id]
+            k = min(self._draft_room(request, chunk.seq), budget - 1)
+            if k > 0 and (k := self.scheduler.extend(chunk.seq, k)):
+                budget -= k + 1
+                wanted.append((chunk, request, completion, k))
+        proposals = self.drafter.propose(
+            [(c.seq.seq_id, c.seq.tokens, k, comp.sampler) for c, _, comp, k in wanted]
+        )
+        specs = []
+        for (chunk, request, completion, k), (drafts, qs) in zip(wanted, proposals, strict=True):
+            self.scheduler.release_drafts(chunk.seq, k - len(drafts))
+            if drafts:
+                specs.append(_Speculation(chunk, request, completion, drafts, qs))
+        return specs
+
+    def _draft_room(self, request: RequestState, seq) -> int:
+        """Drafts worth verifying for `seq`: num_draft_tokens, fewer near max_tokens or the
+        context window (the target adds one token of its own); 0 for requests that opt out,
+        want logprobs (verification reports none) or follow a constraint (a grammar's state
+        cannot take back rejected drafts)."""
+        params = request.params
+        if not params.speculative or params.logprobs is not None or params.constraint is not None:
+            return 0
+        return min(
+            self.num_draft_tokens,
+            params.max_tokens - seq.num_generated - 1,
+            self.model.context_window - len(seq.tokens) - 1,
+        )
+
+    def _accept(
+        self, spec: _Speculation, rows: np.ndarray
+    ) -> list[tuple[RequestState, CompletionState, Sample]]:
+        """The acceptance rule over one sequence's verification rows; the rejected drafts leave
+        the KV caches. Its new tokens, in order, as samples."""
+        seq, request = spec.chunk.seq, spec.request
+        verdict = verify(rows, spec.drafts, spec.qs, spec.completion.sampler)
+        tokens = verdict.tokens
+        # A stop token ends the completion: what follows it was never generated.
+        cut = next((i + 1 for i, t in enumerate(tokens) if t in request.stop_ids), len(tokens))
+        tokens = tokens[:cut]
+        self.scheduler.accept_drafts(seq, len(spec.drafts), tokens)
+        if rejected := len(spec.drafts) - (len(tokens) - 1):
+            self.model.popn(seq.seq_id, rejected)
+        self.drafter.rollback(seq.seq_id, verdict.accepted, len(spec.drafts))
+        self._metrics.draft_tokens += len(spec.drafts)
+        self._metrics.accepted_draft_tokens += verdict.accepted
+        return [(request, spec.completion, Sample(t, None)) for t in tokens]
 
     def _process(
         self, plan: StepPlan, sampled: list[tuple[RequestState, CompletionState, Sample]]
@@ -356,12 +445,21 @@ class Engine:
         news: dict[str, list[CompletionDelta]] = {}
         now = time.monotonic()
         for request, completion, sample in sampled:
+            if completion.finish_reason is not None:  # drafts after a stop string: dropped
+                continue
             delta = self._outputs.advance(request, completion, sample, now)
-            news.setdefault(request.request_id, []).append(delta)
+            deltas = news.setdefault(request.request_id, [])
+            if deltas and deltas[-1].index == delta.index:  # accepted drafts: one delta
+                deltas[-1].text += delta.text
+                deltas[-1].token_ids += delta.token_ids
+                deltas[-1].finish_reason = delta.finish_reason
+            else:
+                deltas.append(delta)
         cut = [self._completions[seq.seq_id] for seq in plan.out_of_pages]
         for request, completion in cut:
             news.setdefault(request.request_id, []).append(self._outputs.cut(completion))
-        for completion in [c for _, c, _ in sampled] + [c for _, c in cut]:
+        ended = dict.fromkeys([c for _, c, _ in sampled] + [c for _, c in cut])
+        for completion in ended:
             if completion.finish_reason is not None:  # ended this step: free its sequence
                 self._run_ops(self.scheduler.finish(completion.seq))
                 del self._completions[completion.seq.seq_id]
@@ -403,6 +501,8 @@ class Engine:
         self._requests.clear()
         self._completions.clear()
         self.model.clear()
+        if self.drafter is not None:
+            self.drafter.clear()
         self.scheduler = Scheduler(self.config)
         for request in requests:
             self._emit(request, error)
@@ -417,3 +517,25 @@ class Engine:
 
 def _ignore(_output) -> None:
     pass
+
+
+def _drafter(draft_model, num_draft_tokens, prefill_chunk: int):
+    """The engine's drafter for its `draft_model` argument (None: no speculation)."""
+    if draft_model is None:
+        return None
+    if (
+        not isinstance(num_draft_tokens, int)
+        or isinstance(num_draft_tokens, bool)
+        or not 1 <= num_draft_tokens < prefill_chunk
+    ):
+        raise RelaxlmError(
+            f"num_draft_tokens={num_draft_tokens!r} is invalid; set it to an integer in "
+            f"[1, {prefill_chunk - 1}] (the verification forward holds prefill_chunk tokens)"
+        )
+    if isinstance(draft_model, CompiledModel):
+        return DraftModel(draft_model)
+    if draft_model == NGRAM:
+        return NgramDrafter()
+    raise RelaxlmError(
+        f"draft_model={draft_model!r} is invalid; pass {NGRAM!r} or a draft model's artifact"
+    )

@@ -80,9 +80,17 @@ class EngineMetrics:
     generated_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
+    # Speculative decoding: tokens drafted and verified, and those of them the target accepted.
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
     # latencies
     time_to_first_token: Histogram = field(default_factory=Histogram)
     inter_token_latency: Histogram = field(default_factory=Histogram)
+
+    @property
+    def draft_acceptance_rate(self) -> float | None:
+        """Accepted / drafted tokens; None before any draft."""
+        return self.accepted_draft_tokens / self.draft_tokens if self.draft_tokens else None
 
     @property
     def kv_pages_used(self) -> int:

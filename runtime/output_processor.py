@@ -54,6 +54,8 @@ class CompletionState:
     stops: StopStrings
     finish_reason: str | None = None
     last_token_time: float | None = None
+    # Tokens advanced so far: the sequence may hold more (a step's accepted drafts).
+    generated: int = 0
 
 
 @dataclass(eq=False)
@@ -96,9 +98,11 @@ class OutputProcessor:
     def advance(
         self, request: RequestState, completion: CompletionState, sample: Sample, now: float
     ) -> CompletionDelta:
-        """Take one sampled token, already appended to the sequence: metrics, text and stop
-        conditions. The delta's finish_reason is set when the completion ends."""
+        """Take one sampled token, already appended to the sequence (with any tokens that follow
+        it this step): metrics, text and stop conditions. The delta's finish_reason is set when
+        the completion ends."""
         seq, params, token = completion.seq, request.params, sample.token_id
+        completion.generated += 1
         m = self.metrics
         m.generated_tokens += 1
         if request.first_token_time is None:
@@ -117,7 +121,10 @@ class OutputProcessor:
         delta.text, hit = completion.stops.push(completion.detok.push(token))
         if hit:
             return _end(completion, delta, "stop")
-        if seq.num_generated >= params.max_tokens or len(seq.tokens) >= self.context_window:
+        if (
+            completion.generated >= params.max_tokens
+            or seq.prompt_len + completion.generated >= self.context_window
+        ):
             rest, hit = self._flush(completion)
             delta.text += rest
             return _end(completion, delta, "stop" if hit else "length")

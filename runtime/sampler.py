@@ -39,6 +39,8 @@ class SamplingParams:
         from `default_rng([seed, i])`; None draws fresh entropy.
     constraint: a factory of TokenConstraint, called once per completion (each has its own
         state); its mask limits the tokens that completion may take (structured output).
+    speculative: let the engine speculate for this request when it has a drafter (the same
+        distribution either way; requests with logprobs or a constraint never speculate).
     """
 
     max_tokens: int = 16
@@ -57,6 +59,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     constraint: "Callable[[], TokenConstraint] | None" = None
+    speculative: bool = True
 
     def __post_init__(self):
         if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
@@ -99,6 +102,8 @@ class SamplingParams:
         self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
         if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
             _invalid("logprobs", self.logprobs, "None or an integer >= 0 (top tokens to return)")
+        if not isinstance(self.speculative, bool):
+            _invalid("speculative", self.speculative, "True or False")
         if self.constraint is not None and not callable(self.constraint):
             _invalid("constraint", self.constraint, "None or a factory of TokenConstraint")
 
@@ -242,6 +247,15 @@ def _choose(scores: np.ndarray, sampler: Sampler) -> int:
     p = sampler.params
     if p.temperature == 0:
         return int(np.argmax(scores))
+    ids, probs = _kept(scores, p)
+    cdf = np.cumsum(probs)
+    choice = int(np.searchsorted(cdf, sampler.rng.random() * cdf[-1], side="right"))
+    return int(ids[min(choice, len(ids) - 1)])
+
+
+def _kept(scores: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens sampling may take after temperature, min_p, top_k and top_p, and their
+    probabilities (after top_p, not renormalized)."""
     scores = scores / p.temperature
     ids = np.arange(scores.shape[0])
     if p.min_p > 0:
@@ -258,9 +272,32 @@ def _choose(scores: np.ndarray, sampler: Sampler) -> int:
         mass_before = np.cumsum(probs) - probs
         keep = max(1, int(np.count_nonzero(mass_before < p.top_p)))
         ids, probs = ids[:keep], probs[:keep]
+    return ids, probs
+
+
+def processed_distribution(row: np.ndarray, sampler: Sampler, penalties: bool = True):
+    """The distribution [vocab] that sampling this row draws from, given the sampler's state:
+    one-hot at the argmax for greedy. Speculative decoding's acceptance rule needs it whole.
+
+    penalties: apply logit_bias, the penalties and the constraint first (False for a draft
+        model's proposals, which any distribution serves).
+    """
+    scores = np.asarray(row).astype(np.float64)
+    if penalties:
+        scores = _constrained(_adjusted(scores, sampler), sampler)
+    out = np.zeros(scores.shape[0])
+    if sampler.params.temperature == 0:
+        out[int(np.argmax(scores))] = 1.0
+        return out
+    ids, probs = _kept(scores, sampler.params)
+    out[ids] = probs / probs.sum()
+    return out
+
+
+def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """A token drawn from unnormalized probabilities [vocab] (zero-mass tokens never)."""
     cdf = np.cumsum(probs)
-    choice = int(np.searchsorted(cdf, sampler.rng.random() * cdf[-1], side="right"))
-    return int(ids[min(choice, len(ids) - 1)])
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
 
 
 def _logprob(row: np.ndarray, token: int, sampler: Sampler) -> Logprob:

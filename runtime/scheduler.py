@@ -201,6 +201,18 @@ class PageTable:
         length = self._length[seq_id]
         return _ceil_div(length, self.page_size) * self.page_size - length + pages * self.page_size
 
+    def shrink(self, seq_id: int, n: int) -> None:
+        """Drop the last n tokens (TVM's popn): pages left empty go back, as the cache's do."""
+        length = self._length[seq_id] - n
+        assert 0 <= length, (seq_id, n)
+        keep = _ceil_div(length, self.page_size)
+        for page in self._pages[seq_id][keep:]:
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+        del self._pages[seq_id][keep:]
+        self._length[seq_id] = length
+
     def remove(self, seq_id: int) -> None:
         for page in self._pages.pop(seq_id):
             self._refs[page] -= 1
@@ -370,6 +382,29 @@ class Scheduler:
         """The engine sampled `token` for `seq` from the logits of its last chunk."""
         assert seq.status is Status.RUNNING and seq.remaining == 0, seq
         seq.tokens.append(int(token))
+
+    def extend(self, seq: Sequence, n: int) -> int:
+        """Take pages for up to n draft tokens after the token `seq` computes this step
+        (speculative decoding), from free pages only; how many fit. `accept_drafts` settles."""
+        assert seq.status is Status.RUNNING and seq.remaining == 0, seq
+        n = max(0, min(n, self.pages.room(seq.seq_id, self.pages.free_pages)))
+        self.pages.grow(seq.seq_id, n)
+        return n
+
+    def release_drafts(self, seq: Sequence, n: int) -> None:
+        """Give back the pages of n tokens taken with `extend` (drafts not made, or rejected)."""
+        assert 0 <= n <= self.pages.length(seq.seq_id) - seq.num_computed, (seq, n)
+        self.pages.shrink(seq.seq_id, n)
+
+    def accept_drafts(self, seq: Sequence, drafted: int, tokens: list[int]) -> None:
+        """Verification of `drafted` draft tokens (taken with `extend`) chose `tokens`: the
+        accepted drafts, then one of the target's own. The accepted drafts' K/V stay; the engine
+        pops the rejected ones from the KV cache, as this does from the page table."""
+        keep = len(tokens) - 1  # accepted drafts; the last token is computed next step
+        assert seq.remaining == 0 and 0 <= keep <= drafted, (seq, drafted, tokens)
+        seq.tokens += [int(t) for t in tokens]
+        self.release_drafts(seq, drafted - keep)
+        seq.num_computed += keep
 
     def finish(self, seq: Sequence) -> list[KVOp]:
         """`seq` is done: cache its computed full pages for reuse, then free it."""

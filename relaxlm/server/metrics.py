@@ -79,6 +79,12 @@ class _EngineCollector:
                 m.prefix_cache_hit_tokens,
             ),
             ("preemptions", "sequences preempted to free KV pages", m.preemptions),
+            ("spec_draft_tokens", "speculative tokens drafted and verified", m.draft_tokens),
+            (
+                "spec_accepted_tokens",
+                "speculative draft tokens the target model accepted",
+                m.accepted_draft_tokens,
+            ),
         ):
             counter = CounterMetricFamily(f"relaxlm_{name}", doc)
             counter.add_metric([], value)
