@@ -7,7 +7,8 @@ layer) and otherwise only by `take(w, ids, axis=0)`: the tied table of an lm_hea
 embedding rows are then gathered from the packed parts. A tied head is the largest matmul of a
 small model's decode step (SmolLM2-135M: 113 MB of 173 MB as float32), so it must be packed;
 one table serves both reads, as in llama.cpp (a float copy for the gather would cost 4 bytes a
-value for a gather that reads a few rows per step). An embedding only gathered stays as it is.
+value for a gather that reads a few rows per step), in 8 bits where the scheme has fewer
+(`tied_table_scheme`). An embedding only gathered stays as it is.
 
 Per-weight schemes (`per_weight`: packed-param index -> scheme) are for weights that come
 already packed, such as a GGUF file's llama.cpp blocks: such a weight may also be only
@@ -25,7 +26,7 @@ from tvm import relax, te
 
 from relaxlm.tvm_api import tirx
 
-from .quantization import INTERLEAVE, QuantKind, QuantScheme
+from .quantization import INTERLEAVE, QuantKind, QuantScheme, tied_table_scheme
 from .weights import PackedField
 
 # on the dequantize PrimFuncs: {"scheme": the scheme's fields, "k"} as JSON
@@ -58,7 +59,7 @@ def quantize_weights(
         if i in per_weight and kinds <= {"linear", "gather"}:
             schemes[i] = per_weight[i]
         elif scheme is not None and "linear" in kinds and kinds <= {"linear", "gather"}:
-            schemes[i] = scheme
+            schemes[i] = tied_table_scheme(scheme) if "gather" in kinds else scheme
     plan, new_fields, layout = [], [], {}
     for i, ty in enumerate(fields):
         layout[i] = []

@@ -24,6 +24,7 @@ from relaxlm.compiler.quantization import (
     group_scales,
     quantize,
     row_tiled,
+    tied_table_scheme,
 )
 from relaxlm.compiler.quantize_weights import quantize_weights
 from relaxlm.compiler.targets import resolve_target, resolve_targets
@@ -165,7 +166,8 @@ def _dequantized_checkpoint(src, dst, scheme_name):
     weights = load_file(dst / "model.safetensors")
     for name, w in weights.items():
         if w.ndim == 2 and (tied or "embed" not in name) and "norm" not in name:
-            weights[name] = dequantize(scheme, quantize(scheme, w, np.float32), w.shape[1])
+            table = scheme if "embed" not in name else tied_table_scheme(scheme)
+            weights[name] = dequantize(table, quantize(table, w, np.float32), w.shape[1])
     save_file(weights, dst / "model.safetensors")
     return dst
 
@@ -198,7 +200,10 @@ def test_tied_lm_head_is_packed_and_equals_float_model_with_dequantized_table(
     params = {p["name"]: p for p in quantized.manifest.params}
     vocab, hidden = quantized.manifest.vocab_size, quantized.manifest.model_config["hidden_size"]
     assert "model.embed_tokens.weight" not in params and "lm_head.weight.q" not in params
-    assert params["model.embed_tokens.weight.q"]["shape"] == [vocab, hidden // 8]  # 8 per word
+    # in 8 bits where the scheme has 4, as llama.cpp keeps it (tied_table_scheme)
+    table = quantized.manifest.quantization["tied_table"]
+    assert table["weight"] == "model.embed_tokens.weight" and table["bits"] == 8
+    assert params["model.embed_tokens.weight.q"]["shape"] == [vocab, hidden]  # int8 codes
     assert params["model.embed_tokens.weight.scale"]["shape"] == [vocab, hidden // 32]
     reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", "q4")))
     ids = [1] + np.random.default_rng(6).integers(5, 400, 23).tolist()
@@ -295,7 +300,11 @@ def _linear_vm(n: int, k: int, scheme):
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
-@pytest.mark.parametrize("scheme", [SCHEMES["q4-a8"], *TILED.values()], ids=["q4-a8", *TILED])
+@pytest.mark.parametrize(
+    "scheme",
+    [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values()],
+    ids=["q4-a8", "q8-a8", *TILED],
+)
 @pytest.mark.parametrize("n,k", [(64, 128), (48, 70), (128, 300), (256, 1000), (40, 70)])
 def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n, k):
     """Weights in row tiles take the int8 kernel (q4-a8: activations rounded to int8; q4 and q8:
