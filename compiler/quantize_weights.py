@@ -2,13 +2,17 @@
 
 Works on any Relax function whose last parameter is the packed weight tuple (`num_input`
 splits runtime inputs from weights, as `nn.Module.export_tvm` emits). With one scheme, a weight
-is quantized when it is a 2-D float tensor and every use is `matmul(x, permute_dims(w))` (a
-linear layer); others, such as an embedding table read by `take`, stay as they are.
+is quantized when it is a 2-D float tensor read by `matmul(x, permute_dims(w))` (a linear
+layer) and otherwise only by `take(w, ids, axis=0)`: the tied table of an lm_head, whose
+embedding rows are then gathered from the packed parts. A tied head is the largest matmul of a
+small model's decode step (SmolLM2-135M: 113 MB of 173 MB as float32), so it must be packed;
+one table serves both reads, as in llama.cpp (a float copy for the gather would cost 4 bytes a
+value for a gather that reads a few rows per step), in 8 bits where the scheme has fewer
+(`tied_table_scheme`). An embedding only gathered stays as it is.
 
 Per-weight schemes (`per_weight`: packed-param index -> scheme) are for weights that come
-already packed, such as a GGUF file's llama.cpp blocks: such a weight may also be read by
-`take(w, ids, axis=0)` (an embedding, or the tied table of an lm_head), whose rows are then
-gathered from the parts. A weight that cannot be rewritten stays a float tensor.
+already packed, such as a GGUF file's llama.cpp blocks: such a weight may also be only
+gathered (an untied embedding). A weight that cannot be rewritten stays a float tensor.
 
 The rewritten tuple holds each quantized weight's parts in place of the weight; the pass
 returns the new tuple's fields (`weights.PackedField`: source index in the old tuple, part,
@@ -22,7 +26,7 @@ from tvm import relax, te
 
 from relaxlm.tvm_api import tirx
 
-from .quantization import INTERLEAVE, QuantKind, QuantScheme
+from .quantization import INTERLEAVE, QuantKind, QuantScheme, tied_table_scheme
 from .weights import PackedField
 
 # on the dequantize PrimFuncs: {"scheme": the scheme's fields, "k"} as JSON
@@ -54,8 +58,8 @@ def quantize_weights(
         kinds = set().union(*(u[i] for u in uses))
         if i in per_weight and kinds <= {"linear", "gather"}:
             schemes[i] = per_weight[i]
-        elif scheme is not None and kinds == {"linear"}:
-            schemes[i] = scheme
+        elif scheme is not None and "linear" in kinds and kinds <= {"linear", "gather"}:
+            schemes[i] = tied_table_scheme(scheme) if "gather" in kinds else scheme
     plan, new_fields, layout = [], [], {}
     for i, ty in enumerate(fields):
         layout[i] = []

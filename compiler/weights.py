@@ -144,8 +144,13 @@ def stored_schemes(
 def quantization_manifest(
     checkpoint: Checkpoint, scheme: QuantScheme | None, plan: list[PlannedWeight]
 ) -> dict:
-    """The requested scheme, and for a GGUF file the formats its weights are kept in."""
+    """The requested scheme (and the one a tied embedding table takes where it differs), and
+    for a GGUF file the formats its weights are kept in."""
     out = scheme.to_manifest() if scheme else {"scheme": "none"}
+    for weight in plan:
+        if weight.part == "q" and scheme is not None and weight.scheme != scheme:
+            name = weight.name.removesuffix(".q")
+            out["tied_table"] = {"weight": name, **weight.scheme.to_manifest()}
     if checkpoint.stored_types:
         kept: dict[str, int] = {}
         for weight in plan:

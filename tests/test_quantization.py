@@ -24,6 +24,7 @@ from relaxlm.compiler.quantization import (
     group_scales,
     quantize,
     row_tiled,
+    tied_table_scheme,
 )
 from relaxlm.compiler.quantize_weights import quantize_weights
 from relaxlm.compiler.targets import resolve_target, resolve_targets
@@ -157,13 +158,16 @@ def _cpu_vm(mod: tvm.IRModule) -> VirtualMachine:
 
 
 def _dequantized_checkpoint(src, dst, scheme_name):
-    """A float32 copy of `src` whose linear weights are replaced by their dequantized values."""
+    """A float32 copy of `src` whose linear weights are replaced by their dequantized values
+    (the embedding table too where it is the lm_head's: quantize_weights packs a tied table)."""
     scheme = SCHEMES[scheme_name]
     shutil.copytree(src, dst)
+    tied = json.loads((dst / "config.json").read_text()).get("tie_word_embeddings", False)
     weights = load_file(dst / "model.safetensors")
     for name, w in weights.items():
-        if w.ndim == 2 and "embed" not in name and "norm" not in name:
-            weights[name] = dequantize(scheme, quantize(scheme, w, np.float32), w.shape[1])
+        if w.ndim == 2 and (tied or "embed" not in name) and "norm" not in name:
+            table = scheme if "embed" not in name else tied_table_scheme(scheme)
+            weights[name] = dequantize(table, quantize(table, w, np.float32), w.shape[1])
     save_file(weights, dst / "model.safetensors")
     return dst
 
@@ -179,6 +183,30 @@ def test_quantized_model_equals_float_model_with_dequantized_weights(name, check
         assert manifest["row_tile"] == 16
     reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", name)))
     ids = [1] + np.random.default_rng(3).integers(5, 400, 23).tolist()
+    ours = quantized.score(ids, prefill=12)
+    ref = reference.score(ids, prefill=12)
+    rel = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert rel <= 1e-4, f"relative error {rel}"
+
+
+def test_tied_lm_head_is_packed_and_equals_float_model_with_dequantized_table(
+    checkpoints, tmp_path
+):
+    """A table read both by the embedding gather and by the tied lm_head's matmul is stored
+    in the scheme (it was once kept float32: the largest matmul of a small model's decode
+    step), and both reads equal a float model whose table is the dequantized one."""
+    src = checkpoints("llama_tied_llama3_rope")
+    quantized = relaxlm.LLM(str(src), quant="q4")
+    params = {p["name"]: p for p in quantized.manifest.params}
+    vocab, hidden = quantized.manifest.vocab_size, quantized.manifest.model_config["hidden_size"]
+    assert "model.embed_tokens.weight" not in params and "lm_head.weight.q" not in params
+    # in 8 bits where the scheme has 4, as llama.cpp keeps it (tied_table_scheme)
+    table = quantized.manifest.quantization["tied_table"]
+    assert table["weight"] == "model.embed_tokens.weight" and table["bits"] == 8
+    assert params["model.embed_tokens.weight.q"]["shape"] == [vocab, hidden]  # int8 codes
+    assert params["model.embed_tokens.weight.scale"]["shape"] == [vocab, hidden // 32]
+    reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", "q4")))
+    ids = [1] + np.random.default_rng(6).integers(5, 400, 23).tolist()
     ours = quantized.score(ids, prefill=12)
     ref = reference.score(ids, prefill=12)
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
@@ -272,7 +300,11 @@ def _linear_vm(n: int, k: int, scheme):
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
-@pytest.mark.parametrize("scheme", [SCHEMES["q4-a8"], *TILED.values()], ids=["q4-a8", *TILED])
+@pytest.mark.parametrize(
+    "scheme",
+    [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values()],
+    ids=["q4-a8", "q8-a8", *TILED],
+)
 @pytest.mark.parametrize("n,k", [(64, 128), (48, 70), (128, 300), (256, 1000), (40, 70)])
 def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n, k):
     """Weights in row tiles take the int8 kernel (q4-a8: activations rounded to int8; q4 and q8:
@@ -308,15 +340,20 @@ def _quantized_linears(manifest) -> set[str]:
 
 
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
-def test_q4_a8_model_equals_transformers_with_int8_activations(checkpoints, tmp_path):
+@pytest.mark.parametrize("case", ["llama_gqa", "llama_tied_llama3_rope"])
+def test_q4_a8_model_equals_transformers_with_int8_activations(case, checkpoints, tmp_path):
     """The whole model against transformers on the dequantized weights, every quantized
-    linear's input rounded to int8 the same way: prefill and decode."""
+    linear's input rounded to int8 the same way: prefill and decode. A tied lm_head takes the
+    int8 kernel too (its table packed; the gathered embeddings its dequantized rows)."""
     from hf_models import hf_logits
 
-    src = checkpoints("llama_gqa")
+    src = checkpoints(case)
     llm = relaxlm.LLM(str(src), quant="q4-a8")
     assert llm.manifest.quantization["activations"] == "int8"
     quantized = _quantized_linears(llm.manifest)
+    if llm.manifest.model_config["tie_word_embeddings"]:
+        assert "model.embed_tokens" in quantized
+        quantized.add("lm_head")  # transformers' name for the matmul by the tied table
     assert "lm_head" in quantized and "model.layers.1.mlp.down_proj" in quantized
 
     def int8_inputs(name, x):
