@@ -5,7 +5,7 @@ TVM's legalizations are written for its schedulers: SiLU's sigmoid lowers to one
 ran serially with a scalar sum of squares (768 dependent adds a row). On CPU, float32 sigmoid
 and SiLU are built from `vector_math.sigmoid`, and RMSNorm over the last axis is one kernel:
 rows in parallel, the sum of squares in 16 vector lanes. On every target, gathers clip their
-indices. Anything else legalizes as TVM does.
+indices and bfloat16 LayerNorm computes in float32. Anything else legalizes as TVM does.
 """
 
 import tvm
@@ -18,7 +18,7 @@ from .vector_math import sigmoid, widest_lanes
 
 def legalizations(device: str) -> dict:
     """The LegalizeOps overrides for a target's device kind ("cpu", "cuda", ...)."""
-    every_target = {"relax.take": _clipped_take}
+    every_target = {"relax.take": _clipped_take, "relax.nn.layer_norm": _layer_norm}
     if device != "cpu":
         return every_target
     return {
@@ -34,6 +34,20 @@ def _clipped_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     # compile; ids are checked before they reach the library, and a clip costs two integer
     # ops per gathered row.
     return bb.call_te(topi.take, call.args[0], call.args[1], call.attrs.axis, mode="clip")
+
+
+def _layer_norm(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    # TVM's LayerNorm kernel takes float32 and float16 only (an InternalError for bfloat16, which
+    # has float32's range): bfloat16 is normalized in float32, as torch does, and rounded once.
+    if call.args[0].ty.dtype != "bfloat16":
+        return _default("relax.nn.layer_norm")(bb, call)
+
+    def layer_norm(x, gamma, beta):
+        x, gamma, beta = (topi.cast(t, "float32") for t in (x, gamma, beta))
+        y = topi.nn.layer_norm(x, gamma, beta, axis=call.attrs.axes, epsilon=call.attrs.epsilon)
+        return topi.cast(y, "bfloat16")
+
+    return bb.call_te(layer_norm, *call.args, primfunc_name_hint="layer_norm")
 
 
 def _default(name: str):

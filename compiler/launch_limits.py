@@ -56,15 +56,17 @@ def kernel_launches(mod: tvm.IRModule) -> list[Launch]:
     return launches
 
 
-def check_launch_limits(mod: tvm.IRModule, target: Target, architecture: str, name: str) -> None:
-    """RelaxlmError naming the first kernel whose block the target cannot launch."""
+def check_launch_limits(mod: tvm.IRModule, target: Target, model: str, where: str) -> None:
+    """RelaxlmError naming the first kernel whose block the target cannot launch.
+
+    model, where: what the message names, e.g. "LlamaForCausalLM in float16" and
+    "target 'cuda' (sm_80, sm_90)".
+    """
     threads, dims = thread_limits(target)
-    arch = target.attrs.get("arch")
-    where = f"target {name!r}" + (f" ({arch})" if arch else "")
     for launch in kernel_launches(mod):
         if launch.threads > threads or any(b > d for b, d in zip(launch.block, dims, strict=True)):
             raise RelaxlmError(
-                f"{architecture}: kernel {launch.kernel} would launch blocks of "
+                f"{model}: kernel {launch.kernel} would launch blocks of "
                 f"{'x'.join(map(str, launch.block))} = {launch.threads} threads on {where}, "
                 f"which allows at most {threads} threads per block and "
                 f"{'x'.join(map(str, dims))} (x, y, z); its schedule does not fit this target"

@@ -20,6 +20,7 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
 """
 
 import functools
+import json
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -298,6 +299,34 @@ class _AttentionRewriter(relax.PyExprMutator):
 
 def _add_create_function(mod: tvm.IRModule, plan: KVCachePlan, target: tvm.target.Target):
     """`mod` plus `create_paged_kv_cache(5 × ShapeTuple([v]))` and the cache's TIR kernels."""
+    cache_mod = _cache_functions(plan, target)
+    clash = {g.name_hint for g in cache_mod.get_global_vars()} & {
+        g.name_hint for g in mod.get_global_vars()
+    }
+    assert not clash, f"the KV cache's functions {sorted(clash)} clash with the model's"
+    new_mod = mod.clone()
+    new_mod.update(cache_mod)
+    return new_mod
+
+
+# Building the cache's kernels parses ~15 TVMScript functions (~6 s on 2 cores); they depend on
+# the plan and the target only, so compiles that share both (another quantization of the same
+# model, the tests' many compiles) build them once per process. IRModules are immutable.
+_CACHE_FUNCTIONS: dict[str, tvm.IRModule] = {}
+_CACHE_FUNCTIONS_KEPT = 8
+
+
+def _cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.IRModule:
+    """`create_paged_kv_cache` and its kernels alone, in a module of their own (memoized)."""
+    key = json.dumps([asdict(plan), str(target)], sort_keys=True, default=str)
+    if key not in _CACHE_FUNCTIONS:
+        if len(_CACHE_FUNCTIONS) >= _CACHE_FUNCTIONS_KEPT:
+            del _CACHE_FUNCTIONS[next(iter(_CACHE_FUNCTIONS))]
+        _CACHE_FUNCTIONS[key] = _build_cache_functions(plan, target)
+    return _CACHE_FUNCTIONS[key]
+
+
+def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.IRModule:
     rope, head_dim = plan.cache_rope, plan.head_dim
     sizes = {name: tirx.Var(name, "int64") for name in CREATE_ARGS}
     params = [relax.Var(name, relax.ShapeType([v])) for name, v in sizes.items()]
@@ -306,7 +335,7 @@ def _add_create_function(mod: tvm.IRModule, plan: KVCachePlan, target: tvm.targe
         # Windows are compiled in; the cache's own per-sequence sliding (attention sinks, pages
         # recycled, RoPE moved into the kernels) would break the kernels' absolute positions.
         cache_args["support_sliding_window"] = 0
-    bb = relax.BlockBuilder(mod)
+    bb = relax.BlockBuilder(tvm.IRModule())
     with bb.function(CREATE_FUNCTION, params):
         # The constructor emits its kernels into `bb` (BlockBuilder.current()).
         cache = TIRPagedKVCache(
@@ -340,7 +369,7 @@ def _add_create_function(mod: tvm.IRModule, plan: KVCachePlan, target: tvm.targe
     # each dot product a serial strict-float sum; relaxlm's runs heads in parallel, in vectors.
     if plan.relaxlm_kernels or target.kind.name == "llvm":
         new_mod = _use_relaxlm_kernels(new_mod, plan)
-    return new_mod.with_attrs(mod.attrs) if mod.attrs else new_mod
+    return new_mod
 
 
 def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan) -> tvm.IRModule:

@@ -21,6 +21,7 @@ from tvm import relax
 
 from relaxlm._version import __version__
 from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
+from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.lora import merge_lora
 
@@ -150,11 +151,13 @@ def build_library(
     say=lambda msg: None,
     stored: dict[int, QuantScheme] | None = None,
     scheduled_only: bool = False,
+    device_binaries: bool = True,
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
     scheduled_only: stop after phase 3 and return the scheduled IRModule in place of the
         executable (tests run its kernels alone).
+    device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -166,10 +169,16 @@ def build_library(
     dump = os.environ.get("RELAXLM_DUMP_IR")
 
     # 1. graph rewrites
+    # What a refusal names: the model, its dtype and the target (with its CUDA archs).
+    model = f"{exported.architecture} in {exported.dtype}"
+    where = f"target {preset.name!r}" + (f" ({', '.join(preset.archs)})" if preset.archs else "")
     if exported.task == "embed":  # whole texts at once, no KV cache
         mod, kv_cache = LowerAttentionToCausal()(mod), None
     else:
-        mod, kv_cache = lower_attention_to_paged_kv(mod, target, exported.dtype)
+        try:
+            mod, kv_cache = lower_attention_to_paged_kv(mod, target, exported.dtype)
+        except RelaxlmError as e:
+            raise RelaxlmError(f"{model} cannot be compiled for {where}: {e}") from None
     mod, sources = fuse_parallel_linear(mod, stored)
     stored = {j: stored[s[0]] for j, s in enumerate(sources) if s[0] in (stored or {})}
     fields = None
@@ -200,14 +209,15 @@ def build_library(
         mod = schedules.for_target(preset)(mod)
     _dump(dump, "3-scheduled", mod)
     if preset.is_gpu:  # a block too large for the device fails only at launch: refuse it here
-        check_launch_limits(mod, target, exported.architecture, preset.name)
+        check_launch_limits(mod, target, model, where)
     if scheduled_only:
         return mod, kv_cache, plan
     say("graph lowered and scheduled; generating code")
 
     # 4. VM lowering and codegen
     start = time.perf_counter()
-    with build_context(preset):  # GPU: target in scope; CUDA: nvcc fatbin for every arch
+    # GPU: target in scope; CUDA: nvcc fatbin for every arch
+    with build_context(preset, device_binaries):
         executable = relax.build(
             mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
         )

@@ -143,7 +143,7 @@ def check_vulkan_codegen() -> None:
 
 
 @contextlib.contextmanager
-def build_context(preset: TargetPreset):
+def build_context(preset: TargetPreset, device_binaries: bool = True):
     """What TVM's codegen for `preset` needs around `relax.build`.
 
     GPU targets: the target in scope (TVM's CUDA and dlight code read `Target.current()`). CUDA:
@@ -152,6 +152,11 @@ def build_context(preset: TargetPreset):
     compile at load time) and TVM's compile callback replaced, for this build only, by nvcc
     building one fatbin with SASS for every arch of the preset and PTX of the lowest arch
     (which newer GPUs compile once, at load, in the driver).
+
+    device_binaries=False: CUDA kernels stay CUDA source (TVM's codegen without nvcc, as on a
+    build machine without TVM's CUDA plugin; a GPU machine would compile them at load). The
+    compile matrix checks codegen so and runs nvcc on a subset. Not possible once the plugin is
+    loaded in this process: TVM then always calls the compile callback.
     """
     if not preset.is_gpu:
         yield
@@ -162,6 +167,14 @@ def build_context(preset: TargetPreset):
     config = {"tirx.disable_cse_tir": True}
     with preset.target(), tvm.transform.PassContext(config=config):
         if preset.device != "cuda":
+            yield
+            return
+        if not device_binaries:
+            if _cuda_plugin_loaded():
+                raise RelaxlmError(
+                    "CUDA source-only codegen was asked for after TVM's CUDA plugin was loaded "
+                    "in this process; build source-only libraries first, or in another process"
+                )
             yield
             return
         _load_cuda_runtime()
@@ -215,7 +228,7 @@ def _load_cuda_runtime() -> None:
     that answers CUDA_ERROR_NO_DEVICE to every call is loaded first, in this process only (never
     installed on a library path). Nothing here launches a kernel, so no call reaches it.
     """
-    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+    if _cuda_plugin_loaded():
         return
     if shutil.which("nvcc") is None:
         raise RelaxlmError(
@@ -242,8 +255,12 @@ def _load_cuda_runtime() -> None:
             f"does not load ({e}); it needs the CUDA runtime library (libcudart) of the "
             "toolkit TVM was built with"
         ) from e
-    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is None:
+    if not _cuda_plugin_loaded():
         raise RelaxlmError("target 'cuda': TVM's CUDA runtime plugin loaded but registered nothing")
+
+
+def _cuda_plugin_loaded() -> bool:
+    return tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None
 
 
 def _stub_driver() -> Path:

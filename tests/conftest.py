@@ -31,14 +31,14 @@ def checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled(checkpoints):
-    """case name -> loaded relaxlm.LLM (compiled into the session cache on first use)."""
+    """(case name, dtype) -> loaded relaxlm.LLM (compiled into the session cache on first use)."""
     import relaxlm
 
-    loaded: dict[str, relaxlm.LLM] = {}
+    loaded: dict[tuple[str, str], relaxlm.LLM] = {}
 
-    def get(case: str) -> "relaxlm.LLM":
-        if case not in loaded:
-            loaded[case] = relaxlm.LLM(str(checkpoints(case)))
-        return loaded[case]
+    def get(case: str, dtype: str = "float32") -> "relaxlm.LLM":
+        if (case, dtype) not in loaded:
+            loaded[case, dtype] = relaxlm.LLM(str(checkpoints(case)), dtype=dtype)
+        return loaded[case, dtype]
 
     return get

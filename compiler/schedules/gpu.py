@@ -33,6 +33,8 @@ class Matmul(dlight.gpu.Matmul):
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if target.kind.name == "metal":
             target = _without_metal_matmul(target)
+        elif target.kind.name == "cuda":
+            target = _without_tensor_cores(target)
         if isinstance(func, tirx.PrimFunc):
             func = func.with_attr("dlight.do_not_tensorize", True)
         return super().apply(func, target, tunable)
@@ -44,6 +46,17 @@ def _without_metal_matmul(target: Target) -> Target:
     limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
     attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
     return Target({"kind": "vulkan", **attrs, "thread_warp_size": 1})
+
+
+def _without_tensor_cores(target: Target) -> Target:
+    """`target` as a CUDA arch without tensor cores (sm_60), same limits: dlight's `Matmul`
+    then never reaches its tensorization branch, whose first step imports
+    `tvm.s_tir.tensor_intrin.cuda` — parsing ~500 TVMScript intrinsics, 70-100 s on a 2-core
+    machine, paid by every float16 CUDA compile although `dlight.do_not_tensorize` makes it
+    return nothing. The generic tiled schedule reads only the kind and the thread limits."""
+    limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
+    attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
+    return Target({"kind": "cuda", "arch": "sm_60", **attrs})
 
 
 class CapVectorLanes(dlight.ScheduleRule):

@@ -1,0 +1,230 @@
+"""The CUDA compile matrix: every GPU case x dtype x quantization built for `cuda:sm_80,sm_90`
+on a machine without a GPU, in child processes, so a compiler segfault fails one cell instead of
+the caller.
+
+Each cell is built once: TVM's codegen to CUDA source for every cell (the part that crashed on
+the H200), nvcc to a fatbin for one cell per case (`nvcc_cell`). A child builds the cells of one
+case in order (the KV-cache kernels are shared by its quantizations, see
+`lower_attention_to_paged_kv`), its nvcc cell last (TVM's CUDA plugin, once loaded, compiles
+every later build). If a child dies, the cell it was building is reported crashed and a new
+child goes on with the rest.
+
+    results = run_cells(matrix_cells(), folder, workers=2)   # cell id -> result dict
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .gpu_cases import CUDA_TARGET, DTYPES, GPU_CASES, QUANTS, REFUSED_CASES
+
+
+@dataclass(frozen=True)
+class Cell:
+    case: str
+    dtype: str
+    quant: str
+    nvcc: bool = False  # device code compiled by nvcc (else CUDA source only)
+
+    @property
+    def id(self) -> str:
+        return f"{self.case}-{self.dtype}-{self.quant}"
+
+
+def nvcc_cell(case: str) -> tuple[str, str]:
+    """The (dtype, quant) of `case` that nvcc compiles: the nine GPU cases take the nine pairs,
+    so every architecture, dtype and quantization reaches nvcc at least once."""
+    i = list(GPU_CASES).index(case)
+    return DTYPES[i % len(DTYPES)], QUANTS[(i // len(DTYPES) + i) % len(QUANTS)]
+
+
+def matrix_cells(nvcc: bool = True) -> list[Cell]:
+    """Every GPU case x dtype x quant, then every refused case x dtype (quant none)."""
+    cells = [
+        Cell(case, dtype, quant, nvcc and (dtype, quant) == nvcc_cell(case))
+        for case in GPU_CASES
+        for dtype in DTYPES
+        for quant in QUANTS
+    ]
+    return cells + [Cell(case, dtype, "none") for case in REFUSED_CASES for dtype in DTYPES]
+
+
+def run_cells(
+    cells: list[Cell], folder: str | Path, workers: int = 2, timeout: float = 900
+) -> dict[str, dict]:
+    """Build `cells` in child processes (one per case at a time, `workers` at once).
+
+    Returns cell id -> {"ok": True, "kernels": [...], "seconds": s, ["sass": {...}]} or
+    {"ok": False, "error": type name, "message": text} (a crash: error "crash", the exit code
+    and the end of its stderr).
+    """
+    by_case: dict[str, list[Cell]] = {}
+    for cell in cells:
+        by_case.setdefault(cell.case, []).append(cell)
+    groups = [sorted(group, key=lambda c: c.nvcc) for group in by_case.values()]
+    groups.sort(key=lambda g: -len(g))  # the long ones first
+    results: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for part in pool.map(lambda g: _run_group(g, Path(folder), timeout), groups):
+            results.update(part)
+    return results
+
+
+def _run_group(cells: list[Cell], folder: Path, timeout: float) -> dict[str, dict]:
+    results: dict[str, dict] = {}
+    while len(results) < len(cells):
+        todo = [c for c in cells if c.id not in results]
+        payload = json.dumps({"folder": str(folder), "cells": [asdict(c) for c in todo]})
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", __name__],
+                input=payload,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+            stdout, stderr, code = proc.stdout, proc.stderr, proc.returncode
+        except subprocess.TimeoutExpired as e:
+            stdout, stderr, code = e.stdout or "", f"timed out after {timeout} s", "timeout"
+            stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+        started = None
+        for line in stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "start" in record:
+                started = record["start"]
+            else:
+                results[record.pop("cell")] = record
+                started = None
+        if len(results) < len(cells):  # the child died: in a cell, or before the first one
+            crashed = started or todo[0].id
+            stderr = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
+            results[crashed] = {
+                "ok": False,
+                "error": "crash",
+                "message": f"the compiling process ended with {code}: {stderr[-3000:]}",
+            }
+    return results
+
+
+# -- the child ---------------------------------------------------------------------------------
+
+
+def _build_cell(cell: Cell, exported) -> dict:
+    from relaxlm.compiler import pipeline
+    from relaxlm.compiler.quantization import resolve_scheme
+    from relaxlm.compiler.targets import resolve_target
+
+    preset = resolve_target(CUDA_TARGET)
+    scheme = resolve_scheme(cell.quant)
+    start = time.perf_counter()
+    executable, _, _ = pipeline.build_library(exported, preset, scheme, device_binaries=cell.nvcc)
+    result = {"ok": True}
+    (host,) = executable.mod.imports
+    (device,) = host.imports
+    result["device_module"] = device.kind
+    if cell.nvcc:
+        with tempfile.TemporaryDirectory() as scratch:
+            library = Path(scratch) / "cuda.so"
+            executable.export_library(str(library))
+            result["fatbin"] = fatbin_summary(library.read_bytes())
+    else:
+        source = device.inspect_source("")
+        result["kernels"] = sorted(_cuda_kernels(source))
+    result["seconds"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _cuda_kernels(source: str) -> set[str]:
+    """Names of the `__global__` functions in TVM's CUDA source."""
+    return set(_KERNEL.findall(source))
+
+
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(")
+
+
+FATBIN_MAGIC = 0xBA55ED50
+PTX, ELF = 1, 2  # fatbin entry kinds
+
+
+def fatbins(data: bytes) -> list[list[tuple[int, int, bytes]]]:
+    """Every fatbin in `data` (a library): its entries as (kind, sm arch, payload).
+
+    Layout (as cuobjdump reads it): header {u32 magic, u16 version, u16 header size, u64 size};
+    entries {u16 kind, u16 version, u32 header size, u64 payload size, ..., u32 arch at 28}.
+    """
+    import struct
+
+    found = []
+    start = data.find(struct.pack("<I", FATBIN_MAGIC))
+    while start >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, start)
+        pos, end, entries = start + header, start + header + size, []
+        while pos < end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, pos)
+            arch = struct.unpack_from("<I", data, pos + 28)[0]
+            entries.append((kind, arch, data[pos + entry_header : pos + entry_header + payload]))
+            pos += entry_header + payload
+        found.append(entries)
+        start = data.find(struct.pack("<I", FATBIN_MAGIC), end)
+    return found
+
+
+def elf_kernels(elf: bytes) -> set[str]:
+    """Kernel names of a cubin: its `.text.<kernel>` sections."""
+    import struct
+
+    assert elf[:4] == b"\x7fELF", "SASS entry is not an ELF cubin"
+    shoff = struct.unpack_from("<Q", elf, 0x28)[0]
+    entsize, count, names_index = struct.unpack_from("<HHH", elf, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQ", elf, shoff + i * entsize) for i in range(count)]
+    strtab = headers[names_index][4]  # sh_offset of the section-name table
+    names = [elf[strtab + h[0] : elf.index(b"\0", strtab + h[0])].decode() for h in headers]
+    return {n.removeprefix(".text.") for n in names if n.startswith(".text.")}
+
+
+def fatbin_summary(library: bytes) -> dict:
+    """{"sass": {arch: sorted kernel names}, "ptx": [archs]} of a CUDA library's fatbins."""
+    entries = [e for fatbin in fatbins(library) for e in fatbin]
+    sass = {str(arch): sorted(elf_kernels(body)) for kind, arch, body in entries if kind == ELF}
+    return {"sass": sass, "ptx": [arch for kind, arch, _ in entries if kind == PTX]}
+
+
+def _child() -> None:
+    from relaxlm.errors import RelaxlmError
+    from relaxlm.frontends import export, load_checkpoint
+
+    from .gpu_cases import make_case
+
+    job = json.loads(sys.stdin.read())
+    folder = Path(job["folder"])
+    exported = {}
+    for fields in job["cells"]:
+        cell = Cell(**fields)
+        print(json.dumps({"start": cell.id}), flush=True)
+        checkpoint = folder / cell.case
+        if not (checkpoint / "config.json").is_file():
+            make_case(checkpoint, cell.case)
+        key = (cell.case, cell.dtype)
+        try:
+            if key not in exported:
+                exported[key] = export(load_checkpoint(checkpoint), cell.dtype)
+            result = _build_cell(cell, exported[key])
+        except RelaxlmError as e:
+            result = {"ok": False, "error": "RelaxlmError", "message": str(e)}
+        except Exception as e:  # reported as the cell's failure, with its type
+            result = {"ok": False, "error": type(e).__name__, "message": str(e)[-3000:]}
+        print(json.dumps({"cell": cell.id, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    _child()

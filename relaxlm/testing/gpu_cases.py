@@ -1,0 +1,151 @@
+"""One tiny random-weight configuration per architecture, for the GPU checks: the CUDA compile
+matrix (tests/test_cuda_matrix.py) and `scripts/gpu_check.py` build their checkpoints from here.
+
+Wider than the CPU tests' TINY_CONFIG on purpose: every fixed matmul dimension is above 64, so
+dlight's float16 tensor-core branch is reached (the H200 segfault hid below that), and the
+Llama case is the llama3-RoPE, tied, hidden-256 shape that broke TVM's TIR CSE.
+
+    from relaxlm.testing.gpu_cases import GPU_CASES, make_case
+    folder = make_case(tmp_path / "qwen3", "qwen3")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .tiny_models import make_model
+
+DTYPES = ("float32", "float16", "bfloat16")
+QUANTS = ("none", "q8", "q4")
+CUDA_TARGET = "cuda:sm_80,sm_90"
+
+GPU_CONFIG = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 256,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+}
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+# make_model keyword arguments (base_config GPU_CONFIG), one case per architecture the GPU
+# path compiles.
+GPU_CASES: dict[str, dict] = {
+    "llama": {
+        "arch": "LlamaForCausalLM",
+        "seed": 3,
+        "tokenizer": "bpe",
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "rope_scaling": _LLAMA3_ROPE,
+    },
+    # MQA with head_dim 64: the Mistral shape whose float16 build failed on the H200.
+    "mistral": {
+        "arch": "MistralForCausalLM",
+        "seed": 5,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "qwen2": {
+        "arch": "Qwen2ForCausalLM",
+        "seed": 6,
+        "tokenizer": "bpe",
+        "tie_word_embeddings": True,
+        "rope_theta": 1000000.0,
+    },
+    "mixtral": {
+        "arch": "MixtralForCausalLM",
+        "seed": 20,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "qwen3_moe": {
+        "arch": "Qwen3MoeForCausalLM",
+        "seed": 21,
+        "tokenizer": "bpe",
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 96,
+        "norm_topk_prob": True,
+    },
+    "qwen3": {"arch": "Qwen3ForCausalLM", "seed": 30, "tokenizer": "bpe", "attention_bias": True},
+    # head_dim 32, half of it rotated, LongRoPE (rotated in the graph, not by the cache).
+    "phi3": {
+        "arch": "Phi3ForCausalLM",
+        "seed": 33,
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 32,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.7, 1.9, 2.0],
+            "long_factor": [1.2, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
+        },
+    },
+    "phi": {"arch": "PhiForCausalLM", "seed": 13, "qk_layernorm": True},
+    "gpt2": {"arch": "GPT2LMHeadModel", "seed": 37, "tokenizer": "bpe"},
+}
+
+# Configurations the GPU path refuses at compile time, with what the error must say after
+# "<architecture> in <dtype> ...".
+REFUSED_CASES: dict[str, tuple[dict, str]] = {
+    "gemma2": (
+        {
+            "arch": "Gemma2ForCausalLM",
+            "seed": 35,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 3.0,
+            "final_logit_softcapping": 12.0,
+        },
+        "sliding-window attention and attention logit soft-capping are implemented for CPU "
+        "targets only",
+    ),
+    "gemma3": (
+        {
+            "arch": "Gemma3ForCausalLM",
+            "seed": 37,
+            "head_dim": 32,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+        "sliding-window attention and attention logit soft-capping are implemented for CPU "
+        "targets only",
+    ),
+    # TVM's decode attention for head_dim 24 asks for a 6x1x85 block (CUDA allows z <= 64).
+    "phi3_head_dim_24": (
+        {
+            "arch": "Phi3ForCausalLM",
+            "seed": 34,
+            "hidden_size": 96,
+            "head_dim": 24,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "intermediate_size": 192,
+        },
+        "kernel tir_attention_decode would launch blocks of 6x1x85 = 510 threads",
+    ),
+}
+
+
+def case_kwargs(case: str) -> dict:
+    """make_model keyword arguments of a GPU or refused case."""
+    kwargs = GPU_CASES[case] if case in GPU_CASES else REFUSED_CASES[case][0]
+    return {"base_config": GPU_CONFIG, **kwargs}
+
+
+def make_case(out_dir: str | Path, case: str) -> Path:
+    """The tiny random-weight checkpoint of `case` (a GPU or refused case), saved to `out_dir`."""
+    return make_model(out_dir, **case_kwargs(case))

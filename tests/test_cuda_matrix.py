@@ -1,0 +1,108 @@
+"""The CUDA compile matrix (issue 17): every architecture the GPU path supports x {float32,
+float16, bfloat16} x {none, q8, q4} builds for cuda:sm_80,sm_90 from a tiny config, on a
+machine without a GPU; the models it refuses are refused at compile time, by name.
+
+Every cell goes through TVM's CUDA codegen (schedules, launch limits, TIR lowering: where the
+H200 builds segfaulted or hit `cse_vN`); one cell per architecture also goes through nvcc, the
+nine of them covering every dtype and quantization (`nvcc_cell`). Cells are built in child
+processes (relaxlm/testing/cuda_matrix.py), two at a time, so a segfault fails its cell.
+Only the selected cells are built (`pytest -k qwen3`).
+"""
+
+import shutil
+
+import pytest
+
+from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
+from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS, REFUSED_CASES
+
+HAVE_NVCC = shutil.which("nvcc") is not None
+CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC)}
+ARCHITECTURE = {
+    **{case: kwargs["arch"] for case, kwargs in GPU_CASES.items()},
+    **{case: kwargs["arch"] for case, (kwargs, _) in REFUSED_CASES.items()},
+}
+
+
+@pytest.fixture(scope="module")
+def matrix(request, tmp_path_factory):
+    """cell id -> result, for the cells the selected tests ask for."""
+    wanted = [
+        CELLS[item.callspec.params["cell"]]
+        for item in request.session.items
+        if item.module is request.module
+        and "cell" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
+    return run_cells(wanted, tmp_path_factory.mktemp("cuda-matrix"), workers=2)
+
+
+COMPILING = [c for c in CELLS.values() if c.case in GPU_CASES]
+REFUSED = [c for c in CELLS.values() if c.case in REFUSED_CASES]
+
+
+@pytest.mark.parametrize("cell", [c.id for c in COMPILING])
+def test_compiles_for_cuda(cell, matrix):
+    result = matrix[cell]
+    assert result["ok"], f"{cell}: {result['error']}: {result['message']}"
+    assert result["device_module"] == "cuda"
+    if CELLS[cell].nvcc:  # SASS for both archs, PTX of the lowest, the same kernels in each
+        fatbin = result["fatbin"]
+        assert sorted(fatbin["sass"]) == ["80", "90"], fatbin
+        assert fatbin["ptx"] == [80]
+        assert fatbin["sass"]["80"] == fatbin["sass"]["90"] and len(fatbin["sass"]["80"]) > 10
+    else:  # CUDA source with its kernels (attention from TVM's cache, matmuls, norms)
+        kernels = result["kernels"]
+        assert len(kernels) > 10, kernels
+        assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
+
+
+@pytest.mark.parametrize("cell", [c.id for c in REFUSED])
+def test_refused_with_one_clear_error(cell, matrix):
+    c = CELLS[cell]
+    result = matrix[cell]
+    assert not result["ok"] and result["error"] == "RelaxlmError", result
+    message = result["message"]
+    _, reason = REFUSED_CASES[c.case]
+    assert message.startswith(f"{ARCHITECTURE[c.case]} in {c.dtype}"), message
+    assert "target 'cuda' (sm_80, sm_90)" in message, message
+    assert reason in message, message
+
+
+def test_nvcc_cells_cover_every_architecture_dtype_and_quantization():
+    if not HAVE_NVCC:
+        pytest.skip("nvcc is not on PATH: every cell is built to CUDA source only")
+    pairs = [nvcc_cell(case) for case in GPU_CASES]
+    assert sorted(pairs) == sorted((d, q) for d in DTYPES for q in QUANTS)
+    assert [c.case for c in COMPILING if c.nvcc] == list(GPU_CASES)
+
+
+def test_a_crashing_cell_fails_alone(tmp_path, monkeypatch):
+    """A child that dies (as a segfault would) fails the cell it was building; the cells after
+    it are built by a fresh child."""
+    import relaxlm.testing.cuda_matrix as cuda_matrix
+
+    cells = [Cell("gpt2", "float32", "none"), Cell("gpt2", "float32", "q8")]
+    real_run = cuda_matrix.subprocess.run
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(kwargs["input"])
+        if len(calls) == 1:  # the first child: starts the first cell, then dies
+            return real_run(
+                [
+                    args[0],
+                    "-c",
+                    'import os; print(\'{"start": "gpt2-float32-none"}\'); '
+                    "os.kill(os.getpid(), 11)",
+                ],
+                capture_output=True,
+                text=True,
+            )
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(cuda_matrix.subprocess, "run", run)
+    results = run_cells(cells, tmp_path, workers=1)
+    assert results["gpt2-float32-none"]["error"] == "crash"
+    assert "-11" in results["gpt2-float32-none"]["message"]
+    assert results["gpt2-float32-q8"]["ok"], results["gpt2-float32-q8"]
+    assert len(calls) == 2 and '"quant": "none"' not in calls[1]
