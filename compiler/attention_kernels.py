@@ -113,11 +113,25 @@ class _Attention:
     """What a kernel's every task shares: where results go (`output`, `lse`), how scores are
     made (`sm_scale`, `softcap`, `window`) and the head shape (`d`, `dtype`)."""
 
-    def __init__(self, output, lse, sm_scale, softcap: float, window: int, d: int, dtype: str):
+    def __init__(
+        self, output, lse, sm_scale, softcap: float, window: int, d: int, dtype: str, gpu=False
+    ):
         self.output, self.lse, self.sm_scale = output, lse, sm_scale
         self.softcap, self.window, self.d, self.dtype = softcap, window, d, dtype
-        # vector width of dot products and output updates: the widest that divides d
-        self.lanes = widest_lanes(d)
+        # vector width of dot products and output updates: the widest that divides d on CPUs;
+        # a GPU thread works on scalars (its parallelism is across threads)
+        self.lanes = 1 if gpu else widest_lanes(d)
+        self.gpu = gpu
+        # a GPU thread's scratch lives in its registers
+        self.scratch = "local" if gpu else "global"
+
+    def head_loop(self, extent: int):
+        """The loop over head dimensions: in vectors on CPUs, serial in a GPU thread."""
+        return T.serial(extent) if self.gpu else T.vectorized(extent)
+
+    def exp2(self, x: tirx.Expr) -> tirx.Expr:
+        """2**x: relaxlm's vectorizable polynomial on CPUs, the hardware's on GPUs."""
+        return T.exp2(x) if self.gpu else exp2(x)
 
     def q_scale(self):
         """Factor applied to q: the base-2 scale folds into it without soft-capping; with it,
@@ -169,25 +183,25 @@ def _attend_row(q, row, h, kv, lo, hi, att):
     folded by a shuffle tree. (Blocks of keys with a lane-wise softmax ran faster with the
     cache warm but slower from DRAM, as in a model: 132 vs 74-83 us for 256 keys x 12 heads.)
     `att` is the kernel's _Attention. Call inside an opaque block (it allocates its scratch)."""
-    o_acc = T.sblock_alloc_buffer((1, att.d), "float32")  # unnormalised output
-    q_val = T.sblock_alloc_buffer((att.d,), "float32")
-    at = T.sblock_alloc_buffer((1,), "int32")
+    o_acc = T.sblock_alloc_buffer((1, att.d), "float32", scope=att.scratch)  # unnormalised output
+    q_val = T.sblock_alloc_buffer((att.d,), "float32", scope=att.scratch)
+    at = T.sblock_alloc_buffer((1,), "int32", scope=att.scratch)
     # running max, sum of weights; scratch: score, new max, rescale, weight
-    state = T.sblock_alloc_buffer((6,), "float32")
+    state = T.sblock_alloc_buffer((6,), "float32", scope=att.scratch)
     state[0] = T.float32(_NO_MAX)
     state[1] = T.float32(0)
-    for x in T.vectorized(att.d):
+    for x in att.head_loop(att.d):
         o_acc[0, x] = T.float32(0)
         q_val[x] = T.cast(q[row, h, x], "float32") * att.q_scale()
     for j in T.serial(T.max(hi - lo, 0)):
         at[0] = kv.row(lo + j)
         state[2] = att.score(_key_dot(q_val, kv, at[0], att.lanes, att.d))
         state[3] = T.max(state[0], state[2])
-        state[4] = exp2(state[0] - state[3])
-        state[5] = exp2(state[2] - state[3])
+        state[4] = att.exp2(state[0] - state[3])
+        state[5] = att.exp2(state[2] - state[3])
         state[1] = state[1] * state[4] + state[5]
         state[0] = state[3]
-        for x in T.vectorized(att.d):
+        for x in att.head_loop(att.d):
             o_acc[0, x] = o_acc[0, x] * state[4] + state[5] * T.cast(kv.value(at[0], x), "float32")
     state[4] = T.if_then_else(state[1] > 0, T.float32(1) / state[1], T.float32(0))
     _write_row(att, row, h, o_acc, 0, state[4], state[0], state[1])
@@ -294,7 +308,7 @@ def _attend_tile(q, first, count, h, kv, positions, kbase, num_kv, att):
 def _write_row(att, row, h, o_acc, acc_row, inverse_sum, row_max, row_sum):
     """output[row, h] = o_acc[acc_row] * inverse_sum, and lse[row, h] from the running max and
     sum of weights (base 2; a row that saw no key gets a weightless lse)."""
-    for x in T.vectorized(att.d):
+    for x in att.head_loop(att.d):
         att.output[row, h, x] = T.cast(o_acc[acc_row, x] * inverse_sum, att.dtype)
     att.lse[row, h] = T.if_then_else(row_sum > 0, row_max + T.log2(row_sum), T.float32(_EMPTY_LSE))
 
@@ -337,6 +351,7 @@ def ragged_prefill(
     window: int,
     softcap: float,
     max_chunk: int = 0,
+    gpu: bool = False,
 ) -> tirx.PrimFunc:
     """Attention among the tokens of this forward (q, k, v laid end to end per sequence).
 
@@ -391,24 +406,37 @@ def ragged_prefill(
         lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        # Sequences one after another; within one, a task per (tile of query rows, head).
-        for b in T.serial(batch_size):
-            assert q_indptr[b + 1] - q_indptr[b] <= chunk_limit, (
-                "relaxlm: a sequence got more new tokens in one forward than its "
-                "sliding window; prefill in chunks no longer than the window "
-                "(manifest prefill_chunk_size)"
-            )
-            _prefill_sequence(
+        if gpu:  # no chunk check: a GPU kernel cannot assert (the manifest caps the chunk)
+            _gpu_attend_rows(
                 q,
-                q_indptr[b],
-                q_indptr[b + 1] - q_indptr[b],
+                qo_len,
                 h_q,
-                _RaggedKV(k, v, kv_indptr[b], group),
+                batch_size,
+                q_indptr,
                 q_rope_position,
-                k_rope_pos_offset[b],
-                kv_indptr[b + 1] - kv_indptr[b],
-                _Attention(output, lse, sm_scale, softcap, window, d, dtype),
+                k_rope_pos_offset,
+                _RaggedSequences(k, v, kv_indptr, group),
+                _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
+        else:
+            # Sequences one after another; within one, a task per (tile of query rows, head).
+            for b in T.serial(batch_size):
+                assert q_indptr[b + 1] - q_indptr[b] <= chunk_limit, (
+                    "relaxlm: a sequence got more new tokens in one forward than its "
+                    "sliding window; prefill in chunks no longer than the window "
+                    "(manifest prefill_chunk_size)"
+                )
+                _prefill_sequence(
+                    q,
+                    q_indptr[b],
+                    q_indptr[b + 1] - q_indptr[b],
+                    h_q,
+                    _RaggedKV(k, v, kv_indptr[b], group),
+                    q_rope_position,
+                    k_rope_pos_offset[b],
+                    kv_indptr[b + 1] - kv_indptr[b],
+                    _Attention(output, lse, sm_scale, softcap, window, d, dtype),
+                )
 
     return attention_prefill_ragged
 
@@ -422,6 +450,7 @@ def paged_prefill(
     window: int,
     softcap: float,
     sliding_table: bool,
+    gpu: bool = False,
 ) -> tirx.PrimFunc:
     """New tokens against the keys already in the cache's pages.
 
@@ -484,20 +513,37 @@ def paged_prefill(
         lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        # As the ragged kernel: a task per (tile of query rows, head) of each sequence.
-        for b in T.serial(batch_size):
-            num_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
-            _prefill_sequence(
+        if gpu:
+            _gpu_attend_rows(
                 q,
-                q_indptr[b],
-                q_indptr[b + 1] - q_indptr[b],
+                total_q,
                 h_q,
-                _PagedKV(pages, page_values, page_indptr[b], length_info, b, group, sliding_table),
+                batch_size,
+                q_indptr,
                 q_rope_position,
-                k_rope_pos_offset[b],
-                T.if_then_else(num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0),
-                _Attention(output, lse, sm_scale, softcap, window, d, dtype),
+                k_rope_pos_offset,
+                _PagedSequences(pages, page_values, page_indptr, length_info, group, sliding_table),
+                _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
+        else:
+            # As the ragged kernel: a task per (tile of query rows, head) of each sequence.
+            for b in T.serial(batch_size):
+                num_pages: T.let[T.int32] = page_indptr[b + 1] - page_indptr[b]
+                _prefill_sequence(
+                    q,
+                    q_indptr[b],
+                    q_indptr[b + 1] - q_indptr[b],
+                    h_q,
+                    _PagedKV(
+                        pages, page_values, page_indptr[b], length_info, b, group, sliding_table
+                    ),
+                    q_rope_position,
+                    k_rope_pos_offset[b],
+                    T.if_then_else(
+                        num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                    ),
+                    _Attention(output, lse, sm_scale, softcap, window, d, dtype),
+                )
 
     return attention_prefill_paged
 
@@ -511,6 +557,7 @@ def paged_decode(
     window: int,
     softcap: float,
     sliding_table: bool,
+    gpu: bool = False,
 ) -> tirx.PrimFunc:
     """One new token per sequence against the cache's pages (the token is usually in them)."""
     group = num_q_heads // num_kv_heads
@@ -562,35 +609,126 @@ def paged_decode(
         lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
-        # One task per (sequence, query head): decode is one query row each, so this is
-        # where the parallelism is. Dot products and the output update run in `lanes`-wide
-        # vectors (a strict-float reduction would otherwise stay scalar and serial).
-        for bh in T.parallel(batch_size * h_q):
+        if gpu:
+            _gpu_attend_rows(
+                q,
+                batch_size,
+                h_q,
+                batch_size,
+                None,
+                q_rope_position,
+                k_rope_pos_offset,
+                _PagedSequences(pages, page_values, page_indptr, length_info, group, sliding_table),
+                _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
+            )
+        else:
+            # One task per (sequence, query head): decode is one query row each, so this is
+            # where the parallelism is. Dot products and the output update run in `lanes`-wide
+            # vectors (a strict-float reduction would otherwise stay scalar and serial).
+            for bh in T.parallel(batch_size * h_q):
+                with T.sblock("attn"):
+                    # Regions depend on values read inside the block: declare it opaque.
+                    T.reads()
+                    T.writes()
+                    b: T.let[T.int32] = bh // h_q
+                    h: T.let[T.int32] = bh % h_q
+                    page_begin: T.let[T.int32] = page_indptr[b]
+                    num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
+                    num_kv: T.let[T.int32] = T.if_then_else(
+                        num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
+                    )
+                    kbase: T.let[T.int32] = k_rope_pos_offset[b]
+                    qpos: T.let[T.int32] = q_rope_position[b]
+                    lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
+                    hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
+                    _attend_row(
+                        q,
+                        b,
+                        h,
+                        _PagedKV(
+                            pages, page_values, page_begin, length_info, b, group, sliding_table
+                        ).for_query_head(h),
+                        lo,
+                        hi,
+                        _Attention(output, lse, sm_scale, softcap, window, d, dtype),
+                    )
+
+    return attention_decode_paged
+
+
+# GPU kernels: the same signatures, masks and scores, one GPU thread per (query row, head), each
+# running `_attend_row` over its keys in scalars. Correct on every GPU TVM targets, not fast:
+# they exist so that models with sliding windows or soft-capping (Gemma 2/3), which TVM's GPU
+# kernels cannot express, run on GPUs at all; models without either keep TVM's tiled kernels.
+GPU_THREADS = 64  # threads per block
+
+
+class _RaggedSequences:
+    """Sequence b's keys in a ragged prefill: the rows of k and v between kv_indptr[b] and
+    kv_indptr[b + 1]."""
+
+    def __init__(self, k, v, kv_indptr, group):
+        self.k, self.v, self.kv_indptr, self.group = k, v, kv_indptr, group
+
+    def keys(self, b):
+        return _RaggedKV(self.k, self.v, self.kv_indptr[b], self.group)
+
+    def count(self, b):
+        return self.kv_indptr[b + 1] - self.kv_indptr[b]
+
+
+class _PagedSequences:
+    """Sequence b's keys in the cache's pages (its page list and length info)."""
+
+    def __init__(self, pages, page_values, page_indptr, length_info, group, sliding_table):
+        self.pages, self.page_values, self.page_indptr = pages, page_values, page_indptr
+        self.length_info, self.group, self.sliding = length_info, group, sliding_table
+
+    def keys(self, b):
+        return _PagedKV(
+            self.pages,
+            self.page_values,
+            self.page_indptr[b],
+            self.length_info,
+            b,
+            self.group,
+            self.sliding,
+        )
+
+    def count(self, b):
+        num_pages = self.page_indptr[b + 1] - self.page_indptr[b]
+        return T.if_then_else(
+            num_pages > 0, _kv_len(num_pages, b, self.length_info, self.sliding), 0
+        )
+
+
+@T.macro(hygienic=False)
+def _gpu_attend_rows(q, num_rows, h_q, batch_size, q_indptr, positions, k_pos, sequences, att):
+    """output and lse of every (query row, head): a thread each. A row's sequence is the last b
+    with q_indptr[b] <= row (decode: q_indptr is None and row b is sequence b)."""
+    for bx in T.thread_binding((num_rows * h_q + GPU_THREADS - 1) // GPU_THREADS, "blockIdx.x"):
+        for tx in T.thread_binding(GPU_THREADS, "threadIdx.x"):
             with T.sblock("attn"):
                 # Regions depend on values read inside the block: declare it opaque.
                 T.reads()
                 T.writes()
-                b: T.let[T.int32] = bh // h_q
-                h: T.let[T.int32] = bh % h_q
-                page_begin: T.let[T.int32] = page_indptr[b]
-                num_pages: T.let[T.int32] = page_indptr[b + 1] - page_begin
-                num_kv: T.let[T.int32] = T.if_then_else(
-                    num_pages > 0, _kv_len(num_pages, b, length_info, sliding_table), 0
-                )
-                kbase: T.let[T.int32] = k_rope_pos_offset[b]
-                qpos: T.let[T.int32] = q_rope_position[b]
-                lo: T.let[T.int32] = _first_visible(qpos, kbase, window)
-                hi: T.let[T.int32] = T.min(num_kv, qpos - kbase + 1)
-                _attend_row(
-                    q,
-                    b,
-                    h,
-                    _PagedKV(
-                        pages, page_values, page_begin, length_info, b, group, sliding_table
-                    ).for_query_head(h),
-                    lo,
-                    hi,
-                    _Attention(output, lse, sm_scale, softcap, window, d, dtype),
-                )
-
-    return attention_decode_paged
+                seq = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                if bx * GPU_THREADS + tx < num_rows * h_q:
+                    row: T.let[T.int32] = (bx * GPU_THREADS + tx) // h_q
+                    h: T.let[T.int32] = (bx * GPU_THREADS + tx) % h_q
+                    seq[0] = row
+                    if q_indptr is not None:
+                        seq[0] = 0
+                        for i in T.serial(batch_size - 1):
+                            if q_indptr[i + 1] <= row:
+                                seq[0] = i + 1
+                    kbase: T.let[T.int32] = k_pos[seq[0]]
+                    _attend_row(
+                        q,
+                        row,
+                        h,
+                        sequences.keys(seq[0]).for_query_head(h),
+                        _first_visible(positions[row], kbase, att.window),
+                        T.min(sequences.count(seq[0]), positions[row] - kbase + 1),
+                        att,
+                    )

@@ -11,12 +11,12 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
 - RoPE: applied by the cache (`RopeMode.NORMAL`) when all layers share one; otherwise (per-layer
   bases, LongRoPE, none at all) rotated in the graph at the cache's positions (`compiler/rope.py`)
   and the cache applies none.
-- Sliding windows and logit soft-capping: TVM 0.27's CPU kernels have neither (see
-  `compiler/attention_kernels.py`), so the cache gets relaxlm's kernels. One window on every
-  layer is masked in every kernel. Windows on some layers only (Gemma) use the cache's per-layer
-  `mha_sliding` kind; the kernel for attention among a forward's own tokens is shared by all
-  layers and masks no window, so a sequence may then add at most `window` tokens per forward
-  (`max_prefill_chunk` in the layout; the kernel raises past it).
+- Sliding windows and logit soft-capping: TVM 0.27's CPU kernels have neither, and its GPU
+  kernels cannot cap (see `compiler/attention_kernels.py`), so the cache gets relaxlm's kernels.
+  One window on every layer is masked in every kernel. Windows on some layers only (Gemma) use
+  the cache's per-layer `mha_sliding` kind; the kernel for attention among a forward's own
+  tokens is shared by all layers and masks no window, so a sequence may then add at most
+  `window` tokens per forward (`max_prefill_chunk` in the layout; the CPU kernel raises past it).
 """
 
 import functools
@@ -211,12 +211,6 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KV
         windows=tuple(windows),
         softcap=first.logit_softcap,
     )
-    if plan.relaxlm_kernels and target.kind.name != "llvm":
-        raise RelaxlmError(
-            f"sliding-window attention and attention logit soft-capping are implemented for CPU "
-            f"targets only, not {target.kind.name!r} (windows {sorted(set(windows))}, soft-cap "
-            f"{plan.softcap})"
-        )
     return plan
 
 
@@ -367,43 +361,47 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
     new_mod = bb.get()
     # On CPU always: TVM's CPU decode kernel runs every head of every sequence one after another,
     # each dot product a serial strict-float sum; relaxlm's runs heads in parallel, in vectors.
-    if plan.relaxlm_kernels or target.kind.name == "llvm":
-        new_mod = _use_relaxlm_kernels(new_mod, plan)
+    # On GPUs only where TVM's tiled kernels cannot mask or cap the scores.
+    gpu = target.kind.name != "llvm"
+    if plan.relaxlm_kernels or not gpu:
+        new_mod = _use_relaxlm_kernels(new_mod, plan, gpu)
     return new_mod
 
 
-def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan) -> tvm.IRModule:
-    """Swap the cache's CPU attention kernels for relaxlm's (same signatures, same names)."""
+def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan, gpu: bool) -> tvm.IRModule:
+    """Swap the cache's attention kernels for relaxlm's (same signatures, same names)."""
     shape = (plan.num_kv_heads, plan.num_q_heads, plan.head_dim, plan.dtype)
     # With one window on every layer, every kernel masks it; with per-layer windows only the
     # sliding-window kernels do, and the shared ragged kernel limits the tokens per forward.
     everywhere = 0 if plan.per_layer_windows else plan.window
-    common = {"softcap": plan.softcap}
+    common = {"softcap": plan.softcap, "gpu": gpu}
+    cpu = "" if gpu else "_cpu"  # TVM names its CPU kernels apart
     kernels = {
-        "tir_attention_prefill_ragged_cpu": attention_kernels.ragged_prefill(
+        f"tir_attention_prefill_ragged{cpu}": attention_kernels.ragged_prefill(
             *shape,
             window=everywhere,
             max_chunk=plan.window if plan.per_layer_windows else 0,
             **common,
         ),
-        "tir_attention_prefill_cpu": attention_kernels.paged_prefill(
+        f"tir_attention_prefill{cpu}": attention_kernels.paged_prefill(
             *shape, window=everywhere, sliding_table=False, **common
         ),
-        "tir_attention_decode_cpu": attention_kernels.paged_decode(
+        f"tir_attention_decode{cpu}": attention_kernels.paged_decode(
             *shape, window=everywhere, sliding_table=False, **common
         ),
-        "tir_attention_prefill_cpu_sliding_window": attention_kernels.paged_prefill(
+        f"tir_attention_prefill{cpu}_sliding_window": attention_kernels.paged_prefill(
             *shape, window=plan.window, sliding_table=True, **common
         ),
-        "tir_attention_decode_cpu_sliding_window": attention_kernels.paged_decode(
+        f"tir_attention_decode{cpu}_sliding_window": attention_kernels.paged_decode(
             *shape, window=plan.window, sliding_table=True, **common
         ),
     }
-    # TVM's CPU RoPE evaluates pow/cos/sin per element, serially; relaxlm's supports the
-    # scalings the cache is given (default, linear, llama3; LongRoPE is rotated in the graph).
-    kernels["tir_split_rotary"] = split_rotary_cpu(
-        plan.cache_rope, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.dtype
-    )
+    if not gpu:
+        # TVM's CPU RoPE evaluates pow/cos/sin per element, serially; relaxlm's supports the
+        # scalings the cache is given (default, linear, llama3; LongRoPE is rotated in the graph).
+        kernels["tir_split_rotary"] = split_rotary_cpu(
+            plan.cache_rope, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.dtype
+        )
     names = {gvar.name_hint: gvar for gvar in mod.get_global_vars()}
     for name, kernel in kernels.items():
         assert name in names, f"TVM's paged KV cache no longer adds a kernel named {name!r}"

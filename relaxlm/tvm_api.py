@@ -10,6 +10,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.gpu.rmsnorm import identify_cast_or_load_block
 from tvm.script import tirx as T
 from tvm.tirx.build import codegen_build, split_host_device_mods
 
@@ -18,6 +19,7 @@ __all__ = [
     "ScheduleRule",
     "codegen_build",
     "dlight",
+    "identify_cast_or_load_block",
     "normalize_prim_func",
     "s_tir",
     "split_host_device_mods",

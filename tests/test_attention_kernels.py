@@ -1,8 +1,12 @@
-"""relaxlm's CPU attention kernels called directly, against numpy, at sizes the model tests miss.
+"""relaxlm's attention kernels called directly, against numpy, at sizes the model tests miss.
 
 The paged-KV model tests (test_lower_attention_pass.py) add at most 4 tokens per step; here
 prompts span several row tiles and key blocks (`ROW_TILE`, `KEY_BLOCK`), batches mix lengths,
 and the paged kernel reads a prefix from scattered pages, through a sliding-window table too.
+
+Each test runs the CPU kernels, and the GPU kernels (`gpu=True`: a thread per query row and
+head) built for WebGPU and run on Mesa's lavapipe through `wgsl_harness` — the same TIR that
+CUDA builds for Gemma 2/3, run on a real GPU API without a GPU.
 """
 
 import math
@@ -36,22 +40,54 @@ def _reference(q, k, v, qpos, kpos, sm_scale, window, softcap):
     return out, lse.T
 
 
-def _build(func):
-    return tvm.compile(func, target=resolve_target("cpu").target())
+class _Cpu:
+    gpu = False
+
+    def run(self, kernel, q, inputs, prefill: bool, sm_scale: float):
+        """The kernel's output and log-sum-exp for queries q [rows, hq, d] and its other inputs
+        (arrays), then flags: causal (prefill only) and rotary_mode 0, RoPE scale and theta."""
+        built = tvm.compile(kernel, target=resolve_target("cpu").target())
+        out = _tensor(np.zeros_like(q))
+        lse = _tensor(np.zeros(q.shape[:2], np.float32))
+        flags = (1, 0) if prefill else (0,)
+        built(_tensor(q), *map(_tensor, inputs), out, lse, *flags, 1.0, 10000.0, sm_scale)
+        return out.numpy(), lse.numpy()
+
+
+class _WebGPU:
+    gpu = True
+
+    def __init__(self, device):
+        self.device = device
+
+    def run(self, kernel, q, inputs, prefill: bool, sm_scale: float):
+        from wgsl_harness import WebGPUFunction
+
+        out = np.zeros_like(q)
+        lse = np.zeros(q.shape[:2], np.float32)
+        flags = (1, 0) if prefill else (0,)
+        args = (q, *inputs, out, lse, *flags, 1.0, 10000.0, sm_scale)
+        names = [p.name for p in kernel.params]
+        func = WebGPUFunction(kernel, resolve_target("webgpu").target(), self.device)
+        got = func(**dict(zip(names, args, strict=True)))
+        return got[names[len(inputs) + 1]], got[names[len(inputs) + 2]]
+
+
+@pytest.fixture(scope="module", params=["cpu", "webgpu"])
+def device(request):
+    """Where the kernels run: the CPU, or the GPU kernels on a WebGPU adapter."""
+    if request.param == "cpu":
+        return _Cpu()
+    from wgsl_harness import NoAdapter, webgpu_device
+
+    try:
+        return _WebGPU(webgpu_device()[0])
+    except NoAdapter as e:
+        pytest.skip(f"no WebGPU adapter: {e}")
 
 
 def _tensor(a, dtype=None):
     return tvm.runtime.tensor(np.ascontiguousarray(a, dtype=dtype or a.dtype), tvm.cpu())
-
-
-def _run(kernel, q, inputs, prefill: bool, sm_scale: float):
-    """The kernel's output and log-sum-exp for queries q [rows, hq, d] and its other inputs
-    (arrays), then flags: causal (prefill only) and rotary_mode 0, RoPE scale and theta."""
-    out = _tensor(np.zeros_like(q))
-    lse = _tensor(np.zeros(q.shape[:2], np.float32))
-    flags = (1, 0) if prefill else (0,)
-    kernel(_tensor(q), *map(_tensor, inputs), out, lse, *flags, 1.0, 10000.0, sm_scale)
-    return out.numpy(), lse.numpy()
 
 
 def _check(out, lse, expected, atol):
@@ -74,9 +110,11 @@ def _check(out, lse, expected, atol):
     ],
     ids=["gqa-d64", "mha-d16", "window", "softcap"],
 )
-def test_ragged_prefill_matches_numpy(hq, hkv, d, lengths, window, softcap):
+def test_ragged_prefill_matches_numpy(device, hq, hkv, d, lengths, window, softcap):
     rng = np.random.default_rng(0)
-    kernel = _build(ak.ragged_prefill(hkv, hq, d, "float32", window=window, softcap=softcap))
+    kernel = ak.ragged_prefill(
+        hkv, hq, d, "float32", window=window, softcap=softcap, gpu=device.gpu
+    )
     total = sum(lengths)
     q = rng.standard_normal((total, hq, d)).astype(np.float32)
     k = rng.standard_normal((total, hkv, d)).astype(np.float32)
@@ -89,7 +127,7 @@ def test_ragged_prefill_matches_numpy(hq, hkv, d, lengths, window, softcap):
     )
     sm_scale = 1 / math.sqrt(d)
     inputs = (indptr, k, v, indptr, qpos, np.array(starts, np.int32))
-    got_out, got_lse = _run(kernel, q, inputs, True, sm_scale)
+    got_out, got_lse = device.run(kernel, q, inputs, True, sm_scale)
     expected, split = [], []
     for i in range(len(lengths)):
         rows = slice(indptr[i], indptr[i + 1])
@@ -129,12 +167,17 @@ def _cached(pages, page_ids, page_indptr, i, offset, n):
     [(4, 2, 64, 0, 0.0, False), (4, 1, 32, 20, 0.0, True), (2, 2, 16, 0, 2.0, False)],
     ids=["gqa-d64", "window-table", "softcap"],
 )
-def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
+def test_paged_decode_matches_numpy(device, hq, hkv, d, window, softcap, sliding_table):
     rng = np.random.default_rng(2)
-    kernel = _build(
-        ak.paged_decode(
-            hkv, hq, d, "float32", window=window, softcap=softcap, sliding_table=sliding_table
-        )
+    kernel = ak.paged_decode(
+        hkv,
+        hq,
+        d,
+        "float32",
+        window=window,
+        softcap=softcap,
+        sliding_table=sliding_table,
+        gpu=device.gpu,
     )
     seqs = [1, 40, 77, 8]  # keys cached per sequence, the new token's among them
     offset = 3 if sliding_table else 0
@@ -146,7 +189,7 @@ def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
     q = rng.standard_normal((len(seqs), hq, d)).astype(np.float32)
     sm_scale = 1 / math.sqrt(d)
     inputs = (pages, page_indptr, page_ids[: page_indptr[-1]], length_info, kbase, qpos)
-    got_out, got_lse = _run(kernel, q, inputs, False, sm_scale)
+    got_out, got_lse = device.run(kernel, q, inputs, False, sm_scale)
     expected = []
     for i, n in enumerate(seqs):
         keys, values = _cached(pages, page_ids, page_indptr, i, offset, n)
@@ -163,14 +206,19 @@ def test_paged_decode_matches_numpy(hq, hkv, d, window, softcap, sliding_table):
 
 
 @pytest.mark.parametrize("sliding_table", [False, True])
-def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
+def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table):
     hq, hkv, d = 4, 2, 32
     rng = np.random.default_rng(1)
     window = 24 if sliding_table else 0
-    kernel = _build(
-        ak.paged_prefill(
-            hkv, hq, d, "float32", window=window, softcap=0.0, sliding_table=sliding_table
-        )
+    kernel = ak.paged_prefill(
+        hkv,
+        hq,
+        d,
+        "float32",
+        window=window,
+        softcap=0.0,
+        sliding_table=sliding_table,
+        gpu=device.gpu,
     )
     # (keys already cached, new tokens); the new tokens are in the pages too, as the cache does.
     seqs = [(40, 20), (3, 1), (70, 35)]
@@ -186,7 +234,7 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(sliding_table):
     q = rng.standard_normal((q_indptr[-1], hq, d)).astype(np.float32)
     sm_scale = 1 / math.sqrt(d)
     inputs = (q_indptr, pages, page_indptr, page_ids[: page_indptr[-1]], length_info, kbase, qpos)
-    got_out, got_lse = _run(kernel, q, inputs, True, sm_scale)
+    got_out, got_lse = device.run(kernel, q, inputs, True, sm_scale)
     expected, split = [], []
     for i, (cached, new) in enumerate(seqs):
         keys, values = _cached(pages, page_ids, page_indptr, i, offset, cached + new)

@@ -10,6 +10,7 @@ from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.runtime import ShapeTuple
 
+from relaxlm.compiler import attention_kernels as ak
 from relaxlm.compiler.lower_attention_to_paged_kv import (
     CACHE_PARAM,
     CREATE_FUNCTION,
@@ -156,12 +157,26 @@ def test_two_window_sizes_raise():
         lower_attention_to_paged_kv(mod, tvm.target.Target(TARGET), "float32")
 
 
-def test_windows_on_a_gpu_target_raise():
-    mod, _ = _export([_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=4) for i in range(2)])
-    with pytest.raises(RelaxlmError, match="CPU targets only, not 'cuda'"):
-        lower_attention_to_paged_kv(
-            mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}), "float32"
-        )
+@pytest.mark.parametrize("window, softcap", [(4, 0.0), (0, 30.0)], ids=["window", "softcap"])
+def test_windows_and_softcap_on_a_gpu_target_get_relaxlm_gpu_kernels(window, softcap):
+    """TVM's GPU kernels can neither cap scores nor mask a window outside the paged prefill:
+    on CUDA the cache's attention kernels are relaxlm's GPU ones (tests/test_attention_kernels.py
+    runs them on WebGPU), not a refusal."""
+    layers = [_Layer(i, 4, 2, 16, 0.25, RopeSpec(), window=window, softcap=softcap) for i in (0, 1)]
+    mod, _ = _export(layers)
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    lowered, _ = lower_attention_to_paged_kv(mod, target, "float32")
+    funcs = {gv.name_hint: lowered[gv] for gv in lowered.get_global_vars()}
+    shape, masks = (2, 4, 16, "float32"), {"window": window, "softcap": softcap, "gpu": True}
+    expected = {
+        "tir_attention_prefill_ragged": ak.ragged_prefill(*shape, **masks),
+        "tir_attention_prefill": ak.paged_prefill(*shape, sliding_table=False, **masks),
+        "tir_attention_decode": ak.paged_decode(*shape, sliding_table=False, **masks),
+    }
+    for name, kernel in expected.items():
+        got = funcs[name]
+        kernel = kernel.with_attr("global_symbol", got.attrs["global_symbol"])
+        tvm.ir.assert_structural_equal(got, kernel)
 
 
 def test_layout_records_per_layer_features():

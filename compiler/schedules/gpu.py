@@ -5,8 +5,9 @@ Rules are tried in order; the first that schedules a kernel wins. What takes wha
 - `Matmul`: the float weight matmuls, prefill and decode (their rows are a symbolic dimension
   either way). It comes first because `LowBatchGEMV`, tried earlier, also takes prefill GEMMs.
 - `GEMV`, `LowBatchGEMV`: GEMVs with static rows (kept in MLC-LLM's order; none in a Llama).
-- `RMSNorm`: the norms (its rsqrt pattern); `Reduction`, `GeneralReduction`: softmax and the
-  int4 dequantize-matmuls fused with their residual add.
+- `RMSNorm`: the norms (its rsqrt pattern, `x * w` after it); `Reduction`, `GeneralReduction`:
+  softmax, Gemma's `x * (1 + w)` norms and the int4 dequantize-matmuls fused with their
+  residual add.
 - `SingleReduction`: the other int4 dequantize-matmuls (see its docstring).
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
 The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
@@ -24,7 +25,7 @@ not Metal (its `MetalMatmul` branch ignores that mark).
 import tvm
 from tvm.target import Target
 
-from relaxlm.tvm_api import dlight, normalize_prim_func, s_tir, tirx
+from relaxlm.tvm_api import dlight, identify_cast_or_load_block, normalize_prim_func, s_tir, tirx
 
 
 class Matmul(dlight.gpu.Matmul):
@@ -57,6 +58,20 @@ def _without_tensor_cores(target: Target) -> Target:
     limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
     attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
     return Target({"kind": "cuda", "arch": "sm_60", **attrs})
+
+
+class RMSNorm(dlight.gpu.RMSNorm):
+    """dlight's RMSNorm, declining the kernels it cannot take. It expects exactly four blocks
+    besides casts and loads (square, sum, rsqrt, scale) and unpacks them without checking, so
+    Gemma's norm, whose `(1 + w)` is one block more, raised a ValueError out of the build."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if isinstance(func, tirx.PrimFunc):
+            sch = s_tir.Schedule(func)
+            blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            if len([b for b in blocks if not identify_cast_or_load_block(sch.get(b))]) != 4:
+                return None
+        return super().apply(func, target, tunable)
 
 
 class CapVectorLanes(dlight.ScheduleRule):
@@ -132,7 +147,7 @@ def gpu_rules() -> list[dlight.ScheduleRule]:
         Matmul(),
         dlight.gpu.GEMV(),
         dlight.gpu.LowBatchGEMV(),
-        dlight.gpu.RMSNorm(),
+        RMSNorm(),
         dlight.gpu.Reduction(),
         dlight.gpu.GeneralReduction(),
         SingleReduction(),

@@ -40,8 +40,8 @@ class Cell:
 
 
 def nvcc_cell(case: str) -> tuple[str, str]:
-    """The (dtype, quant) of `case` that nvcc compiles: the nine GPU cases take the nine pairs,
-    so every architecture, dtype and quantization reaches nvcc at least once."""
+    """The (dtype, quant) of `case` that nvcc compiles: the first nine GPU cases take the nine
+    pairs, so every architecture, dtype and quantization reaches nvcc at least once."""
     i = list(GPU_CASES).index(case)
     return DTYPES[i % len(DTYPES)], QUANTS[(i // len(DTYPES) + i) % len(QUANTS)]
 
