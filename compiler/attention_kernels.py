@@ -706,7 +706,9 @@ class _PagedSequences:
 def _gpu_attend_rows(q, num_rows, h_q, batch_size, q_indptr, positions, k_pos, sequences, att):
     """output and lse of every (query row, head): a thread each. A row's sequence is the last b
     with q_indptr[b] <= row (decode: q_indptr is None and row b is sequence b)."""
-    for bx in T.thread_binding((num_rows * h_q + GPU_THREADS - 1) // GPU_THREADS, "blockIdx.x"):
+    # at least one block: a launch of an empty grid is an error on CUDA
+    blocks = T.meta_var(T.max((num_rows * h_q + GPU_THREADS - 1) // GPU_THREADS, 1))
+    for bx in T.thread_binding(blocks, "blockIdx.x"):
         for tx in T.thread_binding(GPU_THREADS, "threadIdx.x"):
             with T.sblock("attn"):
                 # Regions depend on values read inside the block: declare it opaque.
