@@ -56,6 +56,14 @@ def kernel_launches(mod: tvm.IRModule) -> list[Launch]:
     return launches
 
 
+def fits(launch: Launch, target: Target) -> bool:
+    """Whether `target` can launch the block of `launch`."""
+    threads, dims = thread_limits(target)
+    return launch.threads <= threads and all(
+        b <= d for b, d in zip(launch.block, dims, strict=True)
+    )
+
+
 def check_launch_limits(mod: tvm.IRModule, target: Target, model: str, where: str) -> None:
     """RelaxlmError naming the first kernel whose block the target cannot launch.
 
@@ -64,7 +72,7 @@ def check_launch_limits(mod: tvm.IRModule, target: Target, model: str, where: st
     """
     threads, dims = thread_limits(target)
     for launch in kernel_launches(mod):
-        if launch.threads > threads or any(b > d for b, d in zip(launch.block, dims, strict=True)):
+        if not fits(launch, target):
             raise RelaxlmError(
                 f"{model}: kernel {launch.kernel} would launch blocks of "
                 f"{'x'.join(map(str, launch.block))} = {launch.threads} threads on {where}, "

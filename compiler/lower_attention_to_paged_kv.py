@@ -38,6 +38,7 @@ from relaxlm.frontends.ops import (
 from relaxlm.tvm_api import tirx
 
 from . import attention_kernels
+from .launch_limits import fits, kernel_launches
 from .rope import longrope_factors, rope_te, split_rotary_cpu
 
 CACHE_PARAM = "paged_kv_cache"
@@ -361,11 +362,30 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
     new_mod = bb.get()
     # On CPU always: TVM's CPU decode kernel runs every head of every sequence one after another,
     # each dot product a serial strict-float sum; relaxlm's runs heads in parallel, in vectors.
-    # On GPUs only where TVM's tiled kernels cannot mask or cap the scores.
+    # On GPUs only where TVM's tiled kernels cannot mask or cap the scores, or cannot launch.
     gpu = target.kind.name != "llvm"
-    if plan.relaxlm_kernels or not gpu:
+    if plan.relaxlm_kernels or not gpu or not _tvm_kernels_launch(new_mod, target):
         new_mod = _use_relaxlm_kernels(new_mod, plan, gpu)
     return new_mod
+
+
+def _tvm_kernels_launch(mod: tvm.IRModule, target: tvm.target.Target) -> bool:
+    """Whether the target can launch the blocks of TVM's GPU attention kernels. (Its decode
+    kernel sizes blocks from head_dim: at 24 it asks for 6x1x85 threads, and CUDA allows a z
+    of 64 at most.)"""
+    attention = tvm.IRModule(
+        {gv: func for gv, func in mod.functions_items() if gv.name_hint in _GPU_ATTENTION}
+    )
+    return all(fits(launch, target) for launch in kernel_launches(attention))
+
+
+_GPU_ATTENTION = (
+    "tir_attention_prefill_ragged",
+    "tir_attention_prefill",
+    "tir_attention_decode",
+    "tir_attention_prefill_sliding_window",
+    "tir_attention_decode_sliding_window",
+)
 
 
 def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan, gpu: bool) -> tvm.IRModule:

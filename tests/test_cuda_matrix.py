@@ -1,11 +1,12 @@
 """The CUDA compile matrix (issue 17): every architecture the GPU path supports x {float32,
 float16, bfloat16} x {none, q8, q4} builds for cuda:sm_80,sm_90 from a tiny config, on a
-machine without a GPU; the models it refuses are refused at compile time, by name.
+machine without a GPU.
 
 Every cell goes through TVM's CUDA codegen (schedules, launch limits, TIR lowering: where the
 H200 builds segfaulted or hit `cse_vN`); one cell per architecture also goes through nvcc, and
 together they cover every dtype and quantization (`nvcc_cell`). Gemma 2 and 3 (sliding windows,
-soft-capping) build relaxlm's GPU attention kernels in place of TVM's. Cells are built in child
+soft-capping) and Phi-3 at head_dim 24 (whose decode block TVM's kernel cannot launch) build
+relaxlm's GPU attention kernels in place of TVM's. Cells are built in child
 processes (relaxlm/testing/cuda_matrix.py), two at a time, so a segfault fails its cell.
 Only the selected cells are built (`pytest -k qwen3`).
 """
@@ -15,14 +16,10 @@ import shutil
 import pytest
 
 from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
-from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS, REFUSED_CASES
+from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS
 
 HAVE_NVCC = shutil.which("nvcc") is not None
 CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC)}
-ARCHITECTURE = {
-    **{case: kwargs["arch"] for case, kwargs in GPU_CASES.items()},
-    **{case: kwargs["arch"] for case, (kwargs, _) in REFUSED_CASES.items()},
-}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +34,7 @@ def matrix(request, tmp_path_factory):
     return run_cells(wanted, tmp_path_factory.mktemp("cuda-matrix"), workers=2)
 
 
-COMPILING = [c for c in CELLS.values() if c.case in GPU_CASES]
-REFUSED = [c for c in CELLS.values() if c.case in REFUSED_CASES]
+COMPILING = list(CELLS.values())
 
 
 @pytest.mark.parametrize("cell", [c.id for c in COMPILING])
@@ -55,18 +51,6 @@ def test_compiles_for_cuda(cell, matrix):
         kernels = result["kernels"]
         assert len(kernels) > 10, kernels
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
-
-
-@pytest.mark.parametrize("cell", [c.id for c in REFUSED])
-def test_refused_with_one_clear_error(cell, matrix):
-    c = CELLS[cell]
-    result = matrix[cell]
-    assert not result["ok"] and result["error"] == "RelaxlmError", result
-    message = result["message"]
-    _, reason = REFUSED_CASES[c.case]
-    assert message.startswith(f"{ARCHITECTURE[c.case]} in {c.dtype}"), message
-    assert "target 'cuda' (sm_80, sm_90)" in message, message
-    assert reason in message, message
 
 
 def test_nvcc_cells_cover_every_architecture_dtype_and_quantization():
