@@ -26,6 +26,7 @@ at the same path (a shared file system, or a copy on each).
 import asyncio
 import dataclasses
 import os
+import sys
 import threading
 import time
 import uuid
@@ -145,7 +146,7 @@ class ReplicaSet:
 
     model: as for `relaxlm.LLM` (a checkpoint is compiled here, once, into the cache).
     ray_address: a running cluster ("auto", "ray://host:10001", "host:6379"); None starts a
-        local one unless this process already joined one (ray.init before).
+        local one on loopback unless this process already joined one (ray.init before).
     health_interval_s: how often each replica is asked for its health and metrics.
     health_timeout_s: an up replica that takes longer to answer is killed (and restarted).
     start_timeout_s: how long the first start of the replicas may take.
@@ -168,7 +169,7 @@ class ReplicaSet:
     ):
         if not isinstance(num_replicas, int) or num_replicas < 1:
             raise RelaxlmError(f"replicas={num_replicas!r} is invalid; set it to an integer >= 1")
-        ray = _import_ray()
+        ray = _import_ray(local=ray_address is None)
         self.artifact = _artifact_folder(model, **options)
         self.manifest = Manifest.read(self.artifact)
         if self.manifest.task == "embed":
@@ -457,7 +458,12 @@ class ReplicaGroup:
         self._pending.clear()
 
 
-def _import_ray():
+def _import_ray(local: bool):
+    if local and "ray" not in sys.modules:
+        # A cluster started here for one server stays on loopback: Ray reads this (its macOS
+        # default) when imported, and binds its servers to 127.0.0.1. Join a cluster started
+        # with `ray start` (--ray-address) to spread replicas over machines.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError as e:
