@@ -178,7 +178,13 @@ class ReplicaSet:
             self.artifact / "tokenizer", model_config=self.manifest.model_config
         )
         if not ray.is_initialized():
-            ray.init(address=ray_address)
+            try:  # "local": a new cluster, never one that another program started here
+                ray.init(address=ray_address or "local")
+            except (ConnectionError, ValueError) as e:
+                raise RelaxlmError(
+                    f"cannot join the Ray cluster at {ray_address!r} ({e}); start one there "
+                    "with `ray start --head`, or leave --ray-address out for a local one"
+                ) from e
         self._ray = ray
         self._lock = threading.Lock()
         self._stop = threading.Event()

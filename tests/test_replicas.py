@@ -7,6 +7,9 @@ Every wait has a timeout: a hang fails the test instead of stalling the suite.""
 import asyncio
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 
 import openai
@@ -286,3 +289,41 @@ def test_cli_refuses_a_ray_address_without_replicas(capsys):
     assert "--ray-address needs --replicas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "unused-model", "--replicas", "0"])
+
+
+def test_relaxlm_serve_replicas_command(llm):
+    """`relaxlm serve --replicas 1`: the command starts its own local Ray and serves through it."""
+    with socket.socket() as s:  # a free port, released for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "relaxlm", "serve", str(llm.artifact), "--port", str(port)]
+    command += ["--replicas", "1", "--threads", "1", "--max-batch", "8"]
+    command += ["--served-model-name", MODEL]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                assert time.monotonic() < deadline, "relaxlm serve --replicas did not start"
+                time.sleep(0.2)
+        conversations = [_user(f"Command {i}: what does the compiler test?") for i in range(4)]
+
+        async def run():
+            client = openai.AsyncOpenAI(
+                base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
+            )
+            return await asyncio.gather(*(_stream(client, m, 16) for m in conversations))
+
+        assert asyncio.run(run()) == _oracle(llm, conversations, 16)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
