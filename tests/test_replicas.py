@@ -5,6 +5,7 @@ in-process engine (greedy, so the text must be equal), its prefix-cache hits, an
 Every wait has a timeout: a hang fails the test instead of stalling the suite."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -217,6 +218,33 @@ def test_prefix_affine_routing_hits_the_cache_as_one_engine_does(server, llm):
         - before["relaxlm_prefix_cache_hit_tokens_total"]
     )
     assert hits == want_hits
+
+
+def test_structured_output_crosses_to_the_replicas(server, llm):
+    """response_format's grammar reaches the replica (it pickles as its recipe) and constrains
+    the answer as on one engine."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}},
+        "required": ["name"],
+    }
+    response_format = {"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}
+    messages = _user("Give me a name as JSON.")
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name=MODEL))) as single:
+        answers = []
+        for url in (server.url, single.url):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            out = client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=40,
+                temperature=0,
+                response_format=response_format,
+                timeout=REQUEST_TIMEOUT_S,
+            )
+            answers.append(out.choices[0].message.content)
+    assert answers[0] == answers[1]
+    assert set(json.loads(answers[0])) == {"name"}
 
 
 def test_a_replica_killed_mid_run_fails_or_retries_cleanly_and_comes_back(server, replicas, llm):
