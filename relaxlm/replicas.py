@@ -25,6 +25,7 @@ at the same path (a shared file system, or a copy on each).
 
 import asyncio
 import dataclasses
+import logging
 import os
 import sys
 import threading
@@ -43,6 +44,8 @@ from relaxlm.runtime.sampler import SamplingParams
 from relaxlm.runtime.scheduler import Scheduler, SchedulerConfig
 from relaxlm.runtime.tokenizer import Tokenizer
 from relaxlm.sdk import LLM, AsyncLLM, Messages, Prompt, _artifact_folder
+
+logger = logging.getLogger(__name__)
 
 # LLM's keywords that choose the artifact (resolved here, once); the rest go to each replica.
 _ARTIFACT_OPTIONS = ("quant", "dtype", "lora")
@@ -344,22 +347,29 @@ class ReplicaSet:
 
     def _watch(self) -> None:
         """The health checks, on a thread of their own (no event loop needed)."""
-        ray = self._ray
         while not self._stop.wait(self._interval):
-            now = time.monotonic()
-            for r in self._replicas:
-                if r.probe is None:
-                    r.probe, r.probe_sent = r.actor.health.remote(), now
-            probes = [r.probe for r in self._replicas]
-            ready, _ = ray.wait(probes, num_returns=len(probes), timeout=self._interval)
-            ready = set(ready)
-            for index, r in enumerate(self._replicas):
-                if r.probe in ready:
-                    self._answered(index, r)
-                elif r.up and time.monotonic() - r.probe_sent > self._timeout:
-                    # Up but silent: hung. Killing it fails its requests now; Ray restarts it.
-                    self._failed(index)
-                    ray.kill(r.actor, no_restart=False)
+            try:
+                self._check_all()
+            except Exception:  # keep checking: a lapse must not leave dead replicas routed to
+                logger.exception("the replicas' health check failed")
+
+    def _check_all(self) -> None:
+        """One round: probe each replica (one probe in flight each), act on the answers."""
+        ray = self._ray
+        now = time.monotonic()
+        for r in self._replicas:
+            if r.probe is None:
+                r.probe, r.probe_sent = r.actor.health.remote(), now
+        probes = [r.probe for r in self._replicas]
+        ready, _ = ray.wait(probes, num_returns=len(probes), timeout=self._interval)
+        ready = set(ready)
+        for index, r in enumerate(self._replicas):
+            if r.probe in ready:
+                self._answered(index, r)
+            elif r.up and time.monotonic() - r.probe_sent > self._timeout:
+                # Up but silent: hung. Killing it fails its requests now; Ray restarts it.
+                self._failed(index)
+                ray.kill(r.actor, no_restart=False)
 
     def _answered(self, index: int, r: _State) -> None:
         probe, r.probe = r.probe, None
@@ -411,8 +421,9 @@ class ReplicaGroup:
             replica = replicas._route(ids, params.n, tried)
             actor = replicas._replicas[replica].actor
             streamed = finished = False
-            outputs = actor.generate.remote(ids, params, request_id)
+            outputs = None
             try:
+                outputs = actor.generate.remote(ids, params, request_id)
                 async for ref in outputs:
                     output = await ref
                     streamed, finished = True, output.finished
@@ -433,7 +444,7 @@ class ReplicaGroup:
                 replicas.retries += 1
             finally:
                 replicas._done(replica, params.n)
-                if not finished:  # cancelled: the client left, or the group was aborted
+                if not finished and outputs is not None:  # cancelled: the client left
                     actor.abort.remote(request_id)
                     ray.cancel(outputs)
 

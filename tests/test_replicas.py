@@ -71,7 +71,7 @@ def replicas(cluster, llm):
         max_batch_size=8,
         threads=1,
         health_interval_s=0.25,
-        health_timeout_s=20,
+        health_timeout_s=10,  # a replica stopped (SIGSTOP) below is killed after this
         start_timeout_s=120,
     )
     yield replicas
@@ -317,6 +317,53 @@ def test_cli_refuses_a_ray_address_without_replicas(capsys):
     assert "--ray-address needs --replicas" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["serve", "unused-model", "--replicas", "0"])
+
+
+def test_a_client_that_leaves_aborts_its_request_on_the_replica(server, replicas):
+    aborted = sum(m.requests_aborted for m in replicas.replica_metrics())
+    body = {"model": MODEL, "messages": _user("Leave 1: a story."), "max_tokens": 400}
+    body |= {"stream": True, "ignore_eos": True}
+    with requests.post(
+        f"{server.url}/v1/chat/completions", json=body, stream=True, timeout=REQUEST_TIMEOUT_S
+    ) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line).startswith(b"data: ")
+        next(line for line in lines if b'"content":"' in line and b'"content":""' not in line)
+    deadline = time.monotonic() + 20  # closed mid-answer: aborted there, its pages freed
+    while True:
+        now = replicas.replica_metrics()
+        if sum(m.requests_aborted for m in now) == aborted + 1 and not any(m.running for m in now):
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.1)
+    assert all(m.kv_pages_used == m.kv_pages_cached for m in now)
+
+
+def test_a_hung_replica_is_killed_by_the_health_check_and_its_queued_requests_retried(
+    server, replicas, llm
+):
+    victim = 1
+    old_pid = replicas.replica_pids()[victim]
+    retries = replicas.retries
+    os.kill(old_pid, signal.SIGSTOP)  # alive to Ray, but answers nothing
+    conversations = [_user(f"Hang {i}: what does the café owner paint?") for i in range(8)]
+
+    async def run():
+        client = _client(server)
+        return await asyncio.gather(*(_stream(client, m, 16) for m in conversations))
+
+    try:
+        # Half are routed to the stopped replica until its health check fails; they had
+        # received nothing, so they are retried on the other one once it is killed.
+        assert asyncio.run(run()) == _oracle(llm, conversations, 16)
+    finally:
+        if replicas.replica_pids()[victim] == old_pid:
+            os.kill(old_pid, signal.SIGCONT)
+    assert replicas.retries > retries
+    deadline = time.monotonic() + 90
+    while replicas.replica_pids()[victim] in (None, old_pid):
+        assert time.monotonic() < deadline, "the hung replica was not replaced"
+        time.sleep(0.2)
 
 
 def test_relaxlm_serve_replicas_command(llm):
