@@ -124,6 +124,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-tool-rounds", type=int, default=4, help="rounds of MCP tool calls per chat request"
     )
+    p.add_argument(
+        "--replicas",
+        type=_positive_int,
+        help="serve N engine replicas on a Ray cluster behind this one endpoint, each request "
+        "routed to the replica that cached its prefix (needs relaxlm[ray])",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="with --replicas: the Ray cluster to join ('auto', 'HOST:6379', 'ray://HOST:10001'); "
+        "by default a local one is started",
+    )
     _add_speculation_options(p)
     _add_build_options(p)
     p.set_defaults(func=_serve)
@@ -398,8 +410,7 @@ def _serve(args) -> None:
     from relaxlm.server.app import ServerOptions, create_app
     from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES
 
-    llm = relaxlm.LLM(
-        args.model,
+    model_options = dict(
         target=args.target,
         quant=args.quant,
         dtype=args.dtype,
@@ -412,6 +423,14 @@ def _serve(args) -> None:
         draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens,
     )
+    if args.replicas:  # relaxlm/replicas.py: AsyncLLM's interface over Ray actors
+        from relaxlm.replicas import ReplicaSet
+
+        llm = ReplicaSet(args.model, args.replicas, ray_address=args.ray_address, **model_options)
+    elif args.ray_address:
+        raise RelaxlmError("--ray-address needs --replicas N (the engine replicas to start there)")
+    else:
+        llm = relaxlm.LLM(args.model, **model_options)
     options = ServerOptions(
         served_model_name=args.served_model_name,
         api_key=args.api_key,

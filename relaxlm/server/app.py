@@ -30,7 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
-from relaxlm.errors import RelaxlmError
+from relaxlm.errors import RelaxlmError, Unavailable
 from relaxlm.server import schemas as s
 from relaxlm.server.completions import (
     ApiError,
@@ -329,8 +329,14 @@ async def _sse(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
 
 def _internal_or_bad(e: Exception) -> ApiError:
     if isinstance(e, RelaxlmError):
-        return ApiError(400, str(e))
+        return _relaxlm_api_error(e)
     return ApiError(500, f"the engine failed: {e}", type="server_error")
+
+
+def _relaxlm_api_error(e: RelaxlmError) -> ApiError:
+    if isinstance(e, Unavailable):  # a replica died mid-answer: the request itself was fine
+        return ApiError(503, str(e), type="server_error", code="unavailable")
+    return ApiError(400, str(e))
 
 
 class EventStream(StreamingResponse):
@@ -376,7 +382,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(RelaxlmError)
     async def relaxlm_error(request: Request, e: RelaxlmError):
-        return _error_response(ApiError(400, str(e)))
+        return _error_response(_relaxlm_api_error(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):

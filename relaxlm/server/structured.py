@@ -42,11 +42,11 @@ class GrammarCompiler:
     """
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_token_ids: list[int]):
-        llg = _llguidance()
         self.vocab_size = vocab_size
-        self._tokenizer = llg.LLTokenizer(
-            tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=list(stop_token_ids)
-        )
+        # The llguidance tokenizer's recipe: a constraint sent to a replica in another process
+        # (relaxlm/replicas.py) rebuilds it there from this, once per process.
+        self._recipe = (tokenizer.backend.to_str(), vocab_size, tuple(stop_token_ids))
+        self._tokenizer = _lltokenizer(self._recipe)
         self._lock = threading.Lock()
         self._cache: dict[str, str] = {}  # schema JSON -> checked grammar, oldest first
 
@@ -76,7 +76,24 @@ class GrammarCompiler:
 
     def constraint_factory(self, grammar: str):
         """A SamplingParams.constraint: a fresh GrammarConstraint per completion."""
-        return functools.partial(GrammarConstraint, self._tokenizer, grammar, self.vocab_size)
+        return _ConstraintFactory(self._recipe, grammar)
+
+
+@functools.lru_cache(maxsize=4)
+def _lltokenizer(recipe: tuple[str, int, tuple[int, ...]]):
+    tokenizer_json, vocab_size, stops = recipe
+    return _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(stops))
+
+
+class _ConstraintFactory:
+    """A fresh GrammarConstraint per call; pickles as its recipe and grammar (llguidance's
+    tokenizer does not pickle), for engines in other processes."""
+
+    def __init__(self, recipe: tuple[str, int, tuple[int, ...]], grammar: str):
+        self.recipe, self.grammar = recipe, grammar
+
+    def __call__(self) -> "GrammarConstraint":
+        return GrammarConstraint(_lltokenizer(self.recipe), self.grammar, self.recipe[1])
 
 
 def _closed_objects(schema):
