@@ -1,0 +1,219 @@
+"""Vision-language models (LLaVA) against transformers: preprocessing, image features, logits
+through image+text prefill and decode, greedy tokens; and the image inputs' bad cases."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from relaxlm.compiler.pipeline import compile_model
+from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.model import CompiledModel
+from relaxlm.runtime.vision import ImageEncoder, ImageProcessor, load_image
+from relaxlm.testing.tiny_vlm import make_llava_model
+
+# Two tiny LLaVAs: the LLaVA-1.5 shape (second-to-last layer, class token dropped, Llama
+# trunk), and a 35-pixel tower read at two layers with its class token, on a Mistral trunk.
+CASES = {
+    "llava_default": {},
+    "llava_full_two_layers": {
+        "seed": 1,
+        "text_arch": "mistral",
+        "vision_overrides": {"image_size": 35},
+        "vision_feature_layer": [-3, -1],
+        "vision_feature_select_strategy": "full",
+    },
+}
+
+
+def _image(width: int, height: int, mode: str, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (height, width, 4), dtype=np.uint8)
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "P":
+        return image.convert("RGB").quantize(colors=17)
+    return image if mode == "RGBA" else image.convert(mode)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """case -> (checkpoint folder, CompiledModel, ImageEncoder, transformers model)."""
+    built = {}
+    for case, kwargs in CASES.items():
+        folder = make_llava_model(tmp_path_factory.mktemp(case), **kwargs)
+        artifact = compile_model(folder, tmp_path_factory.mktemp(case) / "art", progress=False)
+        model = CompiledModel(artifact, max_total_tokens=1024)
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+        built[case] = (folder, model, ImageEncoder(model), hf)
+    return built
+
+
+def _hf_processor(folder):
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls.from_pretrained(folder)
+
+
+@pytest.mark.parametrize(
+    ("size", "mode"),
+    [((37, 23), "RGB"), ((23, 41), "RGBA"), ((28, 28), "L"), ((101, 57), "P"), ((9, 13), "LA")],
+)
+def test_preprocessing_equals_clip_image_processor(models, size, mode):
+    folder, model, encoder, _ = models["llava_default"]
+    image = _image(*size, mode, seed=sum(size))
+    ours = encoder.processor(image)
+    theirs = _hf_processor(folder)(images=image, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, 28, 28)
+    diff = float(np.abs(ours - theirs).max())
+    print(f"{mode} {size}: max |pixel diff| {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_preprocessing_records_no_checkpoint_files(models):
+    _, model, _, _ = models["llava_default"]
+    vision = model.manifest.vision
+    assert vision["tokens_per_image"] == 16 and vision["image_shape"] == [3, 28, 28]
+    assert vision["resample"] == 3 and vision["size"] == {"shortest_edge": 28}
+    assert ImageProcessor.from_manifest(vision).crop_size == {"height": 28, "width": 28}
+
+
+def test_image_sources_give_the_same_pixels(models, tmp_path):
+    _, _, encoder, _ = models["llava_default"]
+    image = _image(40, 30, "RGB", seed=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    path = tmp_path / "picture.png"
+    path.write_bytes(png)
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    expected = encoder.processor(image)
+    for source in (image, png, str(path), path, url):
+        np.testing.assert_array_equal(encoder.pixel_values([source])[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        (b"not an image at all", "not a readable image"),
+        ("data:image/png;base64,@@@", "not valid base64"),
+        ("data:image/png,rawbytes", "must be base64"),
+        ("/no/such/picture.png", "is not a file"),
+        ("http://127.0.0.1:9/picture.png", "could not fetch image"),
+        (12, "must be a file path"),
+    ],
+)
+def test_bad_images_are_one_clear_error(source, message):
+    with pytest.raises(RelaxlmError, match=message):
+        load_image(source, timeout=2.0)
+
+
+def test_oversized_image_is_refused():
+    buffer = io.BytesIO()
+    _image(64, 64, "RGB", seed=0).save(buffer, format="PNG")
+    with pytest.raises(RelaxlmError, match="limit"):
+        load_image(buffer.getvalue(), max_bytes=100)
+    with pytest.raises(RelaxlmError, match="pixels"):
+        load_image(Image.new("RGB", (10_000, 6_000)))
+
+
+def test_text_model_refuses_images(compiled):
+    with pytest.raises(RelaxlmError, match="text-only model"):
+        ImageEncoder(compiled("llama_gqa").model)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_image_features_equal_transformers(models, case):
+    _, model, encoder, hf = models[case]
+    images = [_image(50, 31, "RGB", seed=1), _image(19, 44, "RGBA", seed=2)]
+    pixels = encoder.pixel_values(images)
+    ours = encoder.encode(pixels)
+    with torch.no_grad():
+        theirs = hf.model.get_image_features(
+            torch.from_numpy(pixels),
+            vision_feature_layer=hf.config.vision_feature_layer,
+            vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
+        ).pooler_output
+    theirs = torch.stack(list(theirs)).numpy()
+    assert ours.shape == theirs.shape == (2, encoder.tokens_per_image, encoder.hidden_size)
+    scale = float(np.abs(theirs).max())
+    diff = float(np.abs(ours - theirs).max())
+    print(f"{case}: image features max |diff| {diff:.2e} (max |feature| {scale:.1f})")
+    assert diff <= 2e-6 * scale
+
+
+def test_vision_encoder_is_bidirectional(models):
+    """The first patch's feature depends on the last patch: a causal mask in the tower (where
+    a patch sees only those before it) would leave it unchanged."""
+    _, _, encoder, _ = models["llava_default"]
+    pixels = encoder.pixel_values([_image(28, 28, "RGB", seed=5)])
+    changed = pixels.copy()
+    changed[:, :, -7:, -7:] += 1.0  # the bottom-right patch only
+    before, after = encoder.encode(pixels), encoder.encode(changed)
+    assert np.abs(after[0, 0] - before[0, 0]).max() > 1e-3
+    assert np.abs(after[0, -1] - before[0, -1]).max() > 1e-3
+
+
+def _prompt(encoder, n_images: int) -> list[int]:
+    text = [1, 3, 57, 102, 250, 31, 77]
+    ids = text[:3]
+    for i in range(n_images):
+        ids += [encoder.image_token_id, 40 + i]
+    return encoder.expand(ids + text[3:])
+
+
+def _ours(model, encoder, prompt, pixels, steps: int):
+    """Logits after the image+text prefill, then after each greedy decode step; the tokens."""
+    seq = 7
+    model.add_sequence(seq)
+    try:
+        embeds = encoder.embeddings(prompt, encoder.encode(pixels))
+        rows = [encoder.prefill([seq], [embeds])[0]]
+        tokens = [int(rows[-1].argmax())]
+        for _ in range(steps - 1):
+            rows.append(model.decode([seq], [tokens[-1]])[0])
+            tokens.append(int(rows[-1].argmax()))
+    finally:
+        model.remove_sequence(seq)
+    return np.stack(rows), tokens
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("sizes", [[(50, 31)], [(23, 64)], [(50, 31), (33, 33)]])
+def test_logits_and_greedy_tokens_equal_transformers(models, case, sizes):
+    _, model, encoder, hf = models[case]
+    images = [_image(w, h, "RGB", seed=w * h) for w, h in sizes]
+    pixels = encoder.pixel_values(images)
+    prompt = _prompt(encoder, len(images))
+    steps = 16
+    ours, tokens = _ours(model, encoder, prompt, pixels, steps)
+    with torch.no_grad():
+        generated = hf.generate(
+            torch.tensor([prompt]),
+            pixel_values=torch.from_numpy(pixels),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=steps,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(prompt) :].tolist()
+        # One forward over prompt + our tokens: its logits at the last prompt position and at
+        # each fed token are what prefill and the decode steps must give.
+        full = torch.tensor([prompt + tokens[:-1]])
+        theirs = hf(input_ids=full, pixel_values=torch.from_numpy(pixels)).logits[0]
+        theirs = theirs[len(prompt) - 1 :].numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"{case} {sizes}: {len(prompt)} prompt tokens, max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
+    assert tokens == generated
+    assert len(set(tokens)) >= 3  # the weights are not so degenerate that any bug passes
+
+
+def test_wrong_image_count_is_one_clear_error(models):
+    _, _, encoder, _ = models["llava_default"]
+    prompt = _prompt(encoder, 2)
+    features = encoder.encode(encoder.pixel_values([_image(30, 30, "RGB", seed=0)]))
+    with pytest.raises(RelaxlmError, match="image tokens but 1 images need 16"):
+        encoder.embeddings(prompt, features)
