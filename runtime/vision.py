@@ -84,7 +84,7 @@ def _data_url(url: str) -> bytes:
 
 def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise RelaxlmError(
