@@ -7,6 +7,7 @@ never reads the checkpoint. Imports Pillow (the `vision` extra) and numpy, no co
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 import urllib.error
@@ -190,6 +191,24 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return pixels[top : top + height, left : left + width]
 
 
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A prompt with images, as the engine schedules it: token ids where each image token is
+    an id past the vocabulary that `rows` maps to its image feature row."""
+
+    token_ids: list[int]
+    rows: dict[int, np.ndarray]
+    image_token_id: int
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The token ids with the model's image token at every image position."""
+        return [self.image_token_id if t in self.rows else t for t in self.token_ids]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
 class ImageEncoder:
     """A vision-language artifact's image entries over a loaded CompiledModel: pixels ->
     features, and prompts (token ids with image tokens) -> embeddings with features spliced in.
@@ -247,7 +266,58 @@ class ImageEncoder:
         embeds[at] = features.reshape(-1, self.hidden_size)
         return embeds
 
-    def prefill(self, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
+    def prompt(self, token_ids: list[int], images: list) -> "ImagePrompt":
+        """A prompt holding one image token per image (as a chat template writes it) and the
+        images (sources for `load_image`) -> the engine's ImagePrompt.
+
+        Each image's tokens get ids of their own past the vocabulary, drawn from a hash of its
+        pixel values: the scheduler's prefix cache, which keys on token ids, then reuses a
+        prompt's KV pages only for the same image in the same place, never for another.
+        """
+        found = sum(t == self.image_token_id for t in token_ids)
+        if found != len(images):
+            raise RelaxlmError(
+                f"the prompt has {found} image placeholders for {len(images)} images; put one "
+                "per image (the chat template writes them for image content parts)"
+            )
+        expanded = self.expand(token_ids)
+        window = self.model.context_window
+        if len(expanded) > window:
+            raise RelaxlmError(
+                f"{len(images)} images take {len(images) * self.tokens_per_image} tokens "
+                f"({self.tokens_per_image} each); with the text the prompt has {len(expanded)}, "
+                f"more than the context window of {window}; send fewer images or less text"
+            )
+        features = self.encode(self.pixel_values(images)) if images else np.zeros((0,))
+        vocab, per = self.model.vocab_size, self.tokens_per_image
+        ids, rows, k = [], {}, 0
+        for t in token_ids:
+            if t != self.image_token_id:
+                ids.append(t)
+                continue
+            digest = hashlib.sha256(features[k].tobytes()).digest()
+            base = vocab + int.from_bytes(digest[:6], "little") * per
+            ids += range(base, base + per)
+            rows.update(zip(range(base, base + per), features[k], strict=True))
+            k += 1
+        return ImagePrompt(ids, rows, self.image_token_id)
+
+    def prefill_tokens(
+        self, seq_ids: list[int], chunks: list[list[int]], rows: dict[int, np.ndarray]
+    ) -> np.ndarray:
+        """As CompiledModel.prefill over token ids where ids in `rows` (an ImagePrompt's image
+        ids) stand for their image features."""
+        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
+        at = flat >= self.model.vocab_size
+        ids = np.where(at, 0, flat).astype(np.int32)  # their embedding rows are replaced
+        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
+        embeds = self._embed(x, self.model.params).numpy()[0]  # [total, hidden]
+        if at.any():
+            embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
+        splits = np.cumsum([len(c) for c in chunks])[:-1]
+        return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
+
+    def prefill_embeddings(self, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         """As CompiledModel.prefill, from embeddings: chunks[i] ([n_i, hidden]) appended to
         sequence seq_ids[i]; logits after each chunk's last token, [len(seq_ids), vocab]."""
         model = self.model

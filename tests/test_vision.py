@@ -170,7 +170,7 @@ def _ours(model, encoder, prompt, pixels, steps: int):
     model.add_sequence(seq)
     try:
         embeds = encoder.embeddings(prompt, encoder.encode(pixels))
-        rows = [encoder.prefill([seq], [embeds])[0]]
+        rows = [encoder.prefill_embeddings([seq], [embeds])[0]]
         tokens = [int(rows[-1].argmax())]
         for _ in range(steps - 1):
             rows.append(model.decode([seq], [tokens[-1]])[0])
@@ -217,3 +217,133 @@ def test_wrong_image_count_is_one_clear_error(models):
     features = encoder.encode(encoder.pixel_values([_image(30, 30, "RGB", seed=0)]))
     with pytest.raises(RelaxlmError, match="image tokens but 1 images need 16"):
         encoder.embeddings(prompt, features)
+
+
+# -- the SDK --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(models):
+    import relaxlm
+
+    _, model, _, _ = models["llava_default"]
+    return relaxlm.LLM(model.folder, kv_cache_tokens=1024)
+
+
+def _png_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _hf_greedy(hf, prompt_ids: list[int], pixels: np.ndarray, n: int = 16) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt_ids]),
+            pixel_values=torch.from_numpy(pixels),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+GREEDY = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+
+
+def test_chat_with_image_parts_equals_transformers(models, llm):
+    import relaxlm
+
+    folder, _, encoder, hf = models["llava_default"]
+    images = [_image(45, 30, "RGB", seed=11), _image(30, 45, "RGBA", seed=12)]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image_url", "image_url": {"url": _png_url(images[0])}},
+                {"type": "text", "text": "with "},
+                {"type": "image_url", "image_url": {"url": _png_url(images[1])}},
+            ],
+        }
+    ]
+    result = llm.chat(messages, relaxlm.SamplingParams(**GREEDY))
+    # transformers' side: its processor's pixels, its tokenizer over the template's text.
+    hf_messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Compare "},
+                {"type": "image"},
+                {"type": "text", "text": "with "},
+                {"type": "image"},
+            ],
+        }
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
+    ids = encoder.expand(tokenizer(text, add_special_tokens=False)["input_ids"])
+    pixels = _hf_processor(folder)(images=images, return_tensors="np")["pixel_values"]
+    assert result.prompt_token_ids == ids
+    assert result.token_ids == _hf_greedy(hf, ids, pixels)
+
+
+def test_generate_with_images_dict_equals_chat_order(models, llm):
+    import relaxlm
+
+    _, _, encoder, hf = models["llava_default"]
+    image = _image(64, 40, "RGB", seed=21)
+    result = llm.generate(
+        {"prompt": "Describe it.", "images": [image]}, relaxlm.SamplingParams(**GREEDY)
+    )[0]
+    ids = result.prompt_token_ids
+    assert ids.count(encoder.image_token_id) == encoder.tokens_per_image
+    assert result.token_ids == _hf_greedy(hf, ids, encoder.pixel_values([image]))
+
+
+def test_prefix_cache_keys_on_image_content(llm):
+    import relaxlm
+
+    params = relaxlm.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    a, b = _image(40, 40, "RGB", seed=31), _image(40, 40, "RGB", seed=32)
+    prompt = "a much longer question about this picture, so that pages fill up"
+
+    def hits(image) -> tuple[int, list[int]]:
+        before = llm.metrics().prefix_cache_hit_tokens
+        out = llm.generate({"prompt": prompt, "images": [image]}, params)[0]
+        return llm.metrics().prefix_cache_hit_tokens - before, out.token_ids
+
+    first_hit, first = hits(a)
+    again_hit, again = hits(a)
+    other_hit, other = hits(b)
+    page = llm.model.page_size
+    n = len(llm.check({"prompt": prompt, "images": [a]}))
+    # The same image: every full page of the prompt but the last token's comes from the cache.
+    assert again_hit == (n - 1) // page * page > encoder_tokens(llm)
+    assert again == first
+    # Another image at the same place: its first page already differs, so nothing is reused.
+    assert other_hit == 0
+    assert first_hit == 0
+
+
+def encoder_tokens(llm) -> int:
+    return llm.engine.images.tokens_per_image
+
+
+def test_images_to_a_text_model_are_refused(compiled):
+    llm = compiled("llama_gqa")
+    url = _png_url(_image(20, 20, "RGB", seed=0))
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}
+    with pytest.raises(RelaxlmError, match="text-only model"):
+        llm.chat([message])
+    with pytest.raises(RelaxlmError, match="text-only model"):
+        llm.generate({"prompt": "hi", "images": [url]})
+
+
+def test_too_many_images_for_the_context(llm):
+    # 256 tokens of context, 16 per image.
+    images = [_image(20, 20, "RGB", seed=i) for i in range(17)]
+    with pytest.raises(RelaxlmError, match="17 images take 272 tokens"):
+        llm.generate({"prompt": "hi", "images": images})
