@@ -324,20 +324,28 @@ class LLM:
                 text = self._placeholders(text, len(images))
             return self._image_prompt(self._input_ids(text), images)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            if has_images(prompt):
-                self._image_encoder()  # refuse before a text-only template sees image parts
-                messages, images = split_images(prompt)
-                return self._image_prompt(self._chat_ids(messages), images)
-            return self._chat_ids(prompt)
+            return self.chat_prompt(prompt)
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
 
-    def _chat_ids(self, messages: Messages) -> list[int]:
+    def chat_prompt(
+        self, messages: Messages, tools: list[dict] | None = None
+    ) -> "list[int] | ImagePrompt":
+        """`messages` through the chat template: token ids, or an ImagePrompt (images encoded)
+        when they hold image parts (relaxlm/images.py)."""
+        if not has_images(messages):
+            return self._chat_ids(messages, tools)
+        self._image_encoder()  # refuse before a text-only template sees image parts
+        messages, images = split_images(messages)
+        return self._image_prompt(self._chat_ids(messages, tools), images)
+
+    def _chat_ids(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one (as transformers does).
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _image_prompt(self, ids: list[int], images: list) -> ImagePrompt:
-        return self._image_encoder().prompt(ids, images)
+        self._image_encoder()
+        return self.engine.image_prompt(ids, images)
 
     def _image_encoder(self):
         if self.engine.images is None:
@@ -382,6 +390,12 @@ class AsyncLLM:
     def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
         """`messages` (and the `tools` offered) rendered by the model's own chat template."""
         return self.llm.apply_chat_template(messages, tools)
+
+    def chat_prompt(
+        self, messages: Messages, tools: list[dict] | None = None
+    ) -> "list[int] | ImagePrompt":
+        """As LLM.chat_prompt; with images it encodes them, so call it off the event loop."""
+        return self.llm.chat_prompt(messages, tools)
 
     def generate_many(
         self,

@@ -179,6 +179,16 @@ class Engine:
                 self._thread.start()
         return request_id
 
+    def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
+        """`token_ids` (one image token per image) and the images -> an ImagePrompt to submit;
+        the images are encoded between engine steps."""
+        if self.images is None:
+            raise RelaxlmError(
+                f"{self.model.manifest.architecture} is a text-only model: it takes no images; "
+                "use a vision-language model (e.g. LlavaForConditionalGeneration)"
+            )
+        return self.images.prompt(token_ids, images, lock=self._step_lock)
+
     def abort(self, request_id: str, wait: bool = True) -> None:
         """Stop a request and free its KV pages; with `wait`, return once they are free.
 

@@ -7,6 +7,7 @@ never reads the checkpoint. Imports Pillow (the `vision` extra) and numpy, no co
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import io
 import os
@@ -266,13 +267,15 @@ class ImageEncoder:
         embeds[at] = features.reshape(-1, self.hidden_size)
         return embeds
 
-    def prompt(self, token_ids: list[int], images: list) -> "ImagePrompt":
+    def prompt(self, token_ids: list[int], images: list, lock=None) -> "ImagePrompt":
         """A prompt holding one image token per image (as a chat template writes it) and the
         images (sources for `load_image`) -> the engine's ImagePrompt.
 
         Each image's tokens get ids of their own past the vocabulary, drawn from a hash of its
         pixel values: the scheduler's prefix cache, which keys on token ids, then reuses a
         prompt's KV pages only for the same image in the same place, never for another.
+        lock: held while encode_images runs (the engine's: one thread at a time in the VM);
+        loading and preprocessing happen before, outside it.
         """
         found = sum(t == self.image_token_id for t in token_ids)
         if found != len(images):
@@ -288,7 +291,9 @@ class ImageEncoder:
                 f"({self.tokens_per_image} each); with the text the prompt has {len(expanded)}, "
                 f"more than the context window of {window}; send fewer images or less text"
             )
-        features = self.encode(self.pixel_values(images)) if images else np.zeros((0,))
+        pixels = self.pixel_values(images) if images else None
+        with lock or contextlib.nullcontext():
+            features = self.encode(pixels) if images else np.zeros((0,))
         vocab, per = self.model.vocab_size, self.tokens_per_image
         ids, rows, k = [], {}, 0
         for t in token_ids:

@@ -3,6 +3,8 @@ through image+text prefill and decode, greedy tokens; and the image inputs' bad 
 
 import base64
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -347,3 +349,140 @@ def test_too_many_images_for_the_context(llm):
     images = [_image(20, 20, "RGB", seed=i) for i in range(17)]
     with pytest.raises(RelaxlmError, match="17 images take 272 tokens"):
         llm.generate({"prompt": "hi", "images": images})
+
+
+# -- the CLI --------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "relaxlm", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
+    import relaxlm
+
+    path = tmp_path / "picture.png"
+    _image(33, 47, "RGB", seed=41).save(path)
+    proc = _cli(
+        "run", llm.artifact, "--prompt", "What is it?", "--image", path,
+        "--max-tokens", "8", "--temperature", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    message = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": str(path)}},
+            {"type": "text", "text": "What is it?"},
+        ],
+    }
+    expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=8, temperature=0.0))
+    assert proc.stdout == expected.text + "\n"
+
+
+def test_cli_run_with_a_corrupt_image_is_one_clear_error(llm, tmp_path):
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = _cli("run", llm.artifact, "--prompt", "hi", "--image", path, "--max-tokens", "2")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "not a readable image" in proc.stderr
+
+
+# -- the server -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(llm):
+    from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.background import BackgroundServer
+
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="tiny-llava"))) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _image_message(url: str, text: str = "What is in the picture?") -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": text},
+            {"type": "image_url", "image_url": {"url": url}},
+        ],
+    }
+
+
+def test_openai_client_sends_a_base64_image(client, llm):
+    import relaxlm
+
+    messages = [_image_message(_png_url(_image(52, 36, "RGB", seed=51)))]
+    expected = llm.chat(messages, relaxlm.SamplingParams(max_tokens=12, temperature=0.0))
+    args = dict(model="tiny-llava", messages=messages, max_tokens=12, temperature=0)
+    plain = client.chat.completions.create(**args, logprobs=True)
+    assert plain.choices[0].message.content == expected.text
+    assert plain.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert plain.usage.completion_tokens == len(expected.token_ids)
+    assert len(plain.choices[0].logprobs.content) == len(expected.token_ids)
+    streamed = "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(**args, stream=True)
+        if chunk.choices
+    )
+    assert streamed == expected.text
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB", "not a readable image"),
+        ("data:image/png;base64,***", "not valid base64"),
+        ("file-that-is-not-there.png", "is not a file"),
+    ],
+)
+def test_bad_images_are_one_400(client, url, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match=message):
+        client.chat.completions.create(
+            model="tiny-llava", messages=[_image_message(url)], max_tokens=2
+        )
+
+
+def test_too_many_images_are_one_400(client):
+    import openai
+
+    url = _png_url(_image(20, 20, "RGB", seed=0))
+    message = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": url}}] * 17,
+    }
+    with pytest.raises(openai.BadRequestError, match="17 images take 272 tokens"):
+        client.chat.completions.create(model="tiny-llava", messages=[message], max_tokens=2)
+
+
+def test_image_to_a_text_model_is_one_400(compiled):
+    import openai
+
+    from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.background import BackgroundServer
+
+    app = create_app(compiled("llama_gqa"), ServerOptions(served_model_name="text"))
+    with BackgroundServer(app) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="text-only model"):
+            client.chat.completions.create(
+                model="text",
+                messages=[_image_message(_png_url(_image(20, 20, "RGB", seed=0)))],
+                max_tokens=2,
+            )
