@@ -101,7 +101,9 @@ def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
         )
     read_config, model_class = ARCHITECTURES[arch]
     config = read_config(checkpoint.config)
-    model = model_class(config)
+    # A class whose parameter names vary across checkpoint layouts picks its tree by them.
+    for_tensors = getattr(model_class, "for_tensors", None)
+    model = for_tensors(config, checkpoint.tensors) if for_tensors else model_class(config)
     facts = {"context_window": config.context_window, "vocab_size": config.vocab_size}
     if isinstance(model, VisionLM):
         facts["vision"] = model.vision_manifest(_preprocessor_config(checkpoint))

@@ -3,8 +3,10 @@ a Llama / Mistral / Qwen2 text trunk (frontends/llama.py, unchanged).
 
 Module tree and parameter names follow the checkpoint transformers 5 saves:
 `vision_tower.{embeddings,pre_layrnorm,encoder.layers.N}`, `multi_modal_projector.linear_{1,2}`,
-`language_model.{model,lm_head}`. Only the vision layers up to `vision_feature_layer` are built
-(LLaVA reads the second-to-last by default), so the last layer and `post_layernorm` go unused.
+`language_model.{model,lm_head}`; the hub's llava-hf checkpoints (transformers 4) nest the tower
+one level deeper, `vision_tower.vision_model.*`, and get that tree. Only the vision layers up to
+`vision_feature_layer` are built (LLaVA reads the second-to-last by default), so the last layer
+and `post_layernorm` go unused.
 
 The vision encoder attends bidirectionally: every patch sees every other, written as plain
 graph ops (matmul, softmax, no mask), since images never touch the KV cache. The patch
@@ -276,6 +278,17 @@ class CLIPVisionTower(nn.Module):
         return selected[0] if len(selected) == 1 else nn.op.concat(selected, dim=-1)
 
 
+class CLIPVisionModel(nn.Module):
+    """The tower under `vision_model`, as transformers 4 saved it (the hub's llava-hf
+    checkpoints: `vision_tower.vision_model.encoder.layers.N...`)."""
+
+    def __init__(self, config: CLIPVisionConfig, feature_layers: list[int]):
+        self.vision_model = CLIPVisionTower(config, feature_layers)
+
+    def forward(self, pixels: nn.Tensor) -> nn.Tensor:
+        return self.vision_model(pixels)
+
+
 class LlavaMultiModalProjector(nn.Module):
     def __init__(self, config: LlavaConfig):
         width = config.vision.hidden_size * len(config.feature_layers)
@@ -289,11 +302,18 @@ class LlavaMultiModalProjector(nn.Module):
 
 
 class LlavaForConditionalGeneration(VisionLM):
-    def __init__(self, config: LlavaConfig):
+    def __init__(self, config: LlavaConfig, nested_tower: bool = False):
         self.config = config
-        self.vision_tower = CLIPVisionTower(config.vision, config.feature_layers)
+        tower = CLIPVisionModel if nested_tower else CLIPVisionTower
+        self.vision_tower = tower(config.vision, config.feature_layers)
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config.text)
+
+    @classmethod
+    def for_tensors(cls, config: LlavaConfig, names) -> "LlavaForConditionalGeneration":
+        """The module tree whose parameter names are the checkpoint's: the tower nested under
+        `vision_model` (transformers 4) or not (transformers 5)."""
+        return cls(config, any(n.startswith("vision_tower.vision_model.") for n in names))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -486,3 +486,33 @@ def test_image_to_a_text_model_is_one_400(compiled):
                 messages=[_image_message(_png_url(_image(20, 20, "RGB", seed=0)))],
                 max_tokens=2,
             )
+
+
+def test_transformers_4_layout_nests_the_tower(models, tmp_path):
+    """The hub's llava-hf checkpoints name the tower `vision_tower.vision_model.*`: the same
+    weights under those names compile to the same features as transformers loads from them."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder, _, encoder, _ = models["llava_default"]
+    nested = tmp_path / "nested"
+    shutil.copytree(folder, nested)
+    tensors = load_file(nested / "model.safetensors")
+    renamed = {
+        n.replace("vision_tower.", "vision_tower.vision_model.", 1): t for n, t in tensors.items()
+    }
+    save_file(renamed, nested / "model.safetensors", metadata={"format": "pt"})
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(nested).eval()
+    artifact = compile_model(nested, tmp_path / "art", progress=False)
+    names = {p["name"] for p in CompiledModel(artifact).manifest.params}
+    assert "vision_tower.vision_model.embeddings.class_embedding" in names
+    ours = ImageEncoder(CompiledModel(artifact))
+    pixels = ours.pixel_values([_image(40, 30, "RGB", seed=61)])
+    with torch.no_grad():
+        theirs = hf.model.get_image_features(
+            torch.from_numpy(pixels), vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        ).pooler_output[0].numpy()  # fmt: skip
+    np.testing.assert_allclose(ours.encode(pixels)[0], theirs, atol=2e-6 * np.abs(theirs).max())
+    np.testing.assert_array_equal(ours.encode(pixels), encoder.encode(pixels))
