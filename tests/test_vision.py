@@ -3,6 +3,7 @@ through image+text prefill and decode, greedy tokens; and the image inputs' bad 
 
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -402,7 +403,8 @@ def server(llm):
     from relaxlm.server.app import ServerOptions, create_app
     from relaxlm.server.background import BackgroundServer
 
-    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="tiny-llava"))) as s:
+    options = ServerOptions(served_model_name="tiny-llava", mcp=True, ui=True)
+    with BackgroundServer(create_app(llm, options)) as s:
         yield s
 
 
@@ -516,3 +518,74 @@ def test_transformers_4_layout_nests_the_tower(models, tmp_path):
         ).pooler_output[0].numpy()  # fmt: skip
     np.testing.assert_allclose(ours.encode(pixels)[0], theirs, atol=2e-6 * np.abs(theirs).max())
     np.testing.assert_array_equal(ours.encode(pixels), encoder.encode(pixels))
+
+
+def test_mcp_chat_tool_takes_images(server, llm):
+    import asyncio
+
+    from mcp import Client
+
+    import relaxlm
+
+    message = _image_message(_png_url(_image(38, 26, "RGB", seed=71)))
+    arguments = {"messages": [message], "max_tokens": 10, "temperature": 0}
+
+    async def session():
+        async with Client(f"{server.url}/mcp") as client:
+            answer = await client.call_tool("chat", arguments)
+            broken = {**arguments, "messages": [_image_message("data:image/png;base64,AAAA")]}
+            return answer, await client.call_tool("chat", broken)
+
+    answer, broken = asyncio.run(session())
+    expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=10, temperature=0.0))
+    assert not answer.is_error and answer.content[0].text == expected.text
+    assert broken.is_error and "not a readable image" in broken.content[0].text
+
+
+def test_web_ui_uploads_an_image(server, llm, tmp_path):
+    """The chat page's image button in a real headless Chromium: the picture goes out as an
+    image_url part and the answer equals LLM.chat's for the same file."""
+    import shutil
+
+    import relaxlm
+
+    chromium = "/usr/bin/chromium"
+    assert shutil.which(chromium), "needs Debian's chromium (apt-get install chromium)"
+    from playwright.sync_api import expect, sync_playwright
+
+    path = tmp_path / "upload.png"
+    _image(41, 29, "RGB", seed=81).save(path)
+    sent: list[dict] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on(
+            "request",
+            lambda r: (
+                sent.append(json.loads(r.post_data)) if r.url.endswith("completions") else None
+            ),
+        )
+        page.goto(f"{server.url}/ui")
+        expect(page.locator("#model-fields")).to_contain_text("tiny-llava")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "8")
+        page.set_input_files("#image-input", str(path))
+        expect(page.locator("#attachments img.thumb")).to_have_count(1)
+        page.fill("#input", "What is it?")
+        page.press("#input", "Enter")
+        expect(page.locator(".msg.user img.thumb")).to_have_count(1)
+        expect(page.locator(".msg.assistant.streaming")).to_have_count(0, timeout=30_000)
+        answer = page.evaluate(
+            "() => JSON.parse(localStorage['relaxlm.conversations']).at(-1).messages[1].content"
+        )
+        browser.close()
+    assert not errors, errors
+    (content,) = [m["content"] for m in sent[-1]["messages"] if m["role"] == "user"]
+    assert [part["type"] for part in content] == ["image_url", "text"]
+    url = content[0]["image_url"]["url"]
+    assert url == "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    message = {"role": "user", "content": content}
+    expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=8, temperature=0.0))
+    assert answer == expected.text
