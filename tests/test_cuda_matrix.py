@@ -14,13 +14,14 @@ import shutil
 import pytest
 
 from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
-from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS, REFUSED_CASES
+from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS, REFUSED_CASES, VISION_CASES
 
 HAVE_NVCC = shutil.which("nvcc") is not None
 CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC)}
 ARCHITECTURE = {
     **{case: kwargs["arch"] for case, kwargs in GPU_CASES.items()},
     **{case: kwargs["arch"] for case, (kwargs, _) in REFUSED_CASES.items()},
+    **{case: kwargs["arch"] for case, kwargs in VISION_CASES.items()},
 }
 
 
@@ -36,7 +37,7 @@ def matrix(request, tmp_path_factory):
     return run_cells(wanted, tmp_path_factory.mktemp("cuda-matrix"), workers=2)
 
 
-COMPILING = [c for c in CELLS.values() if c.case in GPU_CASES]
+COMPILING = [c for c in CELLS.values() if c.case in GPU_CASES or c.case in VISION_CASES]
 REFUSED = [c for c in CELLS.values() if c.case in REFUSED_CASES]
 
 

@@ -52,6 +52,7 @@ def make_llava_model(
     seed: int = 0,
     *,
     vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
     text_arch: str = "llama",
     **config_overrides,
 ) -> Path:
@@ -59,6 +60,7 @@ def make_llava_model(
     (with `<image>`) and its preprocessor_config.json to `out_dir`.
 
     vision_overrides: CLIPVisionConfig fields over TINY_VISION_CONFIG.
+    text_overrides: the trunk's config fields over TINY_CONFIG.
     config_overrides: LlavaConfig fields, e.g. vision_feature_layer=-1,
         vision_feature_select_strategy="full".
     """
@@ -68,7 +70,7 @@ def make_llava_model(
     vision = transformers.CLIPVisionConfig(**{**TINY_VISION_CONFIG, **(vision_overrides or {})})
     text_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[text_arch]
     text = text_cls(
-        **TINY_CONFIG,
+        **{**TINY_CONFIG, **(text_overrides or {})},
         vocab_size=-(-(image_token_id + 1) // 8) * 8,
         bos_token_id=SPECIAL_TOKENS.index("<s>"),
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
