@@ -589,3 +589,19 @@ def test_web_ui_uploads_an_image(server, llm, tmp_path):
     message = {"role": "user", "content": content}
     expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=8, temperature=0.0))
     assert answer == expected.text
+
+
+def test_images_split_across_prefill_chunks(models, llm):
+    """Prefill chunks of 8 tokens cut each image's 16 tokens in two: the same greedy tokens as
+    transformers, alone and batched with a text request."""
+    import relaxlm
+
+    _, model, encoder, hf = models["llava_default"]
+    chunked = relaxlm.LLM(model.folder, kv_cache_tokens=1024, max_prefill_tokens=8)
+    images = [_image(50, 31, "RGB", seed=91), _image(31, 50, "RGB", seed=92)]
+    params = relaxlm.SamplingParams(**GREEDY)
+    prompt = {"prompt": "two pictures", "images": images}
+    results = chunked.generate([prompt, "a text prompt beside it"], params)
+    ids = results[0].prompt_token_ids
+    assert results[0].token_ids == _hf_greedy(hf, ids, encoder.pixel_values(images))
+    assert results[1].token_ids == llm.generate("a text prompt beside it", params)[0].token_ids
