@@ -605,3 +605,28 @@ def test_images_split_across_prefill_chunks(models, llm):
     ids = results[0].prompt_token_ids
     assert results[0].token_ids == _hf_greedy(hf, ids, encoder.pixel_values(images))
     assert results[1].token_ids == llm.generate("a text prompt beside it", params)[0].token_ids
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_artifacts_follow_transformers(models, tmp_path, dtype):
+    """float16 / bfloat16 LLaVA (tower, projector and trunk in that dtype) against transformers
+    run in the same dtype, within the text models' tolerance (relaxlm/testing/parity.py)."""
+    from relaxlm.testing.parity import TOLERANCE, logit_error
+
+    folder, _, _, _ = models["llava_default"]
+    artifact = compile_model(folder, tmp_path / "art", dtype=dtype, progress=False)
+    model = CompiledModel(artifact, max_total_tokens=256)
+    encoder = ImageEncoder(model)
+    pixels = encoder.pixel_values([_image(40, 30, "RGB", seed=101)])
+    prompt = _prompt(encoder, 1)
+    model.add_sequence(0)
+    ours = encoder.prefill_embeddings([0], [encoder.embeddings(prompt, encoder.encode(pixels))])
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype)
+    with torch.no_grad():
+        theirs = hf.eval()(
+            input_ids=torch.tensor([prompt]), pixel_values=torch.from_numpy(pixels).to(torch_dtype)
+        ).logits[0, -1:]
+    error = logit_error(ours, theirs.float().numpy())
+    print(f"{dtype}: logit error {error:.2e} (tolerance {TOLERANCE[dtype]})")
+    assert error <= TOLERANCE[dtype]
