@@ -442,6 +442,14 @@ def test_openai_client_sends_a_base64_image(client, llm):
         if chunk.choices
     )
     assert streamed == expected.text
+    import requests
+
+    counted = requests.post(
+        f"{client.base_url}".removesuffix("/v1/") + "/tokenize",
+        json={"model": "tiny-llava", "messages": messages},
+        timeout=30,
+    ).json()
+    assert counted["tokens"] == expected.prompt_token_ids
 
 
 @pytest.mark.parametrize(
