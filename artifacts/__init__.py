@@ -62,6 +62,9 @@ class Manifest:
     # LoRA adapters merged into the weights at compile time, in order: {path, sha256 (of
     # adapter_model.safetensors), r, alpha, target_modules, ...}; absent before they existed.
     lora: list[dict[str, Any]] = field(default_factory=list)
+    # Vision-language models: the image preprocessing and image token (runtime/vision.py);
+    # empty for text models.
+    vision: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))

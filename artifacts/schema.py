@@ -76,6 +76,7 @@ class ManifestSchema(_Open):
     task: Literal["generate", "embed"] = "generate"
     embedding: dict[str, Any] = {}
     lora: list[LoraAdapter] = []  # older artifacts have none
+    vision: dict[str, Any] = {}  # text models have none
     format: StrictStr
     format_version: StrictInt
     created: StrictStr = ""

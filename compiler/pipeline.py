@@ -122,6 +122,7 @@ def compile_model(
             source={"path": str(checkpoint.path)},
             task=exported.task,
             embedding=exported.embedding,
+            vision=exported.vision,
             lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
         )
         out = writer.commit(manifest)

@@ -1,5 +1,6 @@
 """Frontends: checkpoints in, one Relax IRModule plus named weights out."""
 
+import json
 import logging
 import os
 from typing import Any
@@ -8,10 +9,10 @@ import numpy as np
 
 from relaxlm.errors import RelaxlmError
 
-from . import gemma2, gemma3, gpt2, llama, mixtral, phi, phi3, qwen3, qwen3_moe
+from . import gemma2, gemma3, gpt2, llama, llava, mixtral, phi, phi3, qwen3, qwen3_moe
 from .checkpoint import Checkpoint, load_hf_checkpoint, resolve_model_path
 from .embedding import ENCODERS, embedding_model
-from .entry import ExportedModel, export_causal_lm, export_embedding
+from .entry import ExportedModel, VisionLM, export_causal_lm, export_embedding, export_vision_lm
 from .gguf import load_gguf
 from .onnx import OnnxCheckpoint, export_onnx, load_onnx
 from .prequantized import prequantized
@@ -29,6 +30,10 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": (gemma2.Gemma2Config.from_dict, gemma2.Gemma2ForCausalLM),
     "Gemma3ForCausalLM": (gemma3.Gemma3Config.from_dict, gemma3.Gemma3ForCausalLM),
     "GPT2LMHeadModel": (gpt2.GPT2Config.from_dict, gpt2.GPT2LMHeadModel),
+    "LlavaForConditionalGeneration": (
+        llava.LlavaConfig.from_dict,
+        llava.LlavaForConditionalGeneration,
+    ),
 }
 
 log = logging.getLogger(__name__)
@@ -58,7 +63,12 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         raise RelaxlmError(f"{checkpoint.path / 'config.json'}: missing key {e}") from e
     model.to(dtype)
     embeds = facts.get("task") == "embed"
-    mod, named_params = export_embedding(model) if embeds else export_causal_lm(model)
+    if embeds:
+        mod, named_params = export_embedding(model)
+    elif isinstance(model, VisionLM):
+        mod, named_params = export_vision_lm(model)
+    else:
+        mod, named_params = export_causal_lm(model)
     shapes = {name: tuple(int(d) for d in p.shape) for name, p in named_params}
     _check_weights(checkpoint, shapes)
     return ExportedModel(
@@ -91,10 +101,24 @@ def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
         )
     read_config, model_class = ARCHITECTURES[arch]
     config = read_config(checkpoint.config)
-    return model_class(config), {
-        "context_window": config.context_window,
-        "vocab_size": config.vocab_size,
-    }
+    # A class whose parameter names vary across checkpoint layouts picks its tree by them.
+    for_tensors = getattr(model_class, "for_tensors", None)
+    model = for_tensors(config, checkpoint.tensors) if for_tensors else model_class(config)
+    facts = {"context_window": config.context_window, "vocab_size": config.vocab_size}
+    if isinstance(model, VisionLM):
+        facts["vision"] = model.vision_manifest(_preprocessor_config(checkpoint))
+    return model, facts
+
+
+def _preprocessor_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    """The checkpoint's image processor settings (preprocessor_config.json), if it has them."""
+    path = checkpoint.path / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RelaxlmError(f"{path}: not valid JSON ({e})") from e
 
 
 def _check_weights(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:

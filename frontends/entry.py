@@ -7,6 +7,13 @@
 
 The paged-attention pass adds the KV-cache parameter after the inputs.
 
+A vision-language model (`VisionLM`) exports three more, so images are spliced into a prompt:
+- `encode_images(pixel_values[k, c, h, w])`: k preprocessed images (float32) -> their features
+  in the text trunk's width, `[k, tokens_per_image, hidden]` float32.
+- `embed_tokens(input_ids[1, n])`: the token embeddings, `[1, n, hidden]` float32.
+- `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
+  (token embeddings with image features at the image-token positions).
+
 Every embedding model exports one entry instead, and no KV cache:
 - `embed(input_ids[b, s], attention_mask[b, s])`: b texts, right-padded (real tokens first,
   mask 1 on them, 0 on padding); returns the pooled embeddings, `[b, dim]` float32.
@@ -33,6 +40,8 @@ class ExportedModel:
     vocab_size: int
     task: str = "generate"  # "generate": prefill/decode over a KV cache; "embed": embed()
     embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
+    # Image preprocessing and image token, for vision-language models (runtime/vision.py).
+    vision: dict[str, Any] = field(default_factory=dict)
 
 
 class CausalLM(nn.Module):
@@ -57,14 +66,48 @@ class CausalLM(nn.Module):
 
 def export_causal_lm(model: CausalLM):
     """Export the entry functions: (IRModule, [(param name, nn.Parameter)] in packed order)."""
+    return model.export_tvm(spec=_text_spec())
+
+
+def _text_spec() -> dict[str, Any]:
     modes = {"param_mode": "packed", "effect_mode": "none"}
-    spec = {
+    return {
         "prefill": {
             "input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"),
             "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
             "$": modes,
         },
         "decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "$": modes},
+    }
+
+
+class VisionLM(CausalLM):
+    """Base of every vision-language model: a CausalLM that also gives `encode_images`,
+    `embed_tokens`, `hidden_states_from_embeddings`, `image_shape` and `hidden_size`."""
+
+    image_shape: tuple[int, int, int]  # (channels, height, width) encode_images takes
+    hidden_size: int
+
+    def prefill_embeds(self, embeddings: nn.Tensor, logit_positions: nn.Tensor) -> nn.Tensor:
+        hidden = self.hidden_states_from_embeddings(embeddings)  # [1, n, hidden]
+        return self.logits(nn.op.take(hidden, logit_positions, axis=1))  # [1, b, vocab]
+
+
+def export_vision_lm(model: VisionLM):
+    """Export prefill/decode plus the image entries: (IRModule, [(name, nn.Parameter)])."""
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    spec = {
+        **_text_spec(),
+        "encode_images": {
+            "pixel_values": nn.spec.Tensor(["num_images", *model.image_shape], "float32"),
+            "$": modes,
+        },
+        "embed_tokens": {"input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"), "$": modes},
+        "prefill_embeds": {
+            "embeddings": nn.spec.Tensor([1, "num_tokens", model.hidden_size], "float32"),
+            "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+            "$": modes,
+        },
     }
     return model.export_tvm(spec=spec)
 

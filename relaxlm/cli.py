@@ -48,6 +48,14 @@ def _parser() -> argparse.ArgumentParser:
         "with --raw, or when the model has no template); omit for an interactive chat",
     )
     p.add_argument("--raw", action="store_true", help="continue --prompt as plain text")
+    p.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="an image (file, data: or http(s) URL) for a vision-language model, before the "
+        "text of the (first) message; repeat for several",
+    )
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=0)
@@ -280,15 +288,26 @@ def _run(args) -> None:
     )
     if args.prompt is not None:
         chat = llm.tokenizer.chat_template and not args.raw
-        prompt = [{"role": "user", "content": args.prompt}] if chat else args.prompt
+        if chat:
+            prompt = [_user_message(args.prompt, args.image)]
+        else:
+            prompt = {"prompt": args.prompt, "images": args.image} if args.image else args.prompt
         for delta in llm.stream(prompt, params):
             print(delta, end="", flush=True)
         print()
         return
-    _chat(llm, params)
+    _chat(llm, params, args.image)
 
 
-def _chat(llm, params) -> None:
+def _user_message(text: str, images: list[str]) -> dict:
+    """A user message: the text alone, or image parts first and then the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    parts = [{"type": "image_url", "image_url": {"url": image}} for image in images]
+    return {"role": "user", "content": [*parts, {"type": "text", "text": text}]}
+
+
+def _chat(llm, params, images: list[str] = ()) -> None:
     """Interactive chat through the model's chat template; /exit or end of input quits, Ctrl-C
     stops the reply being written (the conversation goes on) and, at the prompt, quits."""
     print("chat with the model; Ctrl-C stops a reply; /exit or Ctrl-D to quit", file=sys.stderr)
@@ -303,7 +322,7 @@ def _chat(llm, params) -> None:
             return
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line})
+        messages.append(_user_message(line, [] if len(messages) else list(images)))
         reply = []
         stream = llm.stream(messages, params)
         try:

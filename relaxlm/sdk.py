@@ -16,6 +16,7 @@ import numpy as np
 
 from relaxlm.artifacts import Manifest, is_artifact
 from relaxlm.errors import RelaxlmError
+from relaxlm.images import has_images, prompt_images, split_images
 from relaxlm.runtime.chat_template import render_chat
 from relaxlm.runtime.embedder import EmbeddingModel
 from relaxlm.runtime.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, RequestOutput
@@ -25,6 +26,7 @@ from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S
 from relaxlm.runtime.sampler import Logprob, SamplingParams
 from relaxlm.runtime.speculative import NGRAM, check_draft_vocabulary
 from relaxlm.runtime.tokenizer import Tokenizer
+from relaxlm.runtime.vision import ImagePrompt
 
 Prompt = str | list[int]
 Messages = list[dict]
@@ -177,7 +179,7 @@ class LLM:
 
         params: one SamplingParams for all prompts, or one per prompt.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(params, list):
             params = [params or SamplingParams()] * len(prompts)
@@ -192,7 +194,8 @@ class LLM:
         try:
             for ids, p in requests:
                 request_id = uuid.uuid4().hex
-                builders[request_id] = _ResultBuilder(request_id, ids, p.n)
+                shown = ids.text_ids if isinstance(ids, ImagePrompt) else ids
+                builders[request_id] = _ResultBuilder(request_id, shown, p.n)
                 self.engine.submit(ids, p, _tagged(outputs, request_id), request_id)
             pending = set(builders)
             while pending:
@@ -221,7 +224,7 @@ class LLM:
 
     def chat(self, messages: Messages, params: SamplingParams | None = None) -> GenerationResult:
         """One assistant reply to `messages`, through the model's own chat template."""
-        return self.generate([self._chat_ids(messages)], params)[0]
+        return self.generate([self._input_ids(messages)], params)[0]
 
     def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
         """`messages` (and the `tools` offered) rendered by the model's own chat template."""
@@ -310,16 +313,54 @@ class LLM:
             if not finished:
                 self.engine.abort(request_id)
 
-    def _input_ids(self, prompt: Prompt | Messages) -> list[int]:
-        """Token ids of text, of messages through the chat template, or the ids given."""
+    def _input_ids(self, prompt: Prompt | Messages) -> "list[int] | ImagePrompt":
+        """Token ids of text, of messages through the chat template, or the ids given; an
+        ImagePrompt for messages with image parts or a `{"prompt", "images"}` dict."""
+        if isinstance(prompt, ImagePrompt):
+            return prompt
+        if isinstance(prompt, dict):
+            text, images = prompt_images(prompt)
+            if isinstance(text, str) and images:
+                text = self._placeholders(text, len(images))
+            return self._image_prompt(self._input_ids(text), images)
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            return self._chat_ids(prompt)
+            return self.chat_prompt(prompt)
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
 
-    def _chat_ids(self, messages: Messages) -> list[int]:
+    def chat_prompt(
+        self, messages: Messages, tools: list[dict] | None = None
+    ) -> "list[int] | ImagePrompt":
+        """`messages` through the chat template: token ids, or an ImagePrompt (images encoded)
+        when they hold image parts (relaxlm/images.py)."""
+        if not has_images(messages):
+            return self._chat_ids(messages, tools)
+        self._image_encoder()  # refuse before a text-only template sees image parts
+        messages, images = split_images(messages)
+        return self._image_prompt(self._chat_ids(messages, tools), images)
+
+    def _chat_ids(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
         # The template writes BOS itself where the model wants one (as transformers does).
-        text = self.apply_chat_template(messages)
+        text = self.apply_chat_template(messages, tools)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _image_prompt(self, ids: list[int], images: list) -> ImagePrompt:
+        self._image_encoder()
+        return self.engine.image_prompt(ids, images)
+
+    def _image_encoder(self):
+        if self.engine.images is None:
+            raise RelaxlmError(
+                f"{self.manifest.architecture} ({self.artifact}) is a text-only model: it takes "
+                "no images; use a vision-language model (e.g. LlavaForConditionalGeneration)"
+            )
+        return self.engine.images
+
+    def _placeholders(self, text: str, n: int) -> str:
+        """`text` with one image placeholder per image in front, unless it has them already."""
+        if self.engine.images is None:
+            return text
+        token = self.tokenizer.backend.id_to_token(self.engine.images.image_token_id)
+        return text if token in text else f"{token}\n" * n + text
 
 
 class AsyncLLM:
@@ -349,6 +390,12 @@ class AsyncLLM:
     def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
         """`messages` (and the `tools` offered) rendered by the model's own chat template."""
         return self.llm.apply_chat_template(messages, tools)
+
+    def chat_prompt(
+        self, messages: Messages, tools: list[dict] | None = None
+    ) -> "list[int] | ImagePrompt":
+        """As LLM.chat_prompt; with images it encodes them, so call it off the event loop."""
+        return self.llm.chat_prompt(messages, tools)
 
     def generate_many(
         self,

@@ -41,6 +41,7 @@ from relaxlm.runtime.scheduler import (
 )
 from relaxlm.runtime.speculative import NGRAM, DraftModel, NgramDrafter, verify
 from relaxlm.runtime.tokenizer import Tokenizer
+from relaxlm.runtime.vision import ImageEncoder, ImagePrompt
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
 
@@ -104,6 +105,8 @@ class Engine:
             )
         self.model = model
         self.tokenizer = tokenizer
+        # Vision-language artifacts: image features spliced into prefills (runtime/vision.py).
+        self.images = ImageEncoder(model) if model.manifest.vision else None
         self.config = SchedulerConfig(
             max_batch_size=model.max_batch_size,
             num_pages=model.num_pages,
@@ -141,13 +144,19 @@ class Engine:
 
     def submit(
         self,
-        prompt_ids: list[int],
+        prompt_ids: "list[int] | ImagePrompt",
         params: SamplingParams,
         sink: Sink,
         request_id: str | None = None,
     ) -> str:
-        """Queue a request; its outputs go to `sink` on the engine thread. Returns its id."""
-        prompt_ids = self.check(prompt_ids, params)
+        """Queue a request; its outputs go to `sink` on the engine thread. Returns its id.
+
+        prompt_ids: token ids, or an ImagePrompt (`images.prompt(...)`) for a prompt with images.
+        """
+        checked = self.check(prompt_ids, params)
+        prompt_ids, rows = checked, None
+        if isinstance(checked, ImagePrompt):
+            prompt_ids, rows = checked.token_ids, checked.rows
         request_id = request_id or f"req-{next(self._ids)}"
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -155,6 +164,7 @@ class Engine:
         request = RequestState(
             request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
         )
+        request.image_rows = rows
         with self._inbox_lock:
             if request_id in self._requests or any(
                 isinstance(item, _Submit) and item.request.request_id == request_id
@@ -168,6 +178,16 @@ class Engine:
                 )
                 self._thread.start()
         return request_id
+
+    def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
+        """`token_ids` (one image token per image) and the images -> an ImagePrompt to submit;
+        the images are encoded between engine steps."""
+        if self.images is None:
+            raise RelaxlmError(
+                f"{self.model.manifest.architecture} is a text-only model: it takes no images; "
+                "use a vision-language model (e.g. LlavaForConditionalGeneration)"
+            )
+        return self.images.prompt(token_ids, images, lock=self._step_lock)
 
     def abort(self, request_id: str, wait: bool = True) -> None:
         """Stop a request and free its KV pages; with `wait`, return once they are free.
@@ -200,6 +220,15 @@ class Engine:
         keys in the vocabulary, and KV-cache room for its `n` completions.
         """
         params = params or SamplingParams()
+        if isinstance(prompt_ids, ImagePrompt):
+            if self.images is None:
+                raise RelaxlmError(
+                    f"{self.model.manifest.architecture} is a text-only model: it takes no "
+                    "images; use a vision-language model (e.g. LlavaForConditionalGeneration)"
+                )
+            self._checked_ids(prompt_ids.text_ids)
+            self.scheduler.check(prompt_ids.token_ids, params.n)
+            return prompt_ids
         ids = self._checked_ids(prompt_ids)
         vocab = self.model.vocab_size
         bad = [t for t in params.logit_bias if not t < vocab]
@@ -355,9 +384,11 @@ class Engine:
             ends = np.cumsum([len(spec.drafts) + 1 for spec in specs])
             verified = np.split(logits, ends[:-1])
         if plan.prefill:
-            logits = self.model.prefill(
-                [c.seq.seq_id for c in plan.prefill], [c.tokens for c in plan.prefill]
-            )
+            seq_ids, chunks = [c.seq.seq_id for c in plan.prefill], [c.tokens for c in plan.prefill]
+            if image_rows := self._image_rows(plan.prefill):
+                logits = self.images.prefill_tokens(seq_ids, chunks, image_rows)
+            else:
+                logits = self.model.prefill(seq_ids, chunks)
             pairs = zip(plan.prefill, logits, strict=True)
             rows += [(c, row) for c, row in pairs if c.wants_logits]
         self._run_ops(plan.kv_ops_after)
@@ -411,6 +442,8 @@ class Engine:
         cannot take back rejected drafts)."""
         params = request.params
         if not params.speculative or params.logprobs is not None or params.constraint is not None:
+            return 0
+        if request.image_rows:  # drafts would come from (and a draft model see) image ids
             return 0
         return min(
             self.num_draft_tokens,
@@ -475,6 +508,13 @@ class Engine:
                 del self._requests[request_id]
                 self._metrics.requests_finished += 1
             self._emit(request, RequestOutput(request_id, deltas, request.finished))
+
+    def _image_rows(self, chunks: list[Chunk]) -> dict:
+        """The image feature rows of the chunks' requests (empty: a text-only prefill)."""
+        rows: dict = {}
+        for chunk in chunks:
+            rows.update(self._completions[chunk.seq.seq_id][0].image_rows or {})
+        return rows
 
     def _run_ops(self, ops: list[KVOp]) -> None:
         for op in ops:

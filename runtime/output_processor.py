@@ -70,6 +70,8 @@ class RequestState:
     stop_ids: frozenset[int]
     completions: list[CompletionState] = field(default_factory=list)
     first_token_time: float | None = None
+    # A prompt with images: its image token ids (past the vocabulary) -> feature rows.
+    image_rows: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -88,7 +90,7 @@ class OutputProcessor:
         """A new completion of `request`, over the scheduler's sequence `seq`."""
         completion = CompletionState(
             seq,
-            Sampler(request.params, request.prompt_ids, stream=seq.index),
+            Sampler(request.params, _text_ids(request), stream=seq.index),
             IncrementalDetokenizer(self.tokenizer),
             StopStrings(request.params.stop),
         )
@@ -149,6 +151,12 @@ class OutputProcessor:
         """The text still held back once a completion ends; whether it held a stop string."""
         text, hit = completion.stops.push(completion.detok.flush())
         return (text, True) if hit else (text + completion.stops.flush(), False)
+
+
+def _text_ids(request: RequestState) -> list[int]:
+    """The prompt's ids without image ids (past the vocabulary: no logit to penalize)."""
+    rows = request.image_rows
+    return [t for t in request.prompt_ids if t not in rows] if rows else request.prompt_ids
 
 
 def _end(completion: CompletionState, delta: CompletionDelta, reason: str) -> CompletionDelta:

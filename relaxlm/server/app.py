@@ -31,6 +31,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from relaxlm.errors import RelaxlmError, Unavailable
+from relaxlm.runtime.vision import ImagePrompt
 from relaxlm.server import schemas as s
 from relaxlm.server.completions import (
     ApiError,
@@ -248,6 +249,8 @@ def _add_service_routes(app: FastAPI, ctx: ModelContext, metrics: ServerMetrics)
             ctx.check_generates()
             tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
             ids = chat_prompt_ids(ctx, body.messages, tools)
+            if isinstance(ids, ImagePrompt):  # the image token at every image position
+                ids = ids.text_ids
         else:
             ids = ctx.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         window = ctx.llm.manifest.context_window

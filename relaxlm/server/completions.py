@@ -185,7 +185,7 @@ def _template_messages(messages: list[s.ChatMessage]) -> list[dict]:
     for m in messages:
         message = {
             "role": "system" if m.role == "developer" else m.role,
-            "content": _text(m.content),
+            "content": _parts(m.content) if _has_image(m.content) else _text(m.content),
         }
         if m.name is not None:
             message["name"] = m.name
@@ -204,10 +204,19 @@ def _template_messages(messages: list[s.ChatMessage]) -> list[dict]:
     return out
 
 
-def _text(content: str | list[s.TextPart] | None) -> str:
+def _text(content: str | list[s.TextPart | s.ImagePart] | None) -> str:
     if isinstance(content, list):
-        return "".join(part.text for part in content)
+        return "".join(part.text for part in content if isinstance(part, s.TextPart))
     return content or ""
+
+
+def _has_image(content) -> bool:
+    return isinstance(content, list) and any(isinstance(p, s.ImagePart) for p in content)
+
+
+def _parts(content: list[s.TextPart | s.ImagePart]) -> list[dict]:
+    """Content parts as the SDK takes them (relaxlm/images.py)."""
+    return [p.model_dump(exclude_none=True) for p in content]
 
 
 def _json_or_text(call: s.ToolCall):
@@ -221,8 +230,11 @@ def _json_or_text(call: s.ToolCall):
 def chat_prompt_ids(ctx: ModelContext, messages: list[s.ChatMessage], tools: list[dict]):
     """Token ids of `messages` (and `tools`) through the model's chat template."""
     ctx.check_text_fits(sum(len(_text(m.content)) for m in messages), "messages")
+    template_messages = _template_messages(messages)
     try:
-        text = ctx.llm.apply_chat_template(_template_messages(messages), tools)
+        if any(_has_image(m.content) for m in messages):  # image tokens and their features
+            return ctx.llm.chat_prompt(template_messages, tools)
+        text = ctx.llm.apply_chat_template(template_messages, tools)
     except RelaxlmError as e:
         raise ApiError(400, str(e), "messages") from e
     return ctx.llm.tokenizer.encode(text, add_special_tokens=False)
@@ -235,7 +247,10 @@ async def chat_completion(
     ctx.check_model(request.model)
     ctx.check_generates()
     plan = _tool_plan(request)
-    ids = chat_prompt_ids(ctx, request.messages, plan.tools)
+    if any(_has_image(m.content) for m in request.messages):  # encoding waits for a step
+        ids = await asyncio.to_thread(chat_prompt_ids, ctx, request.messages, plan.tools)
+    else:
+        ids = chat_prompt_ids(ctx, request.messages, plan.tools)
     schema = plan.schema or _response_schema(request.response_format)
     constraint = await _constraint(ctx, request.response_format, schema)
     logprobs = (request.top_logprobs or 0) if request.logprobs else None

@@ -152,6 +152,18 @@ class TextPart(_Request):
     text: str
 
 
+class ImageUrl(_Request):
+    url: str = Field(min_length=1)  # data:image/...;base64,... or http(s)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; LLaVA has one resolution
+
+
+class ImagePart(_Request):
+    """An image for a vision-language model (runtime/vision.py)."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class FunctionCall(_Request):
     name: str
     arguments: str
@@ -165,7 +177,7 @@ class ToolCall(_Request):
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .gpu_cases import CUDA_TARGET, DTYPES, GPU_CASES, QUANTS
+from .gpu_cases import CUDA_TARGET, DTYPES, GPU_CASES, QUANTS, VISION_CASES, VISION_CELLS
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,14 @@ def nvcc_cell(case: str) -> tuple[str, str]:
 
 
 def matrix_cells(nvcc: bool = True) -> list[Cell]:
-    """Every GPU case x dtype x quant."""
-    return [
+    """Every GPU case x dtype x quant, then the vision cases' cells (CUDA source only)."""
+    cells = [
         Cell(case, dtype, quant, nvcc and (dtype, quant) == nvcc_cell(case))
         for case in GPU_CASES
         for dtype in DTYPES
         for quant in QUANTS
     ]
+    return cells + [Cell(case, d, q) for case in VISION_CASES for d, q in VISION_CELLS]
 
 
 def run_cells(

@@ -128,11 +128,29 @@ GPU_CASES: dict[str, dict] = {
 }
 
 
+# Vision-language cases: built by tiny_vlm.make_llava_model, compiled to CUDA source in three
+# cells (one per dtype, each with another quantization); not in gpu_check's run matrix.
+VISION_CASES: dict[str, dict] = {
+    "llava": {
+        "arch": "LlavaForConditionalGeneration",
+        "seed": 40,
+        "text_overrides": GPU_CONFIG,
+        "vision_overrides": {"hidden_size": 128, "intermediate_size": 256},
+    },
+}
+VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
+
+
 def case_kwargs(case: str) -> dict:
     """make_model keyword arguments of a GPU case."""
     return {"base_config": GPU_CONFIG, **GPU_CASES[case]}
 
 
 def make_case(out_dir: str | Path, case: str) -> Path:
-    """The tiny random-weight checkpoint of `case` (a GPU case), saved to `out_dir`."""
+    """The tiny random-weight checkpoint of `case` (a GPU or vision case), saved to `out_dir`."""
+    if case in VISION_CASES:
+        from .tiny_vlm import make_llava_model
+
+        kwargs = {k: v for k, v in VISION_CASES[case].items() if k != "arch"}
+        return make_llava_model(out_dir, **kwargs)
     return make_model(out_dir, **case_kwargs(case))

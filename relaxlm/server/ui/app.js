@@ -14,6 +14,7 @@ const state = {
   current: null, // id of the conversation shown
   model: null, // id from /v1/models
   controller: null, // AbortController of the request in flight
+  images: [], // data: URLs of the images attached to the next message
 };
 
 function loadJSON(key, fallback) {
@@ -26,7 +27,16 @@ function loadJSON(key, fallback) {
 }
 
 function save() {
-  localStorage.setItem(STORE_KEY, JSON.stringify(state.conversations));
+  try {
+    localStorage.setItem(STORE_KEY, JSON.stringify(state.conversations));
+  } catch {
+    // Over the storage quota (images are large): keep the conversations without their images.
+    const light = state.conversations.map((c) => ({
+      ...c,
+      messages: c.messages.map(({ images, ...m }) => (images ? { ...m, images: [] } : m)),
+    }));
+    localStorage.setItem(STORE_KEY, JSON.stringify(light));
+  }
 }
 
 // -- Markdown ------------------------------------------------------------------------------------
@@ -160,8 +170,10 @@ function messageElement(message) {
 
 function fillBody(div, message) {
   const body = div.querySelector(".body");
-  if (message.role === "user") body.textContent = message.content;
-  else body.innerHTML = renderMarkdown(message.content || "");
+  if (message.role === "user") {
+    body.textContent = message.content;
+    for (const url of message.images || []) body.append(thumbnail(url));
+  } else body.innerHTML = renderMarkdown(message.content || "");
   let meta = div.querySelector(".meta");
   if (message.meta) {
     if (!meta) {
@@ -171,6 +183,25 @@ function fillBody(div, message) {
     }
     meta.textContent = message.meta;
   }
+}
+
+function thumbnail(url) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "attached image";
+  img.src = url; // a data: URL read from the user's own file
+  return img;
+}
+
+function renderAttachments() {
+  $("attachments").replaceChildren(...state.images.map(thumbnail));
+}
+
+// OpenAI content parts: the images, then the text.
+function apiContent(message) {
+  if (!message.images?.length) return message.content;
+  const images = message.images.map((url) => ({ type: "image_url", image_url: { url } }));
+  return [...images, { type: "text", text: message.content }];
 }
 
 function toolEventElement(event) {
@@ -289,7 +320,7 @@ async function* sseRecords(response) {
   }
 }
 
-async function send(text) {
+async function send(text, images = []) {
   let conv = conversation();
   if (!conv) {
     conv = { id: crypto.randomUUID ? crypto.randomUUID() : String(Date.now()), title: "", messages: [] };
@@ -297,7 +328,7 @@ async function send(text) {
     state.current = conv.id;
   }
   if (!conv.title) conv.title = text.slice(0, 60);
-  conv.messages.push({ role: "user", content: text });
+  conv.messages.push(images.length ? { role: "user", content: text, images } : { role: "user", content: text });
   const reply = { role: "assistant", content: "", events: [] };
   conv.messages.push(reply);
   save();
@@ -311,7 +342,7 @@ async function send(text) {
   const history = conv.messages
     .slice(0, -1)
     .filter((m) => !m.error)
-    .map((m) => ({ role: m.role, content: m.content }));
+    .map((m) => ({ role: m.role, content: apiContent(m) }));
   const messages = system ? [{ role: "system", content: system }, ...history] : history;
 
   state.controller = new AbortController();
@@ -413,9 +444,21 @@ function restoreSettings() {
 
 function submit() {
   const text = $("input").value.trim();
-  if (!text || state.controller) return;
+  if ((!text && !state.images.length) || state.controller) return;
   $("input").value = "";
-  send(text);
+  const images = state.images;
+  state.images = [];
+  renderAttachments();
+  send(text, images);
+}
+
+function readDataURL(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
 }
 
 $("composer").addEventListener("submit", (e) => {
@@ -429,6 +472,16 @@ $("input").addEventListener("keydown", (e) => {
   }
 });
 $("settings-form").addEventListener("submit", (e) => e.preventDefault());
+$("image-input").addEventListener("change", async (e) => {
+  const files = [...e.target.files];
+  e.target.value = ""; // the same file may be attached again
+  try {
+    state.images.push(...(await Promise.all(files.map(readDataURL))));
+  } catch (error) {
+    setStatus(`could not read the image: ${error}`);
+  }
+  renderAttachments();
+});
 $("stop").addEventListener("click", () => state.controller?.abort());
 $("new-chat").addEventListener("click", () => {
   if (state.controller) return;

@@ -1,0 +1,146 @@
+"""Tiny random-weight vision-language checkpoints (LLaVA), built with transformers at test time.
+
+Same conventions as tiny_models.py (weight scales, tokenizer), plus an `<image>` token in the
+tokenizer and the checkpoint's preprocessor_config.json (CLIPImageProcessor). Needs torch and
+transformers (the `test` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import transformers
+from tokenizers import AddedToken, Tokenizer
+
+from .tiny_models import (
+    BIAS_STD,
+    EMBED_GAIN,
+    LINEAR_GAIN,
+    NORM_RANGE,
+    SPECIAL_TOKENS,
+    TINY_CONFIG,
+    make_tokenizer,
+)
+
+IMAGE_TOKEN = "<image>"
+# ~30 K vision parameters: a 28-pixel image in 7-pixel patches, 16 image tokens per image.
+TINY_VISION_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "image_size": 28,
+    "patch_size": 7,
+    "projection_dim": 32,
+}
+# LLaVA's chat template shape: the image parts of a message become `<image>` in the text.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_llava_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    vision_overrides: dict | None = None,
+    text_overrides: dict | None = None,
+    text_arch: str = "llama",
+    **config_overrides,
+) -> Path:
+    """Save a random-weight float32 LlavaForConditionalGeneration checkpoint, its tokenizer
+    (with `<image>`) and its preprocessor_config.json to `out_dir`.
+
+    vision_overrides: CLIPVisionConfig fields over TINY_VISION_CONFIG.
+    text_overrides: the trunk's config fields over TINY_CONFIG.
+    config_overrides: LlavaConfig fields, e.g. vision_feature_layer=-1,
+        vision_feature_select_strategy="full".
+    """
+    out_dir = Path(out_dir)
+    make_tokenizer(out_dir, kind="spm", chat_template=LLAVA_TEMPLATE)
+    image_token_id = _add_image_token(out_dir)
+    vision = transformers.CLIPVisionConfig(**{**TINY_VISION_CONFIG, **(vision_overrides or {})})
+    text_cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}[text_arch]
+    text = text_cls(
+        **{**TINY_CONFIG, **(text_overrides or {})},
+        vocab_size=-(-(image_token_id + 1) // 8) * 8,
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+    )
+    config = transformers.LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        image_seq_length=vision.image_size
+        // vision.patch_size
+        * (vision.image_size // vision.patch_size),
+        architectures=["LlavaForConditionalGeneration"],
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    _init_weights(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    side = vision.image_size
+    transformers.CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    ).save_pretrained(out_dir)
+    return out_dir
+
+
+def _add_image_token(out_dir: Path) -> int:
+    """Add `<image>` as a special token to the saved tokenizer; its id."""
+    path = out_dir / "tokenizer.json"
+    tok = Tokenizer.from_file(str(path))
+    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    tok.save(str(path))
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    image_id = tok.token_to_id(IMAGE_TOKEN)
+    config.setdefault("added_tokens_decoder", {})[str(image_id)] = {
+        "content": IMAGE_TOKEN,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return image_id
+
+
+def _init_weights(model: torch.nn.Module, seed: int) -> None:
+    """tiny_models' scales: linear and patch weights N(0, (gain / sqrt(fan_in))^2), norms
+    U(0.5, 1.5), biases N(0, 0.5^2), token tables scaled to the text width."""
+    gen = torch.Generator().manual_seed(seed)
+    embed_std = EMBED_GAIN / math.sqrt(model.config.text_config.hidden_size)
+    lo, hi = NORM_RANGE
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.split(".")[-2] or "layrnorm" in name:
+                if name.endswith(".weight"):
+                    p.copy_(torch.rand(p.shape, generator=gen) * (hi - lo) + lo)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * BIAS_STD)
+            elif name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * BIAS_STD)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
+            elif name.endswith(("class_embedding", "position_embedding.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen))
+            elif p.ndim in (2, 4):  # linear [out, in]; patch convolution [out, c, p, p]
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=gen) * (LINEAR_GAIN / math.sqrt(fan_in)))
+            else:
+                raise ValueError(f"parameter {name} with shape {tuple(p.shape)} has no init rule")

@@ -1,0 +1,347 @@
+"""Images in: loading, preprocessing equal to the checkpoint's CLIPImageProcessor, and the
+image features spliced into a prompt's embeddings.
+
+Everything comes from the manifest's `vision` entry (written by the frontend), so the runtime
+never reads the checkpoint. Imports Pillow (the `vision` extra) and numpy, no compiler code.
+"""
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import io
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm.runtime import ShapeTuple
+
+from relaxlm.errors import RelaxlmError
+
+# Limits on one image: the encoded bytes, and the decoded pixels (a small PNG can decode to
+# gigabytes; Pillow's own bomb check only warns below twice its limit).
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+MAX_IMAGE_PIXELS = 50_000_000
+URL_TIMEOUT_S = 10.0
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError as e:  # pragma: no cover - the vision extra is missing
+        raise RelaxlmError(
+            "images need Pillow: pip install 'relaxlm[vision]' (or pip install pillow)"
+        ) from e
+    return Image
+
+
+def load_image(source: Any, *, max_bytes: int = MAX_IMAGE_BYTES, timeout: float = URL_TIMEOUT_S):
+    """A PIL image from a file path, bytes, a PIL image, a `data:` URL or an http(s) URL.
+
+    The whole image is decoded here, so a corrupt file fails now with a RelaxlmError naming it,
+    not later in preprocessing.
+    """
+    Image = _pil()
+    if isinstance(source, Image.Image):
+        return _checked(source, "the image")
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _decode(bytes(source), "the image bytes", max_bytes)
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise RelaxlmError(
+            f"an image must be a file path, bytes, a PIL image or a data:/http(s) URL, not "
+            f"{type(source).__name__}"
+        )
+    if source.startswith("data:"):
+        return _decode(_data_url(source), "the data: URL", max_bytes)
+    if source.startswith(("http://", "https://")):
+        return _decode(_fetch(source, max_bytes, timeout), source, max_bytes)
+    path = Path(source)
+    if not path.is_file():
+        raise RelaxlmError(f"image {source[:100]!r} is not a file, a data: URL or an http(s) URL")
+    if path.stat().st_size > max_bytes:
+        raise RelaxlmError(
+            f"image {path} is {path.stat().st_size} bytes; the limit is {max_bytes} bytes"
+        )
+    return _decode(path.read_bytes(), str(path), max_bytes)
+
+
+def _data_url(url: str) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.endswith(";base64"):
+        raise RelaxlmError(
+            "an image data: URL must be base64, e.g. data:image/png;base64,iVBORw0KGgo..."
+        )
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RelaxlmError(f"the image data: URL is not valid base64 ({e})") from e
+
+
+def _fetch(url: str, max_bytes: int, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise RelaxlmError(
+            f"could not fetch image {url} ({e}); download it and pass the file or a data: URL"
+        ) from e
+    if len(data) > max_bytes:
+        raise RelaxlmError(f"image {url} is over the limit of {max_bytes} bytes")
+    return data
+
+
+def _decode(data: bytes, what: str, max_bytes: int):
+    Image = _pil()
+    if len(data) > max_bytes:
+        raise RelaxlmError(f"{what} is {len(data)} bytes; the limit is {max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+        _checked(image, what)
+        image.load()
+    except RelaxlmError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise RelaxlmError(f"{what} is not a readable image ({e})") from e
+    return image
+
+
+def _checked(image, what: str):
+    w, h = image.size
+    if w * h > MAX_IMAGE_PIXELS or w < 1 or h < 1:
+        raise RelaxlmError(
+            f"{what} is {w}x{h} pixels; images must have between 1 and {MAX_IMAGE_PIXELS} pixels"
+        )
+    return image
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """CLIPImageProcessor's steps in numpy and Pillow: RGB (alpha composited on white),
+    shortest-edge resize with the checkpoint's filter, center crop, rescale, normalize."""
+
+    size: dict[str, int]
+    crop_size: dict[str, int]
+    resample: int
+    do_convert_rgb: bool
+    rescale_factor: float
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+
+    @classmethod
+    def from_manifest(cls, vision: dict[str, Any]) -> "ImageProcessor":
+        return cls(
+            size=dict(vision["size"]),
+            crop_size=dict(vision["crop_size"]),
+            resample=int(vision["resample"]),
+            do_convert_rgb=bool(vision["do_convert_rgb"]),
+            rescale_factor=float(vision["rescale_factor"]),
+            image_mean=tuple(vision["image_mean"]),
+            image_std=tuple(vision["image_std"]),
+        )
+
+    def __call__(self, image) -> np.ndarray:
+        """One PIL image -> pixel values [3, crop height, crop width] float32."""
+        image = _to_rgb(image) if self.do_convert_rgb else image
+        height, width = self._resized_shape(image.height, image.width)
+        image = image.resize((width, height), resample=self.resample, reducing_gap=None)
+        pixels = np.asarray(image)
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        pixels = _center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        # As transformers: rescale in float64, then float32; normalize in float32.
+        x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        x = (x - mean) / std
+        return np.ascontiguousarray(x.transpose(2, 0, 1))  # [h, w, c] -> [c, h, w]
+
+    def _resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        if "shortest_edge" in self.size:
+            edge = self.size["shortest_edge"]
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(edge * long / short)  # truncated, as transformers does
+            return (new_long, edge) if width <= height else (edge, new_long)
+        return self.size["height"], self.size["width"]
+
+
+def _to_rgb(image):
+    Image = _pil()
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[h, w, c] cropped (or zero-padded where smaller) to [height, width, c] about the center."""
+    h, w, c = pixels.shape
+    if h < height or w < width:  # pad first, centered, as transformers does
+        padded = np.zeros((max(h, height), max(w, width), c), dtype=pixels.dtype)
+        top, left = -(-(padded.shape[0] - h) // 2), -(-(padded.shape[1] - w) // 2)
+        padded[top : top + h, left : left + w] = pixels
+        pixels, (h, w) = padded, padded.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return pixels[top : top + height, left : left + width]
+
+
+@dataclass(frozen=True)
+class ImagePrompt:
+    """A prompt with images, as the engine schedules it: token ids where each image token is
+    an id past the vocabulary that `rows` maps to its image feature row."""
+
+    token_ids: list[int]
+    rows: dict[int, np.ndarray]
+    image_token_id: int
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The token ids with the model's image token at every image position."""
+        return [self.image_token_id if t in self.rows else t for t in self.token_ids]
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+class ImageEncoder:
+    """A vision-language artifact's image entries over a loaded CompiledModel: pixels ->
+    features, and prompts (token ids with image tokens) -> embeddings with features spliced in.
+    """
+
+    def __init__(self, model):
+        vision = model.manifest.vision
+        if not vision:
+            raise RelaxlmError(
+                f"{model.folder} ({model.manifest.architecture}) is a text-only model: it takes "
+                "no images; use a vision-language model (e.g. LlavaForConditionalGeneration)"
+            )
+        self.model = model
+        self.processor = ImageProcessor.from_manifest(vision)
+        self.image_token_id = int(vision["image_token_id"])
+        self.tokens_per_image = int(vision["tokens_per_image"])
+        self.hidden_size = int(vision["hidden_size"])
+        self._encode = model.vm["encode_images"]
+        self._embed = model.vm["embed_tokens"]
+        self._prefill = model.vm["prefill_embeds"]
+
+    def pixel_values(self, images: list) -> np.ndarray:
+        """Sources (see `load_image`) -> [k, 3, h, w] float32."""
+        return np.stack([self.processor(load_image(image)) for image in images])
+
+    def encode(self, pixel_values: np.ndarray) -> np.ndarray:
+        """[k, 3, h, w] pixels -> [k, tokens_per_image, hidden] float32 features."""
+        x = tvm.runtime.tensor(
+            np.ascontiguousarray(pixel_values, dtype=np.float32), self.model.device
+        )
+        return self._encode(x, self.model.params).numpy()
+
+    def expand(self, token_ids: list[int]) -> list[int]:
+        """Each image token repeated to `tokens_per_image` (a prompt as its template wrote it,
+        one `<image>` per image)."""
+        out: list[int] = []
+        for t in token_ids:
+            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
+        return out
+
+    def embeddings(self, token_ids: list[int], features: np.ndarray) -> np.ndarray:
+        """Expanded prompt ids and [k, tokens_per_image, hidden] features -> [n, hidden], the
+        token embeddings with the images' features, in order, at the image-token positions."""
+        ids = np.asarray(token_ids, dtype=np.int32)
+        at = ids == self.image_token_id
+        wanted = len(features) * self.tokens_per_image
+        if int(at.sum()) != wanted:
+            raise RelaxlmError(
+                f"the prompt has {int(at.sum())} image tokens but {len(features)} images need "
+                f"{wanted} ({self.tokens_per_image} each); put one image placeholder per image"
+            )
+        ids = np.where(at, 0, ids)  # the image token may lie past the table; its row is unused
+        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
+        embeds = self._embed(x, self.model.params).numpy()[0]  # [n, hidden]
+        embeds[at] = features.reshape(-1, self.hidden_size)
+        return embeds
+
+    def prompt(self, token_ids: list[int], images: list, lock=None) -> "ImagePrompt":
+        """A prompt holding one image token per image (as a chat template writes it) and the
+        images (sources for `load_image`) -> the engine's ImagePrompt.
+
+        Each image's tokens get ids of their own past the vocabulary, drawn from a hash of its
+        pixel values: the scheduler's prefix cache, which keys on token ids, then reuses a
+        prompt's KV pages only for the same image in the same place, never for another.
+        lock: held while encode_images runs (the engine's: one thread at a time in the VM);
+        loading and preprocessing happen before, outside it.
+        """
+        found = sum(t == self.image_token_id for t in token_ids)
+        if found != len(images):
+            raise RelaxlmError(
+                f"the prompt has {found} image placeholders for {len(images)} images; put one "
+                "per image (the chat template writes them for image content parts)"
+            )
+        expanded = self.expand(token_ids)
+        window = self.model.context_window
+        if len(expanded) > window:
+            raise RelaxlmError(
+                f"{len(images)} images take {len(images) * self.tokens_per_image} tokens "
+                f"({self.tokens_per_image} each); with the text the prompt has {len(expanded)}, "
+                f"more than the context window of {window}; send fewer images or less text"
+            )
+        pixels = self.pixel_values(images) if images else None
+        with lock or contextlib.nullcontext():
+            features = self.encode(pixels) if images else np.zeros((0,))
+        vocab, per = self.model.vocab_size, self.tokens_per_image
+        ids, rows, k = [], {}, 0
+        for t in token_ids:
+            if t != self.image_token_id:
+                ids.append(t)
+                continue
+            digest = hashlib.sha256(features[k].tobytes()).digest()
+            base = vocab + int.from_bytes(digest[:6], "little") * per
+            ids += range(base, base + per)
+            rows.update(zip(range(base, base + per), features[k], strict=True))
+            k += 1
+        return ImagePrompt(ids, rows, self.image_token_id)
+
+    def prefill_tokens(
+        self, seq_ids: list[int], chunks: list[list[int]], rows: dict[int, np.ndarray]
+    ) -> np.ndarray:
+        """As CompiledModel.prefill over token ids where ids in `rows` (an ImagePrompt's image
+        ids) stand for their image features."""
+        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
+        at = flat >= self.model.vocab_size
+        ids = np.where(at, 0, flat).astype(np.int32)  # their embedding rows are replaced
+        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
+        embeds = self._embed(x, self.model.params).numpy()[0]  # [total, hidden]
+        if at.any():
+            embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
+        splits = np.cumsum([len(c) for c in chunks])[:-1]
+        return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
+
+    def prefill_embeddings(self, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
+        """As CompiledModel.prefill, from embeddings: chunks[i] ([n_i, hidden]) appended to
+        sequence seq_ids[i]; logits after each chunk's last token, [len(seq_ids), vocab]."""
+        model = self.model
+        lengths = [len(c) for c in chunks]
+        if not all(lengths) or sum(lengths) > model.prefill_chunk:
+            raise RelaxlmError(
+                f"prefill chunks of {lengths} tokens: each needs >= 1 token and "
+                f"{model.prefill_chunk} is the most in one forward; split them"
+            )
+        flat = np.concatenate(chunks).astype(np.float32)[None]  # [1, total, hidden]
+        last = np.cumsum(lengths, dtype="int32") - 1
+        begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
+        end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
+        begin(model.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        logits = self._prefill(
+            tvm.runtime.tensor(flat, model.device),
+            tvm.runtime.tensor(last, model.device),
+            model.kv_cache,
+            model.params,
+        )
+        end(model.kv_cache)
+        return logits.numpy()[0]
