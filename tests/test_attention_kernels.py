@@ -100,25 +100,28 @@ def _check(out, lse, expected, atol):
         assert (lse[i][~seen] < -1e4).all(), "a row that sees no key must merge with weight 0"
 
 
+# max |error| allowed in outputs: float16 outputs are rounded to 2**-11 of their size
+ATOL = {"float32": 2e-6, "float16": 2e-3}
+
+
 @pytest.mark.parametrize(
-    "hq, hkv, d, lengths, window, softcap",
+    "hq, hkv, d, lengths, window, softcap, dtype",
     [
-        (4, 2, 64, [1, 37, 50], 0, 0.0),
-        (2, 2, 16, [40], 0, 0.0),
-        (4, 1, 32, [33, 17], 12, 0.0),
-        (2, 1, 16, [35], 0, 3.0),
+        (4, 2, 64, [1, 37, 50], 0, 0.0, "float32"),
+        (2, 2, 16, [40], 0, 0.0, "float32"),
+        (4, 1, 32, [33, 17], 12, 0.0, "float32"),
+        (2, 1, 16, [35], 0, 3.0, "float32"),
+        (4, 2, 24, [30, 9], 12, 3.0, "float16"),
     ],
-    ids=["gqa-d64", "mha-d16", "window", "softcap"],
+    ids=["gqa-d64", "mha-d16", "window", "softcap", "float16-d24-window-softcap"],
 )
-def test_ragged_prefill_matches_numpy(device, hq, hkv, d, lengths, window, softcap):
+def test_ragged_prefill_matches_numpy(device, hq, hkv, d, lengths, window, softcap, dtype):
     rng = np.random.default_rng(0)
-    kernel = ak.ragged_prefill(
-        hkv, hq, d, "float32", window=window, softcap=softcap, gpu=device.gpu
-    )
+    kernel = ak.ragged_prefill(hkv, hq, d, dtype, window=window, softcap=softcap, gpu=device.gpu)
     total = sum(lengths)
-    q = rng.standard_normal((total, hq, d)).astype(np.float32)
-    k = rng.standard_normal((total, hkv, d)).astype(np.float32)
-    v = rng.standard_normal((total, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((total, hq, d)).astype(dtype)
+    k = rng.standard_normal((total, hkv, d)).astype(dtype)
+    v = rng.standard_normal((total, hkv, d)).astype(dtype)
     indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     # Sequence i starts at position 5 * i: positions are absolute, not row numbers.
     starts = [5 * i for i in range(len(lengths))]
@@ -135,7 +138,7 @@ def test_ragged_prefill_matches_numpy(device, hq, hkv, d, lengths, window, softc
             _reference(q[rows], k[rows], v[rows], qpos[rows], qpos[rows], sm_scale, window, softcap)
         )
         split.append((got_out[rows], got_lse[rows]))
-    _check([o for o, _ in split], [s for _, s in split], expected, atol=2e-6)
+    _check([o for o, _ in split], [s for _, s in split], expected, atol=ATOL[dtype])
 
 
 def _scattered_cache(rng, seqs, hkv, d, offset, sliding_table):
@@ -208,12 +211,14 @@ def test_paged_decode_matches_numpy(device, hq, hkv, d, window, softcap, sliding
         [got_out[i : i + 1] for i in range(len(seqs))],
         [got_lse[i : i + 1] for i in range(len(seqs))],
         expected,
-        atol=2e-6 if dtype == "float32" else 2e-3,  # float16 outputs are rounded to 2**-11
+        atol=ATOL[dtype],
     )
 
 
-@pytest.mark.parametrize("sliding_table", [False, True])
-def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table):
+@pytest.mark.parametrize(
+    "sliding_table, dtype", [(False, "float32"), (True, "float32"), (True, "float16")]
+)
+def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table, dtype):
     hq, hkv, d = 4, 2, 32
     rng = np.random.default_rng(1)
     window = 24 if sliding_table else 0
@@ -221,7 +226,7 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table
         hkv,
         hq,
         d,
-        "float32",
+        dtype,
         window=window,
         softcap=0.0,
         sliding_table=sliding_table,
@@ -233,12 +238,13 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table
     pages, page_ids, page_indptr, length_info = _scattered_cache(
         rng, [c + n for c, n in seqs], hkv, d, offset, sliding_table
     )
+    pages = pages.astype(dtype)
     kbase = np.array([100 * i for i in range(len(seqs))], np.int32)
     q_indptr = np.concatenate([[0], np.cumsum([n for _, n in seqs])]).astype(np.int32)
     qpos = np.concatenate([kbase[i] + c + np.arange(n) for i, (c, n) in enumerate(seqs)]).astype(
         np.int32
     )
-    q = rng.standard_normal((q_indptr[-1], hq, d)).astype(np.float32)
+    q = rng.standard_normal((q_indptr[-1], hq, d)).astype(dtype)
     sm_scale = 1 / math.sqrt(d)
     inputs = (q_indptr, pages, page_indptr, page_ids[: page_indptr[-1]], length_info, kbase, qpos)
     got_out, got_lse = device.run(kernel, q, inputs, True, sm_scale)
@@ -249,4 +255,4 @@ def test_paged_prefill_reads_a_prefix_from_scattered_pages(device, sliding_table
         kpos = kbase[i] + np.arange(cached + new)
         expected.append(_reference(q[rows], keys, values, qpos[rows], kpos, sm_scale, window, 0.0))
         split.append((got_out[rows], got_lse[rows]))
-    _check([o for o, _ in split], [s for _, s in split], expected, atol=2e-6)
+    _check([o for o, _ in split], [s for _, s in split], expected, atol=ATOL[dtype])
