@@ -6,7 +6,7 @@ get a cache without RoPE, and `lower_attention_to_paged_kv` rotates q and k here
 positions the cache reports. Frequencies follow transformers (`modeling_rope_utils`).
 """
 
-from tvm import te
+from tvm import sym, te
 from tvm.relax.frontend.nn.llm.position_embedding import switch_rope_freq_func
 
 from relaxlm.frontends.ops import RopeSpec
@@ -50,9 +50,13 @@ def rope_te(
         x = qkv[t, h, i].astype("float32")
         cos, sin, lets = cos_sin(positions[t], i)
         partner = tirx.if_then_else(i < half, -qkv[t, h, i + half], qkv[t, h, i - half])
+        # The frequency variables substituted, not bound by a Let: bfloat16 legalization
+        # copies the expression it rounds, and VectorizeLoop refuses a variable bound twice.
+        analyzer = sym.Analyzer()
+        for var, value in lets.items():
+            analyzer.bind(var, value)
+        cos, sin = analyzer.simplify(cos), analyzer.simplify(sin)
         rotated = (x * cos + partner.astype("float32") * sin).astype(qkv.dtype)
-        for var, value in lets.items():  # bound once: TIR allows one definition per variable
-            rotated = tirx.Let(var, value, rotated)
         return tirx.if_then_else(
             tirx.all(h < num_rotated_heads, i < rotary_dim), rotated, qkv[t, h, i]
         )

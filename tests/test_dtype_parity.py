@@ -39,16 +39,7 @@ def test_one_case_per_architecture():
     assert sorted(PARITY_CASES[c]["arch"] for c in CASES) == sorted(ARCHITECTURES)
 
 
-# Found by this test, not fixed yet: TVM's VectorizeLoop fails on the bfloat16 Gemma 3 graph for
-# the CPU ("Let cannot bind the same var to two different values"), with TIR CSE on or off.
-GEMMA3_BF16 = pytest.mark.xfail(
-    strict=True, reason="bfloat16 Gemma 3 does not compile for the CPU (TVM VectorizeLoop)"
-)
-PAIRS = [
-    pytest.param(case, dtype, marks=GEMMA3_BF16 if (case, dtype) == ("gemma3", "bfloat16") else ())
-    for case in CASES
-    for dtype in ("float16", "bfloat16")
-]
+PAIRS = [(case, dtype) for case in CASES for dtype in ("float16", "bfloat16")]
 
 
 @pytest.mark.parametrize(("case", "dtype"), PAIRS)

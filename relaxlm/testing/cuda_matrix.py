@@ -24,7 +24,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .gpu_cases import CUDA_TARGET, DTYPES, GPU_CASES, QUANTS, VISION_CASES, VISION_CELLS
+from .gpu_cases import (
+    CUDA_TARGET,
+    DTYPES,
+    GGUF_CASES,
+    GPU_CASES,
+    QUANTS,
+    VISION_CASES,
+    VISION_CELLS,
+)
 
 
 @dataclass(frozen=True)
@@ -40,20 +48,22 @@ class Cell:
 
 
 def nvcc_cell(case: str) -> tuple[str, str]:
-    """The (dtype, quant) of `case` that nvcc compiles: the first nine GPU cases take the nine
-    pairs, so every architecture, dtype and quantization reaches nvcc at least once."""
+    """The (dtype, quant) of `case` that nvcc compiles: the first twelve GPU cases take the
+    twelve pairs, so every architecture, dtype and quantization reaches nvcc at least once."""
     i = list(GPU_CASES).index(case)
-    return DTYPES[i % len(DTYPES)], QUANTS[(i // len(DTYPES) + i) % len(QUANTS)]
+    return DTYPES[i % len(DTYPES)], QUANTS[i // len(DTYPES) % len(QUANTS)]
 
 
 def matrix_cells(nvcc: bool = True) -> list[Cell]:
-    """Every GPU case x dtype x quant, then the vision cases' cells (CUDA source only)."""
+    """Every GPU case x dtype x quant, then the GGUF cases x dtype (their own blocks) and the
+    vision cases' cells (CUDA source only)."""
     cells = [
         Cell(case, dtype, quant, nvcc and (dtype, quant) == nvcc_cell(case))
         for case in GPU_CASES
         for dtype in DTYPES
         for quant in QUANTS
     ]
+    cells += [Cell(case, dtype, "none") for case in GGUF_CASES for dtype in DTYPES]
     return cells + [Cell(case, d, q) for case in VISION_CASES for d, q in VISION_CELLS]
 
 
@@ -207,17 +217,16 @@ def _child() -> None:
 
     job = json.loads(sys.stdin.read())
     folder = Path(job["folder"])
-    exported = {}
+    exported, checkpoints = {}, {}
     for fields in job["cells"]:
         cell = Cell(**fields)
         print(json.dumps({"start": cell.id}), flush=True)
-        checkpoint = folder / cell.case
-        if not (checkpoint / "config.json").is_file():
-            make_case(checkpoint, cell.case)
+        if cell.case not in checkpoints:
+            checkpoints[cell.case] = make_case(folder / cell.case, cell.case)
         key = (cell.case, cell.dtype)
         try:
             if key not in exported:
-                exported[key] = export(load_checkpoint(checkpoint), cell.dtype)
+                exported[key] = export(load_checkpoint(checkpoints[cell.case]), cell.dtype)
             result = _build_cell(cell, exported[key])
         except RelaxlmError as e:
             result = {"ok": False, "error": "RelaxlmError", "message": str(e)}

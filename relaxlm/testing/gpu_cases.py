@@ -16,7 +16,7 @@ from pathlib import Path
 from .tiny_models import make_model
 
 DTYPES = ("float32", "float16", "bfloat16")
-QUANTS = ("none", "q8", "q4")
+QUANTS = ("none", "q8", "q4", "q4-asym")
 CUDA_TARGET = "cuda:sm_80,sm_90"
 
 GPU_CONFIG = {
@@ -141,13 +141,30 @@ VISION_CASES: dict[str, dict] = {
 VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
 
 
+# GGUF files: a GPU case written by relaxlm.testing.llama_gguf and quantized by llama.cpp's own
+# quantizer, compiled with its blocks kept (quant none), in every dtype.
+GGUF_CASES: dict[str, tuple[str, str]] = {
+    "llama_gguf_q4_0": ("llama", "Q4_0"),
+    "llama_gguf_q4_1": ("llama", "Q4_1"),
+    "qwen2_gguf_q8_0": ("qwen2", "Q8_0"),
+}
+
+
 def case_kwargs(case: str) -> dict:
     """make_model keyword arguments of a GPU case."""
     return {"base_config": GPU_CONFIG, **GPU_CASES[case]}
 
 
 def make_case(out_dir: str | Path, case: str) -> Path:
-    """The tiny random-weight checkpoint of `case` (a GPU or vision case), saved to `out_dir`."""
+    """The tiny random-weight checkpoint of `case` (a GPU, GGUF or vision case), saved to
+    `out_dir`; its path (a folder, or a GGUF file in `out_dir`)."""
+    if case in GGUF_CASES:
+        from .llama_gguf import quantize_gguf, write_llama_gguf
+
+        base, ftype = GGUF_CASES[case]
+        out_dir = Path(out_dir)
+        f16 = write_llama_gguf(make_case(out_dir / base, base), out_dir / "f16.gguf")
+        return quantize_gguf(f16, out_dir / f"{ftype}.gguf", ftype)
     if case in VISION_CASES:
         from .tiny_vlm import make_llava_model
 
