@@ -65,6 +65,8 @@ class Manifest:
     # Vision-language models: the image preprocessing and image token (runtime/vision.py);
     # empty for text models.
     vision: dict[str, Any] = field(default_factory=dict)
+    # Speech models (task "transcribe"): audio features and special tokens (runtime/whisper.py).
+    speech: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))

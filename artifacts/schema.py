@@ -73,10 +73,11 @@ class ManifestSchema(_Open):
     targets: dict[str, Library]
     tokenizer: TokenizerFiles
     source: dict[str, Any] = {}
-    task: Literal["generate", "embed"] = "generate"
+    task: Literal["generate", "embed", "transcribe"] = "generate"
     embedding: dict[str, Any] = {}
     lora: list[LoraAdapter] = []  # older artifacts have none
     vision: dict[str, Any] = {}  # text models have none
+    speech: dict[str, Any] = {}  # speech models only
     format: StrictStr
     format_version: StrictInt
     created: StrictStr = ""
@@ -91,7 +92,7 @@ def manifest_problems(data: Any) -> list[str]:
     except _ValidationError as e:
         return [f"field {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5]]
     problems = []
-    if manifest.task == "generate":
+    if manifest.task in ("generate", "transcribe"):
         try:
             KVCache.model_validate(manifest.kv_cache)
         except _ValidationError as e:

@@ -123,6 +123,7 @@ def compile_model(
             task=exported.task,
             embedding=exported.embedding,
             vision=exported.vision,
+            speech=exported.speech,
             lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
         )
         out = writer.commit(manifest)

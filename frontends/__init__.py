@@ -9,10 +9,18 @@ import numpy as np
 
 from relaxlm.errors import RelaxlmError
 
-from . import gemma2, gemma3, gpt2, llama, llava, mixtral, phi, phi3, qwen3, qwen3_moe
+from . import gemma2, gemma3, gpt2, llama, llava, mixtral, phi, phi3, qwen3, qwen3_moe, whisper
 from .checkpoint import Checkpoint, load_hf_checkpoint, resolve_model_path
 from .embedding import ENCODERS, embedding_model
-from .entry import ExportedModel, VisionLM, export_causal_lm, export_embedding, export_vision_lm
+from .entry import (
+    ExportedModel,
+    SpeechSeq2Seq,
+    VisionLM,
+    export_causal_lm,
+    export_embedding,
+    export_speech_seq2seq,
+    export_vision_lm,
+)
 from .gguf import load_gguf
 from .onnx import OnnxCheckpoint, export_onnx, load_onnx
 from .prequantized import prequantized
@@ -33,6 +41,10 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": (
         llava.LlavaConfig.from_dict,
         llava.LlavaForConditionalGeneration,
+    ),
+    "WhisperForConditionalGeneration": (
+        whisper.WhisperConfig.from_dict,
+        whisper.WhisperForConditionalGeneration,
     ),
 }
 
@@ -67,6 +79,8 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         mod, named_params = export_embedding(model)
     elif isinstance(model, VisionLM):
         mod, named_params = export_vision_lm(model)
+    elif isinstance(model, SpeechSeq2Seq):
+        mod, named_params = export_speech_seq2seq(model)
     else:
         mod, named_params = export_causal_lm(model)
     shapes = {name: tuple(int(d) for d in p.shape) for name, p in named_params}
@@ -107,12 +121,21 @@ def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
     facts = {"context_window": config.context_window, "vocab_size": config.vocab_size}
     if isinstance(model, VisionLM):
         facts["vision"] = model.vision_manifest(_preprocessor_config(checkpoint))
+    if isinstance(model, SpeechSeq2Seq):
+        facts["task"] = "transcribe"
+        facts["speech"] = model.speech_manifest(
+            _preprocessor_config(checkpoint), _json_file(checkpoint.path / "generation_config.json")
+        )
     return model, facts
 
 
 def _preprocessor_config(checkpoint: Checkpoint) -> dict[str, Any] | None:
     """The checkpoint's image processor settings (preprocessor_config.json), if it has them."""
-    path = checkpoint.path / "preprocessor_config.json"
+    return _json_file(checkpoint.path / "preprocessor_config.json")
+
+
+def _json_file(path) -> dict[str, Any] | None:
+    """A checkpoint's optional JSON file, parsed; None when it is absent."""
     if not path.is_file():
         return None
     try:

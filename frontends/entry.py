@@ -14,6 +14,10 @@ A vision-language model (`VisionLM`) exports three more, so images are spliced i
 - `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
   (token embeddings with image features at the image-token positions).
 
+A speech model (`SpeechSeq2Seq`, an encoder-decoder such as Whisper) exports instead of the
+text entries (see frontends/whisper.py): `encode_audio`, `cross_kv`, and `prefill` / `decode`
+that also take the cross-attention keys and values.
+
 Every embedding model exports one entry instead, and no KV cache:
 - `embed(input_ids[b, s], attention_mask[b, s])`: b texts, right-padded (real tokens first,
   mask 1 on them, 0 on padding); returns the pooled embeddings, `[b, dim]` float32.
@@ -42,6 +46,8 @@ class ExportedModel:
     embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
     # Image preprocessing and image token, for vision-language models (runtime/vision.py).
     vision: dict[str, Any] = field(default_factory=dict)
+    # Audio features and special tokens, for speech models (runtime/audio.py, runtime/whisper.py).
+    speech: dict[str, Any] = field(default_factory=dict)
 
 
 class CausalLM(nn.Module):
@@ -106,6 +112,47 @@ def export_vision_lm(model: VisionLM):
         "prefill_embeds": {
             "embeddings": nn.spec.Tensor([1, "num_tokens", model.hidden_size], "float32"),
             "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+            "$": modes,
+        },
+    }
+    return model.export_tvm(spec=spec)
+
+
+class SpeechSeq2Seq(nn.Module):
+    """Base of every speech encoder-decoder: subclasses give `encode_audio`, `cross_kv`,
+    `decoder_logits`, `features_shape` and `cross_kv_shape`."""
+
+    features_shape: tuple[int, int]  # (mel bins, frames) of one window
+    cross_kv_shape: tuple[int, int, int]  # (2 * decoder layers, encoder positions, width)
+
+    def prefill(self, input_ids: nn.Tensor, cross_kv: nn.Tensor) -> nn.Tensor:
+        return self.decoder_logits(input_ids, cross_kv)  # [1, n, vocab]
+
+    def decode(self, input_ids: nn.Tensor, cross_kv: nn.Tensor) -> nn.Tensor:
+        return self.decoder_logits(input_ids, cross_kv)  # [b, 1, vocab]
+
+
+def export_speech_seq2seq(model: SpeechSeq2Seq):
+    """Export encode_audio, cross_kv, prefill and decode: (IRModule, [(name, nn.Parameter)])."""
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    layers2, positions, width = model.cross_kv_shape
+    spec = {
+        "encode_audio": {
+            "input_features": nn.spec.Tensor(["batch_size", *model.features_shape], "float32"),
+            "$": modes,
+        },
+        "cross_kv": {
+            "encoder_states": nn.spec.Tensor(["batch_size", positions, width], "float32"),
+            "$": modes,
+        },
+        "prefill": {
+            "input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"),
+            "cross_kv": nn.spec.Tensor([1, *model.cross_kv_shape], "float32"),
+            "$": modes,
+        },
+        "decode": {
+            "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+            "cross_kv": nn.spec.Tensor(["batch_size", *model.cross_kv_shape], "float32"),
             "$": modes,
         },
     }

@@ -18,7 +18,11 @@ from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
 
 # How an error names each manifest task.
-_TASKS = {"generate": "a text generator", "embed": "an embedding model"}
+_TASKS = {
+    "generate": "a text generator",
+    "embed": "an embedding model",
+    "transcribe": "a speech recognizer",
+}
 
 
 @dataclass
