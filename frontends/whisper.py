@@ -142,7 +142,9 @@ class WhisperEncoder(nn.Module):
         self.conv1 = nn.Conv1D(config.num_mel_bins, d, 3, padding=1)
         self.conv2 = nn.Conv1D(d, d, 3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(config.max_source_positions, d)
-        self.layers = nn.ModuleList([WhisperEncoderLayer(config) for _ in range(config.encoder_layers)])
+        self.layers = nn.ModuleList(
+            [WhisperEncoderLayer(config) for _ in range(config.encoder_layers)]
+        )
         self.layer_norm = nn.LayerNorm(d)
         self.act = activation("activation_function", config.activation_function)
 
@@ -174,7 +176,9 @@ class WhisperDecoderLayer(nn.Module):
         b, s, d = x.shape
         attn = self.self_attn
         h = self.self_attn_layer_norm(x)
-        qkv = nn.op.concat([_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=2)
+        qkv = nn.op.concat(
+            [_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=2
+        )
         out = attention(
             qkv,  # [b, s, 3 * heads, head_dim]
             layer_id=self.layer_id,
@@ -236,7 +240,10 @@ class WhisperForConditionalGeneration(SpeechSeq2Seq):
         x = encoder_states.astype(self.model.decoder.embed_tokens.weight.dtype)
         kv = []
         for layer in self.model.decoder.layers:
-            kv += [nn.op.unsqueeze(p(x), 1) for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)]
+            kv += [
+                nn.op.unsqueeze(p(x), 1)
+                for p in (layer.encoder_attn.k_proj, layer.encoder_attn.v_proj)
+            ]
         return nn.op.concat(kv, dim=1).astype("float32")  # [b, 2 * layers, T, d]
 
     def decoder_logits(self, input_ids: nn.Tensor, cross_kv: nn.Tensor) -> nn.Tensor:

@@ -146,7 +146,9 @@ def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney's mel scale: linear below 1 kHz, logarithmic above."""
     hz = np.asarray(hz, dtype=np.float64)
     log_step = 27.0 / math.log(6.4)
-    return np.where(hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) * log_step)
+    return np.where(
+        hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) * log_step
+    )
 
 
 def _mel_to_hz(mel: np.ndarray) -> np.ndarray:

@@ -256,4 +256,3 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     top = x.max()
     return x - top - np.log(np.exp(x - top).sum())
-
