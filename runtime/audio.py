@@ -42,7 +42,8 @@ def load_audio(source: Any, sampling_rate: int, max_bytes: int = MAX_AUDIO_BYTES
     if isinstance(source, bytes | bytearray | memoryview):
         return decode_audio(bytes(source), sampling_rate, "the audio bytes", max_bytes)
     raise RelaxlmError(
-        f"audio must be a file path, encoded bytes or a 1-D float array, not {type(source).__name__}"
+        "audio must be a file path, encoded bytes or a 1-D float array, not "
+        f"{type(source).__name__}"
     )
 
 
