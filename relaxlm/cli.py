@@ -156,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_build_options(p)
     p.set_defaults(func=_mcp)
 
+    p = sub.add_parser("transcribe", help="transcribe an audio file with a speech model")
+    p.add_argument("model", help="Whisper artifact folder or checkpoint")
+    p.add_argument("file", help="audio file (WAV, FLAC, OGG; MP3, WebM, ... through PyAV)")
+    p.add_argument("--language", help="spoken language (e.g. en); detected when not given")
+    p.add_argument("--translate", action="store_true", help="translate into English")
+    p.add_argument("--timestamps", action="store_true", help="print segments with times")
+    p.add_argument("--target", default="cpu", help="target a checkpoint is compiled for")
+    p.set_defaults(func=_transcribe)
+
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -482,6 +491,24 @@ def _cache(args) -> None:
         print(f"{e.name}  {_size(e.bytes)}  {e.options}  {e.created}\n    from {e.source}")
     total = sum(e.bytes for e in entries)
     print(f"{len(entries)} artifact(s), {_size(total)}, in {cache_root()}")
+
+
+def _transcribe(args) -> None:
+    import relaxlm
+
+    llm = relaxlm.LLM(args.model, target=args.target)
+    result = llm.transcribe(
+        args.file,
+        language=args.language,
+        task="translate" if args.translate else "transcribe",
+        timestamps=args.timestamps,
+    )
+    if not args.timestamps:
+        print(result.text.strip())
+        return
+    for segment in result.segments:
+        text = llm.model.text(segment.tokens).strip()
+        print(f"[{segment.start:8.2f} -> {segment.end:8.2f}] {text}")
 
 
 def _inspect(args) -> None:

@@ -117,6 +117,11 @@ class LLM:
         if Manifest.read(folder).task == "embed":  # no KV cache, no engine: embed() only
             device = _device(options.get("device"), options.get("target", "cpu"))
             return EmbeddingLLM(folder, device=device, threads=options.get("threads"))
+        if Manifest.read(folder).task == "transcribe":  # Whisper: transcribe() only
+            from relaxlm.speech import SpeechLLM
+
+            device = _device(options.get("device"), options.get("target", "cpu"))
+            return SpeechLLM(folder, device=device, threads=options.get("threads"))
         self = super().__new__(cls)
         self.artifact = folder  # __init__ loads it
         return self
@@ -169,6 +174,13 @@ class LLM:
         return self.model.vocab_size
 
     # -- generation ---------------------------------------------------------------------------
+
+    def transcribe(self, audio, **options):
+        """Text models transcribe no audio: a RelaxlmError that names the model kind needed."""
+        raise RelaxlmError(
+            f"{self.artifact} is a text model; transcription needs a speech model "
+            "(WhisperForConditionalGeneration)"
+        )
 
     def generate(
         self,

@@ -2,15 +2,25 @@
 states, decoder logits, and greedy token ids with and without timestamps, on a short and a
 >30 s input (the reference's sequential long-form decoding)."""
 
+import io
+import subprocess
+import sys
+
 import numpy as np
+import openai
 import pytest
+import requests
+import soundfile
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import relaxlm  # noqa: E402
 from relaxlm.compiler.pipeline import compile_model  # noqa: E402
 from relaxlm.runtime.whisper import WhisperModel  # noqa: E402
 from relaxlm.runtime.whisper_decode import LogitRules  # noqa: E402
+from relaxlm.server.app import ServerOptions, create_app  # noqa: E402
+from relaxlm.server.background import BackgroundServer  # noqa: E402
 from relaxlm.testing.tiny_whisper import load_reference, make_tiny_whisper  # noqa: E402
 
 RATE = 16000
@@ -21,7 +31,7 @@ def tiny(tmp_path_factory):
     """(checkpoint folder, compiled model, transformers model), built once."""
     ckpt = make_tiny_whisper(tmp_path_factory.mktemp("whisper-ckpt"))
     art = compile_model(ckpt, tmp_path_factory.mktemp("whisper-art") / "a", progress=False)
-    return ckpt, WhisperModel(art), load_reference(ckpt)
+    return ckpt, WhisperModel(art), load_reference(ckpt), art
 
 
 def _audio(seconds: float, seed: int = 0) -> np.ndarray:
@@ -38,7 +48,7 @@ def _features(ckpt, audio, **kwargs) -> np.ndarray:
 
 
 def test_log_mel_equals_feature_extractor(tiny):
-    ckpt, model, _ = tiny
+    ckpt, model, *_ = tiny
     for seconds in (3.0, 30.0, 41.5):
         audio = _audio(seconds)
         np.testing.assert_allclose(model.features(audio), _features(ckpt, audio)[0], atol=2e-5)
@@ -49,7 +59,7 @@ def test_log_mel_equals_feature_extractor(tiny):
 
 
 def test_encoder_and_decoder_logits_equal_transformers(tiny):
-    ckpt, model, ref = tiny
+    ckpt, model, ref, _ = tiny
     features = _features(ckpt, _audio(4.0))
     states = model.encoder_states = model.encode(features)
     prompt, steps = [50257, 50362], [464, 2068, 7586, 21831]
@@ -70,7 +80,7 @@ def test_encoder_and_decoder_logits_equal_transformers(tiny):
 
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_greedy_short_input_equals_generate(tiny, timestamps):
-    ckpt, model, ref = tiny
+    ckpt, model, ref, _ = tiny
     features = _features(ckpt, _audio(6.0, seed=1))
     with torch.no_grad():
         want = ref.generate(torch.tensor(features), return_timestamps=timestamps)[0].tolist()
@@ -83,7 +93,7 @@ def test_greedy_short_input_equals_generate(tiny, timestamps):
 
 
 def test_greedy_long_input_equals_generate(tiny):
-    ckpt, model, ref = tiny
+    ckpt, model, ref, _ = tiny
     audio = _audio(41.5, seed=2)
     extractor = transformers.WhisperFeatureExtractor.from_pretrained(ckpt)
     inputs = extractor(
@@ -108,3 +118,104 @@ def test_greedy_long_input_equals_generate(tiny):
         assert s.start == pytest.approx(float(w["start"]), abs=1e-6)
         assert s.end == pytest.approx(float(w["end"]), abs=1e-6)
     assert len(got.segments) >= 2 and got.segments[-1].end > 30.0
+
+
+# -- SDK, CLI and the OpenAI audio routes -------------------------------------------------------
+
+
+def _wav(audio: np.ndarray, fmt: str = "WAV", rate: int = RATE) -> bytes:
+    out = io.BytesIO()
+    soundfile.write(out, audio, rate, format=fmt)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def speech(tiny):
+    return relaxlm.LLM(tiny[3])
+
+
+@pytest.fixture(scope="module")
+def client(speech):
+    with BackgroundServer(create_app(speech, ServerOptions(served_model_name="w"))) as server:
+        yield openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0), server
+
+
+def test_sdk_transcribes_files_in_several_formats(tiny, speech, tmp_path):
+    audio = _audio(3.0, seed=3)
+    want = tiny[1].transcribe(audio, fallback=False)
+    path = tmp_path / "a.wav"
+    path.write_bytes(_wav(audio))
+    got = speech.transcribe(path, fallback=False)
+    assert got.tokens == want.tokens and got.text == want.text
+    # FLAC at 8 kHz: decoded by soundfile, resampled to 16 kHz; the duration survives
+    low = audio[::2].copy()
+    flac = speech.transcribe(_wav(low, "FLAC", RATE // 2), fallback=False)
+    assert flac.duration == pytest.approx(3.0, abs=0.01)
+    with pytest.raises(relaxlm.RelaxlmError, match="not a supported audio file"):
+        speech.transcribe(b"this is plain text, not audio")
+
+
+def test_cli_transcribe(tiny, speech, tmp_path):
+    audio = _audio(2.0, seed=4)
+    path = tmp_path / "b.wav"
+    path.write_bytes(_wav(audio))
+    out = subprocess.run(
+        [sys.executable, "-m", "relaxlm", "transcribe", str(tiny[3]), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.strip() == speech.transcribe(path).text.strip()
+
+
+def test_openai_client_transcriptions(client, speech):
+    api, _ = client
+    audio = _audio(3.0, seed=5)
+    want = speech.transcribe(audio)
+    got = api.audio.transcriptions.create(model="w", file=("a.wav", _wav(audio)))
+    assert got.text == want.text.strip()
+    verbose = api.audio.transcriptions.create(
+        model="w", file=("a.wav", _wav(audio)), response_format="verbose_json"
+    )
+    stamped = speech.transcribe(audio, timestamps=True)
+    assert verbose.duration == pytest.approx(3.0, abs=0.01)
+    assert [s.start for s in verbose.segments] == [round(s.start, 2) for s in stamped.segments]
+    srt = api.audio.transcriptions.create(
+        model="w", file=("a.wav", _wav(audio)), response_format="srt"
+    )
+    assert srt.startswith("1\n00:00:") and " --> " in srt
+    vtt = api.audio.transcriptions.create(
+        model="w", file=("a.wav", _wav(audio)), response_format="vtt"
+    )
+    assert vtt.startswith("WEBVTT")
+
+
+def test_bad_audio_requests_get_one_clear_400(client):
+    api, server = client
+    cases = [
+        (("notes.wav", b"hello, I am text"), "not a supported audio file"),
+        (("empty.wav", b""), "empty"),
+    ]
+    for upload, words in cases:
+        with pytest.raises(openai.BadRequestError, match=words):
+            api.audio.transcriptions.create(model="w", file=upload)
+    with pytest.raises(openai.BadRequestError, match="English-only"):  # tiny.en cannot translate
+        api.audio.translations.create(model="w", file=("a.wav", _wav(_audio(1.0))))
+    r = requests.post(
+        f"{server.url}/v1/audio/transcriptions",
+        files={"file": ("a.wav", _wav(_audio(1.0)))},
+        data={"model": "w", "response_format": "mp4"},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+
+
+def test_asr_route_on_a_text_model_is_a_400(tmp_path):
+    from hf_models import make_model
+
+    llm = relaxlm.LLM(str(make_model(tmp_path / "text", tokenizer="bpe", seed=1)))
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="t"))) as server:
+        api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="not a speech model"):
+            api.audio.transcriptions.create(model="t", file=("a.wav", _wav(_audio(1.0))))

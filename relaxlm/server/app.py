@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 from relaxlm.errors import RelaxlmError, Unavailable
 from relaxlm.runtime.vision import ImagePrompt
 from relaxlm.server import schemas as s
+from relaxlm.server.audio import add_audio_routes
 from relaxlm.server.completions import (
     ApiError,
     Chat,
@@ -108,7 +109,9 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     options = options or ServerOptions()
     name = options.served_model_name or Path(llm.artifact).name
     ctx = ModelContext.serving(llm, name, options.max_waiting)
-    metrics = ServerMetrics(lambda: None if ctx.is_embedding else ctx.llm.metrics())
+    metrics = ServerMetrics(
+        lambda: None if ctx.is_embedding or ctx.is_speech else ctx.llm.metrics()
+    )
     chat: Chat = functools.partial(chat_completion, ctx)
     tools = mcp_server = None
     if options.mcp or options.mcp_config:  # MCP (mcp_client.py, mcp_server.py): SDK on demand
@@ -144,6 +147,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
         router=app.router,
     )
     _add_openai_routes(app, ctx, chat)
+    add_audio_routes(app, ctx)
     _add_service_routes(app, ctx, metrics)
     if mcp_server is not None:
         app.router.routes.extend(mcp_server.http_routes())

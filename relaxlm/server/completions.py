@@ -83,6 +83,10 @@ class ModelContext:
         return isinstance(self.llm, EmbeddingLLM)
 
     @property
+    def is_speech(self) -> bool:
+        return getattr(self.llm.manifest, "task", None) == "transcribe"
+
+    @property
     def context_window(self) -> int:
         return self.llm.manifest.context_window
 
@@ -96,6 +100,12 @@ class ModelContext:
             )
 
     def check_generates(self) -> None:
+        if self.is_speech:
+            raise ApiError(
+                400,
+                f"{self.name} is a speech recognizer: use /v1/audio/transcriptions",
+                "model",
+            )
         if self.is_embedding:
             raise ApiError(
                 400,
