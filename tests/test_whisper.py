@@ -242,3 +242,19 @@ def test_real_tiny_en_transcribes_espeak_speech(tmp_path):
     with torch.no_grad():
         want = ref.generate(torch.tensor(_features(ckpt, samples)))[0].tolist()
     assert got.tokens == [t for t in want if t != 50256]
+
+
+def test_tiny_whisper_compiles_for_cuda(tiny):
+    """The four entries build for CUDA with every kernel scheduled (CUDA source, no GPU)."""
+    from relaxlm.compiler import pipeline
+    from relaxlm.compiler.targets import resolve_target
+    from relaxlm.frontends import export, load_checkpoint
+
+    exported = export(load_checkpoint(tiny[0]))
+    executable, kv_cache, _ = pipeline.build_library(
+        exported, resolve_target("cuda:sm_80"), device_binaries=False
+    )
+    (host,) = executable.mod.imports
+    (device,) = host.imports
+    assert device.kind == "cuda" and kv_cache is not None
+    assert "__global__" in device.inspect_source("")
