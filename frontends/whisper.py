@@ -110,12 +110,16 @@ class WhisperAttention(nn.Module):
     def full(self, q: nn.Tensor, k: nn.Tensor, v: nn.Tensor) -> nn.Tensor:
         """Unmasked attention: q [b, s, d] over k, v [b, t, d] (projected) -> [b, s, d]."""
         b, s, d = q.shape
+        # Both products in "x @ w^T" form (the matmul schedules' fast case): keys as
+        # [b, H, t, hd] and values transposed once to [b, H, hd, t].
         q = nn.op.permute_dims(_heads(q, self.num_heads), [0, 2, 1, 3])  # [b, H, s, hd]
-        k = nn.op.permute_dims(_heads(k, self.num_heads), [0, 2, 3, 1])  # [b, H, hd, t]
-        v = nn.op.permute_dims(_heads(v, self.num_heads), [0, 2, 1, 3])  # [b, H, t, hd]
-        scores = nn.op.matmul(q, k).astype("float32") * (self.head_dim**-0.5)  # [b, H, s, t]
+        k = nn.op.permute_dims(_heads(k, self.num_heads), [0, 2, 1, 3])  # [b, H, t, hd]
+        v_t = nn.op.permute_dims(_heads(v, self.num_heads), [0, 2, 3, 1])  # [b, H, hd, t]
+        scores = nn.op.matmul(q, nn.op.permute_dims(k, [0, 1, 3, 2]))  # [b, H, s, t]
+        scores = scores.astype("float32") * (self.head_dim**-0.5)
         probs = nn.op.softmax(scores, axis=-1).astype(q.dtype)
-        out = nn.op.permute_dims(nn.op.matmul(probs, v), [0, 2, 1, 3])  # [b, s, H, hd]
+        out = nn.op.matmul(probs, nn.op.permute_dims(v_t, [0, 1, 3, 2]))  # [b, H, s, hd]
+        out = nn.op.permute_dims(out, [0, 2, 1, 3])  # [b, s, H, hd]
         return self.out_proj(nn.op.reshape(out, (b, s, d)))
 
 
