@@ -258,3 +258,33 @@ def test_tiny_whisper_compiles_for_cuda(tiny):
     (device,) = host.imports
     assert device.kind == "cuda" and kv_cache is not None
     assert "__global__" in device.inspect_source("")
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"), [("mp3", "libmp3lame"), ("webm", "libopus"), ("ogg", None)]
+)
+def test_audio_formats_decode_to_16k_mono(container, codec):
+    """MP3 and WebM/Opus through PyAV, OGG/Vorbis through soundfile: a 2 s 440 Hz tone comes
+    back 2 s long at 16 kHz with its pitch."""
+    import av
+
+    from relaxlm.runtime.audio import decode_audio
+
+    rate = 22050
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)
+    if codec is None:
+        data = _wav(tone, "OGG", rate)
+    else:
+        out = io.BytesIO()
+        with av.open(out, "w", format=container) as file:
+            stream = file.add_stream(codec, rate=48000 if codec == "libopus" else rate)
+            stream.layout = "mono"
+            frame = av.AudioFrame.from_ndarray(tone[None], format="flt", layout="mono")
+            frame.sample_rate = rate
+            for packet in [*stream.encode(frame), *stream.encode(None)]:
+                file.mux(packet)
+        data = out.getvalue()
+    samples = decode_audio(data, RATE)
+    assert abs(samples.size - 2 * RATE) < 0.06 * RATE  # codec priming and padding
+    spectrum = np.abs(np.fft.rfft(samples))
+    assert abs(np.argmax(spectrum) * RATE / samples.size - 440) < 5
