@@ -116,7 +116,10 @@ def components(
 ) -> list[Component]:
     """The three entry functions with their input specs and weights (float32), for images of
     `height` x `width` pixels."""
-    lh, lw = height // 8, width // 8
+    f = ckpt.vae.scale_factor
+    if height % f or width % f:
+        raise RelaxlmError(f"image size {width}x{height} must be a multiple of {f} in each side")
+    lh, lw = height // f, width // f
     text = CLIPTextModel(ckpt.text)
     unet = UNet2DConditionModel(ckpt.unet)
     vae = AutoencoderKLDecoder(ckpt.vae)

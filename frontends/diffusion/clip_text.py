@@ -116,5 +116,5 @@ class CLIPTextModel(nn.Module):
         self.text_model = CLIPTextTransformer(config)
 
     def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
-        """[batch, 77] int32 ids -> [batch, 77, hidden] last hidden state (what SD conditions on)."""
+        """[batch, 77] int32 ids -> [batch, 77, hidden]: the last hidden state SD conditions on."""
         return self.text_model(input_ids)

@@ -23,6 +23,11 @@ class AutoencoderKLConfig:
     use_post_quant_conv: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent along each side: one 2x upsampler per block but the last."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> AutoencoderKLConfig:
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
