@@ -56,7 +56,8 @@ class ImagePipeline:
         latents: np.ndarray | None = None,
         on_step: Callable[[int, int], None] | None = None,
     ) -> ImageResult:
-        """n images for `prompt`; `latents` ([n, 4, h/f, w/f], f the VAE's scale factor) replaces the seeded noise."""
+        """n images for `prompt`. `latents` ([n, 4, h/f, w/f], f the VAE's scale factor)
+        replaces the seeded noise."""
         if n < 1:
             raise RelaxlmError(f"n must be at least 1, got {n}")
         m = self.model
