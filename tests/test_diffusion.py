@@ -2,6 +2,8 @@
 random-weight pipeline (built here with diffusers' own classes and `save_pretrained`)
 compiled for the CPU: each component, the tokenizer and whole seeded generations."""
 
+import base64
+import io
 import json
 
 import numpy as np
@@ -241,3 +243,78 @@ def test_an_over_long_prompt_is_truncated_as_diffusers_does(sd):
     np.testing.assert_array_equal(ids, np.array(ref))
     assert cut == [True]
     assert ours.generate(prompt, steps=1).truncated
+
+
+# -- POST /v1/images/generations, with the official openai client ---------------------------
+
+
+@pytest.fixture(scope="module")
+def image_server(sd):
+    from relaxlm.server.background import BackgroundServer
+    from relaxlm.server.image_generation import create_image_app
+
+    _, ours = sd
+    with BackgroundServer(create_image_app(ours, "tiny-sd")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(image_server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{image_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"))
+
+
+def test_openai_client_generates_pngs_of_the_compiled_size(client, sd):
+    _, ours = sd
+    out = client.images.generate(
+        model="tiny-sd",
+        prompt="a red fox",
+        n=2,
+        size=f"{SIZE}x{SIZE}",
+        response_format="b64_json",
+        extra_body={"seed": 3, "steps": 2},
+    )
+    images = [_png(d.b64_json) for d in out.data]
+    assert [im.shape for im in images] == [(SIZE, SIZE, 3)] * 2
+    # The same seed through the SDK gives the same bytes; image 1 is seed 4 alone.
+    sdk = ours.generate("a red fox", n=2, steps=2, seed=3).images
+    np.testing.assert_array_equal(images[0], np.asarray(sdk[0]))
+    alone = client.images.generate(prompt="a red fox", n=1, extra_body={"seed": 4, "steps": 2})
+    np.testing.assert_array_equal(_png(alone.data[0].b64_json), images[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "512x512"}, "size"),
+        ({"n": 5}, "n"),
+        ({"n": 0}, "n"),
+        ({"response_format": "url"}, "response_format"),
+        ({"extra_body": {"steps": 0}}, "steps"),
+    ],
+)
+def test_bad_requests_are_a_clear_400(client, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a fox", **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param
+    assert e.value.body["message"]
+
+
+def test_an_over_long_prompt_is_cut_and_the_response_says_so(client):
+    raw = client.images.with_raw_response.generate(
+        prompt=" ".join(["abc"] * 100), extra_body={"steps": 1}
+    )
+    assert raw.headers["x-relaxlm-prompt-truncated"] == "true"
+    assert _png(raw.parse().data[0].b64_json).shape == (SIZE, SIZE, 3)
