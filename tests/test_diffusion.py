@@ -318,3 +318,26 @@ def test_an_over_long_prompt_is_cut_and_the_response_says_so(client):
     )
     assert raw.headers["x-relaxlm-prompt-truncated"] == "true"
     assert _png(raw.parse().data[0].b64_json).shape == (SIZE, SIZE, 3)
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, capsys):
+    from PIL import Image
+
+    from relaxlm.cli import main
+
+    _, ours = sd
+    source = ours.model.manifest["source"]
+    artifact = tmp_path / "art"
+    assert main(["compile", source, "-o", str(artifact), "--image-size", f"{SIZE}x{SIZE}"]) == 0
+    out = tmp_path / "fox.png"
+    args = ["draw", "a red fox", "-m", str(artifact), "-o", str(out), "--steps", "3", "--seed", "5"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err  # the progress bar counted every step
+    sdk = ours.generate("a red fox", steps=3, seed=5).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(sdk))
+    assert main(["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "15x16"]) == 2
+    assert "multiple of 2" in capsys.readouterr().err
