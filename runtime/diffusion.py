@@ -36,6 +36,7 @@ class DiffusionModel:
         self.dev = open_device(device)
         self.height, self.width = m["height"], m["width"]
         self.max_length = m["max_length"]
+        self.dtype = m.get("dtype", "float32")
         self._vms, self._weights = {}, {}
         for name in ENTRIES:
             entry = m["entries"][name]
@@ -63,18 +64,21 @@ class DiffusionModel:
 
     def _run(self, name: str, *args: np.ndarray) -> np.ndarray:
         inputs = [tvm.runtime.tensor(np.ascontiguousarray(a), self.dev) for a in args]
-        return self._vms[name]["forward"](*inputs, self._weights[name]).numpy()
+        return self._vms[name]["forward"](*inputs, self._weights[name]).numpy().astype(np.float32)
 
     def encode_text(self, ids: np.ndarray) -> np.ndarray:
         return self._run("encode_text", ids.astype(np.int32))
 
     def denoise(self, latents: np.ndarray, timestep: np.ndarray, context: np.ndarray) -> np.ndarray:
         return self._run(
-            "denoise", latents.astype(np.float32), timestep.astype(np.float32), context
+            "denoise",
+            latents.astype(self.dtype),
+            timestep.astype(np.float32),
+            context.astype(self.dtype),
         )
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """Scaled latents -> [n, 3, h, w] image in [-1, 1] (not clamped)."""
         return self._run(
-            "decode_latents", (latents / self.manifest["vae_scaling_factor"]).astype(np.float32)
+            "decode_latents", (latents / self.manifest["vae_scaling_factor"]).astype(self.dtype)
         )

@@ -341,3 +341,30 @@ def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, c
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(sdk))
     assert main(["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "15x16"]) == 2
     assert "multiple of 2" in capsys.readouterr().err
+
+
+# -- CUDA, compiled here (no GPU needed) ------------------------------------------------------
+
+
+def test_every_component_compiles_for_cuda_in_float16(sd, tmp_path):
+    """Codegen for sm_80 and sm_90 through the GPU schedules; kernels kept as CUDA source (no
+    nvcc), as the CUDA compile matrix does without a toolkit."""
+    _, ours = sd
+    out = compile_diffusion(
+        ours.model.manifest["source"],
+        tmp_path / "cuda",
+        target="cuda:sm_80,sm_90",
+        height=SIZE,
+        width=SIZE,
+        dtype="float16",
+        progress=False,
+        device_binaries=False,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["device"] == "cuda"
+    for name, entry in manifest["entries"].items():
+        assert (out / entry["library"]).stat().st_size > 0, name
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(out / entry["weights"]))
+        assert {w.dtype for w in weights.values()} == {np.dtype("float16")}, name

@@ -86,7 +86,7 @@ def read_checkpoint(path: str | Path) -> DiffusionCheckpoint:
     )
 
 
-def _load(module: nn.Module, folder: Path) -> dict[str, np.ndarray]:
+def _load(module: nn.Module, folder: Path, dtype: str = "float32") -> dict[str, np.ndarray]:
     """The checkpoint tensors for `module`'s parameters, checked both ways. transformers 5
     saves CLIPTextModel without its `text_model.` prefix; either spelling is read."""
     stored = _weights(folder)
@@ -107,15 +107,15 @@ def _load(module: nn.Module, folder: Path) -> dict[str, np.ndarray]:
             raise RelaxlmError(
                 f"{folder}: {names[n]} has shape {w.shape}, the model wants {p.shape}"
             )
-        out[n] = w.astype(np.float32)
+        out[n] = w.astype(dtype)
     return out
 
 
 def components(
-    ckpt: DiffusionCheckpoint, height: int, width: int, batch: str | int = "batch"
+    ckpt: DiffusionCheckpoint, height: int, width: int, dtype: str = "float32", batch: str = "batch"
 ) -> list[Component]:
-    """The three entry functions with their input specs and weights (float32), for images of
-    `height` x `width` pixels."""
+    """The three entry functions with their input specs and weights in `dtype` (float32 or
+    float16; timesteps stay float32), for images of `height` x `width` pixels."""
     f = ckpt.vae.scale_factor
     if height % f or width % f:
         raise RelaxlmError(f"image size {width}x{height} must be a multiple of {f} in each side")
@@ -124,6 +124,8 @@ def components(
     unet = UNet2DConditionModel(ckpt.unet)
     vae = AutoencoderKLDecoder(ckpt.vae)
     seq = ckpt.text.max_position_embeddings
+    for module in (text, unet, vae):
+        module.to(dtype)
     # The decoder's own weights live under `decoder.` and `post_quant_conv.` in vae/; its
     # encoder half is not loaded (text-to-image never encodes an image).
     return [
@@ -131,23 +133,23 @@ def components(
             "encode_text",
             text,
             {"input_ids": nn.spec.Tensor([batch, seq], "int32")},
-            _load(text, ckpt.path / "text_encoder"),
+            _load(text, ckpt.path / "text_encoder", dtype),
         ),
         Component(
             "denoise",
             unet,
             {
-                "sample": nn.spec.Tensor([batch, ckpt.unet.in_channels, lh, lw], "float32"),
+                "sample": nn.spec.Tensor([batch, ckpt.unet.in_channels, lh, lw], dtype),
                 "timestep": nn.spec.Tensor([batch], "float32"),
-                "context": nn.spec.Tensor([batch, seq, ckpt.unet.cross_attention_dim], "float32"),
+                "context": nn.spec.Tensor([batch, seq, ckpt.unet.cross_attention_dim], dtype),
             },
-            _load(unet, ckpt.path / "unet"),
+            _load(unet, ckpt.path / "unet", dtype),
         ),
         Component(
             "decode_latents",
             vae,
-            {"latents": nn.spec.Tensor([batch, ckpt.vae.latent_channels, lh, lw], "float32")},
-            _load(vae, ckpt.path / "vae"),
+            {"latents": nn.spec.Tensor([batch, ckpt.vae.latent_channels, lh, lw], dtype)},
+            _load(vae, ckpt.path / "vae", dtype),
         ),
     ]
 

@@ -183,7 +183,7 @@ class UNet2DConditionModel(nn.Module):
             flip_sin_to_cos=c.flip_sin_to_cos,
             downscale_freq_shift=c.freq_shift,
         )
-        temb = self.time_embedding(t)
+        temb = self.time_embedding(t.astype(sample.dtype))
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
