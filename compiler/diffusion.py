@@ -27,6 +27,10 @@ from relaxlm.frontends.diffusion import components, export_component, read_check
 
 from . import schedules
 from .cpu_legalize import legalizations
+from .fuse_dequantize_matmul import FuseDequantizeMatmul
+from .int8_dot import has_int8_dot
+from .quantization import quantize, resolve_scheme
+from .quantize_weights import quantize_weights
 from .targets import build_context, resolve_targets
 
 MANIFEST = "manifest.json"
@@ -40,13 +44,18 @@ def compile_diffusion(
     height: int = 512,
     width: int = 512,
     dtype: str = "float32",
+    quant: str = "none",
     progress: bool = True,
     device_binaries: bool = True,
 ) -> Path:
     """Build the artifact for images of `height` x `width` pixels (multiples of the VAE's
     scale factor, 8 for Stable Diffusion), weights and activations in `dtype` (float32 or
     float16). device_binaries=False keeps CUDA kernels as source (no nvcc), as
-    compiler/pipeline.py's `build_library` does."""
+    compiler/pipeline.py's `build_library` does. quant "q8" stores the UNet's linear weights
+    (attention projections, feed-forwards, time embedding) as int8 with a scale per 32; its
+    convolutions, the text encoder and the VAE stay in `dtype`."""
+    if quant not in ("none", "q8"):
+        raise RelaxlmError(f"quant {quant!r} is not supported for diffusion models (none, q8)")
     if dtype not in ("float32", "float16"):
         raise RelaxlmError(
             f"dtype {dtype!r} is not supported for diffusion models (float32, float16)"
@@ -60,21 +69,23 @@ def compile_diffusion(
     for comp in components(ckpt, height, width, dtype):
         start = time.perf_counter()
         mod, params = export_component(comp)
+        names = [n for n, _ in params]
+        fields = None
+        if quant != "none" and comp.name == "denoise":
+            mod, fields = quantize_weights(mod, resolve_scheme(quant), dtype)
+            mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(preset.target()))(mod)
         if preset.is_gpu:
             mod = _legalize_and_schedule(mod, preset)
         with build_context(preset, device_binaries):
             executable = relax.build(mod, target=preset.target())
         library = f"{comp.name}.{preset.name}.so"
         executable.export_library(str(out / library))
-        names = [n for n, _ in params]
-        save_file(
-            {n: np.ascontiguousarray(comp.weights[n]) for n in names},
-            str(out / f"{comp.name}.safetensors"),
-        )
+        tensors = _packed(comp.weights, names, fields, dtype)
+        save_file(tensors, str(out / f"{comp.name}.safetensors"))
         entries[comp.name] = {
             "library": library,
             "weights": f"{comp.name}.safetensors",
-            "params": names,
+            "params": list(tensors),
         }
         say(f"{comp.name}: compiled in {time.perf_counter() - start:.1f} s")
     _save_tokenizer(ckpt.tokenizer_dir, out / "tokenizer")
@@ -85,6 +96,7 @@ def compile_diffusion(
         "target": preset.name,
         "device": preset.device,
         "dtype": dtype,
+        "quant": quant,
         "height": height,
         "width": width,
         "max_length": ckpt.text.max_position_embeddings,
@@ -95,6 +107,26 @@ def compile_diffusion(
         "entries": entries,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def _packed(weights: dict, names: list[str], fields, dtype: str) -> dict[str, np.ndarray]:
+    """The entry's weight tensors in its parameter order; a quantized weight as its parts
+    (`NAME.q`, `NAME.scale`), packed by compiler/quantization.py."""
+    if fields is None:
+        return {n: np.ascontiguousarray(weights[n]) for n in names}
+    out, parts = {}, {}
+    for f in fields:
+        name = names[f.source]
+        if f.part == "":
+            out[name] = np.ascontiguousarray(weights[name])
+            continue
+        if name not in parts:
+            order = list(f.scheme.part_shapes(*weights[name].shape))
+            parts[name] = dict(
+                zip(order, quantize(f.scheme, weights[name], np.dtype(dtype)), strict=True)
+            )
+        out[f"{name}.{f.part}"] = np.ascontiguousarray(parts[name][f.part])
     return out
 
 
