@@ -271,7 +271,13 @@ def _compile(args) -> None:
 
         width, height = _image_size(args.image_size)
         compile_diffusion(
-            args.model, args.output, target=(args.target or ["cpu"])[0], height=height, width=width
+            args.model,
+            args.output,
+            target=(args.target or ["cpu"])[0],
+            height=height,
+            width=width,
+            dtype=args.dtype,
+            quant=args.quant or "none",
         )
         return
     relaxlm.compile(
@@ -402,6 +408,9 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     _say_default_path(args)
+    if args.model and (Path(args.model) / "manifest.json").is_file():
+        if json.loads((Path(args.model) / "manifest.json").read_text()).get("kind") == "diffusion":
+            return _bench_diffusion(args)
     llm = relaxlm.LLM(
         args.model,
         target=args.target,
@@ -438,6 +447,19 @@ def _bench(args) -> None:
     print(f"time to first    {result.ttft_s * 1e3:8.1f} ms")
     print(f"decode           {result.decode_tok_s:8.1f} tok/s  ({result.decode_tokens} tokens)")
     print(f"peak RSS         {result.peak_rss_mib:8.1f} MiB")
+
+
+def _bench_diffusion(args) -> None:
+    """Seconds per denoising step (UNet on the guided batch of 2 plus the scheduler)."""
+    from relaxlm.image_generation import ImagePipeline, seconds_per_step
+
+    pipe = ImagePipeline(args.model)
+    per_step = seconds_per_step(pipe, steps=5, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"seconds_per_step": per_step, "size": f"{pipe.width}x{pipe.height}"}))
+    else:
+        print(f"model            {args.model} ({pipe.width}x{pipe.height})")
+        print(f"denoising        {per_step:.4f} s/step (median, guidance on)")
 
 
 def _bench_speculative(llm, args) -> None:

@@ -94,3 +94,21 @@ def _to_pil(pixels: np.ndarray) -> list:
     from PIL import Image
 
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def seconds_per_step(pipe: ImagePipeline, steps: int = 5, repeats: int = 3) -> float:
+    """Median wall time between consecutive denoising steps (guided, one image), over
+    `repeats` generations after one warm-up."""
+    gaps: list[float] = []
+    for run in range(repeats + 1):
+        stamps: list[float] = []
+        pipe.generate("a photo", steps=steps, seed=run, on_step=_stamp(stamps))
+        if run:
+            gaps += list(np.diff(stamps))
+    return float(np.median(gaps))
+
+
+def _stamp(stamps: list[float]) -> Callable[[int, int], None]:
+    import time
+
+    return lambda done, total: stamps.append(time.perf_counter())

@@ -341,6 +341,9 @@ def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, c
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(sdk))
     assert main(["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "15x16"]) == 2
     assert "multiple of 2" in capsys.readouterr().err
+    assert main(["bench", str(artifact), "--repeats", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["seconds_per_step"] > 0 and figures["size"] == f"{SIZE}x{SIZE}"
 
 
 # -- CUDA, compiled here (no GPU needed) ------------------------------------------------------
