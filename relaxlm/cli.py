@@ -38,7 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="replace an artifact of another model at -o"
     )
+    p.add_argument(
+        "--image-size",
+        default="512x512",
+        metavar="WxH",
+        help="Stable Diffusion folders: the image size the artifact makes (default: 512x512)",
+    )
     p.set_defaults(func=_compile)
+
+    p = sub.add_parser("draw", help="text to image with a compiled Stable Diffusion artifact")
+    p.add_argument("prompt")
+    p.add_argument("-m", "--model", required=True, help="diffusion artifact folder")
+    p.add_argument("-o", "--output", required=True, help="PNG to write (NAME-i.png when -n > 1)")
+    p.add_argument("-n", type=_positive_int, default=1, help="images to make (default: 1)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default: 0)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="default: 7.5")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--scheduler", choices=["DDIMScheduler", "EulerDiscreteScheduler"])
+    p.set_defaults(func=_draw)
 
     p = sub.add_parser("run", help="generate from a model (a chat when no --prompt is given)")
     p.add_argument("model", nargs="?", help=_MODEL_HELP)
@@ -255,7 +273,22 @@ def _positive_float(text: str) -> float:
 
 def _compile(args) -> None:
     import relaxlm
+    from relaxlm.frontends.diffusion import is_diffusers_folder
 
+    if is_diffusers_folder(args.model):
+        from relaxlm.compiler.diffusion import compile_diffusion
+
+        width, height = _image_size(args.image_size)
+        compile_diffusion(
+            args.model,
+            args.output,
+            target=(args.target or ["cpu"])[0],
+            height=height,
+            width=width,
+            dtype=args.dtype,
+            quant=args.quant or "none",
+        )
+        return
     relaxlm.compile(
         args.model,
         output=args.output,
@@ -266,6 +299,40 @@ def _compile(args) -> None:
         force=args.force,
         lora=args.lora,
     )
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise RelaxlmError(f"image size {text!r} is not WxH, e.g. 512x512") from None
+    return width, height
+
+
+def _draw(args) -> None:
+    from tqdm import tqdm
+
+    from relaxlm.image_generation import ImagePipeline
+
+    pipe = ImagePipeline(args.model)
+    with tqdm(total=args.steps, desc="denoising", unit="step") as bar:
+        result = pipe.generate(
+            args.prompt,
+            n=args.n,
+            steps=args.steps,
+            seed=args.seed,
+            guidance_scale=args.guidance_scale,
+            negative_prompt=args.negative_prompt,
+            scheduler=args.scheduler,
+            on_step=lambda done, total: bar.update(1),
+        )
+    if result.truncated:
+        print("warning: the prompt was cut to the text encoder's length", file=sys.stderr)
+    out = Path(args.output)
+    for i, image in enumerate(result.images):
+        path = out if args.n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        print(path)
 
 
 def _say_default_path(args) -> None:
@@ -350,6 +417,9 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     _say_default_path(args)
+    if args.model and (Path(args.model) / "manifest.json").is_file():
+        if json.loads((Path(args.model) / "manifest.json").read_text()).get("kind") == "diffusion":
+            return _bench_diffusion(args)
     llm = relaxlm.LLM(
         args.model,
         target=args.target,
@@ -386,6 +456,19 @@ def _bench(args) -> None:
     print(f"time to first    {result.ttft_s * 1e3:8.1f} ms")
     print(f"decode           {result.decode_tok_s:8.1f} tok/s  ({result.decode_tokens} tokens)")
     print(f"peak RSS         {result.peak_rss_mib:8.1f} MiB")
+
+
+def _bench_diffusion(args) -> None:
+    """Seconds per denoising step (UNet on the guided batch of 2 plus the scheduler)."""
+    from relaxlm.image_generation import ImagePipeline, seconds_per_step
+
+    pipe = ImagePipeline(args.model)
+    per_step = seconds_per_step(pipe, steps=5, repeats=args.repeats)
+    if args.json:
+        print(json.dumps({"seconds_per_step": per_step, "size": f"{pipe.width}x{pipe.height}"}))
+    else:
+        print(f"model            {args.model} ({pipe.width}x{pipe.height})")
+        print(f"denoising        {per_step:.4f} s/step (median, guidance on)")
 
 
 def _bench_speculative(llm, args) -> None:

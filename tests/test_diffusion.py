@@ -1,0 +1,422 @@
+"""Stable Diffusion against diffusers: the numpy schedulers step by step, then a tiny
+random-weight pipeline (built here with diffusers' own classes and `save_pretrained`)
+compiled for the CPU: each component, the tokenizer and whole seeded generations."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from relaxlm.compiler.diffusion import compile_diffusion  # noqa: E402
+from relaxlm.image_generation import ImagePipeline  # noqa: E402
+from relaxlm.runtime.schedulers import make_scheduler  # noqa: E402
+
+SIZE = 16  # pixels; the tiny VAE upsamples 2x, so latents are 8 x 8
+LATENT = 8
+
+SD15 = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+CASES = [
+    ("DDIMScheduler", {}),
+    ("DDIMScheduler", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    (
+        "DDIMScheduler",
+        {"timestep_spacing": "linspace", "clip_sample": True, "beta_schedule": "linear"},
+    ),
+    ("EulerDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}),
+    ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+]
+
+
+def _close(ours, ref, rel=1e-5):
+    """float32 agreement: max error within `rel` of the reference's largest magnitude."""
+    err = float(np.abs(ours - ref).max())
+    assert err <= rel * float(np.abs(ref).max()), (err, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize(("name", "delta"), CASES)
+def test_scheduler_matches_diffusers_step_by_step(name, delta):
+    raw = {**SD15, **delta, "_class_name": name}
+    ref = getattr(diffusers, name).from_config(raw)
+    ours = make_scheduler(raw)
+    steps = 7
+    ref.set_timesteps(steps)
+    ts = ours.timesteps(steps)
+    np.testing.assert_allclose(ts, ref.timesteps.numpy(), rtol=0, atol=0)
+    assert ours.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32) * ours.init_noise_sigma
+    xr = torch.from_numpy(x.copy())
+    for i, t in enumerate(ts):
+        _close(ours.scale_input(x, i), ref.scale_model_input(xr, ref.timesteps[i]).numpy())
+        eps = rng.standard_normal(x.shape).astype(np.float32)
+        x = ours.step(eps, t, x, i)
+        xr = ref.step(torch.from_numpy(eps), ref.timesteps[i], xr).prev_sample
+        _close(x, xr.numpy())
+
+
+def test_unknown_scheduler_is_a_clear_error():
+    with pytest.raises(ValueError, match="PNDMScheduler.*not supported"):
+        make_scheduler({**SD15, "_class_name": "PNDMScheduler"})
+
+
+def _tiny_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters (no merges): real CLIP pre-tokenization and
+    special tokens, a vocabulary of 54."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def _tiny_pipeline(root, linear_proj: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=LATENT,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        use_linear_projection=linear_proj,
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+    tokenizer = _tiny_tokenizer(root / "tok")
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    # Wider than diffusers' init (which zeroes the output convs), so every path matters.
+    for m in (unet, vae):
+        for p in m.parameters():
+            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(root / "sd")
+    return pipe.to(torch.float32)
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["sd1-conv-proj", "sd2-linear-proj"])
+def sd(request, tmp_path_factory):
+    """(diffusers pipeline, compiled relaxlm ImagePipeline) for a tiny random SD model."""
+    root = tmp_path_factory.mktemp("sd")
+    pipe = _tiny_pipeline(root, request.param)
+    compile_diffusion(root / "sd", root / "artifact", height=SIZE, width=SIZE, progress=False)
+    return pipe, ImagePipeline(str(root / "artifact"))
+
+
+def _rel(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def test_text_encoder_matches_diffusers(sd):
+    pipe, ours = sd
+    ids, _ = ours.model.tokenize(["a red fox", ""])
+    ref_ids = pipe.tokenizer(
+        ["a red fox", ""], padding="max_length", max_length=77, truncation=True
+    )
+    np.testing.assert_array_equal(ids, np.array(ref_ids.input_ids))
+    with torch.no_grad():
+        ref = pipe.text_encoder(torch.from_numpy(ids).long())[0].numpy()
+    assert _rel(ours.model.encode_text(ids), ref) < 1e-5
+
+
+def test_unet_step_matches_diffusers(sd):
+    pipe, ours = sd
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 4, LATENT, LATENT)).astype(np.float32)
+    t = np.array([981.0, 21.0], np.float32)
+    ctx = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    with torch.no_grad():
+        ref = pipe.unet(
+            torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(ctx)
+        )
+    assert _rel(ours.model.denoise(x, t, ctx), ref.sample.numpy()) < 1e-5
+
+
+def test_vae_decode_matches_diffusers(sd):
+    pipe, ours = sd
+    z = np.random.default_rng(2).standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    with torch.no_grad():
+        ref = pipe.vae.decode(torch.from_numpy(z) / pipe.vae.config.scaling_factor).sample.numpy()
+    image = ours.model.decode_latents(z)
+    assert image.shape == (1, 3, SIZE, SIZE)
+    assert _rel(image, ref) < 1e-5
+
+
+def _reference_scheduler(ours, name):
+    """diffusers' scheduler `name` from the saved scheduler_config.json, the file relaxlm reads
+    (not from the live config: diffusers does not carry defaulted keys such as DDIM's
+    timestep_spacing over to another class, so Euler would fall back to linspace)."""
+    source = ours.model.manifest["source"]
+    with open(f"{source}/scheduler/scheduler_config.json") as f:
+        return getattr(diffusers, name).from_config(json.load(f))
+
+
+# Pixel tolerance (of 1) for a whole generation; both measured at 1.2e-7.
+GENERATION_TOLERANCE = {"DDIMScheduler": 1e-4, "EulerDiscreteScheduler": 1e-4}
+
+
+@pytest.mark.parametrize("scheduler", sorted(GENERATION_TOLERANCE))
+def test_four_step_generation_matches_stable_diffusion_pipeline(sd, scheduler):
+    """The whole loop (CFG at 7.5, 4 steps) from the same starting noise."""
+    pipe, ours = sd
+    pipe.scheduler = _reference_scheduler(ours, scheduler)
+    noise = ours.initial_noise(seed=7, n=2)
+    ref = pipe(
+        "a red fox",
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        num_images_per_prompt=2,
+        latents=torch.from_numpy(noise),
+        output_type="np",
+        height=SIZE,
+        width=SIZE,
+    ).images
+    got = ours.generate("a red fox", n=2, steps=4, guidance_scale=7.5, seed=7, scheduler=scheduler)
+    assert got.pixels.shape == ref.shape == (2, SIZE, SIZE, 3)
+    assert float(np.abs(got.pixels - ref).max()) < GENERATION_TOLERANCE[scheduler]
+    assert [im.size for im in got.images] == [(SIZE, SIZE)] * 2
+
+
+def test_a_seed_gives_the_same_image_alone_or_batched(sd):
+    _, ours = sd
+    alone = ours.generate("a cat", n=1, steps=2, seed=11).pixels
+    batch = ours.generate("a cat", n=3, steps=2, seed=10).pixels
+    np.testing.assert_allclose(batch[1], alone[0], atol=1e-5)
+    assert float(np.abs(batch[0] - batch[1]).max()) > 1e-2  # different seeds, different images
+
+
+def test_an_over_long_prompt_is_truncated_as_diffusers_does(sd):
+    pipe, ours = sd
+    prompt = " ".join(["abc"] * 100)
+    ids, cut = ours.model.tokenize([prompt])
+    ref = pipe.tokenizer([prompt], padding="max_length", max_length=77, truncation=True).input_ids
+    np.testing.assert_array_equal(ids, np.array(ref))
+    assert cut == [True]
+    assert ours.generate(prompt, steps=1).truncated
+
+
+# -- POST /v1/images/generations, with the official openai client ---------------------------
+
+
+@pytest.fixture(scope="module")
+def image_server(sd):
+    from relaxlm.server.background import BackgroundServer
+    from relaxlm.server.image_generation import create_image_app
+
+    _, ours = sd
+    with BackgroundServer(create_image_app(ours, "tiny-sd")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(image_server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{image_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def _png(b64: str) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return np.asarray(image.convert("RGB"))
+
+
+def test_openai_client_generates_pngs_of_the_compiled_size(client, sd):
+    _, ours = sd
+    out = client.images.generate(
+        model="tiny-sd",
+        prompt="a red fox",
+        n=2,
+        size=f"{SIZE}x{SIZE}",
+        response_format="b64_json",
+        extra_body={"seed": 3, "steps": 2},
+    )
+    images = [_png(d.b64_json) for d in out.data]
+    assert [im.shape for im in images] == [(SIZE, SIZE, 3)] * 2
+    # The same seed through the SDK gives the same bytes; image 1 is seed 4 alone.
+    sdk = ours.generate("a red fox", n=2, steps=2, seed=3).images
+    np.testing.assert_array_equal(images[0], np.asarray(sdk[0]))
+    alone = client.images.generate(prompt="a red fox", n=1, extra_body={"seed": 4, "steps": 2})
+    np.testing.assert_array_equal(_png(alone.data[0].b64_json), images[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"size": "512x512"}, "size"),
+        ({"n": 5}, "n"),
+        ({"n": 0}, "n"),
+        ({"response_format": "url"}, "response_format"),
+        ({"extra_body": {"steps": 0}}, "steps"),
+    ],
+)
+def test_bad_requests_are_a_clear_400(client, kwargs, param):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(prompt="a fox", **kwargs)
+    assert e.value.status_code == 400
+    assert e.value.body["param"] == param
+    assert e.value.body["message"]
+
+
+def test_an_over_long_prompt_is_cut_and_the_response_says_so(client):
+    raw = client.images.with_raw_response.generate(
+        prompt=" ".join(["abc"] * 100), extra_body={"steps": 1}
+    )
+    assert raw.headers["x-relaxlm-prompt-truncated"] == "true"
+    assert _png(raw.parse().data[0].b64_json).shape == (SIZE, SIZE, 3)
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, capsys):
+    from PIL import Image
+
+    from relaxlm.cli import main
+
+    _, ours = sd
+    source = ours.model.manifest["source"]
+    artifact = tmp_path / "art"
+    assert main(["compile", source, "-o", str(artifact), "--image-size", f"{SIZE}x{SIZE}"]) == 0
+    out = tmp_path / "fox.png"
+    args = ["draw", "a red fox", "-m", str(artifact), "-o", str(out), "--steps", "3", "--seed", "5"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "3/3" in err  # the progress bar counted every step
+    sdk = ours.generate("a red fox", steps=3, seed=5).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(sdk))
+    assert main(["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "15x16"]) == 2
+    assert "multiple of 2" in capsys.readouterr().err
+    assert main(["bench", str(artifact), "--repeats", "1", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["seconds_per_step"] > 0 and figures["size"] == f"{SIZE}x{SIZE}"
+
+
+# -- CUDA, compiled here (no GPU needed) ------------------------------------------------------
+
+
+def test_every_component_compiles_for_cuda_in_float16(sd, tmp_path):
+    """Codegen for sm_80 and sm_90 through the GPU schedules; kernels kept as CUDA source (no
+    nvcc), as the CUDA compile matrix does without a toolkit."""
+    _, ours = sd
+    out = compile_diffusion(
+        ours.model.manifest["source"],
+        tmp_path / "cuda",
+        target="cuda:sm_80,sm_90",
+        height=SIZE,
+        width=SIZE,
+        dtype="float16",
+        progress=False,
+        device_binaries=False,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16" and manifest["device"] == "cuda"
+    for name, entry in manifest["entries"].items():
+        assert (out / entry["library"]).stat().st_size > 0, name
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(out / entry["weights"]))
+        assert {w.dtype for w in weights.values()} == {np.dtype("float16")}, name
+
+
+# -- q8 UNet linears ---------------------------------------------------------------------------
+
+
+def test_q8_unet_linears_stay_within_the_stated_tolerance(sd, tmp_path):
+    """int8 codes with a scale per 32 for the UNet's linears: the noise prediction within 2% of
+    its largest magnitude, the 4-step DDIM image within 0.02 of diffusers' float32 one."""
+    from safetensors.numpy import load_file
+
+    pipe, ours = sd
+    out = compile_diffusion(
+        ours.model.manifest["source"],
+        tmp_path / "q8",
+        height=SIZE,
+        width=SIZE,
+        quant="q8",
+        progress=False,
+    )
+    entry = json.loads((out / "manifest.json").read_text())["entries"]["denoise"]
+    weights = load_file(str(out / entry["weights"]))
+    codes = [n for n in weights if n.endswith(".q")]
+    assert codes and all(weights[n].dtype == np.int8 for n in codes)
+    assert "conv_in.weight" in weights  # convolutions stay float
+    q8 = ImagePipeline(str(out))
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    t = np.array([501.0], np.float32)
+    ctx = ours.model.encode_text(ours.model.tokenize(["a red fox"])[0])
+    assert _rel(q8.model.denoise(x, t, ctx), ours.model.denoise(x, t, ctx)) < 0.02
+    noise = ours.initial_noise(seed=2, n=1)
+    pipe.scheduler = _reference_scheduler(ours, "DDIMScheduler")
+    ref = pipe(
+        "a red fox",
+        num_inference_steps=4,
+        latents=torch.from_numpy(noise),
+        output_type="np",
+        height=SIZE,
+        width=SIZE,
+    ).images
+    got = q8.generate("a red fox", steps=4, seed=2).pixels
+    assert float(np.abs(got - ref).max()) < 0.02
