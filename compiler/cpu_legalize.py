@@ -29,6 +29,20 @@ def legalizations(device: str) -> dict:
     }
 
 
+def legalize_and_fuse(mod: tvm.IRModule, device: str) -> tvm.IRModule:
+    """Relax ops to TIR with these overrides, fused into kernels (before scheduling)."""
+    return tvm.transform.Sequential(
+        [
+            relax.transform.LegalizeOps(legalizations(device)),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
+            relax.transform.FuseTIR(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )(mod)
+
+
 def _clipped_take(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     # TVM's default gather ("fast") reads out of bounds on a bad index and warns so at every
     # compile; ids are checked before they reach the library, and a clip costs two integer

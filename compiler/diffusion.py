@@ -26,7 +26,7 @@ from relaxlm.errors import RelaxlmError
 from relaxlm.frontends.diffusion import components, export_component, read_checkpoint
 
 from . import schedules
-from .cpu_legalize import legalizations
+from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .int8_dot import has_int8_dot
 from .quantization import quantize, resolve_scheme
@@ -132,16 +132,7 @@ def _packed(weights: dict, names: list[str], fields, dtype: str) -> dict[str, np
 
 def _legalize_and_schedule(mod: tvm.IRModule, preset) -> tvm.IRModule:
     """Phases 2 and 3 of compiler/pipeline.py: Relax ops to fused TIR, then the GPU schedules."""
-    mod = tvm.transform.Sequential(
-        [
-            relax.transform.LegalizeOps(legalizations(preset.device)),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ]
-    )(mod)
+    mod = legalize_and_fuse(mod, preset.device)
     with preset.target():
         return schedules.for_target(preset)(mod)
 

@@ -26,7 +26,7 @@ from relaxlm.frontends import ExportedModel, export, load_checkpoint
 from relaxlm.frontends.lora import merge_lora
 
 from . import schedules
-from .cpu_legalize import legalizations
+from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot
@@ -193,16 +193,7 @@ def build_library(
     say("graph rewritten (attention on the paged KV cache, fused and quantized linears)")
 
     # 2. legalize / fuse
-    mod = tvm.transform.Sequential(
-        [
-            relax.transform.LegalizeOps(legalizations(preset.device)),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-            relax.transform.DeadCodeElimination(),
-        ]
-    )(mod)
+    mod = legalize_and_fuse(mod, preset.device)
     _dump(dump, "2-fused", mod)
     say("operators legalized and fused; scheduling kernels")
 
