@@ -417,9 +417,8 @@ def _bench(args) -> None:
     from relaxlm.bench import bench_llm
 
     _say_default_path(args)
-    if args.model and (Path(args.model) / "manifest.json").is_file():
-        if json.loads((Path(args.model) / "manifest.json").read_text()).get("kind") == "diffusion":
-            return _bench_diffusion(args)
+    if _is_diffusion_artifact(args.model):
+        return _bench_diffusion(args)
     llm = relaxlm.LLM(
         args.model,
         target=args.target,
@@ -514,9 +513,35 @@ def _mcp(args) -> None:
     run_stdio(llm, args.served_model_name or Path(llm.artifact).name)
 
 
+def _is_diffusion_artifact(model: str | None) -> bool:
+    """A compiled Stable Diffusion folder (its own manifest, kind "diffusion")."""
+    manifest = Path(model or "") / "manifest.json"
+    return (
+        bool(model)
+        and manifest.is_file()
+        and json.loads(manifest.read_text()).get("kind") == "diffusion"
+    )
+
+
+def _serve_images(args) -> None:
+    """`relaxlm serve` on a diffusion artifact: /v1/images/generations alone."""
+    import uvicorn
+
+    from relaxlm.image_generation import ImagePipeline
+    from relaxlm.server.image_generation import create_image_app
+
+    name = args.served_model_name or Path(args.model).name
+    app = create_image_app(ImagePipeline(args.model), name)
+    base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    print(f"serving {base}/v1/images/generations", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port)
+
+
 def _serve(args) -> None:
     import uvicorn
 
+    if _is_diffusion_artifact(args.model):
+        return _serve_images(args)
     import relaxlm
     from relaxlm.server.app import ServerOptions, create_app
     from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES

@@ -5,6 +5,10 @@ compiled for the CPU: each component, the tokenizer and whole seeded generations
 import base64
 import io
 import json
+import socket
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -328,6 +332,37 @@ def test_an_over_long_prompt_is_cut_and_the_response_says_so(client):
 
 
 # -- the CLI -------------------------------------------------------------------------------
+
+
+def test_relaxlm_serve_serves_a_diffusion_artifact(sd):
+    import openai
+
+    _, ours = sd
+    with socket.socket() as s:  # a free port, released for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "relaxlm", "serve", str(ours.model.folder)]
+    command += ["--port", str(port), "--served-model-name", "cli-sd"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "relaxlm serve did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        out = client.images.generate(
+            model="cli-sd", prompt="a red fox", extra_body={"seed": 5, "steps": 2}
+        )
+        sdk = ours.generate("a red fox", n=1, steps=2, seed=5).images[0]
+        np.testing.assert_array_equal(_png(out.data[0].b64_json), np.asarray(sdk))
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, capsys):
