@@ -1,6 +1,6 @@
-"""Compile a diffusers Stable Diffusion folder into one artifact folder: a library per
-component entry (`encode_text`, `denoise`, `decode_latents`), its weights in the entry's
-parameter order, the CLIP tokenizer as tokenizer.json and a manifest the runtime reads.
+"""Compile a diffusers Stable Diffusion or FLUX folder into one artifact folder: a library per
+component entry (`encode_text`, `denoise`, `decode_latents`; FLUX adds `encode_text_2`), its
+weights in the entry's parameter order, the tokenizers as tokenizer.json and a manifest.
 
 The entries are plain graphs (no KV cache, no attention rewrite). The CPU build is TVM's
 default Relax pipeline; GPU targets run phases 2-4 of compiler/pipeline.py (legalize and fuse,
@@ -47,20 +47,22 @@ def compile_diffusion(
     quant: str = "none",
     progress: bool = True,
     device_binaries: bool = True,
+    max_sequence_length: int = 512,
 ) -> Path:
     """Build the artifact for images of `height` x `width` pixels (multiples of the VAE's
     scale factor, 8 for Stable Diffusion), weights and activations in `dtype` (float32 or
     float16). device_binaries=False keeps CUDA kernels as source (no nvcc), as
     compiler/pipeline.py's `build_library` does. quant "q8" stores the UNet's linear weights
     (attention projections, feed-forwards, time embedding) as int8 with a scale per 32; its
-    convolutions, the text encoder and the VAE stay in `dtype`."""
+    convolutions, the text encoder and the VAE stay in `dtype`. max_sequence_length fixes
+    FLUX's T5 prompt length (FluxPipeline's default, 512)."""
     if quant not in ("none", "q8"):
         raise RelaxlmError(f"quant {quant!r} is not supported for diffusion models (none, q8)")
     if dtype not in ("float32", "float16"):
         raise RelaxlmError(
             f"dtype {dtype!r} is not supported for diffusion models (float32, float16)"
         )
-    ckpt = read_checkpoint(model)
+    ckpt = read_checkpoint(model, max_sequence_length)
     (preset,) = resolve_targets(target)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +90,8 @@ def compile_diffusion(
             "params": list(tensors),
         }
         say(f"{comp.name}: compiled in {time.perf_counter() - start:.1f} s")
-    _save_tokenizer(ckpt.tokenizer_dir, out / "tokenizer")
+    for name, src in ckpt.tokenizers().items():
+        _save_tokenizer(src, out / name)
     manifest = {
         "kind": "diffusion",
         "relaxlm_version": __version__,
@@ -99,11 +102,7 @@ def compile_diffusion(
         "quant": quant,
         "height": height,
         "width": width,
-        "max_length": ckpt.text.max_position_embeddings,
-        "latent_channels": ckpt.vae.latent_channels,
-        "vae_scale_factor": ckpt.vae.scale_factor,
-        "vae_scaling_factor": ckpt.vae.scaling_factor,
-        "scheduler": ckpt.scheduler,
+        **ckpt.manifest(),
         "entries": entries,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -138,7 +137,7 @@ def _legalize_and_schedule(mod: tvm.IRModule, preset) -> tvm.IRModule:
 
 
 def _save_tokenizer(src: Path, dst: Path) -> None:
-    """The CLIP tokenizer as tokenizer.json (what the runtime's `tokenizers` reads)."""
+    """A tokenizer (CLIP's, T5's) as tokenizer.json (what the runtime's `tokenizers` reads)."""
     from transformers import AutoTokenizer
 
     if dst.exists():

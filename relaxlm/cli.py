@@ -53,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_positive_int, default=1, help="images to make (default: 1)")
     p.add_argument("--steps", type=_positive_int, default=25, help="denoising steps (default: 25)")
     p.add_argument("--seed", type=int, default=0, help="image i starts from seed + i (default: 0)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="default: 7.5")
+    p.add_argument(
+        "--guidance-scale", type=float, help="default: 7.5 (Stable Diffusion), 3.5 (FLUX)"
+    )
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--scheduler", choices=["DDIMScheduler", "EulerDiscreteScheduler"])
     p.set_defaults(func=_draw)

@@ -1,9 +1,13 @@
-"""Text-to-image on a compiled Stable Diffusion artifact: `ImagePipeline(path).generate(prompt)`.
+"""Text-to-image on a compiled Stable Diffusion or FLUX artifact:
+`ImagePipeline(path).generate(prompt)`.
 
-The loop is diffusers' `StableDiffusionPipeline.__call__`: encode the prompt (and the empty
-negative prompt), then per step run the UNet on both, mix them by classifier-free guidance
-and let the scheduler step; decode the latents with the VAE. Image i of a request starts from
-the noise of seed + i, so a seed gives the same image alone or in a batch.
+Stable Diffusion's loop is diffusers' `StableDiffusionPipeline.__call__`: encode the prompt
+(and the empty negative prompt), then per step run the UNet on both, mix them by
+classifier-free guidance and let the scheduler step; decode the latents with the VAE. FLUX's is
+`FluxPipeline.__call__`: CLIP's pooled prompt and T5's states condition the transformer, which
+predicts a velocity over 2x2-packed latent patches, the guidance scale an input of the model
+(no second pass). Image i of a request starts from the noise of seed + i, so a seed gives the
+same image alone or in a batch.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.diffusion import DiffusionModel
+from relaxlm.runtime.diffusion import FluxModel, open_model
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ class ImageResult:
 
 class ImagePipeline:
     def __init__(self, path: str, device: str = "cpu"):
-        self.model = DiffusionModel(path, device)
+        self.model = open_model(path, device)
         self.height, self.width = self.model.height, self.model.width
 
     def initial_noise(self, seed: int, n: int) -> np.ndarray:
@@ -49,7 +53,7 @@ class ImagePipeline:
         *,
         n: int = 1,
         steps: int = 25,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         seed: int = 0,
         negative_prompt: str = "",
         scheduler: str | None = None,
@@ -57,9 +61,27 @@ class ImagePipeline:
         on_step: Callable[[int, int], None] | None = None,
     ) -> ImageResult:
         """n images for `prompt`. `latents` ([n, 4, h/f, w/f], f the VAE's scale factor)
-        replaces the seeded noise."""
+        replaces the seeded noise. guidance_scale defaults to 7.5 (Stable Diffusion's
+        classifier-free guidance) or 3.5 (FLUX's guidance embedding, as FluxPipeline)."""
         if n < 1:
             raise RelaxlmError(f"n must be at least 1, got {n}")
+        if isinstance(self.model, FluxModel):
+            if negative_prompt:
+                raise RelaxlmError(
+                    "negative_prompt is not supported for FLUX (its guidance is distilled into "
+                    "the model); leave it empty"
+                )
+            return self._generate_flux(
+                prompt,
+                n,
+                steps,
+                3.5 if guidance_scale is None else guidance_scale,
+                seed,
+                scheduler,
+                latents,
+                on_step,
+            )
+        guidance_scale = 7.5 if guidance_scale is None else guidance_scale
         m = self.model
         ids, cut = m.tokenize([prompt])
         if cut[0]:
@@ -88,6 +110,54 @@ class ImagePipeline:
         image = m.decode_latents(x)
         pixels = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
         return ImageResult(_to_pil(pixels), pixels, cut[0])
+
+    def _generate_flux(
+        self, prompt, n, steps, guidance_scale, seed, scheduler, latents, on_step
+    ) -> ImageResult:
+        m = self.model
+        ids, cut = m.tokenize([prompt])
+        ids_2, cut_2 = m.tokenize_2([prompt])
+        if cut[0] or cut_2[0]:
+            logger.warning(
+                "prompt truncated to the text encoders' %d / %d tokens",
+                m.max_length,
+                m.max_length_2,
+            )
+        pooled = np.repeat(m.pooled_text(ids), n, 0)
+        context = np.repeat(m.encode_text_2(ids_2), n, 0)
+        x = self.initial_noise(seed, n) if latents is None else latents.astype(np.float32)
+        _, c, h, w = x.shape
+        x = pack_latents(x)
+        image_ids = np.zeros((h // 2, w // 2, 3))
+        image_ids[..., 1] += np.arange(h // 2)[:, None]
+        image_ids[..., 2] += np.arange(w // 2)[None, :]
+        rope = m.rope(image_ids.reshape(-1, 3))
+        sched = m.scheduler(scheduler)
+        timesteps = sched.timesteps(steps, x.shape[1])
+        guidance = np.full(n, guidance_scale, np.float32)
+        for i, t in enumerate(timesteps):
+            sigma = np.full(n, t, np.float32) / np.float32(1000)
+            velocity = m.denoise(x, sigma, context, pooled, guidance, rope)
+            x = sched.step(velocity, x, i)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+        image = m.decode_latents(unpack_latents(x, h, w))
+        pixels = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+        return ImageResult(_to_pil(pixels), pixels, cut[0] or cut_2[0])
+
+
+def pack_latents(x: np.ndarray) -> np.ndarray:
+    """[n, c, h, w] -> [n, (h/2)(w/2), c*4]: one token per 2x2 patch, channels outermost."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """pack_latents' inverse, to [n, c, h, w]."""
+    n, _, d = x.shape
+    x = x.reshape(n, h // 2, w // 2, d // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, d // 4, h, w)
 
 
 def _to_pil(pixels: np.ndarray) -> list:

@@ -8,6 +8,7 @@ against diffusers without a model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -164,7 +165,100 @@ class EulerDiscreteScheduler:
         return (latents + derivative * (self.sigmas[index + 1] - sigma)).astype(np.float32)
 
 
-SCHEDULERS = {"DDIMScheduler": DDIMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler}
+@dataclass(frozen=True)
+class FlowMatchConfig:
+    """The keys of diffusers' `FlowMatchEulerDiscreteScheduler` config that FLUX uses."""
+
+    _class_name: str = "FlowMatchEulerDiscreteScheduler"
+    num_train_timesteps: int = 1000
+    shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    invert_sigmas: bool = False
+    shift_terminal: float | None = None
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    stochastic_sampling: bool = False
+    extra: dict = field(default_factory=dict)
+
+    from_dict = classmethod(SchedulerConfig.from_dict.__func__)
+
+
+class FlowMatchEulerDiscreteScheduler:
+    """Rectified-flow Euler steps, as diffusers' `FlowMatchEulerDiscreteScheduler` driven by
+    `FluxPipeline` (sigmas linspace(1, 1/n, n), shifted by `mu` from the image's token count
+    when `use_dynamic_shifting`)."""
+
+    def __init__(self, cfg: FlowMatchConfig):
+        unsupported = {
+            "invert_sigmas": cfg.invert_sigmas,
+            "shift_terminal": cfg.shift_terminal,
+            "use_karras_sigmas": cfg.use_karras_sigmas,
+            "use_exponential_sigmas": cfg.use_exponential_sigmas,
+            "use_beta_sigmas": cfg.use_beta_sigmas,
+            "stochastic_sampling": cfg.stochastic_sampling,
+        }
+        for key, value in unsupported.items():
+            if value:
+                raise ValueError(
+                    f"FlowMatchEulerDiscreteScheduler {key}={value!r} is not supported; "
+                    "remove it from scheduler_config.json"
+                )
+        if cfg.time_shift_type not in ("exponential", "linear"):
+            raise ValueError(f"time_shift_type {cfg.time_shift_type!r} is not supported")
+        self.cfg = cfg
+        self.init_noise_sigma = 1.0
+        self.sigmas = np.zeros(1, np.float32)
+
+    def mu(self, image_seq_len: int) -> float:
+        """FluxPipeline's `calculate_shift`: mu linear in the image's token count."""
+        c = self.cfg
+        m = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        return image_seq_len * m + (c.base_shift - m * c.base_image_seq_len)
+
+    def timesteps(self, steps: int, image_seq_len: int) -> np.ndarray:
+        """The `steps` timesteps (sigma * 1000, float32) for an image of `image_seq_len` tokens."""
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        c = self.cfg
+        sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+        if c.use_dynamic_shifting:
+            mu = self.mu(image_seq_len)
+            if c.time_shift_type == "exponential":
+                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+            else:
+                sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = c.shift * sigmas / (1 + (c.shift - 1) * sigmas)
+        sigmas = sigmas.astype(np.float32)
+        self.sigmas = np.concatenate([sigmas, np.zeros(1, np.float32)])
+        return sigmas * np.float32(c.num_train_timesteps)
+
+    def step(self, model_output: np.ndarray, latents: np.ndarray, index: int) -> np.ndarray:
+        dt = self.sigmas[index + 1] - self.sigmas[index]
+        return (latents.astype(np.float32) + dt * model_output).astype(np.float32)
+
+
+SCHEDULERS = {
+    "DDIMScheduler": DDIMScheduler,
+    "EulerDiscreteScheduler": EulerDiscreteScheduler,
+}
+
+
+def make_flow_match_scheduler(raw: dict) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching scheduler of a FLUX folder's `scheduler_config.json`."""
+    cfg = FlowMatchConfig.from_dict(raw)
+    if cfg._class_name != "FlowMatchEulerDiscreteScheduler":
+        raise ValueError(
+            f"scheduler {cfg._class_name!r} is not supported for FLUX "
+            "(FlowMatchEulerDiscreteScheduler)"
+        )
+    return FlowMatchEulerDiscreteScheduler(cfg)
 
 
 def make_scheduler(raw: dict, name: str | None = None):

@@ -20,6 +20,7 @@ class AutoencoderKLConfig:
     layers_per_block: int = 2
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
+    shift_factor: float | None = None  # FLUX: latents / scaling_factor + shift_factor
     use_post_quant_conv: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 

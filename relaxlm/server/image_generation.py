@@ -37,7 +37,7 @@ class ImageRequest(BaseModel):
     response_format: str = "b64_json"
     seed: int = 0
     steps: int = 25
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # the pipeline's default (SD 7.5, FLUX 3.5)
     negative_prompt: str = ""
 
 

@@ -1,0 +1,300 @@
+"""FLUX against diffusers: the flow-matching scheduler step by step, then a tiny random-weight
+FluxPipeline (CLIP, T5, a one-double-one-single-block transformer, a two-level VAE; built here
+with diffusers' and transformers' own classes and `save_pretrained`) compiled once for the CPU:
+each component, the tokenizers, and whole seeded generations."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from relaxlm.compiler.diffusion import compile_diffusion  # noqa: E402
+from relaxlm.errors import RelaxlmError  # noqa: E402
+from relaxlm.image_generation import ImagePipeline, pack_latents, unpack_latents  # noqa: E402
+from relaxlm.runtime.schedulers import make_flow_match_scheduler  # noqa: E402
+
+SIZE = 32  # pixels; the VAE upsamples 2x and FLUX packs 2x2 patches: 8 x 8 image tokens
+LATENT = 16
+T5_LENGTH = 32  # FluxPipeline's max_sequence_length, fixed at compile time
+
+FLUX_DEV = {  # the scheduler_config.json of FLUX.1-dev
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def _rel(ours, ref):
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    "delta", [{}, {"use_dynamic_shifting": False}, {"time_shift_type": "linear"}]
+)
+def test_flow_match_scheduler_matches_diffusers_step_by_step(delta):
+    raw = {**FLUX_DEV, **delta}
+    ref = diffusers.FlowMatchEulerDiscreteScheduler.from_config(raw)
+    ours = make_flow_match_scheduler(raw)
+    steps, seq = 6, 1024
+    ts = ours.timesteps(steps, seq)
+    # as FluxPipeline.__call__ sets them
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=ours.mu(seq))
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+    np.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 8)).astype(np.float32)
+    xr = torch.from_numpy(x.copy())
+    for i, t in enumerate(ref.timesteps):
+        v = rng.standard_normal(x.shape).astype(np.float32)
+        x = ours.step(v, x, i)
+        xr = ref.step(torch.from_numpy(v), t, xr).prev_sample
+        np.testing.assert_array_equal(x, xr.numpy())
+
+
+def test_unsupported_flow_match_options_are_a_clear_error():
+    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
+        make_flow_match_scheduler({**FLUX_DEV, "use_karras_sigmas": True})
+
+
+def test_packing_round_trips_as_diffusers_packs():
+    x = np.random.default_rng(0).standard_normal((2, 4, 6, 8)).astype(np.float32)
+    ref = diffusers.FluxPipeline._pack_latents(torch.from_numpy(x), 2, 4, 6, 8).numpy()
+    np.testing.assert_array_equal(pack_latents(x), ref)
+    np.testing.assert_array_equal(unpack_latents(ref, 6, 8), x)
+
+
+def _clip_tokenizer(folder):
+    """A CLIP BPE tokenizer over single letters (no merges), as tests/test_diffusion.py."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
+    )
+
+
+def _t5_tokenizer():
+    """A T5 unigram tokenizer over letters, word-initial and not (vocabulary of 55)."""
+    from transformers import T5Tokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + c, -1.0) for c in letters] + [(c, -2.0) for c in letters]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def _tiny_flux(root):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = _clip_tokenizer(root / "tok"), _t5_tokenizer()
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    text_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=8,  # few buckets, so 32 tokens reach the far ones
+            relative_attention_max_distance=16,
+        )
+    )
+    transformer = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    # Wider than diffusers' init (which zeroes the modulation and output layers), so every
+    # path matters.
+    for m in (transformer, vae):
+        for p in m.parameters():
+            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV),
+        vae=vae,
+        text_encoder=text,
+        tokenizer=tokenizer,
+        text_encoder_2=text_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(root / "flux")
+    return pipe.to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """(diffusers FluxPipeline, compiled relaxlm ImagePipeline) for a tiny random FLUX."""
+    root = tmp_path_factory.mktemp("flux")
+    pipe = _tiny_flux(root)
+    compile_diffusion(
+        root / "flux",
+        root / "artifact",
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=T5_LENGTH,
+        progress=False,
+    )
+    return pipe, ImagePipeline(str(root / "artifact"))
+
+
+def test_text_encoders_match_transformers(flux):
+    """CLIP's pooled output and T5's states; tolerance relative to the largest magnitude."""
+    pipe, ours = flux
+    prompts = ["a red fox", ""]
+    ids, _ = ours.model.tokenize(prompts)
+    ids_2, _ = ours.model.tokenize_2(prompts)
+    ref_ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True)
+    ref_ids_2 = pipe.tokenizer_2(
+        prompts, padding="max_length", max_length=T5_LENGTH, truncation=True
+    )
+    np.testing.assert_array_equal(ids, np.array(ref_ids.input_ids))
+    np.testing.assert_array_equal(ids_2, np.array(ref_ids_2.input_ids))
+    with torch.no_grad():
+        pooled = pipe.text_encoder(torch.from_numpy(ids).long()).pooler_output.numpy()
+        states = pipe.text_encoder_2(torch.from_numpy(ids_2).long())[0].numpy()
+    assert _rel(ours.model.pooled_text(ids), pooled) < 1e-5
+    assert _rel(ours.model.encode_text_2(ids_2), states) < 1e-5
+
+
+def test_transformer_forward_matches_diffusers(flux):
+    pipe, ours = flux
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 64, 16)).astype(np.float32)
+    ctx = rng.standard_normal((2, T5_LENGTH, 32)).astype(np.float32)
+    pooled = rng.standard_normal((2, 32)).astype(np.float32)
+    sigma = np.array([0.95, 0.3], np.float32)
+    guidance = np.array([3.5, 1.0], np.float32)
+    image_ids = pipe._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
+    with torch.no_grad():
+        ref = pipe.transformer(
+            hidden_states=torch.from_numpy(x),
+            encoder_hidden_states=torch.from_numpy(ctx),
+            pooled_projections=torch.from_numpy(pooled),
+            timestep=torch.from_numpy(sigma),
+            guidance=torch.from_numpy(guidance),
+            img_ids=image_ids,
+            txt_ids=torch.zeros(T5_LENGTH, 3),
+        ).sample.numpy()
+    rope = ours.model.rope(image_ids.numpy())
+    assert _rel(ours.model.denoise(x, sigma, ctx, pooled, guidance, rope), ref) < 1e-5
+
+
+def test_vae_decode_with_shift_factor_matches_diffusers(flux):
+    pipe, ours = flux
+    z = np.random.default_rng(2).standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)
+    c = pipe.vae.config
+    with torch.no_grad():
+        ref = pipe.vae.decode(torch.from_numpy(z) / c.scaling_factor + c.shift_factor).sample
+    image = ours.model.decode_latents(z)
+    assert image.shape == (1, 3, SIZE, SIZE)
+    assert _rel(image, ref.numpy()) < 1e-5
+
+
+def test_four_step_generation_matches_flux_pipeline(flux):
+    """The whole loop (guidance 3.5 embedded, 4 steps, two images) from the same noise; pixel
+    tolerance 1e-4 of the [0, 1] range."""
+    pipe, ours = flux
+    noise = ours.initial_noise(seed=7, n=2)
+    ref = pipe(
+        "a red fox",
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        num_images_per_prompt=2,
+        latents=torch.from_numpy(pack_latents(noise)),
+        output_type="np",
+        height=SIZE,
+        width=SIZE,
+        max_sequence_length=T5_LENGTH,
+    ).images
+    got = ours.generate("a red fox", n=2, steps=4, seed=7)
+    assert got.pixels.shape == ref.shape == (2, SIZE, SIZE, 3)
+    assert float(np.abs(got.pixels - ref).max()) < 1e-4
+    alone = ours.generate("a red fox", n=1, steps=4, seed=8)
+    np.testing.assert_allclose(alone.pixels[0], got.pixels[1], atol=1e-5)  # seed + i
+
+
+def test_flux_rejects_what_it_cannot_do(flux):
+    _, ours = flux
+    with pytest.raises(RelaxlmError, match="negative_prompt is not supported for FLUX"):
+        ours.generate("a fox", steps=1, negative_prompt="blurry")
+    with pytest.raises(RelaxlmError, match="'DDIMScheduler' is not supported for FLUX"):
+        ours.generate("a fox", steps=1, scheduler="DDIMScheduler")
+
+
+def test_unsupported_transformer_config_is_a_clear_error(flux, tmp_path):
+    import shutil
+
+    pipe, ours = flux
+    folder = tmp_path / "bad"
+    shutil.copytree(ours.model.manifest["source"], folder)
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    (folder / "transformer" / "config.json").write_text(json.dumps({**cfg, "patch_size": 2}))
+    with pytest.raises(RelaxlmError, match="patch_size 2 is not supported"):
+        compile_diffusion(folder, tmp_path / "out", height=SIZE, width=SIZE, progress=False)
+
+
+def test_openai_client_generates_the_sdk_image(flux):
+    import openai
+    from PIL import Image
+
+    from relaxlm.server.background import BackgroundServer
+    from relaxlm.server.image_generation import create_image_app
+
+    _, ours = flux
+    with BackgroundServer(create_image_app(ours, "tiny-flux")) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+        out = client.images.generate(
+            model="tiny-flux", prompt="a red fox", extra_body={"seed": 5, "steps": 2}
+        )
+    png = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).convert("RGB")
+    sdk = ours.generate("a red fox", steps=2, seed=5).images[0]
+    np.testing.assert_array_equal(np.asarray(png), np.asarray(sdk))
