@@ -152,6 +152,7 @@ def _tiny_flux(root):
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
+    text_2.eval()  # built, not loaded: T5's dropout would be on
     # Wider than diffusers' init (which zeroes the modulation and output layers), so every
     # path matters.
     for m in (transformer, vae):
@@ -205,14 +206,21 @@ def test_text_encoders_match_transformers(flux):
     assert _rel(ours.model.encode_text_2(ids_2), states) < 1e-5
 
 
-def test_transformer_forward_matches_diffusers(flux):
+# Near t = 0 the transformer agrees to 1e-6 (measured 1.2e-6). At working timesteps the
+# sinusoidal embedding of t * 1000 takes arguments up to ~1000 rad, where one ulp of a
+# frequency (TVM's exp against torch's) moves sin by ~6e-5: measured 1.3e-5 after the blocks.
+@pytest.mark.parametrize(
+    ("sigma", "guidance", "tolerance"),
+    [((0.001, 0.002), (0.001, 0.001), 3e-6), ((0.95, 0.3), (3.5, 1.0), 5e-5)],
+    ids=["near-zero-time", "working-time"],
+)
+def test_transformer_forward_matches_diffusers(flux, sigma, guidance, tolerance):
     pipe, ours = flux
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 64, 16)).astype(np.float32)
     ctx = rng.standard_normal((2, T5_LENGTH, 32)).astype(np.float32)
     pooled = rng.standard_normal((2, 32)).astype(np.float32)
-    sigma = np.array([0.95, 0.3], np.float32)
-    guidance = np.array([3.5, 1.0], np.float32)
+    sigma, guidance = np.array(sigma, np.float32), np.array(guidance, np.float32)
     image_ids = pipe._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
     with torch.no_grad():
         ref = pipe.transformer(
@@ -225,7 +233,7 @@ def test_transformer_forward_matches_diffusers(flux):
             txt_ids=torch.zeros(T5_LENGTH, 3),
         ).sample.numpy()
     rope = ours.model.rope(image_ids.numpy())
-    assert _rel(ours.model.denoise(x, sigma, ctx, pooled, guidance, rope), ref) < 1e-5
+    assert _rel(ours.model.denoise(x, sigma, ctx, pooled, guidance, rope), ref) < tolerance
 
 
 def test_vae_decode_with_shift_factor_matches_diffusers(flux):

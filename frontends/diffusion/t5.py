@@ -89,11 +89,16 @@ class T5Attention(nn.Module):
 
     def forward(self, x: nn.Tensor, bias: nn.Tensor) -> nn.Tensor:
         b, s, _ = x.shape
-        split = lambda t: nn.op.reshape(t, [b, s, self.heads, self.d_kv])  # noqa: E731
-        # T5 does not scale q.k by 1/sqrt(d): scale 1, the bias added to the scores
-        out = nn.op.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(x)), split(self.v(x)), attn_mask=bias, scale=1.0
-        )
+
+        def heads(t):  # [b, s, h*d] -> [b, heads, s, d_kv]
+            return nn.op.permute_dims(nn.op.reshape(t, [b, s, self.heads, self.d_kv]), [0, 2, 1, 3])
+
+        # T5 does not scale q.k by 1/sqrt(d); the position bias is added to the scores, which
+        # are softmaxed in float32 as transformers does
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        scores = nn.op.matmul(q, nn.op.permute_dims(k, [0, 1, 3, 2])).astype("float32") + bias
+        probs = nn.op.softmax(scores, axis=-1).astype(x.dtype)
+        out = nn.op.permute_dims(nn.op.matmul(probs, v), [0, 2, 1, 3])  # [b, s, heads, d_kv]
         return self.o(nn.op.reshape(out, [b, s, self.heads * self.d_kv]))
 
 
@@ -155,7 +160,7 @@ class T5EncoderModel(nn.Module):
         table = self.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
         bias = table(nn.Tensor.from_const(buckets.reshape(-1)))  # [seq * seq, heads]
         bias = nn.op.permute_dims(nn.op.reshape(bias, [seq, seq, c.num_heads]), [2, 0, 1])
-        bias = nn.op.reshape(bias, [1, c.num_heads, seq, seq])
+        bias = nn.op.reshape(bias, [1, c.num_heads, seq, seq]).astype("float32")
         x = self.shared(input_ids)
         for block in self.encoder.block:
             x = block(x, bias)
