@@ -42,7 +42,13 @@ def _parser() -> argparse.ArgumentParser:
         "--image-size",
         default="512x512",
         metavar="WxH",
-        help="Stable Diffusion folders: the image size the artifact makes (default: 512x512)",
+        help="diffusers folders: the image size the artifact makes (default: 512x512)",
+    )
+    p.add_argument(
+        "--max-sequence-length",
+        type=_positive_int,
+        default=512,
+        help="FLUX folders: the T5 prompt length in tokens (default: 512, as FluxPipeline)",
     )
     p.set_defaults(func=_compile)
 
@@ -57,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--guidance-scale", type=float, help="default: 7.5 (Stable Diffusion), 3.5 (FLUX)"
     )
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--scheduler", choices=["DDIMScheduler", "EulerDiscreteScheduler"])
+    p.add_argument(
+        "--scheduler",
+        choices=["DDIMScheduler", "EulerDiscreteScheduler"],
+        help="Stable Diffusion only (FLUX steps with its FlowMatchEulerDiscreteScheduler)",
+    )
     p.set_defaults(func=_draw)
 
     p = sub.add_parser("run", help="generate from a model (a chat when no --prompt is given)")
@@ -289,6 +299,7 @@ def _compile(args) -> None:
             width=width,
             dtype=args.dtype,
             quant=args.quant or "none",
+            max_sequence_length=args.max_sequence_length,
         )
         return
     relaxlm.compile(
@@ -460,7 +471,8 @@ def _bench(args) -> None:
 
 
 def _bench_diffusion(args) -> None:
-    """Seconds per denoising step (UNet on the guided batch of 2 plus the scheduler)."""
+    """Seconds per denoising step (Stable Diffusion: UNet on the guided batch of 2; FLUX: the
+    transformer once, its guidance embedded; plus the scheduler)."""
     from relaxlm.image_generation import ImagePipeline, seconds_per_step
 
     pipe = ImagePipeline(args.model)
@@ -469,7 +481,7 @@ def _bench_diffusion(args) -> None:
         print(json.dumps({"seconds_per_step": per_step, "size": f"{pipe.width}x{pipe.height}"}))
     else:
         print(f"model            {args.model} ({pipe.width}x{pipe.height})")
-        print(f"denoising        {per_step:.4f} s/step (median, guidance on)")
+        print(f"denoising        {per_step:.4f} s/step (median, default guidance)")
 
 
 def _bench_speculative(llm, args) -> None:

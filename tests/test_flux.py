@@ -306,3 +306,52 @@ def test_openai_client_generates_the_sdk_image(flux):
     png = Image.open(io.BytesIO(base64.b64decode(out.data[0].b64_json))).convert("RGB")
     sdk = ours.generate("a red fox", steps=2, seed=5).images[0]
     np.testing.assert_array_equal(np.asarray(png), np.asarray(sdk))
+
+
+def test_cli_compiles_draws_and_serves_a_flux_folder(flux, tmp_path, capsys):
+    """`relaxlm compile`, `draw` and `serve` (the openai client against the real command)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import openai
+    from PIL import Image
+
+    from relaxlm.cli import main
+
+    _, ours = flux
+    source, artifact = ours.model.manifest["source"], tmp_path / "art"
+    args = ["compile", source, "-o", str(artifact), "--image-size", f"{SIZE}x{SIZE}"]
+    assert main([*args, "--max-sequence-length", str(T5_LENGTH)]) == 0
+    out = tmp_path / "fox.png"
+    args = ["draw", "a red fox", "-m", str(artifact), "-o", str(out), "--steps", "3", "--seed", "5"]
+    assert main(args) == 0
+    sdk = np.asarray(ours.generate("a red fox", steps=3, seed=5).images[0])
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), sdk)
+    bad = ["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "34x32"]
+    assert main(bad) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+
+    with socket.socket() as s:  # a free port, released for the server to take
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "relaxlm", "serve", str(artifact), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "relaxlm serve did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        got = client.images.generate(prompt="a red fox", extra_body={"seed": 5, "steps": 3})
+        png = Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json))).convert("RGB")
+        np.testing.assert_array_equal(np.asarray(png), sdk)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
