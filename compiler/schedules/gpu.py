@@ -63,7 +63,8 @@ def _without_tensor_cores(target: Target) -> Target:
 class RMSNorm(dlight.gpu.RMSNorm):
     """dlight's RMSNorm, declining the kernels it cannot take. It expects exactly four blocks
     besides casts and loads (square, sum, rsqrt, scale) and unpacks them without checking, so
-    Gemma's norm, whose `(1 + w)` is one block more, raised a ValueError out of the build."""
+    Gemma's norm, whose `(1 + w)` is one block more, raised a ValueError out of the build, and so
+    did FLUX's per-head q/k norm in float16, whose trailing cast dlight cannot inline."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if isinstance(func, tirx.PrimFunc):
@@ -71,7 +72,23 @@ class RMSNorm(dlight.gpu.RMSNorm):
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             if len([b for b in blocks if not identify_cast_or_load_block(sch.get(b))]) != 4:
                 return None
+            if not _six_blocks_after_dlight_prepares(func):
+                return None
         return super().apply(func, target, tunable)
+
+
+def _six_blocks_after_dlight_prepares(func: tirx.PrimFunc) -> bool:
+    """dlight RMSNorm's own first steps on a scratch schedule (cache the input and output,
+    inline casts and loads): it then unpacks exactly six blocks."""
+    sch = s_tir.Schedule(func)
+    root = sch.get_sblock("root")
+    blocks = sch.get_child_blocks(root)
+    sch.cache_read(block=blocks[0], read_buffer_index=0, storage_scope="local")
+    sch.cache_write(block=blocks[-1], write_buffer_index=0, storage_scope="local")
+    for block in blocks:
+        if identify_cast_or_load_block(sch.get(block)):
+            sch.compute_inline(block)
+    return len(sch.get_child_blocks(root)) == 6
 
 
 class CapVectorLanes(dlight.ScheduleRule):

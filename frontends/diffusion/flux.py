@@ -104,13 +104,14 @@ class AdaLayerNormZero(nn.Module):
 
 
 def _rope(x: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor) -> nn.Tensor:
-    """Rotate interleaved pairs (x0, x1) of [b, s, heads, d] by the [s, d] tables."""
+    """Rotate interleaved pairs (x0, x1) of [b, s, heads, d] by the [s, d] float32 tables,
+    in float32 as diffusers does."""
     b, s, h, d = x.shape
-    pairs = nn.op.reshape(x, [b, s, h, d // 2, 2])
-    real, imag = nn.op.split(pairs, 2, axis=-1)
+    dtype, x = x.dtype, x.astype("float32")
+    real, imag = nn.op.split(nn.op.reshape(x, [b, s, h, d // 2, 2]), 2, axis=-1)
     rotated = nn.op.reshape(nn.op.concat([imag * -1.0, real], dim=-1), [b, s, h, d])
     cos, sin = nn.op.reshape(cos, [1, s, 1, d]), nn.op.reshape(sin, [1, s, 1, d])
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).astype(dtype)
 
 
 class RMSNorm(nn.Module):
