@@ -97,7 +97,15 @@ def _t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
-def _tiny_flux(root):
+FLUX_SCHNELL = {  # timestep-distilled: no guidance embedding, no shift
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "use_dynamic_shifting": False,
+}
+
+
+def _tiny_flux(root, guidance_embeds=True, scheduler=FLUX_DEV):
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(0)
@@ -137,7 +145,7 @@ def _tiny_flux(root):
         num_attention_heads=2,
         joint_attention_dim=32,
         pooled_projection_dim=32,
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
     vae = diffusers.AutoencoderKL(
@@ -159,7 +167,7 @@ def _tiny_flux(root):
         for p in m.parameters():
             p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
     pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
         vae=vae,
         text_encoder=text,
         tokenizer=tokenizer,
@@ -268,6 +276,22 @@ def test_four_step_generation_matches_flux_pipeline(flux):
     assert float(np.abs(got.pixels - ref).max()) < 1e-4
     alone = ours.generate("a red fox", n=1, steps=4, seed=8)
     np.testing.assert_allclose(alone.pixels[0], got.pixels[1], atol=1e-5)  # seed + i
+
+
+def test_schnell_style_model_without_guidance_embeds_matches_flux_pipeline(tmp_path):
+    pipe = _tiny_flux(tmp_path, guidance_embeds=False, scheduler=FLUX_SCHNELL)
+    kw = {"height": SIZE, "width": SIZE, "max_sequence_length": T5_LENGTH}
+    ours = ImagePipeline(str(compile_diffusion(tmp_path / "flux", tmp_path / "a", **kw)))
+    noise = ours.initial_noise(seed=3, n=1)
+    ref = pipe(
+        "a red fox",
+        num_inference_steps=2,
+        latents=torch.from_numpy(pack_latents(noise)),
+        output_type="np",
+        **kw,
+    ).images
+    got = ours.generate("a red fox", steps=2, seed=3).pixels
+    assert float(np.abs(got - ref).max()) < 1e-4
 
 
 def test_flux_rejects_what_it_cannot_do(flux):
