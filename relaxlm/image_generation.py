@@ -126,8 +126,8 @@ class ImagePipeline:
         pooled = np.repeat(m.pooled_text(ids), n, 0)
         context = np.repeat(m.encode_text_2(ids_2), n, 0)
         x = self.initial_noise(seed, n) if latents is None else latents.astype(np.float32)
-        _, c, h, w = x.shape
-        x = pack_latents(x)
+        h, w = x.shape[2:]
+        x = pack_latents(x)  # [n, image tokens, c*4]
         image_ids = np.zeros((h // 2, w // 2, 3))
         image_ids[..., 1] += np.arange(h // 2)[:, None]
         image_ids[..., 2] += np.arange(w // 2)[None, :]
