@@ -496,7 +496,7 @@ def _mcp(args) -> None:
     import os
 
     import relaxlm
-    from relaxlm.server.mcp_server import run_images_stdio, run_stdio
+    from relaxlm.server.mcp_server import run_stdio
 
     # stdout is the MCP wire: whatever loading prints (TVM included) goes to stderr instead.
     saved_stdout = os.dup(1)
@@ -521,7 +521,10 @@ def _mcp(args) -> None:
         os.dup2(saved_stdout, 1)
         os.close(saved_stdout)
     if images:
-        return run_images_stdio(model, args.served_model_name or Path(args.model).name)
+        from relaxlm.server import image_generation
+
+        name = args.served_model_name or Path(args.model).name
+        return image_generation.run_stdio(model, name)
     run_stdio(model, args.served_model_name or Path(model.artifact).name)
 
 

@@ -53,6 +53,8 @@ class ImageService:
     (the compiled entries are not re-entrant) and the request checks, so /v1, /ui and /mcp
     answer a request alike."""
 
+    Request = ImageRequest
+
     def __init__(self, pipeline: ImagePipeline, name: str):
         self.pipeline, self.name = pipeline, name
         self.size = f"{pipeline.width}x{pipeline.height}"
@@ -182,3 +184,10 @@ async def _lifespan(mcp_server, app: FastAPI) -> AsyncIterator[None]:
         return
     async with mcp_server.sessions():
         yield
+
+
+def run_stdio(pipeline: ImagePipeline, model_name: str) -> None:
+    """Serve the MCP `generate_image` tool over stdio (`relaxlm mcp` on a diffusion artifact)."""
+    from .mcp_server import McpImageServer
+
+    McpImageServer(ImageService(pipeline, model_name)).server.run("stdio")

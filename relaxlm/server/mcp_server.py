@@ -38,7 +38,6 @@ from relaxlm.sdk import LLM, AsyncLLM, EmbeddingLLM
 from relaxlm.server import completions
 from relaxlm.server import schemas as s
 from relaxlm.server.completions import Chat
-from relaxlm.server.image_generation import ImageRequest, ImageService
 
 # Request fields a tool fixes: the model is the served one, and a tool answers one choice's
 # text, whole. The tools take every other field of the route's schema, with its ranges.
@@ -210,9 +209,10 @@ class McpModelServer(_McpTransports):
 
 
 class McpImageServer(_McpTransports):
-    """An MCPServer with one tool, `generate_image`, over an image server's ImageService."""
+    """An MCPServer with one tool, `generate_image`, over an image server's ImageService
+    (image_generation.py, which builds this server: hence no import of it here)."""
 
-    def __init__(self, service: ImageService):
+    def __init__(self, service):
         self.service = service
         self.server = MCPServer(
             "relaxlm",
@@ -221,13 +221,13 @@ class McpImageServer(_McpTransports):
             log_level="WARNING",
         )
         fixed = {"model", "size", "response_format"}
-        self.server.add_tool(_taking_fields(self.generate_image, ImageRequest, fixed))
+        self.server.add_tool(_taking_fields(self.generate_image, service.Request, fixed))
 
     async def generate_image(self, **fields) -> CallToolResult:
         """Images (PNG) for `prompt`: `n` of them, image i from seed + i, in `steps` denoising
         steps with classifier-free guidance `guidance_scale` (1 turns it off)."""
         try:
-            request = ImageRequest.model_validate(fields)
+            request = self.service.Request.model_validate(fields)
             pngs, truncated = await self.service.generate(request)
         except ValidationError as e:
             error = e.errors()[0]
@@ -298,9 +298,3 @@ def model_card(llm: AsyncLLM | EmbeddingLLM, model_name: str) -> dict[str, Any]:
 def run_stdio(llm: LLM | EmbeddingLLM, model_name: str) -> None:
     """Serve `llm` over stdio until the client closes stdin (`relaxlm mcp MODEL`)."""
     McpModelServer(completions.ModelContext.serving(llm, model_name)).server.run("stdio")
-
-
-def run_images_stdio(pipeline, model_name: str) -> None:
-    """Serve an ImagePipeline's `generate_image` over stdio (`relaxlm mcp` on a diffusion
-    artifact)."""
-    McpImageServer(ImageService(pipeline, model_name)).server.run("stdio")
