@@ -152,7 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences before 429s")
     p.add_argument("--mcp", action="store_true", help="also serve the model over MCP at /mcp")
-    p.add_argument("--ui", action="store_true", help="serve a web chat page at /ui")
+    p.add_argument(
+        "--ui",
+        action="store_true",
+        help="serve a web page at /ui: chat, or image generation for a diffusion artifact",
+    )
     p.add_argument(
         "--mcp-config",
         metavar="FILE",
@@ -511,20 +515,31 @@ def _mcp(args) -> None:
     # stdout is the MCP wire: whatever loading prints (TVM included) goes to stderr instead.
     saved_stdout = os.dup(1)
     os.dup2(2, 1)
+    images = _is_diffusion_artifact(args.model)  # `generate_image` (mcp_server.McpImageServer)
     try:
-        llm = relaxlm.LLM(
-            args.model,
-            target=args.target,
-            quant=args.quant,
-            dtype=args.dtype,
-            lora=args.lora,
-            threads=args.threads,
-        )
+        if images:
+            from relaxlm.image_generation import ImagePipeline
+
+            model = ImagePipeline(args.model)
+        else:
+            model = relaxlm.LLM(
+                args.model,
+                target=args.target,
+                quant=args.quant,
+                dtype=args.dtype,
+                lora=args.lora,
+                threads=args.threads,
+            )
     finally:
         sys.stdout.flush()
         os.dup2(saved_stdout, 1)
         os.close(saved_stdout)
-    run_stdio(llm, args.served_model_name or Path(llm.artifact).name)
+    if images:
+        from relaxlm.server import image_generation
+
+        name = args.served_model_name or Path(args.model).name
+        return image_generation.run_stdio(model, name)
+    run_stdio(model, args.served_model_name or Path(model.artifact).name)
 
 
 def _is_diffusion_artifact(model: str | None) -> bool:
@@ -545,9 +560,10 @@ def _serve_images(args) -> None:
     from relaxlm.server.image_generation import create_image_app
 
     name = args.served_model_name or Path(args.model).name
-    app = create_image_app(ImagePipeline(args.model), name)
+    app = create_image_app(ImagePipeline(args.model), name, mcp=args.mcp, ui=args.ui)
     base = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
-    print(f"serving {base}/v1/images/generations", flush=True)
+    paths = ["/v1/images/generations"] + ["/ui"] * args.ui + ["/mcp"] * args.mcp
+    print("serving " + ", ".join(base + path for path in paths), flush=True)
     uvicorn.run(app, host=args.host, port=args.port)
 
 

@@ -2,9 +2,11 @@
 random-weight pipeline (built here with diffusers' own classes and `save_pretrained`)
 compiled for the CPU: each component, the tokenizer and whole seeded generations."""
 
+import asyncio
 import base64
 import io
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 import torch
 
 diffusers = pytest.importorskip("diffusers")
@@ -265,7 +268,7 @@ def image_server(sd):
     from relaxlm.server.image_generation import create_image_app
 
     _, ours = sd
-    with BackgroundServer(create_image_app(ours, "tiny-sd")) as s:
+    with BackgroundServer(create_image_app(ours, "tiny-sd", mcp=True, ui=True)) as s:
         yield s
 
 
@@ -331,6 +334,106 @@ def test_an_over_long_prompt_is_cut_and_the_response_says_so(client):
     assert _png(raw.parse().data[0].b64_json).shape == (SIZE, SIZE, 3)
 
 
+# -- the MCP `generate_image` tool and the web page, on the same server ------------------------
+
+
+def _tool_images(result) -> list[np.ndarray]:
+    assert not result.is_error, result.content
+    assert result.content[0].type == "text"
+    images = result.content[1:]
+    assert {(c.type, c.mime_type) for c in images} == {("image", "image/png")}
+    return [_png(c.data) for c in images]
+
+
+def test_mcp_generate_image_equals_the_sdk(image_server, sd):
+    from mcp import Client
+
+    _, ours = sd
+
+    async def session():
+        async with Client(f"{image_server.url}/mcp") as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            args = {"prompt": "a red fox", "n": 2, "seed": 3, "steps": 2}
+            images = await client.call_tool("generate_image", args)
+            too_many = await client.call_tool("generate_image", {**args, "n": 5})
+            empty = await client.call_tool("generate_image", {"prompt": " ", "steps": 1})
+            return tools, images, too_many, empty
+
+    tools, result, too_many, empty = asyncio.run(session())
+    assert set(tools) == {"generate_image"}
+    schema = tools["generate_image"].input_schema
+    assert schema["required"] == ["prompt"] and "size" not in schema["properties"]
+    images = _tool_images(result)
+    sdk = ours.generate("a red fox", n=2, steps=2, seed=3).images
+    assert [im.shape for im in images] == [(SIZE, SIZE, 3)] * 2
+    for got, want in zip(images, sdk, strict=True):
+        np.testing.assert_array_equal(got, np.asarray(want))
+    assert result.structured_content == {
+        "count": 2,
+        "size": f"{SIZE}x{SIZE}",
+        "seed": 3,
+        "prompt_truncated": False,
+    }
+    assert too_many.is_error and "n must be between 1 and 4, got 5" in too_many.content[0].text
+    assert empty.is_error and "prompt must not be empty" in empty.content[0].text
+
+
+def test_relaxlm_mcp_serves_generate_image_over_stdio(sd):
+    from mcp import Client, StdioServerParameters
+
+    _, ours = sd
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "relaxlm", "mcp", str(ours.model.folder)]
+    )
+
+    async def session():
+        async with Client(params) as client:
+            args = {"prompt": "a red fox", "seed": 5, "steps": 2}
+            return await client.call_tool("generate_image", args)
+
+    (image,) = _tool_images(asyncio.run(session()))
+    sdk = ours.generate("a red fox", n=1, steps=2, seed=5).images[0]
+    np.testing.assert_array_equal(image, np.asarray(sdk))
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)"
+)
+def test_web_page_generates_the_sdk_image(image_server, sd, tmp_path):
+    """/ui in a real headless Chromium: the model card, then a seeded generation whose image
+    is the SDK's, shown with its seed."""
+    from playwright.sync_api import expect, sync_playwright
+
+    _, ours = sd
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=["--no-sandbox"])
+        page = browser.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{image_server.url}/ui")
+        assert page.url.endswith("/ui/images.html")
+        expect(page.locator("#model-fields")).to_contain_text(f"{SIZE}x{SIZE}")
+        page.fill("#seed", "7")
+        page.fill("#steps", "2")
+        page.fill("#n", "2")
+        page.fill("#input", "a red fox")
+        page.click("#send")
+        images = page.locator(".generation img")
+        expect(images).to_have_count(2, timeout=60_000)
+        expect(page.locator(".generation figcaption")).to_contain_text("a red fox · seed 7")
+        sources = [images.nth(i).get_attribute("src") for i in range(2)]
+        page.screenshot(path=str(tmp_path / "images.png"))
+        page.fill("#n", "9")  # more than the server makes: its 400 shows as the status
+        page.click("#send")
+        expect(page.locator("#status")).to_contain_text("n must be between 1 and 4, got 9")
+        browser.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    sdk = ours.generate("a red fox", n=2, steps=2, seed=7).images
+    for src, want in zip(sources, sdk, strict=True):
+        assert src.startswith("data:image/png;base64,")
+        np.testing.assert_array_equal(_png(src.split(",", 1)[1]), np.asarray(want))
+
+
 # -- the CLI -------------------------------------------------------------------------------
 
 
@@ -342,7 +445,7 @@ def test_relaxlm_serve_serves_a_diffusion_artifact(sd):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "relaxlm", "serve", str(ours.model.folder)]
-    command += ["--port", str(port), "--served-model-name", "cli-sd"]
+    command += ["--port", str(port), "--served-model-name", "cli-sd", "--ui", "--mcp"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -360,6 +463,10 @@ def test_relaxlm_serve_serves_a_diffusion_artifact(sd):
         )
         sdk = ours.generate("a red fox", n=1, steps=2, seed=5).images[0]
         np.testing.assert_array_equal(_png(out.data[0].b64_json), np.asarray(sdk))
+        (card,) = client.models.list().data
+        assert (card.id, card.task) == ("cli-sd", "image-generation")
+        page = requests.get(f"http://127.0.0.1:{port}/ui", timeout=10)
+        assert page.status_code == 200 and "images.js" in page.text
     finally:
         process.terminate()
         process.wait(timeout=30)

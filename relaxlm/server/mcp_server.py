@@ -8,11 +8,16 @@ model) comes back as an MCP tool error with the reason, never as a crash of the 
 Transports: stdio for `relaxlm mcp MODEL` (`run_stdio`), streamable HTTP at `/mcp` of the
 OpenAI server (`McpModelServer.http_routes`, whose sessions run in the app's lifespan).
 
+An image-generation artifact is served by `McpImageServer` instead: one tool, `generate_image`,
+whose images come back as MCP image content (PNG), through the same checks and pipeline as
+`POST /v1/images/generations`.
+
 `chat` goes through the same function as `POST /v1/chat/completions` (completions.chat_completion,
 or the MCP tool loop when the OpenAI server has one), so a seeded request gives the same answer
 on both.
 """
 
+import base64
 import functools
 import inspect
 import json
@@ -24,7 +29,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.mcpserver.resources import FunctionResource
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.types import CallToolResult, TextContent
+from mcp.types import CallToolResult, ImageContent, TextContent
 from pydantic import BaseModel, ValidationError
 from starlette.routing import BaseRoute
 
@@ -41,7 +46,30 @@ _FIXED_FIELDS |= set(s.REFUSED_FIELDS)
 _COMPLETE_FIXED = _FIXED_FIELDS | {"echo", "suffix", "best_of"}
 
 
-class McpModelServer:
+class _McpTransports:
+    """The streamable-HTTP transport of an MCPServer held as `self.server`."""
+
+    server: MCPServer
+
+    def http_routes(self) -> list[BaseRoute]:
+        """The `/mcp` streamable-HTTP route to add to an ASGI app; enter `sessions()` in that
+        app's lifespan (a mounted sub-app's lifespan never runs).
+
+        The app checks Host and Origin for all its routes (guards.RequestGuard), so the SDK's
+        own check, which would differ from the other routes', is off.
+        """
+        app = self.server.streamable_http_app(
+            streamable_http_path="/mcp",
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        )
+        return list(app.routes)
+
+    def sessions(self) -> AbstractAsyncContextManager[None]:
+        """The streamable-HTTP session manager's run, for the serving app's lifespan."""
+        return self.server.session_manager.run()
+
+
+class McpModelServer(_McpTransports):
     """An MCPServer whose tools and resources serve the model of `ctx` (the OpenAI server's:
     its SDK model and served name).
 
@@ -165,25 +193,6 @@ class McpModelServer:
             structured_content={"models": models},
         )
 
-    # -- transports -----------------------------------------------------------------------------
-
-    def http_routes(self) -> list[BaseRoute]:
-        """The `/mcp` streamable-HTTP route to add to an ASGI app; enter `sessions()` in that
-        app's lifespan (a mounted sub-app's lifespan never runs).
-
-        The app checks Host and Origin for all its routes (guards.RequestGuard), so the SDK's
-        own check, which would differ from the other routes', is off.
-        """
-        app = self.server.streamable_http_app(
-            streamable_http_path="/mcp",
-            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
-        )
-        return list(app.routes)
-
-    def sessions(self) -> AbstractAsyncContextManager[None]:
-        """The streamable-HTTP session manager's run, for the serving app's lifespan."""
-        return self.server.session_manager.run()
-
     def _check_generates(self, tool: str) -> None:
         if self.ctx.is_embedding:
             raise ToolError(
@@ -197,6 +206,50 @@ class McpModelServer:
         except ValidationError as e:
             error = e.errors()[0]
             raise ToolError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from e
+
+
+class McpImageServer(_McpTransports):
+    """An MCPServer with one tool, `generate_image`, over an image server's ImageService
+    (image_generation.py, which builds this server: hence no import of it here)."""
+
+    def __init__(self, service):
+        self.service = service
+        self.server = MCPServer(
+            "relaxlm",
+            instructions=f"relaxlm serving {service.name}, a text-to-image model making "
+            f"{service.size} images; call `generate_image` with a prompt.",
+            log_level="WARNING",
+        )
+        fixed = {"model", "size", "response_format"}
+        self.server.add_tool(_taking_fields(self.generate_image, service.Request, fixed))
+
+    async def generate_image(self, **fields) -> CallToolResult:
+        """Images (PNG) for `prompt`: `n` of them, image i from seed + i, in `steps` denoising
+        steps with classifier-free guidance `guidance_scale` (1 turns it off)."""
+        try:
+            request = self.service.Request.model_validate(fields)
+            pngs, truncated = await self.service.generate(request)
+        except ValidationError as e:
+            error = e.errors()[0]
+            raise ToolError(f"{'.'.join(map(str, error['loc']))}: {error['msg']}") from e
+        except completions.ApiError as e:
+            raise ToolError(str(e)) from e
+        content = [
+            ImageContent(type="image", data=base64.b64encode(png).decode(), mime_type="image/png")
+            for png in pngs
+        ]
+        note = f"{len(pngs)} image(s), {self.service.size}, seed {request.seed}"
+        if truncated:
+            note += "; the prompt was longer than the text encoder reads and was cut"
+        return CallToolResult(
+            content=[TextContent(type="text", text=note), *content],
+            structured_content={
+                "count": len(pngs),
+                "size": self.service.size,
+                "seed": request.seed,
+                "prompt_truncated": truncated,
+            },
+        )
 
 
 def _taking_fields(tool, schema: type[BaseModel], fixed: set[str], **types) -> Callable:
