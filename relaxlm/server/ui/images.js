@@ -72,7 +72,7 @@ async function generate() {
     prompt,
     n: number("n") ?? 1,
     steps: number("steps") ?? 25,
-    guidance_scale: number("guidance_scale") ?? 7.5,
+    guidance_scale: number("guidance_scale"), // null: the pipeline's (SD 7.5, FLUX 3.5)
     negative_prompt: $("negative_prompt").value,
     seed,
     response_format: "b64_json",
