@@ -144,6 +144,7 @@ _ACTIVATIONS: dict[str, Callable[[nn.Tensor], nn.Tensor]] = {
     "gelu": nn.op.gelu,  # erf form
     "gelu_new": lambda x: nn.op.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: nn.op.gelu(x, approximate="tanh"),
+    "quick_gelu": lambda x: x * nn.op.sigmoid(x * 1.702),  # CLIP's
 }
 
 

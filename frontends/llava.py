@@ -26,6 +26,7 @@ from tvm.relax.frontend import nn
 
 from relaxlm.errors import RelaxlmError
 
+from .clip import CLIPEncoderLayer
 from .config import activation, from_config
 from .entry import VisionLM
 from .llama import LlamaConfig, LlamaForCausalLM, qwen2_config
@@ -164,14 +165,6 @@ class LlavaConfig:
         return self.text.context_window
 
 
-def _quick_gelu(x: nn.Tensor) -> nn.Tensor:
-    return x * nn.op.sigmoid(x * 1.702)
-
-
-def _vision_activation(name: str):
-    return _quick_gelu if name == "quick_gelu" else activation("vision_config.hidden_act", name)
-
-
 class CLIPPatchEmbedding(nn.Module):
     """The stride-p, bias-free convolution of CLIP, as one matmul over flattened patches."""
 
@@ -230,32 +223,14 @@ class CLIPAttention(nn.Module):
         return self.out_proj(nn.op.reshape(out, (b, s, h)))
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _vision_activation(config.hidden_act)
-
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: CLIPVisionConfig):
-        eps = config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps)
-        self.self_attn = CLIPAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps)
-        self.mlp = CLIPMLP(config)
-
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPEncoder(nn.Module):
     def __init__(self, config: CLIPVisionConfig, num_layers: int):
-        self.layers = nn.ModuleList([CLIPEncoderLayer(config) for _ in range(num_layers)])
+        self.layers = nn.ModuleList(
+            [
+                CLIPEncoderLayer(config, CLIPAttention(config), "vision_config.hidden_act")
+                for _ in range(num_layers)
+            ]
+        )
 
 
 class CLIPVisionTower(nn.Module):

@@ -7,10 +7,7 @@ import base64
 import io
 import json
 import shutil
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,6 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 from relaxlm.compiler.diffusion import compile_diffusion  # noqa: E402
 from relaxlm.image_generation import ImagePipeline  # noqa: E402
 from relaxlm.runtime.schedulers import make_scheduler  # noqa: E402
+from relaxlm.testing.servers import relaxlm_serve  # noqa: E402
 
 SIZE = 16  # pixels; the tiny VAE upsamples 2x, so latents are 8 x 8
 LATENT = 8
@@ -441,23 +439,9 @@ def test_relaxlm_serve_serves_a_diffusion_artifact(sd):
     import openai
 
     _, ours = sd
-    with socket.socket() as s:  # a free port, released for the server to take
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "relaxlm", "serve", str(ours.model.folder)]
-    command += ["--port", str(port), "--served-model-name", "cli-sd", "--ui", "--mcp"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "relaxlm serve did not start"
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    options = ["--served-model-name", "cli-sd", "--ui", "--mcp"]
+    with relaxlm_serve(str(ours.model.folder), *options) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         out = client.images.generate(
             model="cli-sd", prompt="a red fox", extra_body={"seed": 5, "steps": 2}
         )
@@ -465,11 +449,8 @@ def test_relaxlm_serve_serves_a_diffusion_artifact(sd):
         np.testing.assert_array_equal(_png(out.data[0].b64_json), np.asarray(sdk))
         (card,) = client.models.list().data
         assert (card.id, card.task) == ("cli-sd", "image-generation")
-        page = requests.get(f"http://127.0.0.1:{port}/ui", timeout=10)
+        page = requests.get(f"{url}/ui", timeout=10)
         assert page.status_code == 200 and "images.js" in page.text
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, capsys):

@@ -17,6 +17,7 @@ from relaxlm.compiler.diffusion import compile_diffusion  # noqa: E402
 from relaxlm.errors import RelaxlmError  # noqa: E402
 from relaxlm.image_generation import ImagePipeline, pack_latents, unpack_latents  # noqa: E402
 from relaxlm.runtime.schedulers import make_flow_match_scheduler  # noqa: E402
+from relaxlm.testing.servers import relaxlm_serve  # noqa: E402
 
 SIZE = 32  # pixels; the VAE upsamples 2x and FLUX packs 2x2 patches: 8 x 8 image tokens
 LATENT = 16
@@ -334,10 +335,6 @@ def test_openai_client_generates_the_sdk_image(flux):
 
 def test_cli_compiles_draws_and_serves_a_flux_folder(flux, tmp_path, capsys):
     """`relaxlm compile`, `draw` and `serve` (the openai client against the real command)."""
-    import socket
-    import subprocess
-    import sys
-    import time
 
     import openai
     from PIL import Image
@@ -357,28 +354,11 @@ def test_cli_compiles_draws_and_serves_a_flux_folder(flux, tmp_path, capsys):
     assert main(bad) == 2
     assert "multiple of 4" in capsys.readouterr().err
 
-    with socket.socket() as s:  # a free port, released for the server to take
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "relaxlm", "serve", str(artifact), "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "relaxlm serve did not start"
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    with relaxlm_serve(str(artifact)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         got = client.images.generate(prompt="a red fox", extra_body={"seed": 5, "steps": 3})
         png = Image.open(io.BytesIO(base64.b64decode(got.data[0].b64_json))).convert("RGB")
         np.testing.assert_array_equal(np.asarray(png), sdk)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_float16_cuda_and_q8_compile(flux, tmp_path):

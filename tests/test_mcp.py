@@ -14,10 +14,7 @@ in a 200 response.
 
 import asyncio
 import json
-import socket
-import subprocess
 import sys
-import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from relaxlm.server import schemas
 from relaxlm.server.app import ServerOptions, create_app
 from relaxlm.server.background import BackgroundServer
 from relaxlm.server.mcp_client import McpTools, _function_name, chat_with_tools, load_config
+from relaxlm.testing.servers import free_port, running
 
 MODEL = "tiny-mcp"
 TESTS = Path(__file__).parent
@@ -43,31 +41,13 @@ def llm(compiled):
     return compiled("qwen2")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def http_adder():
     """tests/mcp_add_server.py over streamable HTTP, in a subprocess: its /mcp URL."""
     port = free_port()
     command = [sys.executable, str(TESTS / "mcp_add_server.py"), "--http", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("tests/mcp_add_server.py --http did not start") from None
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}/mcp"
-    process.terminate()
-    process.wait(timeout=10)
+    with running(command, port, timeout=30) as url:
+        yield f"{url}/mcp"
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import openai
@@ -23,6 +20,7 @@ from relaxlm.cli import main
 from relaxlm.replicas import PrefixRouter, ReplicaSet
 from relaxlm.server.app import ServerOptions, create_app
 from relaxlm.server.background import BackgroundServer
+from relaxlm.testing.servers import relaxlm_serve
 
 MODEL = "tiny-replicas"
 REQUEST_TIMEOUT_S = 60  # one request, start to end
@@ -368,24 +366,8 @@ def test_a_hung_replica_is_killed_by_the_health_check_and_its_queued_requests_re
 
 def test_relaxlm_serve_replicas_command(llm):
     """`relaxlm serve --replicas 1`: the command starts its own local Ray and serves through it."""
-    with socket.socket() as s:  # a free port, released for the server to take
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "relaxlm", "serve", str(llm.artifact), "--port", str(port)]
-    command += ["--replicas", "1", "--threads", "1", "--max-batch", "8"]
-    command += ["--served-model-name", MODEL]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "relaxlm serve --replicas did not start"
-                time.sleep(0.2)
+    options = ["--replicas", "1", "--threads", "1", "--max-batch", "8"]
+    with relaxlm_serve(str(llm.artifact), *options, "--served-model-name", MODEL) as url:
         conversations = [_user(f"Command {i}: what does the compiler test?") for i in range(4)]
 
         async def run():
@@ -395,10 +377,3 @@ def test_relaxlm_serve_replicas_command(llm):
             return await asyncio.gather(*(_stream(client, m, 16) for m in conversations))
 
         assert asyncio.run(run()) == _oracle(llm, conversations, 16)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise

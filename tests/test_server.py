@@ -7,8 +7,6 @@ import base64
 import json
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -26,6 +24,7 @@ from schemathesis import GenerationMode
 import relaxlm
 from relaxlm.server.app import ServerOptions, create_app
 from relaxlm.server.background import BackgroundServer
+from relaxlm.testing.servers import relaxlm_serve
 
 MODEL = "tiny-chat"
 KEY = "test-key"
@@ -695,28 +694,10 @@ def test_fuzzed_requests_never_get_a_5xx(server, client):
 
 
 def test_relaxlm_serve_command(llm):
-    with socket.socket() as s:  # a free port, released for the server to take
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "relaxlm", "serve", str(llm.artifact), "--port", str(port)]
-    command += ["--api-key", KEY, "--served-model-name", "cli-model", "--max-batch", "4"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if requests.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline, "relaxlm serve did not start"
-                time.sleep(0.2)
+    options = ["--api-key", KEY, "--served-model-name", "cli-model", "--max-batch", "4"]
+    with relaxlm_serve(str(llm.artifact), *options) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
         assert [m.id for m in client.models.list().data] == ["cli-model"]
         out = client.chat.completions.create(model="cli-model", messages=USER, max_tokens=3)
         assert out.usage.completion_tokens <= 3
         assert requests.get(f"{url}/v1/models", timeout=5).status_code == 401
-    finally:
-        process.terminate()
-        process.wait(timeout=30)

@@ -10,6 +10,8 @@ from typing import Any
 
 from tvm.relax.frontend import nn
 
+from ..clip import CLIPEncoderLayer
+
 
 @dataclass
 class CLIPTextConfig:
@@ -30,14 +32,6 @@ class CLIPTextConfig:
             **{k: v for k, v in raw.items() if k in known},
             extra={k: v for k, v in raw.items() if k not in known},
         )
-
-
-def _act(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * nn.op.sigmoid(x * 1.702)
-    if name in ("gelu", "gelu_pytorch_tanh"):
-        return nn.op.gelu
-    raise ValueError(f"CLIP hidden_act {name!r} is not supported")
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -67,33 +61,13 @@ class CLIPAttention(nn.Module):
         return self.out_proj(nn.op.reshape(out, [b, s, h]))
 
 
-class CLIPMLP(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = _act(config.hidden_act)
-
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
-        eps = config.layer_norm_eps
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps)
-        self.self_attn = CLIPAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps)
-        self.mlp = CLIPMLP(config)
-
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
-
-
 class CLIPEncoder(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         self.layers = nn.ModuleList(
-            [CLIPEncoderLayer(config) for _ in range(config.num_hidden_layers)]
+            [
+                CLIPEncoderLayer(config, CLIPAttention(config), "hidden_act")
+                for _ in range(config.num_hidden_layers)
+            ]
         )
 
 
