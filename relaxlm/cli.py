@@ -1,6 +1,7 @@
 """The `relaxlm` command: a thin layer that parses arguments and calls the SDK."""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -113,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         "the acceptance rate, over a prompt that repeats itself (or --prompt)",
     )
     p.add_argument("--prompt", help="with --draft-model: the text to continue")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=25,
+        help="diffusion artifacts: denoising steps of each timed image (default: 25, as draw)",
+    )
     _add_build_options(p)
     p.set_defaults(func=_bench)
 
@@ -476,16 +483,19 @@ def _bench(args) -> None:
 
 def _bench_diffusion(args) -> None:
     """Seconds per denoising step (Stable Diffusion: UNet on the guided batch of 2; FLUX: the
-    transformer once, its guidance embedded; plus the scheduler)."""
-    from relaxlm.image_generation import ImagePipeline, seconds_per_step
+    transformer once, its guidance embedded; plus the scheduler) and per image (`--steps`
+    steps, text encoders and VAE decoder included)."""
+    from relaxlm.image_generation import ImagePipeline, image_timings
 
     pipe = ImagePipeline(args.model)
-    per_step = seconds_per_step(pipe, steps=5, repeats=args.repeats)
+    timings = image_timings(pipe, steps=args.steps, repeats=args.repeats)
+    size = f"{pipe.width}x{pipe.height}"
     if args.json:
-        print(json.dumps({"seconds_per_step": per_step, "size": f"{pipe.width}x{pipe.height}"}))
+        print(json.dumps({**dataclasses.asdict(timings), "size": size}))
     else:
-        print(f"model            {args.model} ({pipe.width}x{pipe.height})")
-        print(f"denoising        {per_step:.4f} s/step (median, default guidance)")
+        print(f"model            {args.model} ({size})")
+        print(f"denoising        {timings.seconds_per_step:.4f} s/step (median, default guidance)")
+        print(f"image            {timings.seconds_per_image:.3f} s ({timings.steps} steps)")
 
 
 def _bench_speculative(llm, args) -> None:

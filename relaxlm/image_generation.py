@@ -13,6 +13,7 @@ same image alone or in a batch.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -166,19 +167,27 @@ def _to_pil(pixels: np.ndarray) -> list:
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 
 
-def seconds_per_step(pipe: ImagePipeline, steps: int = 5, repeats: int = 3) -> float:
-    """Median wall time between consecutive denoising steps (guided, one image), over
-    `repeats` generations after one warm-up."""
+@dataclass(frozen=True)
+class ImageTimings:
+    seconds_per_step: float  # median gap between consecutive denoising steps
+    seconds_per_image: float  # median whole generation: text encoders, `steps` steps, VAE
+    steps: int
+
+
+def image_timings(pipe: ImagePipeline, steps: int = 5, repeats: int = 3) -> ImageTimings:
+    """Wall times of one-image generations at the pipeline's default guidance, over `repeats`
+    generations after one warm-up."""
     gaps: list[float] = []
+    images: list[float] = []
     for run in range(repeats + 1):
         stamps: list[float] = []
+        start = time.perf_counter()
         pipe.generate("a photo", steps=steps, seed=run, on_step=_stamp(stamps))
         if run:
+            images.append(time.perf_counter() - start)
             gaps += list(np.diff(stamps))
-    return float(np.median(gaps))
+    return ImageTimings(float(np.median(gaps)), float(np.median(images)), steps)
 
 
 def _stamp(stamps: list[float]) -> Callable[[int, int], None]:
-    import time
-
     return lambda done, total: stamps.append(time.perf_counter())

@@ -15,10 +15,11 @@ import test_diffusion as T
 import torch
 
 from relaxlm.compiler.diffusion import compile_diffusion
-from relaxlm.image_generation import ImagePipeline, seconds_per_step
+from relaxlm.image_generation import ImagePipeline, image_timings
+from relaxlm.testing.tiny_diffusion import tiny_stable_diffusion
 
 root = pathlib.Path(tempfile.mkdtemp())
-pipe = T._tiny_pipeline(root, False)
+pipe = tiny_stable_diffusion(root, False)
 compile_diffusion(root / "sd", root / "a", height=16, width=16, progress=False)
 compile_diffusion(root / "sd", root / "q8", height=16, width=16, progress=False, quant="q8")
 ours, q8 = ImagePipeline(str(root / "a")), ImagePipeline(str(root / "q8"))
@@ -71,4 +72,5 @@ for s in ["DDIMScheduler", "EulerDiscreteScheduler"]:
             np.abs(q8.generate("a red fox", n=2, steps=4, seed=7, scheduler=s).pixels - ref).max()
         ),
     )
-print("s/step f32", seconds_per_step(ours, 5, 3), "q8", seconds_per_step(q8, 5, 3))
+for name, pipeline in (("f32", ours), ("q8", q8)):
+    print("s/step", name, image_timings(pipeline, 5, 3).seconds_per_step)

@@ -14,7 +14,8 @@ import test_flux as T
 import torch
 
 from relaxlm.compiler.diffusion import compile_diffusion
-from relaxlm.image_generation import ImagePipeline, pack_latents, seconds_per_step
+from relaxlm.image_generation import ImagePipeline, image_timings, pack_latents
+from relaxlm.testing.tiny_diffusion import tiny_flux
 
 
 def err(ours, ref):
@@ -23,7 +24,7 @@ def err(ours, ref):
 
 
 root = pathlib.Path(tempfile.mkdtemp())
-pipe = T._tiny_flux(root)
+pipe = tiny_flux(root)
 compile_diffusion(
     root / "flux", root / "a", height=T.SIZE, width=T.SIZE, max_sequence_length=32, progress=False
 )
@@ -71,4 +72,4 @@ ref = pipe(
     max_sequence_length=32,
 ).images
 print("4-step pixels", err(ours.generate("a red fox", n=2, steps=4, seed=7).pixels, ref))
-print(f"s/step {seconds_per_step(ours, 5, 3):.4f} ({T.SIZE}x{T.SIZE}, one image)")
+print(f"s/step {image_timings(ours, 5, 3).seconds_per_step:.4f} ({T.SIZE}x{T.SIZE}, one image)")

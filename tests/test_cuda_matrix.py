@@ -16,7 +16,7 @@ import shutil
 import pytest
 
 from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
-from relaxlm.testing.gpu_cases import DTYPES, GPU_CASES, QUANTS
+from relaxlm.testing.gpu_cases import DIFFUSION_CASES, DTYPES, GPU_CASES, QUANTS
 
 HAVE_NVCC = shutil.which("nvcc") is not None
 CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC)}
@@ -37,7 +37,7 @@ def matrix(request, tmp_path_factory):
 COMPILING = list(CELLS.values())
 
 
-@pytest.mark.parametrize("cell", [c.id for c in COMPILING])
+@pytest.mark.parametrize("cell", [c.id for c in COMPILING if c.case not in DIFFUSION_CASES])
 def test_compiles_for_cuda(cell, matrix):
     result = matrix[cell]
     assert result["ok"], f"{cell}: {result['error']}: {result['message']}"
@@ -53,12 +53,34 @@ def test_compiles_for_cuda(cell, matrix):
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
 
 
+DIFFUSION_ENTRIES = {
+    "stable_diffusion": ["decode_latents", "denoise", "encode_text"],
+    "flux": ["decode_latents", "denoise", "encode_text", "encode_text_2"],
+}
+
+
+@pytest.mark.parametrize("cell", [c.id for c in COMPILING if c.case in DIFFUSION_CASES])
+def test_every_diffusion_component_compiles_for_cuda(cell, matrix):
+    """Text encoders, denoiser and VAE decoder, each its own library with its kernels (the
+    GPU schedules' matmuls, norms, convolutions): CUDA source, or SASS for sm_80 and sm_90."""
+    result = matrix[cell]
+    assert result["ok"], f"{cell}: {result['error']}: {result['message']}"
+    assert result["device_module"] == "cuda"
+    entries = result["entries"]
+    assert sorted(entries) == DIFFUSION_ENTRIES[CELLS[cell].case]
+    for name, kernels in entries.items():
+        if CELLS[cell].nvcc:
+            assert sorted(kernels["sass"]) == ["80", "90"] and kernels["ptx"] == [80], name
+            kernels = kernels["sass"]["80"]
+        assert len(kernels) >= 3, (name, kernels)
+
+
 def test_nvcc_cells_cover_every_architecture_dtype_and_quantization():
     if not HAVE_NVCC:
         pytest.skip("nvcc is not on PATH: every cell is built to CUDA source only")
     pairs = [nvcc_cell(case) for case in GPU_CASES]
     assert set(pairs) == {(d, q) for d in DTYPES for q in QUANTS}
-    assert [c.case for c in COMPILING if c.nvcc] == list(GPU_CASES)
+    assert [c.case for c in COMPILING if c.nvcc] == [*GPU_CASES, *DIFFUSION_CASES]
 
 
 def test_a_crashing_cell_fails_alone(tmp_path, monkeypatch):

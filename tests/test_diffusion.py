@@ -20,8 +20,9 @@ from relaxlm.compiler.diffusion import compile_diffusion  # noqa: E402
 from relaxlm.image_generation import ImagePipeline  # noqa: E402
 from relaxlm.runtime.schedulers import make_scheduler  # noqa: E402
 from relaxlm.testing.servers import relaxlm_serve  # noqa: E402
+from relaxlm.testing.tiny_diffusion import SD_SIZE, tiny_stable_diffusion  # noqa: E402
 
-SIZE = 16  # pixels; the tiny VAE upsamples 2x, so latents are 8 x 8
+SIZE = SD_SIZE
 LATENT = 8
 
 SD15 = {
@@ -78,89 +79,11 @@ def test_unknown_scheduler_is_a_clear_error():
         make_scheduler({**SD15, "_class_name": "PNDMScheduler"})
 
 
-def _tiny_tokenizer(folder):
-    """A CLIP BPE tokenizer over single letters (no merges): real CLIP pre-tokenization and
-    special tokens, a vocabulary of 54."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir()
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    )
-
-
-def _tiny_pipeline(root, linear_proj: bool):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=LATENT,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=2,
-        norm_num_groups=8,
-        use_linear_projection=linear_proj,
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
-    tokenizer = _tiny_tokenizer(root / "tok")
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    # Wider than diffusers' init (which zeroes the output convs), so every path matters.
-    for m in (unet, vae):
-        for p in m.parameters():
-            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
-    scheduler = diffusers.DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(root / "sd")
-    return pipe.to(torch.float32)
-
-
 @pytest.fixture(scope="session", params=[False, True], ids=["sd1-conv-proj", "sd2-linear-proj"])
 def sd(request, tmp_path_factory):
     """(diffusers pipeline, compiled relaxlm ImagePipeline) for a tiny random SD model."""
     root = tmp_path_factory.mktemp("sd")
-    pipe = _tiny_pipeline(root, request.param)
+    pipe = tiny_stable_diffusion(root, request.param)
     compile_diffusion(root / "sd", root / "artifact", height=SIZE, width=SIZE, progress=False)
     return pipe, ImagePipeline(str(root / "artifact"))
 
@@ -471,9 +394,11 @@ def test_cli_compiles_a_diffusers_folder_and_draws_the_sdk_image(sd, tmp_path, c
     np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(sdk))
     assert main(["compile", source, "-o", str(tmp_path / "bad"), "--image-size", "15x16"]) == 2
     assert "multiple of 2" in capsys.readouterr().err
-    assert main(["bench", str(artifact), "--repeats", "1", "--json"]) == 0
+    assert main(["bench", str(artifact), "--repeats", "1", "--steps", "4", "--json"]) == 0
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert figures["seconds_per_step"] > 0 and figures["size"] == f"{SIZE}x{SIZE}"
+    assert figures["size"] == f"{SIZE}x{SIZE}" and figures["steps"] == 4
+    # an image is its 4 steps and the text encoder and VAE besides
+    assert 0 < 4 * figures["seconds_per_step"] < figures["seconds_per_image"]
 
 
 # -- CUDA, compiled here (no GPU needed) ------------------------------------------------------

@@ -18,21 +18,17 @@ from relaxlm.errors import RelaxlmError  # noqa: E402
 from relaxlm.image_generation import ImagePipeline, pack_latents, unpack_latents  # noqa: E402
 from relaxlm.runtime.schedulers import make_flow_match_scheduler  # noqa: E402
 from relaxlm.testing.servers import relaxlm_serve  # noqa: E402
+from relaxlm.testing.tiny_diffusion import (  # noqa: E402
+    FLUX_DEV,
+    FLUX_SCHNELL,
+    FLUX_SIZE,
+    FLUX_T5_LENGTH,
+    tiny_flux,
+)
 
-SIZE = 32  # pixels; the VAE upsamples 2x and FLUX packs 2x2 patches: 8 x 8 image tokens
+SIZE = FLUX_SIZE
 LATENT = 16
-T5_LENGTH = 32  # FluxPipeline's max_sequence_length, fixed at compile time
-
-FLUX_DEV = {  # the scheduler_config.json of FLUX.1-dev
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 3.0,
-    "use_dynamic_shifting": True,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-}
+T5_LENGTH = FLUX_T5_LENGTH
 
 
 def _rel(ours, ref):
@@ -74,117 +70,11 @@ def test_packing_round_trips_as_diffusers_packs():
     np.testing.assert_array_equal(unpack_latents(ref, 6, 8), x)
 
 
-def _clip_tokenizer(folder):
-    """A CLIP BPE tokenizer over single letters (no merges), as tests/test_diffusion.py."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir()
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    )
-
-
-def _t5_tokenizer():
-    """A T5 unigram tokenizer over letters, word-initial and not (vocabulary of 55)."""
-    from transformers import T5Tokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    vocab += [("\u2581" + c, -1.0) for c in letters] + [(c, -2.0) for c in letters]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-FLUX_SCHNELL = {  # timestep-distilled: no guidance embedding, no shift
-    "_class_name": "FlowMatchEulerDiscreteScheduler",
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": False,
-}
-
-
-def _tiny_flux(root, guidance_embeds=True, scheduler=FLUX_DEV):
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    torch.manual_seed(0)
-    tokenizer, tokenizer_2 = _clip_tokenizer(root / "tok"), _t5_tokenizer()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    text_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",
-            relative_attention_num_buckets=8,  # few buckets, so 32 tokens reach the far ones
-            relative_attention_max_distance=16,
-        )
-    )
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-    )
-    text_2.eval()  # built, not loaded: T5's dropout would be on
-    # Wider than diffusers' init (which zeroes the modulation and output layers), so every
-    # path matters.
-    for m in (transformer, vae):
-        for p in m.parameters():
-            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
-    pipe = diffusers.FluxPipeline(
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        text_encoder_2=text_2,
-        tokenizer_2=tokenizer_2,
-        transformer=transformer,
-    )
-    pipe.save_pretrained(root / "flux")
-    return pipe.to(torch.float32)
-
-
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """(diffusers FluxPipeline, compiled relaxlm ImagePipeline) for a tiny random FLUX."""
     root = tmp_path_factory.mktemp("flux")
-    pipe = _tiny_flux(root)
+    pipe = tiny_flux(root)
     compile_diffusion(
         root / "flux",
         root / "artifact",
@@ -280,7 +170,7 @@ def test_four_step_generation_matches_flux_pipeline(flux):
 
 
 def test_schnell_style_model_without_guidance_embeds_matches_flux_pipeline(tmp_path):
-    pipe = _tiny_flux(tmp_path, guidance_embeds=False, scheduler=FLUX_SCHNELL)
+    pipe = tiny_flux(tmp_path, guidance_embeds=False, scheduler=FLUX_SCHNELL)
     kw = {"height": SIZE, "width": SIZE, "max_sequence_length": T5_LENGTH}
     ours = ImagePipeline(str(compile_diffusion(tmp_path / "flux", tmp_path / "a", **kw)))
     noise = ours.initial_noise(seed=3, n=1)

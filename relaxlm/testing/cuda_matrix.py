@@ -26,6 +26,9 @@ from pathlib import Path
 
 from .gpu_cases import (
     CUDA_TARGET,
+    DIFFUSION_CASES,
+    DIFFUSION_CELLS,
+    DIFFUSION_NVCC_CELL,
     DTYPES,
     GGUF_CASES,
     GPU_CASES,
@@ -55,8 +58,8 @@ def nvcc_cell(case: str) -> tuple[str, str]:
 
 
 def matrix_cells(nvcc: bool = True) -> list[Cell]:
-    """Every GPU case x dtype x quant, then the GGUF cases x dtype (their own blocks) and the
-    vision cases' cells (CUDA source only)."""
+    """Every GPU case x dtype x quant, then the GGUF cases x dtype (their own blocks), the
+    vision cases' cells (CUDA source only) and the diffusion pipelines' cells."""
     cells = [
         Cell(case, dtype, quant, nvcc and (dtype, quant) == nvcc_cell(case))
         for case in GPU_CASES
@@ -64,7 +67,12 @@ def matrix_cells(nvcc: bool = True) -> list[Cell]:
         for quant in QUANTS
     ]
     cells += [Cell(case, dtype, "none") for case in GGUF_CASES for dtype in DTYPES]
-    return cells + [Cell(case, d, q) for case in VISION_CASES for d, q in VISION_CELLS]
+    cells += [Cell(case, d, q) for case in VISION_CASES for d, q in VISION_CELLS]
+    return cells + [
+        Cell(case, d, q, nvcc and (d, q) == DIFFUSION_NVCC_CELL)
+        for case in DIFFUSION_CASES
+        for d, q in DIFFUSION_CELLS
+    ]
 
 
 def run_cells(
@@ -154,6 +162,45 @@ def _build_cell(cell: Cell, exported) -> dict:
     return result
 
 
+def _build_diffusion_cell(cell: Cell, checkpoint: Path, out: Path) -> dict:
+    """Every component of a diffusers pipeline: entry name -> its kernels (CUDA source) or
+    its fatbin summary (nvcc)."""
+    from relaxlm.compiler.diffusion import compile_diffusion
+
+    from .tiny_diffusion import FLUX_SIZE, FLUX_T5_LENGTH, SD_SIZE
+
+    size = FLUX_SIZE if cell.case == "flux" else SD_SIZE
+    start = time.perf_counter()
+    folder = compile_diffusion(
+        checkpoint,
+        out / cell.id,
+        target=CUDA_TARGET,
+        height=size,
+        width=size,
+        dtype=cell.dtype,
+        quant=cell.quant,
+        progress=False,
+        device_binaries=cell.nvcc,
+        max_sequence_length=FLUX_T5_LENGTH,
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    entries = {}
+    for name, entry in manifest["entries"].items():
+        library = (folder / entry["library"]).read_bytes()
+        # TVM stores CUDA source in the library as text when nvcc does not run.
+        entries[name] = (
+            fatbin_summary(library)
+            if cell.nvcc
+            else sorted(_cuda_kernels(library.decode("latin-1")))
+        )
+    return {
+        "ok": True,
+        "device_module": manifest["device"],
+        "entries": entries,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
 def _cuda_kernels(source: str) -> set[str]:
     """Names of the `__global__` functions in TVM's CUDA source."""
     return set(_KERNEL.findall(source))
@@ -225,9 +272,12 @@ def _child() -> None:
             checkpoints[cell.case] = make_case(folder / cell.case, cell.case)
         key = (cell.case, cell.dtype)
         try:
-            if key not in exported:
-                exported[key] = export(load_checkpoint(checkpoints[cell.case]), cell.dtype)
-            result = _build_cell(cell, exported[key])
+            if cell.case in DIFFUSION_CASES:
+                result = _build_diffusion_cell(cell, checkpoints[cell.case], folder)
+            else:
+                if key not in exported:
+                    exported[key] = export(load_checkpoint(checkpoints[cell.case]), cell.dtype)
+                result = _build_cell(cell, exported[key])
         except RelaxlmError as e:
             result = {"ok": False, "error": "RelaxlmError", "message": str(e)}
         except Exception as e:  # reported as the cell's failure, with its type

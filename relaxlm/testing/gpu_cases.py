@@ -141,6 +141,13 @@ VISION_CASES: dict[str, dict] = {
 VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
 
 
+# Diffusers pipelines: built by tiny_diffusion, every component (text encoders, denoiser, VAE
+# decoder) compiled by compiler/diffusion.py in each cell; the float16 cell also through nvcc.
+DIFFUSION_CASES = ("stable_diffusion", "flux")
+DIFFUSION_CELLS = (("float32", "none"), ("float16", "none"), ("float16", "q8"))
+DIFFUSION_NVCC_CELL = ("float16", "none")
+
+
 # GGUF files: a GPU case written by relaxlm.testing.llama_gguf and quantized by llama.cpp's own
 # quantizer, compiled with its blocks kept (quant none), in every dtype.
 GGUF_CASES: dict[str, tuple[str, str]] = {
@@ -156,8 +163,8 @@ def case_kwargs(case: str) -> dict:
 
 
 def make_case(out_dir: str | Path, case: str) -> Path:
-    """The tiny random-weight checkpoint of `case` (a GPU, GGUF or vision case), saved to
-    `out_dir`; its path (a folder, or a GGUF file in `out_dir`)."""
+    """The tiny random-weight checkpoint of `case` (a GPU, GGUF, vision or diffusion case),
+    saved to `out_dir`; its path (a folder, or a GGUF file in `out_dir`)."""
     if case in GGUF_CASES:
         from .llama_gguf import quantize_gguf, write_llama_gguf
 
@@ -165,6 +172,14 @@ def make_case(out_dir: str | Path, case: str) -> Path:
         out_dir = Path(out_dir)
         f16 = write_llama_gguf(make_case(out_dir / base, base), out_dir / "f16.gguf")
         return quantize_gguf(f16, out_dir / f"{ftype}.gguf", ftype)
+    if case in DIFFUSION_CASES:
+        from . import tiny_diffusion
+
+        if case == "flux":
+            tiny_diffusion.tiny_flux(Path(out_dir))
+            return Path(out_dir) / "flux"
+        tiny_diffusion.tiny_stable_diffusion(Path(out_dir))
+        return Path(out_dir) / "sd"
     if case in VISION_CASES:
         from .tiny_vlm import make_llava_model
 
