@@ -50,17 +50,17 @@ def compile_diffusion(
     max_sequence_length: int = 512,
 ) -> Path:
     """Build the artifact for images of `height` x `width` pixels (multiples of the VAE's
-    scale factor, 8 for Stable Diffusion), weights and activations in `dtype` (float32 or
-    float16). device_binaries=False keeps CUDA kernels as source (no nvcc), as
-    compiler/pipeline.py's `build_library` does. quant "q8" stores the UNet's linear weights
-    (attention projections, feed-forwards, time embedding) as int8 with a scale per 32; its
-    convolutions, the text encoder and the VAE stay in `dtype`. max_sequence_length fixes
-    FLUX's T5 prompt length (FluxPipeline's default, 512)."""
-    if quant not in ("none", "q8"):
-        raise RelaxlmError(f"quant {quant!r} is not supported for diffusion models (none, q8)")
-    if dtype not in ("float32", "float16"):
+    scale factor, 8 for Stable Diffusion), weights and activations in `dtype` (float32,
+    float16 or bfloat16). device_binaries=False keeps CUDA kernels as source (no nvcc), as
+    compiler/pipeline.py's `build_library` does. quant "q8" ("q4") stores the denoiser's
+    linear weights (attention projections, feed-forwards, time embedding) as 8-bit (4-bit)
+    codes with a scale per 32; convolutions, the text encoders and the VAE stay in `dtype`.
+    max_sequence_length fixes FLUX's T5 prompt length (FluxPipeline's default, 512)."""
+    if quant not in ("none", "q8", "q4"):
+        raise RelaxlmError(f"quant {quant!r} is not supported for diffusion models (none, q8, q4)")
+    if dtype not in ("float32", "float16", "bfloat16"):
         raise RelaxlmError(
-            f"dtype {dtype!r} is not supported for diffusion models (float32, float16)"
+            f"dtype {dtype!r} is not supported for diffusion models (float32, float16, bfloat16)"
         )
     ckpt = read_checkpoint(model, max_sequence_length)
     (preset,) = resolve_targets(target)
@@ -76,8 +76,7 @@ def compile_diffusion(
         if quant != "none" and comp.name == "denoise":
             mod, fields = quantize_weights(mod, resolve_scheme(quant), dtype)
             mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(preset.target()))(mod)
-        if preset.is_gpu:
-            mod = _legalize_and_schedule(mod, preset)
+        mod = _legalize_and_schedule(mod, preset)
         with build_context(preset, device_binaries):
             executable = relax.build(mod, target=preset.target())
         library = f"{comp.name}.{preset.name}.so"
@@ -130,8 +129,11 @@ def _packed(weights: dict, names: list[str], fields, dtype: str) -> dict[str, np
 
 
 def _legalize_and_schedule(mod: tvm.IRModule, preset) -> tvm.IRModule:
-    """Phases 2 and 3 of compiler/pipeline.py: Relax ops to fused TIR, then the GPU schedules."""
+    """Phases 2 and 3 of compiler/pipeline.py: Relax ops to fused TIR (relaxlm's legalizations:
+    bfloat16 norms among them), then on GPUs the GPU schedules."""
     mod = legalize_and_fuse(mod, preset.device)
+    if not preset.is_gpu:
+        return mod
     with preset.target():
         return schedules.for_target(preset)(mod)
 

@@ -6,16 +6,28 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 
 
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm that also takes bfloat16, which Relax's group_norm refuses: normalized in
+    float32 (bfloat16 has float32's range) and rounded once, as for LayerNorm on CPUs."""
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        if x.dtype != "bfloat16":
+            return super().forward(x)
+        weight, bias = self.weight.astype("float32"), self.bias.astype("float32")
+        y = nn.op.group_norm(x.astype("float32"), self.num_groups, weight, bias, self.eps)
+        return y.astype("bfloat16")
+
+
 def _conv(cin: int, cout: int, kernel: int = 3, stride: int = 1) -> nn.Conv2D:
     return nn.Conv2D(cin, cout, kernel, stride=stride, padding=kernel // 2)
 
 
 class ResnetBlock2D(nn.Module):
     def __init__(self, cin: int, cout: int, groups: int, eps: float, temb: int | None = None):
-        self.norm1 = nn.GroupNorm(groups, cin, eps)
+        self.norm1 = GroupNorm(groups, cin, eps)
         self.conv1 = _conv(cin, cout)
         self.time_emb_proj = nn.Linear(temb, cout) if temb else None
-        self.norm2 = nn.GroupNorm(groups, cout, eps)
+        self.norm2 = GroupNorm(groups, cout, eps)
         self.conv2 = _conv(cout, cout)
         self.conv_shortcut = _conv(cin, cout, 1) if cin != cout else None
 
@@ -73,7 +85,7 @@ class SpatialAttention(Attention):
 
     def __init__(self, channels: int, groups: int, eps: float):
         super().__init__(channels, 1, channels, bias=True)
-        self.group_norm = nn.GroupNorm(groups, channels, eps)
+        self.group_norm = GroupNorm(groups, channels, eps)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         h, w = x.shape[2], x.shape[3]
@@ -131,7 +143,7 @@ class Transformer2DModel(nn.Module):
     ):
         head_dim = channels // heads
         self.linear_proj = linear_proj
-        self.norm = nn.GroupNorm(groups, channels, 1e-6)
+        self.norm = GroupNorm(groups, channels, 1e-6)
         self.proj_in = (
             nn.Linear(channels, channels) if linear_proj else _conv(channels, channels, 1)
         )

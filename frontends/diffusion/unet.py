@@ -8,7 +8,14 @@ from typing import Any
 
 from tvm.relax.frontend import nn
 
-from .blocks import Downsample2D, ResnetBlock2D, Transformer2DModel, Upsample2D, _conv
+from .blocks import (
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Transformer2DModel,
+    Upsample2D,
+    _conv,
+)
 
 
 @dataclass
@@ -171,7 +178,7 @@ class UNet2DConditionModel(nn.Module):
             ]
             ups.append(UpBlock(c, ins, cout, rheads[i], _cross(kind), temb, i < n - 1))
         self.up_blocks = nn.ModuleList(ups)
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chans[0], c.norm_eps)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, chans[0], c.norm_eps)
         self.conv_out = _conv(chans[0], c.out_channels)
 
     def forward(self, sample: nn.Tensor, timestep: nn.Tensor, context: nn.Tensor) -> nn.Tensor:

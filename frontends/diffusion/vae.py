@@ -7,7 +7,7 @@ from typing import Any
 
 from tvm.relax.frontend import nn
 
-from .blocks import ResnetBlock2D, SpatialAttention, Upsample2D, _conv
+from .blocks import GroupNorm, ResnetBlock2D, SpatialAttention, Upsample2D, _conv
 
 EPS = 1e-6  # AutoencoderKL's norms
 
@@ -79,7 +79,7 @@ class Decoder(nn.Module):
                 for i, cout in enumerate(channels)
             ]
         )
-        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, channels[-1], EPS)
+        self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[-1], EPS)
         self.conv_out = _conv(channels[-1], c.out_channels)
 
     def forward(self, z: nn.Tensor) -> nn.Tensor:

@@ -144,7 +144,7 @@ VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
 # Diffusers pipelines: built by tiny_diffusion, every component (text encoders, denoiser, VAE
 # decoder) compiled by compiler/diffusion.py in each cell; the float16 cell also through nvcc.
 DIFFUSION_CASES = ("stable_diffusion", "flux")
-DIFFUSION_CELLS = (("float32", "none"), ("float16", "none"), ("float16", "q8"))
+DIFFUSION_CELLS = (("float32", "q4"), ("float16", "none"), ("bfloat16", "q8"))
 DIFFUSION_NVCC_CELL = ("float16", "none")
 
 
