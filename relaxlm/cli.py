@@ -359,6 +359,18 @@ def _draw(args) -> None:
         print(path)
 
 
+def _compile_options(args) -> dict:
+    """The LLM options that run, bench, serve and mcp take alike: how the model is compiled
+    (or which cached artifact is reused) and the threads it decodes on."""
+    return {
+        "target": args.target,
+        "quant": args.quant,
+        "dtype": args.dtype,
+        "lora": args.lora,
+        "threads": args.threads,
+    }
+
+
 def _say_default_path(args) -> None:
     """With no model: one line on stderr saying how the default model is compiled."""
     if args.model is None:
@@ -371,14 +383,7 @@ def _run(args) -> None:
     import relaxlm
 
     _say_default_path(args)
-    llm = relaxlm.LLM(
-        args.model,
-        target=args.target,
-        quant=args.quant,
-        dtype=args.dtype,
-        lora=args.lora,
-        threads=args.threads,
-    )
+    llm = relaxlm.LLM(args.model, **_compile_options(args))
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -445,11 +450,7 @@ def _bench(args) -> None:
         return _bench_diffusion(args)
     llm = relaxlm.LLM(
         args.model,
-        target=args.target,
-        quant=args.quant,
-        dtype=args.dtype,
-        lora=args.lora,
-        threads=args.threads,
+        **_compile_options(args),
         draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens,
     )
@@ -532,14 +533,7 @@ def _mcp(args) -> None:
 
             model = ImagePipeline(args.model)
         else:
-            model = relaxlm.LLM(
-                args.model,
-                target=args.target,
-                quant=args.quant,
-                dtype=args.dtype,
-                lora=args.lora,
-                threads=args.threads,
-            )
+            model = relaxlm.LLM(args.model, **_compile_options(args))
     finally:
         sys.stdout.flush()
         os.dup2(saved_stdout, 1)
@@ -587,11 +581,7 @@ def _serve(args) -> None:
     from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES
 
     model_options = dict(
-        target=args.target,
-        quant=args.quant,
-        dtype=args.dtype,
-        lora=args.lora,
-        threads=args.threads,
+        **_compile_options(args),
         max_batch_size=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens,
         max_prefill_tokens=args.max_prefill_tokens,

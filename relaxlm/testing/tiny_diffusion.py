@@ -63,13 +63,49 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def _clip_text(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def _vae(**options) -> diffusers.AutoencoderKL:
+    """A two-level VAE of width 16 and 32 (latents of 4 channels, 2x upsampling)."""
+    return diffusers.AutoencoderKL(
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        **options,
+    )
+
+
+def _widen(*modules: torch.nn.Module) -> None:
+    """Weights wider than diffusers' init (which zeroes output convs and modulation layers),
+    so every path matters to the image."""
+    for m in modules:
+        for p in m.parameters():
+            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+
+
 def tiny_stable_diffusion(
     root: Path, linear_proj: bool = False
 ) -> diffusers.StableDiffusionPipeline:
     """Saved under root / "sd"; linear_proj: SD 2's linear attention projections (else 1.x's
     1x1 convolutions)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -82,32 +118,10 @@ def tiny_stable_diffusion(
         norm_num_groups=8,
         use_linear_projection=linear_proj,
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    )
+    vae = _vae()
     tokenizer = clip_tokenizer(root / "tok")
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    # Wider than diffusers' init (which zeroes the output convs), so every path matters.
-    for m in (unet, vae):
-        for p in m.parameters():
-            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+    text = _clip_text(len(tokenizer))
+    _widen(unet, vae)
     scheduler = diffusers.DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -134,23 +148,11 @@ def tiny_flux(
     root: Path, guidance_embeds: bool = True, scheduler: dict = FLUX_DEV
 ) -> diffusers.FluxPipeline:
     """Saved under root / "flux"; guidance_embeds=False and FLUX_SCHNELL: a schnell-style one."""
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
     tokenizer, tokenizer_2 = clip_tokenizer(root / "tok"), t5_tokenizer()
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text = _clip_text(len(tokenizer))
     text_2 = T5EncoderModel(
         T5Config(
             vocab_size=len(tokenizer_2),
@@ -176,24 +178,14 @@ def tiny_flux(
         guidance_embeds=guidance_embeds,
         axes_dims_rope=(4, 6, 6),
     )
-    vae = diffusers.AutoencoderKL(
-        block_out_channels=(16, 32),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
+    vae = _vae(
         use_quant_conv=False,
         use_post_quant_conv=False,
         scaling_factor=0.3611,
         shift_factor=0.1159,
     )
     text_2.eval()  # built, not loaded: T5's dropout would be on
-    # Wider than diffusers' init (which zeroes the modulation and output layers), so every
-    # path matters.
-    for m in (transformer, vae):
-        for p in m.parameters():
-            p.data.normal_(0, 0.2 if p.ndim > 1 else 0.05)
+    _widen(transformer, vae)
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler.from_config(scheduler),
         vae=vae,
