@@ -86,8 +86,6 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
-_ERRORS = {400: {"model": s.ErrorResponse}, 401: {"model": s.ErrorResponse}}
-_GEN_ERRORS = {**_ERRORS, 404: {"model": s.ErrorResponse}, 429: {"model": s.ErrorResponse}}
 # A streamed answer: before OpenAPI 3.2 (FastAPI writes 3.1), a text/event-stream schema
 # describes one event as SSE clients parse it; each `data` is a JSON chunk, or `[DONE]`.
 _SSE_EVENT = {
@@ -177,7 +175,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
         "/v1/chat/completions",
         response_model=s.ChatCompletionResponse,
         responses={
-            **_GEN_ERRORS,
+            **s.GENERATION_ERRORS,
             200: _STREAM,
         },
     )
@@ -188,7 +186,7 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
         "/v1/completions",
         response_model=s.CompletionResponse,
         responses={
-            **_GEN_ERRORS,
+            **s.GENERATION_ERRORS,
             200: _STREAM,
         },
     )
@@ -199,18 +197,18 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
         window = None if ctx.is_embedding else ctx.context_window
         return s.ModelCard(id=ctx.name, created=ctx.created, max_model_len=window)
 
-    @app.get("/v1/models", response_model=s.ModelList, responses=_ERRORS)
+    @app.get("/v1/models", response_model=s.ModelList, responses=s.ERRORS)
     async def models():
         return s.ModelList(data=[card()])
 
-    @app.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=_GEN_ERRORS)
+    @app.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=s.GENERATION_ERRORS)
     async def model(model_id: str):
         ctx.check_model(model_id)
         return card()
 
     embed_lock = threading.Lock()  # one embedding batch at a time through the VM
 
-    @app.post("/v1/embeddings", response_model=s.EmbeddingResponse, responses=_GEN_ERRORS)
+    @app.post("/v1/embeddings", response_model=s.EmbeddingResponse, responses=s.GENERATION_ERRORS)
     async def embeddings(body: s.EmbeddingRequest):
         ctx.check_model(body.model)
         texts = _embedding_texts(ctx, body)
@@ -244,7 +242,7 @@ def _add_service_routes(app: FastAPI, ctx: ModelContext, metrics: ServerMetrics)
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize", response_model=s.TokenizeResponse, responses=_GEN_ERRORS)
+    @app.post("/tokenize", response_model=s.TokenizeResponse, responses=s.GENERATION_ERRORS)
     async def tokenize(body: s.TokenizeRequest):
         ctx.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
@@ -260,7 +258,7 @@ def _add_service_routes(app: FastAPI, ctx: ModelContext, metrics: ServerMetrics)
         window = ctx.llm.manifest.context_window
         return s.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=window)
 
-    @app.post("/detokenize", response_model=s.DetokenizeResponse, responses=_GEN_ERRORS)
+    @app.post("/detokenize", response_model=s.DetokenizeResponse, responses=s.GENERATION_ERRORS)
     async def detokenize(body: s.DetokenizeRequest):
         ctx.check_model(body.model)
         vocab = ctx.llm.tokenizer.vocab_size

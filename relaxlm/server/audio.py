@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.server import schemas
 from relaxlm.server.completions import ApiError, ModelContext
 
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
@@ -60,11 +61,11 @@ def add_audio_routes(app: FastAPI, ctx: ModelContext) -> None:
             raise ApiError(400, f"{upload.filename or 'the file'}: {e}", "file") from e
         return _response(result, fmt, ctx.llm.model.text, task)
 
-    @app.post("/v1/audio/transcriptions")
+    @app.post("/v1/audio/transcriptions", responses=schemas.GENERATION_ERRORS)
     async def transcriptions(request: Request):
         return await run(request, "transcribe")
 
-    @app.post("/v1/audio/translations")
+    @app.post("/v1/audio/translations", responses=schemas.GENERATION_ERRORS)
     async def translations(request: Request):
         return await run(request, "translate")
 

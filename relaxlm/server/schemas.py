@@ -458,5 +458,11 @@ class ErrorResponse(_Response):
     error: ErrorInfo
 
 
+# The error answers a route documents in /openapi.json (FastAPI `responses=`): bad request and
+# missing key everywhere; generation routes also answer unknown model and queue full.
+ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}}
+GENERATION_ERRORS = {**ERRORS, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
+
+
 class Health(_Response):
     status: Literal["ok"] = "ok"
