@@ -2,9 +2,9 @@
 component entry (`encode_text`, `denoise`, `decode_latents`; FLUX adds `encode_text_2`), its
 weights in the entry's parameter order, the tokenizers as tokenizer.json and a manifest.
 
-The entries are plain graphs (no KV cache, no attention rewrite). The CPU build is TVM's
-default Relax pipeline; GPU targets run phases 2-4 of compiler/pipeline.py (legalize and fuse,
-the target's schedules, VM lowering). `height`/`width` fix the latent size; batch stays
+The entries are plain graphs (no KV cache, no attention rewrite). Every target runs
+compiler/pipeline.py's legalize and fuse (its bfloat16 norms among them) and VM lowering; GPU
+targets also its schedules. `height`/`width` fix the latent size; batch stays
 symbolic.
 """
 

@@ -109,8 +109,7 @@ class ImagePipeline:
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
         image = m.decode_latents(x)
-        pixels = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
-        return ImageResult(_to_pil(pixels), pixels, cut[0])
+        return _result(image, cut[0])
 
     def _generate_flux(
         self, prompt, n, steps, guidance_scale, seed, scheduler, latents, on_step
@@ -143,8 +142,7 @@ class ImagePipeline:
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
         image = m.decode_latents(unpack_latents(x, h, w))
-        pixels = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
-        return ImageResult(_to_pil(pixels), pixels, cut[0] or cut_2[0])
+        return _result(image, cut[0] or cut_2[0])
 
 
 def pack_latents(x: np.ndarray) -> np.ndarray:
@@ -161,10 +159,13 @@ def unpack_latents(x: np.ndarray, h: int, w: int) -> np.ndarray:
     return x.reshape(n, d // 4, h, w)
 
 
-def _to_pil(pixels: np.ndarray) -> list:
+def _result(image: np.ndarray, truncated: bool) -> ImageResult:
+    """The VAE's [n, 3, h, w] image in [-1, 1] as pixels [n, h, w, 3] in [0, 1] and PIL images."""
     from PIL import Image
 
-    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+    pixels = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1).astype(np.float32)
+    images = [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+    return ImageResult(images, pixels, truncated)
 
 
 @dataclass(frozen=True)

@@ -224,8 +224,8 @@ def components(
     dtype: str = "float32",
     batch: str = "batch",
 ) -> list[Component]:
-    """The entry functions with their input specs and weights in `dtype` (float32 or
-    float16; timesteps stay float32), for images of `height` x `width` pixels."""
+    """The entry functions with their input specs and weights in `dtype` (float32, float16
+    or bfloat16; timesteps stay float32), for images of `height` x `width` pixels."""
     if isinstance(ckpt, FluxCheckpoint):
         return _flux_components(ckpt, height, width, dtype, batch)
     f = ckpt.vae.scale_factor
