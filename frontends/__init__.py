@@ -9,7 +9,20 @@ import numpy as np
 
 from relaxlm.errors import RelaxlmError
 
-from . import gemma2, gemma3, gpt2, llama, llava, mixtral, phi, phi3, qwen3, qwen3_moe, whisper
+from . import (
+    gemma2,
+    gemma3,
+    gpt2,
+    llama,
+    llava,
+    llava_next,
+    mixtral,
+    phi,
+    phi3,
+    qwen3,
+    qwen3_moe,
+    whisper,
+)
 from .checkpoint import Checkpoint, load_hf_checkpoint, resolve_model_path
 from .embedding import ENCODERS, embedding_model
 from .entry import (
@@ -41,6 +54,10 @@ ARCHITECTURES = {
     "LlavaForConditionalGeneration": (
         llava.LlavaConfig.from_dict,
         llava.LlavaForConditionalGeneration,
+    ),
+    "LlavaNextForConditionalGeneration": (
+        llava_next.LlavaNextConfig.from_dict,
+        llava_next.LlavaNextForConditionalGeneration,
     ),
     "WhisperForConditionalGeneration": (
         whisper.WhisperConfig.from_dict,

@@ -13,6 +13,8 @@ A vision-language model (`VisionLM`) exports three more, so images are spliced i
 - `embed_tokens(input_ids[1, n])`: the token embeddings, `[1, n, hidden]` float32.
 - `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
   (token embeddings with image features at the image-token positions).
+- `image_newline_features()`, for a model that has it (LLaVA-NeXT): the learned vector the
+  runtime puts after each row of an image's tiles, `[hidden]` float32.
 
 A speech model (`SpeechSeq2Seq`, an encoder-decoder such as Whisper) exports instead of the
 text entries (see frontends/whisper.py): `encode_audio`, `cross_kv`, and `prefill` / `decode`
@@ -115,6 +117,8 @@ def export_vision_lm(model: VisionLM):
             "$": modes,
         },
     }
+    if hasattr(model, "image_newline_features"):
+        spec["image_newline_features"] = {"$": modes}
     return model.export_tvm(spec=spec)
 
 

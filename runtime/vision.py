@@ -10,6 +10,7 @@ import binascii
 import contextlib
 import hashlib
 import io
+import math
 import os
 import urllib.error
 import urllib.request
@@ -148,7 +149,13 @@ class ImageProcessor:
 
     def __call__(self, image) -> np.ndarray:
         """One PIL image -> pixel values [3, crop height, crop width] float32."""
-        image = _to_rgb(image) if self.do_convert_rgb else image
+        return self.pixels(self.rgb(image))
+
+    def rgb(self, image):
+        return _to_rgb(image) if self.do_convert_rgb else image
+
+    def pixels(self, image) -> np.ndarray:
+        """The steps after RGB conversion: resize, crop, rescale, normalize."""
         height, width = self._resized_shape(image.height, image.width)
         image = image.resize((width, height), resample=self.resample, reducing_gap=None)
         pixels = np.asarray(image)
@@ -169,6 +176,118 @@ class ImageProcessor:
             new_long = int(edge * long / short)  # truncated, as transformers does
             return (new_long, edge) if width <= height else (edge, new_long)
         return self.size["height"], self.size["width"]
+
+
+@dataclass(frozen=True)
+class ImageTiles:
+    """One image as encode_images takes it: [tiles, 3, h, w] pixel values (one tile for
+    LLaVA-1.5; the base image, then the grid's tiles row by row, for LLaVA-NeXT), and the
+    image's (height, width), which fixes how LLaVA-NeXT lays out their features."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class AnyresLayout:
+    """LLaVA-NeXT's "anyres" tiling, as transformers' LlavaNextImageProcessor and
+    LlavaNextForConditionalGeneration do it: the image resized into its best grid resolution
+    and padded to it, cut into tower-sized tiles; their patch features laid out as one grid,
+    the padding's rows (or columns) cut away, `image_newline` after each row, and the base
+    image's features in front."""
+
+    pinpoints: tuple[tuple[int, int], ...]  # (height, width), multiples of tile
+    tile: int  # the tower's image size
+    patches: int  # patches per tile side
+
+    @classmethod
+    def from_manifest(cls, vision: dict[str, Any]) -> "AnyresLayout":
+        return cls(
+            pinpoints=tuple((int(h), int(w)) for h, w in vision["image_grid_pinpoints"]),
+            tile=int(vision["image_shape"][1]),
+            patches=int(vision["patches_per_side"]),
+        )
+
+    def best_resolution(self, height: int, width: int) -> tuple[int, int]:
+        """The pinpoint that keeps the most of the image's pixels, then wastes the fewest."""
+        best, most, least = self.pinpoints[0], 0, float("inf")
+        for h, w in self.pinpoints:
+            scale = min(w / width, h / height)
+            kept = min(int(width * scale) * int(height * scale), width * height)
+            wasted = w * h - kept
+            if kept > most or (kept == most and wasted < least):
+                best, most, least = (h, w), kept, wasted
+        return best
+
+    def tiles(self, processor: ImageProcessor, image) -> ImageTiles:
+        """An RGB PIL image -> its base image and tiles, each through `processor.pixels`."""
+        Image = _pil()
+        height, width = image.height, image.width
+        best_h, best_w = self.best_resolution(height, width)
+        # Fit inside the resolution keeping the aspect ratio (rounded up), then center it.
+        if best_w / width < best_h / height:
+            new_h, new_w = min(math.ceil(height * best_w / width), best_h), best_w
+        else:
+            new_h, new_w = best_h, min(math.ceil(width * best_h / height), best_w)
+        resized = np.asarray(
+            image.resize((new_w, new_h), resample=processor.resample, reducing_gap=None)
+        )
+        if resized.ndim == 2:
+            resized = resized[:, :, None]
+        canvas = np.zeros((best_h, best_w, resized.shape[2]), dtype=resized.dtype)
+        top, left = (best_h - new_h) // 2, (best_w - new_w) // 2
+        canvas[top : top + new_h, left : left + new_w] = resized
+        size = processor.size
+        base_h, base_w = (
+            (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        )
+        base = image.resize((base_w, base_h), resample=processor.resample, reducing_gap=None)
+        if canvas.shape[2] == 1:  # grayscale kept as such (do_convert_rgb off)
+            canvas = canvas[:, :, 0]
+        parts = [base] + [
+            Image.fromarray(canvas[i : i + self.tile, j : j + self.tile])
+            for i in range(0, best_h, self.tile)
+            for j in range(0, best_w, self.tile)
+        ]
+        return ImageTiles(np.stack([processor.pixels(p) for p in parts]), (height, width))
+
+    def grid(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The feature grid an image keeps: (first row, rows, first column, columns) of the
+        full grid of its tiles' patches, the padding's rows or columns cut away."""
+        best_h, best_w = self.best_resolution(height, width)
+        rows, cols = best_h // self.tile * self.patches, best_w // self.tile * self.patches
+        if width / height > cols / rows:  # padded above and below
+            pad = (rows - int(round(height * (cols / width), 7))) // 2
+            return pad, rows - 2 * pad, 0, cols
+        pad = (cols - int(round(width * (rows / height), 7))) // 2
+        return 0, rows, pad, cols - 2 * pad
+
+    def num_tokens(self, height: int, width: int) -> int:
+        """Image tokens for an image of this size: the base image's patches, then each kept
+        row of the grid and its newline."""
+        _, rows, _, cols = self.grid(height, width)
+        return self.patches**2 + rows * (cols + 1)
+
+    def pack(self, features: np.ndarray, newline: np.ndarray, size: tuple[int, int]):
+        """[1 + tiles, patches^2, hidden] features of one image -> [num_tokens, hidden]."""
+        height, width = size
+        best_h, best_w = self.best_resolution(height, width)
+        th, tw, p = best_h // self.tile, best_w // self.tile, self.patches
+        hidden = features.shape[-1]
+        grid = features[1:].reshape(th, tw, p, p, hidden).transpose(0, 2, 1, 3, 4)
+        grid = grid.reshape(th * p, tw * p, hidden)  # [rows, cols, hidden], row-major patches
+        top, rows, left, cols = self.grid(height, width)
+        grid = grid[top : top + rows, left : left + cols]
+        ends = np.broadcast_to(newline.astype(grid.dtype), (rows, 1, hidden))
+        packed = np.concatenate([grid, ends], axis=1).reshape(-1, hidden)
+        return np.concatenate([features[0], packed])
+
+
+def _each(counts: list[int]) -> str:
+    """Images' token counts for a message: "16 each", or "88 + 40"."""
+    if len(set(counts)) == 1:
+        return f"{counts[0]} each"
+    return " + ".join(map(str, counts))
 
 
 def _to_rgb(image):
@@ -213,6 +332,9 @@ class ImagePrompt:
 class ImageEncoder:
     """A vision-language artifact's image entries over a loaded CompiledModel: pixels ->
     features, and prompts (token ids with image tokens) -> embeddings with features spliced in.
+
+    LLaVA-1.5 gives every image `tokens_per_image` tokens; LLaVA-NeXT (`layout` set) a number
+    that depends on the image's size, so the prompt's image tokens are expanded per image.
     """
 
     def __init__(self, model):
@@ -225,46 +347,90 @@ class ImageEncoder:
         self.model = model
         self.processor = ImageProcessor.from_manifest(vision)
         self.image_token_id = int(vision["image_token_id"])
-        self.tokens_per_image = int(vision["tokens_per_image"])
         self.hidden_size = int(vision["hidden_size"])
+        anyres = vision.get("processor") == "llava_next"
+        self.layout = AnyresLayout.from_manifest(vision) if anyres else None
+        # Per image for LLaVA-1.5; per tile for LLaVA-NeXT, whose images vary.
+        self.tokens_per_image = None if anyres else int(vision["tokens_per_image"])
         self._encode = model.vm["encode_images"]
         self._embed = model.vm["embed_tokens"]
         self._prefill = model.vm["prefill_embeds"]
+        self._newline = model.vm["image_newline_features"](model.params).numpy() if anyres else None
 
     def pixel_values(self, images: list) -> np.ndarray:
-        """Sources (see `load_image`) -> [k, 3, h, w] float32."""
-        return np.stack([self.processor(load_image(image)) for image in images])
+        """Sources (see `load_image`) -> [k, 3, h, w] float32 (one tile per image: LLaVA-1.5;
+        LLaVA-NeXT's images are `tiles`)."""
+        return np.concatenate([self.tiles(image).pixels for image in images])
+
+    def tiles(self, source) -> ImageTiles:
+        """One source (see `load_image`) -> its encode_images input and size."""
+        image = self.processor.rgb(load_image(source))
+        if self.layout is not None:
+            return self.layout.tiles(self.processor, image)
+        return ImageTiles(self.processor.pixels(image)[None], (image.height, image.width))
+
+    def num_tokens(self, image: ImageTiles) -> int:
+        """The image tokens one image takes in a prompt."""
+        if self.layout is not None:
+            return self.layout.num_tokens(*image.size)
+        return self.tokens_per_image
 
     def encode(self, pixel_values: np.ndarray) -> np.ndarray:
-        """[k, 3, h, w] pixels -> [k, tokens_per_image, hidden] float32 features."""
+        """[k, 3, h, w] pixels (images or tiles) -> [k, tokens per tile, hidden] features."""
         x = tvm.runtime.tensor(
             np.ascontiguousarray(pixel_values, dtype=np.float32), self.model.device
         )
         return self._encode(x, self.model.params).numpy()
 
-    def expand(self, token_ids: list[int]) -> list[int]:
-        """Each image token repeated to `tokens_per_image` (a prompt as its template wrote it,
-        one `<image>` per image)."""
+    def features(self, images: list[ImageTiles]) -> list[np.ndarray]:
+        """Images -> each one's [num_tokens, hidden] features; the tower runs once over all
+        their tiles."""
+        out = self.encode(np.concatenate([image.pixels for image in images]))
+        splits = np.cumsum([len(image.pixels) for image in images])[:-1]
+        if self.layout is None:
+            return [f[0] for f in np.split(out, splits)]
+        return [
+            self.layout.pack(f, self._newline, image.size)
+            for f, image in zip(np.split(out, splits), images, strict=True)
+        ]
+
+    def expand(self, token_ids: list[int], counts: list[int] | None = None) -> list[int]:
+        """Each image token repeated to its image's count (`counts`, in order; LLaVA-1.5:
+        `tokens_per_image` each) — a prompt as its template wrote it, one `<image>` per image."""
+        if counts is None:
+            if self.tokens_per_image is None:
+                raise RelaxlmError(
+                    "LLaVA-NeXT's images take a number of tokens that depends on their size; "
+                    "pass counts=[encoder.num_tokens(image) ...]"
+                )
+            counts = [self.tokens_per_image] * sum(t == self.image_token_id for t in token_ids)
         out: list[int] = []
+        k = 0
         for t in token_ids:
-            out.extend([t] * self.tokens_per_image if t == self.image_token_id else [t])
+            if t == self.image_token_id and k < len(counts):
+                out.extend([t] * counts[k])
+                k += 1
+            else:
+                out.append(t)
         return out
 
-    def embeddings(self, token_ids: list[int], features: np.ndarray) -> np.ndarray:
-        """Expanded prompt ids and [k, tokens_per_image, hidden] features -> [n, hidden], the
-        token embeddings with the images' features, in order, at the image-token positions."""
+    def embeddings(self, token_ids: list[int], features) -> np.ndarray:
+        """Expanded prompt ids and the images' features (a list of [n_i, hidden], or an array
+        [k, n, hidden]) -> [n, hidden], the token embeddings with the images' features, in
+        order, at the image-token positions."""
         ids = np.asarray(token_ids, dtype=np.int32)
         at = ids == self.image_token_id
-        wanted = len(features) * self.tokens_per_image
-        if int(at.sum()) != wanted:
+        counts = [len(f) for f in features]
+        if int(at.sum()) != sum(counts):
             raise RelaxlmError(
                 f"the prompt has {int(at.sum())} image tokens but {len(features)} images need "
-                f"{wanted} ({self.tokens_per_image} each); put one image placeholder per image"
+                f"{sum(counts)} ({_each(counts)}); put one image placeholder per image"
             )
         ids = np.where(at, 0, ids)  # the image token may lie past the table; its row is unused
         x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
         embeds = self._embed(x, self.model.params).numpy()[0]  # [n, hidden]
-        embeds[at] = features.reshape(-1, self.hidden_size)
+        if counts:
+            embeds[at] = np.concatenate([np.reshape(f, (-1, self.hidden_size)) for f in features])
         return embeds
 
     def prompt(self, token_ids: list[int], images: list, lock=None) -> "ImagePrompt":
@@ -272,7 +438,7 @@ class ImageEncoder:
         images (sources for `load_image`) -> the engine's ImagePrompt.
 
         Each image's tokens get ids of their own past the vocabulary, drawn from a hash of its
-        pixel values: the scheduler's prefix cache, which keys on token ids, then reuses a
+        features: the scheduler's prefix cache, which keys on token ids, then reuses a
         prompt's KV pages only for the same image in the same place, never for another.
         lock: held while encode_images runs (the engine's: one thread at a time in the VM);
         loading and preprocessing happen before, outside it.
@@ -283,27 +449,29 @@ class ImageEncoder:
                 f"the prompt has {found} image placeholders for {len(images)} images; put one "
                 "per image (the chat template writes them for image content parts)"
             )
-        expanded = self.expand(token_ids)
+        tiles = [self.tiles(image) for image in images]
+        counts = [self.num_tokens(t) for t in tiles]
+        length = len(token_ids) - len(images) + sum(counts)
         window = self.model.context_window
-        if len(expanded) > window:
+        if length > window:
             raise RelaxlmError(
-                f"{len(images)} images take {len(images) * self.tokens_per_image} tokens "
-                f"({self.tokens_per_image} each); with the text the prompt has {len(expanded)}, "
-                f"more than the context window of {window}; send fewer images or less text"
+                f"{len(images)} images take {sum(counts)} tokens ({_each(counts)}); with the text "
+                f"the prompt has {length}, more than the context window of {window}; send "
+                "fewer or smaller images, or less text"
             )
-        pixels = self.pixel_values(images) if images else None
         with lock or contextlib.nullcontext():
-            features = self.encode(pixels) if images else np.zeros((0,))
-        vocab, per = self.model.vocab_size, self.tokens_per_image
+            features = self.features(tiles) if images else []
+        # Images' id ranges are `window` apart, so no two images' ids overlap.
+        vocab = self.model.vocab_size
         ids, rows, k = [], {}, 0
         for t in token_ids:
             if t != self.image_token_id:
                 ids.append(t)
                 continue
             digest = hashlib.sha256(features[k].tobytes()).digest()
-            base = vocab + int.from_bytes(digest[:6], "little") * per
-            ids += range(base, base + per)
-            rows.update(zip(range(base, base + per), features[k], strict=True))
+            base = vocab + int.from_bytes(digest[:6], "little") * window
+            ids += range(base, base + len(features[k]))
+            rows.update(zip(range(base, base + len(features[k])), features[k], strict=True))
             k += 1
         return ImagePrompt(ids, rows, self.image_token_id)
 

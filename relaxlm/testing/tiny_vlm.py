@@ -1,4 +1,5 @@
-"""Tiny random-weight vision-language checkpoints (LLaVA), built with transformers at test time.
+"""Tiny random-weight vision-language checkpoints (LLaVA-1.5 and LLaVA-NeXT), built with
+transformers at test time.
 
 Same conventions as tiny_models.py (weight scales, tokenizer), plus an `<image>` token in the
 tokenizer and the checkpoint's preprocessor_config.json (CLIPImageProcessor). Needs torch and
@@ -54,10 +55,14 @@ def make_llava_model(
     vision_overrides: dict | None = None,
     text_overrides: dict | None = None,
     text_arch: str = "llama",
+    image_grid_pinpoints: list[list[int]] | None = None,
     **config_overrides,
 ) -> Path:
     """Save a random-weight float32 LlavaForConditionalGeneration checkpoint, its tokenizer
     (with `<image>`) and its preprocessor_config.json to `out_dir`.
+
+    image_grid_pinpoints: ([height, width] pairs, multiples of the tower's image_size) a
+        LlavaNextForConditionalGeneration ("anyres" tiling) with its LlavaNextImageProcessor.
 
     vision_overrides: CLIPVisionConfig fields over TINY_VISION_CONFIG.
     text_overrides: the trunk's config fields over TINY_CONFIG.
@@ -75,27 +80,36 @@ def make_llava_model(
         bos_token_id=SPECIAL_TOKENS.index("<s>"),
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
     )
-    config = transformers.LlavaConfig(
+    next_ = image_grid_pinpoints is not None
+    if next_:
+        config_overrides["image_grid_pinpoints"] = image_grid_pinpoints
+    arch = "LlavaNextForConditionalGeneration" if next_ else "LlavaForConditionalGeneration"
+    config = (transformers.LlavaNextConfig if next_ else transformers.LlavaConfig)(
         vision_config=vision,
         text_config=text,
         image_token_index=image_token_id,
         image_seq_length=vision.image_size
         // vision.patch_size
         * (vision.image_size // vision.patch_size),
-        architectures=["LlavaForConditionalGeneration"],
+        architectures=[arch],
         **config_overrides,
     )
     torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(config).to(torch.float32).eval()
+    model = getattr(transformers, arch)(config).to(torch.float32).eval()
     _init_weights(model, seed)
     model.generation_config = transformers.GenerationConfig(
         bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     side = vision.image_size
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-    ).save_pretrained(out_dir)
+    sizes = {"size": {"shortest_edge": side}, "crop_size": {"height": side, "width": side}}
+    if next_:
+        processor = transformers.LlavaNextImageProcessor(
+            **sizes, image_grid_pinpoints=image_grid_pinpoints
+        )
+    else:
+        processor = transformers.CLIPImageProcessor(**sizes)
+    processor.save_pretrained(out_dir)
     return out_dir
 
 
@@ -135,7 +149,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
                     p.copy_(torch.randn(p.shape, generator=gen) * BIAS_STD)
             elif name.endswith(".bias"):
                 p.copy_(torch.randn(p.shape, generator=gen) * BIAS_STD)
-            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight", "image_newline")):
                 p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
             elif name.endswith(("class_embedding", "position_embedding.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen))
