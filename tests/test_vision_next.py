@@ -140,13 +140,19 @@ def test_logits_and_greedy_tokens_equal_transformers(next_model, sizes):
     assert len(set(tokens)) >= 3
 
 
-def test_chat_with_image_parts_equals_transformers(next_model):
+@pytest.fixture(scope="module")
+def llm(next_model):
+    import relaxlm
+
+    return relaxlm.LLM(next_model[1].folder, kv_cache_tokens=1024)
+
+
+def test_chat_with_image_parts_equals_transformers(next_model, llm):
     """LLM.chat with OpenAI image_url parts: the prompt transformers' processor builds from the
     chat template's text (its image tokens expanded per image size) and its greedy tokens."""
     import relaxlm
 
-    folder, model, _, hf, processor = next_model
-    llm = relaxlm.LLM(model.folder, kv_cache_tokens=1024)
+    _, _, _, hf, processor = next_model
     images = [_image(45, 30, "RGB", seed=11), _image(30, 71, "RGBA", seed=12)]
     parts = [
         {"type": "text", "text": "Compare "},
@@ -171,9 +177,73 @@ def test_chat_with_image_parts_equals_transformers(next_model):
         llm.chat([{"role": "user", "content": too_many}])
 
 
-def test_full_strategy_is_refused(tmp_path):
-    folder = make_llava_model(
-        tmp_path, image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="full"
-    )
-    with pytest.raises(RelaxlmError, match="vision_feature_select_strategy 'full'"):
-        compile_model(folder, tmp_path / "art", progress=False)
+def test_openai_client_gets_the_sdk_answer(next_model, llm):
+    """The server with the official openai client: two images of different shapes, the SDK's
+    tokens and prompt length; too many images are one 400."""
+    import openai
+
+    import relaxlm
+    from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.background import BackgroundServer
+
+    urls = [_png_url(_image(61, 22, "RGB", seed=31)), _png_url(_image(17, 40, "LA", seed=32))]
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": "and?"}]}]
+    expected = llm.chat(messages, relaxlm.SamplingParams(max_tokens=12, temperature=0.0))
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="next"))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model="next", messages=messages, max_tokens=12, temperature=0
+        )
+        with pytest.raises(openai.BadRequestError, match="images take"):
+            client.chat.completions.create(
+                model="next", messages=[{"role": "user", "content": content * 5}], max_tokens=2
+            )
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert answer.usage.completion_tokens == len(expected.token_ids) == 12
+
+
+def _copy(folder, to):
+    import shutil
+
+    shutil.copytree(folder, to)
+    return to
+
+
+def test_transformers_4_layout_loads(next_model, tmp_path):
+    """llava-hf's v1.6 checkpoints name the tower `vision_tower.vision_model.*` beside a
+    top-level `image_newline`: every tensor binds (the loader checks both directions)."""
+    from safetensors.numpy import load_file, save_file
+
+    from relaxlm.frontends import export, load_checkpoint
+
+    nested = _copy(next_model[0], tmp_path / "nested")
+    tensors = load_file(nested / "model.safetensors")
+    renamed = {
+        n.replace("vision_tower.", "vision_tower.vision_model.", 1): t for n, t in tensors.items()
+    }
+    save_file(renamed, nested / "model.safetensors", metadata={"format": "pt"})
+    names = export(load_checkpoint(nested)).param_names
+    assert "vision_tower.vision_model.embeddings.class_embedding" in names
+    assert "image_newline" in names
+
+
+@pytest.mark.parametrize(
+    ("file", "key", "value", "message"),
+    [
+        ("config.json", "vision_feature_select_strategy", "full", "does not fit LLaVA-NeXT"),
+        ("config.json", "image_grid_pinpoints", [[30, 56]], "multiple of the vision tower"),
+        ("preprocessor_config.json", "image_grid_pinpoints", [[28, 56]], "differ from"),
+    ],
+)
+def test_bad_tiling_config_is_one_clear_error(next_model, tmp_path, file, key, value, message):
+    import json
+
+    from relaxlm.frontends import export, load_checkpoint
+
+    folder = _copy(next_model[0], tmp_path / "bad")
+    raw = json.loads((folder / file).read_text())
+    (folder / file).write_text(json.dumps({**raw, key: value}))
+    with pytest.raises(RelaxlmError, match=message):
+        export(load_checkpoint(folder))
