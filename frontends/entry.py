@@ -8,8 +8,9 @@
 The paged-attention pass adds the KV-cache parameter after the inputs.
 
 A vision-language model (`VisionLM`) exports three more, so images are spliced into a prompt:
-- `encode_images(pixel_values[k, c, h, w])`: k preprocessed images (float32) -> their features
-  in the text trunk's width, `[k, tokens_per_image, hidden]` float32.
+- `encode_images(pixel_values[k, c, h, w])`: k preprocessed images, or LLaVA-NeXT's tiles
+  (float32) -> their features in the text trunk's width, `[k, tokens per image, hidden]`
+  float32.
 - `embed_tokens(input_ids[1, n])`: the token embeddings, `[1, n, hidden]` float32.
 - `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
   (token embeddings with image features at the image-token positions).

@@ -88,9 +88,10 @@ def test_image_features_equal_transformers(next_model):
     for size, a, b in zip(SIZES, ours, theirs, strict=True):
         b = b.numpy()
         diff = float(np.abs(a - b).max())
-        print(f"{size}: {len(b)} features, max |diff| {diff:.2e}")
+        scale = float(np.abs(b).max())
+        print(f"{size}: {len(b)} features, max |diff| {diff:.2e} (max |feature| {scale:.0f})")
         assert a.shape == b.shape
-        assert diff <= 2e-6 * float(np.abs(b).max())
+        assert diff <= 4e-6 * scale  # measured 1.7e-6 at most
 
 
 def _ours(model, encoder, prompt, tiles, steps: int):
