@@ -30,8 +30,8 @@ from relaxlm.artifacts import Manifest, weight_index
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.compiler.int8_dot import has_int8_dot
 from relaxlm.compiler.quantization import A8_REPACKS, GGUF_SCHEMES, dequantize
-from relaxlm.compiler.targets import resolve_target
 from relaxlm.compiler.quantize_weights import dequantize_te
+from relaxlm.compiler.targets import resolve_target
 from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import load_checkpoint
 from relaxlm.frontends.gguf import hf_name, load_gguf, unpermute_rows
