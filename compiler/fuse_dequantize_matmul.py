@@ -53,7 +53,7 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        # (n, k, Kp, scale dtype, activations, bits), residual -> kernel; and each kernel
+        # (n, k, Kp, scale dtype, activations, bits, mins), residual -> kernel; and each kernel
         # without residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
         self.int8_keys: dict[relax.GlobalVar, tuple] = {}
@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
             self.int8_dot
             and scheme.activations in int8_dot.PIECES
             and scheme.bits in (4, 8)
-            and scheme.symmetric
+            and (scheme.symmetric or (scheme.bits == 4 and scheme.activations == "int8"))
             and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))
@@ -111,7 +111,15 @@ class _Rewriter(relax.PyExprMutator):
         """x [..., k] @ the packed weight [n, k] by int8 dot products (one kernel, x as 3-D)."""
         lead = list(x.ty.shape.values[:-1])
         rows = x if len(lead) == 2 else self.builder_.emit(relax.op.reshape(x, (1, -1, k)))
-        key = (n, k, scheme.padded_k(k), parts[1].ty.dtype, scheme.activations, scheme.bits)
+        key = (
+            n,
+            k,
+            scheme.padded_k(k),
+            parts[1].ty.dtype,
+            scheme.activations,
+            scheme.bits,
+            not scheme.symmetric,  # mins (GGUF Q4_1 / Q4_K repacked)
+        )
         kernel = self._int8_kernel(key, residual=False)
         out = relax.call_tir(
             kernel, [rows, *parts], relax.TensorType((*rows.ty.shape.values[:-1], n), "float32")
@@ -121,12 +129,15 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
-        """The kernel for key (n, k, Kp, scale dtype, activations, bits), added to the module on
-        first use."""
+        """The kernel for key (n, k, Kp, scale dtype, activations, bits, mins), added to the
+        module on first use."""
         if (key, residual) not in self.int8_kernels:
-            n, k, k_padded, scale_dtype, activations, bits = key
-            name = f"q{bits}_{activations}_linear_{n}_{k}" + ("_add" if residual else "")
-            func = int8_dot.int8_linear(n, k, k_padded, scale_dtype, residual, activations, bits)
+            n, k, k_padded, scale_dtype, activations, bits, mins = key
+            name = f"q{bits}{'_min' if mins else ''}_{activations}_linear_{n}_{k}"
+            name += "_add" if residual else ""
+            func = int8_dot.int8_linear(
+                n, k, k_padded, scale_dtype, residual, activations, bits, offsets=mins
+            )
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel
             if not residual:

@@ -82,39 +82,48 @@ def int8_linear(
     residual: bool = False,
     activations: Activations = Activations.INT8,
     bits: int = 4,
+    offsets: bool = False,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
     n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
     one kernel: the rows of x are quantized first (`activations`: a key of PIECES), then the
     dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at a time
-    when there are that many."""
+    when there are that many. With `offsets` the 4-bit codes are unsigned and each group has a
+    min (w = code * scale + min, GGUF's Q4_1 / Q4_K): the min multiplies the group's sum of
+    activations, as llama.cpp's Q4_1 x Q8_1 dot does."""
     groups = k_padded // GROUP
     words = k_padded * bits // 32  # per weight row
     pieces, levels = PIECES[activations]
     shape = (n, k, k_padded, groups, words, bits)
     w_type = (n, words) if bits == 4 else (n, k_padded)
     w_dtype = "uint32" if bits == 4 else "int8"
+    assert not offsets or (bits == 4 and pieces == 1), "mins: 4-bit codes, int8 activations"
 
     @T.macro(hygienic=False)
-    def body(var_x, w, w_scale, res, out, batch, seq, shape, scale_dtype, pieces, levels):
+    def body(var_x, w, w_scale, w_min, res, out, batch, seq, shape, scale_dtype, pieces, levels):
         n, k, k_padded, groups, words, bits = T.meta_var(shape)
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
         w_flat = T.decl_buffer((n * words,), "uint32", data=w.data)
         s_flat = T.decl_buffer((n * groups,), scale_dtype, data=w_scale.data)
+        m_flat = T.meta_var(
+            None if w_min is None else T.decl_buffer((n * groups,), scale_dtype, data=w_min.data)
+        )
         rows = T.meta_var(batch * seq)
         codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
         correction = T.alloc_buffer((2, rows, groups), "int32")  # see _quantize_row
         scale = T.alloc_buffer((rows, groups), "float32")
-        quantized = T.meta_var((k, groups, pieces, levels, bits, codes, correction))
+        # with mins: each group's activations as rounded, summed (scale * sum of codes)
+        x_sum = T.alloc_buffer((rows, groups), "float32")
+        quantized = T.meta_var((k, groups, pieces, levels, bits, codes, correction, x_sum))
         parts = T.meta_var(
-            (w_flat, s_flat, codes, correction, scale, res, out, groups, words, pieces, bits)
+            (w_flat, s_flat, m_flat, codes, correction, scale, x_sum, res, out, groups, words)
         )
         if rows < MATRIX_ROWS:  # decode: a parallel launch would cost more than the rows
             for i in range(rows):
                 _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
             for tile in T.parallel(n // TILE):
                 for i in range(rows):
-                    _tile_rows(*parts, seq, tile, i, 1, i)
+                    _tile_rows(*parts, pieces, bits, seq, tile, i, 1, i)
         else:
             for i in T.parallel(rows):
                 _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
@@ -122,12 +131,48 @@ def int8_linear(
             # repeats the last row (the same values written twice).
             for tile in T.parallel(n // TILE):
                 for i in range((rows + MATRIX_ROWS - 1) // MATRIX_ROWS):
-                    _tile_rows(*parts, seq, tile, i * MATRIX_ROWS, MATRIX_ROWS, rows - 1)
+                    _tile_rows(
+                        *parts, pieces, bits, seq, tile, i * MATRIX_ROWS, MATRIX_ROWS, rows - 1
+                    )
 
-    if residual:
+    common = (shape, scale_dtype, pieces, levels)
+    # One signature per combination: the mins and the residual are buffers of their own.
+    if offsets and residual:
 
         @T.prim_func(private=True)
-        def with_residual(
+        def func(
+            var_x: T.handle,
+            w: T.Buffer(w_type, w_dtype),
+            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_min: T.Buffer((n, groups), scale_dtype),
+            var_residual: T.handle,
+            var_out: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            batch, seq = T.int64(), T.int64()
+            res = T.match_buffer(var_residual, (batch, seq, n), "float32")
+            out = T.match_buffer(var_out, (batch, seq, n), "float32")
+            body(var_x, w, w_scale, w_min, res, out, batch, seq, *common)
+
+    elif offsets:
+
+        @T.prim_func(private=True)
+        def func(
+            var_x: T.handle,
+            w: T.Buffer(w_type, w_dtype),
+            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_min: T.Buffer((n, groups), scale_dtype),
+            var_out: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            batch, seq = T.int64(), T.int64()
+            out = T.match_buffer(var_out, (batch, seq, n), "float32")
+            body(var_x, w, w_scale, w_min, None, out, batch, seq, *common)
+
+    elif residual:
+
+        @T.prim_func(private=True)
+        def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
             w_scale: T.Buffer((n, groups), scale_dtype),
@@ -138,32 +183,34 @@ def int8_linear(
             batch, seq = T.int64(), T.int64()
             res = T.match_buffer(var_residual, (batch, seq, n), "float32")
             out = T.match_buffer(var_out, (batch, seq, n), "float32")
-            body(var_x, w, w_scale, res, out, batch, seq, shape, scale_dtype, pieces, levels)
+            body(var_x, w, w_scale, None, res, out, batch, seq, *common)
 
-        return with_residual
+    else:
 
-    @T.prim_func(private=True)
-    def kernel(
-        var_x: T.handle,
-        w: T.Buffer(w_type, w_dtype),
-        w_scale: T.Buffer((n, groups), scale_dtype),
-        var_out: T.handle,
-    ):
-        T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
-        batch, seq = T.int64(), T.int64()
-        out = T.match_buffer(var_out, (batch, seq, n), "float32")
-        body(var_x, w, w_scale, None, out, batch, seq, shape, scale_dtype, pieces, levels)
+        @T.prim_func(private=True)
+        def func(
+            var_x: T.handle,
+            w: T.Buffer(w_type, w_dtype),
+            w_scale: T.Buffer((n, groups), scale_dtype),
+            var_out: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
+            batch, seq = T.int64(), T.int64()
+            out = T.match_buffer(var_out, (batch, seq, n), "float32")
+            body(var_x, w, w_scale, None, None, out, batch, seq, *common)
 
-    return kernel
+    return func
 
 
 @T.macro(hygienic=False)
 def _tile_rows(
     w,
     w_scale,
+    w_min,
     codes,
     correction,
     scale,
+    x_sum,
     res,
     out,
     groups,
@@ -189,7 +236,10 @@ def _tile_rows(
             # the corrections start the least significant piece's sum and the top one's (when
             # it joins in float)
             row = T.meta_var(T.min(first + j, last))
-            dot[_lanes_of(j * pieces)] = T.broadcast(correction[0, row, g], TILE)
+            if w_min is None:
+                dot[_lanes_of(j * pieces)] = T.broadcast(correction[0, row, g], TILE)
+            else:  # unsigned codes: no bias to correct
+                dot[_lanes_of(j * pieces)] = T.broadcast(T.int32(0), TILE)
             for p in T.unroll(1, _int_pieces(pieces, bits)):
                 dot[_lanes_of(j * pieces + p)] = T.broadcast(T.int32(0), TILE)
             if _float_top(pieces, bits):
@@ -251,8 +301,14 @@ def _tile_rows(
                 top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces + pieces - 1)]))
                 value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
                 acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
-            else:
+            elif w_min is None:
                 acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
+            else:
+                mins = T.meta_var(
+                    T.Cast("float32x16", w_min[T.ramp((tile * groups + g) * TILE, 1, TILE)])
+                )
+                x_total = T.meta_var(T.broadcast(x_sum[T.min(first + j, last), g], TILE))
+                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale) + mins * x_total
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
@@ -283,12 +339,14 @@ def _lanes_of(j):
 
 
 @T.macro(hygienic=False)
-def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction, scale, i):
+def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction, x_sum, scale, i):
     """Row i of x as integer codes in [-levels, levels] per group of 32 (zero past k), each
     code split into `pieces` signed bytes (least significant first), with each group's scale
     and corrections -bias * (sum of the group's codes): of the pieces added up in int32 in
     correction[0], of the top one in correction[1] when it joins in float (see _float_top).
-    The bias is what makes the weights unsigned: 8 for 4-bit ones, 128 for int8."""
+    The bias is what makes the weights unsigned: 8 for 4-bit ones, 128 for int8. (Codes with
+    mins are unsigned already: their kernel ignores the corrections and reads x_sum, each
+    group's scale * sum of codes.)"""
     for g in range(groups):
         amax = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((pieces,), "int32")
@@ -318,3 +376,4 @@ def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction,
         if _float_top(pieces, bits):
             correction[1, i, g] = -bias * total[pieces - 1]
         scale[i, g] = d
+        x_sum[i, g] = d * T.Cast("float32", total[0])

@@ -33,7 +33,7 @@ from .int8_dot import has_int8_dot
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
-from .quantization import QuantScheme, resolve_scheme, row_tiled
+from .quantization import A8_REPACKS, GGUF_A8, QuantScheme, resolve_scheme, row_tiled
 from .quantize_weights import quantize_weights
 from .targets import TargetPreset, build_context, resolve_targets
 from .weights import (
@@ -72,15 +72,23 @@ def compile_model(
     say = _Reporter(progress)
     presets = resolve_targets(target)
     base = Path(output) if add else None
-    scheme = scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
+    repack = quant == GGUF_A8  # GGUF blocks kept, computed with int8 activations
+    scheme = None if repack else scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
     checkpoint = merge_lora(load_checkpoint(model), lora)
+    if repack:
+        _check_repack(checkpoint, presets, dtype)
     names = ", ".join(p.name for p in presets)
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {names}")
     for adapter in checkpoint.adapters:
         say(f"merging LoRA adapter {adapter.path} as its weights are read")
     exported = export(checkpoint, dtype)
     say("graph exported")
-    stored = stored_schemes(checkpoint, exported, scheme)
+    stored = stored_schemes(checkpoint, exported, scheme, repack)
+    if repack:
+        say(
+            "GGUF blocks repacked for int8 dot products (Q4_0, Q4_1, Q4_K and Q8_0: their codes "
+            "and scales as they are), activations rounded to int8 per 32 as llama.cpp does"
+        )
     if scheme is not None and (blocks := requantized_types(checkpoint)):
         kinds = ", ".join(f"{n} {t}" for t, n in blocks.items())
         say(
@@ -97,7 +105,8 @@ def compile_model(
             say(f"{preset.name} library linked")
             writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
-        writer.write_weights(layout, converted_weights(checkpoint, exported, plan, say.enabled))
+        weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
+        writer.write_weights(layout, weights)
         say("weights written")
         writer.add_tokenizer(checkpoint.tokenizer_files)
         # Per-layer sliding windows cap the tokens one sequence may add per forward.
@@ -108,7 +117,7 @@ def compile_model(
             architecture=exported.architecture,
             model_config=exported.config,
             dtype=dtype,
-            quantization=quantization_manifest(checkpoint, scheme, plan),
+            quantization=quantization_manifest(checkpoint, scheme, plan, repack),
             context_window=exported.context_window,
             prefill_chunk_size=min(
                 DEFAULT_PREFILL_CHUNK, exported.context_window, chunk_limit or DEFAULT_PREFILL_CHUNK
@@ -129,6 +138,23 @@ def compile_model(
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
+    """`--quant gguf-a8` needs a GGUF file with blocks it repacks, float32 and CPUs with an int8
+    dot product (the kernels that round activations to int8 are int8_dot.py's)."""
+    if not set(checkpoint.stored_types.values()) & set(A8_REPACKS):
+        raise RelaxlmError(
+            f"--quant {GGUF_A8} repacks a GGUF file's {', '.join(A8_REPACKS)} blocks, and "
+            f"{checkpoint.path} has none; use --quant none (or a scheme such as q4-a8)"
+        )
+    slow = [p.name for p in presets if not has_int8_dot(p.target())]
+    if slow or dtype != "float32":
+        why = f"target {', '.join(slow)} has none" if slow else f"--dtype is {dtype}"
+        raise RelaxlmError(
+            f"--quant {GGUF_A8} runs on CPUs with an AVX-512 VNNI int8 dot product in float32 "
+            f"({why}); use --quant none there, which keeps the file's blocks"
+        )
 
 
 def scheme_for_targets(

@@ -11,6 +11,9 @@ number of groups (and of packed words), so any K works:
   (q4 itself is packed like q4-a8, and q8 in the same row tiles, where every target has that
   kernel: see `row_tiled`)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
+- q4_1-a8 uint32 [N, Kp/8] as q4-a8     scale, min [N, Kp/32]       w = nibble * scale + min
+  (llama.cpp's Q4_1 and Q4_K blocks repacked, not requantized: `repack_gguf`; with q4-a8 for
+  Q4_0 and q8-a8 for Q8_0 these are `--quant gguf-a8`, GGUF blocks computed as llama.cpp does)
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
@@ -114,8 +117,8 @@ class QuantScheme:
             return {"q": (n, k // self.group_size * self.block_bytes)}
         kp = self.padded_k(k)
         parts = {"q": (n, kp // self.per_word), "scale": (n, kp // self.group_size)}
-        if not self.symmetric:
-            parts["zero"] = (n, kp // self.group_size)
+        if not self.symmetric:  # row tiles add a min, the interleaved layout a zero point
+            parts["min" if self.row_tile else "zero"] = (n, kp // self.group_size)
         return parts
 
     def to_dict(self) -> dict:
@@ -259,11 +262,70 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
     )
 
 
+# `--quant gguf-a8`: a GGUF file's blocks, where they are whole groups of 32 along K with one
+# scale (and min) each, repacked into the row tiles of int8_dot.py's kernel as they are (their
+# codes and fp16 scales bit for bit), which round the activations to int8 per group of 32 as
+# llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
+# Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8. Other block
+# types (Q5_*, Q6_K, whose codes need more than a nibble) stay blocks.
+GGUF_A8 = "gguf-a8"
+_Q4_1_A8 = QuantScheme(
+    "q4_1-a8",
+    QuantKind.INT,
+    bits=4,
+    group_size=32,
+    symmetric=False,
+    storage_dtype="uint32",
+    activations=Activations.INT8,
+    scale_dtype="float16",
+    row_tile=ROW_TILE,
+)
+A8_REPACKS: dict[str, QuantScheme] = {
+    "Q4_0": SCHEMES["q4-a8"],
+    "Q8_0": tied_table_scheme(SCHEMES["q4-a8"]),
+    "Q4_1": _Q4_1_A8,
+    "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="float32"),
+}
+
+
+def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) -> list[np.ndarray]:
+    """The parts of `scheme` (A8_REPACKS[ggml_type]) holding raw GGUF rows [N, K/B * bytes]
+    exactly: the blocks' codes and scales moved, nothing rounded (Q4_K's scale and min are
+    d * sc and -dmin * m, products of an fp16 and a 6-bit integer, exact in float32)."""
+    gguf = GGUF_SCHEMES[ggml_type]
+    n = raw.shape[0]
+    b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // gguf.group_size, -1)
+    if ggml_type == "Q8_0":
+        codes, scale, low = b[..., 2:].view(np.int8), _f16(b[..., :2]), None
+    elif ggml_type in ("Q4_0", "Q4_1"):
+        codes, scale = _nibbles(b[..., 4 if ggml_type == "Q4_1" else 2 :]), _f16(b[..., :2])
+        low = _f16(b[..., 2:4]) if ggml_type == "Q4_1" else None
+    else:  # Q4_K: 8 sub-blocks of 32 per block of 256
+        d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+        sc, mn = _k_scales(b[..., 4:16])
+        q = b[..., 16:144].reshape(n, -1, 4, 1, 32)  # [n, block, chunk c, 1, l]
+        codes = np.concatenate([q & 0xF, q >> 4], axis=-2)  # sub-block 2c + half
+        scale, low = d * sc, -(dmin * mn)
+    codes = np.ascontiguousarray(codes.reshape(n, k))
+    if scheme.storage_dtype == "int8":
+        words = codes.astype(np.int8).view(np.uint32)  # 4 k per word, tiled as words
+    else:
+        words = _pack_octets(codes.astype(np.uint32))
+    parts = [words, scale] if low is None else [words, scale, low]
+    parts = [parts[0]] + [p.reshape(n, -1).astype(scheme.scale_dtype) for p in parts[1:]]
+    if scheme.tiled(n):
+        parts = [_to_tiles(p, scheme.row_tile) for p in parts]
+    if scheme.storage_dtype == "int8":
+        parts[0] = parts[0].view(np.int8)
+    return parts
+
+
 def resolve_scheme(name: str) -> QuantScheme | None:
     if name not in SCHEMES:
         raise RelaxlmError(
             f"quantization {name!r} is not supported; use one of {', '.join(SCHEMES)} "
-            "(GGUF files keep their own llama.cpp formats)"
+            f"(GGUF files keep their own llama.cpp formats; {GGUF_A8} computes their 4- and "
+            "8-bit blocks with int8 activations)"
         )
     return SCHEMES[name]
 
@@ -296,6 +358,7 @@ def _quantize_rows(
         )
     if scheme.kind == QuantKind.CAST:
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
+    assert scheme.symmetric or not scheme.row_tile, f"{scheme.name} only repacks GGUF blocks"
     w = weight.astype(np.float32)
     n, k = w.shape
     kp = scheme.padded_k(k)
@@ -389,12 +452,17 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         codes = q.astype(np.float32)
     elif scheme.row_tile:
         words = _from_tiles(q, scheme.row_tile) if scheme.tiled(n) else q
-        codes = _unpack_octets(words).astype(np.float32) - 8
+        codes = _unpack_octets(words).astype(np.float32) - (8 if scheme.symmetric else 0)
     else:
         codes = _unpack(q, scheme.bits).astype(np.float32)
         if scheme.symmetric:
             codes -= 1 << (scheme.bits - 1)
     groups = codes.reshape(n, -1, scheme.group_size)
+    if scheme.row_tile and not scheme.symmetric:  # code * scale + min
+        low = parts[2]
+        low = _from_tiles(low, scheme.row_tile) if scheme.tiled(n) else low
+        values = groups * scale[..., None] + low.astype(np.float32)[..., None]
+        return np.ascontiguousarray(values.reshape(n, -1)[:, :k])
     if not scheme.symmetric:
         groups = groups - parts[2].astype(np.float32)[..., None]
     # contiguous: a [:, :k] view of padded rows trips writers that take the raw buffer

@@ -73,6 +73,7 @@ def quantize_weights(
         for part, shape in packed.part_shapes(n, k).items():
             dtype = {
                 "scale": packed.scale_dtype_for(compute_dtype),
+                "min": packed.scale_dtype_for(compute_dtype),
                 "zero": compute_dtype,
             }.get(part, packed.storage_dtype)
             layout[i].append(len(new_fields))
@@ -111,6 +112,8 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
             shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
         mask = tirx.const((1 << scheme.bits) - 1, "uint32")
         code = ((word >> shift) & mask).astype("int32").astype(dtype)
+        if scheme.row_tile and not scheme.symmetric:  # GGUF Q4_1 / Q4_K: code * s + min
+            return code * s + _row_tiled(parts[2], n, group, tile).astype(dtype)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)

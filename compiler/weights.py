@@ -19,6 +19,8 @@ from relaxlm.frontends import ExportedModel
 from relaxlm.frontends.checkpoint import Checkpoint
 
 from .quantization import (
+    A8_REPACKS,
+    GGUF_A8,
     GGUF_SCHEMES,
     SCHEMES,
     QuantKind,
@@ -27,6 +29,7 @@ from .quantization import (
     dequantize,
     pack_int4,
     quantize,
+    repack_gguf,
 )
 
 # Float types a GGUF file stores tensors in -> the scheme that keeps them so.
@@ -120,19 +123,26 @@ def dtype_of(dtype: str) -> np.dtype:
 
 
 def stored_schemes(
-    checkpoint: Checkpoint, exported: ExportedModel, scheme: QuantScheme | None
+    checkpoint: Checkpoint,
+    exported: ExportedModel,
+    scheme: QuantScheme | None,
+    repack: bool = False,
 ) -> dict[int, QuantScheme]:
     """Packed-param index -> the scheme its weight is stored in, for weights kept as stored.
 
     Without a requested scheme, GGUF block types (Q4_K, ...) are kept byte for byte, F16 /
-    BF16 tensors as they are, and AWQ / GPTQ layers as `q4-asym` in their own groups. With
-    one, nothing is kept: every weight is converted to it (blocks and 4-bit layers
-    dequantized exactly first, see `converted_weights`).
+    BF16 tensors as they are, and AWQ / GPTQ layers as `q4-asym` in their own groups; with
+    `repack` (`--quant gguf-a8`) the block types of A8_REPACKS are kept as their codes and
+    scales in int8_dot.py's row tiles instead. With a scheme, nothing is kept: every weight is
+    converted to it (blocks and 4-bit layers dequantized exactly first, see
+    `converted_weights`).
     """
     out = {}
     for i, name in enumerate(exported.param_names):
         ggml_type = checkpoint.stored_types.get(name, "F32")
-        if ggml_type in GGUF_SCHEMES and scheme is None:
+        if repack and ggml_type in A8_REPACKS:
+            out[i] = A8_REPACKS[ggml_type]
+        elif ggml_type in GGUF_SCHEMES and scheme is None:
             out[i] = GGUF_SCHEMES[ggml_type]
         elif (int4 := _int4_scheme(ggml_type)) and scheme is None:
             out[i] = int4
@@ -142,10 +152,14 @@ def stored_schemes(
 
 
 def quantization_manifest(
-    checkpoint: Checkpoint, scheme: QuantScheme | None, plan: list[PlannedWeight]
+    checkpoint: Checkpoint,
+    scheme: QuantScheme | None,
+    plan: list[PlannedWeight],
+    repack: bool = False,
 ) -> dict:
     """The requested scheme (and the one a tied embedding table takes where it differs), and
-    for a GGUF file the formats its weights are kept in."""
+    for a GGUF file the formats its weights are kept in (`gguf-a8` where its blocks were
+    repacked for int8 activations)."""
     out = scheme.to_manifest() if scheme else {"scheme": "none"}
     for weight in plan:
         if weight.part == "q" and scheme is not None and weight.scheme != scheme:
@@ -159,7 +173,9 @@ def quantization_manifest(
                 kept[name] = kept.get(name, 0) + 1
         source = getattr(checkpoint, "method", "") or "gguf"  # an AWQ / GPTQ folder says which
         out = {**out, "source": source, "tensors": kept}
-        if scheme is None:
+        if repack:
+            out = {**out, "scheme": GGUF_A8, "activations": "int8"}
+        elif scheme is None:
             out["scheme"] = source
         else:
             out["requantized_from"] = requantized_types(checkpoint)
@@ -177,7 +193,11 @@ def requantized_types(checkpoint: Checkpoint) -> dict[str, int]:
 
 
 def converted_weights(
-    checkpoint: Checkpoint, exported: ExportedModel, plan: list[PlannedWeight], progress: bool
+    checkpoint: Checkpoint,
+    exported: ExportedModel,
+    plan: list[PlannedWeight],
+    progress: bool,
+    repack: bool = False,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """The plan's tensors in order, each checkpoint tensor read and converted once.
 
@@ -203,6 +223,16 @@ def converted_weights(
                 yield next(weights).name, part
             continue
         arrays = [checkpoint.read(n) for n in names]
+        kinds = {checkpoint.stored_types.get(n) for n in names}
+        if repack and first.part == "q" and len(kinds) == 1 and (kind := kinds.pop()) in A8_REPACKS:
+            # `gguf-a8`: the blocks' codes and scales moved into row tiles, nothing rounded
+            raw = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            k = exported.param_shapes[names[0]][-1]
+            parts = repack_gguf(first.scheme, kind, raw, k)
+            yield first.name, parts[0]
+            for part in parts[1:]:
+                yield next(weights).name, part
+            continue
         if first.part == "" or first.scheme.kind != QuantKind.GGUF:  # needed as numbers
             arrays = [
                 _unblocked(checkpoint, exported, n, a) for n, a in zip(names, arrays, strict=True)

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from relaxlm.compiler.quantization import SCHEMES
+from relaxlm.compiler.quantization import GGUF_A8, SCHEMES
 from relaxlm.errors import RelaxlmError
 
 
@@ -264,7 +264,9 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
     p.add_argument(
         "--quant",
         help=f"weight quantization: {', '.join(SCHEMES)} (default: none, a GGUF file keeps "
-        "its own formats; the default model takes the fastest path measured on this CPU)",
+        f"its own formats; {GGUF_A8}: a GGUF file's Q4_0/Q4_1/Q4_K/Q8_0 blocks kept and computed "
+        "with int8 activations, as llama.cpp does, on CPUs with AVX-512 VNNI; the default "
+        "model takes the fastest path measured on this CPU)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(

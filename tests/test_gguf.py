@@ -28,8 +28,10 @@ from tvm import te
 import relaxlm
 from relaxlm.artifacts import Manifest, weight_index
 from relaxlm.artifacts.safetensors_io import read
-from relaxlm.compiler.quantization import GGUF_SCHEMES, dequantize
+from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.quantization import A8_REPACKS, GGUF_SCHEMES, dequantize
 from relaxlm.compiler.quantize_weights import dequantize_te
+from relaxlm.compiler.targets import resolve_target
 from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import load_checkpoint
 from relaxlm.frontends.gguf import hf_name, load_gguf, unpermute_rows
@@ -287,6 +289,60 @@ def test_greedy_equals_llama_cpp(key, gguf_llm, llama):
             logits = llm.score(prompt + ours[:same], prefill=len(prompt) + same)[0]
             top2 = np.sort(logits)[-2:]
             assert top2[1] - top2[0] < LLAMA_CPP_REL_QUANT * np.abs(logits).max(), (prompt, same)
+
+
+def _int8_rounded(x: np.ndarray) -> np.ndarray:
+    """x rounded per group of 32 along the last axis to int8 codes of scale max|x| / 127, as
+    int8_dot.py (and llama.cpp's Q8_0 / Q8_1 activations) round a linear's input."""
+    k = x.shape[-1]
+    groups = x.astype(np.float32).reshape(*x.shape[:-1], k // 32, 32)
+    scale = np.abs(groups).max(-1, keepdims=True) / np.float32(127)
+    return (np.rint(groups / np.where(scale > 0, scale, 1)) * scale).reshape(x.shape)
+
+
+@pytest.mark.skipif(
+    not has_int8_dot(resolve_target("cpu").target()), reason="gguf-a8 needs AVX-512 VNNI"
+)
+@pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M"])
+def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama, tmp_path):
+    """`--quant gguf-a8`: the file's Q4_0 / Q4_1 / Q4_K / Q8_0 tensors kept as their codes and
+    scales (the others as blocks), computed with int8 activations. Oracles: transformers on
+    the file's dequantized weights with every such linear's input rounded to int8 (float32
+    rounding apart), and llama.cpp on the file (same bound and top-1 agreement as the blocks)."""
+    import torch
+
+    path = gguf_file(key)
+    llm = relaxlm.LLM(str(path), quant="gguf-a8")
+    q = llm.manifest.quantization
+    assert q["scheme"] == "gguf-a8" and q["activations"] == "int8", q
+    types = load_gguf(path).stored_types
+    repacked = {name.removesuffix(".weight") for name, t in types.items() if t in A8_REPACKS}
+    assert {A8_REPACKS[t].name for t in types.values() if t in A8_REPACKS} <= set(q["tensors"])
+    if key == "Q4_K_M":  # its Q6_K tensors stay blocks
+        assert q["tensors"].get("gguf-q6_k"), q
+    if llm.manifest.model_config.get("tie_word_embeddings") and "model.embed_tokens" in repacked:
+        repacked.add("lm_head")  # transformers' name for the matmul by the tied table
+
+    def int8_inputs(name, x):
+        return torch.from_numpy(_int8_rounded(x.numpy())) if name in repacked else x
+
+    folder = _dequantized_hf_folder(path, tmp_path / "dequantized")
+    for prefill in (len(TOKENS), 4):
+        ours = llm.score(TOKENS, prefill=prefill)
+        theirs = hf_logits(folder, TOKENS, prefill, linear_input=int8_inputs)
+        assert _rel(ours, theirs) < 1e-4, (key, prefill, _rel(ours, theirs))
+    ours = llm.score(TOKENS, prefill=1, every_token=False)
+    theirs = _llama_cpp_logits(llama(key), TOKENS)
+    print(f"gguf-a8 {key}: max |logit diff| / max |logit| vs llama.cpp = {_rel(ours, theirs):.4f}")
+    assert _rel(ours, theirs) < LLAMA_CPP_REL_QUANT
+    assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75
+
+
+def test_gguf_a8_needs_blocks_it_repacks(gguf_file, checkpoints):
+    """A file without Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, or a safetensors folder: one error."""
+    for model in (gguf_file("F16"), checkpoints("llama_gqa")):
+        with pytest.raises(RelaxlmError, match="gguf-a8 repacks a GGUF file's"):
+            relaxlm.compile(model, output=Path(model).parent / "never", quant="gguf-a8")
 
 
 def test_blocks_are_copied_not_requantized(gguf_file, gguf_llm):

@@ -19,10 +19,14 @@ from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
 from relaxlm.compiler.int8_dot import PIECES, has_int8_dot
 from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import (
+    A8_REPACKS,
+    GGUF_SCHEMES,
     SCHEMES,
     dequantize,
+    dequantize_gguf,
     group_scales,
     quantize,
+    repack_gguf,
     row_tiled,
     tied_table_scheme,
 )
@@ -327,6 +331,41 @@ def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n
         if scheme.activations != "int8":  # a few of the codes' steps (max|x| / levels) off
             exact = x @ weights.T
             np.testing.assert_allclose(got, exact, rtol=0, atol=8 / levels * np.abs(exact).max())
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("ggml_type", sorted(A8_REPACKS))
+@pytest.mark.parametrize("n,k", [(64, 256), (48, 512), (40, 256), (128, 768)])
+def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
+    """`--quant gguf-a8`: GGUF blocks (written by gguf-py's quantizer, llama.cpp's reference)
+    repacked into row tiles hold exactly the file's dequantized weights, and the int8 kernel
+    (with mins for Q4_1 / Q4_K) equals int8-rounded activations times them; N not a multiple of
+    16 (40) takes the float kernel over the same parts."""
+    import gguf
+
+    scheme = A8_REPACKS[ggml_type]
+    rng = np.random.default_rng(n + k)
+    w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
+    if ggml_type == "Q4_K":  # gguf-py makes no K-quants: random bytes with finite scales
+        raw = rng.integers(0, 256, (n, k // 256, 144), np.uint8)
+        for offset in (0, 2):
+            scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+            raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
+        raw = raw.reshape(n, -1)
+    else:
+        raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[ggml_type])
+    parts = repack_gguf(scheme, ggml_type, raw, k)
+    weights = dequantize(scheme, parts, k)
+    np.testing.assert_array_equal(weights, dequantize_gguf(GGUF_SCHEMES[ggml_type], raw, k))
+    forward, script = _linear_vm(n, k, scheme)
+    tiled = scheme.tiled(n)
+    assert ("_int8_linear" in script) == tiled
+    for m in (1, 5, 33):
+        x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
+        x[0, 0, :40] = 0  # an all-zero group: scale 0, codes 0
+        got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
+        ref = (_int_activations(x) if tiled else x) @ weights.T
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
 
 
 def _quantized_linears(manifest) -> set[str]:
