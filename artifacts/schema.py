@@ -119,7 +119,8 @@ def manifest_problems(data: Any) -> list[str]:
         except _ValidationError:
             problems.append(f"stage {k} has a damaged kv_cache")
     ends = [0, *(s.layers[1] for s in manifest.stages)]
-    if any(s.layers[0] != ends[k] or s.layers[1] <= s.layers[0] for k, s in enumerate(manifest.stages)):
+    stages = enumerate(manifest.stages)
+    if any(s.layers[0] != ends[k] or s.layers[1] <= s.layers[0] for k, s in stages):
         problems.append("stages do not cover the layers in order, each at least one")
     for p in manifest.params:
         if p.shard not in manifest.shards:

@@ -156,9 +156,7 @@ def compile_model(
 def _stage_preset(stage: Stage, presets: list[TargetPreset]) -> TargetPreset:
     """The preset a stage is built for: the one asked for its device kind, else the kind's
     default (`cpu`, `cuda` for sm_80 and sm_90, ...)."""
-    return next((p for p in presets if p.device == stage.kind), None) or resolve_target(
-        stage.kind
-    )
+    return next((p for p in presets if p.device == stage.kind), None) or resolve_target(stage.kind)
 
 
 def _compile_stages(
@@ -222,9 +220,7 @@ def _compile_stages(
             dtype=dtype,
             quantization=quantization_manifest(checkpoint, scheme, plan),
             context_window=exports[0].context_window,
-            prefill_chunk_size=min(
-                DEFAULT_PREFILL_CHUNK, exports[0].context_window, *limits
-            ),
+            prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exports[0].context_window, *limits),
             vocab_size=exports[0].vocab_size,
             kv_cache=kv_cache,
             params=writer.params,

@@ -77,12 +77,15 @@ def load_artifact(
     check_files(folder, manifest)  # sizes only: verify() would hash seconds per GB
     index = weight_index(folder, manifest)
     if manifest.stages:
+        devices = _stage_devices(manifest, device_map)
         stages = [
             _load_stage(folder, entry, name, index)
-            for entry, name in zip(manifest.stages, _stage_devices(manifest, device_map), strict=True)
+            for entry, name in zip(manifest.stages, devices, strict=True)
         ]
         first = stages[0]
-        return LoadedArtifact(folder, manifest, first.device, first.vm, first.params, threads, stages)
+        return LoadedArtifact(
+            folder, manifest, first.device, first.vm, first.params, threads, stages
+        )
     if device_map is not None:
         raise RelaxlmError(
             f"{folder} was compiled for one device, so it takes no device map; compile the "
