@@ -110,6 +110,10 @@ def test_engine_batches_and_reuses_prefixes_with_the_same_tokens(whole, split):
     assert [r.token_ids for r in results] == want
     hits = llm.metrics().prefix_cache_hit_tokens
     assert hits >= 4 * 48  # every prompt that shares the prefix took its pages from the cache
+    # Speculative decoding verifies drafts in one forward and pops the rejected ones (popn) from
+    # every stage's cache.
+    speculative = relaxlm.LLM(str(split), draft_model="ngram", num_draft_tokens=3)
+    assert [r.token_ids for r in speculative.generate(prompts, GREEDY)] == want
 
 
 def test_the_cli_runs_a_split_model(checkpoint, split, capsys):
@@ -151,7 +155,24 @@ def test_a_device_map_must_fit_the_artifact(whole, split, capsys):
     assert code == 2 and "gpu_layers splits a model at compile time" in capsys.readouterr().err
 
 
-def test_gpu_layers_puts_the_last_layers_on_the_gpu_as_llama_cpp():
+def test_a_cuda_stage_is_lowered_onto_a_cache_of_its_own_layers(checkpoint):
+    """Compile-only (no GPU here): layers 2-3 as the last stage, for CUDA, through phases 1-3."""
+    from relaxlm.compiler.pipeline import build_library
+    from relaxlm.compiler.targets import resolve_target
+    from relaxlm.frontends import load_checkpoint
+    from relaxlm.frontends import split as split_model
+
+    stage = split_model(load_checkpoint(checkpoint)).export(2, 4)
+    mod, kv_cache, plan = build_library(stage, resolve_target("cuda"), scheduled_only=True)
+    assert kv_cache.num_layers == 2
+    assert {w.name.split(".")[2] for w in plan if ".layers." in w.name} == {"2", "3"}
+    assert "lm_head.weight" in {w.name for w in plan}
+    x = mod["prefill"].params[0]  # the hidden state the stage before hands over
+    assert len(x.ty.shape) == 3 and int(x.ty.shape[2]) == 64 and x.ty.dtype == "float32"
+    assert "create_paged_kv_cache" in {gv.name_hint for gv in mod.get_global_vars()}
+
+
+def test_gpu_layers_puts_the_last_layers_on_the_gpu_as_llama_cpp(checkpoint, tmp_path, capsys):
     assert gpu_layers_map(3, 8) == [Stage("cpu:0", 0, 5), Stage("cuda:0", 5, 8)]
     assert gpu_layers_map(0, 8) == [Stage("cpu:0", 0, 8)]
     assert gpu_layers_map(99, 8, "metal") == [Stage("metal:0", 0, 8)]
@@ -160,3 +181,6 @@ def test_gpu_layers_puts_the_last_layers_on_the_gpu_as_llama_cpp():
         Stage("cpu:0", 24, 32),
     ]
     assert json.dumps(str(Stage("cuda:0", 5, 6))) == '"cuda:0:5"'
+    out = str(tmp_path / "x")
+    code = main(["compile", str(checkpoint), "-o", out, "--gpu-layers", "2", "--device-map", "cpu"])
+    assert code == 2 and "a device map or gpu_layers, not both" in capsys.readouterr().err
