@@ -90,9 +90,8 @@ def compile_model(
         gpu = next((p.device for p in presets if p.device in GPU_KINDS), "cuda")
         parts = split(checkpoint, dtype)
         stages = resolve_stages(device_map, gpu_layers, parts.num_layers, gpu)
-        if len(stages) > 1:
-            return _compile_stages(parts, output, stages, presets, quant, say)
-        presets = [_stage_preset(stages[0], presets)]  # all layers on one device
+        # One stage too (all layers on one GPU): the manifest then says which device runs it.
+        return _compile_stages(parts, output, stages, presets, quant, say)
     base = Path(output) if add else None
     scheme = scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
     checkpoint = merge_lora(load_checkpoint(model), lora)

@@ -116,11 +116,14 @@ def export_causal_lm_stage(
 
     The first stage takes token ids and embeds them, the last ends in logits (as the whole
     model's entries); the others take and return the hidden state, [1, n, hidden] in prefill
-    and [b, 1, hidden] in decode, in the model's dtype.
+    and [b, 1, hidden] in decode, in the model's dtype. One stage of every layer is the whole
+    model's entries.
     """
     layers = model.decoder_layers()
     is_first, is_last = first == 0, end == len(layers)
-    assert 0 <= first < end <= len(layers) and not (is_first and is_last), (first, end)
+    assert 0 <= first < end <= len(layers), (first, end)
+    if is_first and is_last:
+        return export_causal_lm(model)
 
     def trunk(x: nn.Tensor) -> nn.Tensor:
         x = model.embed(x) if is_first else x
