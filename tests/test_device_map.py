@@ -5,6 +5,7 @@ fork and popn, and greedy tokens through the engine (batching, prefix cache). Ba
 clear error."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -170,6 +171,24 @@ def test_a_cuda_stage_is_lowered_onto_a_cache_of_its_own_layers(checkpoint):
     x = mod["prefill"].params[0]  # the hidden state the stage before hands over
     assert len(x.ty.shape) == 3 and int(x.ty.shape[2]) == 64 and x.ty.dtype == "float32"
     assert "create_paged_kv_cache" in {gv.name_hint for gv in mod.get_global_vars()}
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda m: m["stages"][1]["params"].append("nope.weight"), "stage 1 takes parameters"),
+        (lambda m: m["stages"][1].update(layers=[2, 3]), "do not cover the layers in order"),
+        (lambda m: m["stages"][2].update(library="../x.so"), "lies outside the artifact"),
+    ],
+)
+def test_a_damaged_stage_entry_is_refused_at_load(split, tmp_path, damage, says):
+    copy = tmp_path / "artifact"
+    shutil.copytree(split, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    damage(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RelaxlmError, match=f"damaged manifest.*{says}"):
+        CompiledModel(copy)
 
 
 def test_gpu_layers_puts_the_last_layers_on_the_gpu_as_llama_cpp(checkpoint, tmp_path, capsys):
