@@ -35,7 +35,7 @@ from .int8_dot import has_int8_dot
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
-from .quantization import QuantScheme, resolve_scheme, row_tiled
+from .quantization import QuantScheme, resolve_scheme, row_tiled, tied_table_scheme
 from .quantize_weights import quantize_weights
 from .targets import TargetPreset, build_context, resolve_target, resolve_targets
 from .weights import (
@@ -173,11 +173,15 @@ def _compile_stages(
     scheme = scheme_for_targets(resolve_scheme(quant), stage_presets, dtype, None)
     plan_text = ", ".join(f"{s} ({p.name})" for s, p in zip(stages, stage_presets, strict=True))
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) as stages {plan_text}")
-    exports, plans, caches = [], [], []
+    exports = [model.export(stage.first, stage.end) for stage in stages]
+    plans, caches = [], []
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
-        for k, (stage, preset) in enumerate(zip(stages, stage_presets, strict=True)):
-            exported = model.export(stage.first, stage.end)
-            stored = stored_schemes(checkpoint, exported, scheme)
+        for k, (stage, preset, exported) in enumerate(
+            zip(stages, stage_presets, exports, strict=True)
+        ):
+            stored = stored_schemes(checkpoint, exported, scheme) | _shared_schemes(
+                exports, k, scheme
+            )
             executable, kv_cache, plan = build_library(exported, preset, scheme, say, stored)
             library = Path(scratch) / f"stage{k}{preset.library_suffix}"
             executable.export_library(str(library))
@@ -192,7 +196,6 @@ def _compile_stages(
                 params=[w.name for w in plan],
                 kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE},
             )
-            exports.append(exported)
             plans.append(plan)
             caches.append(kv_cache)
         plan = _merged_plan(plans)
@@ -233,6 +236,20 @@ def _compile_stages(
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def _shared_schemes(
+    exports: list[ExportedModel], k: int, scheme: QuantScheme | None
+) -> dict[int, QuantScheme]:
+    """Packed index -> scheme, in stage k, of the weights another stage reads too: a tied
+    embedding table, gathered by the first stage and the logits head of the last, is packed in
+    both as the whole model packs it (`tied_table_scheme`), so both read one tensor and the
+    split model computes what the whole one does."""
+    if scheme is None:
+        return {}
+    elsewhere = {n for j, e in enumerate(exports) if j != k for n in e.param_names}
+    names = exports[k].param_names
+    return {i: tied_table_scheme(scheme) for i, n in enumerate(names) if n in elsewhere}
 
 
 def _merged_plan(plans: list[list[PlannedWeight]]) -> list[PlannedWeight]:

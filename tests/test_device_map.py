@@ -191,6 +191,34 @@ def test_a_damaged_stage_entry_is_refused_at_load(split, tmp_path, damage, says)
         CompiledModel(copy)
 
 
+def test_a_tied_table_split_across_stages_is_packed_as_in_the_whole_model(checkpoints):
+    """q4 with tied embeddings: the whole model packs the one table in 8 bits for the gather and
+    the logits head alike; split, the first stage gathers from and the last multiplies by that
+    same tensor (checked by hand: logits bit-identical to the whole q4 artifact)."""
+    from relaxlm.compiler.pipeline import _shared_schemes, build_library
+    from relaxlm.compiler.quantization import resolve_scheme
+    from relaxlm.compiler.targets import resolve_target
+    from relaxlm.frontends import export, load_checkpoint
+    from relaxlm.frontends import split as split_model
+
+    checkpoint = load_checkpoint(checkpoints("llama_tied_llama3_rope"))
+    scheme, cpu = resolve_scheme("q4"), resolve_target("cpu")
+    parts = split_model(checkpoint)
+    stages = [parts.export(0, 1), parts.export(1, 2)]
+
+    def table(exported, stored=None):
+        _, _, plan = build_library(exported, cpu, scheme, stored=stored, scheduled_only=True)
+        return [w for w in plan if w.sources == ("model.embed_tokens.weight",)]
+
+    whole = table(export(checkpoint))
+    assert [w.name for w in whole] == [
+        "model.embed_tokens.weight.q",
+        "model.embed_tokens.weight.scale",
+    ]
+    for k, stage in enumerate(stages):
+        assert table(stage, _shared_schemes(stages, k, scheme)) == whole
+
+
 def test_gpu_layers_puts_the_last_layers_on_the_gpu_as_llama_cpp(checkpoint, tmp_path, capsys):
     assert gpu_layers_map(3, 8) == [Stage("cpu:0", 0, 5), Stage("cuda:0", 5, 8)]
     assert gpu_layers_map(0, 8) == [Stage("cpu:0", 0, 8)]
