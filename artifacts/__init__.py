@@ -3,6 +3,7 @@
     manifest.json          the contract (see Manifest); written last
     weights/shard-N.safetensors   target-independent weights, in the graph's parameter order
     lib/<target>.so|.tar   one compiled library per target (cpu.so, cuda.so, metal.tar, ...)
+    lib/stage<k>-<target>.so   instead, for a model split across devices: one per stage
     tokenizer/             tokenizer.json, tokenizer_config.json, generation_config.json, ...
 
 Writes are atomic: everything goes to a hidden sibling folder that is renamed into place
@@ -67,6 +68,11 @@ class Manifest:
     vision: dict[str, Any] = field(default_factory=dict)
     # Speech models (task "transcribe"): audio features and special tokens (runtime/whisper.py).
     speech: dict[str, Any] = field(default_factory=dict)
+    # A model split across devices (artifacts/device_map.py), in layer order, `targets` then
+    # empty: {device ("cuda:0"), layers [first, end), target (preset), library, size, sha256,
+    # tvm_target, archs (CUDA), params (names in manifest.params, in the library's order),
+    # kv_cache (the stage's own cache layout)}. Empty for a model on one device.
+    stages: list[dict[str, Any]] = field(default_factory=list)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))
@@ -171,6 +177,7 @@ class ArtifactWriter:
         self.params: list[dict[str, Any]] = []
         self.shards: dict[str, dict[str, Any]] = {}
         self.targets: dict[str, dict[str, Any]] = {}
+        self.stages: list[dict[str, Any]] = []
         self.tokenizer_files: list[str] = []
         self.base: tuple[Path, Manifest] | None = None  # see keep_libraries
 
@@ -225,6 +232,25 @@ class ArtifactWriter:
             "tvm_target": tvm_target,
             **extra,
         }
+
+    def add_stage(
+        self, preset: str, library: Path, tvm_target: dict[str, Any], **entry: Any
+    ) -> None:
+        """Copy in the library of the next pipeline stage; `entry` (device, layers, params,
+        kv_cache, ...) goes in its manifest entry."""
+        (self.tmp / "lib").mkdir(exist_ok=True)
+        rel = f"lib/stage{len(self.stages)}-{preset}{library.suffix}"
+        shutil.copyfile(library, self.tmp / rel)
+        self.stages.append(
+            {
+                **entry,
+                "target": preset,
+                "library": rel,
+                "size": (self.tmp / rel).stat().st_size,
+                "sha256": sha256_file(self.tmp / rel),
+                "tvm_target": tvm_target,
+            }
+        )
 
     def keep_libraries(self, folder: str | os.PathLike) -> None:
         """Carry over the libraries of the artifact at `folder` (a library added later for the
@@ -295,7 +321,8 @@ def verify(folder: Path, manifest: Manifest) -> None:
 
 def _files(manifest: Manifest) -> dict[str, dict[str, Any]]:
     """Every file the manifest records -> its entry ({size, sha256, ...})."""
-    return {**manifest.shards, **{t["library"]: t for t in manifest.targets.values()}}
+    libraries = [*manifest.targets.values(), *manifest.stages]
+    return {**manifest.shards, **{t["library"]: t for t in libraries}}
 
 
 def weight_index(folder: Path, manifest: Manifest) -> dict[str, TensorInfo]:

@@ -37,6 +37,13 @@ class Library(ShardFile):
     library: StrictStr
 
 
+class Stage(Library):
+    device: StrictStr
+    layers: list[StrictInt] = Field(min_length=2, max_length=2)
+    params: list[StrictStr]
+    kv_cache: dict[str, Any]
+
+
 class KVCache(_Open):
     page_size: StrictInt = Positive
     num_layers: StrictInt = Positive
@@ -78,6 +85,7 @@ class ManifestSchema(_Open):
     lora: list[LoraAdapter] = []  # older artifacts have none
     vision: dict[str, Any] = {}  # text models have none
     speech: dict[str, Any] = {}  # speech models only
+    stages: list[Stage] = []  # models split across devices only
     format: StrictStr
     format_version: StrictInt
     created: StrictStr = ""
@@ -103,6 +111,17 @@ def manifest_problems(data: Any) -> list[str]:
     names = [p.name for p in manifest.params]
     if len(set(names)) != len(names):
         problems.append("a parameter name appears twice in params")
+    for k, stage in enumerate(manifest.stages):
+        if missing := [n for n in stage.params if n not in set(names)]:
+            problems.append(f"stage {k} takes parameters params lacks: {', '.join(missing[:3])}")
+        try:
+            KVCache.model_validate(stage.kv_cache)
+        except _ValidationError:
+            problems.append(f"stage {k} has a damaged kv_cache")
+    ends = [0, *(s.layers[1] for s in manifest.stages)]
+    stages = enumerate(manifest.stages)
+    if any(s.layers[0] != ends[k] or s.layers[1] <= s.layers[0] for k, s in stages):
+        problems.append("stages do not cover the layers in order, each at least one")
     for p in manifest.params:
         if p.shard not in manifest.shards:
             problems.append(f"parameter {p.name} lies in shard {p.shard!r}, which shards lacks")
@@ -111,6 +130,7 @@ def manifest_problems(data: Any) -> list[str]:
     files = [
         *manifest.shards,
         *(t.library for t in manifest.targets.values()),
+        *(s.library for s in manifest.stages),
         *manifest.tokenizer.files,
     ]
     problems += [f"file {f!r} lies outside the artifact" for f in files if not _inside(f)]

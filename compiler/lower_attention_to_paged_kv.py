@@ -57,10 +57,12 @@ _POSITIONS_BUILTIN = "vm.builtin.attention_kv_cache_get_query_positions"
 
 
 def lower_attention_to_paged_kv(
-    mod: tvm.IRModule, target: tvm.target.Target, dtype: str
+    mod: tvm.IRModule, target: tvm.target.Target, dtype: str, first_layer: int = 0
 ) -> tuple[tvm.IRModule, "KVCachePlan | None"]:
     """Rewrite `relaxlm.attention` calls onto one paged KV cache passed in as a new parameter.
 
+    first_layer: the lowest layer id the module's calls may have (a pipeline stage's first
+        layer); the cache holds layers first_layer.. only, as its layers 0..
     Returns the rewritten module and the cache it builds (None, and the module as it was, when
     there is no attention call).
     """
@@ -72,8 +74,8 @@ def lower_attention_to_paged_kv(
                 "no relaxlm.attention call to build a cache for"
             )
         return mod, None
-    plan = _plan(calls, dtype, target)
-    rewriter = _AttentionRewriter(mod, plan)
+    plan = _plan(calls, dtype, target, first_layer)
+    rewriter = _AttentionRewriter(mod, plan, first_layer)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.rewrite(gvar, func)
@@ -154,7 +156,9 @@ def _collect(mod: tvm.IRModule) -> tuple[list[tuple[str, AttentionCall, str]], b
     return calls, positions
 
 
-def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KVCachePlan:
+def _plan(
+    calls: list[tuple[str, AttentionCall, str]], dtype: str, target, first_layer: int = 0
+) -> KVCachePlan:
     """The one cache every call fits; ValueError naming the first call that does not."""
     first_func, first, _ = calls[0]
     uniform = ("num_q_heads", "num_kv_heads", "head_dim", "sm_scale", "logit_softcap")
@@ -167,8 +171,8 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KV
                 "needs its own layer_id, or both would append to the same cache layer"
             )
         seen.add((func, call.layer_id))
-        if call.layer_id < 0:
-            raise ValueError(f"{where}: layer_id must be >= 0, got {call.layer_id}")
+        if call.layer_id < first_layer:
+            raise ValueError(f"{where}: layer_id must be >= {first_layer}, got {call.layer_id}")
         if qkv_dtype != dtype:
             raise ValueError(
                 f"{where}: qkv dtype is {qkv_dtype}, but the KV cache is {dtype}; "
@@ -182,15 +186,16 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KV
                     f"{first_func!r}) has {want}; one paged KV cache needs the same {name} "
                     "in every layer"
                 )
-    num_layers = max(call.layer_id for _, call, _ in calls) + 1
+    num_layers = max(call.layer_id for _, call, _ in calls) + 1 - first_layer
     windows = [0] * num_layers
     for func, call, _ in calls:
-        if windows[call.layer_id] and windows[call.layer_id] != call.sliding_window:
+        at = call.layer_id - first_layer
+        if windows[at] and windows[at] != call.sliding_window:
             raise ValueError(
                 f"layer {call.layer_id} (function {func!r}) has sliding window "
-                f"{call.sliding_window} in one function and {windows[call.layer_id]} in another"
+                f"{call.sliding_window} in one function and {windows[at]} in another"
             )
-        windows[call.layer_id] = call.sliding_window
+        windows[at] = call.sliding_window
     if len(set(windows) - {0}) > 1:
         raise RelaxlmError(
             f"layers have different sliding windows {sorted(set(windows) - {0})}; relaxlm's "
@@ -217,9 +222,10 @@ def _plan(calls: list[tuple[str, AttentionCall, str]], dtype: str, target) -> KV
 
 @relax.expr_functor.mutator
 class _AttentionRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: KVCachePlan):
+    def __init__(self, mod: tvm.IRModule, plan: KVCachePlan, first_layer: int = 0):
         super().__init__(mod)
         self._plan = plan
+        self._first_layer = first_layer
         self._cache: relax.Var | None = None
         self._found = False
 
@@ -261,7 +267,7 @@ class _AttentionRewriter(relax.PyExprMutator):
                 _ATTENTION_BUILTIN,
                 [
                     self._cache,
-                    relax.prim_value(attn.layer_id),
+                    relax.prim_value(attn.layer_id - self._first_layer),
                     # The kernels take the plain softmax scale and fold in log2(e) themselves.
                     relax.prim_value(attn.sm_scale),
                     flat,

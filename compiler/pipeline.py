@@ -10,6 +10,7 @@ Phases of `build_library` (per-target differences inline):
 Set RELAXLM_DUMP_IR=DIR to write the module after each phase.
 """
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -21,8 +22,9 @@ from tvm import relax
 
 from relaxlm._version import __version__
 from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
+from relaxlm.artifacts.device_map import GPU_KINDS, Stage, resolve_stages
 from relaxlm.errors import RelaxlmError
-from relaxlm.frontends import ExportedModel, export, load_checkpoint
+from relaxlm.frontends import ExportedModel, SplitModel, export, load_checkpoint, split
 from relaxlm.frontends.lora import merge_lora
 
 from . import schedules
@@ -33,9 +35,16 @@ from .int8_dot import has_int8_dot
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
-from .quantization import A8_REPACKS, GGUF_A8, QuantScheme, resolve_scheme, row_tiled
+from .quantization import (
+    A8_REPACKS,
+    GGUF_A8,
+    QuantScheme,
+    resolve_scheme,
+    row_tiled,
+    tied_table_scheme,
+)
 from .quantize_weights import quantize_weights
-from .targets import TargetPreset, build_context, resolve_targets
+from .targets import TargetPreset, build_context, resolve_target, resolve_targets
 from .weights import (
     PlannedWeight,
     converted_weights,
@@ -47,6 +56,7 @@ from .weights import (
 )
 
 DEFAULT_PREFILL_CHUNK = 1024
+PAGE_SIZE = 16
 
 
 def compile_model(
@@ -59,6 +69,8 @@ def compile_model(
     progress: bool = True,
     add: bool = False,
     lora: list[str | os.PathLike] = (),
+    device_map: str | None = None,
+    gpu_layers: int | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -68,9 +80,25 @@ def compile_model(
         compiled from the same checkpoint with the same options: same weights).
     lora: PEFT LoRA adapter folders merged into the checkpoint's weights, in order, before
         anything else sees them (so quantization applies to the merged weights).
+    device_map: decoder layers per device (`cuda:0:0-23,cpu:24-31`, artifacts/device_map.py):
+        one library per stage, each stage built for the `target` preset of its device kind
+        (else that kind's default preset). gpu_layers: the last N layers on the GPU that
+        `target` names (CUDA by default), the others on the CPU, as llama.cpp's `-ngl`.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
+    if device_map is not None or gpu_layers is not None:
+        if add:
+            raise RelaxlmError(
+                "--add keeps another artifact's libraries, which a device map replaces by one "
+                "library per stage; compile the split model into a new folder"
+            )
+        checkpoint = merge_lora(load_checkpoint(model), lora)
+        gpu = next((p.device for p in presets if p.device in GPU_KINDS), "cuda")
+        parts = split(checkpoint, dtype)
+        stages = resolve_stages(device_map, gpu_layers, parts.num_layers, gpu)
+        # One stage too (all layers on one GPU): the manifest then says which device runs it.
+        return _compile_stages(parts, output, stages, presets, quant, say)
     base = Path(output) if add else None
     repack = quant == GGUF_A8  # GGUF blocks kept, computed with int8 activations
     scheme = None if repack else scheme_for_targets(resolve_scheme(quant), presets, dtype, base)
@@ -123,7 +151,7 @@ def compile_model(
                 DEFAULT_PREFILL_CHUNK, exported.context_window, chunk_limit or DEFAULT_PREFILL_CHUNK
             ),
             vocab_size=exported.vocab_size,
-            kv_cache={**kv_cache.to_manifest(), "page_size": 16} if kv_cache else {},
+            kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE} if kv_cache else {},
             params=writer.params,
             shards=writer.shards,
             targets=writer.targets,
@@ -155,6 +183,123 @@ def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
             f"--quant {GGUF_A8} runs on CPUs with an AVX-512 VNNI int8 dot product in float32 "
             f"({why}); use --quant none there, which keeps the file's blocks"
         )
+
+
+def _stage_preset(stage: Stage, presets: list[TargetPreset]) -> TargetPreset:
+    """The preset a stage is built for: the one asked for its device kind, else the kind's
+    default (`cpu`, `cuda` for sm_80 and sm_90, ...)."""
+    return next((p for p in presets if p.device == stage.kind), None) or resolve_target(stage.kind)
+
+
+def _compile_stages(
+    model: SplitModel,
+    output: str | os.PathLike,
+    stages: list[Stage],
+    presets: list[TargetPreset],
+    quant: str,
+    say,
+) -> Path:
+    """compile_model for a model split across devices: one library per stage (its layers'
+    `prefill` / `decode` and its own paged KV cache), over one set of weights."""
+    checkpoint, dtype = model.checkpoint, model.dtype
+    if quant == GGUF_A8:
+        raise RelaxlmError(
+            f"--quant {GGUF_A8} is not built for models split across devices yet; use --quant "
+            "none (the file's blocks) or a scheme such as q8 with --device-map"
+        )
+    stage_presets = [_stage_preset(stage, presets) for stage in stages]
+    scheme = scheme_for_targets(resolve_scheme(quant), stage_presets, dtype, None)
+    plan_text = ", ".join(f"{s} ({p.name})" for s, p in zip(stages, stage_presets, strict=True))
+    say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) as stages {plan_text}")
+    exports = [model.export(stage.first, stage.end) for stage in stages]
+    plans, caches = [], []
+    with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
+        for k, (stage, preset, exported) in enumerate(
+            zip(stages, stage_presets, exports, strict=True)
+        ):
+            stored = stored_schemes(checkpoint, exported, scheme) | _shared_schemes(
+                exports, k, scheme
+            )
+            executable, kv_cache, plan = build_library(exported, preset, scheme, say, stored)
+            library = Path(scratch) / f"stage{k}{preset.library_suffix}"
+            executable.export_library(str(library))
+            say(f"stage {k} ({stage}) linked for {preset.name}")
+            writer.add_stage(
+                preset.name,
+                library,
+                preset.tvm_target,
+                **{key: v for key, v in preset.extra_manifest.items() if key != "device"},
+                device=stage.device,
+                layers=[stage.first, stage.end],
+                params=[w.name for w in plan],
+                kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE},
+            )
+            plans.append(plan)
+            caches.append(kv_cache)
+        plan = _merged_plan(plans)
+        layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
+        # Every stage's weights, converted as one model's (a tied table may be in two stages).
+        shapes = {n: s for e in exports for n, s in e.param_shapes.items()}
+        whole = dataclasses.replace(exports[0], param_shapes=shapes)
+        writer.write_weights(layout, converted_weights(checkpoint, whole, plan, say.enabled))
+        say("weights written")
+        writer.add_tokenizer(checkpoint.tokenizer_files)
+        limits = [c.max_prefill_chunk for c in caches if c.max_prefill_chunk]
+        kv_cache = {
+            **caches[0].to_manifest(),
+            "num_layers": stages[-1].end,
+            "sliding_windows": [w for c in caches for w in c.windows],
+            "max_prefill_chunk": min(limits) if limits else None,
+            "page_size": PAGE_SIZE,
+        }
+        manifest = Manifest(
+            relaxlm_version=__version__,
+            tvm_version=tvm.__version__,
+            architecture=exports[0].architecture,
+            model_config=exports[0].config,
+            dtype=dtype,
+            quantization=quantization_manifest(checkpoint, scheme, plan),
+            context_window=exports[0].context_window,
+            prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exports[0].context_window, *limits),
+            vocab_size=exports[0].vocab_size,
+            kv_cache=kv_cache,
+            params=writer.params,
+            shards=writer.shards,
+            targets={},
+            stages=writer.stages,
+            tokenizer={"files": writer.tokenizer_files},
+            source={"path": str(checkpoint.path)},
+            lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
+        )
+        out = writer.commit(manifest)
+    say(f"artifact written to {out}")
+    return out
+
+
+def _shared_schemes(
+    exports: list[ExportedModel], k: int, scheme: QuantScheme | None
+) -> dict[int, QuantScheme]:
+    """Packed index -> scheme, in stage k, of the weights another stage reads too: a tied
+    embedding table, gathered by the first stage and the logits head of the last, is packed in
+    both as the whole model packs it (`tied_table_scheme`), so both read one tensor and the
+    split model computes what the whole one does."""
+    if scheme is None:
+        return {}
+    elsewhere = {n for j, e in enumerate(exports) if j != k for n in e.param_names}
+    names = exports[k].param_names
+    return {i: tied_table_scheme(scheme) for i, n in enumerate(names) if n in elsewhere}
+
+
+def _merged_plan(plans: list[list[PlannedWeight]]) -> list[PlannedWeight]:
+    """The stages' weights as one list, each name once (a tied embedding table read as a table
+    by the first stage and as the logits head by the last is one tensor where both read it
+    alike)."""
+    merged: dict[str, PlannedWeight] = {}
+    for plan in plans:
+        for weight in plan:
+            seen = merged.setdefault(weight.name, weight)
+            assert seen == weight, f"two stages plan {weight.name} differently"
+    return list(merged.values())
 
 
 def scheme_for_targets(
@@ -204,7 +349,8 @@ def build_library(
         mod, kv_cache = LowerAttentionToCausal()(mod), None
     else:
         try:
-            mod, kv_cache = lower_attention_to_paged_kv(mod, target, exported.dtype)
+            first_layer = exported.layers[0] if exported.layers else 0  # a pipeline stage's
+            mod, kv_cache = lower_attention_to_paged_kv(mod, target, exported.dtype, first_layer)
         except RelaxlmError as e:
             raise RelaxlmError(f"{model} cannot be compiled for {where}: {e}") from None
     mod, sources = fuse_parallel_linear(mod, stored)

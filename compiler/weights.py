@@ -207,7 +207,9 @@ def converted_weights(
     reference) first (an AWQ / GPTQ checkpoint reads its layers so).
     """
     compute = dtype_of(exported.dtype)  # of scales and zero points
-    count = len(dict.fromkeys(w.sources for w in plan))
+    # One run of consecutive entries per tensor read (a tied table's sources may come twice:
+    # as a table in one pipeline stage, quantized as the logits head in another).
+    count = sum(1 for i, w in enumerate(plan) if i == 0 or plan[i - 1].sources != w.sources)
     weights = iter(plan)
     bar = tqdm(range(count), desc="weights", unit="tensor", disable=not progress, file=sys.stderr)
     for _ in bar:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,9 @@ from .entry import (
     ExportedModel,
     SpeechSeq2Seq,
     VisionLM,
+    can_split,
     export_causal_lm,
+    export_causal_lm_stage,
     export_embedding,
     export_speech_seq2seq,
     export_vision_lm,
@@ -113,6 +116,58 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
     )
 
 
+@dataclass
+class SplitModel:
+    """A text model whose decoder layers are exported in ranges, one per pipeline stage."""
+
+    checkpoint: Checkpoint
+    model: Any
+    facts: dict[str, Any]
+    dtype: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.decoder_layers())
+
+    def export(self, first: int, end: int) -> ExportedModel:
+        """Decoder layers [first, end) as `prefill` / `decode` (see export_causal_lm_stage)."""
+        hidden = self.model.config.hidden_size
+        mod, named_params = export_causal_lm_stage(self.model, first, end, hidden, self.dtype)
+        return ExportedModel(
+            mod=mod,
+            param_names=[name for name, _ in named_params],
+            param_shapes={name: tuple(int(d) for d in p.shape) for name, p in named_params},
+            dtype=self.dtype,
+            architecture=self.checkpoint.architecture,
+            config=self.checkpoint.config,
+            layers=(first, end, self.num_layers),
+            **self.facts,
+        )
+
+
+def split(checkpoint: Checkpoint, dtype: str = "float32") -> SplitModel:
+    """The checkpoint's model, to be exported in layer ranges; RelaxlmError for a model that
+    cannot be split (not a decoder text model of a family that gives its parts)."""
+    if dtype not in DTYPES:
+        raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    if isinstance(checkpoint, OnnxCheckpoint):
+        raise RelaxlmError("an ONNX graph cannot be split across devices; use a checkpoint folder")
+    try:
+        model, facts = _build_model(checkpoint)
+    except KeyError as e:
+        raise RelaxlmError(f"{checkpoint.path / 'config.json'}: missing key {e}") from e
+    if facts.get("task") == "embed" or not can_split(model):
+        raise RelaxlmError(
+            f"{checkpoint.architecture} cannot be split across devices (a device map): only "
+            "decoder text models of the Llama family are (Llama, Mistral, Qwen2/3, Mixtral, "
+            "Phi-3, Gemma 2/3); compile it for one device"
+        )
+    model.to(dtype)
+    shapes = {name: tuple(int(d) for d in p.shape) for name, p in model.named_parameters()}
+    _check_weights(checkpoint, shapes)
+    return SplitModel(checkpoint, model, facts, dtype)
+
+
 def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
     """The checkpoint's model, and the ExportedModel fields that describe it."""
     embedder = embedding_model(checkpoint, ARCHITECTURES)
@@ -187,4 +242,12 @@ def _check_weights(checkpoint: Checkpoint, shapes: dict[str, tuple[int, ...]]) -
             raise RelaxlmError(f"{checkpoint.path}: weight {name} has non-float dtype")
 
 
-__all__ = ["ARCHITECTURES", "Checkpoint", "ExportedModel", "export", "load_checkpoint"]
+__all__ = [
+    "ARCHITECTURES",
+    "Checkpoint",
+    "ExportedModel",
+    "SplitModel",
+    "export",
+    "load_checkpoint",
+    "split",
+]

@@ -29,8 +29,11 @@ Every embedding model exports one entry instead, and no KV cache:
 from dataclasses import dataclass, field
 from typing import Any
 
-from tvm import IRModule
+from tvm import IRModule, relax
 from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import spec as nn_spec
+
+from relaxlm.errors import RelaxlmError
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ExportedModel:
     vision: dict[str, Any] = field(default_factory=dict)
     # Audio features and special tokens, for speech models (runtime/audio.py, runtime/whisper.py).
     speech: dict[str, Any] = field(default_factory=dict)
+    # A pipeline stage's decoder layers [first, end) of num_layers (see export_causal_lm_stage);
+    # None: the whole model.
+    layers: tuple[int, int, int] | None = None
 
 
 class CausalLM(nn.Module):
@@ -72,10 +78,140 @@ class CausalLM(nn.Module):
     def decode(self, input_ids: nn.Tensor) -> nn.Tensor:
         return self.logits(self.hidden_states(input_ids))  # [b, 1, vocab]
 
+    # A model split across devices (a device map) runs its trunk in parts: the architectures
+    # that give these three can be split (Llama and the families built on it).
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        """[batch, seq] token ids -> [batch, seq, hidden], what the first layer takes."""
+        raise NotImplementedError(f"{type(self).__name__} must define embed")
+
+    def decoder_layers(self) -> list[nn.Module]:
+        """The decoder layers in order, each [batch, seq, hidden] -> the same."""
+        raise NotImplementedError(f"{type(self).__name__} must define decoder_layers")
+
+    def final_norm(self, x: nn.Tensor) -> nn.Tensor:
+        """The norm after the last layer."""
+        raise NotImplementedError(f"{type(self).__name__} must define final_norm")
+
 
 def export_causal_lm(model: CausalLM):
     """Export the entry functions: (IRModule, [(param name, nn.Parameter)] in packed order)."""
     return model.export_tvm(spec=_text_spec())
+
+
+def can_split(model: nn.Module) -> bool:
+    """Whether the model's layers can run as pipeline stages (it gives embed, decoder_layers
+    and final_norm, and is a text model)."""
+    return (
+        isinstance(model, CausalLM)
+        and not isinstance(model, VisionLM)
+        and all(
+            getattr(type(model), name) is not getattr(CausalLM, name)
+            for name in ("embed", "decoder_layers", "final_norm")
+        )
+    )
+
+
+def export_causal_lm_stage(
+    model: CausalLM, first: int, end: int, hidden_size: int, dtype: str
+) -> tuple[IRModule, list]:
+    """Export one pipeline stage: decoder layers [first, end) as `prefill` and `decode`, taking
+    only the weights they use: (IRModule, [(param name, nn.Parameter)] in packed order).
+
+    The first stage takes token ids and embeds them, the last ends in logits (as the whole
+    model's entries); the others take and return the hidden state, [1, n, hidden] in prefill
+    and [b, 1, hidden] in decode, in the model's dtype. One stage of every layer is the whole
+    model's entries.
+    """
+    layers = model.decoder_layers()
+    is_first, is_last = first == 0, end == len(layers)
+    assert 0 <= first < end <= len(layers), (first, end)
+    if is_first and is_last:
+        return export_causal_lm(model)
+
+    def trunk(x: nn.Tensor) -> nn.Tensor:
+        x = model.embed(x) if is_first else x
+        for layer in layers[first:end]:
+            x = layer(x)
+        return model.final_norm(x) if is_last else x
+
+    def prefill_head(x, logit_positions):
+        return model.logits(nn.op.take(trunk(x), logit_positions, axis=1))  # [1, b, vocab]
+
+    def decode_head(x):
+        return model.logits(trunk(x))  # [b, 1, vocab]
+
+    modes = {"param_mode": "packed", "effect_mode": "none"}
+    if is_first:
+        prefill_in = {"x": nn.spec.Tensor([1, "num_tokens"], "int32")}
+        decode_in = {"x": nn.spec.Tensor(["batch_size", 1], "int32")}
+    else:
+        prefill_in = {"x": nn.spec.Tensor([1, "num_tokens", hidden_size], dtype)}
+        decode_in = {"x": nn.spec.Tensor(["batch_size", 1, hidden_size], dtype)}
+    if is_last:
+        prefill_in["logit_positions"] = nn.spec.Tensor(["num_logits"], "int32")
+    methods = {
+        "prefill": (prefill_head if is_last else trunk, prefill_in),
+        "decode": (decode_head if is_last else trunk, decode_in),
+    }
+    spec = nn_spec.ModuleSpec(
+        model,
+        list(methods),
+        [nn_spec.MethodSpec.from_raw({**args, "$": modes}, f) for f, args in methods.values()],
+    )
+    mod, named_params = model.export_tvm(spec=spec)
+    return _keep_used_params(mod, named_params)
+
+
+def _keep_used_params(mod: IRModule, named_params: list) -> tuple[IRModule, list]:
+    """The module with each function's packed weights cut to those some function reads, and
+    those weights' (name, parameter) pairs, in order. (The exporter packs every parameter of
+    the model into every function, each read into a binding; a stage reads its own layers'
+    only, so the others' bindings are dead code.)"""
+    mod = relax.transform.DeadCodeElimination()(mod)
+    funcs = {gv: f for gv, f in mod.functions_items() if isinstance(f, relax.Function)}
+    used: set[int] = set()
+    for func in funcs.values():
+        packed = func.params[-1]
+
+        def visit(expr, packed=packed) -> None:
+            if isinstance(expr, relax.TupleGetItem) and expr.tuple_value.same_as(packed):
+                used.add(expr.index)
+
+        relax.analysis.post_order_visit(func.body, visit)
+    keep = sorted(used)
+    rewriter = _PackedParamsRewriter(mod, {old: new for new, old in enumerate(keep)})
+    for gv, func in funcs.items():
+        rewriter.rewrite(gv, func)
+    return rewriter.builder_.get(), [named_params[i] for i in keep]
+
+
+@relax.expr_functor.mutator
+class _PackedParamsRewriter(relax.PyExprMutator):
+    def __init__(self, mod: IRModule, slot: dict[int, int]):
+        super().__init__(mod)
+        self.slot = slot  # old packed index -> new
+
+    def rewrite(self, gv, func: relax.Function) -> None:
+        self._old = func.params[-1]
+        fields = list(self._old.ty.fields)
+        new_fields = [fields[i] for i in sorted(self.slot)]
+        self._new = relax.Var(self._old.name, relax.TupleType(new_fields))
+        body = self.visit_expr(func.body)
+        params = [*func.params[:-1], self._new]
+        self.builder_.update_func(
+            gv, relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+        )
+
+    def visit_tuple_getitem_(self, op: relax.TupleGetItem) -> relax.Expr:
+        if not op.tuple_value.same_as(self._old):
+            return super().visit_tuple_getitem_(op)
+        return relax.TupleGetItem(self._new, self.slot[op.index])
+
+    def visit_var_(self, var: relax.Var) -> relax.Expr:
+        # Only reached for a use of the whole tuple, which a cut tuple cannot stand for.
+        if var.same_as(self._old):
+            raise RelaxlmError("a stage function passes its whole weight tuple on; cannot cut it")
+        return super().visit_var_(var)
 
 
 def _text_spec() -> dict[str, Any]:

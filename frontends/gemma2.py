@@ -126,12 +126,9 @@ class Gemma2Model(LlamaModel):
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.embed_scale = math.sqrt(config.hidden_size)
 
-    def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
         # The scale is rounded to the weights' dtype, as transformers does (sqrt(3072) -> 55.5).
-        x = self.embed_tokens(input_ids) * self.embed_scale
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+        return self.embed_tokens(input_ids) * self.embed_scale
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):

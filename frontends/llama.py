@@ -147,8 +147,11 @@ class LlamaModel(nn.Module):
         )
         self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False)
 
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.embed_tokens(input_ids)
+
     def forward(self, input_ids: nn.Tensor) -> nn.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer in self.layers:
             x = layer(x)
         return self.norm(x)
@@ -165,6 +168,15 @@ class LlamaForCausalLM(CausalLM):
 
     def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
         return self.model(input_ids)
+
+    def embed(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.model.embed(input_ids)
+
+    def decoder_layers(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def final_norm(self, x: nn.Tensor) -> nn.Tensor:
+        return self.model.norm(x)
 
     def logits(self, hidden: nn.Tensor) -> nn.Tensor:
         if self.config.tie_word_embeddings:

@@ -36,6 +36,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     add: bool = False,
     force: bool = False,
     lora: list[str | os.PathLike] = (),
+    device_map: str | None = None,
+    gpu_layers: int | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -44,6 +46,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     force: replace an artifact of another checkpoint at `output` (one of the same checkpoint
         is always replaced: a recompile).
     lora: PEFT LoRA adapter folders (save_pretrained's) merged into the weights, in order.
+    device_map: decoder layers per device (`"cuda:0:0-23,cpu:24-31"`), one library per stage;
+    gpu_layers: the last N layers on the GPU, the rest on the CPU (llama.cpp's `-ngl`).
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -58,6 +62,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         progress=progress,
         add=add,
         lora=lora,
+        device_map=device_map,
+        gpu_layers=gpu_layers,
     )
 
 

@@ -44,7 +44,9 @@ def cache_entries() -> list[CacheEntry]:
             m = Manifest.read(path)
             source = m.source.get("path", "?")
             lora = [f"+lora:{Path(a.get('path', '?')).name}" for a in m.lora]
-            options = " ".join([m.quantization.get("scheme", "none"), m.dtype, *m.targets, *lora])
+            stages = [f"{s['device']}:{s['layers'][0]}-{s['layers'][1] - 1}" for s in m.stages]
+            where = [*m.targets, *([",".join(stages)] if stages else [])]
+            options = " ".join([m.quantization.get("scheme", "none"), m.dtype, *where, *lora])
             created = m.created
         except RelaxlmError:  # listed all the same, so that `clear` can remove it
             source, options, created = "(damaged manifest)", "", ""

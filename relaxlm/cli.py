@@ -270,6 +270,21 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
+        "--device-map",
+        metavar="DEVICE:LAYERS,...",
+        help="split the decoder layers across devices, e.g. cuda:0:0-23,cpu:24-31 (layers from "
+        "0, both ends included, in layer order; one library and KV cache per item); an artifact "
+        "split so runs on the same layers and device kinds with these ordinals",
+    )
+    p.add_argument(
+        "--gpu-layers",
+        type=_non_negative_int,
+        metavar="N",
+        help="as llama.cpp's -ngl: the LAST N decoder layers and the logits head on the GPU "
+        "(the --target's kind, CUDA by default), the token embeddings and the first layers on "
+        "the CPU; N >= the layer count puts the whole model on the GPU",
+    )
+    p.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -283,6 +298,12 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
     return int(text)
 
 
@@ -324,6 +345,8 @@ def _compile(args) -> None:
         add=args.add,
         force=args.force,
         lora=args.lora,
+        device_map=args.device_map,
+        gpu_layers=args.gpu_layers,
     )
 
 
@@ -370,6 +393,8 @@ def _compile_options(args) -> dict:
         "dtype": args.dtype,
         "lora": args.lora,
         "threads": args.threads,
+        "device_map": args.device_map,
+        "gpu_layers": args.gpu_layers,
     }
 
 
@@ -684,10 +709,19 @@ def _inspect(args) -> None:
     ]
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
+    rows += [
+        (
+            f"stage {k}",
+            f"{s['device']} layers {s['layers'][0]}-{s['layers'][1] - 1} ({s['target']}), "
+            f"{s['library']}  {_size(s['size'])}, {len(s['params'])} tensors",
+        )
+        for k, s in enumerate(m.stages)
+    ]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]
     rows += [("created", m.created)]
     if args.verify:
-        rows += [("verified", f"{len(m.shards) + len(m.targets)} files match their SHA-256")]
+        files = len(m.shards) + len(m.targets) + len(m.stages)
+        rows += [("verified", f"{files} files match their SHA-256")]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -48,7 +48,7 @@ from relaxlm.sdk import LLM, AsyncLLM, Messages, Prompt, _artifact_folder
 logger = logging.getLogger(__name__)
 
 # LLM's keywords that choose the artifact (resolved here, once); the rest go to each replica.
-_ARTIFACT_OPTIONS = ("quant", "dtype", "lora")
+_ARTIFACT_OPTIONS = ("quant", "dtype", "lora", "gpu_layers")  # used up by the compile
 
 
 class _Replica:

@@ -102,6 +102,11 @@ class LLM:
         order (README, "LoRA adapters"); each set of adapters is its own cache entry.
     device: where to run ("cpu", "cuda:0", "metal"); the target's kind by default. The
         artifact's library for that device kind is loaded.
+    device_map: decoder layers per device, `cuda:0:0-23,cpu:24-31` (README, "Across devices"):
+        a checkpoint is compiled into one stage per item; an artifact split so already runs on
+        these devices (same layers and device kinds, other ordinals). `device` is then unused.
+    gpu_layers: llama.cpp's `-ngl N`: the last N decoder layers and the logits head on the GPU
+        `target` names (CUDA unless it names another), the others on the CPU.
     draft_model: speculative decoding (README, "Speculative decoding"): "ngram" drafts by
         prompt lookup; a path (artifact, checkpoint) names a smaller model with the same
         tokenizer, compiled like this one, that drafts in a KV cache of its own.
@@ -135,6 +140,8 @@ class LLM:
         dtype: str = "float32",
         lora: list[str | os.PathLike] = (),
         device: str | None = None,
+        device_map: str | None = None,
+        gpu_layers: int | None = None,
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
@@ -151,6 +158,7 @@ class LLM:
             max_batch_size=max_batch_size,
             max_total_tokens=kv_cache_tokens,
             threads=threads,
+            device_map=device_map,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
@@ -648,6 +656,8 @@ def _artifact_folder(
     quant: str | None = None,
     dtype: str = "float32",
     lora: list[str | os.PathLike] = (),
+    device_map: str | None = None,
+    gpu_layers: int | None = None,
     **_engine_options,
 ) -> Path:
     """The artifact for `model`: itself, or its compile in the cache; None: the default model.
@@ -660,6 +670,11 @@ def _artifact_folder(
         model = default_model()
         quant = default_path(target, quant).quant
     if is_artifact(model):
+        if gpu_layers is not None:
+            raise RelaxlmError(
+                f"{model} is a compiled artifact, and gpu_layers splits a model at compile time: "
+                "pass the checkpoint, or compile one (`relaxlm compile MODEL --gpu-layers N`)"
+            )
         if lora:
             raise RelaxlmError(
                 f"{model} is a compiled artifact, and LoRA adapters merge at compile time: "
@@ -669,8 +684,11 @@ def _artifact_folder(
         return Path(model)
     from relaxlm.cache import cached_artifact  # compiler code only when compiling
 
+    split = {"device_map": device_map} if device_map is not None else {}
+    if gpu_layers is not None:
+        split["gpu_layers"] = gpu_layers
     return cached_artifact(
-        model, target=target, quant=quant or "none", dtype=dtype, lora=list(lora)
+        model, target=target, quant=quant or "none", dtype=dtype, lora=list(lora), **split
     )
 
 

@@ -14,6 +14,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine
 
 from relaxlm.artifacts import Manifest, check_files, weight_index
+from relaxlm.artifacts.device_map import parse_device_map
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
 
@@ -26,23 +27,45 @@ _TASKS = {
 
 
 @dataclass
+class LoadedStage:
+    """One pipeline stage of a model split across devices, loaded on its device."""
+
+    device: tvm.runtime.Device
+    vm: VirtualMachine
+    params: list[tvm.runtime.Tensor]  # the stage's weights, in its library's order
+    layers: tuple[int, int]  # decoder layers [first, end)
+    kv_cache: dict  # the layout of the stage's own cache (manifest.stages[k].kv_cache)
+
+
+@dataclass
 class LoadedArtifact:
-    """An artifact ready to run on one device: its VM and its weights there."""
+    """An artifact ready to run on one device (its VM and its weights there), or on several,
+    one pipeline stage each."""
 
     folder: Path
     manifest: Manifest
-    device: tvm.runtime.Device
+    device: tvm.runtime.Device  # a split model: its first stage's
     vm: VirtualMachine
     params: list[tvm.runtime.Tensor]  # in the graph's parameter order (manifest.params)
     threads: int  # the CPU thread pool's size (see use_threads)
+    stages: list[LoadedStage]  # one covering every layer for a model on one device
 
 
 def load_artifact(
-    folder: str | os.PathLike, device: str, task: str, threads: int | None = None
+    folder: str | os.PathLike,
+    device: str,
+    task: str,
+    threads: int | None = None,
+    device_map: str | None = None,
 ) -> LoadedArtifact:
     """The artifact at `folder` loaded on `device` ("cpu", "cuda:0", ...); RelaxlmError if it
     is not a `task` artifact, a file is missing or the wrong size, a shard's header is damaged,
-    or it has no library for that device."""
+    or it has no library for that device.
+
+    A model split across devices (manifest.stages) loads each stage on the device its manifest
+    names, or `device_map`'s (the same layers and device kinds; other ordinals), and `device`
+    is not used.
+    """
     threads = use_threads(threads)
     folder = Path(folder)
     manifest = Manifest.read(folder)
@@ -52,12 +75,58 @@ def load_artifact(
             f"not {_TASKS[task]}"
         )
     check_files(folder, manifest)  # sizes only: verify() would hash seconds per GB
+    index = weight_index(folder, manifest)
+    if manifest.stages:
+        devices = _stage_devices(manifest, device_map)
+        stages = [
+            _load_stage(folder, entry, name, index)
+            for entry, name in zip(manifest.stages, devices, strict=True)
+        ]
+        first = stages[0]
+        return LoadedArtifact(
+            folder, manifest, first.device, first.vm, first.params, threads, stages
+        )
+    if device_map is not None:
+        raise RelaxlmError(
+            f"{folder} was compiled for one device, so it takes no device map; compile the "
+            f"checkpoint with --device-map {device_map}"
+        )
     library = library_for_device(folder, manifest, device)
     dev = open_device(device)
     vm = VirtualMachine(load_library(library, device), dev)
-    index = weight_index(folder, manifest)
     params = [tvm.runtime.tensor(read(index[p["name"]]), dev) for p in manifest.params]
-    return LoadedArtifact(folder, manifest, dev, vm, params, threads)
+    num_layers = manifest.kv_cache.get("num_layers", 0)
+    whole = LoadedStage(dev, vm, params, (0, num_layers), manifest.kv_cache)
+    return LoadedArtifact(folder, manifest, dev, vm, params, threads, [whole])
+
+
+def _stage_devices(manifest: Manifest, device_map: str | None) -> list[str]:
+    """The device of each stage: the manifest's, or device_map's where it splits the layers
+    alike onto devices of the same kinds."""
+    built = [entry["device"] for entry in manifest.stages]
+    if device_map is None:
+        return built
+    wanted = parse_device_map(device_map)
+    same = [(s.first, s.end, s.kind) for s in wanted] == [
+        (e["layers"][0], e["layers"][1], e["device"].split(":")[0]) for e in manifest.stages
+    ]
+    if not same:
+        compiled = ",".join(
+            f"{e['device']}:{e['layers'][0]}-{e['layers'][1] - 1}" for e in manifest.stages
+        )
+        raise RelaxlmError(
+            f"device map {device_map!r} differs from the one the artifact was compiled with "
+            f"({compiled}); only the device ordinals may change at load time: recompile for "
+            "other layers or device kinds"
+        )
+    return [s.device for s in wanted]
+
+
+def _load_stage(folder: Path, entry: dict, device: str, index: dict) -> LoadedStage:
+    dev = open_device(device)
+    vm = VirtualMachine(load_library(folder / entry["library"], device), dev)
+    params = [tvm.runtime.tensor(read(index[name]), dev) for name in entry["params"]]
+    return LoadedStage(dev, vm, params, tuple(entry["layers"]), entry["kv_cache"])
 
 
 def use_threads(threads: int | None = None) -> int:

@@ -1,5 +1,10 @@
 """A compiled model loaded from its artifact: the VM, the weights and the paged KV cache.
 
+A model split across devices (a device map) runs as pipeline stages, each with its VM, its
+weights and a paged KV cache of its own layers on its device; every KV-cache operation applies
+to all the caches alike, so they hold the same sequences in the same pages, and a forward hands
+the hidden state from stage to stage. Callers (the engine) see one model either way.
+
 Imports only the TVM runtime, numpy and relaxlm's artifact format - never compiler code.
 """
 
@@ -10,7 +15,7 @@ import tvm
 from tvm.runtime import ShapeTuple
 
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.loader import load_artifact
+from relaxlm.runtime.loader import LoadedStage, load_artifact
 
 _kv = {
     name: tvm.get_global_func(f"vm.builtin.{name}")
@@ -39,6 +44,8 @@ class CompiledModel:
     max_batch_size: sequences in one forward; by default 8, or the artifact's prefill chunk
         where that is smaller (sliding windows under 8 tokens cap it).
     max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
+    device_map: for an artifact split across devices, other device ordinals for its stages
+        (the same layers and device kinds: `cuda:1:0-15,cuda:2:16-31`); `device` is unused.
     """
 
     def __init__(
@@ -48,8 +55,9 @@ class CompiledModel:
         max_batch_size: int | None = None,
         max_total_tokens: int | None = None,
         threads: int | None = None,
+        device_map: str | None = None,
     ):
-        loaded = load_artifact(folder, device, "generate", threads)
+        loaded = load_artifact(folder, device, "generate", threads, device_map)
         self.threads, self.folder, self.manifest = loaded.threads, loaded.folder, loaded.manifest
         self.device, self.vm, self.params = loaded.device, loaded.vm, loaded.params
         manifest = self.manifest
@@ -71,15 +79,9 @@ class CompiledModel:
             )
         self.max_batch_size = max_batch_size
         self.page_size = manifest.kv_cache["page_size"]
-        self._prefill = self.vm["prefill"]
-        self._decode = self.vm["decode"]
-        self.kv_cache = self.vm["create_paged_kv_cache"](
-            ShapeTuple([max_batch_size]),
-            ShapeTuple([total]),
-            ShapeTuple([self.prefill_chunk]),
-            ShapeTuple([self.page_size]),
-            ShapeTuple([0]),  # no sliding window
-        )
+        sizes = (max_batch_size, total, self.prefill_chunk, self.page_size)
+        self.stages = [_Stage(stage, sizes) for stage in loaded.stages]
+        self.kv_cache = self.stages[0].kv_cache  # the first stage's (a split model has several)
         self.num_pages = self.free_pages()  # TVM rounds up and keeps a spare page
 
     @property
@@ -89,26 +91,32 @@ class CompiledModel:
     # -- sequences ----------------------------------------------------------------------------
 
     def add_sequence(self, seq_id: int) -> None:
-        _kv["kv_state_add_sequence"](self.kv_cache, seq_id)
+        self._each_cache("kv_state_add_sequence", seq_id)
 
     def fork_sequence(self, parent: int, child: int, pos: int) -> None:
         """New sequence `child` holding the first `pos` tokens of `parent`; full pages are
         shared, a page cut at `pos` is copied."""
-        _kv["kv_state_fork_sequence"](self.kv_cache, parent, child, pos)
+        self._each_cache("kv_state_fork_sequence", parent, child, pos)
 
     def remove_sequence(self, seq_id: int) -> None:
-        _kv["kv_state_remove_sequence"](self.kv_cache, seq_id)
+        self._each_cache("kv_state_remove_sequence", seq_id)
 
     def popn(self, seq_id: int, n: int) -> None:
         """Drop the last n tokens of the sequence."""
-        _kv["kv_state_popn"](self.kv_cache, seq_id, n)
+        self._each_cache("kv_state_popn", seq_id, n)
 
     def clear(self) -> None:
         """Remove every sequence."""
-        _kv["kv_state_clear"](self.kv_cache)
+        self._each_cache("kv_state_clear")
 
     def free_pages(self) -> int:
-        return int(_kv["attention_kv_cache_get_num_available_pages"](self.kv_cache))
+        # The caches change in lockstep, so they agree; the least is the safe answer anyway.
+        get = _kv["attention_kv_cache_get_num_available_pages"]
+        return min(int(get(stage.kv_cache)) for stage in self.stages)
+
+    def _each_cache(self, op: str, *args) -> None:
+        for stage in self.stages:
+            _kv[op](stage.kv_cache, *args)
 
     # -- forwards -----------------------------------------------------------------------------
 
@@ -125,22 +133,43 @@ class CompiledModel:
                 f"{self.prefill_chunk} is the most in one forward; split them"
             )
         flat = np.fromiter((t for c in chunks for t in c), dtype="int32", count=sum(lengths))
-        ids = tvm.runtime.tensor(flat.reshape(1, -1), self.device)  # [1, total_tokens]
         last = np.cumsum(lengths, dtype="int32") - 1  # [num_seqs]
         if every_token:
             last = np.arange(sum(lengths), dtype="int32")  # [total_tokens]
-        positions = tvm.runtime.tensor(last, self.device)
-        _kv["kv_state_begin_forward"](self.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
-        logits = self._prefill(ids, positions, self.kv_cache, self.params)
-        _kv["kv_state_end_forward"](self.kv_cache)
+        positions = tvm.runtime.tensor(last, self.stages[-1].device)
+        logits = self._forward("prefill", flat.reshape(1, -1), [positions], seq_ids, lengths)
         return logits.numpy()[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
 
     def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each sequence; logits [len(seq_ids), vocab]."""
-        ids = tvm.runtime.tensor(np.array(tokens, dtype="int32").reshape(-1, 1), self.device)
-        _kv["kv_state_begin_forward"](
-            self.kv_cache, ShapeTuple(seq_ids), ShapeTuple([1] * len(seq_ids))
-        )
-        logits = self._decode(ids, self.kv_cache, self.params)
-        _kv["kv_state_end_forward"](self.kv_cache)
+        ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
+        logits = self._forward("decode", ids, [], seq_ids, [1] * len(seq_ids))
         return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
+
+    def _forward(self, entry: str, ids: np.ndarray, last_args: list, seq_ids, lengths):
+        """Run `entry` through every stage: token ids in, the hidden state handed on from
+        device to device, `last_args` (the logit positions) to the last stage; its logits."""
+        x = tvm.runtime.tensor(ids, self.stages[0].device)
+        for stage in self.stages:
+            _kv["kv_state_begin_forward"](stage.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+        for stage in self.stages:
+            if x.device != stage.device:
+                x = x.copyto(stage.device)
+            args = last_args if stage is self.stages[-1] else []
+            x = stage.entries[entry](x, *args, stage.kv_cache, stage.params)
+        for stage in self.stages:
+            _kv["kv_state_end_forward"](stage.kv_cache)
+        return x
+
+
+class _Stage:
+    """A loaded stage (or the whole model) with its entry functions and its paged KV cache."""
+
+    def __init__(self, loaded: LoadedStage, sizes: tuple[int, int, int, int]):
+        """sizes: max batch size, total tokens, prefill chunk and page size of the cache."""
+        self.device, self.params = loaded.device, loaded.params
+        self.entries = {name: loaded.vm[name] for name in ("prefill", "decode")}
+        self.kv_cache = loaded.vm["create_paged_kv_cache"](
+            *(ShapeTuple([v]) for v in sizes),
+            ShapeTuple([0]),  # no sliding window
+        )
