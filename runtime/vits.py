@@ -139,4 +139,7 @@ class VitsModel:
 
     def synthesize(self, text: str, speed: float = 1.0, seed: int = 0) -> Speech:
         """Speech for `text` at `speed` (1.0: the model's own rate), reproducible by `seed`."""
-        return self.synthesize_ids(self.tokenizer.encode(text), speed, np.random.default_rng(seed))
+        ids = self.tokenizer.encode(text)
+        if len(ids) <= int(self.tokenizer.add_blank):  # a lone blank: nothing left to say
+            ids = []
+        return self.synthesize_ids(ids, speed, np.random.default_rng(seed))
