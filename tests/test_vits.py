@@ -81,6 +81,23 @@ def test_waveform_equals_transformers_with_the_same_noise(tiny, monkeypatch, spe
     assert np.abs(got - want).max() < 1e-4
 
 
+def test_hub_weight_norm_layout_and_plain_duration_predictor(tmp_path, monkeypatch):
+    """The MMS-TTS files' `weight_g` / `weight_v` names, and the deterministic duration
+    predictor (use_stochastic_duration_prediction false), against transformers."""
+    ckpt = make_tiny_vits(
+        tmp_path / "hub", seed=2, legacy_weight_norm=True, use_stochastic_duration_prediction=False
+    )
+    tts, ref = relaxlm.LLM(str(ckpt)), load_reference(ckpt)
+    monkeypatch.setitem(tts.model.speech, "noise_scale", 0.0)
+    monkeypatch.setattr(ref, "noise_scale", 0.0)
+    ids = _ids(tts)
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]), speaking_rate=0.8).waveform[0].numpy()
+    got = tts.model.synthesize_ids(ids, speed=0.8).samples
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 1e-4
+
+
 def test_sdk_speak_and_wav(tiny, tmp_path):
     _, tts, _ = tiny
     speech = tts.speak(TEXT, voice="alloy")

@@ -39,8 +39,12 @@ TINY_VITS_CONFIG = {
 VOCAB = ["_", " ", "'", "-", *"abcdefghijklmnopqrstuvwxyz", "<unk>"]
 
 
-def make_tiny_vits(path: str | Path, seed: int = 0, **overrides) -> Path:
+def make_tiny_vits(
+    path: str | Path, seed: int = 0, legacy_weight_norm: bool = False, **overrides
+) -> Path:
     """A random VitsModel saved at `path` with its VitsTokenizer; returns the path.
+    legacy_weight_norm: store weight-normed convs as `weight_g` / `weight_v` (the layout of
+        the MMS-TTS files on the Hub) instead of torch's `parametrizations.weight.original0/1`.
     overrides: VitsConfig fields (e.g. use_stochastic_duration_prediction=False)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -54,6 +58,8 @@ def make_tiny_vits(path: str | Path, seed: int = 0, **overrides) -> Path:
             if name.endswith(("translate", "log_scale")):
                 p.normal_(0.0, 0.2)
     model.save_pretrained(path)
+    if legacy_weight_norm:
+        _rename_weight_norm(path / "model.safetensors")
     (path / "vocab.json").write_text(json.dumps({c: i for i, c in enumerate(VOCAB)}))
     tokenizer = transformers.VitsTokenizer(
         str(path / "vocab.json"), add_blank=True, normalize=True, phonemize=False
@@ -65,3 +71,18 @@ def make_tiny_vits(path: str | Path, seed: int = 0, **overrides) -> Path:
 def load_reference(path: str | Path):
     """The checkpoint at `path` as transformers loads it (float32, eval)."""
     return transformers.VitsModel.from_pretrained(path).eval()
+
+
+def _rename_weight_norm(file: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    names = {
+        ".parametrizations.weight.original0": ".weight_g",
+        ".parametrizations.weight.original1": ".weight_v",
+    }
+    tensors = load_file(file)
+    for old in list(tensors):
+        for a, b in names.items():
+            if old.endswith(a):
+                tensors[old[: -len(a)] + b] = tensors.pop(old)
+    save_file(tensors, file, metadata={"format": "pt"})
