@@ -57,6 +57,9 @@ def make_tiny_vits(
         for name, p in model.named_parameters():
             if name.endswith(("translate", "log_scale")):
                 p.normal_(0.0, 0.2)
+        # Kaiming init drives the final tanh into saturation (a third of the samples at +-1,
+        # where differences vanish): scale the last conv so most samples stay in its slope.
+        model.decoder.conv_post.weight.mul_(0.05)
     model.save_pretrained(path)
     if legacy_weight_norm:
         _rename_weight_norm(path / "model.safetensors")
