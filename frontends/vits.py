@@ -8,13 +8,17 @@ built (their tensors are left unused). Weight-normalized convolutions keep the c
 
 The graph is split where shapes become data-dependent (the frame count is the sum of the
 predicted durations), and the random draws are inputs, so runs are reproducible:
-- `encode_text(input_ids[1, n], duration_noise[1, 2, n])`: the text encoder's prior means and
-  log-variances and the predicted log-durations, `[1, 2 * flow_size + 1, n]` float32 (the
-  stochastic predictor reads `duration_noise`, already scaled by noise_scale_duration).
+- `encode_text(input_ids[1, n], duration_noise[1, 2, n], speaker_id[1])`: the text encoder's
+  prior means and log-variances and the predicted log-durations, `[1, 2 * flow_size + 1, n]`
+  float32 (the stochastic predictor reads `duration_noise`, already scaled by
+  noise_scale_duration).
 - (runtime/vits.py, numpy) durations = ceil(exp(log-duration) / speaking rate); each token's
   prior repeated over its frames; latents = means + noise * exp(log-variances) * noise_scale.
-- `decode_waveform(latents[1, flow_size, frames])`: the residual coupling flows in reverse,
-  then HiFi-GAN; `[1, frames * prod(upsample_rates)]` float32 samples in [-1, 1].
+- `decode_waveform(latents[1, flow_size, frames], speaker_id[1])`: the residual coupling
+  flows in reverse, then HiFi-GAN; `[1, frames * prod(upsample_rates)]` float32 samples in
+  [-1, 1].
+A multi-speaker checkpoint (num_speakers > 1) conditions the duration predictor, the flows'
+WaveNets and HiFi-GAN on the speaker's embedding; with one speaker `speaker_id` is ignored.
 One text at a time (batch 1: no padding masks).
 """
 
@@ -86,11 +90,11 @@ class VitsConfig:
                 f"config.json: hidden_size {config.hidden_size} is not a multiple of "
                 f"num_attention_heads {config.num_attention_heads}"
             )
-        if config.num_speakers > 1 or config.speaker_embedding_size:
+        if (config.num_speakers > 1) != (config.speaker_embedding_size > 0):
             raise RelaxlmError(
-                f"config.json: num_speakers {config.num_speakers} (speaker_embedding_size "
-                f"{config.speaker_embedding_size}): multi-speaker VITS is not supported; use a "
-                "single-speaker checkpoint (e.g. an MMS-TTS model)"
+                f"config.json: num_speakers {config.num_speakers} with speaker_embedding_size "
+                f"{config.speaker_embedding_size}: a multi-speaker VITS needs both above 1 and 0, "
+                "a single-speaker one num_speakers 1 and speaker_embedding_size 0"
             )
         if config.depth_separable_channels != 2:
             raise RelaxlmError(
@@ -416,12 +420,17 @@ class VitsStochasticDurationPredictor(nn.Module):
         self.conv_pre = nn.Conv1D(c, c, 1)
         self.conv_proj = nn.Conv1D(c, c, 1)
         self.conv_dds = VitsDilatedDepthSeparableConv(config)
+        if config.speaker_embedding_size:
+            self.cond = nn.Conv1D(config.speaker_embedding_size, c, 1)
         flows = [VitsElementwiseAffine(config)]
         flows += [VitsConvFlow(config) for _ in range(config.duration_predictor_num_flows)]
         self.flows = nn.ModuleList(flows)
 
-    def forward(self, hidden: nn.Tensor, noise: nn.Tensor) -> nn.Tensor:
-        cond = self.conv_proj(self.conv_dds(self.conv_pre(hidden)))
+    def forward(self, hidden: nn.Tensor, noise: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
+        x = self.conv_pre(hidden)
+        if speaker is not None:
+            x = x + self.cond(speaker)
+        cond = self.conv_proj(self.conv_dds(x))
         # As the reference: flows reversed, without the first conv flow (its "useless vflow").
         flows = list(self.flows)[::-1]
         flows = flows[:-2] + [flows[-1]]
@@ -439,8 +448,12 @@ class VitsDurationPredictor(nn.Module):
         self.conv_2 = nn.Conv1D(c, c, k, padding=k // 2)
         self.norm_2 = nn.LayerNorm(c, eps=config.layer_norm_eps)
         self.proj = nn.Conv1D(c, 1, 1)
+        if config.speaker_embedding_size:
+            self.cond = nn.Conv1D(config.speaker_embedding_size, config.hidden_size, 1)
 
-    def forward(self, hidden: nn.Tensor, noise: nn.Tensor) -> nn.Tensor:
+    def forward(self, hidden: nn.Tensor, noise: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
+        if speaker is not None:
+            hidden = hidden + self.cond(speaker)
         x = _channel_norm(self.norm_1, nn.op.relu(self.conv_1(hidden)))
         x = _channel_norm(self.norm_2, nn.op.relu(self.conv_2(x)))
         return self.proj(x)
@@ -453,6 +466,9 @@ class VitsWaveNet(nn.Module):
     def __init__(self, config: VitsConfig, num_layers: int, layout: str):
         h, k, rate = config.hidden_size, config.wavenet_kernel_size, config.wavenet_dilation_rate
         self.hidden = h
+        if config.speaker_embedding_size:  # every layer's speaker bias, [2h] each, stacked
+            e = config.speaker_embedding_size
+            self.cond_layer = WeightNormConv1D(e, 2 * h * num_layers, 1, 1, layout)
         self.in_layers = nn.ModuleList(
             [WeightNormConv1D(h, 2 * h, k, rate**i, layout) for i in range(num_layers)]
         )
@@ -463,13 +479,16 @@ class VitsWaveNet(nn.Module):
             ]
         )
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
         out = None
         last = len(self.in_layers) - 1
+        if speaker is not None:  # [b, 2h * layers, 1] -> one [b, 2h, 1] per layer
+            biases = nn.op.split(self.cond_layer(speaker), len(self.in_layers), axis=1)
         for i, (conv, res_skip) in enumerate(
             zip(self.in_layers, self.res_skip_layers, strict=True)
         ):
-            t, s = nn.op.split(conv(x), 2, axis=1)
+            h = conv(x) if speaker is None else conv(x) + biases[i]
+            t, s = nn.op.split(h, 2, axis=1)
             acts = res_skip(nn.op.tanh(t) * nn.op.sigmoid(s))
             if i < last:
                 res, skip = nn.op.split(acts, 2, axis=1)
@@ -487,9 +506,9 @@ class VitsResidualCouplingLayer(nn.Module):
         self.wavenet = VitsWaveNet(config, config.prior_encoder_num_wavenet_layers, layout)
         self.conv_post = nn.Conv1D(config.hidden_size, half, 1)
 
-    def reverse(self, x: nn.Tensor) -> nn.Tensor:
+    def reverse(self, x: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
         first, second = nn.op.split(x, 2, axis=1)
-        mean = self.conv_post(self.wavenet(self.conv_pre(first)))
+        mean = self.conv_post(self.wavenet(self.conv_pre(first), speaker))
         return nn.op.concat([first, second - mean], dim=1)  # log-stddev is 0: mean only
 
 
@@ -502,9 +521,9 @@ class VitsResidualCouplingBlock(nn.Module):
             ]
         )
 
-    def reverse(self, x: nn.Tensor) -> nn.Tensor:
+    def reverse(self, x: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
         for flow in reversed(list(self.flows)):
-            x = flow.reverse(_flip_channels(x))
+            x = flow.reverse(_flip_channels(x), speaker)
         return x
 
 
@@ -547,9 +566,13 @@ class VitsHifiGan(nn.Module):
         )
         channels = c0 // 2 ** len(config.upsample_rates)
         self.conv_post = nn.Conv1D(channels, 1, 7, padding=3, bias=False)
+        if config.speaker_embedding_size:
+            self.cond = nn.Conv1D(config.speaker_embedding_size, c0, 1)
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
+    def forward(self, x: nn.Tensor, speaker: nn.Tensor | None) -> nn.Tensor:
         x = self.conv_pre(x)
+        if speaker is not None:
+            x = x + self.cond(speaker)
         for i, up in enumerate(self.upsampler):
             x = up(_leaky_relu(x, self.slope))
             blocks = self.resblocks[i * self.kernels : (i + 1) * self.kernels]
@@ -571,6 +594,8 @@ class VitsModel(nn.Module):
             self.duration_predictor = VitsStochasticDurationPredictor(config)
         else:
             self.duration_predictor = VitsDurationPredictor(config)
+        if config.num_speakers > 1:
+            self.embed_speaker = nn.Embedding(config.num_speakers, config.speaker_embedding_size)
 
     @classmethod
     def for_tensors(cls, config: VitsConfig, tensors) -> "VitsModel":
@@ -578,14 +603,24 @@ class VitsModel(nn.Module):
         old = any(name.endswith(".weight_g") for name in tensors)
         return cls(config, "weight_g" if old else "parametrizations")
 
-    def encode_text(self, input_ids: nn.Tensor, duration_noise: nn.Tensor) -> nn.Tensor:
+    def _speaker(self, speaker_id: nn.Tensor) -> nn.Tensor | None:
+        """[1] speaker id -> its embedding [1, E, 1]; None (ignored) for one speaker."""
+        if self.config.num_speakers <= 1:
+            return None
+        return nn.op.permute_dims(self.embed_speaker(nn.op.reshape(speaker_id, (1, 1))), [0, 2, 1])
+
+    def encode_text(
+        self, input_ids: nn.Tensor, duration_noise: nn.Tensor, speaker_id: nn.Tensor
+    ) -> nn.Tensor:
         hidden, stats = self.text_encoder(input_ids)  # [1, d, n], [1, 2F, n]
-        log_duration = self.duration_predictor(hidden, duration_noise.astype(hidden.dtype))
+        noise = duration_noise.astype(hidden.dtype)
+        log_duration = self.duration_predictor(hidden, noise, self._speaker(speaker_id))
         return nn.op.concat([stats, log_duration], dim=1).astype("float32")  # [1, 2F + 1, n]
 
-    def decode_waveform(self, latents: nn.Tensor) -> nn.Tensor:
-        x = self.flow.reverse(latents.astype(self.text_encoder.embed_tokens.weight.dtype))
-        wave = self.decoder(x)  # [1, 1, samples]
+    def decode_waveform(self, latents: nn.Tensor, speaker_id: nn.Tensor) -> nn.Tensor:
+        speaker = self._speaker(speaker_id)
+        x = self.flow.reverse(latents.astype(self.text_encoder.embed_tokens.weight.dtype), speaker)
+        wave = self.decoder(x, speaker)  # [1, 1, samples]
         return nn.op.squeeze(wave, 1).astype("float32")
 
     def speech_manifest(self, tokenizer: dict[str, Any] | None) -> dict[str, Any]:
@@ -600,6 +635,7 @@ class VitsModel(nn.Module):
             "noise_scale": c.noise_scale,
             "noise_scale_duration": c.noise_scale_duration,
             "stochastic_duration": c.use_stochastic_duration_prediction,
+            "num_speakers": c.num_speakers,
             "tokenizer": tokenizer,
         }
 
@@ -611,10 +647,12 @@ def export_vits(model: VitsModel):
         "encode_text": {
             "input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"),
             "duration_noise": nn.spec.Tensor([1, 2, "num_tokens"], "float32"),
+            "speaker_id": nn.spec.Tensor([1], "int32"),
             "$": modes,
         },
         "decode_waveform": {
             "latents": nn.spec.Tensor([1, model.config.flow_size, "num_frames"], "float32"),
+            "speaker_id": nn.spec.Tensor([1], "int32"),
             "$": modes,
         },
     }

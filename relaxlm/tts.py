@@ -9,7 +9,8 @@ import numpy as np
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.vits import Speech, VitsModel
 
-# OpenAI's voices. VITS / MMS-TTS checkpoints have one speaker: every name maps to it.
+# OpenAI's voices. A one-speaker checkpoint (MMS-TTS) speaks every one with its voice; a
+# multi-speaker one maps the i-th name to speaker i mod num_speakers, and also takes "0", "1", ...
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer")
 # response_format -> (soundfile format, subtype); "pcm" is raw 16-bit little-endian samples.
 FORMATS = {
@@ -43,16 +44,26 @@ class SpeechSynthesizer:
     def speak(
         self, text: str, *, voice: str | None = None, speed: float = 1.0, seed: int = 0
     ) -> Speech:
-        """Speech for `text`: mono float32 samples at `sampling_rate`. voice: one of VOICES (all
-        the checkpoint's single speaker); speed: 0.25 .. 4.0; seed: the noise draws."""
-        if voice is not None and voice not in VOICES:
-            raise RelaxlmError(
-                f"voice {voice!r} is not one of {', '.join(VOICES)} (this model has one "
-                "speaker; every voice name selects it)"
-            )
+        """Speech for `text`: mono float32 samples at `sampling_rate`. voice: one of VOICES, or a
+        speaker number of a multi-speaker model (see VOICES); speed: 0.25 .. 4.0; seed: the
+        noise draws."""
+        speaker = self.speaker(voice)
         if not isinstance(text, str) or not text.strip():
             raise RelaxlmError("the text to speak is empty")
-        return self.model.synthesize(text, speed=float(speed), seed=seed)
+        return self.model.synthesize(text, speed=float(speed), seed=seed, speaker=speaker)
+
+    def speaker(self, voice: str | None) -> int:
+        """The speaker number a voice name (or a number, "0" .. "n-1") selects."""
+        count = self.model.num_speakers
+        if voice is None or voice in VOICES:
+            return VOICES.index(voice) % count if voice else 0
+        if voice.isdigit() and int(voice) < count:
+            return int(voice)
+        numbers = f", or a speaker number 0 .. {count - 1}" if count > 1 else ""
+        raise RelaxlmError(
+            f"voice {voice!r} is not one of {', '.join(VOICES)}{numbers} (this model has "
+            f"{count} speaker{'s' if count > 1 else ''})"
+        )
 
     def generate(self, *args, **kwargs):
         """Speech synthesizers generate no text: a RelaxlmError that names speak()."""

@@ -97,23 +97,42 @@ class VitsModel:
         self.tokenizer = VitsTokenizer(self.speech["tokenizer"])
         self.max_tokens = self.manifest.context_window
 
-    def encode_text(self, ids: list[int], duration_noise: np.ndarray) -> np.ndarray:
+    def _speaker(self, speaker: int) -> tvm.runtime.Tensor:
+        return tvm.runtime.tensor(np.array([speaker], dtype="int32"), self.device)
+
+    def encode_text(
+        self, ids: list[int], duration_noise: np.ndarray, speaker: int = 0
+    ) -> np.ndarray:
         """Token ids and [1, 2, n] noise -> [2 * flow_size + 1, n]: prior means, prior
         log-variances, log-durations."""
         x = tvm.runtime.tensor(np.array([ids], dtype="int32"), self.device)
         noise = tvm.runtime.tensor(np.ascontiguousarray(duration_noise, np.float32), self.device)
-        return self.vm["encode_text"](x, noise, self.params).numpy()[0]
+        return self.vm["encode_text"](x, noise, self._speaker(speaker), self.params).numpy()[0]
 
-    def decode_waveform(self, latents: np.ndarray) -> np.ndarray:
+    def decode_waveform(self, latents: np.ndarray, speaker: int = 0) -> np.ndarray:
         """[flow_size, frames] latents -> [frames * hop_length] samples."""
         x = tvm.runtime.tensor(np.ascontiguousarray(latents[None], np.float32), self.device)
-        return self.vm["decode_waveform"](x, self.params).numpy()[0]
+        return self.vm["decode_waveform"](x, self._speaker(speaker), self.params).numpy()[0]
+
+    @property
+    def num_speakers(self) -> int:
+        return int(self.speech.get("num_speakers", 1))
 
     def synthesize_ids(
-        self, ids: list[int], speed: float = 1.0, rng: np.random.Generator | None = None
+        self,
+        ids: list[int],
+        speed: float = 1.0,
+        rng: np.random.Generator | None = None,
+        speaker: int = 0,
     ) -> Speech:
-        """Speech for token ids; rng draws the duration noise [1, 2, n], then the prior noise
-        [1, flow_size, frames] (standard normal, scaled by the manifest's noise scales)."""
+        """Speech for token ids by `speaker` (0 .. num_speakers - 1); rng draws the duration
+        noise [1, 2, n], then the prior noise [1, flow_size, frames] (standard normal, scaled by
+        the manifest's noise scales)."""
+        if not 0 <= speaker < self.num_speakers:
+            raise RelaxlmError(
+                f"speaker {speaker} is not one of this model's {self.num_speakers} speakers "
+                f"(0 .. {self.num_speakers - 1})"
+            )
         if not MIN_SPEED <= speed <= MAX_SPEED:
             raise RelaxlmError(f"speed={speed!r} is invalid; use a number in [0.25, 4.0]")
         if not ids:
@@ -126,7 +145,7 @@ class VitsModel:
         rng = rng or np.random.default_rng(0)
         s, flow = self.speech, int(self.speech["flow_size"])
         noise = rng.standard_normal((1, 2, len(ids)), dtype=np.float32)
-        stats = self.encode_text(ids, noise * np.float32(s["noise_scale_duration"]))
+        stats = self.encode_text(ids, noise * np.float32(s["noise_scale_duration"]), speaker)
         means, log_var, log_dur = stats[:flow], stats[flow : 2 * flow], stats[2 * flow]
         length_scale = np.float32(1.0 / (s["speaking_rate"] * speed))
         durations = np.ceil(np.exp(log_dur) * length_scale).astype(np.int64)  # frames per token
@@ -135,11 +154,11 @@ class VitsModel:
         aligned[:, :, : durations.sum()] = np.repeat(np.stack([means, log_var]), durations, axis=2)
         prior = rng.standard_normal((1, flow, frames), dtype=np.float32)[0]
         latents = aligned[0] + prior * np.exp(aligned[1]) * np.float32(s["noise_scale"])
-        return Speech(self.decode_waveform(latents), self.sampling_rate)
+        return Speech(self.decode_waveform(latents, speaker), self.sampling_rate)
 
-    def synthesize(self, text: str, speed: float = 1.0, seed: int = 0) -> Speech:
+    def synthesize(self, text: str, speed: float = 1.0, seed: int = 0, speaker: int = 0) -> Speech:
         """Speech for `text` at `speed` (1.0: the model's own rate), reproducible by `seed`."""
         ids = self.tokenizer.encode(text)
         if len(ids) <= int(self.tokenizer.add_blank):  # a lone blank: nothing left to say
             ids = []
-        return self.synthesize_ids(ids, speed, np.random.default_rng(seed))
+        return self.synthesize_ids(ids, speed, np.random.default_rng(seed), speaker)

@@ -81,21 +81,37 @@ def test_waveform_equals_transformers_with_the_same_noise(tiny, monkeypatch, spe
     assert np.abs(got - want).max() < 2e-5  # measured 0.5e-6 .. 2.4e-6
 
 
-def test_hub_weight_norm_layout_and_plain_duration_predictor(tmp_path, monkeypatch):
-    """The MMS-TTS files' `weight_g` / `weight_v` names, and the deterministic duration
-    predictor (use_stochastic_duration_prediction false), against transformers."""
+def test_hub_layout_plain_duration_predictor_and_speakers(tmp_path, monkeypatch):
+    """The MMS-TTS files' `weight_g` / `weight_v` names, the deterministic duration predictor
+    (use_stochastic_duration_prediction false) and three speakers, against transformers."""
     ckpt = make_tiny_vits(
-        tmp_path / "hub", seed=2, legacy_weight_norm=True, use_stochastic_duration_prediction=False
+        tmp_path / "hub",
+        seed=2,
+        legacy_weight_norm=True,
+        use_stochastic_duration_prediction=False,
+        num_speakers=3,
+        speaker_embedding_size=8,
     )
     tts, ref = relaxlm.LLM(str(ckpt)), load_reference(ckpt)
     monkeypatch.setitem(tts.model.speech, "noise_scale", 0.0)
     monkeypatch.setattr(ref, "noise_scale", 0.0)
     ids = _ids(tts)
-    with torch.no_grad():
-        want = ref(torch.tensor([ids]), speaking_rate=0.8).waveform[0].numpy()
-    got = tts.model.synthesize_ids(ids, speed=0.8).samples
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() < 2e-5  # measured 0.5e-6 .. 2.4e-6
+    waves = []
+    for speaker in (0, 2):
+        with torch.no_grad():
+            out = ref(torch.tensor([ids]), speaking_rate=0.8, speaker_id=speaker)
+        want = out.waveform[0].numpy()
+        got = tts.model.synthesize_ids(ids, speed=0.8, speaker=speaker).samples
+        assert got.shape == want.shape
+        assert np.abs(got - want).max() < 2e-5
+        waves.append(got)
+    assert waves[0].shape != waves[1].shape or np.abs(waves[0] - waves[1]).max() > 1e-3
+    # OpenAI names by position: "ballad" is the third, speaker 2
+    assert np.array_equal(
+        tts.speak(TEXT, voice="2").samples, tts.speak(TEXT, voice="ballad").samples
+    )
+    with pytest.raises(relaxlm.RelaxlmError, match="speaker number 0 .. 2"):
+        tts.speak(TEXT, voice="3")
 
 
 def test_sdk_speak_and_wav(tiny, tmp_path):
