@@ -393,6 +393,8 @@ def _run(args) -> None:
 
     _say_default_path(args)
     llm = relaxlm.LLM(args.model, **_compile_options(args))
+    if llm.manifest.task == "synthesize":
+        raise RelaxlmError(f"{args.model} is a text-to-speech model; use relaxlm speak")
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
