@@ -336,7 +336,8 @@ class VitsElementwiseAffine(nn.Module):
         self.log_scale = nn.Parameter((config.depth_separable_channels, 1))
 
     def reverse(self, x: nn.Tensor, cond: nn.Tensor) -> nn.Tensor:
-        return (x - self.translate) * nn.op.exp(nn.op.negative(self.log_scale))
+        translate, log_scale = self.translate.astype("float32"), self.log_scale.astype("float32")
+        return (x - translate) * nn.op.exp(nn.op.negative(log_scale))
 
 
 class VitsConvFlow(nn.Module):
@@ -350,8 +351,10 @@ class VitsConvFlow(nn.Module):
         self.conv_proj = nn.Conv1D(c, 3 * self.bins - 1, 1)
 
     def reverse(self, x: nn.Tensor, cond: nn.Tensor) -> nn.Tensor:
+        """x [b, 2, n] float32 (the spline runs in float32 whatever the weights' dtype)."""
         first, second = nn.op.split(x, 2, axis=1)  # each [b, 1, n]
-        h = self.conv_proj(self.conv_dds(self.conv_pre(first), cond))  # [b, 3K-1, n]
+        h = self.conv_pre(first.astype(self.conv_pre.weight.dtype))
+        h = self.conv_proj(self.conv_dds(h, cond)).astype("float32")  # [b, 3K-1, n]
         b, _, n = h.shape
         h = nn.op.permute_dims(nn.op.reshape(h, (b, 1, 3 * self.bins - 1, n)), [0, 1, 3, 2])
         widths, heights, derivatives = nn.op.split(h, [self.bins, 2 * self.bins], axis=-1)
@@ -613,9 +616,10 @@ class VitsModel(nn.Module):
         self, input_ids: nn.Tensor, duration_noise: nn.Tensor, speaker_id: nn.Tensor
     ) -> nn.Tensor:
         hidden, stats = self.text_encoder(input_ids)  # [1, d, n], [1, 2F, n]
-        noise = duration_noise.astype(hidden.dtype)
+        noise = duration_noise  # float32: the duration flows' state stays float32
         log_duration = self.duration_predictor(hidden, noise, self._speaker(speaker_id))
-        return nn.op.concat([stats, log_duration], dim=1).astype("float32")  # [1, 2F + 1, n]
+        parts = [stats.astype("float32"), log_duration.astype("float32")]
+        return nn.op.concat(parts, dim=1)  # [1, 2F + 1, n]
 
     def decode_waveform(self, latents: nn.Tensor, speaker_id: nn.Tensor) -> nn.Tensor:
         speaker = self._speaker(speaker_id)

@@ -114,6 +114,40 @@ def test_hub_layout_plain_duration_predictor_and_speakers(tmp_path, monkeypatch)
         tts.speak(TEXT, voice="3")
 
 
+# Measured max |error| (stats: means, log-variances, log-durations up to ~4.4; waveform up to
+# ~0.5): float16 0.038 / 0.0018, bfloat16 0.19 / 0.005 - the bounds leave 2-4x. One 16-bit
+# dtype is compiled here (each costs a compile); both share the graph's float32 islands.
+HALF_TOLERANCES = {"float16": (0.1, 0.006), "bfloat16": (0.5, 0.02)}
+
+
+@pytest.mark.parametrize("dtype", ["float16"])
+def test_half_precision_entries_against_transformers(tiny, dtype):
+    """Each entry alone (durations round to whole frames, so the full pipeline in 16 bits may
+    pick another length): encode_text's statistics and decode_waveform on given latents,
+    against transformers' float32 modules."""
+    ckpt, tts32, ref = tiny
+    tts = relaxlm.LLM(str(ckpt), dtype=dtype)
+    ids = _ids(tts)
+    n = len(ids)
+    latents = np.random.default_rng(0).standard_normal((ref.config.flow_size, 60), np.float32)
+    with torch.no_grad():
+        mask = torch.ones(1, n, 1)
+        enc = ref.text_encoder(input_ids=torch.tensor([ids]), padding_mask=mask)
+        hidden = enc.last_hidden_state.transpose(1, 2)
+        log_dur = ref.duration_predictor(
+            hidden, mask.transpose(1, 2), None, reverse=True, noise_scale=0.0
+        )
+        stats = [enc.prior_means.transpose(1, 2), enc.prior_log_variances.transpose(1, 2), log_dur]
+        want_stats = torch.cat(stats, 1)[0].numpy()
+        x = ref.flow(torch.from_numpy(latents[None]), torch.ones(1, 1, 60), None, reverse=True)
+        want_wave = ref.decoder(x)[0, 0].numpy()
+    stats_tol, wave_tol = HALF_TOLERANCES[dtype]
+    zeros = np.zeros((1, 2, n), np.float32)
+    assert np.abs(tts32.model.encode_text(ids, zeros) - want_stats).max() < 1e-4
+    assert np.abs(tts.model.encode_text(ids, zeros) - want_stats).max() < stats_tol
+    assert np.abs(tts.model.decode_waveform(latents) - want_wave).max() < wave_tol
+
+
 def test_sdk_speak_and_wav(tiny, tmp_path):
     _, tts, _ = tiny
     speech = tts.speak(TEXT, voice="alloy")
