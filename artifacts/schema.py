@@ -80,7 +80,7 @@ class ManifestSchema(_Open):
     targets: dict[str, Library]
     tokenizer: TokenizerFiles
     source: dict[str, Any] = {}
-    task: Literal["generate", "embed", "transcribe"] = "generate"
+    task: Literal["generate", "embed", "transcribe", "synthesize"] = "generate"
     embedding: dict[str, Any] = {}
     lora: list[LoraAdapter] = []  # older artifacts have none
     vision: dict[str, Any] = {}  # text models have none

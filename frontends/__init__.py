@@ -22,6 +22,7 @@ from . import (
     phi3,
     qwen3,
     qwen3_moe,
+    vits,
     whisper,
 )
 from .checkpoint import Checkpoint, load_hf_checkpoint, resolve_model_path
@@ -66,6 +67,7 @@ ARCHITECTURES = {
         whisper.WhisperConfig.from_dict,
         whisper.WhisperForConditionalGeneration,
     ),
+    "VitsModel": (vits.VitsConfig.from_dict, vits.VitsModel),
 }
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,8 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         mod, named_params = export_vision_lm(model)
     elif isinstance(model, SpeechSeq2Seq):
         mod, named_params = export_speech_seq2seq(model)
+    elif isinstance(model, vits.VitsModel):
+        mod, named_params = vits.export_vits(model)
     else:
         mod, named_params = export_causal_lm(model)
     shapes = {name: tuple(int(d) for d in p.shape) for name, p in named_params}
@@ -198,6 +202,9 @@ def _build_model(checkpoint: Checkpoint) -> tuple[Any, dict[str, Any]]:
         facts["speech"] = model.speech_manifest(
             _preprocessor_config(checkpoint), _json_file(checkpoint.path / "generation_config.json")
         )
+    if isinstance(model, vits.VitsModel):
+        facts["task"] = "synthesize"
+        facts["speech"] = model.speech_manifest(vits.vits_tokenizer(checkpoint.path))
     return model, facts
 
 

@@ -48,7 +48,9 @@ class ExportedModel:
     config: dict[str, Any]  # the checkpoint's config.json
     context_window: int
     vocab_size: int
-    task: str = "generate"  # "generate": prefill/decode over a KV cache; "embed": embed()
+    # "generate": prefill/decode over a KV cache; "embed": embed(); "transcribe": Whisper;
+    # "synthesize": text to speech (frontends/vits.py)
+    task: str = "generate"
     embedding: dict[str, Any] = field(default_factory=dict)  # pooling, for "embed"
     # Image preprocessing and image token, for vision-language models (runtime/vision.py).
     vision: dict[str, Any] = field(default_factory=dict)

@@ -206,6 +206,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="cpu", help="target a checkpoint is compiled for")
     p.set_defaults(func=_transcribe)
 
+    p = sub.add_parser("speak", help="synthesize speech from text with a text-to-speech model")
+    p.add_argument("model", help="VITS / MMS-TTS artifact folder or checkpoint")
+    p.add_argument("text", help="the text to speak")
+    p.add_argument("-o", "--output", required=True, help="audio file to write (format by suffix)")
+    p.add_argument("--speed", type=float, default=1.0, help="0.25 .. 4.0 (1: the model's rate)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's noise draws")
+    p.add_argument("--target", default="cpu", help="target a checkpoint is compiled for")
+    p.set_defaults(func=_speak)
+
     p = sub.add_parser("inspect", help="show what an artifact holds")
     p.add_argument("artifact", help="artifact folder")
     p.add_argument("--json", action="store_true", help="print the whole manifest")
@@ -411,6 +420,8 @@ def _run(args) -> None:
 
     _say_default_path(args)
     llm = relaxlm.LLM(args.model, **_compile_options(args))
+    if llm.manifest.task == "synthesize":
+        raise RelaxlmError(f"{args.model} is a text-to-speech model; use relaxlm speak")
     params = relaxlm.SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -674,6 +685,22 @@ def _transcribe(args) -> None:
     for segment in result.segments:
         text = llm.model.text(segment.tokens).strip()
         print(f"[{segment.start:8.2f} -> {segment.end:8.2f}] {text}")
+
+
+def _speak(args) -> None:
+    import relaxlm
+    from relaxlm.tts import FORMATS, audio_bytes
+
+    fmt = Path(args.output).suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise RelaxlmError(
+            f"{args.output}: the suffix names no audio format; use one of "
+            + ", ".join(f".{f}" for f in FORMATS)
+        )
+    llm = relaxlm.LLM(args.model, target=args.target)
+    speech = llm.speak(args.text, speed=args.speed, seed=args.seed)
+    Path(args.output).write_bytes(audio_bytes(speech, fmt))
+    print(f"{args.output}: {speech.duration:.2f} s at {speech.sampling_rate} Hz")
 
 
 def _inspect(args) -> None:

@@ -127,6 +127,11 @@ class LLM:
 
             device = _device(options.get("device"), options.get("target", "cpu"))
             return SpeechLLM(folder, device=device, threads=options.get("threads"))
+        if Manifest.read(folder).task == "synthesize":  # VITS: speak() only
+            from relaxlm.tts import SpeechSynthesizer
+
+            device = _device(options.get("device"), options.get("target", "cpu"))
+            return SpeechSynthesizer(folder, device=device, threads=options.get("threads"))
         self = super().__new__(cls)
         self.artifact = folder  # __init__ loads it
         return self
@@ -188,6 +193,13 @@ class LLM:
         raise RelaxlmError(
             f"{self.artifact} is a text model; transcription needs a speech model "
             "(WhisperForConditionalGeneration)"
+        )
+
+    def speak(self, text, **options):
+        """Text models synthesize no speech: a RelaxlmError that names the model kind needed."""
+        raise RelaxlmError(
+            f"{self.artifact} is a text model; speech synthesis needs a text-to-speech model "
+            "(VitsModel, e.g. MMS-TTS)"
         )
 
     def generate(

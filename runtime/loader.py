@@ -23,6 +23,7 @@ _TASKS = {
     "generate": "a text generator",
     "embed": "an embedding model",
     "transcribe": "a speech recognizer",
+    "synthesize": "a speech synthesizer",
 }
 
 

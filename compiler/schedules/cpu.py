@@ -41,6 +41,8 @@ class MatmulRows(ScheduleRule):
         if len(infos) == 2 and not infos[1].is_injective():
             return None
         *batch, n, k = sch.get_loops(main.block_rv)
+        if not batch:  # add_unit_loop would put m innermost (e.g. a weight's row norms)
+            return None
         n_extent, k_extent = _extent(sch, n), _extent(sch, k)
         if not isinstance(n_extent, int) or not isinstance(k_extent, int):
             return None

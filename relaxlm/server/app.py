@@ -44,6 +44,7 @@ from relaxlm.server.completions import (
 )
 from relaxlm.server.guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, is_loopback
 from relaxlm.server.metrics import CONTENT_TYPE, ServerMetrics
+from relaxlm.server.speech import add_speech_route
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     name = options.served_model_name or Path(llm.artifact).name
     ctx = ModelContext.serving(llm, name, options.max_waiting)
     metrics = ServerMetrics(
-        lambda: None if ctx.is_embedding or ctx.is_speech else ctx.llm.metrics()
+        lambda: (
+            None if ctx.is_embedding or ctx.is_speech or ctx.is_synthesizer else ctx.llm.metrics()
+        )
     )
     chat: Chat = functools.partial(chat_completion, ctx)
     tools = mcp_server = None
@@ -146,6 +149,7 @@ def create_app(llm, options: ServerOptions | None = None) -> FastAPI:
     )
     _add_openai_routes(app, ctx, chat)
     add_audio_routes(app, ctx)
+    add_speech_route(app, ctx)
     _add_service_routes(app, ctx, metrics)
     if mcp_server is not None:
         app.router.routes.extend(mcp_server.http_routes())

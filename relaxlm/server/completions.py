@@ -87,6 +87,10 @@ class ModelContext:
         return getattr(self.llm.manifest, "task", None) == "transcribe"
 
     @property
+    def is_synthesizer(self) -> bool:
+        return getattr(self.llm.manifest, "task", None) == "synthesize"
+
+    @property
     def context_window(self) -> int:
         return self.llm.manifest.context_window
 
@@ -100,6 +104,10 @@ class ModelContext:
             )
 
     def check_generates(self) -> None:
+        if self.is_synthesizer:
+            raise ApiError(
+                400, f"{self.name} is a speech synthesizer: use /v1/audio/speech", "model"
+            )
         if self.is_speech:
             raise ApiError(
                 400,
