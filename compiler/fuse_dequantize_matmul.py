@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
             self.int8_dot
             and scheme.activations in int8_dot.PIECES
             and scheme.bits in (4, 8)
-            and (scheme.symmetric or (scheme.bits == 4 and scheme.activations == "int8"))
+            and (scheme.symmetric or scheme.activations == "int8")
             and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))

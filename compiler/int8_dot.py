@@ -88,16 +88,16 @@ def int8_linear(
     n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
     one kernel: the rows of x are quantized first (`activations`: a key of PIECES), then the
     dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at a time
-    when there are that many. With `offsets` the 4-bit codes are unsigned and each group has a
-    min (w = code * scale + min, GGUF's Q4_1 / Q4_K): the min multiplies the group's sum of
-    activations, as llama.cpp's Q4_1 x Q8_1 dot does."""
+    when there are that many. With `offsets` the codes are unsigned (4-bit, or 8-bit below 128)
+    and each group has a min (w = code * scale + min: GGUF's Q4_1 / Q4_K / Q5_1 / Q5_K): the min
+    multiplies the group's sum of activations, as llama.cpp's Q4_1 x Q8_1 dot does."""
     groups = k_padded // GROUP
     words = k_padded * bits // 32  # per weight row
     pieces, levels = PIECES[activations]
     shape = (n, k, k_padded, groups, words, bits)
     w_type = (n, words) if bits == 4 else (n, k_padded)
     w_dtype = "uint32" if bits == 4 else "int8"
-    assert not offsets or (bits == 4 and pieces == 1), "mins: 4-bit codes, int8 activations"
+    assert not offsets or pieces == 1, "codes with mins take int8 activations"
 
     @T.macro(hygienic=False)
     def body(var_x, w, w_scale, w_min, res, out, batch, seq, shape, scale_dtype, pieces, levels):
@@ -276,8 +276,10 @@ def _tile_rows(
                             high,
                             _codes4(codes, p, i, c + 4),
                         )
-            else:  # 4 k of int8, sign bits flipped: w + 128
-                biased = T.meta_var(T.bitwise_xor(wv, _broadcast_u32(_SIGN_BITS)))
+            else:  # 4 k of int8, sign bits flipped: w + 128 (codes with mins: unsigned already)
+                biased = T.meta_var(
+                    wv if w_min is not None else T.bitwise_xor(wv, _broadcast_u32(_SIGN_BITS))
+                )
                 for j in T.unroll(count):
                     for p in T.unroll(pieces):
                         i = T.meta_var(T.min(first + j, last))

@@ -114,7 +114,7 @@ def compile_model(
     stored = stored_schemes(checkpoint, exported, scheme, repack)
     if repack:
         say(
-            "GGUF blocks repacked for int8 dot products (Q4_0, Q4_1, Q4_K and Q8_0: their codes "
+            f"GGUF blocks repacked for int8 dot products ({', '.join(A8_REPACKS)}: their codes "
             "and scales as they are), activations rounded to int8 per 32 as llama.cpp does"
         )
     if scheme is not None and (blocks := requantized_types(checkpoint)):

@@ -266,8 +266,10 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # scale (and min) each, repacked into the row tiles of int8_dot.py's kernel as they are (their
 # codes and fp16 scales bit for bit), which round the activations to int8 per group of 32 as
 # llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
-# Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8. Other block
-# types (Q5_*, Q6_K, whose codes need more than a nibble) stay blocks.
+# Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8; 5-bit codes
+# take a byte each (more to read than the file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 ->
+# q8-a8 (q - 16), Q5_1 -> q5_1-a8 and Q5_K -> q5_k-a8 (unsigned codes with mins). Q6_K stays
+# blocks: its scales cover 16 values, the kernel's groups 32.
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -280,11 +282,15 @@ _Q4_1_A8 = QuantScheme(
     scale_dtype="float16",
     row_tile=ROW_TILE,
 )
+_Q5_1_A8 = replace(_Q4_1_A8, name="q5_1-a8", bits=8, storage_dtype="int8")
 A8_REPACKS: dict[str, QuantScheme] = {
     "Q4_0": SCHEMES["q4-a8"],
     "Q8_0": tied_table_scheme(SCHEMES["q4-a8"]),
+    "Q5_0": tied_table_scheme(SCHEMES["q4-a8"]),
     "Q4_1": _Q4_1_A8,
+    "Q5_1": _Q5_1_A8,
     "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="float32"),
+    "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="float32"),
 }
 
 
@@ -300,11 +306,24 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type in ("Q4_0", "Q4_1"):
         codes, scale = _nibbles(b[..., 4 if ggml_type == "Q4_1" else 2 :]), _f16(b[..., :2])
         low = _f16(b[..., 2:4]) if ggml_type == "Q4_1" else None
-    else:  # Q4_K: 8 sub-blocks of 32 per block of 256
+    elif ggml_type == "Q5_0":  # signed codes q - 16 in int8
+        codes, scale, low = (
+            _nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]) - 16,
+            _f16(b[..., :2]),
+            None,
+        )
+    elif ggml_type == "Q5_1":
+        codes, scale = _nibbles(b[..., 8:]) + _high_bits(b[..., 4:8]), _f16(b[..., :2])
+        low = _f16(b[..., 2:4])
+    else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, mn = _k_scales(b[..., 4:16])
-        q = b[..., 16:144].reshape(n, -1, 4, 1, 32)  # [n, block, chunk c, 1, l]
+        qs = b[..., 16:144] if ggml_type == "Q4_K" else b[..., 48:176]
+        q = qs.reshape(n, -1, 4, 1, 32)  # [n, block, chunk c, 1, l]
         codes = np.concatenate([q & 0xF, q >> 4], axis=-2)  # sub-block 2c + half
+        if ggml_type == "Q5_K":  # bit 2c + half of qh[l]
+            shifts = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)
+            codes = codes + ((b[..., 16:48][..., None, None, :] >> shifts) & 1) * 16
         scale, low = d * sc, -(dmin * mn)
     codes = np.ascontiguousarray(codes.reshape(n, k))
     if scheme.storage_dtype == "int8":

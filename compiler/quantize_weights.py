@@ -112,12 +112,12 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
             shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
         mask = tirx.const((1 << scheme.bits) - 1, "uint32")
         code = ((word >> shift) & mask).astype("int32").astype(dtype)
-        if scheme.row_tile and not scheme.symmetric:  # GGUF Q4_1 / Q4_K: code * s + min
-            return code * s + _row_tiled(parts[2], n, group, tile).astype(dtype)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
             return code * s + s * tirx.const(-(1 << (scheme.bits - 1)), dtype)
+    if scheme.row_tile and not scheme.symmetric:  # GGUF Q4_1 / Q4_K / Q5_1 / Q5_K repacked
+        return code * s + _row_tiled(parts[2], n, group, tile).astype(dtype)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
     return code * s

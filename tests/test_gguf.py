@@ -303,10 +303,10 @@ def _int8_rounded(x: np.ndarray) -> np.ndarray:
 @pytest.mark.skipif(
     not has_int8_dot(resolve_target("cpu").target()), reason="gguf-a8 needs AVX-512 VNNI"
 )
-@pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M"])
+@pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_K_M"])
 def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama, tmp_path):
-    """`--quant gguf-a8`: the file's Q4_0 / Q4_1 / Q4_K / Q8_0 tensors kept as their codes and
-    scales (the others as blocks), computed with int8 activations. Oracles: transformers on
+    """`--quant gguf-a8`: the file's Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 tensors kept as their codes
+    and scales (Q6_K as blocks), computed with int8 activations. Oracles: transformers on
     the file's dequantized weights with every such linear's input rounded to int8 (float32
     rounding apart), and llama.cpp on the file (same bound and top-1 agreement as the blocks)."""
     import torch
@@ -318,7 +318,7 @@ def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama
     types = load_gguf(path).stored_types
     repacked = {name.removesuffix(".weight") for name, t in types.items() if t in A8_REPACKS}
     assert {A8_REPACKS[t].name for t in types.values() if t in A8_REPACKS} <= set(q["tensors"])
-    if key == "Q4_K_M":  # its Q6_K tensors stay blocks
+    if key.endswith("_K_M"):  # its Q6_K tensors stay blocks
         assert q["tensors"].get("gguf-q6_k"), q
     if llm.manifest.model_config.get("tie_word_embeddings") and "model.embed_tokens" in repacked:
         repacked.add("lm_head")  # transformers' name for the matmul by the tied table
@@ -339,7 +339,7 @@ def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama
 
 
 def test_gguf_a8_needs_blocks_it_repacks(gguf_file, checkpoints):
-    """A file without Q4_0 / Q4_1 / Q4_K / Q8_0 blocks, or a safetensors folder: one error."""
+    """A file without blocks that gguf-a8 repacks, or a safetensors folder: one error."""
     for model in (gguf_file("F16"), checkpoints("llama_gqa")):
         with pytest.raises(RelaxlmError, match="gguf-a8 repacks a GGUF file's"):
             relaxlm.compile(model, output=Path(model).parent / "never", quant="gguf-a8")

@@ -339,15 +339,15 @@ def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n
 def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
     """`--quant gguf-a8`: GGUF blocks (written by gguf-py's quantizer, llama.cpp's reference)
     repacked into row tiles hold exactly the file's dequantized weights, and the int8 kernel
-    (with mins for Q4_1 / Q4_K) equals int8-rounded activations times them; N not a multiple of
-    16 (40) takes the float kernel over the same parts."""
+    (with mins for Q4_1 / Q4_K / Q5_1 / Q5_K) equals int8-rounded activations times them; N
+    not a multiple of 16 (40) takes the float kernel over the same parts."""
     import gguf
 
     scheme = A8_REPACKS[ggml_type]
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
-    if ggml_type == "Q4_K":  # gguf-py makes no K-quants: random bytes with finite scales
-        raw = rng.integers(0, 256, (n, k // 256, 144), np.uint8)
+    if ggml_type in ("Q4_K", "Q5_K"):  # gguf-py makes no K-quants: random bytes, finite scales
+        raw = rng.integers(0, 256, (n, k // 256, GGUF_SCHEMES[ggml_type].block_bytes), np.uint8)
         for offset in (0, 2):
             scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
             raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
