@@ -38,6 +38,11 @@ class SpecialTokens:
     max_initial_timestamp_index: int | None
 
     @property
+    def no_speech(self) -> int:
+        """<|nospeech|> (<|nocaptions|> in older vocabularies): just before <|notimestamps|>."""
+        return self.no_timestamps - 1
+
+    @property
     def timestamp_begin(self) -> int:
         return self.no_timestamps + 1
 
@@ -162,6 +167,12 @@ class Segment:
     start: float
     end: float
     tokens: list[int]  # text tokens, timestamps included where predicted
+    # The window's figures, shared by its segments as in the reference's verbose output.
+    seek: int = 0  # feature frame where the window starts
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
 
 
 def split_segments(
@@ -203,12 +214,26 @@ def split_segments(
 
 
 def compression_ratio(text: str) -> float:
-    """How well the text compresses: repetitive (looping) output compresses far better."""
+    """How well the text compresses (openai/whisper's zlib ratio of its UTF-8 bytes):
+    repetitive (looping) output compresses far better."""
     data = text.encode("utf-8")
     return len(data) / max(1, len(zlib.compress(data)))
 
 
-def needs_fallback(text: str, avg_logprob: float) -> bool:
-    """Whether a window's greedy (or low-temperature) result looks degenerate, so the
-    reference decodes it again at the next temperature."""
-    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOGPROB_THRESHOLD
+@dataclass(frozen=True)
+class Fallback:
+    """When a window is decoded again at the schedule's next temperature (None: never on that
+    ground). The defaults are openai/whisper's."""
+
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
+
+    def needed(self, compression: float, avg_logprob: float) -> bool:
+        """Whether a window's result looks degenerate: it loops (compresses too well) or the
+        model was unsure of it (low mean logprob)."""
+        too_repetitive = (
+            self.compression_ratio_threshold is not None
+            and compression > self.compression_ratio_threshold
+        )
+        too_unsure = self.logprob_threshold is not None and avg_logprob < self.logprob_threshold
+        return too_repetitive or too_unsure

@@ -5,6 +5,7 @@ states, decoder logits, and greedy token ids with and without timestamps, on a s
 import io
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import openai
@@ -239,9 +240,43 @@ def test_real_tiny_en_transcribes_espeak_speech(tmp_path):
     # the same ids as transformers' greedy decoding of the converted checkpoint
     ref = load_reference(ckpt)
     samples = relaxlm.runtime.audio.load_audio(wav, RATE)
+    features = torch.tensor(_features(ckpt, samples))
     with torch.no_grad():
-        want = ref.generate(torch.tensor(_features(ckpt, samples)))[0].tolist()
+        out = ref.generate(features, return_dict_in_generate=True, output_scores=True)
+    want = out.sequences[0, -len(out.scores) :].tolist()  # generated, end-of-text included
     assert got.tokens == [t for t in want if t != 50256]
+    # verbose_json's figures, from transformers' scores and logits for the same tokens
+    (segment,) = got.segments
+    figures = _reference_figures(ckpt, ref, features, out.scores, want)
+    assert segment.avg_logprob == pytest.approx(figures["avg_logprob"], abs=2e-3)
+    assert segment.compression_ratio == pytest.approx(figures["compression_ratio"], rel=1e-9)
+    assert segment.no_speech_prob == pytest.approx(figures["no_speech_prob"], abs=1e-4)
+    assert -1.0 < segment.avg_logprob < 0.0 and segment.no_speech_prob < 0.1
+    silence = llm.transcribe(np.zeros(2 * RATE, dtype=np.float32), fallback=False).segments[0]
+    with torch.no_grad():
+        want_silence = _reference_figures(
+            ckpt, ref, torch.tensor(_features(ckpt, np.zeros(2 * RATE, np.float32)))
+        )["no_speech_prob"]
+    assert silence.no_speech_prob == pytest.approx(want_silence, abs=1e-4)
+    assert silence.no_speech_prob > 0.5  # the model knows silence
+
+
+def _reference_figures(ckpt, ref, features, scores=(), tokens=()) -> dict[str, float]:
+    """openai/whisper's per-window figures from transformers: the mean logprob of the generated
+    tokens (end-of-text included) under the processed scores, the zlib ratio of their text, and
+    P(<|nospeech|>) in the logits at <|startoftranscript|> (prompt [sot, notimestamps])."""
+    gen = transformers.GenerationConfig.from_pretrained(ckpt)
+    pairs = zip(scores, tokens, strict=True)
+    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in pairs]
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+    text = tokenizer.decode([t for t in tokens if t < gen.eos_token_id]).encode()
+    prompt = [[gen.decoder_start_token_id, gen.no_timestamps_token_id]]
+    logits = ref(input_features=features, decoder_input_ids=torch.tensor(prompt)).logits
+    return {
+        "avg_logprob": sum(logprobs) / max(1, len(logprobs)),
+        "compression_ratio": len(text) / len(zlib.compress(text)) if text else 0.0,
+        "no_speech_prob": logits[0, 0].double().softmax(-1)[gen.no_timestamps_token_id - 1].item(),
+    }
 
 
 def test_tiny_whisper_compiles_for_cuda(tiny):
