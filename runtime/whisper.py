@@ -220,9 +220,7 @@ class WhisperModel:
             kv = self.cross_kv(self.encode(chunk[None]))
             if lang is None:
                 lang = language or self.detect_language(kv)
-            ids = context + t.prompt(
-                t.language_token(lang) if t.multilingual else None, task, timestamps
-            )
+            ids = context + self.decoder_prompt(lang, task, timestamps)
             context = []
             rules = LogitRules(t, timestamps, begin_index=len(ids))
             result = self._with_fallback(kv, ids, rules, schedule, when, rng)
@@ -255,6 +253,16 @@ class WhisperModel:
             if last or not when.needed(result.compression_ratio, result.avg_logprob):
                 return result
         raise AssertionError("unreachable: the schedule is never empty")
+
+    def decoder_prompt(
+        self, language: str, task: str, timestamps: bool, prompt: str | None = None
+    ) -> list[int]:
+        """The decoder's input before the first generated token: <|startofprev|> and the
+        prompt's tokens (when given), then <|startoftranscript|>, language, task, and
+        <|notimestamps|> unless timestamps are predicted."""
+        t = self.tokens
+        language_token = t.language_token(language) if t.multilingual else None
+        return self._context(prompt) + t.prompt(language_token, task, timestamps)
 
     def _context(self, prompt: str | None) -> list[int]:
         if not prompt:

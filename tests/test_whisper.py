@@ -122,6 +122,106 @@ def test_greedy_long_input_equals_generate(tiny):
     assert len(got.segments) >= 2 and got.segments[-1].end > 30.0
 
 
+# -- a multilingual model: language detection, translation, prompts, temperature fallback ------
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """(checkpoint, compiled model, transformers model) of a random multilingual Whisper that
+    writes text (control tokens suppressed) and ends after a token or so (fast to decode)."""
+    ckpt = make_tiny_whisper(
+        tmp_path_factory.mktemp("whisper-ml"),
+        seed=1,
+        multilingual=True,
+        suppress_controls=True,
+        end_early=True,
+    )
+    art = compile_model(ckpt, tmp_path_factory.mktemp("whisper-ml-art") / "a", progress=False)
+    return ckpt, WhisperModel(art), load_reference(ckpt)
+
+
+def _generate(ref, features, **kwargs) -> tuple[list[int], list[int]]:
+    """transformers' (decoder prompt, generated tokens without the end-of-text)."""
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor(features), return_dict_in_generate=True, output_scores=True, **kwargs
+        )
+    ids = out.sequences[0].tolist()
+    n = len(out.scores)
+    return ids[:-n], [t for t in ids[-n:] if t != 50256]
+
+
+def test_language_detection_equals_transformers(multi):
+    ckpt, model, ref = multi
+    for seed in (0, 1):
+        features = _features(ckpt, _audio(3.0, seed=seed))
+        with torch.no_grad():
+            (want,) = ref.detect_language(torch.tensor(features)).tolist()
+        kv = model.cross_kv(model.encode(features))
+        assert model.tokens.languages[model.detect_language(kv)] == want
+
+
+def test_translation_and_prompt_equal_generate(multi):
+    ckpt, model, ref = multi
+    audio = _audio(3.0, seed=2)
+    features = _features(ckpt, audio)
+    tokenizer = transformers.WhisperTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+    cases = [  # (relaxlm's options, transformers' generate arguments)
+        ({"language": "de", "task": "translate"}, {"language": "de", "task": "translate"}),
+        ({"task": "translate"}, {"task": "translate"}),  # language detected
+        ({"language": "fr"}, {"language": "fr", "task": "transcribe"}),
+        (
+            {"language": "es", "prompt": "  Hola, Ana y Luis. "},
+            {
+                "language": "es",
+                "task": "transcribe",
+                "prompt_ids": torch.tensor(tokenizer.get_prompt_ids("  Hola, Ana y Luis. ")),
+            },
+        ),
+    ]
+    for ours, theirs in cases:
+        got = model.transcribe(audio, fallback=False, **ours)
+        want_prompt, want = _generate(ref, features, **theirs)
+        assert got.tokens == want and len(want) > 0, ours
+        args = ours.get("language", got.language), ours.get("task", "transcribe")
+        assert model.decoder_prompt(*args, False, ours.get("prompt")) == want_prompt
+        assert got.language == ours.get("language", got.language)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "thresholds", "kept"),
+    [
+        ((0.0, 1.0), {"logprob_threshold": -1.0, "compression_ratio_threshold": None}, 0.0),
+        ((0.0, 1.0), {"logprob_threshold": 0.0, "compression_ratio_threshold": None}, 1.0),
+        ((0.0, 0.5, 1.0), {"logprob_threshold": None, "compression_ratio_threshold": 0.1}, 1.0),
+    ],
+)
+def test_temperature_fallback_keeps_what_transformers_keeps(multi, schedule, thresholds, kept):
+    """Which temperature is kept: greedy when its mean logprob clears the threshold; the next
+    ones when it does not (a logprob can't reach 0) or when the text "compresses" too well (any
+    text beats a ratio of 0.1; transformers measures the token ids' bytes, openai the text's).
+    Sampled tokens can't be compared, so transformers' decisions come from `_need_fallback`."""
+    ckpt, model, ref = multi
+    audio = _audio(3.0, seed=3)
+    decisions = []
+    original = ref._need_fallback
+
+    def spy(*args):
+        needs, skip = original(*args)
+        decisions.append((args[-1], bool(needs)))
+        return needs, skip
+
+    ref._need_fallback = spy
+    try:
+        torch.manual_seed(0)
+        _generate(ref, _features(ckpt, audio), language="en", temperature=schedule, **thresholds)
+    finally:
+        del ref._need_fallback
+    want = next((t for t, needs in decisions if not needs), decisions[-1][0])
+    got = model.transcribe(audio, language="en", temperature=schedule, **thresholds)
+    assert {s.temperature for s in got.segments} == {want} == {kept}
+
+
 # -- SDK, CLI and the OpenAI audio routes -------------------------------------------------------
 
 
@@ -211,6 +311,42 @@ def test_bad_audio_requests_get_one_clear_400(client):
         timeout=30,
     )
     assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+
+
+def test_over_two_hours_is_one_clear_400(client, speech):
+    """A file over 2 hours (small: FLAC of silence at 1 kHz) is refused before resampling."""
+    api, _ = client
+    flac = _wav(np.zeros(7201 * 1000, dtype=np.float32), "FLAC", 1000)
+    assert len(flac) < 100_000
+    with pytest.raises(relaxlm.RelaxlmError, match="7201 s long; the limit is 7200 s"):
+        speech.transcribe(flac)
+    with pytest.raises(openai.BadRequestError, match="limit is 7200 s") as e:
+        api.audio.transcriptions.create(model="w", file=("long.flac", flac))
+    assert e.value.body["param"] == "file"
+
+
+@pytest.fixture(scope="module")
+def multi_server(multi):
+    llm = relaxlm.LLM(multi[1].folder)
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="m"))) as server:
+        yield llm, openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+def test_streamed_text_joins_to_the_transcript(speech, multi_server):
+    """SDK: text pieces per segment; over 30 s of audio gives several. Server: the official
+    client's `stream=True` gets `transcript.text.delta` events, then `transcript.text.done`."""
+    long = _audio(41.5, seed=6)
+    pieces = list(speech.transcribe(long, stream=True))
+    assert len(pieces) >= 2 and "".join(pieces) == speech.transcribe(long).text.strip()
+    _, api = multi_server
+    audio = _wav(_audio(3.0, seed=7))
+    want = api.audio.transcriptions.create(model="m", file=("a.wav", audio)).text
+    events = list(api.audio.transcriptions.create(model="m", file=("a.wav", audio), stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert [e.type for e in events[len(deltas) :]] == ["transcript.text.done"]
+    assert "".join(deltas) == events[-1].text == want and want
+    with pytest.raises(openai.BadRequestError, match="not a supported audio file"):
+        api.audio.transcriptions.create(model="m", file=("a.wav", b"text, not audio"), stream=True)
 
 
 def test_asr_route_on_a_text_model_is_a_400(tmp_path):

@@ -69,10 +69,16 @@ def generation_config(multilingual: bool, suppress_controls: bool = False) -> di
 
 
 def make_tiny_whisper(
-    path: str | Path, seed: int = 0, multilingual: bool = False, suppress_controls: bool = False
+    path: str | Path,
+    seed: int = 0,
+    multilingual: bool = False,
+    suppress_controls: bool = False,
+    end_early: bool = False,
 ) -> Path:
     """A random WhisperForConditionalGeneration saved at `path` with tokenizer, feature
-    extractor and generation config (see `generation_config`); returns the path."""
+    extractor and generation config (see `generation_config`); returns the path.
+    end_early: shift the decoder's final norm toward <|endoftext|>'s (tied) embedding, so the
+    model ends after a token or so instead of repeating one until the length limit."""
     path = Path(path)
     torch.manual_seed(seed)
     gen = generation_config(multilingual, suppress_controls)
@@ -91,6 +97,9 @@ def make_tiny_whisper(
                 p.uniform_(0.5, 1.5)
             elif p.ndim == 1:
                 p.normal_(0.0, 0.05)
+        if end_early:
+            eos = model.model.decoder.embed_tokens.weight[gen["eos_token_id"]]
+            model.model.decoder.layer_norm.bias.add_(16.0 * eos / eos.norm())
     model.save_pretrained(path)
     transformers.GenerationConfig(**gen).save_pretrained(path)
     transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
