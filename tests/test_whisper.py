@@ -283,6 +283,10 @@ def test_openai_client_transcriptions(client, speech):
     stamped = speech.transcribe(audio, timestamps=True)
     assert verbose.duration == pytest.approx(3.0, abs=0.01)
     assert [s.start for s in verbose.segments] == [round(s.start, 2) for s in stamped.segments]
+    for field in ("seek", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"):
+        want_values = [getattr(s, field) for s in stamped.segments]
+        got_values = [getattr(s, field) for s in verbose.segments]
+        assert got_values == pytest.approx(want_values, abs=1e-6), field  # threads: last bits
     srt = api.audio.transcriptions.create(
         model="w", file=("a.wav", _wav(audio)), response_format="srt"
     )
