@@ -20,7 +20,7 @@ import relaxlm  # noqa: E402
 import relaxlm.runtime.audio  # noqa: E402
 from relaxlm.compiler.pipeline import compile_model  # noqa: E402
 from relaxlm.runtime.whisper import WhisperModel  # noqa: E402
-from relaxlm.runtime.whisper_decode import LogitRules  # noqa: E402
+from relaxlm.runtime.whisper_decode import LogitRules, Segment  # noqa: E402
 from relaxlm.server.app import ServerOptions, create_app  # noqa: E402
 from relaxlm.server.background import BackgroundServer  # noqa: E402
 from relaxlm.testing.tiny_whisper import load_reference, make_tiny_whisper  # noqa: E402
@@ -336,13 +336,21 @@ def multi_server(multi):
         yield llm, openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
 
 
-def test_streamed_text_joins_to_the_transcript(speech, multi_server):
-    """SDK: text pieces per segment; over 30 s of audio gives several. Server: the official
-    client's `stream=True` gets `transcript.text.delta` events, then `transcript.text.done`."""
-    long = _audio(41.5, seed=6)
-    pieces = list(speech.transcribe(long, stream=True))
-    assert len(pieces) >= 2 and "".join(pieces) == speech.transcribe(long).text.strip()
-    _, api = multi_server
+def test_streamed_text_joins_to_the_transcript(multi_server):
+    """SDK: a text piece per segment, which join to the stripped transcript. Server: the
+    official client's `stream=True` gets `transcript.text.delta` events, then
+    `transcript.text.done`."""
+    llm, api = multi_server
+    clip = _audio(2.0, seed=6)
+    (piece,) = llm.transcribe(clip, stream=True)
+    assert piece == llm.transcribe(clip).text.strip() and piece
+    # several segments (as over 30 s): the pieces join to the text, stripped at both ends only
+    texts = [" Hello", " world. ", " ", "  Again  ", " "]
+    segments = [Segment(0, 1, llm.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert [llm.model.text(s.tokens) for s in segments] == texts
+    pieces = list(llm._pieces(iter(segments)))
+    assert pieces == ["Hello", " world.", "    Again"]
+    assert "".join(pieces) == "".join(texts).strip()
     audio = _wav(_audio(3.0, seed=7))
     want = api.audio.transcriptions.create(model="m", file=("a.wav", audio)).text
     events = list(api.audio.transcriptions.create(model="m", file=("a.wav", audio), stream=True))
@@ -351,6 +359,28 @@ def test_streamed_text_joins_to_the_transcript(speech, multi_server):
     assert "".join(deltas) == events[-1].text == want and want
     with pytest.raises(openai.BadRequestError, match="not a supported audio file"):
         api.audio.transcriptions.create(model="m", file=("a.wav", b"text, not audio"), stream=True)
+
+
+def test_concurrent_transcriptions_queue_without_threads(multi_server):
+    """Eight requests at once, half streamed: each gets its own audio's transcript (they run one
+    at a time through the VM), and the model list answers meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm, api = multi_server
+    clips = [_audio(2.0, seed=10 + i) for i in range(8)]
+    want = [llm.transcribe(clip).text.strip() for clip in clips]
+
+    def ask(i: int) -> str:
+        upload = ("a.wav", _wav(clips[i]))
+        if i % 2:
+            events = api.audio.transcriptions.create(model="m", file=upload, stream=True)
+            return "".join(e.delta for e in events if e.type == "transcript.text.delta")
+        return api.audio.transcriptions.create(model="m", file=upload).text
+
+    with ThreadPoolExecutor(9) as pool:
+        answers = pool.map(ask, range(8))
+        models = pool.submit(lambda: [m.id for m in api.models.list()])
+        assert list(answers) == want and models.result() == ["m"]
 
 
 def test_asr_route_on_a_text_model_is_a_400(tmp_path):

@@ -7,6 +7,7 @@ import asyncio
 import json
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -15,11 +16,28 @@ from relaxlm.errors import RelaxlmError
 from relaxlm.server import schemas
 from relaxlm.server.completions import ApiError, ModelContext
 
+T = TypeVar("T")
 FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 
 
+class OneAtATime:
+    """Runs blocking jobs in a worker thread, one after another. Waiting requests hold an
+    asyncio lock, not a thread, so a queue of transcriptions never fills the thread pool that
+    other routes' work runs on; a started job runs to its end even if its request goes away
+    (the VM is never left mid-window, nor entered by two jobs)."""
+
+    def __init__(self):
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, job: Callable[[], T]) -> T:
+        await self._lock.acquire()
+        future = asyncio.ensure_future(asyncio.to_thread(job))
+        future.add_done_callback(lambda _: self._lock.release())
+        return await asyncio.shield(future)
+
+
 def add_audio_routes(app: FastAPI, ctx: ModelContext) -> None:
-    lock = threading.Lock()
+    one_at_a_time = OneAtATime()
 
     async def run(request: Request, task: str):
         form = await _form(request)
@@ -65,17 +83,13 @@ def add_audio_routes(app: FastAPI, ctx: ModelContext) -> None:
         )
         if stream == "true":
             pieces = lambda: ctx.llm.transcribe(data, stream=True, **options)  # noqa: E731
-            first = await _first_event(_events(pieces, lock), upload.filename)
+            first = await _first_event(_events(pieces, one_at_a_time), upload.filename)
             return StreamingResponse(
                 first, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
 
-        def transcribe():
-            with lock:
-                return ctx.llm.transcribe(data, **options)
-
         try:
-            result = await asyncio.to_thread(transcribe)
+            result = await one_at_a_time(lambda: ctx.llm.transcribe(data, **options))
         except RelaxlmError as e:
             raise ApiError(400, f"{upload.filename or 'the file'}: {e}", "file") from e
         return _response(result, fmt, ctx.llm.model.text, task)
@@ -89,30 +103,37 @@ def add_audio_routes(app: FastAPI, ctx: ModelContext) -> None:
         return await run(request, "translate")
 
 
-def _events(pieces: Callable[[], Iterator[str]], lock: threading.Lock) -> AsyncIterator[str]:
+def _events(pieces: Callable[[], Iterator[str]], one_at_a_time: OneAtATime) -> AsyncIterator[str]:
     """The SSE events of a streamed transcript: one `transcript.text.delta` per piece, then
-    `transcript.text.done` with the whole text. A worker thread decodes the whole input
-    (holding the lock) even if the client leaves, so the VM is never left mid-window."""
+    `transcript.text.done` with the whole text. When the client leaves, the worker stops after
+    the window it is decoding (between windows the decoder holds no sequence)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
+    gone = threading.Event()
 
     def work() -> None:
         try:
-            with lock:
-                for piece in pieces():  # decoding the upload included
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            stream = pieces()  # decoding the upload included
+            for piece in stream:
+                if gone.is_set():
+                    stream.close()
+                    return
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
             loop.call_soon_threadsafe(queue.put_nowait, None)
         except Exception as e:  # handed to the event loop: a 400 or an error event
             loop.call_soon_threadsafe(queue.put_nowait, e)
 
     async def events() -> AsyncIterator[str]:
-        worker = asyncio.create_task(asyncio.to_thread(work))
+        worker = asyncio.ensure_future(one_at_a_time(work))
         text = []
-        while (piece := await queue.get()) is not None:
-            if isinstance(piece, Exception):
-                raise piece
-            text.append(piece)
-            yield _sse({"type": "transcript.text.delta", "delta": piece})
+        try:
+            while (piece := await queue.get()) is not None:
+                if isinstance(piece, Exception):
+                    raise piece
+                text.append(piece)
+                yield _sse({"type": "transcript.text.delta", "delta": piece})
+        finally:
+            gone.set()
         await worker
         yield _sse({"type": "transcript.text.done", "text": "".join(text)})
         yield "data: [DONE]\n\n"
