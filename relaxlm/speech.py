@@ -13,6 +13,7 @@ from relaxlm.runtime.whisper import Transcription, WhisperModel
 from relaxlm.runtime.whisper_decode import (
     COMPRESSION_RATIO_THRESHOLD,
     LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
     Segment,
 )
 
@@ -42,6 +43,7 @@ class SpeechLLM:
         fallback: bool = True,
         logprob_threshold: float | None = LOGPROB_THRESHOLD,
         compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+        no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
         prompt: str | None = None,
         stream: bool = False,
     ) -> Transcription | Iterator[str]:
@@ -49,7 +51,8 @@ class SpeechLLM:
         `sampling_rate`); task "translate" gives English text. Audio over 30 s is decoded
         window by window with timestamps. language: None detects it. temperature: a number or a
         schedule tried in turn while a window's mean logprob is under `logprob_threshold` or its
-        text compresses better than `compression_ratio_threshold`. stream: yield the text in
+        text compresses better than `compression_ratio_threshold`; a window likelier silent than
+        `no_speech_threshold` whose logprob is that low gives no text. stream: yield the text in
         pieces as windows are decoded instead (joined, they are the transcript's `.text`,
         stripped)."""
         samples = load_audio(audio, self.sampling_rate)
@@ -62,6 +65,7 @@ class SpeechLLM:
             fallback=fallback,
             logprob_threshold=logprob_threshold,
             compression_ratio_threshold=compression_ratio_threshold,
+            no_speech_threshold=no_speech_threshold,
             prompt=prompt,
         )
         if stream:

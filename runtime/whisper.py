@@ -25,6 +25,7 @@ from .whisper_decode import (
     COMPRESSION_RATIO_THRESHOLD,
     FALLBACK_TEMPERATURES,
     LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
     Fallback,
     LogitRules,
     Segment,
@@ -184,6 +185,7 @@ class WhisperModel:
         fallback: bool = True,
         logprob_threshold: float | None = LOGPROB_THRESHOLD,
         compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+        no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
         prompt: str | None = None,
         seed: int = 0,
     ) -> Generator[Segment, None, Transcription]:
@@ -194,6 +196,8 @@ class WhisperModel:
             the reference's schedule at t (0, 0.2, ... 1.0). A window moves on to the next
             temperature when its text compresses better than `compression_ratio_threshold`
             (loops) or its mean logprob is under `logprob_threshold` (None: not checked).
+        no_speech_threshold: a window whose P(<|nospeech|>) is over it, with its mean logprob
+            not over `logprob_threshold`, is silence: no fallback, no text (openai/whisper's).
         timestamps: predict timestamps (always on for audio longer than one window).
         prompt: text that precedes the audio (spelling, names, style), as <|startofprev|>
             context of the first window (transformers' default "first-segment").
@@ -206,7 +210,7 @@ class WhisperModel:
         long_form = total > window
         timestamps = timestamps or long_form
         schedule = _schedule(temperature, fallback)
-        when = Fallback(logprob_threshold, compression_ratio_threshold)
+        when = Fallback(logprob_threshold, compression_ratio_threshold, no_speech_threshold)
         rng = np.random.default_rng(seed)
         context = self._context(prompt)
         segments, all_tokens, seek, lang = [], [], 0, None
@@ -224,6 +228,9 @@ class WhisperModel:
             context = []
             rules = LogitRules(t, timestamps, begin_index=len(ids))
             result = self._with_fallback(kv, ids, rules, schedule, when, rng)
+            if when.silent(result.avg_logprob, result.no_speech_prob):
+                seek += count
+                continue
             all_tokens += result.tokens
             offset = seek * self.speech["hop_length"] / self.sampling_rate
             if timestamps:
@@ -250,7 +257,8 @@ class WhisperModel:
             result = self.generate(kv, prompt, rules, temperature, rng)
             result.compression_ratio = compression_ratio(self.text(result.tokens))
             last = i == len(schedule) - 1
-            if last or not when.needed(result.compression_ratio, result.avg_logprob):
+            figures = result.compression_ratio, result.avg_logprob, result.no_speech_prob
+            if last or not when.needed(*figures):
                 return result
         raise AssertionError("unreachable: the schedule is never empty")
 

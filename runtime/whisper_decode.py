@@ -20,6 +20,7 @@ TIME_PRECISION = 0.02  # seconds per timestamp token
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True)
@@ -222,18 +223,25 @@ def compression_ratio(text: str) -> float:
 
 @dataclass(frozen=True)
 class Fallback:
-    """When a window is decoded again at the schedule's next temperature (None: never on that
-    ground). The defaults are openai/whisper's."""
+    """When a window is decoded again at the schedule's next temperature, or dropped as
+    silence (None: never on that ground). The defaults are openai/whisper's."""
 
     logprob_threshold: float | None = LOGPROB_THRESHOLD
     compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
 
-    def needed(self, compression: float, avg_logprob: float) -> bool:
+    def needed(self, compression: float, avg_logprob: float, no_speech_prob: float) -> bool:
         """Whether a window's result looks degenerate: it loops (compresses too well) or the
-        model was unsure of it (low mean logprob)."""
+        model was unsure of it (low mean logprob) - unless the window is silence."""
         too_repetitive = (
             self.compression_ratio_threshold is not None
             and compression > self.compression_ratio_threshold
         )
         too_unsure = self.logprob_threshold is not None and avg_logprob < self.logprob_threshold
-        return too_repetitive or too_unsure
+        return (too_repetitive or too_unsure) and not self.silent(avg_logprob, no_speech_prob)
+
+    def silent(self, avg_logprob: float, no_speech_prob: float) -> bool:
+        """Whether the window holds no speech: <|nospeech|> likely and the text unsure."""
+        if self.no_speech_threshold is None or no_speech_prob <= self.no_speech_threshold:
+            return False
+        return self.logprob_threshold is None or avg_logprob <= self.logprob_threshold

@@ -20,7 +20,11 @@ import relaxlm  # noqa: E402
 import relaxlm.runtime.audio  # noqa: E402
 from relaxlm.compiler.pipeline import compile_model  # noqa: E402
 from relaxlm.runtime.whisper import WhisperModel  # noqa: E402
-from relaxlm.runtime.whisper_decode import LogitRules, Segment  # noqa: E402
+from relaxlm.runtime.whisper_decode import (  # noqa: E402
+    FALLBACK_TEMPERATURES,
+    LogitRules,
+    Segment,
+)
 from relaxlm.server.app import ServerOptions, create_app  # noqa: E402
 from relaxlm.server.background import BackgroundServer  # noqa: E402
 from relaxlm.testing.tiny_whisper import load_reference, make_tiny_whisper  # noqa: E402
@@ -429,6 +433,20 @@ def test_real_tiny_en_transcribes_espeak_speech(tmp_path):
         )["no_speech_prob"]
     assert silence.no_speech_prob == pytest.approx(want_silence, abs=1e-4)
     assert silence.no_speech_prob > 0.5  # the model knows silence
+    # faint noise: <|nospeech|> likely and the text unsure, so the window is dropped as silence
+    # (not decoded again at higher temperatures into a hallucination), as transformers does
+    noise = (0.01 * np.random.default_rng(0).standard_normal(2 * RATE)).astype(np.float32)
+    got = llm.transcribe(noise)  # openai/whisper's defaults: fallback, -1.0, 2.4 and 0.6
+    with torch.no_grad():
+        want = ref.generate(
+            torch.tensor(_features(ckpt, noise)),
+            temperature=FALLBACK_TEMPERATURES,
+            logprob_threshold=-1.0,
+            compression_ratio_threshold=2.4,
+            no_speech_threshold=0.6,
+        )[0].tolist()
+    assert got.tokens == [t for t in want if t != 50256] == [] and got.text == ""
+    assert llm.transcribe(noise, no_speech_threshold=None).text.strip()  # else: hallucinated
 
 
 def _reference_figures(ckpt, ref, features, scores=(), tokens=()) -> dict[str, float]:
