@@ -366,12 +366,12 @@ def test_streamed_text_joins_to_the_transcript(multi_server):
 
 
 def test_concurrent_transcriptions_queue_without_threads(multi_server):
-    """Eight requests at once, half streamed: each gets its own audio's transcript (they run one
+    """Four requests at once, half streamed: each gets its own audio's transcript (they run one
     at a time through the VM), and the model list answers meanwhile."""
     from concurrent.futures import ThreadPoolExecutor
 
     llm, api = multi_server
-    clips = [_audio(2.0, seed=10 + i) for i in range(8)]
+    clips = [_audio(2.0, seed=10 + i) for i in range(4)]
     want = [llm.transcribe(clip).text.strip() for clip in clips]
 
     def ask(i: int) -> str:
@@ -381,8 +381,8 @@ def test_concurrent_transcriptions_queue_without_threads(multi_server):
             return "".join(e.delta for e in events if e.type == "transcript.text.delta")
         return api.audio.transcriptions.create(model="m", file=upload).text
 
-    with ThreadPoolExecutor(9) as pool:
-        answers = pool.map(ask, range(8))
+    with ThreadPoolExecutor(5) as pool:
+        answers = pool.map(ask, range(4))
         models = pool.submit(lambda: [m.id for m in api.models.list()])
         assert list(answers) == want and models.result() == ["m"]
 
