@@ -203,6 +203,13 @@ class WhisperModel:
             context of the first window (transformers' default "first-segment").
         """
         t = self.tokens
+        if language is not None and t.multilingual:
+            t.language_token(language)  # an unknown language fails before any decoding
+        elif language is not None and language.lower() != "en":
+            raise RelaxlmError(
+                f"language {language!r}: this model is English-only; leave language unset or "
+                "use 'en'"
+            )
         frames = self.features.spectrogram(audio)  # [n_mels, total frames]
         total = audio.size // self.speech["hop_length"]
         frames = frames[:, :total]

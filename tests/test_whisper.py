@@ -190,6 +190,8 @@ def test_translation_and_prompt_equal_generate(multi):
         args = ours.get("language", got.language), ours.get("task", "transcribe")
         assert model.decoder_prompt(*args, False, ours.get("prompt")) == want_prompt
         assert got.language == ours.get("language", got.language)
+    with pytest.raises(relaxlm.RelaxlmError, match="'xx' is not one the model knows"):
+        model.transcribe(audio, language="xx")
 
 
 @pytest.mark.parametrize(
@@ -312,6 +314,8 @@ def test_bad_audio_requests_get_one_clear_400(client):
             api.audio.transcriptions.create(model="w", file=upload)
     with pytest.raises(openai.BadRequestError, match="English-only"):  # tiny.en cannot translate
         api.audio.translations.create(model="w", file=("a.wav", _wav(_audio(1.0))))
+    with pytest.raises(openai.BadRequestError, match="'de': this model is English-only"):
+        api.audio.transcriptions.create(model="w", file=("a.wav", _wav(_audio(1.0))), language="de")
     r = requests.post(
         f"{server.url}/v1/audio/transcriptions",
         files={"file": ("a.wav", _wav(_audio(1.0)))},
