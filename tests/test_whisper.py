@@ -389,6 +389,13 @@ def test_concurrent_transcriptions_queue_without_threads(multi_server):
         answers = pool.map(ask, range(4))
         models = pool.submit(lambda: [m.id for m in api.models.list()])
         assert list(answers) == want and models.result() == ["m"]
+    # a client that leaves mid-stream does not wedge the queue
+    url = f"{str(api.base_url).rstrip('/')}/audio/transcriptions"
+    upload = {"file": ("a.wav", _wav(clips[0]))}
+    form = {"model": "m", "stream": "true"}
+    with requests.post(url, files=upload, data=form, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+    assert api.audio.transcriptions.create(model="m", file=upload["file"]).text == want[0]
 
 
 def test_asr_route_on_a_text_model_is_a_400(tmp_path):
