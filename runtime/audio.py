@@ -63,7 +63,8 @@ def decode_audio(
         samples = samples.mean(axis=1)
     if samples.size == 0:
         raise RelaxlmError(f"{what} holds no audio samples")
-    return _checked(resample(samples.astype(np.float32), rate, sampling_rate), sampling_rate, what)
+    # checked at the file's own rate: a too-long file is refused before resampling it
+    return resample(_checked(samples.astype(np.float32), rate, what), rate, sampling_rate)
 
 
 def _soundfile(data: bytes) -> tuple[np.ndarray, int] | None:
@@ -132,8 +133,8 @@ def _checked(audio: np.ndarray, sampling_rate: int, what: str) -> np.ndarray:
         raise RelaxlmError(f"{what} holds no samples")
     if audio.size > MAX_AUDIO_SECONDS * sampling_rate:
         raise RelaxlmError(
-            f"{what} is {audio.size / sampling_rate / 60:.0f} minutes long; the limit is "
-            f"{MAX_AUDIO_SECONDS // 60} minutes"
+            f"{what} is {audio.size / sampling_rate:.0f} s long; the limit is "
+            f"{MAX_AUDIO_SECONDS} s (2 hours): split it into shorter files"
         )
     if not np.isfinite(audio).all():
         raise RelaxlmError(f"{what} holds NaN or infinite samples")

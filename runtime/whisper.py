@@ -7,8 +7,9 @@ Imports only the TVM runtime, numpy and relaxlm's runtime modules - never compil
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tvm
@@ -21,11 +22,15 @@ from .loader import load_artifact
 from .model import _kv
 from .tokenizer import Tokenizer
 from .whisper_decode import (
+    COMPRESSION_RATIO_THRESHOLD,
     FALLBACK_TEMPERATURES,
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    Fallback,
     LogitRules,
     Segment,
     SpecialTokens,
-    needs_fallback,
+    compression_ratio,
     split_segments,
 )
 
@@ -34,11 +39,14 @@ INPUT_STRIDE = 2  # feature frames per encoder position (conv2's stride)
 
 @dataclass
 class WindowResult:
-    """One decoded window: generated tokens (no prompt, no end-of-text) and their mean logprob."""
+    """One decoded window: generated tokens (no prompt, no end-of-text) and the figures the
+    reference reports for it."""
 
     tokens: list[int]
-    avg_logprob: float
+    avg_logprob: float  # mean logprob of the tokens and the end-of-text
     temperature: float
+    no_speech_prob: float  # P(<|nospeech|>) at the step after <|startoftranscript|>
+    compression_ratio: float = 0.0
 
 
 @dataclass
@@ -124,7 +132,12 @@ class WhisperModel:
         if max_new_tokens is not None:
             limit = min(limit, max_new_tokens)
         ids, logprob_sum = list(prompt), 0.0
-        logits = self._forward(cross_kv, prompt, first=True)[-1]
+        prefill = self._forward(cross_kv, prompt, first=True)
+        # openai/whisper: the no-speech token's probability, unmasked, where the decoder
+        # predicts what follows <|startoftranscript|> (its last occurrence: after any context)
+        sot = len(prompt) - 1 - prompt[::-1].index(self.tokens.start)
+        no_speech = float(np.exp(_log_softmax(prefill[sot])[self.tokens.no_speech]))
+        logits = prefill[-1]
         try:
             for _ in range(limit):
                 scores = rules(ids, logits)
@@ -140,7 +153,7 @@ class WhisperModel:
         avg = logprob_sum / max(1, len(generated))
         if generated and generated[-1] == self.tokens.eos:
             generated = generated[:-1]
-        return WindowResult(generated, avg, temperature)
+        return WindowResult(generated, avg, temperature, no_speech)
 
     def detect_language(self, cross_kv) -> str:
         """The language whose token the decoder rates highest after <|startoftranscript|>."""
@@ -151,7 +164,17 @@ class WhisperModel:
         ids = np.array([self.tokens.languages[n] for n in names])
         return names[int(np.argmax(logits[ids]))]
 
-    def transcribe(
+    def transcribe(self, audio: np.ndarray, **options: Any) -> Transcription:
+        """Transcribe (or translate to English) mono samples at the model's rate; the options
+        are `segments()`'s."""
+        run = self.segments(audio, **options)
+        while True:
+            try:
+                next(run)
+            except StopIteration as done:
+                return done.value
+
+    def segments(
         self,
         audio: np.ndarray,
         *,
@@ -160,19 +183,33 @@ class WhisperModel:
         timestamps: bool = False,
         temperature: float | tuple[float, ...] = 0.0,
         fallback: bool = True,
+        logprob_threshold: float | None = LOGPROB_THRESHOLD,
+        compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD,
+        no_speech_threshold: float | None = NO_SPEECH_THRESHOLD,
         prompt: str | None = None,
         seed: int = 0,
-        on_segment: Callable[[Segment], None] | None = None,
-    ) -> Transcription:
-        """Transcribe (or translate to English) mono samples at the model's rate.
+    ) -> Generator[Segment, None, Transcription]:
+        """Yield the transcript's segments as each window is decoded; return the whole
+        Transcription.
 
         temperature: a number, or the schedule to try in turn; with `fallback` a number t starts
-            the reference's schedule at t (0, 0.2, ... 1.0), a window moving on when its text
-            compresses too well (loops) or its mean logprob is too low.
+            the reference's schedule at t (0, 0.2, ... 1.0). A window moves on to the next
+            temperature when its text compresses better than `compression_ratio_threshold`
+            (loops) or its mean logprob is under `logprob_threshold` (None: not checked).
+        no_speech_threshold: a window whose P(<|nospeech|>) is over it, with its mean logprob
+            not over `logprob_threshold`, is silence: no fallback, no text (openai/whisper's).
         timestamps: predict timestamps (always on for audio longer than one window).
-        prompt: text that precedes the audio (spelling, names, style), as <|startofprev|> context.
+        prompt: text that precedes the audio (spelling, names, style), as <|startofprev|>
+            context of the first window (transformers' default "first-segment").
         """
         t = self.tokens
+        if language is not None and t.multilingual:
+            t.language_token(language)  # an unknown language fails before any decoding
+        elif language is not None and language.lower() != "en":
+            raise RelaxlmError(
+                f"language {language!r}: this model is English-only; leave language unset or "
+                "use 'en'"
+            )
         frames = self.features.spectrogram(audio)  # [n_mels, total frames]
         total = audio.size // self.speech["hop_length"]
         frames = frames[:, :total]
@@ -180,6 +217,7 @@ class WhisperModel:
         long_form = total > window
         timestamps = timestamps or long_form
         schedule = _schedule(temperature, fallback)
+        when = Fallback(logprob_threshold, compression_ratio_threshold, no_speech_threshold)
         rng = np.random.default_rng(seed)
         context = self._context(prompt)
         segments, all_tokens, seek, lang = [], [], 0, None
@@ -193,11 +231,13 @@ class WhisperModel:
             kv = self.cross_kv(self.encode(chunk[None]))
             if lang is None:
                 lang = language or self.detect_language(kv)
-            ids = context + t.prompt(
-                t.language_token(lang) if t.multilingual else None, task, timestamps
-            )
+            ids = context + self.decoder_prompt(lang, task, timestamps)
+            context = []
             rules = LogitRules(t, timestamps, begin_index=len(ids))
-            result = self._with_fallback(kv, ids, rules, schedule, rng)
+            result = self._with_fallback(kv, ids, rules, schedule, when, rng)
+            if when.silent(result.avg_logprob, result.no_speech_prob):
+                seek += count
+                continue
             all_tokens += result.tokens
             offset = seek * self.speech["hop_length"] / self.sampling_rate
             if timestamps:
@@ -207,20 +247,37 @@ class WhisperModel:
             else:
                 found, advance = [Segment(offset, offset + count * 0.01, result.tokens)], count
             for segment in found:
+                segment.seek, segment.temperature = seek, result.temperature
+                segment.avg_logprob, segment.no_speech_prob = (
+                    result.avg_logprob,
+                    result.no_speech_prob,
+                )
+                segment.compression_ratio = result.compression_ratio
                 segments.append(segment)
-                if on_segment:
-                    on_segment(segment)
+                yield segment
             seek += max(advance, 1)
         text = "".join(self.text(s.tokens) for s in segments)
         return Transcription(text, lang, audio.size / self.sampling_rate, segments, all_tokens)
 
-    def _with_fallback(self, kv, prompt, rules, schedule, rng) -> WindowResult:
+    def _with_fallback(self, kv, prompt, rules, schedule, when: Fallback, rng) -> WindowResult:
         for i, temperature in enumerate(schedule):
             result = self.generate(kv, prompt, rules, temperature, rng)
+            result.compression_ratio = compression_ratio(self.text(result.tokens))
             last = i == len(schedule) - 1
-            if last or not needs_fallback(self.text(result.tokens), result.avg_logprob):
+            figures = result.compression_ratio, result.avg_logprob, result.no_speech_prob
+            if last or not when.needed(*figures):
                 return result
         raise AssertionError("unreachable: the schedule is never empty")
+
+    def decoder_prompt(
+        self, language: str, task: str, timestamps: bool, prompt: str | None = None
+    ) -> list[int]:
+        """The decoder's input before the first generated token: <|startofprev|> and the
+        prompt's tokens (when given), then <|startoftranscript|>, language, task, and
+        <|notimestamps|> unless timestamps are predicted."""
+        t = self.tokens
+        language_token = t.language_token(language) if t.multilingual else None
+        return self._context(prompt) + t.prompt(language_token, task, timestamps)
 
     def _context(self, prompt: str | None) -> list[int]:
         if not prompt:

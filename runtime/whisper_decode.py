@@ -20,6 +20,7 @@ TIME_PRECISION = 0.02  # seconds per timestamp token
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 COMPRESSION_RATIO_THRESHOLD = 2.4
 LOGPROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,11 @@ class SpecialTokens:
     suppress: tuple[int, ...]
     begin_suppress: tuple[int, ...]
     max_initial_timestamp_index: int | None
+
+    @property
+    def no_speech(self) -> int:
+        """<|nospeech|> (<|nocaptions|> in older vocabularies): just before <|notimestamps|>."""
+        return self.no_timestamps - 1
 
     @property
     def timestamp_begin(self) -> int:
@@ -162,6 +168,12 @@ class Segment:
     start: float
     end: float
     tokens: list[int]  # text tokens, timestamps included where predicted
+    # The window's figures, shared by its segments as in the reference's verbose output.
+    seek: int = 0  # feature frame where the window starts
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
 
 
 def split_segments(
@@ -203,12 +215,33 @@ def split_segments(
 
 
 def compression_ratio(text: str) -> float:
-    """How well the text compresses: repetitive (looping) output compresses far better."""
+    """How well the text compresses (openai/whisper's zlib ratio of its UTF-8 bytes):
+    repetitive (looping) output compresses far better."""
     data = text.encode("utf-8")
     return len(data) / max(1, len(zlib.compress(data)))
 
 
-def needs_fallback(text: str, avg_logprob: float) -> bool:
-    """Whether a window's greedy (or low-temperature) result looks degenerate, so the
-    reference decodes it again at the next temperature."""
-    return compression_ratio(text) > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOGPROB_THRESHOLD
+@dataclass(frozen=True)
+class Fallback:
+    """When a window is decoded again at the schedule's next temperature, or dropped as
+    silence (None: never on that ground). The defaults are openai/whisper's."""
+
+    logprob_threshold: float | None = LOGPROB_THRESHOLD
+    compression_ratio_threshold: float | None = COMPRESSION_RATIO_THRESHOLD
+    no_speech_threshold: float | None = NO_SPEECH_THRESHOLD
+
+    def needed(self, compression: float, avg_logprob: float, no_speech_prob: float) -> bool:
+        """Whether a window's result looks degenerate: it loops (compresses too well) or the
+        model was unsure of it (low mean logprob) - unless the window is silence."""
+        too_repetitive = (
+            self.compression_ratio_threshold is not None
+            and compression > self.compression_ratio_threshold
+        )
+        too_unsure = self.logprob_threshold is not None and avg_logprob < self.logprob_threshold
+        return (too_repetitive or too_unsure) and not self.silent(avg_logprob, no_speech_prob)
+
+    def silent(self, avg_logprob: float, no_speech_prob: float) -> bool:
+        """Whether the window holds no speech: <|nospeech|> likely and the text unsure."""
+        if self.no_speech_threshold is None or no_speech_prob <= self.no_speech_threshold:
+            return False
+        return self.logprob_threshold is None or avg_logprob <= self.logprob_threshold

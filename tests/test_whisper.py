@@ -5,6 +5,7 @@ states, decoder logits, and greedy token ids with and without timestamps, on a s
 import io
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import openai
@@ -19,7 +20,11 @@ import relaxlm  # noqa: E402
 import relaxlm.runtime.audio  # noqa: E402
 from relaxlm.compiler.pipeline import compile_model  # noqa: E402
 from relaxlm.runtime.whisper import WhisperModel  # noqa: E402
-from relaxlm.runtime.whisper_decode import LogitRules  # noqa: E402
+from relaxlm.runtime.whisper_decode import (  # noqa: E402
+    FALLBACK_TEMPERATURES,
+    LogitRules,
+    Segment,
+)
 from relaxlm.server.app import ServerOptions, create_app  # noqa: E402
 from relaxlm.server.background import BackgroundServer  # noqa: E402
 from relaxlm.testing.tiny_whisper import load_reference, make_tiny_whisper  # noqa: E402
@@ -121,6 +126,108 @@ def test_greedy_long_input_equals_generate(tiny):
     assert len(got.segments) >= 2 and got.segments[-1].end > 30.0
 
 
+# -- a multilingual model: language detection, translation, prompts, temperature fallback ------
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """(checkpoint, compiled model, transformers model) of a random multilingual Whisper that
+    writes text (control tokens suppressed) and ends after a token or so (fast to decode)."""
+    ckpt = make_tiny_whisper(
+        tmp_path_factory.mktemp("whisper-ml"),
+        seed=1,
+        multilingual=True,
+        suppress_controls=True,
+        end_early=True,
+    )
+    art = compile_model(ckpt, tmp_path_factory.mktemp("whisper-ml-art") / "a", progress=False)
+    return ckpt, WhisperModel(art), load_reference(ckpt)
+
+
+def _generate(ref, features, **kwargs) -> tuple[list[int], list[int]]:
+    """transformers' (decoder prompt, generated tokens without the end-of-text)."""
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor(features), return_dict_in_generate=True, output_scores=True, **kwargs
+        )
+    ids = out.sequences[0].tolist()
+    n = len(out.scores)
+    return ids[:-n], [t for t in ids[-n:] if t != 50256]
+
+
+def test_language_detection_equals_transformers(multi):
+    ckpt, model, ref = multi
+    for seed in (0, 1):
+        features = _features(ckpt, _audio(3.0, seed=seed))
+        with torch.no_grad():
+            (want,) = ref.detect_language(torch.tensor(features)).tolist()
+        kv = model.cross_kv(model.encode(features))
+        assert model.tokens.languages[model.detect_language(kv)] == want
+
+
+def test_translation_and_prompt_equal_generate(multi):
+    ckpt, model, ref = multi
+    audio = _audio(3.0, seed=2)
+    features = _features(ckpt, audio)
+    tokenizer = transformers.WhisperTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+    cases = [  # (relaxlm's options, transformers' generate arguments)
+        ({"language": "de", "task": "translate"}, {"language": "de", "task": "translate"}),
+        ({"task": "translate"}, {"task": "translate"}),  # language detected
+        ({"language": "fr"}, {"language": "fr", "task": "transcribe"}),
+        (
+            {"language": "es", "prompt": "  Hola, Ana y Luis. "},
+            {
+                "language": "es",
+                "task": "transcribe",
+                "prompt_ids": torch.tensor(tokenizer.get_prompt_ids("  Hola, Ana y Luis. ")),
+            },
+        ),
+    ]
+    for ours, theirs in cases:
+        got = model.transcribe(audio, fallback=False, **ours)
+        want_prompt, want = _generate(ref, features, **theirs)
+        assert got.tokens == want and len(want) > 0, ours
+        args = ours.get("language", got.language), ours.get("task", "transcribe")
+        assert model.decoder_prompt(*args, False, ours.get("prompt")) == want_prompt
+        assert got.language == ours.get("language", got.language)
+    with pytest.raises(relaxlm.RelaxlmError, match="'xx' is not one the model knows"):
+        model.transcribe(audio, language="xx")
+
+
+@pytest.mark.parametrize(
+    ("schedule", "thresholds", "kept"),
+    [
+        ((0.0, 1.0), {"logprob_threshold": -1.0, "compression_ratio_threshold": None}, 0.0),
+        ((0.0, 1.0), {"logprob_threshold": 0.0, "compression_ratio_threshold": None}, 1.0),
+        ((0.0, 0.5, 1.0), {"logprob_threshold": None, "compression_ratio_threshold": 0.1}, 1.0),
+    ],
+)
+def test_temperature_fallback_keeps_what_transformers_keeps(multi, schedule, thresholds, kept):
+    """Which temperature is kept: greedy when its mean logprob clears the threshold; the next
+    ones when it does not (a logprob can't reach 0) or when the text "compresses" too well (any
+    text beats a ratio of 0.1; transformers measures the token ids' bytes, openai the text's).
+    Sampled tokens can't be compared, so transformers' decisions come from `_need_fallback`."""
+    ckpt, model, ref = multi
+    audio = _audio(3.0, seed=3)
+    decisions = []
+    original = ref._need_fallback
+
+    def spy(*args):
+        needs, skip = original(*args)
+        decisions.append((args[-1], bool(needs)))
+        return needs, skip
+
+    ref._need_fallback = spy
+    try:
+        torch.manual_seed(0)
+        _generate(ref, _features(ckpt, audio), language="en", temperature=schedule, **thresholds)
+    finally:
+        del ref._need_fallback
+    want = next((t for t, needs in decisions if not needs), decisions[-1][0])
+    got = model.transcribe(audio, language="en", temperature=schedule, **thresholds)
+    assert {s.temperature for s in got.segments} == {want} == {kept}
+
+
 # -- SDK, CLI and the OpenAI audio routes -------------------------------------------------------
 
 
@@ -182,6 +289,10 @@ def test_openai_client_transcriptions(client, speech):
     stamped = speech.transcribe(audio, timestamps=True)
     assert verbose.duration == pytest.approx(3.0, abs=0.01)
     assert [s.start for s in verbose.segments] == [round(s.start, 2) for s in stamped.segments]
+    for field in ("seek", "temperature", "avg_logprob", "compression_ratio", "no_speech_prob"):
+        want_values = [getattr(s, field) for s in stamped.segments]
+        got_values = [getattr(s, field) for s in verbose.segments]
+        assert got_values == pytest.approx(want_values, abs=1e-6), field  # threads: last bits
     srt = api.audio.transcriptions.create(
         model="w", file=("a.wav", _wav(audio)), response_format="srt"
     )
@@ -203,6 +314,8 @@ def test_bad_audio_requests_get_one_clear_400(client):
             api.audio.transcriptions.create(model="w", file=upload)
     with pytest.raises(openai.BadRequestError, match="English-only"):  # tiny.en cannot translate
         api.audio.translations.create(model="w", file=("a.wav", _wav(_audio(1.0))))
+    with pytest.raises(openai.BadRequestError, match="'de': this model is English-only"):
+        api.audio.transcriptions.create(model="w", file=("a.wav", _wav(_audio(1.0))), language="de")
     r = requests.post(
         f"{server.url}/v1/audio/transcriptions",
         files={"file": ("a.wav", _wav(_audio(1.0)))},
@@ -210,6 +323,79 @@ def test_bad_audio_requests_get_one_clear_400(client):
         timeout=30,
     )
     assert r.status_code == 400 and "response_format" in r.json()["error"]["message"]
+
+
+def test_over_two_hours_is_one_clear_400(client, speech):
+    """A file over 2 hours (small: FLAC of silence at 1 kHz) is refused before resampling."""
+    api, _ = client
+    flac = _wav(np.zeros(7201 * 1000, dtype=np.float32), "FLAC", 1000)
+    assert len(flac) < 100_000
+    with pytest.raises(relaxlm.RelaxlmError, match="7201 s long; the limit is 7200 s"):
+        speech.transcribe(flac)
+    with pytest.raises(openai.BadRequestError, match="limit is 7200 s") as e:
+        api.audio.transcriptions.create(model="w", file=("long.flac", flac))
+    assert e.value.body["param"] == "file"
+
+
+@pytest.fixture(scope="module")
+def multi_server(multi):
+    llm = relaxlm.LLM(multi[1].folder)
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="m"))) as server:
+        yield llm, openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+
+def test_streamed_text_joins_to_the_transcript(multi_server):
+    """SDK: a text piece per segment, which join to the stripped transcript. Server: the
+    official client's `stream=True` gets `transcript.text.delta` events, then
+    `transcript.text.done`."""
+    llm, api = multi_server
+    clip = _audio(2.0, seed=6)
+    (piece,) = llm.transcribe(clip, stream=True)
+    assert piece == llm.transcribe(clip).text.strip() and piece
+    # several segments (as over 30 s): the pieces join to the text, stripped at both ends only
+    texts = [" Hello", " world. ", " ", "  Again  ", " "]
+    segments = [Segment(0, 1, llm.tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert [llm.model.text(s.tokens) for s in segments] == texts
+    pieces = list(llm._pieces(iter(segments)))
+    assert pieces == ["Hello", " world.", "    Again"]
+    assert "".join(pieces) == "".join(texts).strip()
+    audio = _wav(_audio(3.0, seed=7))
+    want = api.audio.transcriptions.create(model="m", file=("a.wav", audio)).text
+    events = list(api.audio.transcriptions.create(model="m", file=("a.wav", audio), stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    assert [e.type for e in events[len(deltas) :]] == ["transcript.text.done"]
+    assert "".join(deltas) == events[-1].text == want and want
+    with pytest.raises(openai.BadRequestError, match="not a supported audio file"):
+        api.audio.transcriptions.create(model="m", file=("a.wav", b"text, not audio"), stream=True)
+
+
+def test_concurrent_transcriptions_queue_without_threads(multi_server):
+    """Four requests at once, half streamed: each gets its own audio's transcript (they run one
+    at a time through the VM), and the model list answers meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    llm, api = multi_server
+    clips = [_audio(2.0, seed=10 + i) for i in range(4)]
+    want = [llm.transcribe(clip).text.strip() for clip in clips]
+
+    def ask(i: int) -> str:
+        upload = ("a.wav", _wav(clips[i]))
+        if i % 2:
+            events = api.audio.transcriptions.create(model="m", file=upload, stream=True)
+            return "".join(e.delta for e in events if e.type == "transcript.text.delta")
+        return api.audio.transcriptions.create(model="m", file=upload).text
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = pool.map(ask, range(4))
+        models = pool.submit(lambda: [m.id for m in api.models.list()])
+        assert list(answers) == want and models.result() == ["m"]
+    # a client that leaves mid-stream does not wedge the queue
+    url = f"{str(api.base_url).rstrip('/')}/audio/transcriptions"
+    upload = {"file": ("a.wav", _wav(clips[0]))}
+    form = {"model": "m", "stream": "true"}
+    with requests.post(url, files=upload, data=form, stream=True, timeout=60) as r:
+        assert r.status_code == 200
+    assert api.audio.transcriptions.create(model="m", file=upload["file"]).text == want[0]
 
 
 def test_asr_route_on_a_text_model_is_a_400(tmp_path):
@@ -239,9 +425,57 @@ def test_real_tiny_en_transcribes_espeak_speech(tmp_path):
     # the same ids as transformers' greedy decoding of the converted checkpoint
     ref = load_reference(ckpt)
     samples = relaxlm.runtime.audio.load_audio(wav, RATE)
+    features = torch.tensor(_features(ckpt, samples))
     with torch.no_grad():
-        want = ref.generate(torch.tensor(_features(ckpt, samples)))[0].tolist()
+        out = ref.generate(features, return_dict_in_generate=True, output_scores=True)
+    want = out.sequences[0, -len(out.scores) :].tolist()  # generated, end-of-text included
     assert got.tokens == [t for t in want if t != 50256]
+    # verbose_json's figures, from transformers' scores and logits for the same tokens
+    (segment,) = got.segments
+    figures = _reference_figures(ckpt, ref, features, out.scores, want)
+    assert segment.avg_logprob == pytest.approx(figures["avg_logprob"], abs=2e-3)
+    assert segment.compression_ratio == pytest.approx(figures["compression_ratio"], rel=1e-9)
+    assert segment.no_speech_prob == pytest.approx(figures["no_speech_prob"], abs=1e-4)
+    assert -1.0 < segment.avg_logprob < 0.0 and segment.no_speech_prob < 0.1
+    silence = llm.transcribe(np.zeros(2 * RATE, dtype=np.float32), fallback=False).segments[0]
+    with torch.no_grad():
+        want_silence = _reference_figures(
+            ckpt, ref, torch.tensor(_features(ckpt, np.zeros(2 * RATE, np.float32)))
+        )["no_speech_prob"]
+    assert silence.no_speech_prob == pytest.approx(want_silence, abs=1e-4)
+    assert silence.no_speech_prob > 0.5  # the model knows silence
+    # faint noise: <|nospeech|> likely and the text unsure, so the window is dropped as silence
+    # (not decoded again at higher temperatures into a hallucination), as transformers does
+    noise = (0.01 * np.random.default_rng(0).standard_normal(2 * RATE)).astype(np.float32)
+    got = llm.transcribe(noise)  # openai/whisper's defaults: fallback, -1.0, 2.4 and 0.6
+    with torch.no_grad():
+        want = ref.generate(
+            torch.tensor(_features(ckpt, noise)),
+            temperature=FALLBACK_TEMPERATURES,
+            logprob_threshold=-1.0,
+            compression_ratio_threshold=2.4,
+            no_speech_threshold=0.6,
+        )[0].tolist()
+    assert got.tokens == [t for t in want if t != 50256] == [] and got.text == ""
+    assert llm.transcribe(noise, no_speech_threshold=None).text.strip()  # else: hallucinated
+
+
+def _reference_figures(ckpt, ref, features, scores=(), tokens=()) -> dict[str, float]:
+    """openai/whisper's per-window figures from transformers: the mean logprob of the generated
+    tokens (end-of-text included) under the processed scores, the zlib ratio of their text, and
+    P(<|nospeech|>) in the logits at <|startoftranscript|> (prompt [sot, notimestamps])."""
+    gen = transformers.GenerationConfig.from_pretrained(ckpt)
+    pairs = zip(scores, tokens, strict=True)
+    logprobs = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in pairs]
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(ckpt / "tokenizer.json"))
+    text = tokenizer.decode([t for t in tokens if t < gen.eos_token_id]).encode()
+    prompt = [[gen.decoder_start_token_id, gen.no_timestamps_token_id]]
+    logits = ref(input_features=features, decoder_input_ids=torch.tensor(prompt)).logits
+    return {
+        "avg_logprob": sum(logprobs) / max(1, len(logprobs)),
+        "compression_ratio": len(text) / len(zlib.compress(text)) if text else 0.0,
+        "no_speech_prob": logits[0, 0].double().softmax(-1)[gen.no_timestamps_token_id - 1].item(),
+    }
 
 
 def test_tiny_whisper_compiles_for_cuda(tiny):

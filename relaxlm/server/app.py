@@ -88,18 +88,8 @@ class ServerOptions:
 
 
 # A streamed answer: before OpenAPI 3.2 (FastAPI writes 3.1), a text/event-stream schema
-# describes one event as SSE clients parse it; each `data` is a JSON chunk, or `[DONE]`.
-_SSE_EVENT = {
-    "type": "object",
-    "properties": {
-        "data": {"type": "string"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-        "retry": {"type": "integer"},
-    },
-    "required": ["data"],
-}
-_STREAM = {"content": {"text/event-stream": {"schema": _SSE_EVENT}}}
+# describes one event as SSE clients parse it.
+_STREAM = {"content": {"text/event-stream": {"schema": s.SSE_EVENT}}}
 
 
 def create_app(llm, options: ServerOptions | None = None) -> FastAPI:

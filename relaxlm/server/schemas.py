@@ -463,6 +463,31 @@ class ErrorResponse(_Response):
 ERRORS = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}}
 GENERATION_ERRORS = {**ERRORS, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}}
 
+# One Server-Sent Event as SSE clients parse it (OpenAPI 3.1 has no event-stream schema); each
+# `data` is a JSON chunk, or `[DONE]`.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+# The audio routes answer JSON (json, verbose_json), plain text (text, srt, vtt) or, with
+# stream=true, events: `transcript.text.delta` {delta}, then `transcript.text.done` {text}.
+TRANSCRIPTION_ANSWERS = {
+    **GENERATION_ERRORS,
+    200: {
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/plain": {"schema": {"type": "string"}},
+            "text/event-stream": {"schema": SSE_EVENT},
+        }
+    },
+}
+
 
 class Health(_Response):
     status: Literal["ok"] = "ok"

