@@ -15,6 +15,7 @@ on the same GGUF files instead: relaxlm keeps the file's blocks (and, with `--re
 also runs the file converted to SCHEME), llama.cpp reads the file.
 
     python scripts/bench_peers.py --gguf default --threads 2 --rounds 3 --requant q4-a8
+    python scripts/bench_peers.py --gguf llama860m:Q4_K_M --requant gguf-a8 --no-blocks
 """
 
 import argparse
@@ -254,17 +255,39 @@ def weight_bytes_per_token(engine: str, path: str) -> int:
     return sum(int(t.n_bytes) for t in reader.tensors if tied or t.name != "token_embd.weight")
 
 
-def gguf_runs(files: list[str], requant: list[str]) -> list[tuple[str, list[tuple]]]:
-    """Per GGUF file: (title, runs), relaxlm on the file's blocks (and converted to each
-    `requant` scheme) then llama.cpp on the file, compiled through the cache first."""
-    from relaxlm.cache import cached_artifact
+def gguf_file(name: str, work: Path) -> Path:
+    """`default`, a path, or SHAPE:TYPE (a random-weight Llama of SHAPES quantized to TYPE by
+    llama.cpp's quantizer, cached in `work`)."""
     from relaxlm.default_model import default_model
+    from relaxlm.testing.llama_gguf import quantize_gguf, write_llama_gguf
+
+    if name == "default":
+        return default_model()
+    shape, _, ftype = name.partition(":")
+    if shape not in SHAPES or not ftype:
+        return Path(name)
+    f16 = work / f"{shape}-F16.gguf"
+    if not f16.exists():
+        write_llama_gguf(make_checkpoint(shape, work), f16, "F16")
+    out = work / f"{shape}-{ftype}.gguf"
+    if ftype != "F16" and not out.exists():
+        quantize_gguf(f16, out, ftype)
+    return f16 if ftype == "F16" else out
+
+
+def gguf_runs(
+    files: list[str], requant: list[str], work: Path, blocks: bool = True
+) -> list[tuple[str, list[tuple]]]:
+    """Per GGUF file: (title, runs), relaxlm on the file's blocks (unless not `blocks`) and
+    converted to each `requant` scheme, then llama.cpp on the file, compiled through the cache
+    first."""
+    from relaxlm.cache import cached_artifact
 
     out = []
     for name in files:
-        path = default_model() if name == "default" else Path(name)
+        path = gguf_file(name, work)
         runs = []
-        for quant in ["none", *requant]:
+        for quant in ["none", *requant] if blocks else requant:
             artifact = cached_artifact(path, target="cpu", quant=quant, dtype="float32")
             runs.append(("relaxlm", "gguf blocks" if quant == "none" else quant, str(artifact)))
         runs.append(("llama.cpp", "gguf", str(path)))
@@ -291,7 +314,7 @@ def run_alternated(runs: list[tuple], args, work: Path) -> tuple[dict, float]:
 
 
 def main_gguf(args, work: Path) -> None:
-    for title, runs in gguf_runs(args.gguf, args.requant):
+    for title, runs in gguf_runs(args.gguf, args.requant, work, not args.no_blocks):
         best, bw = run_alternated(runs, args, work)
         print(
             f"## {title}: {args.prompt}-token prompt, {args.decode} greedy tokens, "
@@ -334,7 +357,14 @@ def main() -> None:
         "--gguf",
         nargs="+",
         metavar="FILE",
-        help="benchmark these GGUF files (`default`: the default model's) instead of --models",
+        help="benchmark these GGUF files instead of --models (`default`: the default model's; "
+        "SHAPE:TYPE, e.g. llama860m:Q4_K_M, a random-weight model of that shape quantized by "
+        "llama.cpp)",
+    )
+    ap.add_argument(
+        "--no-blocks",
+        action="store_true",
+        help="with --gguf: skip relaxlm on the file's own blocks (slow on big models)",
     )
     ap.add_argument(
         "--requant",
