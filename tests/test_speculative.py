@@ -179,14 +179,24 @@ def test_greedy_speculation_gives_plain_greedy_tokens(llm, solo, compiled, draft
     looping = dataclasses.replace(LONG, logit_bias=loop, presence_penalty=0.5)
     params = [LONG] * 4 + [looping]
     want = [solo.generate([p], q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
-    spec = fresh(llm, draft_model=draft_model, num_draft_tokens=5, enable_prefix_cache=False)
+    # A fixed prefill budget: the time-following one splits the prompts over a varying number
+    # of steps on a loaded machine (CI saw 41 once), which the step count below would measure.
+    spec = fresh(
+        llm,
+        draft_model=draft_model,
+        num_draft_tokens=5,
+        enable_prefix_cache=False,
+        max_prefill_tokens=llm.model.prefill_chunk,
+    )
     results = spec.generate(prompts, params)
     assert [r.token_ids for r in results] == want
     m = spec.metrics()
     assert m.draft_tokens > 0
     if draft == "ngram":
         assert m.accepted_draft_tokens > 0
-    assert m.steps < 41  # some steps took several tokens, or the model's own as draft
+    # one step prefills every prompt, then a step takes at least one token of each sequence:
+    # rejected drafts cost no extra steps
+    assert m.steps <= 40
     # Rolled back drafts gave back their pages, in the scheduler and in TVM's cache.
     assert m.kv_pages_free == m.kv_pages_total == spec.model.free_pages()
     # and the same engine keeps decoding correctly afterwards
