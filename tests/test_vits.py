@@ -236,3 +236,21 @@ def test_speech_route_on_a_speech_recognizer_is_a_400():
         api = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="not a text-to-speech model"):
             api.audio.speech.create(model="w", voice="alloy", input=TEXT)
+
+
+def test_tiny_vits_compiles_for_cuda(tiny):
+    """Both entries build for CUDA with every kernel scheduled (CUDA source, no GPU here): the
+    depthwise convs of dynamic length, whose dlight reduction schedules would keep shared
+    buffers as long as the text, take the next rule (compiler/schedules/gpu.py)."""
+    from relaxlm.compiler import pipeline
+    from relaxlm.compiler.targets import resolve_target
+    from relaxlm.frontends import export, load_checkpoint
+
+    exported = export(load_checkpoint(tiny[0]))
+    executable, kv_cache, _ = pipeline.build_library(
+        exported, resolve_target("cuda:sm_80"), device_binaries=False
+    )
+    (host,) = executable.mod.imports
+    (device,) = host.imports
+    assert device.kind == "cuda" and kv_cache is None
+    assert "__global__" in device.inspect_source("")

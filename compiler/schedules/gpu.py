@@ -83,6 +83,8 @@ def _six_blocks_after_dlight_prepares(func: tirx.PrimFunc) -> bool:
     sch = s_tir.Schedule(func)
     root = sch.get_sblock("root")
     blocks = sch.get_child_blocks(root)
+    if not sch.get(blocks[0]).reads:  # a first block that reads nothing (a constant fill)
+        return False
     sch.cache_read(block=blocks[0], read_buffer_index=0, storage_scope="local")
     sch.cache_write(block=blocks[-1], write_buffer_index=0, storage_scope="local")
     for block in blocks:
@@ -103,13 +105,47 @@ class CapVectorLanes(dlight.ScheduleRule):
         self.rule = rule
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
-        sch = self.rule.apply(func, target, tunable)
+        try:
+            sch = self.rule.apply(func, target, tunable)
+        except AssertionError:
+            # dlight's GEMV analysis asserts where a reduction keeps no spatial loop (VITS's
+            # weight-norm row norms): the rule does not apply, and the next one (the fallback)
+            # schedules the function.
+            return None
+        if any(
+            _sized_by_a_variable(s)
+            for s in (sch if isinstance(sch, list) else [sch] if sch else [])
+        ):
+            # dlight's reductions over a depthwise conv of dynamic length (VITS) keep per-thread
+            # buffers as long as the sequence, which CUDA cannot allocate on the stack: the
+            # next rule takes the function
+            return None
         lanes = _MAX_LANES.get(target.kind.name)
         if sch is None or lanes is None:
             return sch
         for s in sch if isinstance(sch, list) else [sch]:
             _split_wide_vectors(s, lanes)
         return sch
+
+
+def _sized_by_a_variable(sch: s_tir.Schedule) -> bool:
+    """Whether a schedule leaves a thread-local buffer of a symbolic size once its buffers are
+    compacted to what each thread touches, as the build does: no GPU codegen can build it."""
+    passes = s_tir.transform
+    mod = tvm.transform.Sequential(
+        [
+            passes.LowerInitBlock(),
+            passes.PlanAndUpdateBufferAllocationLocation(),
+            passes.ConvertBlocksToOpaque(),
+            passes.CompactBufferAllocation(),
+        ]
+    )(sch.mod)
+    return any(
+        buf.scope() in ("local", "shared")
+        and any(not isinstance(d, tirx.IntImm) for d in buf.shape)
+        for _, func in mod.functions_items()
+        for buf in s_tir.analysis.detect_buffer_access_lca(func)
+    )
 
 
 _MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (without Vector16)
