@@ -224,11 +224,13 @@ class LLM:
         outputs: queue.Queue = queue.Queue()
         builders: dict[str, _ResultBuilder] = {}
         try:
+            submissions = []
             for ids, p in requests:
                 request_id = uuid.uuid4().hex
                 shown = ids.text_ids if isinstance(ids, ImagePrompt) else ids
                 builders[request_id] = _ResultBuilder(request_id, shown, p.n)
-                self.engine.submit(ids, p, _tagged(outputs, request_id), request_id)
+                submissions.append((ids, p, _tagged(outputs, request_id), request_id))
+            self.engine.submit_all(submissions)
             pending = set(builders)
             while pending:
                 request_id, output = outputs.get()
@@ -524,21 +526,19 @@ class RequestGroup:
         self._pending: dict[str, int] = {}  # request id -> index, until its last output
         in_flight = in_flight or _Counter()
         loop = asyncio.get_running_loop()
+        # Submitted together, so the engine admits them in one step.
+        submissions = [
+            (ids, params, self._sink(loop, index, functools.partial(in_flight.add, -params.n)), rid)
+            for index, ((ids, params), rid) in enumerate(zip(requests, request_ids, strict=True))
+        ]
+        total = sum(params.n for _, params in requests)
+        in_flight.add(total)
         try:
-            for index, ((ids, params), request_id) in enumerate(
-                zip(requests, request_ids, strict=True)
-            ):
-                in_flight.add(params.n)
-                try:
-                    sink = self._sink(loop, index, functools.partial(in_flight.add, -params.n))
-                    request_id = engine.submit(ids, params, sink, request_id)
-                except BaseException:
-                    in_flight.add(-params.n)
-                    raise
-                self._pending[request_id] = index
-        except BaseException:
-            self.abort()
+            ids = engine.submit_all(submissions)
+        except BaseException:  # nothing was queued
+            in_flight.add(-total)
             raise
+        self._pending = {request_id: index for index, request_id in enumerate(ids)}
 
     def _sink(self, loop: asyncio.AbstractEventLoop, index: int, ended: Callable[[], None]):
         done = False

@@ -153,6 +153,32 @@ class Engine:
 
         prompt_ids: token ids, or an ImagePrompt (`images.prompt(...)`) for a prompt with images.
         """
+        return self.submit_all([(prompt_ids, params, sink, request_id)])[0]
+
+    def submit_all(
+        self, requests: "list[tuple[list[int] | ImagePrompt, SamplingParams, Sink, str | None]]"
+    ) -> list[str]:
+        """Queue requests together, as `submit` each: the engine admits them in one step, so a
+        batch given at once is prefilled at once (submitted one by one, the engine thread may
+        start on the first alone). Nothing is queued unless every request passes `check`."""
+        states = [self._request_state(*request) for request in requests]
+        ids = [state.request_id for state in states]
+        with self._inbox_lock:
+            queued = {item.request.request_id for item in self._inbox if isinstance(item, _Submit)}
+            for i, request_id in enumerate(ids):
+                if request_id in self._requests or request_id in queued or request_id in ids[:i]:
+                    raise RelaxlmError(f"request id {request_id!r} is in use; pass a unique one")
+            self._inbox.extend(_Submit(state) for state in states)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="relaxlm-engine", daemon=True
+                )
+                self._thread.start()
+        return ids
+
+    def _request_state(
+        self, prompt_ids, params: SamplingParams, sink: Sink, request_id
+    ) -> RequestState:
         checked = self.check(prompt_ids, params)
         prompt_ids, rows = checked, None
         if isinstance(checked, ImagePrompt):
@@ -165,19 +191,7 @@ class Engine:
             request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
         )
         request.image_rows = rows
-        with self._inbox_lock:
-            if request_id in self._requests or any(
-                isinstance(item, _Submit) and item.request.request_id == request_id
-                for item in self._inbox
-            ):
-                raise RelaxlmError(f"request id {request_id!r} is in use; pass a unique one")
-            self._inbox.append(_Submit(request))
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="relaxlm-engine", daemon=True
-                )
-                self._thread.start()
-        return request_id
+        return request
 
     def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
         """`token_ids` (one image token per image) and the images -> an ImagePrompt to submit;
