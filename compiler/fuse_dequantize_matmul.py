@@ -53,8 +53,8 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        # (n, k, Kp, scale dtype, activations, bits, mins), residual -> kernel; and each kernel
-        # without residual -> its key
+        # (n, k, Kp, scale dtype, activations, bits, mins, scale group), residual -> kernel; and
+        # each kernel without residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
         self.int8_keys: dict[relax.GlobalVar, tuple] = {}
 
@@ -105,6 +105,16 @@ class _Rewriter(relax.PyExprMutator):
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))
             and scheme.scale_dtype_for(out_dtype) in ("float16", "float32")
+            # a scale per 32 weights, or per 16 (GGUF's Q6_K: int8 codes, int8 activations)
+            and (
+                scheme.group_size == int8_dot.GROUP
+                or (
+                    scheme.group_size == 16
+                    and scheme.bits == 8
+                    and scheme.symmetric
+                    and scheme.activations == "int8"
+                )
+            )
         )
 
     def _int8_matmul(self, x: relax.Expr, parts: list, n: int, k: int, scheme: QuantScheme):
@@ -119,6 +129,7 @@ class _Rewriter(relax.PyExprMutator):
             scheme.activations,
             scheme.bits,
             not scheme.symmetric,  # mins (GGUF Q4_1 / Q4_K repacked)
+            scheme.group_size,
         )
         kernel = self._int8_kernel(key, residual=False)
         out = relax.call_tir(
@@ -129,14 +140,15 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
-        """The kernel for key (n, k, Kp, scale dtype, activations, bits, mins), added to the
-        module on first use."""
+        """The kernel for key (n, k, Kp, scale dtype, activations, bits, mins, scale group),
+        added to the module on first use."""
         if (key, residual) not in self.int8_kernels:
-            n, k, k_padded, scale_dtype, activations, bits, mins = key
+            n, k, k_padded, scale_dtype, activations, bits, mins, group = key
             name = f"q{bits}{'_min' if mins else ''}_{activations}_linear_{n}_{k}"
+            name += f"_g{group}" if group != int8_dot.GROUP else ""
             name += "_add" if residual else ""
             func = int8_dot.int8_linear(
-                n, k, k_padded, scale_dtype, residual, activations, bits, offsets=mins
+                n, k, k_padded, scale_dtype, residual, activations, bits, mins, group
             )
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel

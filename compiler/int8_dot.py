@@ -83,6 +83,7 @@ def int8_linear(
     activations: Activations = Activations.INT8,
     bits: int = 4,
     offsets: bool = False,
+    scale_group: int = GROUP,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
     n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
@@ -90,33 +91,50 @@ def int8_linear(
     dot products run parallel over tiles of TILE weight rows, MATRIX_ROWS rows of x at a time
     when there are that many. With `offsets` the codes are unsigned (4-bit, or 8-bit below 128)
     and each group has a min (w = code * scale + min: GGUF's Q4_1 / Q4_K / Q5_1 / Q5_K): the min
-    multiplies the group's sum of activations, as llama.cpp's Q4_1 x Q8_1 dot does."""
+    multiplies the group's sum of activations, as llama.cpp's Q4_1 x Q8_1 dot does.
+    `scale_group` 16 (GGUF's Q6_K, int8 weights): two weight scales per group of 32
+    activations, each half's int32 sum its own (and its own bias correction)."""
     groups = k_padded // GROUP
+    halves = GROUP // scale_group  # weight scales per activation group
     words = k_padded * bits // 32  # per weight row
     pieces, levels = PIECES[activations]
-    shape = (n, k, k_padded, groups, words, bits)
+    shape = (n, k, k_padded, groups, words, bits, halves)
     w_type = (n, words) if bits == 4 else (n, k_padded)
     w_dtype = "uint32" if bits == 4 else "int8"
     assert not offsets or pieces == 1, "codes with mins take int8 activations"
+    assert halves == 1 or (pieces == 1 and bits == 8 and not offsets), "Q6_K's layout only"
 
     @T.macro(hygienic=False)
     def body(var_x, w, w_scale, w_min, res, out, batch, seq, shape, scale_dtype, pieces, levels):
-        n, k, k_padded, groups, words, bits = T.meta_var(shape)
+        n, k, k_padded, groups, words, bits, halves = T.meta_var(shape)
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
         w_flat = T.decl_buffer((n * words,), "uint32", data=w.data)
-        s_flat = T.decl_buffer((n * groups,), scale_dtype, data=w_scale.data)
+        s_flat = T.decl_buffer((n * groups * halves,), scale_dtype, data=w_scale.data)
         m_flat = T.meta_var(
             None if w_min is None else T.decl_buffer((n * groups,), scale_dtype, data=w_min.data)
         )
         rows = T.meta_var(batch * seq)
         codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
-        correction = T.alloc_buffer((2, rows, groups), "int32")  # see _quantize_row
+        correction = T.alloc_buffer((2, rows, groups * halves), "int32")  # see _quantize_row
         scale = T.alloc_buffer((rows, groups), "float32")
         # with mins: each group's activations as rounded, summed (scale * sum of codes)
         x_sum = T.alloc_buffer((rows, groups), "float32")
-        quantized = T.meta_var((k, groups, pieces, levels, bits, codes, correction, x_sum))
+        quantized = T.meta_var((k, groups, halves, pieces, levels, bits, codes, correction, x_sum))
         parts = T.meta_var(
-            (w_flat, s_flat, m_flat, codes, correction, scale, x_sum, res, out, groups, words)
+            (
+                w_flat,
+                s_flat,
+                m_flat,
+                codes,
+                correction,
+                scale,
+                x_sum,
+                res,
+                out,
+                groups,
+                halves,
+                words,
+            )
         )
         if rows < MATRIX_ROWS:  # decode: a parallel launch would cost more than the rows
             for i in range(rows):
@@ -143,7 +161,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, groups * halves), scale_dtype),
             w_min: T.Buffer((n, groups), scale_dtype),
             var_residual: T.handle,
             var_out: T.handle,
@@ -160,7 +178,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, groups * halves), scale_dtype),
             w_min: T.Buffer((n, groups), scale_dtype),
             var_out: T.handle,
         ):
@@ -175,7 +193,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, groups * halves), scale_dtype),
             var_residual: T.handle,
             var_out: T.handle,
         ):
@@ -191,7 +209,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, groups * halves), scale_dtype),
             var_out: T.handle,
         ):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
@@ -214,6 +232,7 @@ def _tile_rows(
     res,
     out,
     groups,
+    halves,
     words,
     pieces,
     bits,
@@ -225,10 +244,13 @@ def _tile_rows(
 ):
     """Outputs [tile * TILE, +TILE) of rows first .. first + count - 1 (capped at `last`)."""
     # default scope: small stack arrays that LLVM keeps in registers; row j's float sums at
-    # lanes j * TILE, its int32 sum of piece p at (j * pieces + p) * TILE
+    # lanes j * TILE, its int32 sum of piece p at (j * stride + p) * TILE (with halves, pieces
+    # is 1: half h's at (j * stride + h) * TILE)
+    stride = T.meta_var(pieces * halves)  # int32 sums per row of x
     acc = T.alloc_buffer((count * TILE,), "float32")
-    dot = T.alloc_buffer((count * pieces * TILE,), "int32")
+    dot = T.alloc_buffer((count * stride * TILE,), "int32")
     group_words = T.meta_var(GROUP * bits // 32)
+    half_words = T.meta_var(group_words // halves)
     for j in T.unroll(count):
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
     for g in range(groups):
@@ -237,13 +259,18 @@ def _tile_rows(
             # it joins in float)
             row = T.meta_var(T.min(first + j, last))
             if w_min is None:
-                dot[_lanes_of(j * pieces)] = T.broadcast(correction[0, row, g], TILE)
+                for h in T.unroll(halves):
+                    dot[_lanes_of(j * stride + h)] = T.broadcast(
+                        correction[0, row, g * halves + h], TILE
+                    )
             else:  # unsigned codes: no bias to correct
-                dot[_lanes_of(j * pieces)] = T.broadcast(T.int32(0), TILE)
+                dot[_lanes_of(j * stride)] = T.broadcast(T.int32(0), TILE)
             for p in T.unroll(1, _int_pieces(pieces, bits)):
-                dot[_lanes_of(j * pieces + p)] = T.broadcast(T.int32(0), TILE)
+                dot[_lanes_of(j * stride + p)] = T.broadcast(T.int32(0), TILE)
             if _float_top(pieces, bits):
-                dot[_lanes_of(j * pieces + pieces - 1)] = T.broadcast(correction[1, row, g], TILE)
+                dot[_lanes_of(j * stride + pieces - 1)] = T.broadcast(
+                    correction[1, row, g * halves], TILE
+                )
         # the cache lines of the group PREFETCH ahead: a hint, harmless past the weights' end
         for line in T.unroll(group_words * TILE * 4 // 64):
             T.evaluate(
@@ -270,7 +297,7 @@ def _tile_rows(
                     for p in T.unroll(pieces):
                         i = T.meta_var(T.min(first + j, last))
                         c = T.meta_var(g * GROUP + o * 8)
-                        sums = T.meta_var(_lanes_of(j * pieces + p))
+                        sums = T.meta_var(_lanes_of(j * stride + p))
                         dot[sums] = _dpbusd(
                             _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
                             high,
@@ -283,28 +310,42 @@ def _tile_rows(
                 for j in T.unroll(count):
                     for p in T.unroll(pieces):
                         i = T.meta_var(T.min(first + j, last))
-                        sums = T.meta_var(_lanes_of(j * pieces + p))
+                        # (halves > 1 only with one piece: the sum of the word's half)
+                        sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
                         dot[sums] = _dpbusd(
                             dot[sums], biased, _codes4(codes, p, i, g * GROUP + o * 4)
                         )
         w_scales = T.meta_var(
-            T.Cast("float32x16", w_scale[T.ramp((tile * groups + g) * TILE, 1, TILE)])
+            T.Cast(
+                "float32x16", w_scale[T.ramp((tile * groups * halves + g * halves) * TILE, 1, TILE)]
+            )
         )
         for j in T.unroll(count):
             # the int32 pieces: sum * 256 + the next, most significant first
             for q in T.unroll(_int_pieces(pieces, bits) - 1):
                 top_int = T.meta_var(_int_pieces(pieces, bits) - 1)
-                higher = T.meta_var(dot[_lanes_of(j * pieces + top_int - q)])
-                lower = T.meta_var(_lanes_of(j * pieces + top_int - 1 - q))
+                higher = T.meta_var(dot[_lanes_of(j * stride + top_int - q)])
+                lower = T.meta_var(_lanes_of(j * stride + top_int - 1 - q))
                 dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
             x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
-            low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces)]))
+            low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride)]))
             if _float_top(pieces, bits):
-                top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * pieces + pieces - 1)]))
+                top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + pieces - 1)]))
                 value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
                 acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
             elif w_min is None:
                 acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
+                for h in T.unroll(1, halves):  # the other halves' sums, with their scales
+                    scales_h = T.meta_var(
+                        T.Cast(
+                            "float32x16",
+                            w_scale[
+                                T.ramp((tile * groups * halves + g * halves + h) * TILE, 1, TILE)
+                            ],
+                        )
+                    )
+                    sum_h = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + h)]))
+                    acc[_lanes_of(j)] = acc[_lanes_of(j)] + sum_h * (scales_h * x_scale)
             else:
                 mins = T.meta_var(
                     T.Cast("float32x16", w_min[T.ramp((tile * groups + g) * TILE, 1, TILE)])
@@ -341,14 +382,16 @@ def _lanes_of(j):
 
 
 @T.macro(hygienic=False)
-def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction, x_sum, scale, i):
+def _quantize_row(
+    x, bi, si, k, groups, halves, pieces, levels, bits, codes, correction, x_sum, scale, i
+):
     """Row i of x as integer codes in [-levels, levels] per group of 32 (zero past k), each
     code split into `pieces` signed bytes (least significant first), with each group's scale
-    and corrections -bias * (sum of the group's codes): of the pieces added up in int32 in
-    correction[0], of the top one in correction[1] when it joins in float (see _float_top).
-    The bias is what makes the weights unsigned: 8 for 4-bit ones, 128 for int8. (Codes with
-    mins are unsigned already: their kernel ignores the corrections and reads x_sum, each
-    group's scale * sum of codes.)"""
+    and corrections -bias * (sum of the group's codes; of each half's with `halves` 2): of the
+    pieces added up in int32 in correction[0], of the top one in correction[1] when it joins in
+    float (see _float_top). The bias is what makes the weights unsigned: 8 for 4-bit ones, 128
+    for int8. (Codes with mins are unsigned already: their kernel ignores the corrections and
+    reads x_sum, each group's scale * sum of codes.)"""
     for g in range(groups):
         amax = T.alloc_buffer((1,), "float32")
         total = T.alloc_buffer((pieces,), "int32")
@@ -359,23 +402,25 @@ def _quantize_row(x, bi, si, k, groups, pieces, levels, bits, codes, correction,
             if g * GROUP + e < k:
                 amax[0] = T.max(amax[0], T.abs(x[bi, si, g * GROUP + e]))
         d = T.meta_var(amax[0] / T.float32(levels))
-        for p in T.unroll(pieces):
-            total[p] = 0
-        for e in range(GROUP):
-            c = T.meta_var(g * GROUP + e)
-            v = T.meta_var(T.if_then_else(c < k, x[bi, si, T.min(c, k - 1)], T.float32(0)))
-            rest[0] = T.Cast("int32", T.Select(d > T.float32(0), T.round(v / d), T.float32(0)))
+        for h in range(halves):
             for p in T.unroll(pieces):
-                # the signed low byte, then the rest (an exact multiple of 256) shifted down
-                codes[p, i, c] = T.Cast("int8", T.bitwise_and(rest[0] + 128, 255) - 128)
-                total[p] = total[p] + T.Cast("int32", codes[p, i, c])
-                rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
-        bias = T.meta_var(1 << (bits - 1))
-        low[0] = 0  # the sum of the codes' pieces that are added up in int32
-        for p in T.unroll(_int_pieces(pieces, bits)):
-            low[0] = low[0] + T.shift_left(total[p], 8 * p)
-        correction[0, i, g] = -bias * low[0]
-        if _float_top(pieces, bits):
-            correction[1, i, g] = -bias * total[pieces - 1]
+                total[p] = 0
+            for e in range(GROUP // halves):
+                c = T.meta_var(g * GROUP + h * (GROUP // halves) + e)
+                v = T.meta_var(T.if_then_else(c < k, x[bi, si, T.min(c, k - 1)], T.float32(0)))
+                rest[0] = T.Cast("int32", T.Select(d > T.float32(0), T.round(v / d), T.float32(0)))
+                for p in T.unroll(pieces):
+                    # the signed low byte, then the rest (an exact multiple of 256) shifted down
+                    codes[p, i, c] = T.Cast("int8", T.bitwise_and(rest[0] + 128, 255) - 128)
+                    total[p] = total[p] + T.Cast("int32", codes[p, i, c])
+                    rest[0] = T.shift_right(rest[0] - T.Cast("int32", codes[p, i, c]), 8)
+            bias = T.meta_var(1 << (bits - 1))
+            low[0] = 0  # the sum of the codes' pieces that are added up in int32
+            for p in T.unroll(_int_pieces(pieces, bits)):
+                low[0] = low[0] + T.shift_left(total[p], 8 * p)
+            correction[0, i, g * halves + h] = -bias * low[0]
+            if _float_top(pieces, bits):
+                correction[1, i, g * halves + h] = -bias * total[pieces - 1]
         scale[i, g] = d
-        x_sum[i, g] = d * T.Cast("float32", total[0])
+        if halves == 1:  # (codes with mins have no halves)
+            x_sum[i, g] = d * T.Cast("float32", total[0])

@@ -14,6 +14,8 @@ number of groups (and of packed words), so any K works:
 - q4_1-a8 uint32 [N, Kp/8] as q4-a8     scale, min [N, Kp/32]       w = nibble * scale + min
   (llama.cpp's Q4_1 and Q4_K blocks repacked, not requantized: `repack_gguf`; with q4-a8 for
   Q4_0 and q8-a8 for Q8_0 these are `--quant gguf-a8`, GGUF blocks computed as llama.cpp does)
+- q6_k-a8 int8 [N, Kp] as q8-a8         scale [N, Kp/16] float32    w = q * scale
+  (llama.cpp's Q6_K: q - 32, and d * the sub-block's scale; Kp a multiple of 32)
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
@@ -42,6 +44,7 @@ from relaxlm.errors import RelaxlmError
 
 INTERLEAVE = 128  # K-block of the 4-bit layout: 16 words x 8 nibbles
 ROW_TILE = 16  # rows per tile of the row-tiled layout (int8_dot.TILE)
+ACTIVATION_GROUP = 32  # values per int8 activation scale (int8_dot.GROUP)
 
 
 class QuantKind(StrEnum):
@@ -87,8 +90,8 @@ class QuantScheme:
     @property
     def block(self) -> int:
         """K is padded to a multiple of this: whole groups and whole interleaved blocks."""
-        if self.row_tile:
-            return self.group_size
+        if self.row_tile:  # whole groups of the kernel's int8 activations too
+            return max(self.group_size, ACTIVATION_GROUP)
         return max(self.group_size, INTERLEAVE if self.per_word > 1 else 1)
 
     @property
@@ -268,8 +271,9 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
 # Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8; 5-bit codes
 # take a byte each (more to read than the file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 ->
-# q8-a8 (q - 16), Q5_1 -> q5_1-a8 and Q5_K -> q5_k-a8 (unsigned codes with mins). Q6_K stays
-# blocks: its scales cover 16 values, the kernel's groups 32.
+# q8-a8 (q - 16), Q5_1 -> q5_1-a8 and Q5_K -> q5_k-a8 (unsigned codes with mins); Q6_K ->
+# q6_k-a8: int8 codes q - 32 with a float32 scale d * sc (exact) per 16 values, the kernel
+# taking two weight scales per group of 32 activations.
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -291,13 +295,17 @@ A8_REPACKS: dict[str, QuantScheme] = {
     "Q5_1": _Q5_1_A8,
     "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="float32"),
     "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="float32"),
+    "Q6_K": replace(
+        tied_table_scheme(SCHEMES["q4-a8"]), name="q6_k-a8", group_size=16, scale_dtype="float32"
+    ),
 }
 
 
 def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) -> list[np.ndarray]:
     """The parts of `scheme` (A8_REPACKS[ggml_type]) holding raw GGUF rows [N, K/B * bytes]
     exactly: the blocks' codes and scales moved, nothing rounded (Q4_K's scale and min are
-    d * sc and -dmin * m, products of an fp16 and a 6-bit integer, exact in float32)."""
+    d * sc and -dmin * m, products of an fp16 and a 6-bit integer, exact in float32; Q6_K's
+    scale d * sc of an fp16 and an int8)."""
     gguf = GGUF_SCHEMES[ggml_type]
     n = raw.shape[0]
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // gguf.group_size, -1)
@@ -315,6 +323,9 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type == "Q5_1":
         codes, scale = _nibbles(b[..., 8:]) + _high_bits(b[..., 4:8]), _f16(b[..., :2])
         low = _f16(b[..., 2:4])
+    elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
+        codes, sc, d = _q6_k_parts(b)
+        scale, low = d * sc, None
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, mn = _k_scales(b[..., 4:16])
@@ -631,19 +642,24 @@ def _q5_k(b):
     return _k_quant(b, b[..., 48:176], b[..., 16:48])
 
 
-def _q6_k(b):
+def _q6_k_parts(b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q6_K blocks [..., 210] -> codes q - 32 int8 [..., 256] in value order, sub-block scales
+    float32 [..., 16] (value e's is e // 16: index 8h + 2g + l // 16 of value 128h + 32g + l)
+    and d float32 [..., 1]."""
     ql, qh = b[..., 0:128], b[..., 128:192]
-    sc = b[..., 192:208].view(np.int8).astype(np.float32)
-    d = _f16(b[..., 208:210])[..., None, None, None]  # [..., 1, 1, 1, 1]
     ql = ql.reshape(*ql.shape[:-1], 2, 2, 32)  # [..., half h, (l + 32 * (g & 1)) // 32, l]
     low = np.stack([ql & 0xF, ql >> 4], axis=-3)  # [..., h, g >> 1, g & 1, l]
     low = low.reshape(*ql.shape[:-3], 2, 4, 32)  # [..., h, g, l]
     qh = qh.reshape(*qh.shape[:-1], 2, 1, 32)
     high = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3  # [..., h, g, l]
-    q = (low | (high << 4)).astype(np.float32) - 32
-    scale = sc.reshape(*sc.shape[:-1], 2, 8)  # [..., h, 8]: index 2g + l // 16
-    scale = scale.reshape(*sc.shape[:-1], 2, 4, 2)[..., None]  # [..., h, g, l // 16, 1]
-    values = (d * scale) * q.reshape(*q.shape[:-1], 2, 16)
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    sc = b[..., 192:208].view(np.int8).astype(np.float32)
+    return q.reshape(*b.shape[:-1], 256), sc, _f16(b[..., 208:210])
+
+
+def _q6_k(b):
+    q, sc, d = _q6_k_parts(b)
+    values = (d * sc)[..., None] * q.reshape(*q.shape[:-1], 16, 16).astype(np.float32)
     return values.reshape(*b.shape[:-1], 256)
 
 

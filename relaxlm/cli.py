@@ -273,7 +273,7 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
     p.add_argument(
         "--quant",
         help=f"weight quantization: {', '.join(SCHEMES)} (default: none, a GGUF file keeps "
-        f"its own formats; {GGUF_A8}: a GGUF file's Q4/Q5/Q8 blocks kept and computed "
+        f"its own formats; {GGUF_A8}: a GGUF file's Q4/Q5/Q6/Q8 blocks kept and computed "
         "with int8 activations, as llama.cpp does, on CPUs with AVX-512 VNNI; the default "
         "model takes the fastest path measured on this CPU)",
     )

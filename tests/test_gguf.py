@@ -303,11 +303,12 @@ def _int8_rounded(x: np.ndarray) -> np.ndarray:
 @pytest.mark.skipif(
     not has_int8_dot(resolve_target("cpu").target()), reason="gguf-a8 needs AVX-512 VNNI"
 )
-@pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_K_M"])
+@pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama, tmp_path):
-    """`--quant gguf-a8`: the file's Q4_0 / Q4_1 / Q4_K / Q5_K / Q8_0 tensors kept as their codes
-    and scales (Q6_K as blocks), computed with int8 activations. Oracles: transformers on
-    the file's dequantized weights with every such linear's input rounded to int8 (float32
+    """`--quant gguf-a8`: the file's Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K / Q8_0 tensors kept as their
+    codes and scales, computed with int8 activations (the K_M and Q6_K files' tied table, Q6_K,
+    too: gathered and, as the head, through the int8 kernel). Oracles: transformers on the
+    file's dequantized weights with every such linear's input rounded to int8 (float32
     rounding apart), and llama.cpp on the file (same bound and top-1 agreement as the blocks)."""
     import torch
 
@@ -318,8 +319,9 @@ def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama
     types = load_gguf(path).stored_types
     repacked = {name.removesuffix(".weight") for name, t in types.items() if t in A8_REPACKS}
     assert {A8_REPACKS[t].name for t in types.values() if t in A8_REPACKS} <= set(q["tensors"])
-    if key.endswith("_K_M"):  # its Q6_K tensors stay blocks
-        assert q["tensors"].get("gguf-q6_k"), q
+    assert not [t for t in q["tensors"] if t.startswith("gguf-")], q  # no blocks left
+    if key.endswith("K_M") or key == "Q6_K":  # a Q6_K tied table: the output head
+        assert types["model.embed_tokens.weight"] == "Q6_K", types
     if llm.manifest.model_config.get("tie_word_embeddings") and "model.embed_tokens" in repacked:
         repacked.add("lm_head")  # transformers' name for the matmul by the tied table
 

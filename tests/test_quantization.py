@@ -42,11 +42,13 @@ VNNI = has_int8_dot(resolve_target("cpu").target())
 
 # q4 and q8 as stored for CPUs with an int8 dot product (row tiles)
 TILED = {f"{name}-tiled": row_tiled(SCHEMES[name]) for name in ("q4", "q8")}
+# GGUF's Q6_K repacked: int8 codes, a float32 scale per 16 (quantize() packs floats so too)
+Q6_K_A8 = A8_REPACKS["Q6_K"]
 
 
-@pytest.mark.parametrize("name", [*ALL_SCHEMES, *TILED])
+@pytest.mark.parametrize("name", [*ALL_SCHEMES, *TILED, Q6_K_A8.name])
 def test_pack_unpack_within_the_scheme_bound(name):
-    scheme = SCHEMES.get(name) or TILED[name]
+    scheme = SCHEMES.get(name) or TILED.get(name) or Q6_K_A8
     rng = np.random.default_rng(0)
     # K not a multiple of the group; N a multiple of q4-a8's row tile (16) or not
     for n, k in [(3, 32), (5, 100), (2, 129), (7, 300), (1, 1), (16, 100), (48, 64)]:
@@ -306,14 +308,15 @@ def _linear_vm(n: int, k: int, scheme):
 @pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
 @pytest.mark.parametrize(
     "scheme",
-    [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values()],
-    ids=["q4-a8", "q8-a8", *TILED],
+    [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values(), Q6_K_A8],
+    ids=["q4-a8", "q8-a8", *TILED, Q6_K_A8.name],
 )
 @pytest.mark.parametrize("n,k", [(64, 128), (48, 70), (128, 300), (256, 1000), (40, 70)])
 def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n, k):
     """Weights in row tiles take the int8 kernel (q4-a8: activations rounded to int8; q4 and q8:
-    to 22-bit integers, which leaves them exact against float activations); others (N
-    not a multiple of 16) compute with float activations times the dequantized weights."""
+    to 22-bit integers, which leaves them exact against float activations; q6_k-a8: int8, two
+    weight scales per group of 32 activations); others (N not a multiple of 16) compute with
+    float activations times the dequantized weights."""
     forward, script = _linear_vm(n, k, scheme)
     tiled = scheme.tiled(n)
     assert (f"q{scheme.bits}_{scheme.activations}_linear" in script) == tiled
@@ -339,16 +342,17 @@ def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n
 def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
     """`--quant gguf-a8`: GGUF blocks (written by gguf-py's quantizer, llama.cpp's reference)
     repacked into row tiles hold exactly the file's dequantized weights, and the int8 kernel
-    (with mins for Q4_1 / Q4_K / Q5_1 / Q5_K) equals int8-rounded activations times them; N
-    not a multiple of 16 (40) takes the float kernel over the same parts."""
+    (with mins for Q4_1 / Q4_K / Q5_1 / Q5_K, two scales per 32 for Q6_K) equals int8-rounded
+    activations times them; N not a multiple of 16 (40) takes the float kernel over the same
+    parts."""
     import gguf
 
     scheme = A8_REPACKS[ggml_type]
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
-    if ggml_type in ("Q4_K", "Q5_K"):  # gguf-py makes no K-quants: random bytes, finite scales
+    if ggml_type.endswith("_K"):  # gguf-py makes no K-quants: random bytes, finite scales
         raw = rng.integers(0, 256, (n, k // 256, GGUF_SCHEMES[ggml_type].block_bytes), np.uint8)
-        for offset in (0, 2):
+        for offset in (208,) if ggml_type == "Q6_K" else (0, 2):
             scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
             raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
         raw = raw.reshape(n, -1)
