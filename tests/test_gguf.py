@@ -322,6 +322,8 @@ def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama
     assert not [t for t in q["tensors"] if t.startswith("gguf-")], q  # no blocks left
     if key.endswith("K_M") or key == "Q6_K":  # a Q6_K tied table: the output head
         assert types["model.embed_tokens.weight"] == "Q6_K", types
+        table = {p["name"]: p for p in llm.manifest.params}["model.embed_tokens.weight.q"]
+        assert table["shape"][0] % 16 == 0, table  # in row tiles: the head takes the int8 kernel
     if llm.manifest.model_config.get("tie_word_embeddings") and "model.embed_tokens" in repacked:
         repacked.add("lm_head")  # transformers' name for the matmul by the tied table
 
