@@ -354,7 +354,7 @@ def resolve_scheme(name: str) -> QuantScheme | None:
     if name not in SCHEMES:
         raise RelaxlmError(
             f"quantization {name!r} is not supported; use one of {', '.join(SCHEMES)} "
-            f"(GGUF files keep their own llama.cpp formats; {GGUF_A8} computes their 4- and "
+            f"(GGUF files keep their own llama.cpp formats; {GGUF_A8} computes their 4- to "
             "8-bit blocks with int8 activations)"
         )
     return SCHEMES[name]
