@@ -9,6 +9,8 @@ sequence's `delta`): text after the images then sits at its KV-cache position, a
 rotate at cache positions as for text; RoPE being relative, the shift changes no score.
 """
 
+import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +21,7 @@ from tvm.runtime import ShapeTuple
 
 from relaxlm.errors import RelaxlmError
 
-from .vision import _each, _to_rgb, load_image
+from .vision import ImagePrompt, _each, _to_rgb, load_image
 
 
 def smart_resize(
@@ -218,6 +220,8 @@ class QwenImageEncoder:
     """A Qwen2.5-VL artifact's image entries over a loaded CompiledModel: images -> features,
     prompts -> embeddings and shifted M-RoPE positions, and prefill from them."""
 
+    mrope = True  # prefill takes each chunk's positions
+
     def __init__(self, model):
         vision = model.manifest.vision
         if vision.get("processor") != "qwen2_vl":
@@ -230,9 +234,16 @@ class QwenImageEncoder:
         self.hidden_size = int(vision["hidden_size"])
         self.merge = int(vision["merge_size"])
         self.window = int(vision["window_size"]) // self.merge // int(vision["patch_size"])
+        self.vision_start_id = int(vision["vision_start_token_id"])
+        self.vision_end_id = int(vision["vision_end_token_id"])
         self._encode = model.vm["encode_images"]
         self._embed = model.vm["embed_tokens"]
         self._prefill = model.vm["prefill_embeds"]
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """What a prompt holds per image before expansion, as Qwen's chat template writes it."""
+        return [self.vision_start_id, self.image_token_id, self.vision_end_id]
 
     def image(self, source) -> QwenImage:
         """One source (see `load_image`) -> its patches and grid."""
@@ -323,3 +334,74 @@ class QwenImageEncoder:
         )
         end(model.kv_cache)
         return logits.numpy()[0]
+
+    def prompt(self, token_ids: list[int], images: list, lock=None) -> ImagePrompt:
+        """A prompt holding one image token per image (as the chat template writes it) and the
+        images (sources for `load_image`) -> the engine's ImagePrompt, with its positions.
+
+        As LLaVA's (runtime/vision.py), each image's tokens get ids past the vocabulary drawn
+        from a hash of its features, so the prefix cache reuses pages only for the same image
+        in the same place. The positions are shifted by the whole prompt's delta, so the
+        first token's id is drawn too, from a hash of the delta and every image: a cached
+        page then only serves a prompt whose shift is the same.
+        """
+        found = sum(t == self.image_token_id for t in token_ids)
+        if found != len(images):
+            raise RelaxlmError(
+                f"the prompt has {found} image placeholders for {len(images)} images; put one "
+                "per image (the chat template writes them for image content parts)"
+            )
+        loaded = [self.image(image) for image in images]
+        counts = [self.num_tokens(image) for image in loaded]
+        ids = self.expand(token_ids, counts)
+        window = self.model.context_window
+        if len(ids) > window:
+            raise RelaxlmError(
+                f"{len(images)} images take {sum(counts)} tokens ({_each(counts)}); with the text "
+                f"the prompt has {len(ids)}, more than the context window of {window}; send "
+                "fewer or smaller images, or less text"
+            )
+        positions, delta = self.positions(ids, loaded)
+        with lock or contextlib.nullcontext():
+            features = self.features(loaded) if images else []
+            first = self._embed(
+                tvm.runtime.tensor(np.asarray([ids[:1]], dtype=np.int32), self.model.device),
+                self.model.params,
+            ).numpy()[0, 0]
+        vocab = self.model.vocab_size
+        salt = hashlib.sha256(delta.to_bytes(8, "little", signed=True))
+        # Each image's run of tokens -> ids from its features' hash, `window` apart, so no
+        # two images' ids overlap.
+        at = np.asarray(ids) == self.image_token_id
+        starts = np.flatnonzero(at & ~np.r_[False, at[:-1]])
+        out, rows = list(ids), {}
+        for start, feats in zip(starts, features, strict=True):
+            digest = hashlib.sha256(feats.tobytes()).digest()
+            salt.update(digest)
+            base = vocab + int.from_bytes(digest[:6], "little") * window
+            out[start : start + len(feats)] = range(base, base + len(feats))
+            rows.update(zip(range(base, base + len(feats)), feats, strict=True))
+        first_id = vocab + int.from_bytes(salt.digest()[:6], "little") * window + window - 1
+        originals = {} if out[0] in rows else {first_id: ids[0]}
+        rows[first_id] = rows[out[0]] if out[0] in rows else first
+        out[0] = first_id
+        return ImagePrompt(out, rows, self.image_token_id, positions, originals)
+
+    def prefill_tokens(
+        self,
+        seq_ids: list[int],
+        chunks: list[list[int]],
+        rows: dict[int, np.ndarray],
+        positions: list[np.ndarray],
+    ) -> np.ndarray:
+        """As CompiledModel.prefill over token ids where ids in `rows` (an ImagePrompt's
+        image ids) stand for their rows, each chunk at its positions ([3, len])."""
+        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
+        at = flat >= self.model.vocab_size
+        ids = np.where(at, 0, flat).astype(np.int32)  # their embedding rows are replaced
+        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
+        embeds = self._embed(x, self.model.params).numpy()[0]  # [total, hidden]
+        if at.any():
+            embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
+        splits = np.cumsum([len(c) for c in chunks])[:-1]
+        return self.prefill_embeddings(seq_ids, np.split(embeds, splits), positions)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_vision import _image
+from test_vision import _image, _png_url
 
 from relaxlm.compiler.pipeline import compile_model
 from relaxlm.errors import RelaxlmError
@@ -204,3 +204,90 @@ def test_wrong_image_tokens_are_one_clear_error(qwen):
         encoder.embeddings(prompt, encoder.features([image, image]))
     with pytest.raises(RelaxlmError, match="runs of image tokens for 2 images"):
         encoder.positions(prompt, [image, image])
+
+
+# -- the SDK --------------------------------------------------------------------------------
+
+GREEDY = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def llm(qwen):
+    import relaxlm
+
+    return relaxlm.LLM(qwen[1].folder, kv_cache_tokens=1024)
+
+
+def _hf_greedy(hf, processor, prompt: list[int], images: list, image_token_id: int) -> list[int]:
+    inputs = processor(images=images, return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            mm_token_type_ids=_mm_types(prompt, image_token_id),
+            pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_chat_with_image_parts_equals_transformers(qwen, llm):
+    """LLM.chat with OpenAI image_url parts: the chat template's text with each image's
+    tokens expanded, and transformers' greedy tokens."""
+    import relaxlm
+
+    folder, _, encoder, hf, processor = qwen
+    images = [_image(45, 30, "RGB", seed=11), _image(30, 71, "RGBA", seed=12)]
+    parts = [
+        {"type": "text", "text": "Compare "},
+        {"type": "image_url", "image_url": {"url": _png_url(images[0])}},
+        {"type": "text", "text": "with "},
+        {"type": "image_url", "image_url": {"url": _png_url(images[1])}},
+    ]
+    result = llm.chat([{"role": "user", "content": parts}], relaxlm.SamplingParams(**GREEDY))
+    hf_parts = [{"type": "image"} if p["type"] == "image_url" else p for p in parts]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": hf_parts}], tokenize=False, add_generation_prompt=True
+    )
+    counts = [encoder.num_tokens(encoder.image(image)) for image in images]
+    ids = encoder.expand(tokenizer(text, add_special_tokens=False)["input_ids"], counts)
+    assert result.prompt_token_ids == ids
+    assert result.token_ids == _hf_greedy(hf, processor, ids, images, encoder.image_token_id)
+
+
+def test_generate_with_images_and_the_prefix_cache(qwen, llm):
+    """LLM.generate({"prompt", "images"}): transformers' tokens; the same request again reuses
+    its cached pages and gives the same tokens; an image of another size (another M-RoPE
+    shift) behind the same text reuses nothing and still equals transformers."""
+    import relaxlm
+
+    _, _, encoder, hf, processor = qwen
+    params = relaxlm.SamplingParams(**GREEDY)
+    # Text first: its pages come before the image's, at positions shifted by the image's size.
+    prompt = (
+        "Here is a picture; read it well, so that the text before it fills a few pages of the "
+        "cache. <|vision_start|><|image_pad|><|vision_end|> Describe it in a sentence."
+    )
+
+    def run(image) -> tuple[int, list[int], list[int]]:
+        before = llm.metrics().prefix_cache_hit_tokens
+        out = llm.generate({"prompt": prompt, "images": [image]}, params)[0]
+        hits = llm.metrics().prefix_cache_hit_tokens - before
+        return hits, out.prompt_token_ids, out.token_ids
+
+    a, b = _image(64, 40, "RGB", seed=21), _image(40, 90, "RGB", seed=22)
+    first_hits, ids, first = run(a)
+    start = ids.index(encoder.vision_start_id)
+    assert start > 2 * llm.model.page_size and ids[start + 1] == encoder.image_token_id
+    assert first == _hf_greedy(hf, processor, ids, [a], encoder.image_token_id)
+    again_hits, _, again = run(a)
+    assert again_hits > 0 and again == first
+    other_hits, other_ids, other = run(b)
+    print(f"hits: {first_hits}, {again_hits}, {other_hits}; tokens {first} {other}")
+    assert other_hits == 0  # the text's pages too: they were rotated at another shift
+    assert other == _hf_greedy(hf, processor, other_ids, [b], encoder.image_token_id)
