@@ -41,7 +41,8 @@ from relaxlm.runtime.scheduler import (
 )
 from relaxlm.runtime.speculative import NGRAM, DraftModel, NgramDrafter, verify
 from relaxlm.runtime.tokenizer import Tokenizer
-from relaxlm.runtime.vision import ImagePrompt, image_encoder
+from relaxlm.runtime.vision import ImageEncoder, ImagePrompt
+from relaxlm.runtime.vision_qwen import QwenImageEncoder
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
 
@@ -106,7 +107,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         # Vision-language artifacts: image features spliced into prefills (runtime/vision.py).
-        self.images = image_encoder(model) if model.manifest.vision else None
+        self.images = _image_encoder(model) if model.manifest.vision else None
         self.config = SchedulerConfig(
             max_batch_size=model.max_batch_size,
             num_pages=model.num_pages,
@@ -607,3 +608,10 @@ def _drafter(draft_model, num_draft_tokens, prefill_chunk: int):
     raise RelaxlmError(
         f"draft_model={draft_model!r} is invalid; pass {NGRAM!r} or a draft model's artifact"
     )
+
+
+def _image_encoder(model) -> "ImageEncoder | QwenImageEncoder":
+    """The image entries of a vision-language artifact: Qwen2.5-VL's, or LLaVA's."""
+    if model.manifest.vision.get("processor") == "qwen2_vl":
+        return QwenImageEncoder(model)
+    return ImageEncoder(model)

@@ -283,15 +283,6 @@ class AnyresLayout:
         return np.concatenate([features[0], packed])
 
 
-def image_encoder(model):
-    """The image entries of a vision-language artifact: Qwen2.5-VL's, or LLaVA's."""
-    if model.manifest.vision.get("processor") == "qwen2_vl":
-        from .vision_qwen import QwenImageEncoder  # imports this module
-
-        return QwenImageEncoder(model)
-    return ImageEncoder(model)
-
-
 def _each(counts: list[int]) -> str:
     """Images' token counts for a message: "16 each", or "88 + 40"."""
     if len(set(counts)) == 1:
