@@ -291,3 +291,34 @@ def test_generate_with_images_and_the_prefix_cache(qwen, llm):
     print(f"hits: {first_hits}, {again_hits}, {other_hits}; tokens {first} {other}")
     assert other_hits == 0  # the text's pages too: they were rotated at another shift
     assert other == _hf_greedy(hf, processor, other_ids, [b], encoder.image_token_id)
+
+
+def test_chunked_prefill_beside_a_text_request_equals_transformers(qwen):
+    """Prompts cut into 16-token prefill chunks, an image prompt and a text-only one submitted
+    together: each chunk takes its own M-RoPE positions, and both equal transformers."""
+    import relaxlm
+
+    _, model, encoder, hf, processor = qwen
+    llm = relaxlm.LLM(model.folder, kv_cache_tokens=1024, max_prefill_tokens=16)
+    images = [_image(50, 31, "RGB", seed=41), _image(23, 64, "L", seed=42)]
+    with_images = {
+        "prompt": "one <|vision_start|><|image_pad|><|vision_end|> two "
+        "<|vision_start|><|image_pad|><|vision_end|> three",
+        "images": images,
+    }
+    text = "a text-only prompt, long enough to take a few chunks of sixteen tokens each"
+    out = llm.generate([with_images, text], relaxlm.SamplingParams(**GREEDY))
+    ids = out[0].prompt_token_ids
+    assert len(ids) > 3 * 16
+    assert out[0].token_ids == _hf_greedy(hf, processor, ids, images, encoder.image_token_id)
+    text_ids = out[1].prompt_token_ids
+    with torch.no_grad():
+        theirs = hf.generate(
+            torch.tensor([text_ids]),
+            attention_mask=torch.ones(1, len(text_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=16,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(text_ids) :].tolist()
+    assert out[1].token_ids == theirs
