@@ -322,3 +322,33 @@ def test_chunked_prefill_beside_a_text_request_equals_transformers(qwen):
             pad_token_id=0,
         )[0, len(text_ids) :].tolist()
     assert out[1].token_ids == theirs
+
+
+def test_openai_client_gets_the_sdk_answer(qwen, llm):
+    """The server with the official openai client: a base64 image part gives LLM.chat's
+    tokens and prompt length."""
+    import openai
+
+    import relaxlm
+    from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.background import BackgroundServer
+
+    url = _png_url(_image(61, 22, "RGB", seed=31))
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "and?"},
+            ],
+        }
+    ]
+    expected = llm.chat(messages, relaxlm.SamplingParams(max_tokens=12, temperature=0.0))
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="qwen"))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model="qwen", messages=messages, max_tokens=12, temperature=0
+        )
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert answer.usage.completion_tokens == len(expected.token_ids) == 12
