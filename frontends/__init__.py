@@ -68,6 +68,10 @@ ARCHITECTURES = {
         qwen2_vl.Qwen2_5_VLConfig.from_dict,
         qwen2_vl.Qwen2_5_VLForConditionalGeneration,
     ),
+    "Qwen2VLForConditionalGeneration": (
+        qwen2_vl.Qwen2VLConfig.from_dict,
+        qwen2_vl.Qwen2VLForConditionalGeneration,
+    ),
     "WhisperForConditionalGeneration": (
         whisper.WhisperConfig.from_dict,
         whisper.WhisperForConditionalGeneration,

@@ -68,7 +68,29 @@ class Qwen2_5_VisionConfig:
     fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
     hidden_act: str = "silu"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
-    rope_theta: float = 10000.0  # derived: the 2D rotary's base
+    # Derived, not config.json keys: the 2D rotary's base; Qwen2-VL's LayerNorm / fc1-fc2 blocks.
+    rope_theta: float = 10000.0
+    qwen2_blocks: bool = False
+
+    @classmethod
+    def qwen2(cls, raw: dict[str, Any]) -> "Qwen2_5_VisionConfig":
+        """Qwen2-VL's vision config: `embed_dim` is the tower's width and `hidden_size` the
+        trunk's; full attention in every block (no windows)."""
+        width, depth = raw.get("embed_dim", 1280), raw.get("depth", 32)
+        return from_config(
+            cls,
+            {
+                **raw,
+                "hidden_size": width,
+                "out_hidden_size": raw.get("hidden_size", 3584),
+                "intermediate_size": width * raw.get("mlp_ratio", 4),
+                "hidden_act": raw.get("hidden_act", "quick_gelu"),
+                "fullatt_block_indexes": list(range(depth)),
+                # One merged token per window: the window order is the patches' own.
+                "window_size": raw.get("patch_size", 14) * raw.get("spatial_merge_size", 2),
+                "qwen2_blocks": True,
+            },
+        )
 
     @property
     def head_dim(self) -> int:
@@ -96,7 +118,7 @@ class Qwen2_5_VLConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen2_5_VLConfig":
         config = from_config(cls, raw)
-        config.vision = from_config(Qwen2_5_VisionConfig, config.vision_config)
+        config.vision = cls.vision_reader(config.vision_config)
         vision_rope = config.vision_config.get("rope_parameters") or {}
         config.vision.rope_theta = float(
             vision_rope.get("rope_theta", config.vision_config.get("rope_theta", 10000.0))
@@ -141,6 +163,10 @@ class Qwen2_5_VLConfig:
                 f"vocabulary (size {t.vocab_size})"
             )
         return config
+
+    @staticmethod
+    def vision_reader(raw: dict[str, Any]) -> Qwen2_5_VisionConfig:
+        return from_config(Qwen2_5_VisionConfig, raw)
 
     @property
     def vocab_size(self) -> int:
@@ -234,12 +260,31 @@ class Qwen2_5_VLMLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Qwen2VLVisionMlp(nn.Module):
+    """Qwen2-VL's block MLP: fc1, activation, fc2."""
+
+    def __init__(self, v: Qwen2_5_VisionConfig):
+        self.fc1 = nn.Linear(v.hidden_size, v.intermediate_size)
+        self.fc2 = nn.Linear(v.intermediate_size, v.hidden_size)
+        self.act = activation("vision_config.hidden_act", v.hidden_act)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _vision_norm(v: Qwen2_5_VisionConfig) -> nn.Module:
+    """RMSNorm in Qwen2.5-VL's tower, LayerNorm in Qwen2-VL's; eps 1e-6 in both."""
+    if v.qwen2_blocks:
+        return nn.LayerNorm(v.hidden_size, 1e-6)
+    return nn.RMSNorm(v.hidden_size, -1, 1e-6, bias=False)
+
+
 class Qwen2_5_VLVisionBlock(nn.Module):
     def __init__(self, v: Qwen2_5_VisionConfig):
-        self.norm1 = nn.RMSNorm(v.hidden_size, -1, 1e-6, bias=False)
-        self.norm2 = nn.RMSNorm(v.hidden_size, -1, 1e-6, bias=False)
+        self.norm1 = _vision_norm(v)
+        self.norm2 = _vision_norm(v)
         self.attn = Qwen2_5_VLVisionAttention(v)
-        self.mlp = Qwen2_5_VLMLP(v)
+        self.mlp = Qwen2VLVisionMlp(v) if v.qwen2_blocks else Qwen2_5_VLMLP(v)
 
     def forward(self, x, cos, sin, bias) -> nn.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, bias)
@@ -257,7 +302,7 @@ class Qwen2_5_VLPatchMerger(nn.Module):
     def __init__(self, v: Qwen2_5_VisionConfig):
         self.group = v.spatial_merge_size**2
         width = self.width = v.hidden_size * self.group
-        self.ln_q = nn.RMSNorm(v.hidden_size, -1, 1e-6, bias=False)
+        self.ln_q = _vision_norm(v)
         self.mlp = nn.ModuleList(
             [nn.Linear(width, width), _GELU(), nn.Linear(width, v.out_hidden_size)]
         )
@@ -479,3 +524,16 @@ class Qwen2_5_VLForConditionalGeneration(VisionLM):
             "vision_end_token_id": self.config.vision_end_token_id,
             "hidden_size": self.hidden_size,
         }
+
+
+# -- Qwen2-VL: the same graph with Qwen2-VL's tower blocks --------------------------------
+
+
+@dataclass
+class Qwen2VLConfig(Qwen2_5_VLConfig):
+    vision_reader = staticmethod(Qwen2_5_VisionConfig.qwen2)
+
+
+class Qwen2VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2-VL (`Qwen2VLForConditionalGeneration`): LayerNorm, fc1/fc2 (quick-GELU) blocks,
+    full attention throughout; the trunk, M-RoPE and preprocessing are Qwen2.5-VL's."""

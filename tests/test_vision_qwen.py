@@ -352,3 +352,58 @@ def test_openai_client_gets_the_sdk_answer(qwen, llm):
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert answer.usage.completion_tokens == len(expected.token_ids) == 12
+
+
+# -- Qwen2-VL: the same graph with LayerNorm, fc1/fc2 blocks and no windows ------------------
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    """(CompiledModel, QwenImageEncoder, transformers model, HF processor) of a Qwen2-VL."""
+    folder = make_qwen2_5_vl_model(tmp_path_factory.mktemp("qwen2_vl"), seed=4, qwen2=True)
+    artifact = compile_model(folder, tmp_path_factory.mktemp("qwen2_vl") / "art", progress=False)
+    model = CompiledModel(artifact, max_total_tokens=1024)
+    hf = transformers.Qwen2VLForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.Qwen2VLImageProcessorPil.from_pretrained(folder)
+    return model, QwenImageEncoder(model), hf, processor
+
+
+def test_qwen2_vl_tower_equals_transformers(qwen2):
+    _, encoder, hf, processor = qwen2
+    sources = [_image(w, h, "RGB", seed=w + h) for w, h in SIZES[:3]]
+    ours = encoder.features([encoder.image(s) for s in sources])
+    inputs = processor(images=sources, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf.model.get_image_features(
+            inputs["pixel_values"], inputs["image_grid_thw"]
+        ).pooler_output
+    for size, a, b in zip(SIZES[:3], ours, theirs, strict=True):
+        b = b.numpy()
+        diff, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+        print(f"Qwen2-VL {size}: {len(b)} tokens, max |diff| {diff:.2e} (max |f| {scale:.1f})")
+        assert a.shape == b.shape
+        assert diff <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("sizes", [[(23, 64)], [(50, 31), (45, 43)]])
+def test_qwen2_vl_logits_and_greedy_tokens_equal_transformers(qwen2, sizes):
+    model, encoder, hf, processor = qwen2
+    sources = [_image(w, h, "RGB", seed=w * h) for w, h in sizes]
+    images = [encoder.image(s) for s in sources]
+    prompt = _prompt(encoder, images)
+    ours, tokens = _ours(model, encoder, prompt, images, 16)
+    inputs = processor(images=sources, return_tensors="pt")
+    kwargs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+    full = prompt + tokens[:-1]
+    with torch.no_grad():
+        theirs = hf(
+            input_ids=torch.tensor([full]),
+            mm_token_type_ids=_mm_types(full, encoder.image_token_id),
+            **kwargs,
+        ).logits[0, len(prompt) - 1 :]
+    theirs = theirs.numpy()
+    diff = float(np.abs(ours - theirs).max())
+    print(f"Qwen2-VL {sizes}: {len(prompt)} prompt tokens, max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
+    assert tokens == _hf_greedy(hf, processor, prompt, sources, encoder.image_token_id)
+    assert len(set(tokens)) >= 3

@@ -195,6 +195,7 @@ def make_qwen2_5_vl_model(
     min_pixels: int = 8 * 8 * 4,
     max_pixels: int = 64 * 64,
     vision_overrides: dict | None = None,
+    qwen2: bool = False,
 ) -> Path:
     """Save a random-weight float32 Qwen2_5_VLForConditionalGeneration checkpoint, its
     tokenizer (with the vision tokens) and its preprocessor_config.json (Qwen2VLImageProcessor)
@@ -202,6 +203,8 @@ def make_qwen2_5_vl_model(
 
     min_pixels, max_pixels: the processor's bounds on a resized image's area.
     vision_overrides: vision config fields over TINY_QWEN_VISION_CONFIG.
+    qwen2: a Qwen2VLForConditionalGeneration instead (LayerNorm and fc1/fc2 blocks, no
+        windows; its vision config names the tower's width `embed_dim`).
     """
     out_dir = Path(out_dir)
     make_tokenizer(out_dir, kind="bpe", chat_template=QWEN_VL_TEMPLATE)
@@ -210,7 +213,15 @@ def make_qwen2_5_vl_model(
     start, end, video, pad = (tok.token_to_id(t) for t in QWEN_VL_TOKENS)
     vocab = -(-(pad + 1) // 8) * 8
     vision = {**TINY_QWEN_VISION_CONFIG, **(vision_overrides or {})}
-    text = transformers.Qwen2_5_VLTextConfig(
+    arch = "Qwen2VL" if qwen2 else "Qwen2_5_VL"
+    if qwen2:
+        vision = {
+            "embed_dim": vision["hidden_size"],
+            "mlp_ratio": vision["intermediate_size"] // vision["hidden_size"],
+            **{k: vision[k] for k in ("depth", "num_heads", "patch_size", "temporal_patch_size")},
+            "spatial_merge_size": vision["spatial_merge_size"],
+        }
+    text = getattr(transformers, f"{arch}TextConfig")(
         **TINY_CONFIG,
         vocab_size=vocab,
         rope_parameters={
@@ -221,17 +232,18 @@ def make_qwen2_5_vl_model(
         bos_token_id=None,
         eos_token_id=SPECIAL_TOKENS.index("</s>"),
     )
-    config = transformers.Qwen2_5_VLConfig(
+    out = {"hidden_size": text.hidden_size} if qwen2 else {"out_hidden_size": text.hidden_size}
+    config = getattr(transformers, f"{arch}Config")(
         text_config=text.to_dict(),
-        vision_config={**vision, "out_hidden_size": text.hidden_size},
+        vision_config={**vision, **out},
         image_token_id=pad,
         video_token_id=video,
         vision_start_token_id=start,
         vision_end_token_id=end,
-        architectures=["Qwen2_5_VLForConditionalGeneration"],
+        architectures=[f"{arch}ForConditionalGeneration"],
     )
     torch.manual_seed(seed)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model = getattr(transformers, f"{arch}ForConditionalGeneration")(config).float().eval()
     _init_weights(model, seed)
     model.generation_config = transformers.GenerationConfig(eos_token_id=text.eos_token_id)
     model.save_pretrained(out_dir, safe_serialization=True)
