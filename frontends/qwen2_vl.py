@@ -19,6 +19,9 @@ prompt's positions [3, n] (shifted by the runtime so text after the images sits 
 position); `prefill` and `decode`, text only, take the cache's positions on all three axes.
 As RoPE is relative, the shift changes no attention score.
 
+Qwen2-VL (`Qwen2VLForConditionalGeneration`, at the end) is the same graph with its tower's
+blocks: LayerNorm, an fc1/fc2 MLP, full attention in every block.
+
 Parameter names: transformers 5 saves `model.visual.*`, `model.language_model.*`, `lm_head`;
 the hub's checkpoints (transformers 4) `visual.*`, `model.*`, `lm_head`. Both trees are built.
 """
