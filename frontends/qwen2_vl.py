@@ -22,8 +22,9 @@ As RoPE is relative, the shift changes no attention score.
 Qwen2-VL (`Qwen2VLForConditionalGeneration`, at the end) is the same graph with its tower's
 blocks: LayerNorm, an fc1/fc2 MLP, full attention in every block.
 
-Parameter names: transformers 5 saves `model.visual.*`, `model.language_model.*`, `lm_head`;
-the hub's checkpoints (transformers 4) `visual.*`, `model.*`, `lm_head`. Both trees are built.
+Parameter names: the hub's checkpoints, and transformers 5.25's save_pretrained, use
+`visual.*`, `model.*`, `lm_head`; transformers 5's module tree, `model.visual.*`,
+`model.language_model.*`, `lm_head`, loads too. Both trees are built.
 """
 
 import math

@@ -407,3 +407,27 @@ def test_qwen2_vl_logits_and_greedy_tokens_equal_transformers(qwen2, sizes):
     assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
     assert tokens == _hf_greedy(hf, processor, prompt, sources, encoder.image_token_id)
     assert len(set(tokens)) >= 3
+
+
+def test_transformers_5_tree_loads(qwen, tmp_path):
+    """Tensors named as transformers 5's module tree (`model.visual.*`,
+    `model.language_model.*`) bind too (the loader checks both directions)."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from relaxlm.frontends import export, load_checkpoint
+
+    folder = shutil.copytree(qwen[0], tmp_path / "nested")
+    tensors = load_file(folder / "model.safetensors")
+
+    def nested(name: str) -> str:
+        if name.startswith("visual."):
+            return "model." + name
+        return name.replace("model.", "model.language_model.", 1)
+
+    renamed = {nested(n): t for n, t in tensors.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    names = export(load_checkpoint(folder)).param_names
+    assert "model.visual.merger.ln_q.weight" in names
+    assert "model.language_model.embed_tokens.weight" in names
