@@ -431,3 +431,29 @@ def test_transformers_5_tree_loads(qwen, tmp_path):
     names = export(load_checkpoint(folder)).param_names
     assert "model.visual.merger.ln_q.weight" in names
     assert "model.language_model.embed_tokens.weight" in names
+
+
+@pytest.mark.parametrize(
+    ("file", "path", "value", "message"),
+    [
+        ("config.json", ["text_config", "rope_parameters", "mrope_section"], [2, 3, 2], "sum"),
+        ("config.json", ["vision_config", "fullatt_block_indexes"], [1, 9], "outside"),
+        ("config.json", ["vision_config", "window_size"], 20, "not a multiple"),
+        ("preprocessor_config.json", ["patch_size"], 8, "differs from the vision tower"),
+    ],
+)
+def test_bad_config_is_one_clear_error(qwen, tmp_path, file, path, value, message):
+    import json
+    import shutil
+
+    from relaxlm.frontends import export, load_checkpoint
+
+    folder = shutil.copytree(qwen[0], tmp_path / "bad")
+    raw = json.loads((folder / file).read_text())
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (folder / file).write_text(json.dumps(raw))
+    with pytest.raises(RelaxlmError, match=message):
+        export(load_checkpoint(folder))
