@@ -20,6 +20,7 @@ from . import (
     mixtral,
     phi,
     phi3,
+    qwen2_vl,
     qwen3,
     qwen3_moe,
     vits,
@@ -62,6 +63,14 @@ ARCHITECTURES = {
     "LlavaNextForConditionalGeneration": (
         llava_next.LlavaNextConfig.from_dict,
         llava_next.LlavaNextForConditionalGeneration,
+    ),
+    "Qwen2_5_VLForConditionalGeneration": (
+        qwen2_vl.Qwen2_5_VLConfig.from_dict,
+        qwen2_vl.Qwen2_5_VLForConditionalGeneration,
+    ),
+    "Qwen2VLForConditionalGeneration": (
+        qwen2_vl.Qwen2VLConfig.from_dict,
+        qwen2_vl.Qwen2VLForConditionalGeneration,
     ),
     "WhisperForConditionalGeneration": (
         whisper.WhisperConfig.from_dict,

@@ -10,10 +10,12 @@ The paged-attention pass adds the KV-cache parameter after the inputs.
 A vision-language model (`VisionLM`) exports three more, so images are spliced into a prompt:
 - `encode_images(pixel_values[k, c, h, w])`: k preprocessed images, or LLaVA-NeXT's tiles
   (float32) -> their features in the text trunk's width, `[k, tokens per image, hidden]`
-  float32.
+  float32. An architecture may ask for other inputs (`VisionLM.image_inputs`; Qwen2.5-VL:
+  patches with their positions and windows -> `[tokens, hidden]`).
 - `embed_tokens(input_ids[1, n])`: the token embeddings, `[1, n, hidden]` float32.
 - `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
-  (token embeddings with image features at the image-token positions).
+  (token embeddings with image features at the image-token positions); plus the inputs of
+  `VisionLM.prefill_position_inputs` (Qwen2.5-VL: M-RoPE positions `[3, n]`).
 - `image_newline_features()`, for a model that has it (LLaVA-NeXT): the learned vector the
   runtime puts after each row of an image's tiles, `[hidden]` float32.
 
@@ -239,20 +241,27 @@ class VisionLM(CausalLM):
         hidden = self.hidden_states_from_embeddings(embeddings)  # [1, n, hidden]
         return self.logits(nn.op.take(hidden, logit_positions, axis=1))  # [1, b, vocab]
 
+    def image_inputs(self) -> dict[str, Any]:
+        """encode_images' inputs (name -> spec); an architecture that needs more than pixels
+        (Qwen2.5-VL: patch positions and attention windows) gives its own."""
+        return {"pixel_values": nn.spec.Tensor(["num_images", *self.image_shape], "float32")}
+
+    def prefill_position_inputs(self) -> dict[str, Any]:
+        """prefill_embeds' inputs after logit_positions (Qwen2.5-VL: M-RoPE positions)."""
+        return {}
+
 
 def export_vision_lm(model: VisionLM):
     """Export prefill/decode plus the image entries: (IRModule, [(name, nn.Parameter)])."""
     modes = {"param_mode": "packed", "effect_mode": "none"}
     spec = {
         **_text_spec(),
-        "encode_images": {
-            "pixel_values": nn.spec.Tensor(["num_images", *model.image_shape], "float32"),
-            "$": modes,
-        },
+        "encode_images": {**model.image_inputs(), "$": modes},
         "embed_tokens": {"input_ids": nn.spec.Tensor([1, "num_tokens"], "int32"), "$": modes},
         "prefill_embeds": {
             "embeddings": nn.spec.Tensor([1, "num_tokens", model.hidden_size], "float32"),
             "logit_positions": nn.spec.Tensor(["num_logits"], "int32"),
+            **model.prefill_position_inputs(),
             "$": modes,
         },
     }

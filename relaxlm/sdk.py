@@ -393,8 +393,10 @@ class LLM:
         """`text` with one image placeholder per image in front, unless it has them already."""
         if self.engine.images is None:
             return text
-        token = self.tokenizer.backend.id_to_token(self.engine.images.image_token_id)
-        return text if token in text else f"{token}\n" * n + text
+        images = self.engine.images
+        token = self.tokenizer.backend.id_to_token(images.image_token_id)
+        placeholder = "".join(map(self.tokenizer.backend.id_to_token, images.placeholder_ids))
+        return text if token in text else f"{placeholder}\n" * n + text
 
 
 class AsyncLLM:

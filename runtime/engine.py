@@ -42,6 +42,7 @@ from relaxlm.runtime.scheduler import (
 from relaxlm.runtime.speculative import NGRAM, DraftModel, NgramDrafter, verify
 from relaxlm.runtime.tokenizer import Tokenizer
 from relaxlm.runtime.vision import ImageEncoder, ImagePrompt
+from relaxlm.runtime.vision_qwen import QwenImageEncoder
 
 DEFAULT_NUM_DRAFT_TOKENS = 4
 
@@ -106,7 +107,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         # Vision-language artifacts: image features spliced into prefills (runtime/vision.py).
-        self.images = ImageEncoder(model) if model.manifest.vision else None
+        self.images = _image_encoder(model) if model.manifest.vision else None
         self.config = SchedulerConfig(
             max_batch_size=model.max_batch_size,
             num_pages=model.num_pages,
@@ -180,9 +181,9 @@ class Engine:
         self, prompt_ids, params: SamplingParams, sink: Sink, request_id
     ) -> RequestState:
         checked = self.check(prompt_ids, params)
-        prompt_ids, rows = checked, None
+        prompt_ids, rows, positions = checked, None, None
         if isinstance(checked, ImagePrompt):
-            prompt_ids, rows = checked.token_ids, checked.rows
+            prompt_ids, rows, positions = checked.token_ids, checked.rows, checked.positions
         request_id = request_id or f"req-{next(self._ids)}"
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -191,6 +192,7 @@ class Engine:
             request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
         )
         request.image_rows = rows
+        request.image_positions = positions
         return request
 
     def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
@@ -400,7 +402,10 @@ class Engine:
         if plan.prefill:
             seq_ids, chunks = [c.seq.seq_id for c in plan.prefill], [c.tokens for c in plan.prefill]
             if image_rows := self._image_rows(plan.prefill):
-                logits = self.images.prefill_tokens(seq_ids, chunks, image_rows)
+                positions = {}
+                if self.images.mrope:  # each chunk's M-RoPE positions
+                    positions["positions"] = [self._mrope_positions(c) for c in plan.prefill]
+                logits = self.images.prefill_tokens(seq_ids, chunks, image_rows, **positions)
             else:
                 logits = self.model.prefill(seq_ids, chunks)
             pairs = zip(plan.prefill, logits, strict=True)
@@ -530,6 +535,16 @@ class Engine:
             rows.update(self._completions[chunk.seq.seq_id][0].image_rows or {})
         return rows
 
+    def _mrope_positions(self, chunk: Chunk) -> np.ndarray:
+        """A chunk's positions [3, len]: its prompt's (shifted) ones, then the cache's."""
+        prompt = self._completions[chunk.seq.seq_id][0].image_positions
+        at = np.arange(chunk.start, chunk.start + len(chunk.tokens))
+        out = np.broadcast_to(at, (3, len(at))).copy()
+        if prompt is not None:
+            inside = at < prompt.shape[1]
+            out[:, inside] = prompt[:, at[inside]]
+        return out
+
     def _run_ops(self, ops: list[KVOp]) -> None:
         for op in ops:
             if isinstance(op, AddSeq):
@@ -593,3 +608,10 @@ def _drafter(draft_model, num_draft_tokens, prefill_chunk: int):
     raise RelaxlmError(
         f"draft_model={draft_model!r} is invalid; pass {NGRAM!r} or a draft model's artifact"
     )
+
+
+def _image_encoder(model) -> "ImageEncoder | QwenImageEncoder":
+    """The image entries of a vision-language artifact: Qwen2.5-VL's, or LLaVA's."""
+    if model.manifest.vision.get("processor") == "qwen2_vl":
+        return QwenImageEncoder(model)
+    return ImageEncoder(model)

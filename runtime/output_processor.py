@@ -72,6 +72,8 @@ class RequestState:
     first_token_time: float | None = None
     # A prompt with images: its image token ids (past the vocabulary) -> feature rows.
     image_rows: dict | None = None
+    # M-RoPE models: the prompt's positions, [3, n] (runtime/vision_qwen.py).
+    image_positions: object = None
 
     @property
     def finished(self) -> bool:

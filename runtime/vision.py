@@ -14,7 +14,7 @@ import math
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -319,11 +319,18 @@ class ImagePrompt:
     token_ids: list[int]
     rows: dict[int, np.ndarray]
     image_token_id: int
+    # M-RoPE models (Qwen2.5-VL, runtime/vision_qwen.py): the prompt's shifted positions
+    # [3, n], and text ids given an id past the vocabulary (id -> the text token).
+    positions: np.ndarray | None = None
+    originals: dict[int, int] = field(default_factory=dict)
 
     @property
     def text_ids(self) -> list[int]:
         """The token ids with the model's image token at every image position."""
-        return [self.image_token_id if t in self.rows else t for t in self.token_ids]
+        return [
+            self.originals.get(t, self.image_token_id) if t in self.rows else t
+            for t in self.token_ids
+        ]
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -336,6 +343,8 @@ class ImageEncoder:
     LLaVA-1.5 gives every image `tokens_per_image` tokens; LLaVA-NeXT (`layout` set) a number
     that depends on the image's size, so the prompt's image tokens are expanded per image.
     """
+
+    mrope = False  # prefill takes no positions (see runtime/vision_qwen.py)
 
     def __init__(self, model):
         vision = model.manifest.vision
@@ -356,6 +365,11 @@ class ImageEncoder:
         self._embed = model.vm["embed_tokens"]
         self._prefill = model.vm["prefill_embeds"]
         self._newline = model.vm["image_newline_features"](model.params).numpy() if anyres else None
+
+    @property
+    def placeholder_ids(self) -> list[int]:
+        """What a prompt holds per image before expansion: the image token."""
+        return [self.image_token_id]
 
     def pixel_values(self, images: list) -> np.ndarray:
         """Sources (see `load_image`) -> [k, 3, h, w] float32 (one tile per image: LLaVA-1.5;

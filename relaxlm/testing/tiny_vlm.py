@@ -1,4 +1,4 @@
-"""Tiny random-weight vision-language checkpoints (LLaVA-1.5 and LLaVA-NeXT), built with
+"""Tiny random-weight vision-language checkpoints (LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL), built with
 transformers at test time.
 
 Same conventions as tiny_models.py (weight scales, tokenizer), plus an `<image>` token in the
@@ -113,25 +113,25 @@ def make_llava_model(
     return out_dir
 
 
-def _add_image_token(out_dir: Path) -> int:
-    """Add `<image>` as a special token to the saved tokenizer; its id."""
+def _add_image_token(out_dir: Path, tokens: tuple[str, ...] = (IMAGE_TOKEN,)) -> int:
+    """Add special tokens (`<image>`) to the saved tokenizer; the last one's id."""
     path = out_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(path))
-    tok.add_special_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
     tok.save(str(path))
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
-    image_id = tok.token_to_id(IMAGE_TOKEN)
-    config.setdefault("added_tokens_decoder", {})[str(image_id)] = {
-        "content": IMAGE_TOKEN,
-        "lstrip": False,
-        "normalized": False,
-        "rstrip": False,
-        "single_word": False,
-        "special": True,
-    }
+    for token in tokens:
+        config.setdefault("added_tokens_decoder", {})[str(tok.token_to_id(token))] = {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return image_id
+    return tok.token_to_id(tokens[-1])
 
 
 def _init_weights(model: torch.nn.Module, seed: int) -> None:
@@ -142,7 +142,7 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
     lo, hi = NORM_RANGE
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name.split(".")[-2] or "layrnorm" in name:
+            if "norm" in name.split(".")[-2] or "layrnorm" in name or ".ln_q." in name:
                 if name.endswith(".weight"):
                     p.copy_(torch.rand(p.shape, generator=gen) * (hi - lo) + lo)
                 else:
@@ -153,8 +153,105 @@ def _init_weights(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * embed_std)
             elif name.endswith(("class_embedding", "position_embedding.weight")):
                 p.copy_(torch.randn(p.shape, generator=gen))
-            elif p.ndim in (2, 4):  # linear [out, in]; patch convolution [out, c, p, p]
+            elif p.ndim in (2, 4, 5):  # linear [out, in]; patch convolution [out, c, (t,) p, p]
                 fan_in = math.prod(p.shape[1:])
                 p.copy_(torch.randn(p.shape, generator=gen) * (LINEAR_GAIN / math.sqrt(fan_in)))
             else:
                 raise ValueError(f"parameter {name} with shape {tuple(p.shape)} has no init rule")
+
+
+# Qwen2.5-VL's vision tokens, in the tokenizer as the hub's checkpoints have them.
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>")
+# ~60 K vision parameters: 4-pixel patches merged 2x2 into one text token, attention windows of
+# 2x2 merged tokens (16 pixels) on blocks 0 and 2, the whole image on blocks 1 and 3.
+TINY_QWEN_VISION_CONFIG = {
+    "depth": 4,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 4,
+    "patch_size": 4,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 16,
+    "fullatt_block_indexes": [1, 3],
+}
+# The trunk's head_dim is 16: M-RoPE splits its 8 frequencies 2 (time), 3 (row), 3 (column).
+TINY_MROPE_SECTION = [2, 3, 3]
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_qwen2_5_vl_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    min_pixels: int = 8 * 8 * 4,
+    max_pixels: int = 64 * 64,
+    vision_overrides: dict | None = None,
+    qwen2: bool = False,
+) -> Path:
+    """Save a random-weight float32 Qwen2_5_VLForConditionalGeneration checkpoint, its
+    tokenizer (with the vision tokens) and its preprocessor_config.json (Qwen2VLImageProcessor)
+    to `out_dir`.
+
+    min_pixels, max_pixels: the processor's bounds on a resized image's area.
+    vision_overrides: vision config fields over TINY_QWEN_VISION_CONFIG.
+    qwen2: a Qwen2VLForConditionalGeneration instead (LayerNorm and fc1/fc2 blocks, no
+        windows; its vision config names the tower's width `embed_dim`).
+    """
+    out_dir = Path(out_dir)
+    make_tokenizer(out_dir, kind="bpe", chat_template=QWEN_VL_TEMPLATE)
+    _add_image_token(out_dir, QWEN_VL_TOKENS)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    start, end, video, pad = (tok.token_to_id(t) for t in QWEN_VL_TOKENS)
+    vocab = -(-(pad + 1) // 8) * 8
+    vision = {**TINY_QWEN_VISION_CONFIG, **(vision_overrides or {})}
+    arch = "Qwen2VL" if qwen2 else "Qwen2_5_VL"
+    if qwen2:
+        vision = {
+            "embed_dim": vision["hidden_size"],
+            "mlp_ratio": vision["intermediate_size"] // vision["hidden_size"],
+            **{k: vision[k] for k in ("depth", "num_heads", "patch_size", "temporal_patch_size")},
+            "spatial_merge_size": vision["spatial_merge_size"],
+        }
+    text = getattr(transformers, f"{arch}TextConfig")(
+        **TINY_CONFIG,
+        vocab_size=vocab,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": TINY_MROPE_SECTION,
+        },
+        bos_token_id=None,
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+    )
+    out = {"hidden_size": text.hidden_size} if qwen2 else {"out_hidden_size": text.hidden_size}
+    config = getattr(transformers, f"{arch}Config")(
+        text_config=text.to_dict(),
+        vision_config={**vision, **out},
+        image_token_id=pad,
+        video_token_id=video,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        architectures=[f"{arch}ForConditionalGeneration"],
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{arch}ForConditionalGeneration")(config).float().eval()
+    _init_weights(model, seed)
+    model.generation_config = transformers.GenerationConfig(eos_token_id=text.eos_token_id)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    transformers.Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=vision["patch_size"],
+        temporal_patch_size=vision["temporal_patch_size"],
+        merge_size=vision["spatial_merge_size"],
+    ).save_pretrained(out_dir)
+    return out_dir
