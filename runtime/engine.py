@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.lora import LoadedLora, LoraSlots
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
 from relaxlm.runtime.output_processor import (
@@ -124,6 +125,8 @@ class Engine:
             chunk, None if max_prefill_tokens is not None else float(prefill_step_target_s)
         )
         self.drafter = _drafter(draft_model, num_draft_tokens, model.prefill_chunk)
+        # LoRA adapters served unmerged, for an artifact compiled with slots (runtime/lora.py).
+        self.lora_slots = LoraSlots(model) if model.lora_slots else None
         self.num_draft_tokens = num_draft_tokens
         self._requests: dict[str, RequestState] = {}
         self._completions: dict[int, tuple[RequestState, CompletionState]] = {}  # by seq_id
@@ -176,6 +179,39 @@ class Engine:
                 self._thread.start()
         return ids
 
+    def load_lora(self, name: str, path) -> LoadedLora:
+        """Load the PEFT adapter folder `path` into a free slot as `name`; requests name it in
+        SamplingParams.lora. Waits for the step in progress (a slot changes between steps)."""
+        with self._step_lock:
+            return self._lora_slots().load(name, path)
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """Free adapter `name`'s slot; RelaxlmError while a request still generates with it."""
+        with self._step_lock:
+            loaded = self._lora_slots().get(name)
+            with self._inbox_lock:
+                queued = [i.request for i in self._inbox if isinstance(i, _Submit)]
+            users = [r for r in [*self._requests.values(), *queued] if r.lora == loaded]
+            if users:
+                raise RelaxlmError(
+                    f"LoRA adapter {name!r} is in use by {len(users)} request(s); abort them or "
+                    "wait for them to finish, then unload it"
+                )
+            return self._lora_slots().unload(name)
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The loaded LoRA adapters by name (none for an artifact without slots)."""
+        with self._step_lock:
+            return self.lora_slots.adapters() if self.lora_slots is not None else {}
+
+    def _lora_slots(self) -> LoraSlots:
+        if self.lora_slots is None:
+            raise RelaxlmError(
+                f"{self.model.folder} has no LoRA slots; compile the base with lora_slots=K "
+                "(`--lora-slots K`) to load adapters at run time"
+            )
+        return self.lora_slots
+
     def _request_state(
         self, prompt_ids, params: SamplingParams, sink: Sink, request_id
     ) -> RequestState:
@@ -191,6 +227,8 @@ class Engine:
             request_id, prompt_ids, params, sink, time.monotonic(), frozenset(stop_ids)
         )
         request.image_rows = rows
+        if params.lora is not None:  # a dict read: no need to wait for the step's lock
+            request.lora = self._lora_slots().get(params.lora)
         return request
 
     def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
@@ -244,6 +282,8 @@ class Engine:
             self.scheduler.check(prompt_ids.token_ids, params.n)
             return prompt_ids
         ids = self._checked_ids(prompt_ids)
+        if params.lora is not None:
+            self._lora_slots().get(params.lora)
         vocab = self.model.vocab_size
         bad = [t for t in params.logit_bias if not t < vocab]
         if bad:
@@ -254,9 +294,16 @@ class Engine:
         self.scheduler.check(ids, params.n)
         return ids
 
-    def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
+    def score(
+        self,
+        token_ids: list[int],
+        prefill: int,
+        every_token: bool = False,
+        lora: str | None = None,
+    ) -> np.ndarray:
         """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
         every_token: rows after each of ids[:1] .. ids[:prefill] instead of row 0 alone.
+        lora: a loaded LoRA adapter's name to score with; None: the base model.
 
         Runs between engine steps, in a KV-cache sequence of its own.
         """
@@ -266,6 +313,7 @@ class Engine:
             )
         ids = self._checked_ids(token_ids)
         with self._step_lock:
+            slots = [self._lora_slots().get(lora).slot] if lora is not None else None
             seq_id = self.scheduler.new_seq_id()
             evictions, reserved = self.scheduler.reserve(seq_id, len(ids))
             self._run_ops(evictions)
@@ -281,11 +329,11 @@ class Engine:
                 rows = []
                 for start in range(0, prefill, chunk):
                     end = min(start + chunk, prefill)
-                    logits = self.model.prefill([seq_id], [ids[start:end]], every_token)
+                    logits = self.model.prefill([seq_id], [ids[start:end]], every_token, slots)
                     rows.extend(logits if every_token else [])
                 rows = rows if every_token else [logits[0]]
                 for token in ids[prefill:]:
-                    rows.append(self.model.decode([seq_id], [token])[0])
+                    rows.append(self.model.decode([seq_id], [token], slots)[0])
             finally:
                 self.model.remove_sequence(seq_id)
                 self.scheduler.release(seq_id)
@@ -339,7 +387,15 @@ class Engine:
 
     def _admit(self, request: RequestState) -> None:
         try:
-            seqs = self.scheduler.add(request.request_id, request.prompt_ids, request.params.n)
+            lora = request.lora
+            if lora is not None and self.lora_slots.adapters().get(lora.name) != lora:
+                raise RelaxlmError(
+                    f"LoRA adapter {lora.name!r} was unloaded before the request started"
+                )
+            key = lora.key if lora is not None else 0
+            seqs = self.scheduler.add(
+                request.request_id, request.prompt_ids, request.params.n, cache_key=key
+            )
         except RelaxlmError as e:
             self._emit(request, e)
             return
@@ -385,7 +441,7 @@ class Engine:
         rows = []  # (chunk, logits row) for chunks that want logits
         if decode:
             logits = self.model.decode(
-                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode]
+                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode], self._slots(decode)
             )
             rows += zip(decode, logits, strict=True)
         if specs:
@@ -394,6 +450,7 @@ class Engine:
                 [spec.chunk.seq.seq_id for spec in specs],
                 [spec.chunk.tokens + spec.drafts for spec in specs],
                 every_token=True,
+                slots=self._slots([spec.chunk for spec in specs]),
             )
             ends = np.cumsum([len(spec.drafts) + 1 for spec in specs])
             verified = np.split(logits, ends[:-1])
@@ -402,7 +459,7 @@ class Engine:
             if image_rows := self._image_rows(plan.prefill):
                 logits = self.images.prefill_tokens(seq_ids, chunks, image_rows)
             else:
-                logits = self.model.prefill(seq_ids, chunks)
+                logits = self.model.prefill(seq_ids, chunks, slots=self._slots(plan.prefill))
             pairs = zip(plan.prefill, logits, strict=True)
             rows += [(c, row) for c, row in pairs if c.wants_logits]
         self._run_ops(plan.kv_ops_after)
@@ -427,6 +484,11 @@ class Engine:
         for spec, spec_rows in zip(specs, verified if specs else [], strict=True):
             sampled += self._accept(spec, spec_rows)
         return sampled
+
+    def _slots(self, chunks: list[Chunk]) -> list[int]:
+        """The LoRA slot each chunk's sequence computes with (0: the base model)."""
+        loras = (self._completions[c.seq.seq_id][0].lora for c in chunks)
+        return [lora.slot if lora is not None else 0 for lora in loras]
 
     def _draft(self, chunks: list[Chunk]) -> list[_Speculation]:
         """Drafts for the decode chunks whose requests speculate, with pages taken for them."""

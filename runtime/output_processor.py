@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relaxlm.runtime.detokenizer import IncrementalDetokenizer, StopStrings
+from relaxlm.runtime.lora import LoadedLora
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.sampler import Logprob, Sample, Sampler, SamplingParams
 from relaxlm.runtime.scheduler import Sequence
@@ -72,6 +73,8 @@ class RequestState:
     first_token_time: float | None = None
     # A prompt with images: its image token ids (past the vocabulary) -> feature rows.
     image_rows: dict | None = None
+    # The LoRA adapter it generates with (runtime/lora.py LoadedLora); None: the base model.
+    lora: LoadedLora | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,233 @@
+"""LoRA adapters served unmerged from adapter slots, against PEFT's own merge (merge_and_unload)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from hf_models import hf_logits
+from safetensors.numpy import load_file, save_file
+
+import relaxlm
+from relaxlm.frontends.checkpoint import TOKENIZER_FILES
+
+PREFILL = 10
+SLOTS, RANK = 2, 8
+# Adapter "a" adapts attention and the MLP's outer layers, "b" (rsLoRA, one module of rank 2, r
+# 8 = the slots' rank) other layers too, so their slots differ in which layers they fill.
+A_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+B_TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]
+B_OPTIONS = {"r": 8, "use_rslora": True, "rank_pattern": {"layers.1.self_attn.q_proj": 2}}
+
+
+def _hf_model(folder: Path) -> transformers.PreTrainedModel:
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+def _make_adapter(base: Path, out: Path, seed: int, targets: list[str], **options) -> Path:
+    """A random PEFT LoRA adapter for `base` (B random too, so it changes the logits)."""
+    torch.manual_seed(seed)
+    config = {"r": 4, "lora_alpha": 8, **options}
+    lora = peft.LoraConfig(target_modules=targets, init_lora_weights=False, **config)
+    peft.get_peft_model(_hf_model(base), lora).save_pretrained(out)
+    return out
+
+
+def _peft_merged(base: Path, adapter: Path, out: Path) -> Path:
+    model = peft.PeftModel.from_pretrained(_hf_model(base), adapter).merge_and_unload()
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (base / name).is_file():
+            shutil.copyfile(base / name, out / name)
+    return out
+
+
+def _token_ids(n: int, seed: int = 0) -> list[int]:
+    return [1] + np.random.default_rng(seed).integers(5, 400, n - 1).tolist()
+
+
+def _max_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """The largest difference, as a fraction of the reference's largest |logit|."""
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def adapters(checkpoints, tmp_path_factory):
+    """The tiny Llama, adapters a and b for it, and PEFT's merge of each."""
+    base = checkpoints("llama_gqa")
+    root = tmp_path_factory.mktemp("lora-slots")
+    a = _make_adapter(base, root / "a", 0, A_TARGETS)
+    b = _make_adapter(base, root / "b", 1, B_TARGETS, **B_OPTIONS)
+    return {
+        "base": base,
+        "root": root,
+        "a": a,
+        "b": b,
+        "merged_a": _peft_merged(base, a, root / "merged-a"),
+        "merged_b": _peft_merged(base, b, root / "merged-b"),
+    }
+
+
+@pytest.fixture(scope="module")
+def llm(adapters):
+    """The base compiled with 2 slots of rank 8, both adapters loaded."""
+    return relaxlm.LLM(
+        str(adapters["base"]),
+        lora_slots=SLOTS,
+        lora_max_rank=RANK,
+        lora_adapters={"a": adapters["a"], "b": adapters["b"]},
+    )
+
+
+def test_logits_with_each_adapter_equal_peft_merged(adapters, llm):
+    ids = _token_ids(PREFILL + 10)
+    for name in ("a", "b"):
+        ref = hf_logits(adapters[f"merged_{name}"], ids, PREFILL)
+        err = _max_error(llm.score(ids, PREFILL, lora=name), ref)
+        assert err <= 1e-3, (name, err)
+    base_ref = hf_logits(adapters["base"], ids, PREFILL)
+    assert _max_error(llm.score(ids, PREFILL), base_ref) <= 1e-3  # slot 0: the base alone
+    # the adapters matter far beyond the tolerance
+    assert _max_error(base_ref, hf_logits(adapters["merged_a"], ids, PREFILL)) > 0.1
+    spec = llm.manifest.lora_slots
+    assert (spec["slots"], spec["max_rank"]) == (SLOTS, RANK)
+    assert len(spec["targets"]) == 2 * 7  # every linear layer of both layers, not lm_head
+    assert {a: (x.slot, x.rank) for a, x in llm.loras().items()} == {"a": (1, 4), "b": (2, 8)}
+
+
+def test_one_forward_mixing_adapters_equals_each_alone(llm):
+    """Three sequences through slots 1, 0 and 2 in one prefill and one decode, and each alone."""
+    model = llm.model
+    prompts = [_token_ids(7, seed=s) for s in (3, 4, 5)]
+    slots, nexts = [1, 0, 2], [11, 12, 13]
+
+    def run(seq_ids, chunks, slot_ids, tokens):
+        for s in seq_ids:
+            model.add_sequence(s)
+        try:
+            first = model.prefill(seq_ids, chunks, slots=slot_ids)
+            second = model.decode(seq_ids, tokens, slots=slot_ids)
+        finally:
+            for s in seq_ids:
+                model.remove_sequence(s)
+        return first, second
+
+    with llm.engine._step_lock:  # the engine's KV cache, between its steps
+        ids = [10_001, 10_002, 10_003]
+        together = run(ids, prompts, slots, nexts)
+        alone = [run([i], [p], [s], [t]) for i, p, s, t in zip(ids, prompts, slots, nexts)]
+    for k in range(3):
+        for step in range(2):
+            err = np.abs(together[step][k] - alone[k][step][0]).max()
+            assert err <= 1e-4 * np.abs(alone[k][step][0]).max(), (k, step, err)
+    # and they differ: each row went through its own slot
+    assert np.abs(together[0][0] - together[0][1]).max() > 0.1 * np.abs(together[0][1]).max()
+
+
+def test_generate_batches_adapters_and_base(llm):
+    prompts = [_token_ids(9, seed=s) for s in (6, 7, 8)]
+    params = [
+        relaxlm.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
+        for lora in ("a", None, "b")
+    ]
+    together = [r.token_ids for r in llm.generate(prompts, params)]
+    alone = [llm.generate([p], q)[0].token_ids for p, q in zip(prompts, params, strict=True)]
+    assert together == alone
+    # the same prompt through each adapter: three different continuations
+    same = llm.generate([prompts[0]] * 3, params)
+    assert len({tuple(r.token_ids) for r in same}) == 3
+    assert llm.generate(prompts[0], params[0], lora="b")[0].token_ids == same[2].token_ids
+
+
+def test_load_and_unload_at_run_time(adapters, llm):
+    ids = _token_ids(PREFILL + 6, seed=9)
+    ref_b = hf_logits(adapters["merged_b"], ids, PREFILL)
+    llm.unload_lora("b")
+    assert list(llm.loras()) == ["a"]
+    with pytest.raises(relaxlm.RelaxlmError, match="'b' is not loaded"):
+        llm.generate([1, 2, 3], relaxlm.SamplingParams(max_tokens=2), lora="b")
+    # the prefix cache holds b's pages; an adapter loaded into its slot must not reuse them
+    loaded = llm.load_lora("b-again", adapters["b"])
+    assert loaded.slot == 2 and list(llm.loras()) == ["a", "b-again"]
+    assert _max_error(llm.score(ids, PREFILL, lora="b-again"), ref_b) <= 1e-3
+    llm.unload_lora("b-again")
+    llm.load_lora("a-too", adapters["a"])  # slot 2 now holds a: equal to slot 1
+    assert np.array_equal(llm.score(ids, PREFILL, lora="a-too"), llm.score(ids, PREFILL, lora="a"))
+    llm.unload_lora("a-too")
+    llm.load_lora("b", adapters["b"])
+
+
+def _edited(src: Path, dst: Path, config=None, tensors=None) -> Path:
+    shutil.copytree(src, dst)
+    if config:
+        data = json.loads((dst / "adapter_config.json").read_text())
+        (dst / "adapter_config.json").write_text(json.dumps({**data, **config}))
+    if tensors:
+        file = dst / "adapter_model.safetensors"
+        save_file({**load_file(file), **tensors}, file)
+    return dst
+
+
+def test_refusals(adapters, llm, compiled, tmp_path):
+    base, a = adapters["base"], adapters["a"]
+    before = llm.score(_token_ids(8), 8, lora="a")
+    wide = _make_adapter(base, tmp_path / "wide", 2, ["q_proj"], r=16)
+    with pytest.raises(relaxlm.RelaxlmError, match="rank 16, over the slots' most rank 8"):
+        llm.load_lora("wide", wide)
+    head = _make_adapter(base, tmp_path / "head", 3, ["lm_head"])
+    with pytest.raises(relaxlm.RelaxlmError, match="module lm_head, which has no LoRA slot"):
+        llm.load_lora("head", head)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    bad = _edited(a, tmp_path / "bad", tensors={key: np.zeros((32, 4), np.float32)})
+    with pytest.raises(relaxlm.RelaxlmError, match=r"64 -> 64.*another base model"):
+        llm.load_lora("bad", bad)
+    with pytest.raises(relaxlm.RelaxlmError, match="no free LoRA slot for 'c': all 2"):
+        llm.load_lora("c", a)
+    with pytest.raises(relaxlm.RelaxlmError, match="named 'a' is loaded already"):
+        llm.load_lora("a", a)
+    with pytest.raises(relaxlm.RelaxlmError, match="'nope' is not loaded"):
+        llm.generate([1, 2], relaxlm.SamplingParams(max_tokens=2), lora="nope")
+    assert list(llm.loras()) == ["a", "b"]  # nothing changed by the refusals
+    assert np.array_equal(llm.score(_token_ids(8), 8, lora="a"), before)
+    plain = compiled("llama_gqa")
+    with pytest.raises(relaxlm.RelaxlmError, match="has no LoRA slots"):
+        plain.load_lora("a", a)
+    with pytest.raises(relaxlm.RelaxlmError, match="has no LoRA slots"):
+        plain.generate([1, 2], relaxlm.SamplingParams(max_tokens=2), lora="a")
+    with pytest.raises(relaxlm.RelaxlmError, match="without LoRA slots"):
+        relaxlm.LLM(str(plain.artifact), lora_slots=2)
+    with pytest.raises(relaxlm.RelaxlmError, match="lora_max_rank=0 is invalid"):
+        relaxlm.LLM(str(base), lora_slots=1, lora_max_rank=0)
+
+
+def test_q4_base(adapters):
+    """A q4 base: its linear weights quantized, the slots in float32; an adapter's logits
+    follow PEFT's merge as closely as q4 rounding allows, and far from the base's."""
+    llm = relaxlm.LLM(
+        str(adapters["base"]),
+        quant="q4",
+        lora_slots=1,
+        lora_max_rank=RANK,
+        lora_adapters={"a": adapters["a"]},
+    )
+    params = {p["name"]: p for p in llm.manifest.params}
+    assert llm.manifest.quantization["scheme"] == "q4"
+    assert params["model.layers.0.self_attn.q_proj.lora_A"]["dtype"] == "float32"
+    assert not any(n.startswith("model.layers.0.self_attn.q_proj") and n.endswith(".weight")
+                   for n in params)  # the base weight is stored quantized (fused q/k/v)
+    ids = _token_ids(PREFILL + 8, seed=10)
+    ref = hf_logits(adapters["merged_a"], ids, PREFILL)
+    ours = llm.score(ids, PREFILL, lora="a")
+    base_ref = hf_logits(adapters["base"], ids, PREFILL)
+    cos, cos_base = _cosine(ours, ref), _cosine(ours, base_ref)
+    assert cos >= 0.99 and cos_base < 0.5, (cos, cos_base)
