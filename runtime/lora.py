@@ -98,7 +98,7 @@ class LoraSlots:
         slot = free[0]
         for module in self.targets:
             self._write(module, slot, *rows.get(module, (None, None)))
-        ranks = [a.shape[0] for a, _ in rows.values()]
+        ranks = [a.shape[1] for a, _ in rows.values()]  # a: [in, r]
         loaded = LoadedLora(name, adapter.path, slot, next(self._keys), max(ranks))
         self._loaded[name] = loaded
         return loaded
