@@ -128,8 +128,10 @@ def compile_model(
     exported = export(checkpoint, dtype, slots)
     if slots is not None:  # the slot weights start as zeros: every slot empty
         checkpoint = with_slot_weights(checkpoint, exported.param_shapes)
-        say(f"{slots.slots} LoRA slots of rank {slots.max_rank} on "
-            f"{len(exported.lora_slots['targets'])} linear layers")
+        say(
+            f"{slots.slots} LoRA slots of rank {slots.max_rank} on "
+            f"{len(exported.lora_slots['targets'])} linear layers"
+        )
     say("graph exported")
     stored = stored_schemes(checkpoint, exported, scheme, repack)
     if repack:

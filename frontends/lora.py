@@ -1,10 +1,11 @@
 """PEFT LoRA adapters, merged into a Hugging Face checkpoint's tensors as they are read.
 
-Adapter folders are read by artifacts/peft_lora.py. The merge is PEFT's `merge_and_unload`: W += scale * (B @ A), transposed where the base stores the
-weight [in, out] (`fan_in_fan_out`: GPT-2's Conv1D), scale = alpha / r (alpha / sqrt(r) with
-`use_rslora`), r and alpha per module from `rank_pattern` / `alpha_pattern`. It happens on the
-checkpoint's own tensor names, before a frontend reads them and before the compiler fuses
-(q/k/v -> qkv) or quantizes anything, so every --quant works unchanged.
+Adapter folders are read by artifacts/peft_lora.py. The merge is PEFT's `merge_and_unload`:
+W += scale * (B @ A), transposed where the base stores the weight [in, out] (`fan_in_fan_out`:
+GPT-2's Conv1D), scale = alpha / r (alpha / sqrt(r) with `use_rslora`), r and alpha per module
+from `rank_pattern` / `alpha_pattern`. It happens on the checkpoint's own tensor names, before
+a frontend reads them and before the compiler fuses (q/k/v -> qkv) or quantizes anything, so
+every --quant works unchanged.
 """
 
 import logging
@@ -21,6 +22,7 @@ from relaxlm.errors import RelaxlmError
 from .checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class _Update:

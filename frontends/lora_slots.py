@@ -140,9 +140,7 @@ def _targeted(module: str, attr: str, targets: tuple[str, ...] | None) -> bool:
 def _named_modules(module: nn.Module, prefix: str = ""):
     """(dotted name, module) for `module` and every module under it, lists included."""
     yield prefix, module
-    children = (
-        enumerate(module) if isinstance(module, nn.ModuleList) else vars(module).items()
-    )
+    children = enumerate(module) if isinstance(module, nn.ModuleList) else vars(module).items()
     for attr, child in list(children):
         if isinstance(child, nn.Module | nn.ModuleList):
             yield from _named_modules(child, f"{prefix}.{attr}" if prefix else str(attr))

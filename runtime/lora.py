@@ -177,4 +177,3 @@ class LoraSlots:
 def _summary(targets: dict) -> str:
     kinds = sorted({name.rsplit(".", 1)[-1] for name in targets})
     return f"{len(targets)} layers: {', '.join(kinds)}"
-

@@ -122,7 +122,8 @@ def test_one_forward_mixing_adapters_equals_each_alone(llm):
     with llm.engine._step_lock:  # the engine's KV cache, between its steps
         ids = [10_001, 10_002, 10_003]
         together = run(ids, prompts, slots, nexts)
-        alone = [run([i], [p], [s], [t]) for i, p, s, t in zip(ids, prompts, slots, nexts)]
+        cases = zip(ids, prompts, slots, nexts, strict=True)
+        alone = [run([i], [p], [s], [t]) for i, p, s, t in cases]
     for k in range(3):
         for step in range(2):
             err = np.abs(together[step][k] - alone[k][step][0]).max()
