@@ -465,6 +465,18 @@ class AsyncLLM:
         """`messages` (and the `tools` offered) rendered by the model's own chat template."""
         return self.llm.apply_chat_template(messages, tools)
 
+    def load_lora(self, name: str, path: str | os.PathLike) -> LoadedLora:
+        """As LLM.load_lora; it waits for the engine's step, so call it off the event loop."""
+        return self.llm.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """As LLM.unload_lora (off the event loop too)."""
+        return self.llm.unload_lora(name)
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The loaded adapters by name."""
+        return self.llm.loras()
+
     def chat_prompt(
         self, messages: Messages, tools: list[dict] | None = None
     ) -> "list[int] | ImagePrompt":

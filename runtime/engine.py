@@ -200,9 +200,9 @@ class Engine:
             return self._lora_slots().unload(name)
 
     def loras(self) -> dict[str, LoadedLora]:
-        """The loaded LoRA adapters by name (none for an artifact without slots)."""
-        with self._step_lock:
-            return self.lora_slots.adapters() if self.lora_slots is not None else {}
+        """The loaded LoRA adapters by name (none for an artifact without slots); never waits
+        (a copy of a dict the step lock's holders change)."""
+        return self.lora_slots.adapters() if self.lora_slots is not None else {}
 
     def _lora_slots(self) -> LoraSlots:
         if self.lora_slots is None:

@@ -5,8 +5,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import openai
 import peft
 import pytest
+import requests
 import torch
 import transformers
 from hf_models import hf_logits
@@ -15,6 +17,7 @@ from test_quantization import _dequantized_checkpoint
 
 import relaxlm
 from relaxlm.frontends.checkpoint import TOKENIZER_FILES
+from relaxlm.testing.servers import relaxlm_serve
 
 PREFILL = 10
 SLOTS, RANK = 2, 8
@@ -22,6 +25,7 @@ SLOTS, RANK = 2, 8
 # 8 = the slots' rank) other layers too, so their slots differ in which layers they fill.
 A_TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 B_TARGETS = ["q_proj", "k_proj", "up_proj", "down_proj"]
+IGNORE_EOS = {"ignore_eos": True}  # relaxlm's (and vLLM's) extension of the request
 B_OPTIONS = {"r": 8, "use_rslora": True, "rank_pattern": {"layers.1.self_attn.q_proj": 2}}
 
 
@@ -236,3 +240,44 @@ def test_q4_base(adapters, tmp_path):
     err = _max_error(llm.score(ids, PREFILL, lora="a"), ref)
     assert err <= 1e-3, err
     assert _max_error(llm.score(ids, PREFILL), hf_logits(dequantized, ids, PREFILL)) <= 1e-3
+
+
+def test_openai_client_picks_adapters_on_a_real_server(adapters, llm):
+    """`relaxlm serve BASE --lora a=PATH --lora-slots 2`: the request's `model` picks the
+    adapter, /v1/models lists them, and vLLM's load / unload routes change them."""
+    params = relaxlm.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = _token_ids(9, seed=11)
+    want = {name: llm.generate(prompt, params, lora=name)[0].text for name in ("a", "b")}
+    want["base"] = llm.generate(prompt, params)[0].text
+    assert len(set(want.values())) == 3
+    args = [str(adapters["base"]), "--served-model-name", "base", "--lora", f"a={adapters['a']}"]
+    args += ["--lora-slots", str(SLOTS), "--lora-max-rank", str(RANK)]
+    with relaxlm_serve(*args, timeout=600) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        def complete(model: str) -> str:
+            answer = client.completions.create(
+                model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body=IGNORE_EOS
+            )
+            return answer.choices[0].text
+
+        models = client.models.list().data
+        assert [m.id for m in models] == ["base", "a"]
+        assert models[1].parent == "base" and models[1].root == str(adapters["a"].resolve())
+        assert complete("a") == want["a"] and complete("base") == want["base"]
+
+        def post(route: str, **body) -> requests.Response:  # vLLM's routes, plain HTTP
+            return requests.post(f"{url}/v1/{route}", json=body, timeout=60)
+
+        loaded = post("load_lora_adapter", lora_name="b", lora_path=str(adapters["b"]))
+        assert loaded.status_code == 200 and "'b' added" in loaded.text
+        assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
+        assert complete("b") == want["b"]
+        full = post("load_lora_adapter", lora_name="c", lora_path=str(adapters["a"]))
+        assert full.status_code == 400 and "no free LoRA slot" in full.json()["error"]["message"]
+        assert post("unload_lora_adapter", lora_name="b").status_code == 200
+        assert [m.id for m in client.models.list().data] == ["base", "a"]
+        with pytest.raises(openai.NotFoundError, match="'b' does not exist"):
+            complete("b")
+        again = post("unload_lora_adapter", lora_name="b")
+        assert again.status_code == 404 and "'b' is not loaded" in again.json()["error"]["message"]
