@@ -17,6 +17,7 @@ from test_quantization import _dequantized_checkpoint
 
 import relaxlm
 from relaxlm.frontends.checkpoint import TOKENIZER_FILES
+from relaxlm.runtime.scheduler import PrefixCache
 from relaxlm.testing.servers import relaxlm_serve
 
 PREFILL = 10
@@ -154,19 +155,55 @@ def test_generate_batches_adapters_and_base(llm):
 def test_load_and_unload_at_run_time(adapters, llm):
     ids = _token_ids(PREFILL + 6, seed=9)
     ref_b = hf_logits(adapters["merged_b"], ids, PREFILL)
+    greedy = relaxlm.SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    long_prompt = _token_ids(40, seed=12)  # two full KV pages: cached as a prefix when done
+    with_b = llm.generate(long_prompt, greedy, lora="b")[0].token_ids
     llm.unload_lora("b")
     assert list(llm.loras()) == ["a"]
     with pytest.raises(relaxlm.RelaxlmError, match="'b' is not loaded"):
         llm.generate([1, 2, 3], relaxlm.SamplingParams(max_tokens=2), lora="b")
-    # the prefix cache holds b's pages; an adapter loaded into its slot must not reuse them
     loaded = llm.load_lora("b-again", adapters["b"])
     assert loaded.slot == 2 and list(llm.loras()) == ["a", "b-again"]
     assert _max_error(llm.score(ids, PREFILL, lora="b-again"), ref_b) <= 1e-3
+    assert llm.generate(long_prompt, greedy, lora="b-again")[0].token_ids == with_b
     llm.unload_lora("b-again")
-    llm.load_lora("a-too", adapters["a"])  # slot 2 now holds a: equal to slot 1
+    # slot 2 now holds a: equal to slot 1, and b's cached pages of the prompt are not reused
+    llm.load_lora("a-too", adapters["a"])
     assert np.array_equal(llm.score(ids, PREFILL, lora="a-too"), llm.score(ids, PREFILL, lora="a"))
+    with_a = llm.generate(long_prompt, greedy, lora="a")[0].token_ids
+    assert with_a != with_b
+    hits = llm.metrics().prefix_cache_hit_tokens
+    assert llm.generate(long_prompt, greedy, lora="a-too")[0].token_ids == with_a
+    assert llm.metrics().prefix_cache_hit_tokens == hits  # a-too's K/V are its own
+    assert llm.generate(long_prompt, greedy, lora="a")[0].token_ids == with_a
+    assert llm.metrics().prefix_cache_hit_tokens > hits  # a's own cached prompt is reused
     llm.unload_lora("a-too")
     llm.load_lora("b", adapters["b"])
+
+
+def test_an_adapter_in_use_is_not_unloaded(llm):
+    """Unloading refuses while a request generates with the adapter (its slot would change
+    under it); the request, once aborted, no longer holds it."""
+    params = relaxlm.SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, lora="a")
+    with llm.engine._step_lock:  # the engine cannot finish the request meanwhile
+        request_id = llm.engine.submit(_token_ids(8, seed=13), params, lambda output: None)
+        with pytest.raises(relaxlm.RelaxlmError, match="'a' is in use by 1 request"):
+            llm.unload_lora("a")
+    llm.engine.abort(request_id)
+    assert list(llm.loras()) == ["a", "b"]
+
+
+def test_prefix_cache_keeps_each_adapters_pages_apart():
+    """The scheduler's prefix cache (data in, data out): the same tokens under another cache
+    key (another adapter's K/V) match nothing."""
+    cache = PrefixCache(page_size=4)
+    tokens = list(range(12))
+    cache.insert(tokens, owner=7, key=3)
+    assert cache.match(tokens, 12, key=3) == (7, 12)
+    assert cache.match(tokens, 12, key=0) == (None, 0)
+    assert cache.new_blocks(tokens, key=5) == 3 and cache.new_blocks(tokens, key=3) == 0
+    cache.evict(7)
+    assert cache.match(tokens, 12, key=3) == (None, 0)
 
 
 def _edited(src: Path, dst: Path, config=None, tensors=None) -> Path:
