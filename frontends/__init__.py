@@ -97,6 +97,8 @@ def export(
     if dtype not in DTYPES:
         raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if isinstance(checkpoint, OnnxCheckpoint):  # a graph that brings its own ops and weights
+        if lora_slots is not None:
+            raise RelaxlmError("LoRA slots cannot be added to an ONNX graph; use the checkpoint")
         return export_onnx(checkpoint, dtype)
     try:
         model, facts = _build_model(checkpoint)
