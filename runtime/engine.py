@@ -12,7 +12,8 @@ runs while there is work and exits when idle; the next `submit` starts a new one
 import itertools
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -63,6 +64,25 @@ class _Submit:
     """Inbox item: a request to admit."""
 
     request: RequestState
+
+
+@dataclass(eq=False)
+class _Call:
+    """Inbox item: a change to the model run by the engine thread between two steps (loading
+    a LoRA adapter): its result or error, and `done` once it ran."""
+
+    fn: Callable[[], object]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # handed to the caller, who raises it
+            self.error = e
+        finally:
+            self.done.set()
 
 
 @dataclass(eq=False)
@@ -181,14 +201,16 @@ class Engine:
 
     def load_lora(self, name: str, path) -> LoadedLora:
         """Load the PEFT adapter folder `path` into a free slot as `name`; requests name it in
-        SamplingParams.lora. Waits for the step in progress (a slot changes between steps)."""
-        with self._step_lock:
-            return self._lora_slots().load(name, path)
+        SamplingParams.lora. Runs between two engine steps (a slot never changes mid-forward)."""
+        slots = self._lora_slots()
+        return self._between_steps(lambda: slots.load(name, path))
 
     def unload_lora(self, name: str) -> LoadedLora:
         """Free adapter `name`'s slot; RelaxlmError while a request still generates with it."""
-        with self._step_lock:
-            loaded = self._lora_slots().get(name)
+        slots = self._lora_slots()
+
+        def unload() -> LoadedLora:
+            loaded = slots.get(name)
             with self._inbox_lock:
                 queued = [i.request for i in self._inbox if isinstance(i, _Submit)]
             users = [r for r in [*self._requests.values(), *queued] if r.lora == loaded]
@@ -197,7 +219,26 @@ class Engine:
                     f"LoRA adapter {name!r} is in use by {len(users)} request(s); abort them or "
                     "wait for them to finish, then unload it"
                 )
-            return self._lora_slots().unload(name)
+            return slots.unload(name)
+
+        return self._between_steps(unload)
+
+    def _between_steps(self, fn: Callable[[], object]):
+        """fn() on the engine thread between two steps, or here when the engine is idle. (Taking
+        the step lock from here instead could wait until the engine idles: the engine thread
+        takes it back as soon as a step ends.)"""
+        call = _Call(fn)
+        with self._inbox_lock:
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                self._inbox.append(call)
+        if thread is None or thread is threading.current_thread():
+            with self._step_lock:  # an engine thread started meanwhile waits for it
+                call.run()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
 
     def loras(self) -> dict[str, LoadedLora]:
         """The loaded LoRA adapters by name (none for an artifact without slots); never waits
@@ -366,6 +407,9 @@ class Engine:
                         self._thread = None
                         return
                 for item in inbox:
+                    if isinstance(item, _Call):  # its errors are the caller's, not the cache's
+                        item.run()
+                        continue
                     try:
                         if isinstance(item, _Submit):
                             self._admit(item.request)

@@ -183,12 +183,13 @@ def test_load_and_unload_at_run_time(adapters, llm):
 
 def test_an_adapter_in_use_is_not_unloaded(llm):
     """Unloading refuses while a request generates with the adapter (its slot would change
-    under it); the request, once aborted, no longer holds it."""
-    params = relaxlm.SamplingParams(max_tokens=50, temperature=0, ignore_eos=True, lora="a")
-    with llm.engine._step_lock:  # the engine cannot finish the request meanwhile
-        request_id = llm.engine.submit(_token_ids(8, seed=13), params, lambda output: None)
-        with pytest.raises(relaxlm.RelaxlmError, match="'a' is in use by 1 request"):
-            llm.unload_lora("a")
+    under it); the request, once aborted, no longer holds it. The unload runs on the engine
+    thread between steps, after the request's admission (queued first), before its end."""
+    longest = llm.manifest.context_window - 8  # far more steps than the unload waits for
+    params = relaxlm.SamplingParams(max_tokens=longest, temperature=0, ignore_eos=True, lora="a")
+    request_id = llm.engine.submit(_token_ids(8, seed=13), params, lambda output: None)
+    with pytest.raises(relaxlm.RelaxlmError, match="'a' is in use by 1 request"):
+        llm.unload_lora("a")
     llm.engine.abort(request_id)
     assert list(llm.loras()) == ["a", "b"]
 
