@@ -785,6 +785,15 @@ def _inspect(args) -> None:
         (f"lora {i}", f"{a['path']}  r {a['r']}, alpha {a['alpha']}, sha256 {a['sha256'][:12]}")
         for i, a in enumerate(m.lora)
     ]
+    if slots := m.lora_slots:  # adapters served unmerged: the slots only, adapters load later
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in slots["targets"]})
+        rows.append(
+            (
+                "lora slots",
+                f"{slots['slots']} of rank {slots['max_rank']} on {len(slots['targets'])} "
+                f"layers ({', '.join(kinds)})",
+            )
+        )
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
     rows += [

@@ -13,6 +13,7 @@ import torch
 import transformers
 from hf_models import hf_logits
 from safetensors.numpy import load_file, save_file
+from test_cli import assert_clean_error, relaxlm_cli
 from test_quantization import _dequantized_checkpoint
 
 import relaxlm
@@ -105,6 +106,9 @@ def test_logits_with_each_adapter_equal_peft_merged(adapters, llm):
     assert (spec["slots"], spec["max_rank"]) == (SLOTS, RANK)
     assert len(spec["targets"]) == 2 * 7  # every linear layer of both layers, not lm_head
     assert {a: (x.slot, x.rank) for a, x in llm.loras().items()} == {"a": (1, 4), "b": (2, 8)}
+    shown = relaxlm_cli("inspect", llm.artifact).stdout.splitlines()
+    (line,) = [row for row in shown if row.startswith("lora slots")]
+    assert "2 of rank 8 on 14 layers (down_proj, gate_proj, k_proj, o_proj" in line, line
 
 
 def test_one_forward_mixing_adapters_equals_each_alone(llm):
@@ -254,6 +258,8 @@ def test_refusals(adapters, llm, compiled, tmp_path):
         relaxlm.LLM(str(plain.artifact), lora_slots=2)
     with pytest.raises(relaxlm.RelaxlmError, match="lora_max_rank=0 is invalid"):
         relaxlm.LLM(str(base), lora_slots=1, lora_max_rank=0)
+    proc = relaxlm_cli("compile", base, "--lora", f"a={a}", "-o", tmp_path / "out")
+    assert_clean_error(proc, "load when the model runs", "--lora-slots K")
 
 
 def test_q4_base(adapters, tmp_path):
