@@ -63,6 +63,9 @@ class Manifest:
     # LoRA adapters merged into the weights at compile time, in order: {path, sha256 (of
     # adapter_model.safetensors), r, alpha, target_modules, ...}; absent before they existed.
     lora: list[dict[str, Any]] = field(default_factory=list)
+    # Adapter slots served unmerged (frontends/lora_slots.py, runtime/lora.py): {slots,
+    # max_rank, targets: {module: {in, out, A, B}}}; empty: none.
+    lora_slots: dict[str, Any] = field(default_factory=dict)
     # Vision-language models: the image preprocessing and image token (runtime/vision.py);
     # empty for text models.
     vision: dict[str, Any] = field(default_factory=dict)

@@ -60,6 +60,19 @@ class LoraAdapter(_Open):
     target_modules: list[StrictStr] | StrictStr | None
 
 
+class LoraSlotTarget(_Open):
+    in_: StrictInt = Field(alias="in", gt=0)
+    out: StrictInt = Positive
+    A: StrictStr
+    B: StrictStr
+
+
+class LoraSlots(_Open):
+    slots: StrictInt = Positive
+    max_rank: StrictInt = Positive
+    targets: dict[str, LoraSlotTarget] = Field(min_length=1)
+
+
 class TokenizerFiles(_Open):
     files: list[StrictStr]
 
@@ -83,6 +96,7 @@ class ManifestSchema(_Open):
     task: Literal["generate", "embed", "transcribe", "synthesize"] = "generate"
     embedding: dict[str, Any] = {}
     lora: list[LoraAdapter] = []  # older artifacts have none
+    lora_slots: dict[str, Any] = {}  # artifacts without adapter slots have none
     vision: dict[str, Any] = {}  # text models have none
     speech: dict[str, Any] = {}  # speech models only
     stages: list[Stage] = []  # models split across devices only
@@ -111,6 +125,18 @@ def manifest_problems(data: Any) -> list[str]:
     names = [p.name for p in manifest.params]
     if len(set(names)) != len(names):
         problems.append("a parameter name appears twice in params")
+    if manifest.lora_slots:
+        try:
+            slots = LoraSlots.model_validate(manifest.lora_slots)
+        except _ValidationError as e:
+            problems += [
+                f"field lora_slots.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                for err in e.errors()[:5]
+            ]
+        else:
+            weights = [w for t in slots.targets.values() for w in (t.A, t.B)]
+            if missing := [w for w in weights if w not in set(names)]:
+                problems.append(f"lora_slots names weights params lacks: {', '.join(missing[:3])}")
     for k, stage in enumerate(manifest.stages):
         if missing := [n for n in stage.params if n not in set(names)]:
             problems.append(f"stage {k} takes parameters params lacks: {', '.join(missing[:3])}")

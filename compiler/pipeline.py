@@ -26,6 +26,7 @@ from relaxlm.artifacts.device_map import GPU_KINDS, Stage, resolve_stages
 from relaxlm.errors import RelaxlmError
 from relaxlm.frontends import ExportedModel, SplitModel, export, load_checkpoint, split
 from relaxlm.frontends.lora import merge_lora
+from relaxlm.frontends.lora_slots import LoraSlotsSpec, with_slot_weights
 
 from . import schedules
 from .cpu_legalize import legalize_and_fuse
@@ -71,6 +72,9 @@ def compile_model(
     lora: list[str | os.PathLike] = (),
     device_map: str | None = None,
     gpu_layers: int | None = None,
+    lora_slots: int = 0,
+    lora_max_rank: int = 16,
+    lora_targets: list[str] | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -84,10 +88,22 @@ def compile_model(
         one library per stage, each stage built for the `target` preset of its device kind
         (else that kind's default preset). gpu_layers: the last N layers on the GPU that
         `target` names (CUDA by default), the others on the CPU, as llama.cpp's `-ngl`.
+    lora_slots: serve that many LoRA adapters at once, unmerged (frontends/lora_slots.py),
+        each of rank <= lora_max_rank, on the linear layers lora_targets names (PEFT's
+        target_modules; None: all but the logits head); adapters load at run time.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
+    slots = None
+    if lora_slots:
+        targets = tuple(lora_targets) if lora_targets is not None else None
+        slots = LoraSlotsSpec(lora_slots, lora_max_rank, targets)
     if device_map is not None or gpu_layers is not None:
+        if slots is not None:
+            raise RelaxlmError(
+                "LoRA slots cannot be compiled into a model split across devices yet; drop "
+                "device_map / gpu_layers, or merge the adapters (--lora)"
+            )
         if add:
             raise RelaxlmError(
                 "--add keeps another artifact's libraries, which a device map replaces by one "
@@ -109,7 +125,13 @@ def compile_model(
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) for {names}")
     for adapter in checkpoint.adapters:
         say(f"merging LoRA adapter {adapter.path} as its weights are read")
-    exported = export(checkpoint, dtype)
+    exported = export(checkpoint, dtype, slots)
+    if slots is not None:  # the slot weights start as zeros: every slot empty
+        checkpoint = with_slot_weights(checkpoint, exported.param_shapes)
+        say(
+            f"{slots.slots} LoRA slots of rank {slots.max_rank} on "
+            f"{len(exported.lora_slots['targets'])} linear layers"
+        )
     say("graph exported")
     stored = stored_schemes(checkpoint, exported, scheme, repack)
     if repack:
@@ -162,6 +184,7 @@ def compile_model(
             vision=exported.vision,
             speech=exported.speech,
             lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
+            lora_slots=exported.lora_slots,
         )
         out = writer.commit(manifest)
     say(f"artifact written to {out}")

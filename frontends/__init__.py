@@ -40,6 +40,7 @@ from .entry import (
     export_vision_lm,
 )
 from .gguf import load_gguf
+from .lora_slots import LoraSlotsSpec, export_with_slots, with_slot_weights
 from .onnx import OnnxCheckpoint, export_onnx, load_onnx
 from .prequantized import prequantized
 
@@ -94,11 +95,19 @@ def load_checkpoint(source: str | os.PathLike) -> Checkpoint:
     return prequantized(load_hf_checkpoint(path))
 
 
-def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
-    """Build the architecture's graph for `checkpoint` with weights in `dtype`."""
+def export(
+    checkpoint: Checkpoint, dtype: str = "float32", lora_slots: LoraSlotsSpec | None = None
+) -> ExportedModel:
+    """Build the architecture's graph for `checkpoint` with weights in `dtype`.
+
+    lora_slots: also adapter slots on its linear layers (frontends/lora_slots.py); their
+        weights are zeros the checkpoint lacks (`with_slot_weights` reads them).
+    """
     if dtype not in DTYPES:
         raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     if isinstance(checkpoint, OnnxCheckpoint):  # a graph that brings its own ops and weights
+        if lora_slots is not None:
+            raise RelaxlmError("LoRA slots cannot be added to an ONNX graph; use the checkpoint")
         return export_onnx(checkpoint, dtype)
     try:
         model, facts = _build_model(checkpoint)
@@ -106,7 +115,12 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         raise RelaxlmError(f"{checkpoint.path / 'config.json'}: missing key {e}") from e
     model.to(dtype)
     embeds = facts.get("task") == "embed"
-    if embeds:
+    slots = {}
+    if lora_slots is not None:
+        if embeds:
+            raise RelaxlmError("LoRA slots are for text decoder models, not embedding models")
+        mod, named_params, slots = export_with_slots(model, lora_slots, dtype)
+    elif embeds:
         mod, named_params = export_embedding(model)
     elif isinstance(model, VisionLM):
         mod, named_params = export_vision_lm(model)
@@ -117,7 +131,7 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
     else:
         mod, named_params = export_causal_lm(model)
     shapes = {name: tuple(int(d) for d in p.shape) for name, p in named_params}
-    _check_weights(checkpoint, shapes)
+    _check_weights(with_slot_weights(checkpoint, shapes) if slots else checkpoint, shapes)
     return ExportedModel(
         mod=mod,
         param_names=[name for name, _ in named_params],
@@ -125,6 +139,7 @@ def export(checkpoint: Checkpoint, dtype: str = "float32") -> ExportedModel:
         dtype=dtype,
         architecture=checkpoint.architecture,
         config=checkpoint.config,
+        lora_slots=slots,
         **facts,
     )
 

@@ -61,6 +61,8 @@ class ExportedModel:
     # A pipeline stage's decoder layers [first, end) of num_layers (see export_causal_lm_stage);
     # None: the whole model.
     layers: tuple[int, int, int] | None = None
+    # Adapter slots (frontends/lora_slots.py): {slots, max_rank, targets}; empty: none.
+    lora_slots: dict[str, Any] = field(default_factory=dict)
 
 
 class CausalLM(nn.Module):

@@ -38,6 +38,9 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     lora: list[str | os.PathLike] = (),
     device_map: str | None = None,
     gpu_layers: int | None = None,
+    lora_slots: int = 0,
+    lora_max_rank: int = 16,
+    lora_targets: list[str] | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -48,6 +51,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     lora: PEFT LoRA adapter folders (save_pretrained's) merged into the weights, in order.
     device_map: decoder layers per device (`"cuda:0:0-23,cpu:24-31"`), one library per stage;
     gpu_layers: the last N layers on the GPU, the rest on the CPU (llama.cpp's `-ngl`).
+    lora_slots: K adapter slots of rank <= lora_max_rank on the layers lora_targets names
+        (None: every linear layer but the logits head), for adapters loaded at run time.
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -64,6 +69,9 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         lora=lora,
         device_map=device_map,
         gpu_layers=gpu_layers,
+        lora_slots=lora_slots,
+        lora_max_rank=lora_max_rank,
+        lora_targets=lora_targets,
     )
 
 

@@ -297,10 +297,25 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "--lora",
         action="append",
         default=[],
-        metavar="ADAPTER_DIR",
+        metavar="ADAPTER_DIR|NAME=ADAPTER_DIR",
         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to "
         "merge into the checkpoint's weights before quantization; repeat it to merge several, "
-        "in order",
+        "in order. NAME=ADAPTER_DIR serves it unmerged instead, in an adapter slot, picked by "
+        "requests naming NAME (as their model, or SamplingParams.lora)",
+    )
+    p.add_argument(
+        "--lora-slots",
+        type=_positive_int,
+        metavar="K",
+        help="compile K adapter slots, so K LoRA adapters are served at once, unmerged, and "
+        "load at run time (default: as many as NAME=ADAPTER_DIR adapters given)",
+    )
+    p.add_argument(
+        "--lora-max-rank",
+        type=_positive_int,
+        default=16,
+        metavar="R",
+        help="the most rank an adapter in a slot may have (default: 16)",
     )
 
 
@@ -345,6 +360,13 @@ def _compile(args) -> None:
             max_sequence_length=args.max_sequence_length,
         )
         return
+    merged, named = _lora_args(args.lora)
+    if named:
+        raise RelaxlmError(
+            f"--lora {', '.join(f'{n}={p}' for n, p in named.items())}: adapters served from "
+            "slots load when the model runs (relaxlm serve/run); compile the slots with "
+            "--lora-slots K, or pass a folder to merge"
+        )
     relaxlm.compile(
         args.model,
         output=args.output,
@@ -353,9 +375,14 @@ def _compile(args) -> None:
         dtype=args.dtype,
         add=args.add,
         force=args.force,
-        lora=args.lora,
+        lora=merged,
         device_map=args.device_map,
         gpu_layers=args.gpu_layers,
+        **(
+            {"lora_slots": args.lora_slots, "lora_max_rank": args.lora_max_rank}
+            if args.lora_slots
+            else {}
+        ),
     )
 
 
@@ -396,15 +423,39 @@ def _draw(args) -> None:
 def _compile_options(args) -> dict:
     """The LLM options that run, bench, serve and mcp take alike: how the model is compiled
     (or which cached artifact is reused) and the threads it decodes on."""
+    merged, named = _lora_args(args.lora)
+    slots = {}
+    if named or args.lora_slots:
+        slots = {
+            "lora_slots": args.lora_slots or len(named),
+            "lora_max_rank": args.lora_max_rank,
+            "lora_adapters": named,
+        }
     return {
         "target": args.target,
         "quant": args.quant,
         "dtype": args.dtype,
-        "lora": args.lora,
+        "lora": merged,
         "threads": args.threads,
         "device_map": args.device_map,
         "gpu_layers": args.gpu_layers,
+        **slots,
     }
+
+
+def _lora_args(values: list[str]) -> tuple[list[str], dict[str, str]]:
+    """--lora values: folders to merge, and NAME=FOLDER adapters to serve from slots (a value
+    that is itself an existing folder is merged, whatever it holds)."""
+    merged, named = [], {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or Path(value).is_dir() or not name or "/" in name:
+            merged.append(value)
+        elif name in named:
+            raise RelaxlmError(f"--lora {value}: the name {name!r} is given twice")
+        else:
+            named[name] = path
+    return merged, named
 
 
 def _say_default_path(args) -> None:
@@ -734,6 +785,15 @@ def _inspect(args) -> None:
         (f"lora {i}", f"{a['path']}  r {a['r']}, alpha {a['alpha']}, sha256 {a['sha256'][:12]}")
         for i, a in enumerate(m.lora)
     ]
+    if slots := m.lora_slots:  # adapters served unmerged: the slots only, adapters load later
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in slots["targets"]})
+        rows.append(
+            (
+                "lora slots",
+                f"{slots['slots']} of rank {slots['max_rank']} on {len(slots['targets'])} "
+                f"layers ({', '.join(kinds)})",
+            )
+        )
     rows += [(f"shard {name}", _size(s["size"])) for name, s in m.shards.items()]
     rows += [(f"target {t}", _library_row(v)) for t, v in m.targets.items()]
     rows += [

@@ -9,7 +9,7 @@ import queue
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from relaxlm.images import has_images, prompt_images, split_images
 from relaxlm.runtime.chat_template import render_chat
 from relaxlm.runtime.embedder import EmbeddingModel
 from relaxlm.runtime.engine import DEFAULT_NUM_DRAFT_TOKENS, Engine, RequestOutput
+from relaxlm.runtime.lora import LoadedLora
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
 from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S
@@ -111,6 +112,12 @@ class LLM:
         prompt lookup; a path (artifact, checkpoint) names a smaller model with the same
         tokenizer, compiled like this one, that drafts in a KV cache of its own.
     num_draft_tokens: tokens drafted per sequence and step (verified in one forward).
+    lora_slots: serve up to this many LoRA adapters at once, unmerged (README, "LoRA adapters"):
+        a checkpoint is compiled with that many adapter slots of rank <= lora_max_rank on the
+        linear layers lora_targets names (PEFT's target_modules; None: all but the logits
+        head); requests pick an adapter by name (`generate(..., lora=name)`).
+    lora_adapters: {name: PEFT adapter folder} loaded into the slots at start; more load and
+        unload at run time (`load_lora`, `unload_lora`).
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **options):
@@ -155,6 +162,10 @@ class LLM:
         threads: int | None = None,
         draft_model: str | os.PathLike | None = None,
         num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+        lora_slots: int = 0,
+        lora_max_rank: int = 16,
+        lora_targets: list[str] | None = None,
+        lora_adapters: dict[str, str | os.PathLike] | None = None,
     ):
         # target, quant, dtype and lora chose the artifact in __new__; target also names the device.
         self.model = CompiledModel(
@@ -180,11 +191,29 @@ class LLM:
             draft_model=draft_model,
             num_draft_tokens=num_draft_tokens,
         )
+        for name, path in (lora_adapters or {}).items():
+            self.load_lora(name, path)
 
     @property
     def vocab_size(self) -> int:
         """The width of the model's logits (token ids lie in [0, vocab_size))."""
         return self.model.vocab_size
+
+    # -- LoRA adapters served unmerged --------------------------------------------------------
+
+    def load_lora(self, name: str, path: str | os.PathLike) -> LoadedLora:
+        """Load the PEFT adapter folder `path` into a free slot; requests then pick it by
+        `name`. RelaxlmError for a rank over the slots', a module without a slot, shapes of
+        another base model, or no free slot."""
+        return self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """Free adapter `name`'s slot (RelaxlmError while requests generate with it)."""
+        return self.engine.unload_lora(name)
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The loaded adapters by name, in load order."""
+        return self.engine.loras()
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -206,10 +235,12 @@ class LLM:
         self,
         prompts: Prompt | list[Prompt],
         params: SamplingParams | list[SamplingParams] | None = None,
+        lora: str | None = None,
     ) -> list[GenerationResult]:
         """One result per prompt, all generated together; a prompt is text or token ids.
 
         params: one SamplingParams for all prompts, or one per prompt.
+        lora: a loaded adapter's name, for every prompt (else each SamplingParams.lora).
         """
         if isinstance(prompts, str | dict) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -219,6 +250,8 @@ class LLM:
             raise RelaxlmError(
                 f"{len(params)} SamplingParams for {len(prompts)} prompts; pass one, or one each"
             )
+        if lora is not None:
+            params = [replace(p, lora=lora) for p in params]
         # Refuse the batch before any of it runs.
         requests = [(self.check(prompt, p), p) for prompt, p in zip(prompts, params, strict=True)]
         outputs: queue.Queue = queue.Queue()
@@ -275,13 +308,20 @@ class LLM:
         """The prompt's token ids; RelaxlmError, naming the fault, unless it can ever run."""
         return self.engine.check(self._input_ids(prompt), params)
 
-    def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
+    def score(
+        self,
+        token_ids: list[int],
+        prefill: int,
+        every_token: bool = False,
+        lora: str | None = None,
+    ) -> np.ndarray:
         """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
 
         Shape (len(token_ids) - prefill + 1, vocab); the hook for parity tests. every_token: a
         row after each prefilled token instead of row 0 alone (len(token_ids) rows; perplexity).
+        lora: a loaded LoRA adapter's name to score with (None: the base model).
         """
-        return self.engine.score(token_ids, prefill, every_token)
+        return self.engine.score(token_ids, prefill, every_token, lora)
 
     def metrics(self) -> EngineMetrics:
         """The engine's gauges, counters and latency histograms (see runtime/metrics.py)."""
@@ -426,6 +466,18 @@ class AsyncLLM:
     def apply_chat_template(self, messages: Messages, tools: list[dict] | None = None) -> str:
         """`messages` (and the `tools` offered) rendered by the model's own chat template."""
         return self.llm.apply_chat_template(messages, tools)
+
+    def load_lora(self, name: str, path: str | os.PathLike) -> LoadedLora:
+        """As LLM.load_lora; it waits for the engine's step, so call it off the event loop."""
+        return self.llm.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """As LLM.unload_lora (off the event loop too)."""
+        return self.llm.unload_lora(name)
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The loaded adapters by name."""
+        return self.llm.loras()
 
     def chat_prompt(
         self, messages: Messages, tools: list[dict] | None = None
@@ -672,6 +724,9 @@ def _artifact_folder(
     lora: list[str | os.PathLike] = (),
     device_map: str | None = None,
     gpu_layers: int | None = None,
+    lora_slots: int = 0,
+    lora_max_rank: int = 16,
+    lora_targets: list[str] | None = None,
     **_engine_options,
 ) -> Path:
     """The artifact for `model`: itself, or its compile in the cache; None: the default model.
@@ -695,12 +750,22 @@ def _artifact_folder(
                 "pass the base checkpoint with the adapters, or compile one "
                 "(`relaxlm compile BASE --lora ADAPTER -o DIR`)"
             )
+        if lora_slots and not Manifest.read(model).lora_slots:
+            raise RelaxlmError(
+                f"{model} is a compiled artifact without LoRA slots, which are compiled in: "
+                "pass the base checkpoint, or compile one (`relaxlm compile BASE "
+                "--lora-slots K -o DIR`)"
+            )
         return Path(model)
     from relaxlm.cache import cached_artifact  # compiler code only when compiling
 
     split = {"device_map": device_map} if device_map is not None else {}
     if gpu_layers is not None:
         split["gpu_layers"] = gpu_layers
+    if lora_slots:  # only then in the cache key: artifacts without slots keep their entries
+        split.update(lora_slots=lora_slots, lora_max_rank=lora_max_rank)
+        if lora_targets is not None:
+            split["lora_targets"] = list(lora_targets)
     return cached_artifact(
         model, target=target, quant=quant or "none", dtype=dtype, lora=list(lora), **split
     )

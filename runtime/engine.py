@@ -12,11 +12,13 @@ runs while there is work and exits when idle; the next `submit` starts a new one
 import itertools
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.lora import LoadedLora, LoraSlots
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
 from relaxlm.runtime.output_processor import (
@@ -63,6 +65,25 @@ class _Submit:
     """Inbox item: a request to admit."""
 
     request: RequestState
+
+
+@dataclass(eq=False)
+class _Call:
+    """Inbox item: a change to the model run by the engine thread between two steps (loading
+    a LoRA adapter): its result or error, and `done` once it ran."""
+
+    fn: Callable[[], object]
+    done: threading.Event = field(default_factory=threading.Event)
+    result: object = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as e:  # handed to the caller, who raises it
+            self.error = e
+        finally:
+            self.done.set()
 
 
 @dataclass(eq=False)
@@ -125,6 +146,8 @@ class Engine:
             chunk, None if max_prefill_tokens is not None else float(prefill_step_target_s)
         )
         self.drafter = _drafter(draft_model, num_draft_tokens, model.prefill_chunk)
+        # LoRA adapters served unmerged, for an artifact compiled with slots (runtime/lora.py).
+        self.lora_slots = LoraSlots(model) if model.lora_slots else None
         self.num_draft_tokens = num_draft_tokens
         self._requests: dict[str, RequestState] = {}
         self._completions: dict[int, tuple[RequestState, CompletionState]] = {}  # by seq_id
@@ -177,6 +200,60 @@ class Engine:
                 self._thread.start()
         return ids
 
+    def load_lora(self, name: str, path) -> LoadedLora:
+        """Load the PEFT adapter folder `path` into a free slot as `name`; requests name it in
+        SamplingParams.lora. Runs between two engine steps (a slot never changes mid-forward)."""
+        slots = self._lora_slots()
+        return self._between_steps(lambda: slots.load(name, path))
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """Free adapter `name`'s slot; RelaxlmError while a request still generates with it."""
+        slots = self._lora_slots()
+
+        def unload() -> LoadedLora:
+            loaded = slots.get(name)
+            with self._inbox_lock:
+                queued = [i.request for i in self._inbox if isinstance(i, _Submit)]
+            users = [r for r in [*self._requests.values(), *queued] if r.lora == loaded]
+            if users:
+                raise RelaxlmError(
+                    f"LoRA adapter {name!r} is in use by {len(users)} request(s); abort them or "
+                    "wait for them to finish, then unload it"
+                )
+            return slots.unload(name)
+
+        return self._between_steps(unload)
+
+    def _between_steps(self, fn: Callable[[], object]):
+        """fn() on the engine thread between two steps, or here when the engine is idle. (Taking
+        the step lock from here instead could wait until the engine idles: the engine thread
+        takes it back as soon as a step ends.)"""
+        call = _Call(fn)
+        with self._inbox_lock:
+            thread = self._thread
+            if thread is not None and thread is not threading.current_thread():
+                self._inbox.append(call)
+        if thread is None or thread is threading.current_thread():
+            with self._step_lock:  # an engine thread started meanwhile waits for it
+                call.run()
+        call.done.wait()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The loaded LoRA adapters by name (none for an artifact without slots); never waits
+        (a copy of a dict the step lock's holders change)."""
+        return self.lora_slots.adapters() if self.lora_slots is not None else {}
+
+    def _lora_slots(self) -> LoraSlots:
+        if self.lora_slots is None:
+            raise RelaxlmError(
+                f"{self.model.folder} has no LoRA slots; compile the base with lora_slots=K "
+                "(`--lora-slots K`) to load adapters at run time"
+            )
+        return self.lora_slots
+
     def _request_state(
         self, prompt_ids, params: SamplingParams, sink: Sink, request_id
     ) -> RequestState:
@@ -193,6 +270,8 @@ class Engine:
         )
         request.image_rows = rows
         request.image_positions = positions
+        if params.lora is not None:  # a dict read: no need to wait for the step's lock
+            request.lora = self._lora_slots().get(params.lora)
         return request
 
     def image_prompt(self, token_ids: list[int], images: list) -> ImagePrompt:
@@ -246,6 +325,8 @@ class Engine:
             self.scheduler.check(prompt_ids.token_ids, params.n)
             return prompt_ids
         ids = self._checked_ids(prompt_ids)
+        if params.lora is not None:
+            self._lora_slots().get(params.lora)
         vocab = self.model.vocab_size
         bad = [t for t in params.logit_bias if not t < vocab]
         if bad:
@@ -256,9 +337,16 @@ class Engine:
         self.scheduler.check(ids, params.n)
         return ids
 
-    def score(self, token_ids: list[int], prefill: int, every_token: bool = False) -> np.ndarray:
+    def score(
+        self,
+        token_ids: list[int],
+        prefill: int,
+        every_token: bool = False,
+        lora: str | None = None,
+    ) -> np.ndarray:
         """Next-token logits: row 0 after prefilling ids[:prefill], then one row per decode step.
         every_token: rows after each of ids[:1] .. ids[:prefill] instead of row 0 alone.
+        lora: a loaded LoRA adapter's name to score with; None: the base model.
 
         Runs between engine steps, in a KV-cache sequence of its own.
         """
@@ -268,6 +356,7 @@ class Engine:
             )
         ids = self._checked_ids(token_ids)
         with self._step_lock:
+            slots = [self._lora_slots().get(lora).slot] if lora is not None else None
             seq_id = self.scheduler.new_seq_id()
             evictions, reserved = self.scheduler.reserve(seq_id, len(ids))
             self._run_ops(evictions)
@@ -283,11 +372,11 @@ class Engine:
                 rows = []
                 for start in range(0, prefill, chunk):
                     end = min(start + chunk, prefill)
-                    logits = self.model.prefill([seq_id], [ids[start:end]], every_token)
+                    logits = self.model.prefill([seq_id], [ids[start:end]], every_token, slots)
                     rows.extend(logits if every_token else [])
                 rows = rows if every_token else [logits[0]]
                 for token in ids[prefill:]:
-                    rows.append(self.model.decode([seq_id], [token])[0])
+                    rows.append(self.model.decode([seq_id], [token], slots)[0])
             finally:
                 self.model.remove_sequence(seq_id)
                 self.scheduler.release(seq_id)
@@ -320,6 +409,9 @@ class Engine:
                         self._thread = None
                         return
                 for item in inbox:
+                    if isinstance(item, _Call):  # its errors are the caller's, not the cache's
+                        item.run()
+                        continue
                     try:
                         if isinstance(item, _Submit):
                             self._admit(item.request)
@@ -341,7 +433,15 @@ class Engine:
 
     def _admit(self, request: RequestState) -> None:
         try:
-            seqs = self.scheduler.add(request.request_id, request.prompt_ids, request.params.n)
+            lora = request.lora
+            if lora is not None and self.lora_slots.adapters().get(lora.name) != lora:
+                raise RelaxlmError(
+                    f"LoRA adapter {lora.name!r} was unloaded before the request started"
+                )
+            key = lora.key if lora is not None else 0
+            seqs = self.scheduler.add(
+                request.request_id, request.prompt_ids, request.params.n, cache_key=key
+            )
         except RelaxlmError as e:
             self._emit(request, e)
             return
@@ -387,7 +487,7 @@ class Engine:
         rows = []  # (chunk, logits row) for chunks that want logits
         if decode:
             logits = self.model.decode(
-                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode]
+                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode], self._slots(decode)
             )
             rows += zip(decode, logits, strict=True)
         if specs:
@@ -396,6 +496,7 @@ class Engine:
                 [spec.chunk.seq.seq_id for spec in specs],
                 [spec.chunk.tokens + spec.drafts for spec in specs],
                 every_token=True,
+                slots=self._slots([spec.chunk for spec in specs]),
             )
             ends = np.cumsum([len(spec.drafts) + 1 for spec in specs])
             verified = np.split(logits, ends[:-1])
@@ -407,7 +508,7 @@ class Engine:
                     positions["positions"] = [self._mrope_positions(c) for c in plan.prefill]
                 logits = self.images.prefill_tokens(seq_ids, chunks, image_rows, **positions)
             else:
-                logits = self.model.prefill(seq_ids, chunks)
+                logits = self.model.prefill(seq_ids, chunks, slots=self._slots(plan.prefill))
             pairs = zip(plan.prefill, logits, strict=True)
             rows += [(c, row) for c, row in pairs if c.wants_logits]
         self._run_ops(plan.kv_ops_after)
@@ -432,6 +533,11 @@ class Engine:
         for spec, spec_rows in zip(specs, verified if specs else [], strict=True):
             sampled += self._accept(spec, spec_rows)
         return sampled
+
+    def _slots(self, chunks: list[Chunk]) -> list[int]:
+        """The LoRA slot each chunk's sequence computes with (0: the base model)."""
+        loras = (self._completions[c.seq.seq_id][0].lora for c in chunks)
+        return [lora.slot if lora is not None else 0 for lora in loras]
 
     def _draft(self, chunks: list[Chunk]) -> list[_Speculation]:
         """Drafts for the decode chunks whose requests speculate, with pages taken for them."""

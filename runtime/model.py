@@ -83,6 +83,8 @@ class CompiledModel:
         self.stages = [_Stage(stage, sizes) for stage in loaded.stages]
         self.kv_cache = self.stages[0].kv_cache  # the first stage's (a split model has several)
         self.num_pages = self.free_pages()  # TVM rounds up and keeps a spare page
+        # Adapter slots (runtime/lora.py): each forward takes a slot id per token, 0 = none.
+        self.lora_slots = manifest.lora_slots.get("slots", 0) if manifest.lora_slots else 0
 
     @property
     def vocab_size(self) -> int:
@@ -121,11 +123,18 @@ class CompiledModel:
     # -- forwards -----------------------------------------------------------------------------
 
     def prefill(
-        self, seq_ids: list[int], chunks: list[list[int]], every_token: bool = False
+        self,
+        seq_ids: list[int],
+        chunks: list[list[int]],
+        every_token: bool = False,
+        slots: list[int] | None = None,
     ) -> np.ndarray:
         """Append chunks[i] to sequence seq_ids[i] in one forward; logits after each chunk's last
         token, [len(seq_ids), vocab] (after every token, [total tokens, vocab], with
-        every_token). At most `prefill_chunk` tokens in all."""
+        every_token). At most `prefill_chunk` tokens in all.
+
+        slots: the LoRA slot each sequence computes with (0 or None: the base model alone).
+        """
         lengths = [len(c) for c in chunks]
         if not all(lengths) or sum(lengths) > self.prefill_chunk:
             raise RelaxlmError(
@@ -137,14 +146,33 @@ class CompiledModel:
         if every_token:
             last = np.arange(sum(lengths), dtype="int32")  # [total_tokens]
         positions = tvm.runtime.tensor(last, self.stages[-1].device)
-        logits = self._forward("prefill", flat.reshape(1, -1), [positions], seq_ids, lengths)
+        extra = [positions, *self._slot_ids(slots, lengths)]
+        logits = self._forward("prefill", flat.reshape(1, -1), extra, seq_ids, lengths)
         return logits.numpy()[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
 
-    def decode(self, seq_ids: list[int], tokens: list[int]) -> np.ndarray:
-        """One token for each sequence; logits [len(seq_ids), vocab]."""
+    def decode(
+        self, seq_ids: list[int], tokens: list[int], slots: list[int] | None = None
+    ) -> np.ndarray:
+        """One token for each sequence; logits [len(seq_ids), vocab]. slots: as prefill's."""
         ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
-        logits = self._forward("decode", ids, [], seq_ids, [1] * len(seq_ids))
+        ones = [1] * len(seq_ids)
+        logits = self._forward("decode", ids, self._slot_ids(slots, ones), seq_ids, ones)
         return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
+
+    def _slot_ids(self, slots: list[int] | None, lengths: list[int]) -> list:
+        """The entries' `lora_slots` input: each sequence's slot repeated over its tokens
+        (none for an artifact without slots)."""
+        if not self.lora_slots:
+            if slots and any(slots):
+                raise RelaxlmError(
+                    f"{self.folder} has no LoRA slots; compile it with lora_slots=K "
+                    "(--lora-slots K) to serve adapters unmerged"
+                )
+            return []
+        per_token = np.repeat(np.asarray(slots or [0] * len(lengths), "int32"), lengths)
+        if per_token.size and not 0 <= per_token.min() <= per_token.max() <= self.lora_slots:
+            raise RelaxlmError(f"LoRA slots {slots} lie outside [0, {self.lora_slots}]")
+        return [tvm.runtime.tensor(per_token, self.stages[-1].device)]
 
     def _forward(self, entry: str, ids: np.ndarray, last_args: list, seq_ids, lengths):
         """Run `entry` through every stage: token ids in, the hidden state handed on from

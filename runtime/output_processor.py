@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from relaxlm.runtime.detokenizer import IncrementalDetokenizer, StopStrings
+from relaxlm.runtime.lora import LoadedLora
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.sampler import Logprob, Sample, Sampler, SamplingParams
 from relaxlm.runtime.scheduler import Sequence
@@ -74,6 +75,8 @@ class RequestState:
     image_rows: dict | None = None
     # M-RoPE models: the prompt's positions, [3, n] (runtime/vision_qwen.py).
     image_positions: object = None
+    # The LoRA adapter it generates with (runtime/lora.py LoadedLora); None: the base model.
+    lora: LoadedLora | None = None
 
     @property
     def finished(self) -> bool:

@@ -41,6 +41,8 @@ class SamplingParams:
         state); its mask limits the tokens that completion may take (structured output).
     speculative: let the engine speculate for this request when it has a drafter (the same
         distribution either way; requests with logprobs or a constraint never speculate).
+    lora: the name of a LoRA adapter loaded into the model's slots (runtime/lora.py) to
+        generate with; None: the base model.
     """
 
     max_tokens: int = 16
@@ -60,8 +62,11 @@ class SamplingParams:
     logprobs: int | None = None
     constraint: "Callable[[], TokenConstraint] | None" = None
     speculative: bool = True
+    lora: str | None = None
 
     def __post_init__(self):
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            _invalid("lora", self.lora, "None or the name of a loaded LoRA adapter")
         if not isinstance(self.stop_token_ids, list | tuple | set | frozenset):
             _invalid("stop_token_ids", self.stop_token_ids, "a list of token ids")
         self.stop_token_ids = tuple(self.stop_token_ids)

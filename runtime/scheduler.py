@@ -70,6 +70,9 @@ class Sequence:
     preemptions: int = 0
     # Completions to fork from this one once its prompt is computed (n > 1, index 0 only).
     pending_forks: list["Sequence"] = field(default_factory=list)
+    # Which prefix-cache namespace its prompt's pages belong to: the same tokens through
+    # another LoRA adapter have other K/V (0: the base model).
+    cache_key: int = 0
 
     @property
     def num_generated(self) -> int:
@@ -254,7 +257,7 @@ class PrefixCache:
 
     def __init__(self, page_size: int):
         self.page_size = page_size
-        self._root = self._Node((), None, None)
+        self._roots: dict[int, PrefixCache._Node] = {}  # one trie per cache key
         self._owned: dict[int, list[PrefixCache._Node]] = {}  # owner -> nodes it holds
         self._last_use: dict[int, int] = {}
         self._clock = itertools.count()
@@ -264,9 +267,13 @@ class PrefixCache:
         """Cached sequences, least recently used first."""
         return sorted(self._owned, key=self._last_use.__getitem__)
 
-    def match(self, tokens: list[int], limit: int) -> tuple[int | None, int]:
-        """(owner to fork, tokens matched): the longest cached prefix of at most `limit` tokens."""
-        node, owner, matched = self._root, None, 0
+    def _root(self, key: int) -> "PrefixCache._Node":
+        return self._roots.setdefault(key, self._Node((), None, None))
+
+    def match(self, tokens: list[int], limit: int, key: int = 0) -> tuple[int | None, int]:
+        """(owner to fork, tokens matched): the longest cached prefix of at most `limit` tokens
+        (under cache key `key`: the K/V of one LoRA adapter, 0 the base model's)."""
+        node, owner, matched = self._root(key), None, 0
         for block in self._blocks(tokens[:limit]):
             node = node.children.get(block)
             if node is None:
@@ -276,18 +283,18 @@ class PrefixCache:
             self._last_use[owner] = next(self._clock)
         return owner, matched
 
-    def new_blocks(self, tokens: list[int]) -> int:
+    def new_blocks(self, tokens: list[int], key: int = 0) -> int:
         """How many of the full pages of `tokens` are not cached yet."""
-        node, blocks = self._root, self._blocks(tokens)
+        node, blocks = self._root(key), self._blocks(tokens)
         for i, block in enumerate(blocks):
             node = node.children.get(block)
             if node is None:
                 return len(blocks) - i
         return 0
 
-    def insert(self, tokens: list[int], owner: int) -> None:
+    def insert(self, tokens: list[int], owner: int, key: int = 0) -> None:
         """Record that sequence `owner` holds the full pages of `tokens` (some may be new)."""
-        node, nodes = self._root, []
+        node, nodes = self._root(key), []
         for block in self._blocks(tokens):
             child = node.children.get(block)
             if child is None:
@@ -329,14 +336,19 @@ class Scheduler:
 
     # -- requests in ------------------------------------------------------------------------
 
-    def add(self, request_id: str, tokens: list[int], n: int = 1) -> list[Sequence]:
-        """Queue a request for `n` completions of `tokens`; returns its sequences by index."""
+    def add(
+        self, request_id: str, tokens: list[int], n: int = 1, cache_key: int = 0
+    ) -> list[Sequence]:
+        """Queue a request for `n` completions of `tokens`; returns its sequences by index.
+        cache_key: the prefix-cache namespace of its K/V (its LoRA adapter's; 0 for none)."""
         self.check(tokens, n)
         arrival = next(self._arrivals)
         seqs = [
             Sequence(next(self._ids), request_id, i, list(tokens), len(tokens), arrival)
             for i in range(n)
         ]
+        for seq in seqs:
+            seq.cache_key = cache_key
         seqs[0].pending_forks = seqs[1:]
         self.waiting.append(seqs[0])
         return seqs
@@ -547,7 +559,7 @@ class Scheduler:
         owner, hit = None, 0
         if use_cache and self.prefix_cache is not None:
             # Recompute at least the last token: its logits choose the next one.
-            owner, hit = self.prefix_cache.match(seq.tokens, len(seq.tokens) - 1)
+            owner, hit = self.prefix_cache.match(seq.tokens, len(seq.tokens) - 1, seq.cache_key)
         if owner is None:
             self.pages.add(seq.seq_id)
         else:
@@ -666,11 +678,11 @@ class Scheduler:
         if cache is None:
             return []
         aligned = length - length % self.config.page_size
-        if aligned == 0 or cache.new_blocks(seq.tokens[:aligned]) == 0:
+        if aligned == 0 or cache.new_blocks(seq.tokens[:aligned], seq.cache_key) == 0:
             return []
         owner = next(self._ids)
         self.pages.fork(seq.seq_id, owner, aligned)  # page-aligned: shares, takes no page
-        cache.insert(seq.tokens[:aligned], owner)
+        cache.insert(seq.tokens[:aligned], owner, seq.cache_key)
         return [ForkSeq(seq.seq_id, owner, aligned)]
 
 

@@ -191,14 +191,30 @@ def _add_openai_routes(app: FastAPI, ctx: ModelContext, chat: Chat) -> None:
         window = None if ctx.is_embedding else ctx.context_window
         return s.ModelCard(id=ctx.name, created=ctx.created, max_model_len=window)
 
+    def lora_card(name: str) -> s.ModelCard:
+        root = str(ctx.loras()[name].path)
+        return card().model_copy(update={"id": name, "root": root, "parent": ctx.name})
+
     @app.get("/v1/models", response_model=s.ModelList, responses=s.ERRORS)
     async def models():
-        return s.ModelList(data=[card()])
+        return s.ModelList(data=[card(), *(lora_card(name) for name in ctx.loras())])
 
     @app.get("/v1/models/{model_id}", response_model=s.ModelCard, responses=s.GENERATION_ERRORS)
     async def model(model_id: str):
-        ctx.check_model(model_id)
-        return card()
+        return card() if ctx.lora_for(model_id) is None else lora_card(model_id)
+
+    # LoRA adapters loaded and unloaded at run time, as vLLM's routes (a plain-text answer).
+    @app.post("/v1/load_lora_adapter", response_class=Response, responses=s.GENERATION_ERRORS)
+    async def load_lora_adapter(body: s.LoadLoraAdapterRequest):
+        await _lora_call(ctx, "load_lora", body.lora_name, body.lora_path)
+        text = f"Success: LoRA adapter '{body.lora_name}' added successfully."
+        return Response(text, media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", response_class=Response, responses=s.GENERATION_ERRORS)
+    async def unload_lora_adapter(body: s.UnloadLoraAdapterRequest):
+        await _lora_call(ctx, "unload_lora", body.lora_name)
+        text = f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+        return Response(text, media_type="text/plain")
 
     embed_lock = threading.Lock()  # one embedding batch at a time through the VM
 
@@ -259,6 +275,24 @@ def _add_service_routes(app: FastAPI, ctx: ModelContext, metrics: ServerMetrics)
         if any(t >= vocab for t in body.tokens):
             raise ApiError(400, f"token ids must lie in [0, {vocab})", "tokens")
         return s.DetokenizeResponse(prompt=ctx.llm.tokenizer.decode(body.tokens))
+
+
+async def _lora_call(ctx: ModelContext, method: str, name: str, *args) -> None:
+    """AsyncLLM.load_lora / unload_lora off the event loop (they wait for the engine's step);
+    a 404 for an adapter not loaded, a 400 naming the fault otherwise."""
+    if name == ctx.name:
+        raise ApiError(
+            400, f"{name!r} is the base model's name; name the adapter otherwise", "lora_name"
+        )
+    if not hasattr(ctx.llm, method):
+        raise ApiError(400, f"{ctx.name} serves no LoRA adapters", "lora_name")
+    try:
+        await asyncio.to_thread(getattr(ctx.llm, method), name, *args)
+    except RelaxlmError as e:
+        status = 404 if "is not loaded" in str(e) else 400
+        raise ApiError(status, str(e), "lora_name" if status == 404 else "lora_path") from e
+    except (OSError, ValueError) as e:  # a path the file system refuses (a NUL byte, ...)
+        raise ApiError(400, f"lora_path: {e}", "lora_path") from e
 
 
 async def _unless_client_leaves(request: Request, work: Awaitable):

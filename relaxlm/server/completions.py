@@ -95,13 +95,25 @@ class ModelContext:
         return self.llm.manifest.context_window
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.name!r}",
-                "model",
-                code="model_not_found",
-            )
+        self.lora_for(model)
+
+    def loras(self) -> dict:
+        """The LoRA adapters loaded into the model's slots, by name (relaxlm/sdk.py)."""
+        return self.llm.loras() if isinstance(self.llm, AsyncLLM) else {}
+
+    def lora_for(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 for another."""
+        if model is None or model == self.name:
+            return None
+        if model in self.loras():
+            return model
+        adapters = "".join(f", {name!r}" for name in self.loras())
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist; this server serves {self.name!r}{adapters}",
+            "model",
+            code="model_not_found",
+        )
 
     def check_generates(self) -> None:
         if self.is_synthesizer:
@@ -631,6 +643,7 @@ def sampling_params(
             logit_bias=_logit_bias(request.logit_bias),
             logprobs=logprobs,
             constraint=constraint,
+            lora=ctx.lora_for(request.model),
         )
     except RelaxlmError as e:
         raise ApiError(400, str(e), _field_named(str(e))) from e

@@ -389,11 +389,28 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "relaxlm"
     max_model_len: int | None = None
+    # A LoRA adapter (as vLLM lists one): its folder, and the base model it is served on.
+    root: str | None = None
+    parent: str | None = None
 
 
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class LoadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/load_lora_adapter body."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraAdapterRequest(_Request):
+    """vLLM's POST /v1/unload_lora_adapter body (lora_int_id is accepted and unused)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
 
 
 class EmbeddingRequest(_Request):
