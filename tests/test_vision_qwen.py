@@ -148,38 +148,34 @@ def test_logits_and_greedy_tokens_equal_transformers(qwen, sizes):
     sources = [_image(w, h, "RGB", seed=w * h) for w, h in sizes]
     images = [encoder.image(s) for s in sources]
     prompt = _prompt(encoder, images)
-    steps = 16
-    ours, tokens = _ours(model, encoder, prompt, images, steps)
-    kwargs = {}
-    if sources:
-        inputs = processor(images=sources, return_tensors="pt")
-        kwargs = {
-            "pixel_values": inputs["pixel_values"],
-            "image_grid_thw": inputs["image_grid_thw"],
-        }
+    ours, tokens = _ours(model, encoder, prompt, images, 16)
+    _assert_logits_equal(hf, processor, ours, prompt, tokens, sources, encoder, f"{sizes}")
+    assert tokens == _hf_greedy(hf, processor, prompt, sources, encoder.image_token_id)
+    assert len(set(tokens)) >= 3
+
+
+def _hf_images(processor, images: list) -> dict:
+    """transformers' image inputs for `images` (none for a text-only prompt)."""
+    if not images:
+        return {}
+    inputs = processor(images=images, return_tensors="pt")
+    return {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
+
+
+def _assert_logits_equal(hf, processor, ours, prompt, tokens, images, encoder, label: str):
+    """Our rows (after the prefill, then each decode step) equal transformers' forward over the
+    prompt and the tokens we generated."""
+    full = prompt + tokens[:-1]
     with torch.no_grad():
-        generated = hf.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            mm_token_type_ids=_mm_types(prompt, encoder.image_token_id),
-            do_sample=False,
-            max_new_tokens=steps,
-            eos_token_id=None,
-            pad_token_id=0,
-            **kwargs,
-        )[0, len(prompt) :].tolist()
-        full = prompt + tokens[:-1]
         theirs = hf(
             input_ids=torch.tensor([full]),
             mm_token_type_ids=_mm_types(full, encoder.image_token_id),
-            **kwargs,
+            **_hf_images(processor, images),
         ).logits[0, len(prompt) - 1 :]
     theirs = theirs.numpy()
     diff = float(np.abs(ours - theirs).max())
-    print(f"{sizes}: {len(prompt)} prompt tokens, max |logit diff| {diff:.2e}")
+    print(f"{label}: {len(prompt)} prompt tokens, max |logit diff| {diff:.2e}")
     assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
-    assert tokens == generated
-    assert len(set(tokens)) >= 3
 
 
 def test_text_prefill_equals_prefill_from_embeddings(qwen):
@@ -219,14 +215,12 @@ def llm(qwen):
 
 
 def _hf_greedy(hf, processor, prompt: list[int], images: list, image_token_id: int) -> list[int]:
-    inputs = processor(images=images, return_tensors="pt")
     with torch.no_grad():
         out = hf.generate(
             torch.tensor([prompt]),
             attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             mm_token_type_ids=_mm_types(prompt, image_token_id),
-            pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
+            **_hf_images(processor, images),
             do_sample=False,
             max_new_tokens=16,
             eos_token_id=None,
@@ -392,19 +386,7 @@ def test_qwen2_vl_logits_and_greedy_tokens_equal_transformers(qwen2, sizes):
     images = [encoder.image(s) for s in sources]
     prompt = _prompt(encoder, images)
     ours, tokens = _ours(model, encoder, prompt, images, 16)
-    inputs = processor(images=sources, return_tensors="pt")
-    kwargs = {"pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"]}
-    full = prompt + tokens[:-1]
-    with torch.no_grad():
-        theirs = hf(
-            input_ids=torch.tensor([full]),
-            mm_token_type_ids=_mm_types(full, encoder.image_token_id),
-            **kwargs,
-        ).logits[0, len(prompt) - 1 :]
-    theirs = theirs.numpy()
-    diff = float(np.abs(ours - theirs).max())
-    print(f"Qwen2-VL {sizes}: {len(prompt)} prompt tokens, max |logit diff| {diff:.2e}")
-    assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
+    _assert_logits_equal(hf, processor, ours, prompt, tokens, sources, encoder, f"Qwen2-VL {sizes}")
     assert tokens == _hf_greedy(hf, processor, prompt, sources, encoder.image_token_id)
     assert len(set(tokens)) >= 3
 
