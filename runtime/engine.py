@@ -258,9 +258,10 @@ class Engine:
         self, prompt_ids, params: SamplingParams, sink: Sink, request_id
     ) -> RequestState:
         checked = self.check(prompt_ids, params)
-        prompt_ids, rows, positions = checked, None, None
+        prompt_ids, rows, positions, image_key = checked, None, None, 0
         if isinstance(checked, ImagePrompt):
             prompt_ids, rows, positions = checked.token_ids, checked.rows, checked.positions
+            image_key = checked.cache_key
         request_id = request_id or f"req-{next(self._ids)}"
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -270,6 +271,7 @@ class Engine:
         )
         request.image_rows = rows
         request.image_positions = positions
+        request.image_cache_key = image_key
         if params.lora is not None:  # a dict read: no need to wait for the step's lock
             request.lora = self._lora_slots().get(params.lora)
         return request
@@ -438,7 +440,7 @@ class Engine:
                 raise RelaxlmError(
                     f"LoRA adapter {lora.name!r} was unloaded before the request started"
                 )
-            key = lora.key if lora is not None else 0
+            key = _cache_key(lora.key if lora is not None else 0, request.image_cache_key)
             seqs = self.scheduler.add(
                 request.request_id, request.prompt_ids, request.params.n, cache_key=key
             )
@@ -721,3 +723,12 @@ def _image_encoder(model) -> "ImageEncoder | QwenImageEncoder":
     if model.manifest.vision.get("processor") == "qwen2_vl":
         return QwenImageEncoder(model)
     return ImageEncoder(model)
+
+
+def _cache_key(*keys: int) -> int:
+    """One prefix-cache namespace from a request's keys (its LoRA adapter's load, its
+    M-RoPE shift; 0 each for none): 0 only when all are, so plain prompts share pages."""
+    nonzero = tuple(k for k in keys if k)
+    if len(nonzero) <= 1:
+        return nonzero[0] if nonzero else 0
+    return hash(nonzero)

@@ -73,8 +73,10 @@ class RequestState:
     first_token_time: float | None = None
     # A prompt with images: its image token ids (past the vocabulary) -> feature rows.
     image_rows: dict | None = None
-    # M-RoPE models: the prompt's positions, [3, n] (runtime/vision_qwen.py).
+    # M-RoPE models: the prompt's positions, [3, n], and the prefix-cache key of their shift
+    # (runtime/vision_qwen.py; 0 for none).
     image_positions: object = None
+    image_cache_key: int = 0
     # The LoRA adapter it generates with (runtime/lora.py LoadedLora); None: the base model.
     lora: LoadedLora | None = None
 

@@ -340,7 +340,8 @@ class Scheduler:
         self, request_id: str, tokens: list[int], n: int = 1, cache_key: int = 0
     ) -> list[Sequence]:
         """Queue a request for `n` completions of `tokens`; returns its sequences by index.
-        cache_key: the prefix-cache namespace of its K/V (its LoRA adapter's; 0 for none)."""
+        cache_key: the prefix-cache namespace of its K/V (from its LoRA adapter's load and its
+        M-RoPE shift; 0 for none)."""
         self.check(tokens, n)
         arrival = next(self._arrivals)
         seqs = [

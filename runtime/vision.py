@@ -14,7 +14,7 @@ import math
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -320,17 +320,14 @@ class ImagePrompt:
     rows: dict[int, np.ndarray]
     image_token_id: int
     # M-RoPE models (Qwen2.5-VL, runtime/vision_qwen.py): the prompt's shifted positions
-    # [3, n], and text ids given an id past the vocabulary (id -> the text token).
+    # [3, n], and the prefix-cache key of that shift (0: unshifted, shared with text prompts).
     positions: np.ndarray | None = None
-    originals: dict[int, int] = field(default_factory=dict)
+    cache_key: int = 0
 
     @property
     def text_ids(self) -> list[int]:
         """The token ids with the model's image token at every image position."""
-        return [
-            self.originals.get(t, self.image_token_id) if t in self.rows else t
-            for t in self.token_ids
-        ]
+        return [self.image_token_id if t in self.rows else t for t in self.token_ids]
 
     def __len__(self) -> int:
         return len(self.token_ids)

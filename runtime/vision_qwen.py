@@ -341,9 +341,9 @@ class QwenImageEncoder:
 
         As LLaVA's (runtime/vision.py), each image's tokens get ids past the vocabulary drawn
         from a hash of its features, so the prefix cache reuses pages only for the same image
-        in the same place. The positions are shifted by the whole prompt's delta, so the
-        first token's id is drawn too, from a hash of the delta and every image: a cached
-        page then only serves a prompt whose shift is the same.
+        in the same place. The positions are shifted by the whole prompt's delta, so a shifted
+        prompt's pages go under a cache key drawn from the delta: a cached page then only
+        serves a prompt whose shift is the same.
         """
         found = sum(t == self.image_token_id for t in token_ids)
         if found != len(images):
@@ -364,12 +364,7 @@ class QwenImageEncoder:
         positions, delta = self.positions(ids, loaded)
         with lock or contextlib.nullcontext():
             features = self.features(loaded) if images else []
-            first = self._embed(
-                tvm.runtime.tensor(np.asarray([ids[:1]], dtype=np.int32), self.model.device),
-                self.model.params,
-            ).numpy()[0, 0]
         vocab = self.model.vocab_size
-        salt = hashlib.sha256(delta.to_bytes(8, "little", signed=True))
         # Each image's run of tokens -> ids from its features' hash, `window` apart, so no
         # two images' ids overlap.
         at = np.asarray(ids) == self.image_token_id
@@ -377,15 +372,14 @@ class QwenImageEncoder:
         out, rows = list(ids), {}
         for start, feats in zip(starts, features, strict=True):
             digest = hashlib.sha256(feats.tobytes()).digest()
-            salt.update(digest)
             base = vocab + int.from_bytes(digest[:6], "little") * window
             out[start : start + len(feats)] = range(base, base + len(feats))
             rows.update(zip(range(base, base + len(feats)), feats, strict=True))
-        first_id = vocab + int.from_bytes(salt.digest()[:6], "little") * window + window - 1
-        originals = {} if out[0] in rows else {first_id: ids[0]}
-        rows[first_id] = rows[out[0]] if out[0] in rows else first
-        out[0] = first_id
-        return ImagePrompt(out, rows, self.image_token_id, positions, originals)
+        key = 0
+        if delta:
+            shift = hashlib.sha256(b"mrope-shift" + delta.to_bytes(8, "little", signed=True))
+            key = int.from_bytes(shift.digest()[:8], "little")
+        return ImagePrompt(out, rows, self.image_token_id, positions, key)
 
     def prefill_tokens(
         self,

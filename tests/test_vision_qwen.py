@@ -285,6 +285,15 @@ def test_generate_with_images_and_the_prefix_cache(qwen, llm):
     print(f"hits: {first_hits}, {again_hits}, {other_hits}; tokens {first} {other}")
     assert other_hits == 0  # the text's pages too: they were rotated at another shift
     assert other == _hf_greedy(hf, processor, other_ids, [b], encoder.image_token_id)
+    # The same text without the image sits at unshifted positions: none of the image prompts'
+    # pages serve it, and its own serve it again (the plain prompts' cache key).
+    text = prompt.split("<|vision_start|>")[0]
+    runs = []
+    for _ in range(2):
+        before = llm.metrics().prefix_cache_hit_tokens
+        tokens = llm.generate(text, params)[0].token_ids
+        runs.append((llm.metrics().prefix_cache_hit_tokens - before, tokens))
+    assert runs[0][0] == 0 and runs[1][0] > 0 and runs[0][1] == runs[1][1]
 
 
 def test_chunked_prefill_beside_a_text_request_equals_transformers(qwen):
