@@ -64,12 +64,16 @@ class RMSNorm(dlight.gpu.RMSNorm):
     """dlight's RMSNorm, declining the kernels it cannot take. It expects exactly four blocks
     besides casts and loads (square, sum, rsqrt, scale) and unpacks them without checking, so
     Gemma's norm, whose `(1 + w)` is one block more, raised a ValueError out of the build, and so
-    did FLUX's per-head q/k norm in float16, whose trailing cast dlight cannot inline."""
+    did FLUX's per-head q/k norm in float16, whose trailing cast dlight cannot inline. It also
+    fuses every loop but the last of its rows, so a norm over a 2-D [rows, hidden] tensor (the
+    Qwen2.5-VL tower's, whose patches have no batch axis) left it nothing to fuse."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if isinstance(func, tirx.PrimFunc):
             sch = s_tir.Schedule(func)
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            if len(sch.get_loops(blocks[-1])) < 3:
+                return None
             if len([b for b in blocks if not identify_cast_or_load_block(sch.get(b))]) != 4:
                 return None
             if not _six_blocks_after_dlight_prepares(func):

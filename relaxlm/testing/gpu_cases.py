@@ -128,13 +128,19 @@ GPU_CASES: dict[str, dict] = {
 }
 
 
-# Vision-language cases: built by tiny_vlm.make_llava_model, compiled to CUDA source in three
-# cells (one per dtype, each with another quantization); not in gpu_check's run matrix.
+# Vision-language cases: built by tiny_vlm's maker of their architecture, compiled to CUDA
+# source in three cells (one per dtype, each with another quantization); not in gpu_check's run
+# matrix.
 VISION_CASES: dict[str, dict] = {
     "llava": {
         "arch": "LlavaForConditionalGeneration",
         "seed": 40,
         "text_overrides": GPU_CONFIG,
+        "vision_overrides": {"hidden_size": 128, "intermediate_size": 256},
+    },
+    "qwen2_5_vl": {
+        "arch": "Qwen2_5_VLForConditionalGeneration",
+        "seed": 41,
         "vision_overrides": {"hidden_size": 128, "intermediate_size": 256},
     },
 }
@@ -181,8 +187,10 @@ def make_case(out_dir: str | Path, case: str) -> Path:
         tiny_diffusion.tiny_stable_diffusion(Path(out_dir))
         return Path(out_dir) / "sd"
     if case in VISION_CASES:
-        from .tiny_vlm import make_llava_model
+        from .tiny_vlm import make_llava_model, make_qwen2_5_vl_model
 
         kwargs = {k: v for k, v in VISION_CASES[case].items() if k != "arch"}
+        if VISION_CASES[case]["arch"].startswith("Qwen2_5_VL"):
+            return make_qwen2_5_vl_model(out_dir, **kwargs)
         return make_llava_model(out_dir, **kwargs)
     return make_model(out_dir, **case_kwargs(case))
