@@ -327,10 +327,13 @@ def test_chunked_prefill_beside_a_text_request_equals_transformers(qwen):
     assert out[1].token_ids == theirs
 
 
-def test_openai_client_gets_the_sdk_answer(qwen, llm):
+def test_openai_and_mcp_clients_get_the_sdk_answer(qwen, llm):
     """The server with the official openai client: a base64 image part gives LLM.chat's
-    tokens and prompt length."""
+    tokens and prompt length; the official MCP client's `chat` tool gives the same text."""
+    import asyncio
+
     import openai
+    from mcp import Client
 
     import relaxlm
     from relaxlm.server.app import ServerOptions, create_app
@@ -347,14 +350,52 @@ def test_openai_client_gets_the_sdk_answer(qwen, llm):
         }
     ]
     expected = llm.chat(messages, relaxlm.SamplingParams(max_tokens=12, temperature=0.0))
-    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="qwen"))) as server:
+
+    async def mcp_chat(url: str):
+        async with Client(f"{url}/mcp") as mcp:
+            arguments = {"messages": messages, "max_tokens": 12, "temperature": 0}
+            return await mcp.call_tool("chat", arguments)
+
+    options = ServerOptions(served_model_name="qwen", mcp=True)
+    with BackgroundServer(create_app(llm, options)) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         answer = client.chat.completions.create(
             model="qwen", messages=messages, max_tokens=12, temperature=0
         )
+        tool = asyncio.run(mcp_chat(server.url))
+    assert not tool.is_error and tool.content[0].text == expected.text
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert answer.usage.completion_tokens == len(expected.token_ids) == 12
+
+
+def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
+    """`relaxlm run ARTIFACT --image PATH` in a subprocess prints LLM.chat's answer for the
+    same picture and prompt."""
+    import subprocess
+    import sys
+
+    import relaxlm
+
+    path = tmp_path / "picture.png"
+    _image(37, 52, "RGB", seed=41).save(path)
+    args = ["run", llm.artifact, "--prompt", "What is it?", "--image", path, "--max-tokens", 8]
+    proc = subprocess.run(
+        [sys.executable, "-m", "relaxlm", *map(str, args), "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    message = {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": str(path)}},
+            {"type": "text", "text": "What is it?"},
+        ],
+    }
+    expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=8, temperature=0.0))
+    assert proc.stdout == expected.text + "\n"
 
 
 # -- Qwen2-VL: the same graph with LayerNorm, fc1/fc2 blocks and no windows ------------------
