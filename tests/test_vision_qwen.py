@@ -178,6 +178,37 @@ def _assert_logits_equal(hf, processor, ours, prompt, tokens, images, encoder, l
     assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_artifacts_follow_transformers(qwen, tmp_path, dtype):
+    """float16 / bfloat16 Qwen2.5-VL (tower, merger and trunk in that dtype) against
+    transformers run in the same dtype, after the image+text prefill and three decode steps,
+    within the text models' tolerance (relaxlm/testing/parity.py)."""
+    from relaxlm.testing.parity import TOLERANCE, logit_error
+
+    folder, _, _, _, processor = qwen
+    artifact = compile_model(folder, tmp_path / "art", dtype=dtype, progress=False)
+    model = CompiledModel(artifact, max_total_tokens=256)
+    encoder = QwenImageEncoder(model)
+    source = _image(40, 30, "RGB", seed=101)
+    image = encoder.image(source)
+    prompt = _prompt(encoder, [image])
+    ours, tokens = _ours(model, encoder, prompt, [image], 4)
+    torch_dtype = getattr(torch, dtype)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch_dtype)
+    full = prompt + tokens[:-1]
+    inputs = _hf_images(processor, [source])
+    with torch.no_grad():
+        theirs = hf.eval()(
+            input_ids=torch.tensor([full]),
+            mm_token_type_ids=_mm_types(full, encoder.image_token_id),
+            pixel_values=inputs["pixel_values"].to(torch_dtype),
+            image_grid_thw=inputs["image_grid_thw"],
+        ).logits[0, len(prompt) - 1 :]
+    error = logit_error(ours, theirs.float().numpy())
+    print(f"{dtype}: logit error {error:.2e} (tolerance {TOLERANCE[dtype]})")
+    assert error <= TOLERANCE[dtype]
+
+
 def test_text_prefill_equals_prefill_from_embeddings(qwen):
     """The text-only `prefill` entry (cache positions on all three axes) gives the logits of
     `prefill_embeds` with M-RoPE positions of the same text."""
