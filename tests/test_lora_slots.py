@@ -303,6 +303,7 @@ def test_openai_client_picks_adapters_on_a_real_server(adapters, llm):
             answer = client.completions.create(
                 model=model, prompt=prompt, max_tokens=8, temperature=0, extra_body=IGNORE_EOS
             )
+            assert answer.model == model  # the adapter it asked for, as vLLM echoes it
             return answer.choices[0].text
 
         models = client.models.list().data
@@ -317,6 +318,10 @@ def test_openai_client_picks_adapters_on_a_real_server(adapters, llm):
         assert loaded.status_code == 200 and "'b' added" in loaded.text
         assert [m.id for m in client.models.list().data] == ["base", "a", "b"]
         assert complete("b") == want["b"]
+        chat = client.chat.completions.create(
+            model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+        assert chat.model == "b" and chat.choices[0].message.content is not None
         full = post("load_lora_adapter", lora_name="c", lora_path=str(adapters["a"]))
         assert full.status_code == 400 and "no free LoRA slot" in full.json()["error"]["message"]
         assert post("unload_lora_adapter", lora_name="b").status_code == 200

@@ -101,6 +101,10 @@ class ModelContext:
         """The LoRA adapters loaded into the model's slots, by name (relaxlm/sdk.py)."""
         return self.llm.loras() if isinstance(self.llm, AsyncLLM) else {}
 
+    def served_name(self, model: str | None) -> str:
+        """The `model` a response names: the adapter the request picked, else the model."""
+        return self.lora_for(model) or self.name
+
     def lora_for(self, model: str | None) -> str | None:
         """The adapter a request's `model` names (None: the base model); 404 for another."""
         if model is None or model == self.name:
@@ -289,7 +293,11 @@ async def chat_completion(
     )
     run = _submit(ctx, [(ids, params)], "messages")
     meta = _Meta(
-        f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), ctx.name, len(ids), logprobs is not None
+        f"chatcmpl-{uuid.uuid4().hex}",
+        int(time.time()),
+        ctx.served_name(request.model),
+        len(ids),
+        logprobs is not None,
     )
     parsers = [ReplyParser(plan.mode, plan.names, plan.forced_name) for _ in range(request.n)]
     if request.stream:
@@ -485,7 +493,7 @@ async def text_completion(
     meta = _Meta(
         f"cmpl-{uuid.uuid4().hex}",
         int(time.time()),
-        ctx.name,
+        ctx.served_name(request.model),
         sum(map(len, prompts)),
         request.logprobs is not None,
     )
