@@ -40,9 +40,13 @@ def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
 
 
 def bench_llm(
-    llm, prompt_tokens: int = 128, decode_tokens: int = 128, repeats: int = 3
+    llm,
+    prompt_tokens: int = 128,
+    decode_tokens: int = 128,
+    repeats: int = 3,
+    lora: str | None = None,
 ) -> BenchResult:
-    """Measure an `relaxlm.LLM`."""
+    """Measure an `relaxlm.LLM` (generating with its LoRA adapter `lora`, if named)."""
     from relaxlm.runtime.sampler import SamplingParams
 
     runs = itertools.count()
@@ -50,7 +54,7 @@ def bench_llm(
     def run(max_tokens: int) -> float:
         # A new prompt each run: the engine's prefix cache would serve a repeated one.
         ids = prompt_ids(llm.manifest.vocab_size, prompt_tokens, seed=next(runs))
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, lora=lora)
         start = time.perf_counter()
         llm.generate([ids], params)
         return time.perf_counter() - start

@@ -301,7 +301,8 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to "
         "merge into the checkpoint's weights before quantization; repeat it to merge several, "
         "in order. NAME=ADAPTER_DIR serves it unmerged instead, in an adapter slot, picked by "
-        "requests naming NAME (as their model, or SamplingParams.lora)",
+        "requests naming NAME (as their model, or SamplingParams.lora); run and bench "
+        "generate with it (one NAME=ADAPTER_DIR there)",
     )
     p.add_argument(
         "--lora-slots",
@@ -443,6 +444,18 @@ def _compile_options(args) -> dict:
     }
 
 
+def _one_adapter(args, command: str) -> str | None:
+    """The adapter `run` / `bench` generate with: the one NAME=ADAPTER_DIR given (None: the
+    model itself); several are for `serve`, where each request names its own."""
+    _, named = _lora_args(args.lora)
+    if len(named) > 1:
+        raise RelaxlmError(
+            f"relaxlm {command} generates with one LoRA adapter, and {len(named)} were named "
+            f"({', '.join(named)}); give one --lora NAME=ADAPTER_DIR (relaxlm serve takes several)"
+        )
+    return next(iter(named), None)
+
+
 def _lora_args(values: list[str]) -> tuple[list[str], dict[str, str]]:
     """--lora values: folders to merge, and NAME=FOLDER adapters to serve from slots (a value
     that is itself an existing folder is merged, whatever it holds)."""
@@ -479,6 +492,7 @@ def _run(args) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        lora=_one_adapter(args, "run"),
     )
     if args.prompt is not None:
         chat = llm.tokenizer.chat_template and not args.raw
@@ -557,12 +571,15 @@ def _bench(args) -> None:
             print(f"text             {args.perplexity} ({ppl.tokens} tokens scored)")
             print(f"perplexity       {ppl.perplexity:8.3f}  ({ppl.bits_per_token:.4f} bits/token)")
         return
-    result = bench_llm(llm, args.prompt_tokens, args.decode_tokens, args.repeats)
+    adapter = _one_adapter(args, "bench")
+    result = bench_llm(llm, args.prompt_tokens, args.decode_tokens, args.repeats, lora=adapter)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps({**result.as_dict(), "lora": adapter}))
         return
     print(f"model            {llm.artifact}")
     print(f"quantization     {llm.manifest.quantization['scheme']}")
+    if adapter is not None:
+        print(f"lora adapter     {adapter} (unmerged, in a slot)")
     print(
         f"prefill          {result.prefill_tok_s:8.1f} tok/s  ({result.prompt_tokens}-token prompt)"
     )

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,30 @@ def test_q4_base(adapters, tmp_path):
     err = _max_error(llm.score(ids, PREFILL, lora="a"), ref)
     assert err <= 1e-3, err
     assert _max_error(llm.score(ids, PREFILL), hf_logits(dequantized, ids, PREFILL)) <= 1e-3
+
+
+def test_cli_run_and_bench_generate_with_the_named_adapter(adapters, llm):
+    """`relaxlm run BASE --lora a=DIR` prints LLM.generate(..., lora="a")'s text; `bench` says
+    which adapter it measured; two NAME=DIR adapters are one clear error there."""
+    prompt = "an adapter at work"
+    params = relaxlm.SamplingParams(max_tokens=8, temperature=0, lora="a")
+    want = llm.generate(prompt, params)[0].text
+    assert want != llm.generate(prompt, replace(params, lora=None))[0].text
+    common = [adapters["base"], "--lora", f"a={adapters['a']}"]
+    common += ["--lora-slots", SLOTS, "--lora-max-rank", RANK]  # the fixture's artifact
+    run = relaxlm_cli(
+        "run", *common, "--prompt", prompt, "--raw", "--max-tokens", 8, "--temperature", 0
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == want + "\n"
+    bench = relaxlm_cli(
+        "bench", *common, "--prompt-tokens", 8, "--decode-tokens", 4, "--repeats", 1, "--json"
+    )
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(bench.stdout)
+    assert result["lora"] == "a" and result["decode_tok_s"] > 0
+    two = relaxlm_cli("run", *common, "--lora", f"b={adapters['b']}", "--prompt", prompt)
+    assert_clean_error(two, "generates with one LoRA adapter", "relaxlm serve takes several")
 
 
 def test_openai_client_picks_adapters_on_a_real_server(adapters, llm):
