@@ -365,10 +365,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
-    import relaxlm
-
     path = tmp_path / "picture.png"
     _image(33, 47, "RGB", seed=41).save(path)
+    assert_run_with_image_answers_as_chat(llm, path)
+
+
+def assert_run_with_image_answers_as_chat(llm, path) -> None:
+    """`relaxlm run ARTIFACT --image PATH` in a subprocess prints LLM.chat's answer for the
+    same picture and prompt (shared with the other vision-language tests)."""
+    import relaxlm
+
     proc = _cli(
         "run", llm.artifact, "--prompt", "What is it?", "--image", path,
         "--max-tokens", "8", "--temperature", "0",

@@ -401,32 +401,11 @@ def test_openai_and_mcp_clients_get_the_sdk_answer(qwen, llm):
 
 
 def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
-    """`relaxlm run ARTIFACT --image PATH` in a subprocess prints LLM.chat's answer for the
-    same picture and prompt."""
-    import subprocess
-    import sys
-
-    import relaxlm
+    from test_vision import assert_run_with_image_answers_as_chat
 
     path = tmp_path / "picture.png"
     _image(37, 52, "RGB", seed=41).save(path)
-    args = ["run", llm.artifact, "--prompt", "What is it?", "--image", path, "--max-tokens", 8]
-    proc = subprocess.run(
-        [sys.executable, "-m", "relaxlm", *map(str, args), "--temperature", "0"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    message = {
-        "role": "user",
-        "content": [
-            {"type": "image_url", "image_url": {"url": str(path)}},
-            {"type": "text", "text": "What is it?"},
-        ],
-    }
-    expected = llm.chat([message], relaxlm.SamplingParams(max_tokens=8, temperature=0.0))
-    assert proc.stdout == expected.text + "\n"
+    assert_run_with_image_answers_as_chat(llm, path)
 
 
 # -- Qwen2-VL: the same graph with LayerNorm, fc1/fc2 blocks and no windows ------------------
