@@ -287,6 +287,29 @@ def test_q4_base(adapters, tmp_path):
     assert _max_error(llm.score(ids, PREFILL), hf_logits(dequantized, ids, PREFILL)) <= 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_slots_follow_transformers(adapters, dtype):
+    """Slots in a float16 / bfloat16 artifact: adapter a's logits against transformers running
+    PEFT's merged model in the same dtype, within the text models' tolerance; the adapter
+    moves them far beyond it."""
+    from relaxlm.testing.parity import TOLERANCE, load_reference, logit_error, reference_logits
+
+    llm = relaxlm.LLM(
+        str(adapters["base"]),
+        dtype=dtype,
+        lora_slots=1,
+        lora_max_rank=RANK,
+        lora_adapters={"a": adapters["a"]},
+    )
+    ids = _token_ids(PREFILL + 4, seed=12)
+    ours = llm.score(ids, PREFILL, lora="a")
+    merged = reference_logits(load_reference(adapters["merged_a"], dtype), ids, PREFILL)
+    base = reference_logits(load_reference(adapters["base"], dtype), ids, PREFILL)
+    error, moved = logit_error(ours, merged), logit_error(base, merged)
+    print(f"{dtype}: logit error {error:.2e} (tolerance {TOLERANCE[dtype]}), adapter {moved:.2f}")
+    assert error <= TOLERANCE[dtype] < moved
+
+
 def test_cli_run_and_bench_generate_with_the_named_adapter(adapters, llm):
     """`relaxlm run BASE --lora a=DIR` prints LLM.generate(..., lora="a")'s text; `bench` says
     which adapter it measured; two NAME=DIR adapters are one clear error there."""
