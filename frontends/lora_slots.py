@@ -28,6 +28,7 @@ from relaxlm.errors import RelaxlmError
 
 from .checkpoint import Checkpoint
 from .entry import CausalLM, VisionLM
+from .gpt2 import Conv1D
 
 
 @dataclass(frozen=True)
@@ -72,25 +73,17 @@ class _SlotMask:
         self.mask = nn.op.wrap_nested(relax.op.astype(hit, self.dtype), name="lora_mask")
 
 
-class LoraLinear(nn.Linear):
-    """nn.Linear (same weight and bias names) plus the adapter slots' low-rank update."""
+class _SlotsUpdate:
+    """The slots' low-rank update of a projection, mixed into the projection's own class so its
+    weight and bias keep their checkpoint names."""
 
-    def __init__(self, base: nn.Linear, slot_mask: _SlotMask):
-        super().__init__(
-            base.in_features,
-            base.out_features,
-            bias=base.bias is not None,
-            dtype=base.weight.dtype,
-            out_dtype=base.out_dtype,
-        )
-        self.weight, self.bias = base.weight, base.bias
-        k, r, dtype = slot_mask.slots, slot_mask.rank, base.weight.dtype
-        self.lora_A = nn.Parameter((base.in_features, k, r), dtype)
-        self.lora_B = nn.Parameter((k, r, base.out_features), dtype)
-        self._slot_mask = slot_mask
+    def _add_slots(self, in_features: int, out_features: int, dtype: str, mask: _SlotMask):
+        k, r = mask.slots, mask.rank
+        self.lora_A = nn.Parameter((in_features, k, r), dtype)
+        self.lora_B = nn.Parameter((k, r, out_features), dtype)
+        self._slot_mask, self._out = mask, out_features
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        y = super().forward(x)
+    def _plus_update(self, x: nn.Tensor, y: nn.Tensor) -> nn.Tensor:
         k, r = self._slot_mask.slots, self._slot_mask.rank
         *lead, width = x.shape
         tokens = 1
@@ -98,10 +91,47 @@ class LoraLinear(nn.Linear):
             tokens = tokens * d
         flat = nn.op.reshape(x, (tokens, width))  # [tokens, in]; one slot id per token
         a = nn.op.reshape(self.lora_A, (width, k * r))  # [in, K*R]
-        b = nn.op.reshape(self.lora_B, (k * r, self.out_features))  # [K*R, out]
+        b = nn.op.reshape(self.lora_B, (k * r, self._out))  # [K*R, out]
         low = nn.op.matmul(flat, a) * self._slot_mask.mask  # [tokens, K*R], other slots zeroed
-        update = nn.op.reshape(nn.op.matmul(low, b), (*lead, self.out_features))
+        update = nn.op.reshape(nn.op.matmul(low, b), (*lead, self._out))
         return y + update.astype(y.dtype) if update.dtype != y.dtype else y + update
+
+
+class LoraLinear(_SlotsUpdate, nn.Linear):
+    """nn.Linear (same weight and bias names) plus the adapter slots' low-rank update."""
+
+    def __init__(self, base: nn.Linear, slot_mask: _SlotMask):
+        nn.Linear.__init__(
+            self,
+            base.in_features,
+            base.out_features,
+            bias=base.bias is not None,
+            dtype=base.weight.dtype,
+            out_dtype=base.out_dtype,
+        )
+        self.weight, self.bias = base.weight, base.bias
+        self._add_slots(base.in_features, base.out_features, base.weight.dtype, slot_mask)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self._plus_update(x, nn.Linear.forward(self, x))
+
+
+class LoraConv1D(_SlotsUpdate, Conv1D):
+    """GPT-2's Conv1D (weight [in, out]) plus the slots' update. PEFT's lora_A and lora_B have
+    the same shapes for a Conv1D as for an nn.Linear (its `fan_in_fan_out` only transposes the
+    merged product), so the runtime fills these slots the same way."""
+
+    def __init__(self, base: Conv1D, slot_mask: _SlotMask):
+        in_features, out_features = (int(d) for d in base.weight.shape)
+        Conv1D.__init__(self, in_features, out_features)
+        self.weight, self.bias = base.weight, base.bias
+        self._add_slots(in_features, out_features, base.weight.dtype, slot_mask)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self._plus_update(x, Conv1D.forward(self, x))
+
+
+_WITH_SLOTS = {nn.Linear: LoraLinear, Conv1D: LoraConv1D}
 
 
 def add_lora_slots(model: nn.Module, spec: LoraSlotsSpec, dtype: str) -> tuple[_SlotMask, dict]:
@@ -116,13 +146,13 @@ def add_lora_slots(model: nn.Module, spec: LoraSlotsSpec, dtype: str) -> tuple[_
     targets: dict[str, dict[str, int]] = {}
     for name, parent in list(_named_modules(model)):
         for attr, child in list(vars(parent).items()):
-            if not isinstance(child, nn.Linear) or isinstance(child, LoraLinear):
-                continue
+            with_slots = _WITH_SLOTS.get(type(child))
             module = f"{name}.{attr}" if name else attr
-            if not _targeted(module, attr, spec.targets):
+            if with_slots is None or not _targeted(module, attr, spec.targets):
                 continue
-            setattr(parent, attr, LoraLinear(child, slot_mask))
-            targets[module] = {"in": child.in_features, "out": child.out_features}
+            layer = with_slots(child, slot_mask)
+            setattr(parent, attr, layer)
+            targets[module] = {"in": int(layer.lora_A.shape[0]), "out": layer._out}
     if not targets:
         raise RelaxlmError(
             f"lora_targets={list(spec.targets or [])!r} names no linear layer of "

@@ -287,6 +287,24 @@ def test_q4_base(adapters, tmp_path):
     assert _max_error(llm.score(ids, PREFILL), hf_logits(dequantized, ids, PREFILL)) <= 1e-3
 
 
+def test_gpt2_conv1d_slots_equal_peft_merged(checkpoints, tmp_path):
+    """GPT-2's projections are Conv1D (weight [in, out]), not nn.Linear: slots on c_attn,
+    c_proj and c_fc equal PEFT's merge (its fan_in_fan_out path)."""
+    base = checkpoints("gpt2")
+    adapter = _make_adapter(base, tmp_path / "a", 0, ["c_attn", "c_proj", "c_fc"])
+    merged = _peft_merged(base, adapter, tmp_path / "merged")
+    llm = relaxlm.LLM(str(base), lora_slots=1, lora_max_rank=RANK, lora_adapters={"a": adapter})
+    assert sorted(llm.manifest.lora_slots["targets"]) == sorted(
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
+    ids = _token_ids(PREFILL + 4, seed=13)
+    ref = hf_logits(merged, ids, PREFILL)
+    assert _max_error(llm.score(ids, PREFILL, lora="a"), ref) <= 1e-4
+    assert _max_error(hf_logits(base, ids, PREFILL), ref) > 0.1
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_slots_follow_transformers(adapters, dtype):
     """Slots in a float16 / bfloat16 artifact: adapter a's logits against transformers running
