@@ -29,6 +29,7 @@ import ctypes
 import importlib
 import os
 import sys
+import threading
 import time
 import uuid
 import weakref
@@ -88,6 +89,13 @@ class _Collective:
         self.arrived, self.done = flags[0], flags[1]
         self.data = self.shm.buf[flags.nbytes :]
 
+    def __del__(self):
+        # The views go first: SharedMemory cannot close while they hold its buffer.
+        for view in ("arrived", "done", "data"):
+            self.__dict__.pop(view, None)
+        if "shm" in self.__dict__:
+            self.shm.close()
+
     def slot(self, rank: int, dtype: np.dtype, size: int) -> np.ndarray:
         return np.ndarray((size,), dtype, self.data, rank * self.slot_bytes)
 
@@ -114,7 +122,10 @@ def _wait(ready) -> None:
         time.sleep(0)  # yield: workers may outnumber the cores
 
 
-_COLLECTIVES: dict[int, _Collective] = {}  # by worker rank (threads share the process)
+# Each Disco worker is one native thread (of the controller, or of a worker process) for the
+# life of its session, so collectives are kept by thread: sessions side by side never mix.
+# (Not threading.local: Python's state for a thread it did not start lasts one callback.)
+_COLLECTIVES: dict[int, _Collective] = {}
 
 
 def _worker_rank() -> int:
@@ -123,8 +134,7 @@ def _worker_rank() -> int:
 
 @tvm_ffi.register_global_func("relaxlm.disco.init_collective", override=True)
 def _init_collective(name: str, workers: int, slot_bytes: int, owner: int) -> None:
-    rank = _worker_rank()
-    _COLLECTIVES[rank] = _Collective(name, rank, workers, slot_bytes)
+    _COLLECTIVES[threading.get_ident()] = _Collective(name, _worker_rank(), workers, slot_bytes)
     if os.getpid() != owner:
         # Python < 3.13 tracks attached segments too, and would unlink the controller's
         # segment when this worker exits; the controller owns it.
@@ -135,7 +145,7 @@ def _init_collective(name: str, workers: int, slot_bytes: int, owner: int) -> No
 def _allreduce(send, reduce_kind: int, in_group: bool, recv) -> None:
     if reduce_kind != 0:  # the graph sums only (frontends/tensor_parallel.py)
         raise RelaxlmError(f"the CPU all-reduce sums; reduce kind {reduce_kind} is not built")
-    recv.copyfrom(_COLLECTIVES[_worker_rank()].allreduce(send.numpy()))
+    recv.copyfrom(_COLLECTIVES[threading.get_ident()].allreduce(send.numpy()))
 
 
 @tvm_ffi.register_global_func("relaxlm.disco.load_params", override=True)
