@@ -825,7 +825,10 @@ def _inspect(args) -> None:
             )
         )
         rows += [
-            (f"tp shard {k}", f"{len(names)} tensors, {sum(n.endswith(f'.tp{k}') for n in names)} its own")
+            (
+                f"tp shard {k}",
+                f"{len(names)} tensors, {sum(n.endswith(f'.tp{k}') for n in names)} its own",
+            )
             for k, names in enumerate(tp["workers"])
         ]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]

@@ -226,7 +226,6 @@ class ShardedStage:
         return out.debug_get_from_remote(0)
 
 
-
 def _free(shm: shared_memory.SharedMemory) -> None:
     # The session is not shut down here: it stops when its last DRef dies (each holds it),
     # whereas a shutdown before then makes that DRef's release write to a closed pipe.

@@ -161,7 +161,9 @@ def test_refusals_are_one_clear_error(checkpoint, whole, sharded, tmp_path, caps
         return err
 
     err = compile_error("--tensor-parallel", "3")
-    assert "num_attention_heads 8, num_key_value_heads 4, intermediate_size 128 not divisible" in err
+    assert (
+        "num_attention_heads 8, num_key_value_heads 4, intermediate_size 128 not divisible" in err
+    )
     err = compile_error("--tensor-parallel", "2", "--device-map", "cpu:0:0,cpu:1:1")
     assert "cannot be combined with --device-map / --gpu-layers" in err
     from relaxlm.testing.llama_gguf import write_llama_gguf
