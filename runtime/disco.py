@@ -44,6 +44,7 @@ from tvm.runtime import ShapeTuple
 from relaxlm.artifacts import Manifest, weight_index
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.loader import library_for_device
 
 SESSIONS = ("threaded", "process")
 _DISCO = None
@@ -171,7 +172,7 @@ class ShardedStage:
     """The whole model as N tensor-parallel shards in a Disco session; the interface of
     runtime/model.py's `_Stage` (kv, forward)."""
 
-    def __init__(self, folder: Path, manifest: Manifest, session: str, sizes, threads: int):
+    def __init__(self, folder: Path, manifest: Manifest, session: str, sizes):
         """sizes: max batch size, total tokens, prefill chunk and page size of each cache."""
         if session not in SESSIONS:
             raise RelaxlmError(
@@ -198,7 +199,7 @@ class ShardedStage:
         np.ndarray((flags // 8,), np.int64, self.shm.buf)[:] = 0
         init = self._func("relaxlm.disco.init_collective")
         init(self.shm.name, self.shards, slot_bytes, os.getpid())
-        library = folder / next(iter(manifest.targets.values()))["library"]
+        library = library_for_device(folder, manifest, "cpu")
         self.vm = sess.load_vm_module(str(library.resolve()))
         self.params = self._func("relaxlm.disco.load_params")(str(folder.resolve()))
         self.entries = {name: self.vm[name] for name in ("prefill", "decode")}

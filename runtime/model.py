@@ -108,7 +108,7 @@ class CompiledModel:
         self.page_size = manifest.kv_cache["page_size"]
         sizes = (max_batch_size, total, self.prefill_chunk, self.page_size)
         if loaded is None:  # one stage: every shard, in a Disco session
-            sharded = ShardedStage(self.folder, manifest, disco or "threaded", sizes, self.threads)
+            sharded = ShardedStage(self.folder, manifest, disco or "threaded", sizes)
             self.stages = [sharded]
             self.device, self.vm, self.params = sharded.device, sharded.vm, sharded.params
         else:
