@@ -106,6 +106,8 @@ class _Collective:
                 f"all-reduce of {send.nbytes} bytes exceeds the {self.slot_bytes} reserved"
             )
         self.generation += 1
+        # Data before flag: x86 keeps stores in order across processes; a weaker memory model
+        # (ARM) would want a fence here, which Python does not offer (not tested there).
         self.slot(self.rank, send.dtype, send.size)[:] = send.ravel()
         self.arrived[self.rank] = self.generation
         _wait(lambda: self.arrived.min() >= self.generation)

@@ -141,15 +141,18 @@ def test_a_qwen2_with_biases_in_two_shards_equals_the_whole(tmp_path):
         np.testing.assert_allclose(many.decode([0], [token]), one.decode([0], [token]), atol=2e-5)
 
 
-def test_the_cli_runs_and_inspects_a_sharded_artifact(sharded, capsys):
+def test_the_cli_runs_and_inspects_a_sharded_artifact(checkpoint, sharded, capsys):
     assert main(["inspect", str(sharded[2])]) == 0
     out = capsys.readouterr().out
     assert "tensor parallel" in out and "2 shards" in out and "mlp.down_proj.weight columns" in out
-    args = ["run", str(sharded[2]), "--raw", "--prompt", "a b", "--max-tokens", "5"]
-    assert main([*args, "--temperature", "0"]) == 0  # no flag: the manifest says
     want = relaxlm.LLM(str(sharded[2])).generate(
         ["a b"], SamplingParams(max_tokens=5, temperature=0)
     )
+    options = ["--raw", "--prompt", "a b", "--max-tokens", "5", "--temperature", "0"]
+    assert main(["run", str(sharded[2]), *options]) == 0  # no flag: the manifest says
+    assert capsys.readouterr().out.strip() == want[0].text.strip()
+    # A checkpoint with the flag: compiled into the cache in 2 shards, the same answer.
+    assert main(["run", str(checkpoint), "--tensor-parallel", "2", *options]) == 0
     assert capsys.readouterr().out.strip() == want[0].text.strip()
 
 
