@@ -5,6 +5,9 @@ prefill, decodes, fork and popn, and greedy tokens through the engine (batching,
 in a ThreadedSession and a ProcessSession; a Qwen2 with q/k/v biases. Refusals are one clear
 error each."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 from hf_models import hf_greedy, make_model
@@ -182,3 +185,17 @@ def test_refusals_are_one_clear_error(checkpoint, whole, sharded, tmp_path, caps
         CompiledModel(sharded[2], disco="mpi")
     with pytest.raises(RelaxlmError, match="in 2 shard"):
         relaxlm.LLM(str(sharded[2]), tensor_parallel=4)
+
+
+def test_a_damaged_shard_plan_is_refused_at_load(sharded, tmp_path):
+    copy = tmp_path / "artifact"
+    shutil.copytree(sharded[2], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tensor_parallel"]["workers"][1].append("nope.weight.tp1")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RelaxlmError, match="damaged manifest.*shard 1 takes parameters"):
+        CompiledModel(copy)
+    del manifest["tensor_parallel"]["workers"][1]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RelaxlmError, match="lists 1 workers for 2"):
+        CompiledModel(copy)
