@@ -76,6 +76,12 @@ class Manifest:
     # tvm_target, archs (CUDA), params (names in manifest.params, in the library's order),
     # kv_cache (the stage's own cache layout)}. Empty for a model on one device.
     stages: list[dict[str, Any]] = field(default_factory=list)
+    # A model split into tensor-parallel shards (frontends/tensor_parallel.py), run by TVM Disco
+    # (runtime/tensor_parallel.py): {shards, split ({parameter: axis} of the checkpoint's
+    # weights cut in rank order), allreduce (the modules summed over shards), workers (per
+    # shard, its weights' names in manifest.params, in the library's order)}; kv_cache is one
+    # shard's. Empty for an unsharded model.
+    tensor_parallel: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: time.strftime(CREATED_FORMAT, time.gmtime()))

@@ -44,6 +44,12 @@ class Stage(Library):
     kv_cache: dict[str, Any]
 
 
+class TensorParallel(_Open):
+    shards: StrictInt = Field(ge=2)
+    split: dict[str, StrictInt]
+    workers: list[list[StrictStr]]
+
+
 class KVCache(_Open):
     page_size: StrictInt = Positive
     num_layers: StrictInt = Positive
@@ -100,6 +106,7 @@ class ManifestSchema(_Open):
     vision: dict[str, Any] = {}  # text models have none
     speech: dict[str, Any] = {}  # speech models only
     stages: list[Stage] = []  # models split across devices only
+    tensor_parallel: dict[str, Any] = {}  # tensor-parallel shards only
     format: StrictStr
     format_version: StrictInt
     created: StrictStr = ""
@@ -144,6 +151,17 @@ def manifest_problems(data: Any) -> list[str]:
             KVCache.model_validate(stage.kv_cache)
         except _ValidationError:
             problems.append(f"stage {k} has a damaged kv_cache")
+    if manifest.tensor_parallel:
+        try:
+            tp = TensorParallel.model_validate(manifest.tensor_parallel)
+        except _ValidationError:
+            problems.append("tensor_parallel is damaged (shards >= 2, split, workers)")
+        else:
+            if len(tp.workers) != tp.shards:
+                problems.append(f"tensor_parallel lists {len(tp.workers)} workers for {tp.shards}")
+            for k, worker in enumerate(tp.workers):
+                if missing := [n for n in worker if n not in set(names)]:
+                    problems.append(f"shard {k} takes parameters params lacks: {missing[:3]}")
     ends = [0, *(s.layers[1] for s in manifest.stages)]
     stages = enumerate(manifest.stages)
     if any(s.layers[0] != ends[k] or s.layers[1] <= s.layers[0] for k, s in stages):

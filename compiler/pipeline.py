@@ -24,9 +24,18 @@ from relaxlm._version import __version__
 from relaxlm.artifacts import MANIFEST, ArtifactWriter, Manifest
 from relaxlm.artifacts.device_map import GPU_KINDS, Stage, resolve_stages
 from relaxlm.errors import RelaxlmError
-from relaxlm.frontends import ExportedModel, SplitModel, export, load_checkpoint, split
+from relaxlm.frontends import (
+    ARCHITECTURES,
+    DTYPES,
+    ExportedModel,
+    SplitModel,
+    export,
+    load_checkpoint,
+    split,
+)
 from relaxlm.frontends.lora import merge_lora
 from relaxlm.frontends.lora_slots import LoraSlotsSpec, with_slot_weights
+from relaxlm.frontends.tensor_parallel import shard
 
 from . import schedules
 from .cpu_legalize import legalize_and_fuse
@@ -75,6 +84,7 @@ def compile_model(
     lora_slots: int = 0,
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
+    tensor_parallel: int = 1,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -91,9 +101,26 @@ def compile_model(
     lora_slots: serve that many LoRA adapters at once, unmerged (frontends/lora_slots.py),
         each of rank <= lora_max_rank, on the linear layers lora_targets names (PEFT's
         target_modules; None: all but the logits head); adapters load at run time.
+    tensor_parallel: split the model into that many shards run side by side (TVM Disco,
+        runtime/tensor_parallel.py): one library, each shard's weights, the shard plan in the
+        manifest (frontends/tensor_parallel.py). Llama, Mistral and Qwen2 checkpoint folders.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
+    if tensor_parallel != 1:
+        others = {
+            "--device-map / --gpu-layers": device_map is not None or gpu_layers is not None,
+            "--lora-slots": bool(lora_slots),
+            "--lora": bool(lora),
+            "--add": add,
+            f"--quant {GGUF_A8}": quant == GGUF_A8,
+        }
+        if clash := [name for name, given in others.items() if given]:
+            raise RelaxlmError(
+                f"--tensor-parallel {tensor_parallel} cannot be combined with "
+                f"{', '.join(clash)} yet; compile the sharded model without it"
+            )
+        return _compile_sharded(model, output, tensor_parallel, presets, quant, dtype, say)
     slots = None
     if lora_slots:
         targets = tuple(lora_targets) if lora_targets is not None else None
@@ -293,6 +320,87 @@ def _compile_stages(
             tokenizer={"files": writer.tokenizer_files},
             source={"path": str(checkpoint.path)},
             lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
+        )
+        out = writer.commit(manifest)
+    say(f"artifact written to {out}")
+    return out
+
+
+def _compile_sharded(
+    model: str | os.PathLike,
+    output: str | os.PathLike,
+    shards: int,
+    presets: list[TargetPreset],
+    quant: str,
+    dtype: str,
+    say,
+) -> Path:
+    """compile_model for tensor parallelism: one library every shard runs (its 1/N of the heads
+    and MLP columns, an all-reduce after o_proj and down_proj), and each shard's weights; the
+    manifest's `tensor_parallel` names each worker's weights in the library's order."""
+    checkpoint = load_checkpoint(model)
+    if dtype not in DTYPES:
+        raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    sharded = shard(checkpoint, dtype, shards, ARCHITECTURES)
+    if gpus := [p.name for p in presets if p.is_gpu]:
+        say(
+            f"note: {', '.join(gpus)} needs a TVM with NCCL to run the all-reduce; this "
+            "relaxlm runs sharded models on CPUs (README, 'Tensor parallelism')"
+        )
+    exported = sharded.exported
+    scheme = scheme_for_targets(resolve_scheme(quant), presets, dtype, None)
+    say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) in {shards} shards")
+    stored = stored_schemes(checkpoint, exported, scheme)
+    with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
+        for preset in presets:
+            executable, kv_cache, plan = build_library(exported, preset, scheme, say, stored)
+            library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
+            executable.export_library(str(library))
+            say(f"{preset.name} library linked")
+            writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
+        # Weights read whole by every shard are stored once, split ones once per shard.
+        is_split = [any(n in sharded.split for n in w.sources) for w in plan]
+        workers = [
+            [f"{w.name}.tp{k}" if s else w.name for w, s in zip(plan, is_split, strict=True)]
+            for k in range(shards)
+        ]
+        layout, parts = [], []
+        for k in range(shards):
+            mine = [w for w, s in zip(plan, is_split, strict=True) if s or k == 0]
+            names = {w.name: n for w, n in zip(plan, workers[k], strict=True)}
+            layout += [(names[w.name], w.shape, dtype_of(w.dtype)) for w in mine]
+            parts.append((sharded.checkpoint(k), mine, names))
+
+        def weights():
+            for shard_checkpoint, mine, names in parts:
+                converted = converted_weights(shard_checkpoint, exported, mine, say.enabled)
+                for name, array in converted:
+                    yield names[name], array
+
+        writer.write_weights(layout, weights())
+        say(f"weights written ({shards} shards)")
+        writer.add_tokenizer(checkpoint.tokenizer_files)
+        manifest = Manifest(
+            relaxlm_version=__version__,
+            tvm_version=tvm.__version__,
+            architecture=exported.architecture,
+            model_config=exported.config,
+            dtype=dtype,
+            quantization=quantization_manifest(checkpoint, scheme, plan),
+            context_window=exported.context_window,
+            prefill_chunk_size=min(
+                DEFAULT_PREFILL_CHUNK,
+                exported.context_window,
+                kv_cache.max_prefill_chunk or DEFAULT_PREFILL_CHUNK,
+            ),
+            vocab_size=exported.vocab_size,
+            kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE},
+            params=writer.params,
+            shards=writer.shards,
+            targets=writer.targets,
+            tokenizer={"files": writer.tokenizer_files},
+            source={"path": str(checkpoint.path)},
+            tensor_parallel={**sharded.to_manifest(), "workers": workers},
         )
         out = writer.commit(manifest)
     say(f"artifact written to {out}")

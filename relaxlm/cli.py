@@ -294,6 +294,15 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "the CPU; N >= the layer count puts the whole model on the GPU",
     )
     p.add_argument(
+        "--tensor-parallel",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="split attention heads and MLP columns into N shards run side by side by TVM "
+        "Disco, one all-reduce per attention and per MLP (Llama, Mistral, Qwen2; CPU here: "
+        "the PyPI TVM has no NCCL); an artifact compiled so runs as such with no flag",
+    )
+    p.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -379,6 +388,7 @@ def _compile(args) -> None:
         lora=merged,
         device_map=args.device_map,
         gpu_layers=args.gpu_layers,
+        tensor_parallel=args.tensor_parallel,
         **(
             {"lora_slots": args.lora_slots, "lora_max_rank": args.lora_max_rank}
             if args.lora_slots
@@ -440,6 +450,7 @@ def _compile_options(args) -> dict:
         "threads": args.threads,
         "device_map": args.device_map,
         "gpu_layers": args.gpu_layers,
+        "tensor_parallel": args.tensor_parallel,
         **slots,
     }
 
@@ -821,6 +832,22 @@ def _inspect(args) -> None:
         )
         for k, s in enumerate(m.stages)
     ]
+    if tp := m.tensor_parallel:  # the shard plan: what each shard holds of each layer
+        split = tp["split"]
+        rows.append(
+            (
+                "tensor parallel",
+                f"{tp['shards']} shards (TVM Disco), {len(split)} weights split: "
+                f"{_split_summary(split)}; all-reduce after {', '.join(tp['allreduce'])}",
+            )
+        )
+        rows += [
+            (
+                f"tp shard {k}",
+                f"{len(names)} tensors, {sum(n.endswith(f'.tp{k}') for n in names)} its own",
+            )
+            for k, names in enumerate(tp["workers"])
+        ]
     rows += [("tokenizer", ", ".join(m.tokenizer.get("files", [])))]
     rows += [("created", m.created)]
     if args.verify:
@@ -829,6 +856,16 @@ def _inspect(args) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+
+
+def _split_summary(split: dict[str, int]) -> str:
+    """`self_attn.q_proj.weight rows, ..., mlp.down_proj.weight columns`: each layer's split
+    weights once (axis 0 of a [out, in] weight: output rows; axis 1: input columns)."""
+    kinds = {}
+    for name, axis in split.items():
+        short = name.split(".layers.", 1)[-1].split(".", 1)[-1]  # drop model.layers.N.
+        kinds[short] = "rows" if axis == 0 else "columns"
+    return ", ".join(f"{k} {v}" for k, v in kinds.items())
 
 
 def _library_row(entry: dict) -> str:

@@ -108,6 +108,9 @@ class LLM:
         these devices (same layers and device kinds, other ordinals). `device` is then unused.
     gpu_layers: llama.cpp's `-ngl N`: the last N decoder layers and the logits head on the GPU
         `target` names (CUDA unless it names another), the others on the CPU.
+    tensor_parallel: a checkpoint is compiled into that many shards (README, "Tensor
+        parallelism"), run side by side by TVM Disco; an artifact so compiled needs no flag.
+    disco: the Disco session a sharded artifact runs in: "threaded" (default) or "process".
     draft_model: speculative decoding (README, "Speculative decoding"): "ngram" drafts by
         prompt lookup; a path (artifact, checkpoint) names a smaller model with the same
         tokenizer, compiled like this one, that drafts in a KV cache of its own.
@@ -154,6 +157,8 @@ class LLM:
         device: str | None = None,
         device_map: str | None = None,
         gpu_layers: int | None = None,
+        tensor_parallel: int = 1,
+        disco: str | None = None,
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
         max_prefill_tokens: int | None = None,
@@ -175,6 +180,7 @@ class LLM:
             max_total_tokens=kv_cache_tokens,
             threads=threads,
             device_map=device_map,
+            disco=disco,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
@@ -724,6 +730,7 @@ def _artifact_folder(
     lora: list[str | os.PathLike] = (),
     device_map: str | None = None,
     gpu_layers: int | None = None,
+    tensor_parallel: int = 1,
     lora_slots: int = 0,
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
@@ -744,6 +751,13 @@ def _artifact_folder(
                 f"{model} is a compiled artifact, and gpu_layers splits a model at compile time: "
                 "pass the checkpoint, or compile one (`relaxlm compile MODEL --gpu-layers N`)"
             )
+        shards = Manifest.read(model).tensor_parallel.get("shards", 1)
+        if tensor_parallel not in (1, shards):
+            raise RelaxlmError(
+                f"{model} is a compiled artifact in {shards} shard(s), and tensor_parallel "
+                f"splits a model at compile time: pass the checkpoint, or compile one "
+                f"(`relaxlm compile MODEL --tensor-parallel {tensor_parallel}`)"
+            )
         if lora:
             raise RelaxlmError(
                 f"{model} is a compiled artifact, and LoRA adapters merge at compile time: "
@@ -762,6 +776,8 @@ def _artifact_folder(
     split = {"device_map": device_map} if device_map is not None else {}
     if gpu_layers is not None:
         split["gpu_layers"] = gpu_layers
+    if tensor_parallel != 1:  # only then in the cache key, as lora_slots
+        split["tensor_parallel"] = tensor_parallel
     if lora_slots:  # only then in the cache key: artifacts without slots keep their entries
         split.update(lora_slots=lora_slots, lora_max_rank=lora_max_rank)
         if lora_targets is not None:

@@ -3,19 +3,24 @@
 A model split across devices (a device map) runs as pipeline stages, each with its VM, its
 weights and a paged KV cache of its own layers on its device; every KV-cache operation applies
 to all the caches alike, so they hold the same sequences in the same pages, and a forward hands
-the hidden state from stage to stage. Callers (the engine) see one model either way.
+the hidden state from stage to stage. A model split into tensor-parallel shards is one stage
+whose operations run on every shard of a Disco session (runtime/disco.py). Callers (the
+engine) see one model either way.
 
 Imports only the TVM runtime, numpy and relaxlm's artifact format - never compiler code.
 """
 
 import os
+from pathlib import Path
 
 import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
+from relaxlm.artifacts import Manifest
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.loader import LoadedStage, load_artifact
+from relaxlm.runtime.disco import ShardedStage
+from relaxlm.runtime.loader import LoadedStage, load_artifact, use_threads
 
 _kv = {
     name: tvm.get_global_func(f"vm.builtin.{name}")
@@ -46,6 +51,8 @@ class CompiledModel:
     max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
     device_map: for an artifact split across devices, other device ordinals for its stages
         (the same layers and device kinds: `cuda:1:0-15,cuda:2:16-31`); `device` is unused.
+    disco: for an artifact split into tensor-parallel shards, the Disco session that runs
+        them: "threaded" (the default: one thread per shard) or "process" (one process each).
     """
 
     def __init__(
@@ -56,11 +63,31 @@ class CompiledModel:
         max_total_tokens: int | None = None,
         threads: int | None = None,
         device_map: str | None = None,
+        disco: str | None = None,
     ):
-        loaded = load_artifact(folder, device, "generate", threads, device_map)
-        self.threads, self.folder, self.manifest = loaded.threads, loaded.folder, loaded.manifest
-        self.device, self.vm, self.params = loaded.device, loaded.vm, loaded.params
-        manifest = self.manifest
+        manifest = Manifest.read(folder)
+        if manifest.tensor_parallel:
+            if device_map is not None:
+                raise RelaxlmError(
+                    f"{folder} is split into tensor-parallel shards, so it takes no device map"
+                )
+            if device.split(":")[0] != "cpu":
+                raise RelaxlmError(
+                    f"{folder} is split into tensor-parallel shards, which run on CPUs here "
+                    f"(the all-reduce on {device!r} needs a TVM with NCCL); use device='cpu'"
+                )
+            loaded = None
+            self.threads, self.folder = use_threads(threads), Path(folder)
+            self.manifest = manifest
+        else:
+            if disco is not None:
+                raise RelaxlmError(
+                    f"disco={disco!r} runs tensor-parallel artifacts, and {folder} is not one; "
+                    "compile it with --tensor-parallel N, or drop disco"
+                )
+            loaded = load_artifact(folder, device, "generate", threads, device_map)
+            self.threads, self.folder, self.manifest = loaded.threads, loaded.folder, manifest
+            self.device, self.vm, self.params = loaded.device, loaded.vm, loaded.params
         self.context_window = manifest.context_window
         self.prefill_chunk = manifest.prefill_chunk_size
         # The cache's scratch buffers hold prefill_chunk tokens per forward; a decode step of
@@ -80,7 +107,12 @@ class CompiledModel:
         self.max_batch_size = max_batch_size
         self.page_size = manifest.kv_cache["page_size"]
         sizes = (max_batch_size, total, self.prefill_chunk, self.page_size)
-        self.stages = [_Stage(stage, sizes) for stage in loaded.stages]
+        if loaded is None:  # one stage: every shard, in a Disco session
+            sharded = ShardedStage(self.folder, manifest, disco or "threaded", sizes)
+            self.stages = [sharded]
+            self.device, self.vm, self.params = sharded.device, sharded.vm, sharded.params
+        else:
+            self.stages = [_Stage(stage, sizes) for stage in loaded.stages]
         self.kv_cache = self.stages[0].kv_cache  # the first stage's (a split model has several)
         self.num_pages = self.free_pages()  # TVM rounds up and keeps a spare page
         # Adapter slots (runtime/lora.py): each forward takes a slot id per token, 0 = none.
@@ -113,12 +145,12 @@ class CompiledModel:
 
     def free_pages(self) -> int:
         # The caches change in lockstep, so they agree; the least is the safe answer anyway.
-        get = _kv["attention_kv_cache_get_num_available_pages"]
-        return min(int(get(stage.kv_cache)) for stage in self.stages)
+        op = "attention_kv_cache_get_num_available_pages"
+        return min(int(stage.kv(op)) for stage in self.stages)
 
     def _each_cache(self, op: str, *args) -> None:
         for stage in self.stages:
-            _kv[op](stage.kv_cache, *args)
+            stage.kv(op, *args)
 
     # -- forwards -----------------------------------------------------------------------------
 
@@ -145,10 +177,9 @@ class CompiledModel:
         last = np.cumsum(lengths, dtype="int32") - 1  # [num_seqs]
         if every_token:
             last = np.arange(sum(lengths), dtype="int32")  # [total_tokens]
-        positions = tvm.runtime.tensor(last, self.stages[-1].device)
-        extra = [positions, *self._slot_ids(slots, lengths)]
+        extra = [last, *self._slot_ids(slots, lengths)]
         logits = self._forward("prefill", flat.reshape(1, -1), extra, seq_ids, lengths)
-        return logits.numpy()[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
+        return logits[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
 
     def decode(
         self, seq_ids: list[int], tokens: list[int], slots: list[int] | None = None
@@ -157,7 +188,7 @@ class CompiledModel:
         ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
         ones = [1] * len(seq_ids)
         logits = self._forward("decode", ids, self._slot_ids(slots, ones), seq_ids, ones)
-        return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
+        return logits[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
 
     def _slot_ids(self, slots: list[int] | None, lengths: list[int]) -> list:
         """The entries' `lora_slots` input: each sequence's slot repeated over its tokens
@@ -172,22 +203,20 @@ class CompiledModel:
         per_token = np.repeat(np.asarray(slots or [0] * len(lengths), "int32"), lengths)
         if per_token.size and not 0 <= per_token.min() <= per_token.max() <= self.lora_slots:
             raise RelaxlmError(f"LoRA slots {slots} lie outside [0, {self.lora_slots}]")
-        return [tvm.runtime.tensor(per_token, self.stages[-1].device)]
+        return [per_token]
 
     def _forward(self, entry: str, ids: np.ndarray, last_args: list, seq_ids, lengths):
         """Run `entry` through every stage: token ids in, the hidden state handed on from
-        device to device, `last_args` (the logit positions) to the last stage; its logits."""
-        x = tvm.runtime.tensor(ids, self.stages[0].device)
+        device to device, `last_args` (the logit positions, host arrays) to the last stage;
+        its logits, on the host."""
         for stage in self.stages:
-            _kv["kv_state_begin_forward"](stage.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
+            stage.kv("kv_state_begin_forward", ShapeTuple(seq_ids), ShapeTuple(lengths))
+        x = ids
         for stage in self.stages:
-            if x.device != stage.device:
-                x = x.copyto(stage.device)
-            args = last_args if stage is self.stages[-1] else []
-            x = stage.entries[entry](x, *args, stage.kv_cache, stage.params)
+            x = stage.forward(entry, x, last_args if stage is self.stages[-1] else [])
         for stage in self.stages:
-            _kv["kv_state_end_forward"](stage.kv_cache)
-        return x
+            stage.kv("kv_state_end_forward")
+        return x.numpy()
 
 
 class _Stage:
@@ -201,3 +230,15 @@ class _Stage:
             *(ShapeTuple([v]) for v in sizes),
             ShapeTuple([0]),  # no sliding window
         )
+
+    def kv(self, op: str, *args):
+        """The `vm.builtin.<op>` KV-cache operation on this stage's cache."""
+        return _kv[op](self.kv_cache, *args)
+
+    def forward(self, entry: str, x, args: list[np.ndarray]) -> tvm.runtime.Tensor:
+        """`entry` on x (token ids on the host, or the previous stage's hidden state)."""
+        x = tvm.runtime.tensor(x, self.device) if isinstance(x, np.ndarray) else x
+        if x.device != self.device:
+            x = x.copyto(self.device)
+        args = [tvm.runtime.tensor(a, self.device) for a in args]
+        return self.entries[entry](x, *args, self.kv_cache, self.params)
