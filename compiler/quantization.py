@@ -78,6 +78,9 @@ class QuantScheme:
     # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
     # (see the module docstring); 0: the interleaved layout
     row_tile: int = 0
+    # values per super-block (GGUF K-quants: 256) whose float16 `d` (and `dmin`) multiply the
+    # groups' integer scales (and mins) of `scale_dtype` uint8 / int8; 0: scales stored as is
+    super_group: int = 0
 
     def __post_init__(self):
         # Read back from JSON (`QuantScheme(**scheme.to_dict())`) the two come as strings.
@@ -91,7 +94,7 @@ class QuantScheme:
     def block(self) -> int:
         """K is padded to a multiple of this: whole groups and whole interleaved blocks."""
         if self.row_tile:  # whole groups of the kernel's int8 activations too
-            return max(self.group_size, ACTIVATION_GROUP)
+            return max(self.group_size, ACTIVATION_GROUP, self.super_group)
         return max(self.group_size, INTERLEAVE if self.per_word > 1 else 1)
 
     @property
@@ -119,10 +122,27 @@ class QuantScheme:
             assert k % self.group_size == 0, (self.name, k)
             return {"q": (n, k // self.group_size * self.block_bytes)}
         kp = self.padded_k(k)
+        if self.super_group:
+            # a group's integer scale and min side by side (one stream for the kernel), and a
+            # super-block's float16 d and dmin so
+            per = 1 if self.symmetric else 2
+            return {
+                "q": (n, kp // self.per_word),
+                "scale": (n, kp // self.group_size * per),
+                "d": (n, kp // self.super_group * per),
+            }
         parts = {"q": (n, kp // self.per_word), "scale": (n, kp // self.group_size)}
         if not self.symmetric:  # row tiles add a min, the interleaved layout a zero point
             parts["min" if self.row_tile else "zero"] = (n, kp // self.group_size)
         return parts
+
+    def part_dtype(self, part: str, compute_dtype: str) -> str:
+        """The dtype of a part of `part_shapes`."""
+        if part in ("scale", "min"):
+            return self.scale_dtype_for(compute_dtype)
+        if part == "d":
+            return "float16"
+        return compute_dtype if part == "zero" else self.storage_dtype
 
     def to_dict(self) -> dict:
         """Every field, for passing the scheme through JSON (`QuantScheme(**d)` reads it back)."""
@@ -140,6 +160,7 @@ class QuantScheme:
             **({"activations": self.activations.value} if self.activations else {}),
             **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {}),
             **({"row_tile": self.row_tile} if self.row_tile else {}),
+            **({"super_group": self.super_group} if self.super_group else {}),
         }
 
 
@@ -155,7 +176,13 @@ def _packing(scheme: QuantScheme) -> str:
             if scheme.bits == 8
             else "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high)"
         )
-        return f"{word}, rows in tiles of {scheme.row_tile} when N is a multiple"
+        supers = (
+            f"; {scheme.scale_dtype} scales (and mins) times a float16 d (and dmin) per "
+            f"{scheme.super_group}"
+            if scheme.super_group
+            else ""
+        )
+        return f"{word}, rows in tiles of {scheme.row_tile} when N is a multiple{supers}"
     if scheme.per_word > 1:
         return f"nibbles interleaved in blocks of {INTERLEAVE} along K"
     return "one per element"
@@ -269,11 +296,13 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # scale (and min) each, repacked into the row tiles of int8_dot.py's kernel as they are (their
 # codes and fp16 scales bit for bit), which round the activations to int8 per group of 32 as
 # llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
-# Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8; 5-bit codes
-# take a byte each (more to read than the file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 ->
-# q8-a8 (q - 16), Q5_1 -> q5_1-a8 and Q5_K -> q5_k-a8 (unsigned codes with mins); Q6_K ->
-# q6_k-a8: int8 codes q - 32 with a float32 scale d * sc (exact) per 16 values, the kernel
-# taking two weight scales per group of 32 activations.
+# Q4_K -> q4_k-a8 (sub-blocks of 32 with their own 6-bit scale sc and min m as bytes, and the
+# super-block's fp16 d and -dmin: 4.625 bits a weight, as the file's 4.5; the kernel forms
+# d * sc and -dmin * m in float32, exactly); 5-bit codes take a byte each (more to read than the
+# file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 and
+# Q5_K -> q5_k-a8 (unsigned codes with mins, Q5_K's scales as Q4_K's); Q6_K -> q6_k-a8: int8
+# codes q - 32 with the int8 scale sc per 16 values and the fp16 d per 256 (8.56 bits), the
+# kernel taking two weight scales per group of 32 activations.
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -293,22 +322,35 @@ A8_REPACKS: dict[str, QuantScheme] = {
     "Q5_0": tied_table_scheme(SCHEMES["q4-a8"]),
     "Q4_1": _Q4_1_A8,
     "Q5_1": _Q5_1_A8,
-    "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="float32"),
-    "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="float32"),
+    "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="uint8", super_group=256),
+    "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
-        tied_table_scheme(SCHEMES["q4-a8"]), name="q6_k-a8", group_size=16, scale_dtype="float32"
+        tied_table_scheme(SCHEMES["q4-a8"]),
+        name="q6_k-a8",
+        group_size=16,
+        scale_dtype="int8",
+        super_group=256,
     ),
 }
 
 
+def flat_scales(scheme: QuantScheme) -> QuantScheme:
+    """A K-quant repack with its scales (and mins) multiplied out into float32 per group, as
+    `gguf-a8` stored them before it kept the super-blocks (1.5 bits a weight more): the same
+    numbers, for comparing the kernels."""
+    return replace(scheme, scale_dtype="float32", super_group=0)
+
+
 def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) -> list[np.ndarray]:
-    """The parts of `scheme` (A8_REPACKS[ggml_type]) holding raw GGUF rows [N, K/B * bytes]
-    exactly: the blocks' codes and scales moved, nothing rounded (Q4_K's scale and min are
+    """The parts of `scheme` (A8_REPACKS[ggml_type], or its `flat_scales`) holding raw GGUF rows
+    [N, K/B * bytes] exactly: the blocks' codes and scales moved, nothing rounded (K-quants keep
+    their integer scales and fp16 d per super-block, or multiply them out: Q4_K's scale and min
     d * sc and -dmin * m, products of an fp16 and a 6-bit integer, exact in float32; Q6_K's
     scale d * sc of an fp16 and an int8)."""
     gguf = GGUF_SCHEMES[ggml_type]
     n = raw.shape[0]
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // gguf.group_size, -1)
+    supers = []  # with super_group: d (and -dmin) per block, float16 as stored
     if ggml_type == "Q8_0":
         codes, scale, low = b[..., 2:].view(np.int8), _f16(b[..., :2]), None
     elif ggml_type in ("Q4_0", "Q4_1"):
@@ -326,6 +368,8 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
         codes, sc, d = _q6_k_parts(b)
         scale, low = d * sc, None
+        if scheme.super_group:
+            scale, supers = sc, [d]
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, mn = _k_scales(b[..., 4:16])
@@ -336,6 +380,8 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
             shifts = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)
             codes = codes + ((b[..., 16:48][..., None, None, :] >> shifts) & 1) * 16
         scale, low = d * sc, -(dmin * mn)
+        if scheme.super_group:  # -dmin: the kernel adds m * (-dmin) as the group's min
+            scale, low, supers = np.stack([sc, mn], axis=-1), None, [np.stack([d, -dmin], -1)]
     codes = np.ascontiguousarray(codes.reshape(n, k))
     if scheme.storage_dtype == "int8":
         words = codes.astype(np.int8).view(np.uint32)  # 4 k per word, tiled as words
@@ -343,6 +389,7 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
         words = _pack_octets(codes.astype(np.uint32))
     parts = [words, scale] if low is None else [words, scale, low]
     parts = [parts[0]] + [p.reshape(n, -1).astype(scheme.scale_dtype) for p in parts[1:]]
+    parts += [p.reshape(n, -1).astype(np.float16) for p in supers]  # exact: read from fp16
     if scheme.tiled(n):
         parts = [_to_tiles(p, scheme.row_tile) for p in parts]
     if scheme.storage_dtype == "int8":
@@ -388,7 +435,8 @@ def _quantize_rows(
         )
     if scheme.kind == QuantKind.CAST:
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
-    assert scheme.symmetric or not scheme.row_tile, f"{scheme.name} only repacks GGUF blocks"
+    only_repacks = scheme.super_group or (not scheme.symmetric and scheme.row_tile)
+    assert not only_repacks, f"{scheme.name} only repacks GGUF blocks"
     w = weight.astype(np.float32)
     n, k = w.shape
     kp = scheme.padded_k(k)
@@ -474,7 +522,7 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         return parts[0].astype(np.float32)
     if scheme.kind == QuantKind.GGUF:
         return dequantize_gguf(scheme, parts[0], k)
-    q, scale = parts[0], group_scales(scheme, parts).astype(np.float32)
+    q, scale = parts[0], group_scales(scheme, parts)
     n = q.shape[0]
     if scheme.storage_dtype == "int8":
         if scheme.tiled(n):
@@ -489,9 +537,8 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
             codes -= 1 << (scheme.bits - 1)
     groups = codes.reshape(n, -1, scheme.group_size)
     if scheme.row_tile and not scheme.symmetric:  # code * scale + min
-        low = parts[2]
-        low = _from_tiles(low, scheme.row_tile) if scheme.tiled(n) else low
-        values = groups * scale[..., None] + low.astype(np.float32)[..., None]
+        low = group_scales(scheme, parts, mins=True)
+        values = groups * scale[..., None] + low[..., None]
         return np.ascontiguousarray(values.reshape(n, -1)[:, :k])
     if not scheme.symmetric:
         groups = groups - parts[2].astype(np.float32)[..., None]
@@ -499,10 +546,19 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
     return np.ascontiguousarray((groups * scale[..., None]).reshape(n, -1)[:, :k])
 
 
-def group_scales(scheme: QuantScheme, parts: list[np.ndarray]) -> np.ndarray:
-    """The scales of an integer scheme's parts as [N, groups], rows in order."""
-    scale = parts[1]
-    return _from_tiles(scale, scheme.row_tile) if scheme.tiled(scale.shape[0]) else scale
+def group_scales(scheme: QuantScheme, parts: list[np.ndarray], mins: bool = False) -> np.ndarray:
+    """The scales (or the mins) of an integer scheme's parts as float32 [N, groups], rows in
+    order; with super-blocks, times their d (dmin) as the kernel forms them."""
+    n = parts[0].shape[0]
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return (_from_tiles(a, scheme.row_tile) if scheme.tiled(n) else a).astype(np.float32)
+
+    if not scheme.super_group:
+        return rows(parts[2] if mins else parts[1])
+    per = 1 if scheme.symmetric else 2  # scale and min side by side, d and dmin so
+    values, d = rows(parts[1])[:, int(mins) :: per], rows(parts[2])[:, int(mins) :: per]
+    return values * np.repeat(d, scheme.super_group // scheme.group_size, axis=1)
 
 
 def _to_tiles(a: np.ndarray, tile: int) -> np.ndarray:

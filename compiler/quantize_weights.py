@@ -71,11 +71,7 @@ def quantize_weights(
         packed = schemes[i]
         n, k = _shape(ty)
         for part, shape in packed.part_shapes(n, k).items():
-            dtype = {
-                "scale": packed.scale_dtype_for(compute_dtype),
-                "min": packed.scale_dtype_for(compute_dtype),
-                "zero": compute_dtype,
-            }.get(part, packed.storage_dtype)
+            dtype = packed.part_dtype(part, compute_dtype)
             layout[i].append(len(new_fields))
             plan.append(PackedField(i, part, tuple(shape), dtype, packed))
             new_fields.append(relax.TensorType(shape, dtype))
@@ -91,10 +87,21 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         return parts[0][n, k].astype(dtype)
     if scheme.kind == QuantKind.GGUF:
         return _GGUF_TE[scheme.ggml_type](_Block(parts[0], n, k, scheme)).astype(dtype)
-    q, scale = parts[0], parts[1]
+    q = parts[0]
     group = k // scheme.group_size
     tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0  # see quantization.py
-    s = _row_tiled(scale, n, group, tile).astype(dtype)
+
+    def group_value(mins: int):
+        """The group's scale (or min); with super-blocks, its integer times the super-block's d
+        (or -dmin), side by side with it (quantization.py), in float32: exact."""
+        if not scheme.super_group:
+            return _row_tiled(parts[1 + mins], n, group, tile).astype(dtype)
+        per = 1 if scheme.symmetric else 2
+        value = _row_tiled(parts[1], n, group * per + mins, tile)
+        multiplier = _row_tiled(parts[2], n, k // scheme.super_group * per + mins, tile)
+        return (value.astype("float32") * multiplier.astype("float32")).astype(dtype)
+
+    s = group_value(0)
     if scheme.storage_dtype == "int8":
         if tile:  # 4 consecutive k per 32-bit word, words in row tiles
             kp = int(q.shape[1])
@@ -117,7 +124,7 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
             return code * s + s * tirx.const(-(1 << (scheme.bits - 1)), dtype)
     if scheme.row_tile and not scheme.symmetric:  # GGUF Q4_1 / Q4_K / Q5_1 / Q5_K repacked
-        return code * s + _row_tiled(parts[2], n, group, tile).astype(dtype)
+        return code * s + group_value(1)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
     return code * s
