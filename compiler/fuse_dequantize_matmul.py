@@ -100,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
         return (
             self.int8_dot
             and scheme.activations in int8_dot.PIECES
-            and scheme.bits in (4, 8)
+            and scheme.bits in (4, 5, 6, 8)
             and (scheme.symmetric or scheme.activations == "int8")
             and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
@@ -114,12 +114,12 @@ class _Rewriter(relax.PyExprMutator):
                     and scheme.scale_dtype in ("uint8", "int8")
                 )
             )
-            # a scale per 32 weights, or per 16 (GGUF's Q6_K: int8 codes, int8 activations)
+            # a scale per 32 weights, or per 16 (GGUF's Q6_K: 6-bit codes, int8 activations)
             and (
                 scheme.group_size == int8_dot.GROUP
                 or (
                     scheme.group_size == 16
-                    and scheme.bits == 8
+                    and scheme.bits in (6, 8)
                     and scheme.symmetric
                     and scheme.activations == "int8"
                 )

@@ -114,10 +114,11 @@ def int8_linear(
     layout = (halves, per, super_group // GROUP if super_group else 1, offsets, bool(super_group))
     extra = (extra_type[0] * extra_type[1], extra_dtype)
     shape = (n, k, k_padded, groups, words, bits, layout, extra)
-    w_type = (n, words) if bits == 4 else (n, k_padded)
-    w_dtype = "uint32" if bits == 4 else "int8"
+    w_type = (n, words) if bits < 8 else (n, k_padded)
+    w_dtype = "uint32" if bits < 8 else "int8"
+    assert bits in (4, 5, 6, 8), bits
     assert not offsets or pieces == 1, "codes with mins take int8 activations"
-    assert halves == 1 or (pieces == 1 and bits == 8 and not offsets), "Q6_K's layout only"
+    assert halves == 1 or (pieces == 1 and not offsets), "Q6_K's layout only"
     assert not super_group or (super_group % GROUP == 0 and pieces == 1), "K-quants' layout only"
 
     @T.macro(hygienic=False)
@@ -272,7 +273,8 @@ def _tile_rows(
     dot = T.alloc_buffer((count * stride * TILE,), "int32")
     d = T.alloc_buffer((per * TILE,), "float32")  # the super-block's d (and -dmin)
     group_words = T.meta_var(GROUP * bits // 32)
-    half_words = T.meta_var(group_words // halves)
+    # words of codes per half (int8: 4 k a word; else words of nibbles, 8 k, before the planes)
+    half_words = T.meta_var((8 if bits == 8 else 4) // halves)
     scale_cols = T.meta_var(groups * halves * per)
     for j in T.unroll(count):
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
@@ -315,21 +317,40 @@ def _tile_rows(
                         T.int32(1),
                     )
                 )
-            for o in T.unroll(group_words):
+            for o in T.unroll(8 if bits == 8 else 4):
                 # word o of the group for the tile's 16 rows: vpdpbusd operands shared by all j
                 wv = T.meta_var(w[_tile_lanes(tile, words, g * group_words + o)])
-                if bits == 4:  # 8 k: low nibbles k .. k + 3, high nibbles k + 4 .. k + 7
-                    low = T.meta_var(T.bitwise_and(wv, _broadcast_u32(_NIBBLES)))
+                if bits < 8:  # 8 k: low nibbles k .. k + 3, high nibbles k + 4 .. k + 7
+                    low = T.meta_var(
+                        _with_high_bits(
+                            T.bitwise_and(wv, _broadcast_u32(_NIBBLES)),
+                            w,
+                            tile,
+                            words,
+                            g * group_words,
+                            2 * o,
+                            bits,
+                        )
+                    )
                     high = T.meta_var(
-                        T.bitwise_and(
-                            T.shift_right(wv, _broadcast_u32(4)), _broadcast_u32(_NIBBLES)
+                        _with_high_bits(
+                            T.bitwise_and(
+                                T.shift_right(wv, _broadcast_u32(4)), _broadcast_u32(_NIBBLES)
+                            ),
+                            w,
+                            tile,
+                            words,
+                            g * group_words,
+                            2 * o + 1,
+                            bits,
                         )
                     )
                     for j in T.unroll(count):
                         for p in T.unroll(pieces):
                             i = T.meta_var(T.min(first + j, last))
                             c = T.meta_var(g * GROUP + o * 8)
-                            sums = T.meta_var(_lanes_of(j * stride + p))
+                            # (halves > 1 only with one piece: the sum of the word's half)
+                            sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
                             dot[sums] = _dpbusd(
                                 _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
                                 high,
@@ -388,6 +409,24 @@ def _tile_rows(
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)]
         else:
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
+
+
+def _with_high_bits(nibbles, w, tile, words: int, group_col, t: int, bits: int):
+    """Operand t (0 .. 7: 4 bytes of k = 4t + e in each lane) of a group of 5- or 6-bit codes:
+    its nibbles with the high bits ORed in at bit 4 of each byte, from the group's plane words
+    after its 4 words of nibbles (quantization._pack_row_codes: they sit at bit (t * P) % 8 of
+    each byte of plane word t * P // 8, P = bits - 4): one shift, one mask, one or."""
+    planes = bits - 4
+    if not planes:
+        return nibbles
+    plane = w[_tile_lanes(tile, words, group_col + 4 + t * planes // 8)]
+    at = t * planes % 8  # (t is the unrolled loop's variable: constants once unrolled)
+    # up by 4 - at, or down by at - 4: one of the two shifts is by 0
+    up = T.broadcast(T.Cast("uint32", 4 - T.min(at, 4)), TILE)
+    down = T.broadcast(T.Cast("uint32", T.max(at, 4) - 4), TILE)
+    moved = T.shift_right(T.shift_left(plane, up), down)
+    mask = _broadcast_u32(0x01010101 * (((1 << planes) - 1) << 4))
+    return T.bitwise_or(nibbles, T.bitwise_and(moved, mask))
 
 
 def _tile_lanes(tile, cols: int, col):

@@ -99,8 +99,15 @@ class QuantScheme:
 
     @property
     def per_word(self) -> int:
-        """Values packed into one storage element."""
+        """Values packed into one storage element (row tiles of 5- or 6-bit codes: 32 per
+        `bits` words, see `_pack_row_codes`)."""
         return 32 // self.bits if self.storage_dtype == "uint32" else 1
+
+    def words(self, k_padded: int) -> int:
+        """Storage elements per row of the packed codes."""
+        if self.row_tile and self.storage_dtype == "uint32":
+            return k_padded * self.bits // 32
+        return k_padded // self.per_word
 
     @property
     def ggml_type(self) -> str:
@@ -127,11 +134,11 @@ class QuantScheme:
             # super-block's float16 d and dmin so
             per = 1 if self.symmetric else 2
             return {
-                "q": (n, kp // self.per_word),
+                "q": (n, self.words(kp)),
                 "scale": (n, kp // self.group_size * per),
                 "d": (n, kp // self.super_group * per),
             }
-        parts = {"q": (n, kp // self.per_word), "scale": (n, kp // self.group_size)}
+        parts = {"q": (n, self.words(kp)), "scale": (n, kp // self.group_size)}
         if not self.symmetric:  # row tiles add a min, the interleaved layout a zero point
             parts["min" if self.row_tile else "zero"] = (n, kp // self.group_size)
         return parts
@@ -176,6 +183,8 @@ def _packing(scheme: QuantScheme) -> str:
             if scheme.bits == 8
             else "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high)"
         )
+        if scheme.bits in (5, 6):
+            word = f"per 32 k, 4 words of low nibbles ({word}) then {scheme.bits - 4} of high bits"
         supers = (
             f"; {scheme.scale_dtype} scales (and mins) times a float16 d (and dmin) per "
             f"{scheme.super_group}"
@@ -298,11 +307,11 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
 # Q4_K -> q4_k-a8 (sub-blocks of 32 with their own 6-bit scale sc and min m as bytes, and the
 # super-block's fp16 d and -dmin: 4.625 bits a weight, as the file's 4.5; the kernel forms
-# d * sc and -dmin * m in float32, exactly); 5-bit codes take a byte each (more to read than the
-# file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 and
-# Q5_K -> q5_k-a8 (unsigned codes with mins, Q5_K's scales as Q4_K's); Q6_K -> q6_k-a8: int8
-# codes q - 32 with the int8 scale sc per 16 values and the fp16 d per 256 (8.56 bits), the
-# kernel taking two weight scales per group of 32 activations.
+# d * sc and -dmin * m in float32, exactly); Q5_K -> q5_k-a8 as Q4_K with a plane of high bits
+# (5.625 bits, the file's 5.5); Q6_K -> q6_k-a8: 6-bit codes q (two planes), the int8 scale sc
+# per 16 values and the fp16 d per 256 (6.5625 bits, the file's 6.5625), the kernel taking two
+# weight scales per group of 32 activations. Q5_0 / Q5_1 codes take a byte each (more to read
+# than the file's 5.5 / 6 bits): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 (unsigned, with mins).
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -323,22 +332,20 @@ A8_REPACKS: dict[str, QuantScheme] = {
     "Q4_1": _Q4_1_A8,
     "Q5_1": _Q5_1_A8,
     "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="uint8", super_group=256),
-    "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="uint8", super_group=256),
+    "Q5_K": replace(_Q4_1_A8, name="q5_k-a8", bits=5, scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
-        tied_table_scheme(SCHEMES["q4-a8"]),
-        name="q6_k-a8",
-        group_size=16,
-        scale_dtype="int8",
-        super_group=256,
+        SCHEMES["q4-a8"], name="q6_k-a8", bits=6, group_size=16, scale_dtype="int8", super_group=256
     ),
 }
 
 
 def flat_scales(scheme: QuantScheme) -> QuantScheme:
-    """A K-quant repack with its scales (and mins) multiplied out into float32 per group, as
-    `gguf-a8` stored them before it kept the super-blocks (1.5 bits a weight more): the same
-    numbers, for comparing the kernels."""
-    return replace(scheme, scale_dtype="float32", super_group=0)
+    """A K-quant repack as `gguf-a8` stored it before it kept the super-blocks and packed 5- and
+    6-bit codes: scales (and mins) multiplied out into float32 per group, and codes of more
+    than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10): the same numbers, for
+    comparing the kernels."""
+    flat = replace(scheme, scale_dtype="float32", super_group=0)
+    return flat if scheme.bits == 4 else replace(flat, bits=8, storage_dtype="int8")
 
 
 def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) -> list[np.ndarray]:
@@ -368,6 +375,8 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
         codes, sc, d = _q6_k_parts(b)
         scale, low = d * sc, None
+        if scheme.storage_dtype == "uint32":  # 6-bit codes as the file's, unsigned: q + 32
+            codes = codes.astype(np.int16) + 32
         if scheme.super_group:
             scale, supers = sc, [d]
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
@@ -386,7 +395,7 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     if scheme.storage_dtype == "int8":
         words = codes.astype(np.int8).view(np.uint32)  # 4 k per word, tiled as words
     else:
-        words = _pack_octets(codes.astype(np.uint32))
+        words = _pack_row_codes(codes.astype(np.uint32), scheme.bits)
     parts = [words, scale] if low is None else [words, scale, low]
     parts = [parts[0]] + [p.reshape(n, -1).astype(scheme.scale_dtype) for p in parts[1:]]
     parts += [p.reshape(n, -1).astype(np.float16) for p in supers]  # exact: read from fp16
@@ -454,7 +463,7 @@ def _quantize_rows(
             return [words.view(np.int8), _to_tiles(scale, scheme.row_tile)]
         codes = (q + half).astype(np.uint32).reshape(n, kp)
         if scheme.row_tile:
-            words = _pack_octets(codes)
+            words = _pack_row_codes(codes, scheme.bits)
             if not tiled:
                 return [words, scale]
             return [_to_tiles(words, scheme.row_tile), _to_tiles(scale, scheme.row_tile)]
@@ -530,7 +539,8 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         codes = q.astype(np.float32)
     elif scheme.row_tile:
         words = _from_tiles(q, scheme.row_tile) if scheme.tiled(n) else q
-        codes = _unpack_octets(words).astype(np.float32) - (8 if scheme.symmetric else 0)
+        codes = _unpack_row_codes(words, scheme.bits).astype(np.float32)
+        codes -= (1 << (scheme.bits - 1)) if scheme.symmetric else 0
     else:
         codes = _unpack(q, scheme.bits).astype(np.float32)
         if scheme.symmetric:
@@ -571,6 +581,44 @@ def _to_tiles(a: np.ndarray, tile: int) -> np.ndarray:
 def _from_tiles(a: np.ndarray, tile: int) -> np.ndarray:
     n, c = a.shape
     return np.ascontiguousarray(a.reshape(n // tile, c, tile).transpose(0, 2, 1)).reshape(n, c)
+
+
+def _pack_row_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes of 4 to 6 bits [N, Kp] -> words [N, Kp * bits / 32] for the row-tiled kernel: per
+    32 k, the low nibbles as `_pack_octets` packs them, then bits - 4 words of the high bits.
+    The kernel builds its operands t = 0 .. 7 (4 bytes each: k = 4t + e, e = 0 .. 3, word t // 2
+    of the nibbles, low or high ones) and ORs in the high bits, which sit where one shift and
+    mask move them to bit 4 of each byte: bit (t * P) % 8 + i of byte e of plane word
+    t * P // 8 (P = bits - 4) is bit 4 + i of code 4t + e."""
+    n, kp = codes.shape
+    nibbles = _pack_octets(codes & 0xF)
+    planes = bits - 4
+    if not planes:
+        return nibbles
+    high = (codes >> 4).reshape(n, kp // 32, 8, 4)  # [n, group, operand t, byte e]
+    shifts = (np.arange(8, dtype=np.uint32) * planes % 8)[:, None]  # of operand t in its word
+    high = high << shifts  # [n, g, t, e], at its bit in byte e
+    word_of = np.arange(8) * planes // 8
+    plane_bytes = np.stack(
+        [np.bitwise_or.reduce(high[:, :, word_of == p], axis=2) for p in range(planes)], axis=2
+    )  # [n, g, plane word, e]
+    plane_words = np.bitwise_or.reduce(plane_bytes << (np.arange(4, dtype=np.uint32) * 8), 3)
+    words = np.concatenate([nibbles.reshape(n, -1, 4), plane_words.astype(np.uint32)], axis=2)
+    return words.reshape(n, -1)
+
+
+def _unpack_row_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    n = words.shape[0]
+    planes = bits - 4
+    groups = words.reshape(n, -1, 4 + planes)
+    codes = _unpack_octets(np.ascontiguousarray(groups[..., :4]).reshape(n, -1))
+    if not planes:
+        return codes
+    plane_bytes = (groups[..., 4:, None] >> (np.arange(4, dtype=np.uint32) * 8)) & 0xFF
+    t = np.arange(8)
+    high = plane_bytes[:, :, t * planes // 8] >> (t * planes % 8)[:, None].astype(np.uint32)
+    high &= (1 << planes) - 1  # [n, g, t, e]
+    return codes | (high.reshape(n, -1) << 4)
 
 
 def _pack_octets(codes: np.ndarray) -> np.ndarray:

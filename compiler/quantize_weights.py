@@ -110,15 +110,14 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         else:
             code = q[n, k].astype(dtype)
     else:
-        if scheme.row_tile:  # 8 consecutive k per word
-            word = _row_tiled(q, n, k // 8, tile)
-            shift = (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")
+        if scheme.row_tile:  # per 32 k: 4 words of 8 consecutive k, then the high bits' words
+            code = _row_code(q, n, k, scheme.bits, tile)
         else:  # interleaved blocks
             lanes = INTERLEAVE // scheme.per_word
             word = q[n, k // INTERLEAVE * lanes + k % lanes]
             shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
-        mask = tirx.const((1 << scheme.bits) - 1, "uint32")
-        code = ((word >> shift) & mask).astype("int32").astype(dtype)
+            code = (word >> shift) & tirx.const((1 << scheme.bits) - 1, "uint32")
+        code = code.astype("int32").astype(dtype)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
@@ -128,6 +127,21 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
     return code * s
+
+
+def _row_code(q: te.Tensor, n, k, bits: int, tile: int) -> tirx.Expr:
+    """The unsigned code of weight [n, k] in row-tiled words of 4 to 6 bits (uint32; the layout
+    of quantization._pack_row_codes)."""
+    base = k // 32 * bits  # words per 32 k: 4 of nibbles, bits - 4 of high bits
+    word = _row_tiled(q, n, base + k % 32 // 8, tile)
+    code = (word >> (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")) & tirx.const(15, "uint32")
+    planes = bits - 4
+    if not planes:
+        return code
+    t = k % 32 // 4  # the kernel's operand: 4 consecutive k
+    plane = _row_tiled(q, n, base + 4 + t * planes // 8, tile)
+    high = plane >> (k % 4 * 8 + t * planes % 8).astype("uint32")
+    return code | ((high & tirx.const((1 << planes) - 1, "uint32")) << tirx.const(4, "uint32"))
 
 
 def _row_tiled(part: te.Tensor, row, col, tile: int) -> tirx.Expr:

@@ -383,17 +383,18 @@ def _random_k_blocks(rng, ggml_type: str, n: int, k: int) -> np.ndarray:
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n,k", [(48, 256), (128, 1024), (40, 512)])
 def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
-    """K-quants repacked with their integer scales (and mins) per sub-block and fp16 d (and
-    dmin) per 256 give the same outputs, bit for bit, as with the scales multiplied out into
-    float32 per sub-block (`flat_scales`, gguf-a8's layout before, 1.5 bits a weight more):
-    the kernel forms the same float32 products. Parts hold 4.625 bits a weight for Q4_K (the
-    file: 4.5), 8.625 for Q5_K and 8.5625 for Q6_K (int8 codes). N = 40 takes the float kernel."""
+    """K-quants repacked with their integer scales (and mins) per sub-block, fp16 d (and dmin)
+    per 256 and 5- / 6-bit codes in nibbles and planes give the same outputs, bit for bit, as
+    gguf-a8's layout before (`flat_scales`: scales multiplied out into float32, Q5_K / Q6_K
+    codes in int8; 6 and 10 bits a weight): the kernel forms the same float32 scales and
+    integer sums. Parts hold 4.625 bits a weight for Q4_K (the file: 4.5), 5.625 for Q5_K (5.5)
+    and 6.5625 for Q6_K (6.5625). N = 40 takes the float kernel."""
     rng = np.random.default_rng(n + k)
     raw = _random_k_blocks(rng, ggml_type, n, k)
     supers, flat = A8_REPACKS[ggml_type], flat_scales(A8_REPACKS[ggml_type])
     parts, flat_parts = repack_gguf(supers, ggml_type, raw, k), repack_gguf(flat, ggml_type, raw, k)
     bits = sum(p.nbytes for p in parts) * 8 / (n * k)
-    assert bits == {"Q4_K": 4.625, "Q5_K": 8.625, "Q6_K": 8.5625}[ggml_type]
+    assert bits == {"Q4_K": 4.625, "Q5_K": 5.625, "Q6_K": 6.5625}[ggml_type]
     assert [p.shape for p in parts] == list(supers.part_shapes(n, k).values())
     np.testing.assert_array_equal(dequantize(supers, parts, k), dequantize(flat, flat_parts, k))
     forward, script = _linear_vm(n, k, supers)
