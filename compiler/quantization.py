@@ -12,10 +12,17 @@ number of groups (and of packed words), so any K works:
   kernel: see `row_tiled`)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - q4_1-a8 uint32 [N, Kp/8] as q4-a8     scale, min [N, Kp/32]       w = nibble * scale + min
-  (llama.cpp's Q4_1 and Q4_K blocks repacked, not requantized: `repack_gguf`; with q4-a8 for
-  Q4_0 and q8-a8 for Q8_0 these are `--quant gguf-a8`, GGUF blocks computed as llama.cpp does)
-- q6_k-a8 int8 [N, Kp] as q8-a8         scale [N, Kp/16] float32    w = q * scale
-  (llama.cpp's Q6_K: q - 32, and d * the sub-block's scale; Kp a multiple of 32)
+  (llama.cpp's Q4_1 blocks repacked, not requantized: `repack_gguf`; with q4-a8 for Q4_0,
+  q8-a8 for Q8_0 and the K-quants below these are `--quant gguf-a8`, GGUF blocks computed as
+  llama.cpp does)
+- q4_k-a8 uint32 [N, Kp/8] as q4-a8     scale uint8 [N, Kp/32 * 2]  w = nibble * sc * d + m * -dmin
+                                        d float16 [N, Kp/256 * 2]
+  (llama.cpp's Q4_K: per sub-block of 32 its 6-bit sc and m side by side, per super-block of
+  256 its d and -dmin so; `super_group`); q5_k-a8 the same with 5-bit codes: per 32 k, 4
+  words of low nibbles then a word of high bits (uint32 [N, Kp * 5/32], `_pack_row_codes`)
+- q6_k-a8 uint32 [N, Kp * 6/32]         scale int8 [N, Kp/16]       w = (code - 32) * sc * d
+                                        d float16 [N, Kp/256]
+  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits)
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
