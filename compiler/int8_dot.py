@@ -20,11 +20,13 @@ The kernel puts weight rows in vector lanes: the weights are stored in tiles of 
 (quantization.py, `row_tile`), so one 64-byte load holds one 32-bit word of each of the 16
 rows: 8 consecutive k of 4 bits (byte e: k = 8o + e in the low nibble, 8o + 4 + e in the high
 one), split by a mask and a shift into two `vpdpbusd` operands; or 4 consecutive k of 8 bits,
-one operand. Each operand is multiplied by 4 activation codes broadcast to every lane; after a
-group each lane holds its row's whole group dot, which one convert and one FMA scale into the
-row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights stream as
-one run of memory, prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are
-stored so (w + 8), int8 weights get their sign bit flipped (w + 128); a per-group correction
+one operand; or, for 5- and 6-bit codes (GGUF's Q5_K and Q6_K), the nibbles with the high
+bits of one or two more words per group ORed in at bit 4 of each byte. Each operand is
+multiplied by 4 activation codes broadcast to every lane; after a group each lane holds its
+row's whole group dot, which one convert and one FMA scale into the row's float sum. No
+horizontal sums, one store of 16 outputs, and a tile's weights stream as one run of memory,
+prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
+6-bit ones w + 32, int8 weights get their sign bit flipped (w + 128); a per-group correction
 -bias * (sum of the group's activation codes) starts the int32 sums.
 """
 
