@@ -53,7 +53,8 @@ class _Rewriter(relax.PyExprMutator):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
-        # (n, k, Kp, scale dtype, activations, bits, mins, scale group), residual -> kernel; and
+        # (n, k, Kp, scale dtype, activations, bits, mins, scale group, super group), residual
+        # -> kernel; and
         # each kernel without residual -> its key
         self.int8_kernels: dict[tuple, relax.GlobalVar] = {}
         self.int8_keys: dict[relax.GlobalVar, tuple] = {}
@@ -99,18 +100,26 @@ class _Rewriter(relax.PyExprMutator):
         return (
             self.int8_dot
             and scheme.activations in int8_dot.PIECES
-            and scheme.bits in (4, 8)
+            and scheme.bits in (4, 5, 6, 8)
             and (scheme.symmetric or scheme.activations == "int8")
             and scheme.row_tile == int8_dot.TILE
             and x.ty.dtype == out_dtype == "float32"
             and int8_dot.supports(n, scheme.padded_k(k))
-            and scheme.scale_dtype_for(out_dtype) in ("float16", "float32")
-            # a scale per 32 weights, or per 16 (GGUF's Q6_K: int8 codes, int8 activations)
+            and (
+                scheme.scale_dtype_for(out_dtype) in ("float16", "float32")
+                # GGUF's K-quants: integer scales times a float16 d per super-block
+                or (
+                    scheme.super_group % int8_dot.GROUP == 0
+                    and scheme.super_group > 0
+                    and scheme.scale_dtype in ("uint8", "int8")
+                )
+            )
+            # a scale per 32 weights, or per 16 (GGUF's Q6_K: 6-bit codes, int8 activations)
             and (
                 scheme.group_size == int8_dot.GROUP
                 or (
                     scheme.group_size == 16
-                    and scheme.bits == 8
+                    and scheme.bits in (6, 8)
                     and scheme.symmetric
                     and scheme.activations == "int8"
                 )
@@ -130,6 +139,7 @@ class _Rewriter(relax.PyExprMutator):
             scheme.bits,
             not scheme.symmetric,  # mins (GGUF Q4_1 / Q4_K repacked)
             scheme.group_size,
+            scheme.super_group,
         )
         kernel = self._int8_kernel(key, residual=False)
         out = relax.call_tir(
@@ -140,15 +150,16 @@ class _Rewriter(relax.PyExprMutator):
         return relax.op.reshape(self.builder_.emit(out), (*lead, n))
 
     def _int8_kernel(self, key: tuple, residual: bool) -> relax.GlobalVar:
-        """The kernel for key (n, k, Kp, scale dtype, activations, bits, mins, scale group),
-        added to the module on first use."""
+        """The kernel for key (n, k, Kp, scale dtype, activations, bits, mins, scale group,
+        super group), added to the module on first use."""
         if (key, residual) not in self.int8_kernels:
-            n, k, k_padded, scale_dtype, activations, bits, mins, group = key
+            n, k, k_padded, scale_dtype, activations, bits, mins, group, supers = key
             name = f"q{bits}{'_min' if mins else ''}_{activations}_linear_{n}_{k}"
             name += f"_g{group}" if group != int8_dot.GROUP else ""
+            name += f"_s{supers}" if supers else ""
             name += "_add" if residual else ""
             func = int8_dot.int8_linear(
-                n, k, k_padded, scale_dtype, residual, activations, bits, mins, group
+                n, k, k_padded, scale_dtype, residual, activations, bits, mins, group, supers
             )
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel

@@ -20,11 +20,13 @@ The kernel puts weight rows in vector lanes: the weights are stored in tiles of 
 (quantization.py, `row_tile`), so one 64-byte load holds one 32-bit word of each of the 16
 rows: 8 consecutive k of 4 bits (byte e: k = 8o + e in the low nibble, 8o + 4 + e in the high
 one), split by a mask and a shift into two `vpdpbusd` operands; or 4 consecutive k of 8 bits,
-one operand. Each operand is multiplied by 4 activation codes broadcast to every lane; after a
-group each lane holds its row's whole group dot, which one convert and one FMA scale into the
-row's float sum. No horizontal sums, one store of 16 outputs, and a tile's weights stream as
-one run of memory, prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are
-stored so (w + 8), int8 weights get their sign bit flipped (w + 128); a per-group correction
+one operand; or, for 5- and 6-bit codes (GGUF's Q5_K and Q6_K), the nibbles with the high
+bits of one or two more words per group ORed in at bit 4 of each byte. Each operand is
+multiplied by 4 activation codes broadcast to every lane; after a group each lane holds its
+row's whole group dot, which one convert and one FMA scale into the row's float sum. No
+horizontal sums, one store of 16 outputs, and a tile's weights stream as one run of memory,
+prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
+6-bit ones w + 32, int8 weights get their sign bit flipped (w + 128); a per-group correction
 -bias * (sum of the group's activation codes) starts the int32 sums.
 """
 
@@ -84,6 +86,7 @@ def int8_linear(
     bits: int = 4,
     offsets: bool = False,
     scale_group: int = GROUP,
+    super_group: int = 0,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
     n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
@@ -93,25 +96,42 @@ def int8_linear(
     and each group has a min (w = code * scale + min: GGUF's Q4_1 / Q4_K / Q5_1 / Q5_K): the min
     multiplies the group's sum of activations, as llama.cpp's Q4_1 x Q8_1 dot does.
     `scale_group` 16 (GGUF's Q6_K, int8 weights): two weight scales per group of 32
-    activations, each half's int32 sum its own (and its own bias correction)."""
+    activations, each half's int32 sum its own (and its own bias correction). With
+    `super_group` (GGUF's K-quants, 256) the scales are integers of `scale_dtype` (with
+    `offsets`, each group's scale and min side by side) and a float16 buffer holds each
+    super-block's d (and -dmin) that multiply them: the kernel forms the float32 scales (exact)
+    once per group, and reads 0.5 bits a weight of them instead of 2."""
     groups = k_padded // GROUP
     halves = GROUP // scale_group  # weight scales per activation group
     words = k_padded * bits // 32  # per weight row
     pieces, levels = PIECES[activations]
-    shape = (n, k, k_padded, groups, words, bits, halves)
-    w_type = (n, words) if bits == 4 else (n, k_padded)
-    w_dtype = "uint32" if bits == 4 else "int8"
+    # a group's scale (and min) per half, a super-block's d (and dmin): columns of the parts
+    per = 2 if offsets and super_group else 1
+    supers = k_padded // super_group if super_group else 0
+    s_cols = groups * halves * per
+    # the third buffer: the mins (codes with mins, flat scales) or the super-blocks' d
+    extra_type = (n, supers * per) if super_group else (n, groups)
+    extra_dtype = "float16" if super_group else scale_dtype
+    # (groups per super-block is 1 without them: the same loops)
+    layout = (halves, per, super_group // GROUP if super_group else 1, offsets, bool(super_group))
+    extra = (extra_type[0] * extra_type[1], extra_dtype)
+    shape = (n, k, k_padded, groups, words, bits, layout, extra)
+    w_type = (n, words) if bits < 8 else (n, k_padded)
+    w_dtype = "uint32" if bits < 8 else "int8"
+    assert bits in (4, 5, 6, 8), bits
     assert not offsets or pieces == 1, "codes with mins take int8 activations"
-    assert halves == 1 or (pieces == 1 and bits == 8 and not offsets), "Q6_K's layout only"
+    assert halves == 1 or (pieces == 1 and not offsets), "Q6_K's layout only"
+    assert not super_group or (super_group % GROUP == 0 and pieces == 1), "K-quants' layout only"
 
     @T.macro(hygienic=False)
-    def body(var_x, w, w_scale, w_min, res, out, batch, seq, shape, scale_dtype, pieces, levels):
-        n, k, k_padded, groups, words, bits, halves = T.meta_var(shape)
+    def body(var_x, w, w_scale, w_extra, res, out, batch, seq, shape, scale_dtype, pieces, levels):
+        n, k, k_padded, groups, words, bits, layout, extra = T.meta_var(shape)
+        halves, per = T.meta_var(layout[:2])
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
         w_flat = T.decl_buffer((n * words,), "uint32", data=w.data)
-        s_flat = T.decl_buffer((n * groups * halves,), scale_dtype, data=w_scale.data)
-        m_flat = T.meta_var(
-            None if w_min is None else T.decl_buffer((n * groups,), scale_dtype, data=w_min.data)
+        s_flat = T.decl_buffer((n * groups * halves * per,), scale_dtype, data=w_scale.data)
+        e_flat = T.meta_var(
+            None if w_extra is None else T.decl_buffer((extra[0],), extra[1], data=w_extra.data)
         )
         rows = T.meta_var(batch * seq)
         codes = T.alloc_buffer((pieces, rows, k_padded), "int8")
@@ -124,7 +144,8 @@ def int8_linear(
             (
                 w_flat,
                 s_flat,
-                m_flat,
+                e_flat,
+                layout,
                 codes,
                 correction,
                 scale,
@@ -154,15 +175,16 @@ def int8_linear(
                     )
 
     common = (shape, scale_dtype, pieces, levels)
-    # One signature per combination: the mins and the residual are buffers of their own.
-    if offsets and residual:
+    # One signature per combination: the third part (mins, or the super-blocks' d) and the
+    # residual are buffers of their own.
+    if (offsets or super_group) and residual:
 
         @T.prim_func(private=True)
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups * halves), scale_dtype),
-            w_min: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, s_cols), scale_dtype),
+            w_extra: T.Buffer(extra_type, extra_dtype),
             var_residual: T.handle,
             var_out: T.handle,
         ):
@@ -170,22 +192,22 @@ def int8_linear(
             batch, seq = T.int64(), T.int64()
             res = T.match_buffer(var_residual, (batch, seq, n), "float32")
             out = T.match_buffer(var_out, (batch, seq, n), "float32")
-            body(var_x, w, w_scale, w_min, res, out, batch, seq, *common)
+            body(var_x, w, w_scale, w_extra, res, out, batch, seq, *common)
 
-    elif offsets:
+    elif offsets or super_group:
 
         @T.prim_func(private=True)
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups * halves), scale_dtype),
-            w_min: T.Buffer((n, groups), scale_dtype),
+            w_scale: T.Buffer((n, s_cols), scale_dtype),
+            w_extra: T.Buffer(extra_type, extra_dtype),
             var_out: T.handle,
         ):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
             batch, seq = T.int64(), T.int64()
             out = T.match_buffer(var_out, (batch, seq, n), "float32")
-            body(var_x, w, w_scale, w_min, None, out, batch, seq, *common)
+            body(var_x, w, w_scale, w_extra, None, out, batch, seq, *common)
 
     elif residual:
 
@@ -193,7 +215,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups * halves), scale_dtype),
+            w_scale: T.Buffer((n, s_cols), scale_dtype),
             var_residual: T.handle,
             var_out: T.handle,
         ):
@@ -209,7 +231,7 @@ def int8_linear(
         def func(
             var_x: T.handle,
             w: T.Buffer(w_type, w_dtype),
-            w_scale: T.Buffer((n, groups * halves), scale_dtype),
+            w_scale: T.Buffer((n, s_cols), scale_dtype),
             var_out: T.handle,
         ):
             T.func_attr({"tir.noalias": True, "tir.is_scheduled": True})
@@ -224,7 +246,8 @@ def int8_linear(
 def _tile_rows(
     w,
     w_scale,
-    w_min,
+    w_extra,
+    layout,
     codes,
     correction,
     scale,
@@ -246,112 +269,141 @@ def _tile_rows(
     # default scope: small stack arrays that LLVM keeps in registers; row j's float sums at
     # lanes j * TILE, its int32 sum of piece p at (j * stride + p) * TILE (with halves, pieces
     # is 1: half h's at (j * stride + h) * TILE)
+    per, per_super, offsets, supers = T.meta_var(layout[1:])
     stride = T.meta_var(pieces * halves)  # int32 sums per row of x
     acc = T.alloc_buffer((count * TILE,), "float32")
     dot = T.alloc_buffer((count * stride * TILE,), "int32")
+    d = T.alloc_buffer((per * TILE,), "float32")  # the super-block's d (and -dmin)
     group_words = T.meta_var(GROUP * bits // 32)
-    half_words = T.meta_var(group_words // halves)
+    # words of codes per half (int8: 4 k a word; else words of nibbles, 8 k, before the planes)
+    half_words = T.meta_var((8 if bits == 8 else 4) // halves)
+    scale_cols = T.meta_var(groups * halves * per)
     for j in T.unroll(count):
         acc[_lanes_of(j)] = T.broadcast(T.float32(0), TILE)
-    for g in range(groups):
-        for j in T.unroll(count):
-            # the corrections start the least significant piece's sum and the top one's (when
-            # it joins in float)
-            row = T.meta_var(T.min(first + j, last))
-            if w_min is None:
-                for h in T.unroll(halves):
-                    dot[_lanes_of(j * stride + h)] = T.broadcast(
-                        correction[0, row, g * halves + h], TILE
+    for b in range(groups // per_super):
+        if supers:  # converted once per super-block, multiplied into each group's scales
+            for m in T.unroll(per):
+                d[_lanes_of(m)] = T.Cast(
+                    "float32x16", w_extra[_tile_lanes(tile, groups // per_super * per, b * per + m)]
+                )
+        for gi in range(per_super):
+            g = T.meta_var(b * per_super + gi)
+            for j in T.unroll(count):
+                # the corrections start the least significant piece's sum and the top one's
+                # (when it joins in float)
+                row = T.meta_var(T.min(first + j, last))
+                if not offsets:
+                    for h in T.unroll(halves):
+                        dot[_lanes_of(j * stride + h)] = T.broadcast(
+                            correction[0, row, g * halves + h], TILE
+                        )
+                else:  # unsigned codes: no bias to correct
+                    dot[_lanes_of(j * stride)] = T.broadcast(T.int32(0), TILE)
+                for p in T.unroll(1, _int_pieces(pieces, bits)):
+                    dot[_lanes_of(j * stride + p)] = T.broadcast(T.int32(0), TILE)
+                if _float_top(pieces, bits):
+                    dot[_lanes_of(j * stride + pieces - 1)] = T.broadcast(
+                        correction[1, row, g * halves], TILE
                     )
-            else:  # unsigned codes: no bias to correct
-                dot[_lanes_of(j * stride)] = T.broadcast(T.int32(0), TILE)
-            for p in T.unroll(1, _int_pieces(pieces, bits)):
-                dot[_lanes_of(j * stride + p)] = T.broadcast(T.int32(0), TILE)
-            if _float_top(pieces, bits):
-                dot[_lanes_of(j * stride + pieces - 1)] = T.broadcast(
-                    correction[1, row, g * halves], TILE
+            # the cache lines of the group PREFETCH ahead: a hint, harmless past the weights' end
+            for line in T.unroll(group_words * TILE * 4 // 64):
+                T.evaluate(
+                    T.call_llvm_intrin(
+                        "void",
+                        "llvm.prefetch.p0",
+                        T.address_of(
+                            w[(tile * words + (g + PREFETCH) * group_words) * TILE + line * 16]
+                        ),
+                        T.int32(0),
+                        T.int32(3),
+                        T.int32(1),
+                    )
                 )
-        # the cache lines of the group PREFETCH ahead: a hint, harmless past the weights' end
-        for line in T.unroll(group_words * TILE * 4 // 64):
-            T.evaluate(
-                T.call_llvm_intrin(
-                    "void",
-                    "llvm.prefetch.p0",
-                    T.address_of(
-                        w[(tile * words + (g + PREFETCH) * group_words) * TILE + line * 16]
-                    ),
-                    T.int32(0),
-                    T.int32(3),
-                    T.int32(1),
-                )
-            )
-        for o in T.unroll(group_words):
-            # word o of the group for the tile's 16 rows: vpdpbusd operands shared by all j
-            wv = T.meta_var(w[T.ramp((tile * words + g * group_words + o) * TILE, 1, TILE)])
-            if bits == 4:  # 8 k: low nibbles k .. k + 3, high nibbles k + 4 .. k + 7
-                low = T.meta_var(T.bitwise_and(wv, _broadcast_u32(_NIBBLES)))
-                high = T.meta_var(
-                    T.bitwise_and(T.shift_right(wv, _broadcast_u32(4)), _broadcast_u32(_NIBBLES))
-                )
-                for j in T.unroll(count):
-                    for p in T.unroll(pieces):
-                        i = T.meta_var(T.min(first + j, last))
-                        c = T.meta_var(g * GROUP + o * 8)
-                        sums = T.meta_var(_lanes_of(j * stride + p))
-                        dot[sums] = _dpbusd(
-                            _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
-                            high,
-                            _codes4(codes, p, i, c + 4),
-                        )
-            else:  # 4 k of int8, sign bits flipped: w + 128 (codes with mins: unsigned already)
-                biased = T.meta_var(
-                    wv if w_min is not None else T.bitwise_xor(wv, _broadcast_u32(_SIGN_BITS))
-                )
-                for j in T.unroll(count):
-                    for p in T.unroll(pieces):
-                        i = T.meta_var(T.min(first + j, last))
-                        # (halves > 1 only with one piece: the sum of the word's half)
-                        sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
-                        dot[sums] = _dpbusd(
-                            dot[sums], biased, _codes4(codes, p, i, g * GROUP + o * 4)
-                        )
-        w_scales = T.meta_var(
-            T.Cast(
-                "float32x16", w_scale[T.ramp((tile * groups * halves + g * halves) * TILE, 1, TILE)]
-            )
-        )
-        for j in T.unroll(count):
-            # the int32 pieces: sum * 256 + the next, most significant first
-            for q in T.unroll(_int_pieces(pieces, bits) - 1):
-                top_int = T.meta_var(_int_pieces(pieces, bits) - 1)
-                higher = T.meta_var(dot[_lanes_of(j * stride + top_int - q)])
-                lower = T.meta_var(_lanes_of(j * stride + top_int - 1 - q))
-                dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
-            x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
-            low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride)]))
-            if _float_top(pieces, bits):
-                top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + pieces - 1)]))
-                value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
-                acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
-            elif w_min is None:
-                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
-                for h in T.unroll(1, halves):  # the other halves' sums, with their scales
-                    scales_h = T.meta_var(
-                        T.Cast(
-                            "float32x16",
-                            w_scale[
-                                T.ramp((tile * groups * halves + g * halves + h) * TILE, 1, TILE)
-                            ],
+            for o in T.unroll(8 if bits == 8 else 4):
+                # word o of the group for the tile's 16 rows: vpdpbusd operands shared by all j
+                wv = T.meta_var(w[_tile_lanes(tile, words, g * group_words + o)])
+                if bits < 8:  # 8 k: low nibbles k .. k + 3, high nibbles k + 4 .. k + 7
+                    low = T.meta_var(
+                        _with_high_bits(
+                            T.bitwise_and(wv, _broadcast_u32(_NIBBLES)),
+                            w,
+                            tile,
+                            words,
+                            g * group_words,
+                            2 * o,
+                            bits,
                         )
                     )
-                    sum_h = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + h)]))
-                    acc[_lanes_of(j)] = acc[_lanes_of(j)] + sum_h * (scales_h * x_scale)
-            else:
-                mins = T.meta_var(
-                    T.Cast("float32x16", w_min[T.ramp((tile * groups + g) * TILE, 1, TILE)])
-                )
-                x_total = T.meta_var(T.broadcast(x_sum[T.min(first + j, last), g], TILE))
-                acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale) + mins * x_total
+                    high = T.meta_var(
+                        _with_high_bits(
+                            T.bitwise_and(
+                                T.shift_right(wv, _broadcast_u32(4)), _broadcast_u32(_NIBBLES)
+                            ),
+                            w,
+                            tile,
+                            words,
+                            g * group_words,
+                            2 * o + 1,
+                            bits,
+                        )
+                    )
+                    for j in T.unroll(count):
+                        for p in T.unroll(pieces):
+                            i = T.meta_var(T.min(first + j, last))
+                            c = T.meta_var(g * GROUP + o * 8)
+                            # (halves > 1 only with one piece: the sum of the word's half)
+                            sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
+                            dot[sums] = _dpbusd(
+                                _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
+                                high,
+                                _codes4(codes, p, i, c + 4),
+                            )
+                else:  # 4 k of int8, sign bits flipped: w + 128 (with mins: unsigned already)
+                    biased = T.meta_var(
+                        wv if offsets else T.bitwise_xor(wv, _broadcast_u32(_SIGN_BITS))
+                    )
+                    for j in T.unroll(count):
+                        for p in T.unroll(pieces):
+                            i = T.meta_var(T.min(first + j, last))
+                            # (halves > 1 only with one piece: the sum of the word's half)
+                            sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
+                            dot[sums] = _dpbusd(
+                                dot[sums], biased, _codes4(codes, p, i, g * GROUP + o * 4)
+                            )
+            w_scales = T.meta_var(
+                _group_scales(w_scale, d, tile, scale_cols, g * halves * per, 0, supers)
+            )
+            for j in T.unroll(count):
+                # the int32 pieces: sum * 256 + the next, most significant first
+                for q in T.unroll(_int_pieces(pieces, bits) - 1):
+                    top_int = T.meta_var(_int_pieces(pieces, bits) - 1)
+                    higher = T.meta_var(dot[_lanes_of(j * stride + top_int - q)])
+                    lower = T.meta_var(_lanes_of(j * stride + top_int - 1 - q))
+                    dot[lower] = dot[lower] + T.shift_left(higher, T.broadcast(T.int32(8), TILE))
+                x_scale = T.meta_var(T.broadcast(scale[T.min(first + j, last), g], TILE))
+                low = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride)]))
+                if _float_top(pieces, bits):
+                    top = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + pieces - 1)]))
+                    value = T.meta_var(top * T.float32(256 ** (pieces - 1)) + low)
+                    acc[_lanes_of(j)] = acc[_lanes_of(j)] + value * (w_scales * x_scale)
+                elif not offsets:
+                    acc[_lanes_of(j)] = acc[_lanes_of(j)] + low * (w_scales * x_scale)
+                    for h in T.unroll(1, halves):  # the other halves' sums, with their scales
+                        scales_h = T.meta_var(
+                            _group_scales(w_scale, d, tile, scale_cols, g * halves + h, 0, supers)
+                        )
+                        sum_h = T.meta_var(T.Cast("float32x16", dot[_lanes_of(j * stride + h)]))
+                        acc[_lanes_of(j)] = acc[_lanes_of(j)] + sum_h * (scales_h * x_scale)
+                else:  # the min beside the scale, or in a buffer of its own
+                    mins = T.meta_var(
+                        _group_scales(w_scale, d, tile, scale_cols, g * per, 1, supers)
+                        if supers
+                        else T.Cast("float32x16", w_extra[_tile_lanes(tile, groups, g)])
+                    )
+                    x_total = T.meta_var(T.broadcast(x_sum[T.min(first + j, last), g], TILE))
+                    acc[_lanes_of(j)] = (
+                        acc[_lanes_of(j)] + low * (w_scales * x_scale) + mins * x_total
+                    )
     for j in T.unroll(count):
         i = T.meta_var(T.min(first + j, last))
         cols = T.meta_var(T.ramp(tile * TILE, 1, TILE))
@@ -359,6 +411,37 @@ def _tile_rows(
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)]
         else:
             out[i // seq, i % seq, cols] = acc[_lanes_of(j)] + res[i // seq, i % seq, cols]
+
+
+def _with_high_bits(nibbles, w, tile, words: int, group_col, t: int, bits: int):
+    """Operand t (0 .. 7: 4 bytes of k = 4t + e in each lane) of a group of 5- or 6-bit codes:
+    its nibbles with the high bits ORed in at bit 4 of each byte, from the group's plane words
+    after its 4 words of nibbles (quantization._pack_row_codes: they sit at bit (t * P) % 8 of
+    each byte of plane word t * P // 8, P = bits - 4): one shift, one mask, one or."""
+    planes = bits - 4
+    if not planes:
+        return nibbles
+    plane = w[_tile_lanes(tile, words, group_col + 4 + t * planes // 8)]
+    at = t * planes % 8  # (t is the unrolled loop's variable: constants once unrolled)
+    # up by 4 - at, or down by at - 4: one of the two shifts is by 0
+    up = T.broadcast(T.Cast("uint32", 4 - T.min(at, 4)), TILE)
+    down = T.broadcast(T.Cast("uint32", T.max(at, 4) - 4), TILE)
+    moved = T.shift_right(T.shift_left(plane, up), down)
+    mask = _broadcast_u32(0x01010101 * (((1 << planes) - 1) << 4))
+    return T.bitwise_or(nibbles, T.bitwise_and(moved, mask))
+
+
+def _tile_lanes(tile, cols: int, col):
+    """The TILE lanes of column `col` of a row-tiled part with `cols` columns, in tile `tile`."""
+    return T.ramp((tile * cols + col) * TILE, 1, TILE)
+
+
+def _group_scales(w_scale, d, tile, cols: int, col, m: int, supers: bool):
+    """A group's weight scales (m = 0) or mins (1) as float32x16 from column col + m of the
+    scale part; with super-blocks, the integers times the super-block's d (or -dmin): exact
+    (an fp16 times an integer of 8 bits), equal to the product stored as float32."""
+    value = T.Cast("float32x16", w_scale[_tile_lanes(tile, cols, col + m)])
+    return value * d[_lanes_of(m)] if supers else value
 
 
 def _float_top(pieces: int, bits: int) -> bool:

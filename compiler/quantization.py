@@ -12,10 +12,17 @@ number of groups (and of packed words), so any K works:
   kernel: see `row_tiled`)
 - q4-asym uint32 [N, Kp/8]              scale, zero [N, Kp/128]     w = (nibble - zero) * scale
 - q4_1-a8 uint32 [N, Kp/8] as q4-a8     scale, min [N, Kp/32]       w = nibble * scale + min
-  (llama.cpp's Q4_1 and Q4_K blocks repacked, not requantized: `repack_gguf`; with q4-a8 for
-  Q4_0 and q8-a8 for Q8_0 these are `--quant gguf-a8`, GGUF blocks computed as llama.cpp does)
-- q6_k-a8 int8 [N, Kp] as q8-a8         scale [N, Kp/16] float32    w = q * scale
-  (llama.cpp's Q6_K: q - 32, and d * the sub-block's scale; Kp a multiple of 32)
+  (llama.cpp's Q4_1 blocks repacked, not requantized: `repack_gguf`; with q4-a8 for Q4_0,
+  q8-a8 for Q8_0 and the K-quants below these are `--quant gguf-a8`, GGUF blocks computed as
+  llama.cpp does)
+- q4_k-a8 uint32 [N, Kp/8] as q4-a8     scale uint8 [N, Kp/32 * 2]  w = nibble * sc * d + m * -dmin
+                                        d float16 [N, Kp/256 * 2]
+  (llama.cpp's Q4_K: per sub-block of 32 its 6-bit sc and m side by side, per super-block of
+  256 its d and -dmin so; `super_group`); q5_k-a8 the same with 5-bit codes: per 32 k, 4
+  words of low nibbles then a word of high bits (uint32 [N, Kp * 5/32], `_pack_row_codes`)
+- q6_k-a8 uint32 [N, Kp * 6/32]         scale int8 [N, Kp/16]       w = (code - 32) * sc * d
+                                        d float16 [N, Kp/256]
+  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits)
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
@@ -78,6 +85,9 @@ class QuantScheme:
     # 4-bit words of 8 consecutive k, rows stored in tiles of this many when N is a multiple
     # (see the module docstring); 0: the interleaved layout
     row_tile: int = 0
+    # values per super-block (GGUF K-quants: 256) whose float16 `d` (and `dmin`) multiply the
+    # groups' integer scales (and mins) of `scale_dtype` uint8 / int8; 0: scales stored as is
+    super_group: int = 0
 
     def __post_init__(self):
         # Read back from JSON (`QuantScheme(**scheme.to_dict())`) the two come as strings.
@@ -91,13 +101,20 @@ class QuantScheme:
     def block(self) -> int:
         """K is padded to a multiple of this: whole groups and whole interleaved blocks."""
         if self.row_tile:  # whole groups of the kernel's int8 activations too
-            return max(self.group_size, ACTIVATION_GROUP)
+            return max(self.group_size, ACTIVATION_GROUP, self.super_group)
         return max(self.group_size, INTERLEAVE if self.per_word > 1 else 1)
 
     @property
     def per_word(self) -> int:
-        """Values packed into one storage element."""
+        """Values packed into one storage element (row tiles of 5- or 6-bit codes: 32 per
+        `bits` words, see `_pack_row_codes`)."""
         return 32 // self.bits if self.storage_dtype == "uint32" else 1
+
+    def words(self, k_padded: int) -> int:
+        """Storage elements per row of the packed codes."""
+        if self.row_tile and self.storage_dtype == "uint32":
+            return k_padded * self.bits // 32
+        return k_padded // self.per_word
 
     @property
     def ggml_type(self) -> str:
@@ -119,10 +136,27 @@ class QuantScheme:
             assert k % self.group_size == 0, (self.name, k)
             return {"q": (n, k // self.group_size * self.block_bytes)}
         kp = self.padded_k(k)
-        parts = {"q": (n, kp // self.per_word), "scale": (n, kp // self.group_size)}
+        if self.super_group:
+            # a group's integer scale and min side by side (one stream for the kernel), and a
+            # super-block's float16 d and dmin so
+            per = 1 if self.symmetric else 2
+            return {
+                "q": (n, self.words(kp)),
+                "scale": (n, kp // self.group_size * per),
+                "d": (n, kp // self.super_group * per),
+            }
+        parts = {"q": (n, self.words(kp)), "scale": (n, kp // self.group_size)}
         if not self.symmetric:  # row tiles add a min, the interleaved layout a zero point
             parts["min" if self.row_tile else "zero"] = (n, kp // self.group_size)
         return parts
+
+    def part_dtype(self, part: str, compute_dtype: str) -> str:
+        """The dtype of a part of `part_shapes`."""
+        if part in ("scale", "min"):
+            return self.scale_dtype_for(compute_dtype)
+        if part == "d":
+            return "float16"
+        return compute_dtype if part == "zero" else self.storage_dtype
 
     def to_dict(self) -> dict:
         """Every field, for passing the scheme through JSON (`QuantScheme(**d)` reads it back)."""
@@ -140,6 +174,7 @@ class QuantScheme:
             **({"activations": self.activations.value} if self.activations else {}),
             **({"scale_dtype": self.scale_dtype} if self.scale_dtype else {}),
             **({"row_tile": self.row_tile} if self.row_tile else {}),
+            **({"super_group": self.super_group} if self.super_group else {}),
         }
 
 
@@ -155,7 +190,15 @@ def _packing(scheme: QuantScheme) -> str:
             if scheme.bits == 8
             else "8 consecutive k per word (byte e: k = 8w + e low nibble, 8w + 4 + e high)"
         )
-        return f"{word}, rows in tiles of {scheme.row_tile} when N is a multiple"
+        if scheme.bits in (5, 6):
+            word = f"per 32 k, 4 words of low nibbles ({word}) then {scheme.bits - 4} of high bits"
+        supers = (
+            f"; {scheme.scale_dtype} scales (and mins) times a float16 d (and dmin) per "
+            f"{scheme.super_group}"
+            if scheme.super_group
+            else ""
+        )
+        return f"{word}, rows in tiles of {scheme.row_tile} when N is a multiple{supers}"
     if scheme.per_word > 1:
         return f"nibbles interleaved in blocks of {INTERLEAVE} along K"
     return "one per element"
@@ -269,11 +312,13 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # scale (and min) each, repacked into the row tiles of int8_dot.py's kernel as they are (their
 # codes and fp16 scales bit for bit), which round the activations to int8 per group of 32 as
 # llama.cpp's own Q8_0 / Q8_1 activations: Q4_0 -> q4-a8, Q8_0 -> q8-a8, Q4_1 -> q4_1-a8, and
-# Q4_K (sub-blocks of 32, scale d * sc and min -dmin * m in float32) -> q4_k-a8; 5-bit codes
-# take a byte each (more to read than the file's 5.5 bits, still one vpdpbusd per 4 k): Q5_0 ->
-# q8-a8 (q - 16), Q5_1 -> q5_1-a8 and Q5_K -> q5_k-a8 (unsigned codes with mins); Q6_K ->
-# q6_k-a8: int8 codes q - 32 with a float32 scale d * sc (exact) per 16 values, the kernel
-# taking two weight scales per group of 32 activations.
+# Q4_K -> q4_k-a8 (sub-blocks of 32 with their own 6-bit scale sc and min m as bytes, and the
+# super-block's fp16 d and -dmin: 4.625 bits a weight, as the file's 4.5; the kernel forms
+# d * sc and -dmin * m in float32, exactly); Q5_K -> q5_k-a8 as Q4_K with a plane of high bits
+# (5.625 bits, the file's 5.5); Q6_K -> q6_k-a8: 6-bit codes q (two planes), the int8 scale sc
+# per 16 values and the fp16 d per 256 (6.5625 bits, the file's 6.5625), the kernel taking two
+# weight scales per group of 32 activations. Q5_0 / Q5_1 codes take a byte each (more to read
+# than the file's 5.5 / 6 bits): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 (unsigned, with mins).
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -293,22 +338,33 @@ A8_REPACKS: dict[str, QuantScheme] = {
     "Q5_0": tied_table_scheme(SCHEMES["q4-a8"]),
     "Q4_1": _Q4_1_A8,
     "Q5_1": _Q5_1_A8,
-    "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="float32"),
-    "Q5_K": replace(_Q5_1_A8, name="q5_k-a8", scale_dtype="float32"),
+    "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="uint8", super_group=256),
+    "Q5_K": replace(_Q4_1_A8, name="q5_k-a8", bits=5, scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
-        tied_table_scheme(SCHEMES["q4-a8"]), name="q6_k-a8", group_size=16, scale_dtype="float32"
+        SCHEMES["q4-a8"], name="q6_k-a8", bits=6, group_size=16, scale_dtype="int8", super_group=256
     ),
 }
 
 
+def flat_scales(scheme: QuantScheme) -> QuantScheme:
+    """A K-quant repack as `gguf-a8` stored it before it kept the super-blocks and packed 5- and
+    6-bit codes: scales (and mins) multiplied out into float32 per group, and codes of more
+    than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10): the same numbers, for
+    comparing the kernels."""
+    flat = replace(scheme, scale_dtype="float32", super_group=0)
+    return flat if scheme.bits == 4 else replace(flat, bits=8, storage_dtype="int8")
+
+
 def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) -> list[np.ndarray]:
-    """The parts of `scheme` (A8_REPACKS[ggml_type]) holding raw GGUF rows [N, K/B * bytes]
-    exactly: the blocks' codes and scales moved, nothing rounded (Q4_K's scale and min are
+    """The parts of `scheme` (A8_REPACKS[ggml_type], or its `flat_scales`) holding raw GGUF rows
+    [N, K/B * bytes] exactly: the blocks' codes and scales moved, nothing rounded (K-quants keep
+    their integer scales and fp16 d per super-block, or multiply them out: Q4_K's scale and min
     d * sc and -dmin * m, products of an fp16 and a 6-bit integer, exact in float32; Q6_K's
     scale d * sc of an fp16 and an int8)."""
     gguf = GGUF_SCHEMES[ggml_type]
     n = raw.shape[0]
     b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // gguf.group_size, -1)
+    supers = []  # with super_group: d (and -dmin) per block, float16 as stored
     if ggml_type == "Q8_0":
         codes, scale, low = b[..., 2:].view(np.int8), _f16(b[..., :2]), None
     elif ggml_type in ("Q4_0", "Q4_1"):
@@ -326,6 +382,10 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
         codes, sc, d = _q6_k_parts(b)
         scale, low = d * sc, None
+        if scheme.storage_dtype == "uint32":  # 6-bit codes as the file's, unsigned: q + 32
+            codes = codes.astype(np.int16) + 32
+        if scheme.super_group:
+            scale, supers = sc, [d]
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
         d, dmin = _f16(b[..., 0:2]), _f16(b[..., 2:4])
         sc, mn = _k_scales(b[..., 4:16])
@@ -336,13 +396,16 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
             shifts = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)
             codes = codes + ((b[..., 16:48][..., None, None, :] >> shifts) & 1) * 16
         scale, low = d * sc, -(dmin * mn)
+        if scheme.super_group:  # -dmin: the kernel adds m * (-dmin) as the group's min
+            scale, low, supers = np.stack([sc, mn], axis=-1), None, [np.stack([d, -dmin], -1)]
     codes = np.ascontiguousarray(codes.reshape(n, k))
     if scheme.storage_dtype == "int8":
         words = codes.astype(np.int8).view(np.uint32)  # 4 k per word, tiled as words
     else:
-        words = _pack_octets(codes.astype(np.uint32))
+        words = _pack_row_codes(codes.astype(np.uint32), scheme.bits)
     parts = [words, scale] if low is None else [words, scale, low]
     parts = [parts[0]] + [p.reshape(n, -1).astype(scheme.scale_dtype) for p in parts[1:]]
+    parts += [p.reshape(n, -1).astype(np.float16) for p in supers]  # exact: read from fp16
     if scheme.tiled(n):
         parts = [_to_tiles(p, scheme.row_tile) for p in parts]
     if scheme.storage_dtype == "int8":
@@ -388,7 +451,8 @@ def _quantize_rows(
         )
     if scheme.kind == QuantKind.CAST:
         return [weight.astype(np.float32).astype(_np_dtype(scheme.storage_dtype))]
-    assert scheme.symmetric or not scheme.row_tile, f"{scheme.name} only repacks GGUF blocks"
+    only_repacks = scheme.super_group or (not scheme.symmetric and scheme.row_tile)
+    assert not only_repacks, f"{scheme.name} only repacks GGUF blocks"
     w = weight.astype(np.float32)
     n, k = w.shape
     kp = scheme.padded_k(k)
@@ -406,7 +470,7 @@ def _quantize_rows(
             return [words.view(np.int8), _to_tiles(scale, scheme.row_tile)]
         codes = (q + half).astype(np.uint32).reshape(n, kp)
         if scheme.row_tile:
-            words = _pack_octets(codes)
+            words = _pack_row_codes(codes, scheme.bits)
             if not tiled:
                 return [words, scale]
             return [_to_tiles(words, scheme.row_tile), _to_tiles(scale, scheme.row_tile)]
@@ -474,7 +538,7 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         return parts[0].astype(np.float32)
     if scheme.kind == QuantKind.GGUF:
         return dequantize_gguf(scheme, parts[0], k)
-    q, scale = parts[0], group_scales(scheme, parts).astype(np.float32)
+    q, scale = parts[0], group_scales(scheme, parts)
     n = q.shape[0]
     if scheme.storage_dtype == "int8":
         if scheme.tiled(n):
@@ -482,16 +546,16 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
         codes = q.astype(np.float32)
     elif scheme.row_tile:
         words = _from_tiles(q, scheme.row_tile) if scheme.tiled(n) else q
-        codes = _unpack_octets(words).astype(np.float32) - (8 if scheme.symmetric else 0)
+        codes = _unpack_row_codes(words, scheme.bits).astype(np.float32)
+        codes -= (1 << (scheme.bits - 1)) if scheme.symmetric else 0
     else:
         codes = _unpack(q, scheme.bits).astype(np.float32)
         if scheme.symmetric:
             codes -= 1 << (scheme.bits - 1)
     groups = codes.reshape(n, -1, scheme.group_size)
     if scheme.row_tile and not scheme.symmetric:  # code * scale + min
-        low = parts[2]
-        low = _from_tiles(low, scheme.row_tile) if scheme.tiled(n) else low
-        values = groups * scale[..., None] + low.astype(np.float32)[..., None]
+        low = group_scales(scheme, parts, mins=True)
+        values = groups * scale[..., None] + low[..., None]
         return np.ascontiguousarray(values.reshape(n, -1)[:, :k])
     if not scheme.symmetric:
         groups = groups - parts[2].astype(np.float32)[..., None]
@@ -499,10 +563,19 @@ def dequantize(scheme: QuantScheme, parts: list[np.ndarray], k: int) -> np.ndarr
     return np.ascontiguousarray((groups * scale[..., None]).reshape(n, -1)[:, :k])
 
 
-def group_scales(scheme: QuantScheme, parts: list[np.ndarray]) -> np.ndarray:
-    """The scales of an integer scheme's parts as [N, groups], rows in order."""
-    scale = parts[1]
-    return _from_tiles(scale, scheme.row_tile) if scheme.tiled(scale.shape[0]) else scale
+def group_scales(scheme: QuantScheme, parts: list[np.ndarray], mins: bool = False) -> np.ndarray:
+    """The scales (or the mins) of an integer scheme's parts as float32 [N, groups], rows in
+    order; with super-blocks, times their d (dmin) as the kernel forms them."""
+    n = parts[0].shape[0]
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        return (_from_tiles(a, scheme.row_tile) if scheme.tiled(n) else a).astype(np.float32)
+
+    if not scheme.super_group:
+        return rows(parts[2] if mins else parts[1])
+    per = 1 if scheme.symmetric else 2  # scale and min side by side, d and dmin so
+    values, d = rows(parts[1])[:, int(mins) :: per], rows(parts[2])[:, int(mins) :: per]
+    return values * np.repeat(d, scheme.super_group // scheme.group_size, axis=1)
 
 
 def _to_tiles(a: np.ndarray, tile: int) -> np.ndarray:
@@ -515,6 +588,44 @@ def _to_tiles(a: np.ndarray, tile: int) -> np.ndarray:
 def _from_tiles(a: np.ndarray, tile: int) -> np.ndarray:
     n, c = a.shape
     return np.ascontiguousarray(a.reshape(n // tile, c, tile).transpose(0, 2, 1)).reshape(n, c)
+
+
+def _pack_row_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes of 4 to 6 bits [N, Kp] -> words [N, Kp * bits / 32] for the row-tiled kernel: per
+    32 k, the low nibbles as `_pack_octets` packs them, then bits - 4 words of the high bits.
+    The kernel builds its operands t = 0 .. 7 (4 bytes each: k = 4t + e, e = 0 .. 3, word t // 2
+    of the nibbles, low or high ones) and ORs in the high bits, which sit where one shift and
+    mask move them to bit 4 of each byte: bit (t * P) % 8 + i of byte e of plane word
+    t * P // 8 (P = bits - 4) is bit 4 + i of code 4t + e."""
+    n, kp = codes.shape
+    nibbles = _pack_octets(codes & 0xF)
+    planes = bits - 4
+    if not planes:
+        return nibbles
+    high = (codes >> 4).reshape(n, kp // 32, 8, 4)  # [n, group, operand t, byte e]
+    shifts = (np.arange(8, dtype=np.uint32) * planes % 8)[:, None]  # of operand t in its word
+    high = high << shifts  # [n, g, t, e], at its bit in byte e
+    word_of = np.arange(8) * planes // 8
+    plane_bytes = np.stack(
+        [np.bitwise_or.reduce(high[:, :, word_of == p], axis=2) for p in range(planes)], axis=2
+    )  # [n, g, plane word, e]
+    plane_words = np.bitwise_or.reduce(plane_bytes << (np.arange(4, dtype=np.uint32) * 8), 3)
+    words = np.concatenate([nibbles.reshape(n, -1, 4), plane_words.astype(np.uint32)], axis=2)
+    return words.reshape(n, -1)
+
+
+def _unpack_row_codes(words: np.ndarray, bits: int) -> np.ndarray:
+    n = words.shape[0]
+    planes = bits - 4
+    groups = words.reshape(n, -1, 4 + planes)
+    codes = _unpack_octets(np.ascontiguousarray(groups[..., :4]).reshape(n, -1))
+    if not planes:
+        return codes
+    plane_bytes = (groups[..., 4:, None] >> (np.arange(4, dtype=np.uint32) * 8)) & 0xFF
+    t = np.arange(8)
+    high = plane_bytes[:, :, t * planes // 8] >> (t * planes % 8)[:, None].astype(np.uint32)
+    high &= (1 << planes) - 1  # [n, g, t, e]
+    return codes | (high.reshape(n, -1) << 4)
 
 
 def _pack_octets(codes: np.ndarray) -> np.ndarray:

@@ -71,11 +71,7 @@ def quantize_weights(
         packed = schemes[i]
         n, k = _shape(ty)
         for part, shape in packed.part_shapes(n, k).items():
-            dtype = {
-                "scale": packed.scale_dtype_for(compute_dtype),
-                "min": packed.scale_dtype_for(compute_dtype),
-                "zero": compute_dtype,
-            }.get(part, packed.storage_dtype)
+            dtype = packed.part_dtype(part, compute_dtype)
             layout[i].append(len(new_fields))
             plan.append(PackedField(i, part, tuple(shape), dtype, packed))
             new_fields.append(relax.TensorType(shape, dtype))
@@ -91,10 +87,21 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         return parts[0][n, k].astype(dtype)
     if scheme.kind == QuantKind.GGUF:
         return _GGUF_TE[scheme.ggml_type](_Block(parts[0], n, k, scheme)).astype(dtype)
-    q, scale = parts[0], parts[1]
+    q = parts[0]
     group = k // scheme.group_size
     tile = scheme.row_tile if scheme.tiled(int(q.shape[0])) else 0  # see quantization.py
-    s = _row_tiled(scale, n, group, tile).astype(dtype)
+
+    def group_value(mins: int):
+        """The group's scale (or min); with super-blocks, its integer times the super-block's d
+        (or -dmin), side by side with it (quantization.py), in float32: exact."""
+        if not scheme.super_group:
+            return _row_tiled(parts[1 + mins], n, group, tile).astype(dtype)
+        per = 1 if scheme.symmetric else 2
+        value = _row_tiled(parts[1], n, group * per + mins, tile)
+        multiplier = _row_tiled(parts[2], n, k // scheme.super_group * per + mins, tile)
+        return (value.astype("float32") * multiplier.astype("float32")).astype(dtype)
+
+    s = group_value(0)
     if scheme.storage_dtype == "int8":
         if tile:  # 4 consecutive k per 32-bit word, words in row tiles
             kp = int(q.shape[1])
@@ -103,24 +110,38 @@ def dequantize_te(scheme: QuantScheme, parts: list[te.Tensor], n, k, dtype: str)
         else:
             code = q[n, k].astype(dtype)
     else:
-        if scheme.row_tile:  # 8 consecutive k per word
-            word = _row_tiled(q, n, k // 8, tile)
-            shift = (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")
+        if scheme.row_tile:  # per 32 k: 4 words of 8 consecutive k, then the high bits' words
+            code = _row_code(q, n, k, scheme.bits, tile)
         else:  # interleaved blocks
             lanes = INTERLEAVE // scheme.per_word
             word = q[n, k // INTERLEAVE * lanes + k % lanes]
             shift = (k % INTERLEAVE // lanes * scheme.bits).astype("uint32")
-        mask = tirx.const((1 << scheme.bits) - 1, "uint32")
-        code = ((word >> shift) & mask).astype("int32").astype(dtype)
+            code = (word >> shift) & tirx.const((1 << scheme.bits) - 1, "uint32")
+        code = code.astype("int32").astype(dtype)
         if scheme.symmetric:
             # (code - 8) * s as code * s + (-8 * s): one FMA per weight once LLVM hoists -8 * s
             # out of the group's steps (one vector add fewer in the GEMV's inner loop)
             return code * s + s * tirx.const(-(1 << (scheme.bits - 1)), dtype)
     if scheme.row_tile and not scheme.symmetric:  # GGUF Q4_1 / Q4_K / Q5_1 / Q5_K repacked
-        return code * s + _row_tiled(parts[2], n, group, tile).astype(dtype)
+        return code * s + group_value(1)
     if not scheme.symmetric:
         code = code - parts[2][n, group]
     return code * s
+
+
+def _row_code(q: te.Tensor, n, k, bits: int, tile: int) -> tirx.Expr:
+    """The unsigned code of weight [n, k] in row-tiled words of 4 to 6 bits (uint32; the layout
+    of quantization._pack_row_codes)."""
+    base = k // 32 * bits  # words per 32 k: 4 of nibbles, bits - 4 of high bits
+    word = _row_tiled(q, n, base + k % 32 // 8, tile)
+    code = (word >> (k % 4 * 8 + k % 8 // 4 * 4).astype("uint32")) & tirx.const(15, "uint32")
+    planes = bits - 4
+    if not planes:
+        return code
+    t = k % 32 // 4  # the kernel's operand: 4 consecutive k
+    plane = _row_tiled(q, n, base + 4 + t * planes // 8, tile)
+    high = plane >> (k % 4 * 8 + t * planes % 8).astype("uint32")
+    return code | ((high & tirx.const((1 << planes) - 1, "uint32")) << tirx.const(4, "uint32"))
 
 
 def _row_tiled(part: te.Tensor, row, col, tile: int) -> tirx.Expr:

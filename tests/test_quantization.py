@@ -24,6 +24,7 @@ from relaxlm.compiler.quantization import (
     SCHEMES,
     dequantize,
     dequantize_gguf,
+    flat_scales,
     group_scales,
     quantize,
     repack_gguf,
@@ -42,8 +43,9 @@ VNNI = has_int8_dot(resolve_target("cpu").target())
 
 # q4 and q8 as stored for CPUs with an int8 dot product (row tiles)
 TILED = {f"{name}-tiled": row_tiled(SCHEMES[name]) for name in ("q4", "q8")}
-# GGUF's Q6_K repacked: int8 codes, a float32 scale per 16 (quantize() packs floats so too)
-Q6_K_A8 = A8_REPACKS["Q6_K"]
+# GGUF's Q6_K repacked with its scales multiplied out: int8 codes, a float32 scale per 16
+# (quantize() packs floats so too; the repack keeps int8 scales and a float16 d per 256)
+Q6_K_A8 = flat_scales(A8_REPACKS["Q6_K"])
 
 
 @pytest.mark.parametrize("name", [*ALL_SCHEMES, *TILED, Q6_K_A8.name])
@@ -350,12 +352,8 @@ def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
     scheme = A8_REPACKS[ggml_type]
     rng = np.random.default_rng(n + k)
     w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
-    if ggml_type.endswith("_K"):  # gguf-py makes no K-quants: random bytes, finite scales
-        raw = rng.integers(0, 256, (n, k // 256, GGUF_SCHEMES[ggml_type].block_bytes), np.uint8)
-        for offset in (208,) if ggml_type == "Q6_K" else (0, 2):
-            scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
-            raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
-        raw = raw.reshape(n, -1)
+    if ggml_type.endswith("_K"):  # gguf-py makes no K-quants
+        raw = _random_k_blocks(rng, ggml_type, n, k)
     else:
         raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[ggml_type])
     parts = repack_gguf(scheme, ggml_type, raw, k)
@@ -370,6 +368,43 @@ def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
         got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
         ref = (_int_activations(x) if tiled else x) @ weights.T
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def _random_k_blocks(rng, ggml_type: str, n: int, k: int) -> np.ndarray:
+    """Rows [n, k / 256 * bytes] of K-quant blocks: random bytes, finite fp16 d (and dmin)."""
+    raw = rng.integers(0, 256, (n, k // 256, GGUF_SCHEMES[ggml_type].block_bytes), np.uint8)
+    for offset in (208,) if ggml_type == "Q6_K" else (0, 2):
+        scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
+        raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("n,k", [(48, 256), (128, 1024), (40, 512)])
+def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
+    """K-quants repacked with their integer scales (and mins) per sub-block, fp16 d (and dmin)
+    per 256 and 5- / 6-bit codes in nibbles and planes give the same outputs, bit for bit, as
+    gguf-a8's layout before (`flat_scales`: scales multiplied out into float32, Q5_K / Q6_K
+    codes in int8; 6 and 10 bits a weight): the kernel forms the same float32 scales and
+    integer sums. Parts hold 4.625 bits a weight for Q4_K (the file: 4.5), 5.625 for Q5_K (5.5)
+    and 6.5625 for Q6_K (6.5625). N = 40 takes the float kernel."""
+    rng = np.random.default_rng(n + k)
+    raw = _random_k_blocks(rng, ggml_type, n, k)
+    supers, flat = A8_REPACKS[ggml_type], flat_scales(A8_REPACKS[ggml_type])
+    parts, flat_parts = repack_gguf(supers, ggml_type, raw, k), repack_gguf(flat, ggml_type, raw, k)
+    bits = sum(p.nbytes for p in parts) * 8 / (n * k)
+    assert bits == {"Q4_K": 4.625, "Q5_K": 5.625, "Q6_K": 6.5625}[ggml_type]
+    assert [p.shape for p in parts] == list(supers.part_shapes(n, k).values())
+    np.testing.assert_array_equal(dequantize(supers, parts, k), dequantize(flat, flat_parts, k))
+    forward, script = _linear_vm(n, k, supers)
+    assert ("_s256" in script) == supers.tiled(n)  # the kernel reading super-blocks
+    flat_forward, _ = _linear_vm(n, k, flat)
+    for m in (1, 5, 33):
+        x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
+        got = forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]).numpy()
+        was = flat_forward(tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in flat_parts])
+        np.testing.assert_array_equal(got, was.numpy())
 
 
 def _quantized_linears(manifest) -> set[str]:
