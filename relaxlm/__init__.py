@@ -41,6 +41,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     lora_slots: int = 0,
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -53,6 +54,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     gpu_layers: the last N layers on the GPU, the rest on the CPU (llama.cpp's `-ngl`).
     lora_slots: K adapter slots of rank <= lora_max_rank on the layers lora_targets names
         (None: every linear layer but the logits head), for adapters loaded at run time.
+    kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
+        int8 / fp8 codes with a float16 scale per token and kv head (CPU targets).
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -72,6 +75,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         lora_slots=lora_slots,
         lora_max_rank=lora_max_rank,
         lora_targets=lora_targets,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 

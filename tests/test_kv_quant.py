@@ -157,3 +157,166 @@ def test_ragged_prefill_reads_packed_rows(name):
         floats, _ = _reference(q[rows], k[rows], v[rows], qpos[rows], qpos[rows], sm_scale, 0, 0)
         np.testing.assert_allclose(got[rows], exact, rtol=0, atol=TIGHT)
         assert np.abs(got[rows] - floats).max() < LOOSE[name]
+
+
+# -- a tiny Llama with each cache ----------------------------------------------------------------
+
+# head_dim 64, as SmolLM2's: a packed row is 66 bytes against float16's 128
+LLAMA = {"head_dim": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
+IDS = [(7 * i + 3) % 400 + 10 for i in range(40)]
+PREFILL = 24  # then one decode step per remaining id
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(checkpoint, {kv_cache_dtype: artifact}) for auto, float16, int8 and fp8."""
+    from relaxlm.compiler.pipeline import compile_model
+    from relaxlm.testing.tiny_models import make_model
+
+    root = tmp_path_factory.mktemp("kvq")
+    checkpoint = make_model(root / "llama", **LLAMA)
+    artifacts = {
+        kv: compile_model(checkpoint, root / kv, kv_cache_dtype=kv, progress=False)
+        for kv in ("auto", "float16", *QUANTS)
+    }
+    return checkpoint, artifacts
+
+
+def _fake_quantized_hf_logits(checkpoint, name):
+    """transformers' logits with every layer's K and V (after RoPE) rounded as the cache stores
+    them: per token and kv head, the float16 scale, then codes (torch, not relaxlm code)."""
+    import torch
+    import transformers
+    from transformers.models.llama import modeling_llama
+
+    quant = KV_QUANTS[name]
+
+    def rounded(x):  # [b, hkv, s, d]
+        amax = x.abs().amax(-1, keepdim=True)
+        scale = torch.clamp(amax / quant.qmax, min=2.0**-14).half().float()
+        y = torch.clamp(x / scale, -quant.qmax, quant.qmax)
+        y = torch.round(y) if name == "int8" else y.to(torch.float8_e4m3fn).float()
+        return y * scale
+
+    original = modeling_llama.eager_attention_forward
+
+    def attention(module, query, key, value, *args, **kwargs):
+        return original(module, query, rounded(key), rounded(value), *args, **kwargs)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, attn_implementation="eager"
+    ).eval()
+    modeling_llama.eager_attention_forward = attention
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([IDS])).logits[0].numpy()
+    finally:
+        modeling_llama.eager_attention_forward = original
+
+
+# Logits move with K/V rounding by a lot in a random tiny model (a float16 cache alone moves them
+# 0.6 % of their range): measured against the float cache, max |diff| / max |logit| is 0.052
+# (int8) and 0.22 (fp8), greedy picks agree at 100 % / 76 % (16 of 21). Against transformers with K/V
+# rounded alike: 3e-6 (int8) and 9e-4 (fp8: float32 noise across an e4m3 rounding boundary
+# moves a code by 2**-3 of its size, where an int8 code moves by 1/127 of the row's range).
+VS_FLOAT = {"int8": (0.1, 0.9), "fp8": (0.4, 0.6)}  # (max |diff| / max |logit|, greedy match)
+VS_ORACLE = {"int8": 2e-4, "fp8": 3e-3}
+
+
+@pytest.mark.parametrize("name", QUANTS)
+def test_quantized_cache_logits(llama, name):
+    """Prefill, then decode steps: within a stated bound of transformers with K/V rounded the
+    same way (an independent oracle), and near the float cache's logits."""
+    import relaxlm
+
+    checkpoint, artifacts = llama
+    ours = np.asarray(relaxlm.LLM(str(artifacts[name])).score(IDS, prefill=PREFILL))
+    floats = np.asarray(relaxlm.LLM(str(artifacts["auto"])).score(IDS, prefill=PREFILL))
+    oracle = _fake_quantized_hf_logits(checkpoint, name)[PREFILL - 1 :]
+    scale = np.abs(floats).max()
+    to_oracle, to_float = np.abs(ours - oracle).max() / scale, np.abs(ours - floats).max() / scale
+    agree = (ours.argmax(-1) == floats.argmax(-1)).mean()
+    print(f"{name}: vs oracle {to_oracle:.2e}, vs float cache {to_float:.3f}, greedy {agree:.2f}")
+    assert to_oracle < VS_ORACLE[name]
+    assert to_float < VS_FLOAT[name][0]
+    assert agree >= VS_FLOAT[name][1]
+
+
+def test_capacity_at_the_same_bytes(llama):
+    """kv_cache_memory buys >= 1.9x float16's tokens (>= 3.6x float32's, the model's dtype)
+    with int8 or fp8 pages, and metrics() reports the tokens and the bytes."""
+    import relaxlm
+    from relaxlm.runtime.model import parse_bytes
+
+    _, artifacts = llama
+    budget = "2MB"
+    metrics = {
+        kv: relaxlm.LLM(str(a), kv_cache_memory=budget).metrics() for kv, a in artifacts.items()
+    }
+    tokens = {kv: m.kv_cache_tokens for kv, m in metrics.items()}
+    print("tokens in", budget, tokens)
+    for m in metrics.values():
+        # TVM rounds the pages up and keeps a spare: at most two pages over the budget
+        page_bytes = m.kv_cache_bytes // m.kv_pages_total
+        assert parse_bytes(budget) - page_bytes < m.kv_cache_bytes <= parse_bytes(budget) + 2 * page_bytes
+    for name in QUANTS:
+        assert tokens[name] >= 1.9 * tokens["float16"]
+        assert tokens[name] >= 3.6 * tokens["auto"]
+
+
+def test_prefix_cache_and_chunked_prefill_on_a_quantized_cache(llama):
+    """Prompts computed in 16-token chunks, the second reusing the first's cached pages, give
+    the greedy tokens of whole-prompt prefills without the prefix cache."""
+    import relaxlm
+
+    _, artifacts = llama
+    params = relaxlm.SamplingParams(max_tokens=8, temperature=0)
+    prompts = [IDS + [11, 12, 13], IDS + [21, 22]]  # 40 shared tokens: two full pages
+    chunked = relaxlm.LLM(str(artifacts["int8"]), max_prefill_tokens=16, enable_prefix_cache=True)
+    plain = relaxlm.LLM(str(artifacts["int8"]), enable_prefix_cache=False)
+    got = [chunked.generate([p], params)[0].token_ids for p in prompts]
+    want = [plain.generate([p], params)[0].token_ids for p in prompts]
+    assert chunked.metrics().prefix_cache_hit_tokens >= 32
+    assert got == want
+
+
+# Measured on 870 tokens of the GPL (window 256, stride 128): float cache 21.806, int8 21.889
+# (+0.4 %), fp8 22.633 (+3.8 %: e4m3 keeps 3 mantissa bits).
+PERPLEXITY_BOUND = {"int8": 1.015, "fp8": 1.06}
+
+
+@pytest.mark.slow
+def test_default_model_perplexity_with_a_quantized_cache():
+    """SmolLM2-135M (the default model, its float-cache compile shared with
+    test_default_model.py in one session): int8 / fp8 pages within a stated ratio of the float
+    cache's perplexity, and not better than it by more than noise."""
+    from pathlib import Path
+
+    import relaxlm
+    from relaxlm.perplexity import perplexity
+
+    text = Path("/usr/share/common-licenses/GPL-3").read_text()[:4000]
+    base = perplexity(relaxlm.LLM(), text, window=256, stride=128).perplexity
+    for name in QUANTS:
+        got = perplexity(relaxlm.LLM(kv_cache_dtype=name), text, window=256, stride=128)
+        print(f"perplexity float cache {base:.3f}, {name} {got.perplexity:.3f}")
+        assert got.tokens > 800
+        assert 0.995 < got.perplexity / base < PERPLEXITY_BOUND[name]
+
+
+def test_refusals(llama, tmp_path):
+    """An unknown kv_cache_dtype, a quantized cache on a GPU target, and an artifact compiled
+    with another cache each get one error naming the fix."""
+    import relaxlm
+    from relaxlm.compiler.pipeline import compile_model
+    from relaxlm.errors import RelaxlmError
+
+    checkpoint, artifacts = llama
+    with pytest.raises(RelaxlmError, match="kv_cache_dtype='int4' is unknown; use one of"):
+        compile_model(checkpoint, tmp_path / "x", kv_cache_dtype="int4", progress=False)
+    with pytest.raises(RelaxlmError, match="built for CPU targets only.*--kv-cache-dtype auto"):
+        compile_model(checkpoint, tmp_path / "y", target="cuda", kv_cache_dtype="int8", progress=False)
+    with pytest.raises(RelaxlmError, match="kv_cache_dtype='fp8' is compiled in"):
+        relaxlm.LLM(str(artifacts["int8"]), kv_cache_dtype="fp8")
+    with pytest.raises(RelaxlmError, match="kv_cache_memory='lots' is not a size"):
+        relaxlm.LLM(str(artifacts["int8"]), kv_cache_memory="lots")
