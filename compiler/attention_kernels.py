@@ -140,7 +140,9 @@ class _QuantRaggedKV(_RaggedKV):
 class _QuantPagedKV(_PagedKV):
     """Quantized keys and values in sequence b's pages: codes, a scale per row."""
 
-    def __init__(self, pages, scales, page_values, page_begin, length_info, b, group, sliding, h_kv, d):
+    def __init__(
+        self, pages, scales, page_values, page_begin, length_info, b, group, sliding, h_kv, d
+    ):
         super().__init__(pages, page_values, page_begin, length_info, b, group, sliding)
         self.scales, self.h_kv, self.d = scales, h_kv, d
 
@@ -209,7 +211,16 @@ class _Io:
         if self.layout is None:
             return _PagedKV(pages, page_values, page_begin, length_info, b, group, sliding)
         return _QuantPagedKV(
-            pages, scales, page_values, page_begin, length_info, b, group, sliding, self.h_kv, self.d
+            pages,
+            scales,
+            page_values,
+            page_begin,
+            length_info,
+            b,
+            group,
+            sliding,
+            self.h_kv,
+            self.d,
         )
 
 

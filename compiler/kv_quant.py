@@ -148,12 +148,16 @@ def pack_qkv(layout: QuantLayout) -> tirx.PrimFunc:
                         amax[0] = T.max(amax[0], T.abs(T.cast(qkv[t, hq + h, x], "float32")))
                     # Codes are made from the float16 scale as stored, so dequantizing is exact.
                     scale[0] = T.cast(
-                        T.cast(T.max(amax[0] / T.float32(quant.qmax), T.float32(MIN_SCALE)), "float16"),
+                        T.cast(
+                            T.max(amax[0] / T.float32(quant.qmax), T.float32(MIN_SCALE)), "float16"
+                        ),
                         "float32",
                     )
                     base: T.let[T.int64] = t * token_bytes + (layout.q_rows + h) * r
                     for x in T.serial(d):
-                        codes[base + x] = _code(T.cast(qkv[t, hq + h, x], "float32"), scale[0], quant)
+                        codes[base + x] = _code(
+                            T.cast(qkv[t, hq + h, x], "float32"), scale[0], quant
+                        )
                     scales[(base + d) // 2] = T.cast(scale[0], "float16")
 
     return relaxlm_kv_pack

@@ -91,7 +91,9 @@ def _scattered_pages(rng, seqs, hkv, d, layout):
 def _keys(pages, page_ids, page_indptr, i, n):
     ids = page_ids[page_indptr[i] : page_indptr[i + 1]]
     slots = np.arange(n)
-    return pages[ids[slots // PAGE], 0, :, slots % PAGE], pages[ids[slots // PAGE], 1, :, slots % PAGE]
+    return pages[ids[slots // PAGE], 0, :, slots % PAGE], pages[
+        ids[slots // PAGE], 1, :, slots % PAGE
+    ]
 
 
 # Same keys, dequantized in numpy: only float32 summation order differs.
@@ -107,9 +109,13 @@ def test_paged_decode_reads_packed_pages(name):
     hq, hkv, d = 4, 2, 64
     layout = QuantLayout(KV_QUANTS[name], hq, hkv, d, "float32")
     rng = np.random.default_rng(2)
-    kernel = ak.paged_decode(hkv, hq, d, "float32", window=0, softcap=0.0, sliding_table=False, layout=layout)
+    kernel = ak.paged_decode(
+        hkv, hq, d, "float32", window=0, softcap=0.0, sliding_table=False, layout=layout
+    )
     seqs = [1, 40, 77]
-    pages, packed, dequantized, page_ids, page_indptr, fills = _scattered_pages(rng, seqs, hkv, d, layout)
+    pages, packed, dequantized, page_ids, page_indptr, fills = _scattered_pages(
+        rng, seqs, hkv, d, layout
+    )
     kbase = np.array([50 * i for i in range(len(seqs))], np.int32)
     qpos = (kbase + np.array(seqs) - 1).astype(np.int32)
     q = rng.standard_normal((len(seqs), hq, d)).astype(np.float32)
@@ -117,13 +123,25 @@ def test_paged_decode_reads_packed_pages(name):
     lse = _tensor(np.zeros((len(seqs), layout.q_rows), np.float32))
     inputs = (packed, page_indptr, page_ids[: page_indptr[-1]], fills, kbase, qpos)
     sm_scale = 1 / math.sqrt(d)
-    _build(kernel)(_tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 0, 1.0, 1e4, sm_scale)
+    _build(kernel)(
+        _tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 0, 1.0, 1e4, sm_scale
+    )
     got = _unpack(out.numpy(), layout)
     for i, n in enumerate(seqs):
         kpos = kbase[i] + np.arange(n)
         row = slice(i, i + 1)
-        exact, exact_lse = _reference(q[row], *_keys(dequantized, page_ids, page_indptr, i, n), qpos[row], kpos, sm_scale, 0, 0)
-        floats, _ = _reference(q[row], *_keys(pages, page_ids, page_indptr, i, n), qpos[row], kpos, sm_scale, 0, 0)
+        exact, exact_lse = _reference(
+            q[row],
+            *_keys(dequantized, page_ids, page_indptr, i, n),
+            qpos[row],
+            kpos,
+            sm_scale,
+            0,
+            0,
+        )
+        floats, _ = _reference(
+            q[row], *_keys(pages, page_ids, page_indptr, i, n), qpos[row], kpos, sm_scale, 0, 0
+        )
         np.testing.assert_allclose(got[row], exact, rtol=0, atol=TIGHT)
         np.testing.assert_allclose(lse.numpy()[row, :hq], exact_lse.astype(np.float64), atol=1e-4)
         assert np.abs(got[row] - floats).max() < LOOSE[name]
@@ -138,7 +156,9 @@ def test_ragged_prefill_reads_packed_rows(name):
     lengths = [37, 5]
     total = sum(lengths)
     q = rng.standard_normal((total, hq, d)).astype(np.float32)
-    k = (rng.standard_normal((total, hkv, d)) * rng.uniform(0.1, 4, (total, hkv, 1))).astype(np.float32)
+    k = (rng.standard_normal((total, hkv, d)) * rng.uniform(0.1, 4, (total, hkv, 1))).astype(
+        np.float32
+    )
     v = rng.standard_normal((total, hkv, d)).astype(np.float32)
     k_packed, k_deq = _pack_rows(k, layout)
     v_packed, v_deq = _pack_rows(v, layout)
@@ -149,11 +169,15 @@ def test_ragged_prefill_reads_packed_rows(name):
     lse = _tensor(np.zeros((total, layout.q_rows), np.float32))
     sm_scale = 1 / math.sqrt(d)
     inputs = (indptr, k_packed, v_packed, indptr, qpos, starts)
-    _build(kernel)(_tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 1, 0, 1.0, 1e4, sm_scale)
+    _build(kernel)(
+        _tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 1, 0, 1.0, 1e4, sm_scale
+    )
     got = _unpack(out.numpy(), layout)
     for i in range(2):
         rows = slice(indptr[i], indptr[i + 1])
-        exact, _ = _reference(q[rows], k_deq[rows], v_deq[rows], qpos[rows], qpos[rows], sm_scale, 0, 0)
+        exact, _ = _reference(
+            q[rows], k_deq[rows], v_deq[rows], qpos[rows], qpos[rows], sm_scale, 0, 0
+        )
         floats, _ = _reference(q[rows], k[rows], v[rows], qpos[rows], qpos[rows], sm_scale, 0, 0)
         np.testing.assert_allclose(got[rows], exact, rtol=0, atol=TIGHT)
         assert np.abs(got[rows] - floats).max() < LOOSE[name]
@@ -214,11 +238,12 @@ def _fake_quantized_hf_logits(checkpoint, name):
         modeling_llama.eager_attention_forward = original
 
 
-# Logits move with K/V rounding by a lot in a random tiny model (a float16 cache alone moves them
-# 0.6 % of their range): measured against the float cache, max |diff| / max |logit| is 0.052
-# (int8) and 0.22 (fp8), greedy picks agree at 100 % / 76 % (16 of 21). Against transformers with K/V
-# rounded alike: 3e-6 (int8) and 9e-4 (fp8: float32 noise across an e4m3 rounding boundary
-# moves a code by 2**-3 of its size, where an int8 code moves by 1/127 of the row's range).
+# Logits move with K/V rounding by a lot in a random tiny model (a float16 cache alone moves
+# them 0.6 % of their range): measured against the float cache, max |diff| / max |logit| is
+# 0.052 (int8) and 0.22 (fp8), greedy picks agree at 100 % / 76 % (16 of 21). Against
+# transformers with K/V rounded alike: 3e-6 (int8) and 9e-4 (fp8: float32 noise across an
+# e4m3 rounding boundary moves a code by 2**-3 of its size, an int8 code by 1/127 of the
+# row's range).
 VS_FLOAT = {"int8": (0.1, 0.9), "fp8": (0.4, 0.6)}  # (max |diff| / max |logit|, greedy match)
 VS_ORACLE = {"int8": 2e-4, "fp8": 3e-3}
 
@@ -258,7 +283,11 @@ def test_capacity_at_the_same_bytes(llama):
     for m in metrics.values():
         # TVM rounds the pages up and keeps a spare: at most two pages over the budget
         page_bytes = m.kv_cache_bytes // m.kv_pages_total
-        assert parse_bytes(budget) - page_bytes < m.kv_cache_bytes <= parse_bytes(budget) + 2 * page_bytes
+        assert (
+            parse_bytes(budget) - page_bytes
+            < m.kv_cache_bytes
+            <= parse_bytes(budget) + 2 * page_bytes
+        )
     for name in QUANTS:
         assert tokens[name] >= 1.9 * tokens["float16"]
         assert tokens[name] >= 3.6 * tokens["auto"]
@@ -315,7 +344,9 @@ def test_refusals(llama, tmp_path):
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='int4' is unknown; use one of"):
         compile_model(checkpoint, tmp_path / "x", kv_cache_dtype="int4", progress=False)
     with pytest.raises(RelaxlmError, match="built for CPU targets only.*--kv-cache-dtype auto"):
-        compile_model(checkpoint, tmp_path / "y", target="cuda", kv_cache_dtype="int8", progress=False)
+        compile_model(
+            checkpoint, tmp_path / "y", target="cuda", kv_cache_dtype="int8", progress=False
+        )
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='fp8' is compiled in"):
         relaxlm.LLM(str(artifacts["int8"]), kv_cache_dtype="fp8")
     with pytest.raises(RelaxlmError, match="kv_cache_memory='lots' is not a size"):
