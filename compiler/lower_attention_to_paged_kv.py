@@ -19,8 +19,11 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
   `window` tokens per forward (`max_prefill_chunk` in the layout; the CPU kernel raises past it).
 """
 
+import contextlib
 import functools
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -424,7 +427,10 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
         # recycled, RoPE moved into the kernels) would break the kernels' absolute positions.
         cache_args["support_sliding_window"] = 0
     bb = relax.BlockBuilder(tvm.IRModule())
-    with bb.function(CREATE_FUNCTION, params):
+    # TVM's kernels for int8 pages (those relaxlm replaces, and tree attention, unused) each
+    # warn that storing float into int8 may lose precision, from C++ straight to stderr.
+    quiet = _stderr_silenced() if layout is not None else contextlib.nullcontext()
+    with quiet, bb.function(CREATE_FUNCTION, params):
         # The constructor emits its kernels into `bb` (BlockBuilder.current()).
         cache = TIRPagedKVCache(
             attn_kind=[
@@ -460,6 +466,20 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
     if plan.relaxlm_kernels or not gpu or not _tvm_kernels_launch(new_mod, target):
         new_mod = _use_relaxlm_kernels(new_mod, plan, gpu)
     return new_mod
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _tvm_kernels_launch(mod: tvm.IRModule, target: tvm.target.Target) -> bool:
