@@ -21,7 +21,13 @@ import math
 from dataclasses import dataclass
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.frontends.ops import RopeSpec
 from relaxlm.tvm_api import T, tirx
+
+from .rope import _rotate_heads, rope_angles, split_token
+
+# split_token is a non-hygienic macro: its body's names resolve where it is used
+_MACRO_NAMES = (_rotate_heads,)
 
 SCALE_BYTES = 2  # one float16 per row
 # Smallest scale stored: float16's smallest normal, so a scale never loses bits to subnormals;
@@ -111,9 +117,11 @@ def _code(x: tirx.Expr, scale: tirx.Expr, quant: KVQuant) -> tirx.Expr:
     return T.cast(y, quant.codes)
 
 
-def pack_qkv(layout: QuantLayout) -> tirx.PrimFunc:
-    """qkv [tokens, hq + 2 hkv, d] (dtype) -> [tokens, q_rows + 2 hkv, R] int8: q as its bytes,
-    each K and V row as codes and a float16 scale."""
+def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None) -> tirx.PrimFunc:
+    """qkv [tokens, hq + 2 hkv, d] (dtype) and positions [tokens] -> [tokens, q_rows + 2 hkv, R]
+    int8: q as its bytes, each K and V row as codes and a float16 scale; q and k rotated by
+    `rope` first (the cache's kind of RoPE, not LongRoPE; None: as they are), each token's
+    cos/sin computed once, as the cache's own CPU kernel does."""
     hq, hkv, d, dtype, quant = (
         layout.num_q_heads,
         layout.num_kv_heads,
@@ -125,27 +133,48 @@ def pack_qkv(layout: QuantLayout) -> tirx.PrimFunc:
     token_bytes = rows * r
     q_elems = token_bytes // layout.itemsize  # a token's row in dtype elements
 
+    angle_value, half, rotary_dim = rope_angles(rope, d)
+    apply_rope = int(rope is not None)
+
     @T.prim_func(s_tir=True)
-    def relaxlm_kv_pack(var_qkv: T.handle, var_out: T.handle):
+    def relaxlm_kv_pack(var_qkv: T.handle, var_positions: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
         qkv = T.match_buffer(var_qkv, (n, hq + 2 * hkv, d), dtype)
+        positions = T.match_buffer(var_positions, (n,), "int32")
         out = T.match_buffer(var_out, (n, rows, r), "int8")
-        q_out = T.decl_buffer((n * q_elems,), dtype, data=out.data)
+        q_out = T.decl_buffer((n, hq, d), dtype, data=out.data, strides=(q_elems, d, 1))
         codes = T.decl_buffer((n * token_bytes,), quant.codes, data=out.data)
         scales = T.decl_buffer((n * (token_bytes // 2),), "float16", data=out.data)
+        kv = T.alloc_buffer((n, 2 * hkv, d), dtype)  # rotated k, then v, before rounding
+        k_rows = T.decl_buffer((n, hkv, d), dtype, data=kv.data, strides=(2 * hkv * d, d, 1))
+        v_rows = T.decl_buffer(
+            (n, hkv, d), dtype, data=kv.data, strides=(2 * hkv * d, d, 1), elem_offset=hkv * d
+        )
+        for t in T.parallel(n):
+            # q straight into its bytes; k and v into `kv`
+            split_token(
+                qkv,
+                q_out,
+                k_rows,
+                v_rows,
+                t,
+                apply_rope,
+                positions,
+                angle_value,
+                half,
+                rotary_dim,
+            )
         for t in T.parallel(n):
             with T.sblock("pack"):
                 T.reads()
                 T.writes()
                 amax = T.sblock_alloc_buffer((1,), "float32")
                 scale = T.sblock_alloc_buffer((1,), "float32")
-                for i in T.serial(hq * d):
-                    q_out[t * q_elems + i] = qkv[t, i // d, i % d]
                 for h in T.serial(2 * hkv):
                     amax[0] = T.float32(0)
                     for x in T.serial(d):
-                        amax[0] = T.max(amax[0], T.abs(T.cast(qkv[t, hq + h, x], "float32")))
+                        amax[0] = T.max(amax[0], T.abs(T.cast(kv[t, h, x], "float32")))
                     # Codes are made from the float16 scale as stored, so dequantizing is exact.
                     scale[0] = T.cast(
                         T.cast(
@@ -155,9 +184,7 @@ def pack_qkv(layout: QuantLayout) -> tirx.PrimFunc:
                     )
                     base: T.let[T.int64] = t * token_bytes + (layout.q_rows + h) * r
                     for x in T.serial(d):
-                        codes[base + x] = _code(
-                            T.cast(qkv[t, hq + h, x], "float32"), scale[0], quant
-                        )
+                        codes[base + x] = _code(T.cast(kv[t, h, x], "float32"), scale[0], quant)
                     scales[(base + d) // 2] = T.cast(scale[0], "float16")
 
     return relaxlm_kv_pack

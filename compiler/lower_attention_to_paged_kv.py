@@ -282,6 +282,10 @@ def _plan(
     return plan
 
 
+def _is_longrope(rope: RopeSpec | None) -> bool:
+    return rope is not None and rope.scaling.get("rope_type") == "longrope"
+
+
 @relax.expr_functor.mutator
 class _AttentionRewriter(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, plan: KVCachePlan, first_layer: int = 0):
@@ -290,7 +294,7 @@ class _AttentionRewriter(relax.PyExprMutator):
         self._first_layer = first_layer
         self._cache: relax.Var | None = None
         self._found = False
-        self._packing: tuple[tvm.ir.GlobalVar, tvm.ir.GlobalVar] | None = None
+        self._packing: dict[str, tvm.ir.GlobalVar] = {}
 
     def rewrite(self, gvar: tvm.ir.GlobalVar, func: relax.Function) -> None:
         """Rewrite `func` in the builder's module if it holds relaxlm attention or positions."""
@@ -323,14 +327,18 @@ class _AttentionRewriter(relax.PyExprMutator):
         qkv = call.args[1].fields[0]
         b, s, h, d = qkv.ty.shape
         flat = self.builder_.emit(relax.op.reshape(qkv, (b * s, h, d)))  # [tokens, hq+2hkv, d]
-        if self._plan.rope_in_graph and attn.rope is not None:
-            flat = self._rotate(flat, attn)
         dtype, page_dtype, layout = qkv.ty.dtype, self._plan.page_dtype, self._plan.layout
+        # A quantized cache's packing kernel rotates q and k as the cache's own kernel would
+        # (cos/sin once per token); LongRoPE is rotated in the graph first.
+        pack_rope = attn.rope if layout is not None and not _is_longrope(attn.rope) else None
+        if self._plan.rope_in_graph and attn.rope is not None and pack_rope is None:
+            flat = self._rotate(flat, attn)
         out_ty = relax.TensorType((b * s, attn.num_q_heads, d), page_dtype)
         if layout is not None:
-            pack, unpack = self._packing_functions(layout)
+            pack, unpack = self._packing_functions(layout, pack_rope)
             packed_ty = relax.TensorType((b * s, layout.packed_rows, layout.row_bytes), "int8")
-            flat = self.builder_.emit(relax.call_tir(pack, [flat], packed_ty))
+            positions = self._positions(b * s)
+            flat = self.builder_.emit(relax.call_tir(pack, [flat, positions], packed_ty))
             out_ty = relax.TensorType((b * s, layout.q_rows, layout.row_bytes), "int8")
         elif page_dtype != dtype:
             flat = self.builder_.emit(relax.op.astype(flat, page_dtype))
@@ -354,14 +362,19 @@ class _AttentionRewriter(relax.PyExprMutator):
             out = self.builder_.emit(relax.op.astype(out, dtype))
         return relax.op.reshape(out, (b, s, attn.num_q_heads, d))  # [b, s, hq, d]
 
-    def _packing_functions(self, layout: QuantLayout):
-        """The GlobalVars of kv_quant's pack and unpack kernels, added to the module once."""
-        if self._packing is None:
-            self._packing = (
-                self.builder_.add_func(kv_quant.pack_qkv(layout), "relaxlm_kv_pack"),
-                self.builder_.add_func(kv_quant.unpack_output(layout), "relaxlm_kv_unpack"),
+    def _packing_functions(self, layout: QuantLayout, rope: RopeSpec | None):
+        """The GlobalVars of kv_quant's pack (for this RoPE) and unpack kernels, each added to
+        the module once."""
+        key = "null" if rope is None else rope.to_json()
+        if key not in self._packing:
+            self._packing[key] = self.builder_.add_func(
+                kv_quant.pack_qkv(layout, rope), "relaxlm_kv_pack"
             )
-        return self._packing
+        if "unpack" not in self._packing:
+            self._packing["unpack"] = self.builder_.add_func(
+                kv_quant.unpack_output(layout), "relaxlm_kv_unpack"
+            )
+        return self._packing[key], self._packing["unpack"]
 
     def _positions(self, num_tokens) -> relax.Expr:
         """Each token's position in its sequence, [tokens] int32, from the cache."""

@@ -64,7 +64,8 @@ def test_pack_kernel_matches_numpy_quantizer(name):
     # rows of very different sizes: the scale follows each token and head
     qkv = (rng.standard_normal((7, 8, 32)) * rng.uniform(0.01, 30, (7, 8, 1))).astype(np.float32)
     out = _tensor(np.zeros((7, layout.packed_rows, layout.row_bytes), np.int8))
-    _build(pack_qkv(layout))(_tensor(qkv), out)
+    positions = _tensor(np.arange(7, dtype=np.int32))  # unused: no RoPE in this kernel
+    _build(pack_qkv(layout))(_tensor(qkv), positions, out)
     got = out.numpy()
     np.testing.assert_array_equal(got[:, : layout.q_rows], _pack_q(qkv[:, :4], layout))
     want, dequantized = _pack_rows(qkv[:, 4:], layout)
