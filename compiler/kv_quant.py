@@ -10,11 +10,14 @@ kernels read (the C++ side and TVM's page kernels only move the bytes):
   A scale per token per head needs no calibration and follows outliers token by token; two
   bytes keep the row at 66/128 of float16's for head_dim 64 (1.94x the tokens).
 - q and the attention output travel unquantized, as the bytes of the model's dtype, in
-  `q_heads` rows of R bytes (padded): [tokens, q_heads + 2 * kv_heads, R] int8 in,
-  [tokens, q_heads, R] int8 out.
+  `q_rows` rows of R bytes (padded): [tokens, q_rows + 2 * kv_heads, R] int8 in,
+  [tokens, q_rows, R] int8 out (the cache is told it has q_rows query heads).
 
-The graph rotates q and k itself (the cache applies no RoPE: it would rotate bytes), packs with
-`pack_qkv` before the cache's attention call and unpacks with `unpack_output` after it.
+The cache applies no RoPE (it would rotate bytes): `pack_qkv` rotates q and k, quantizes and
+packs before the cache's attention call, `unpack_output` reads the output after it, and
+`merge_state` replaces the cache's merge of two partial attentions (over packed outputs).
+int8 / fp8 round per token and head: x -> clip(x / scale) -> round-to-nearest-even (int8) or
+e4m3 (fp8, saturating at 448), with scale = float16(max(amax / qmax, 2**-14)).
 """
 
 import math

@@ -113,8 +113,12 @@ class KVCachePlan:
     rope_in_graph: bool
     windows: tuple[int, ...]  # per layer, 0 = full attention
     softcap: float
-    page_dtype: str = ""  # what the pages hold: `dtype`, float16, or int8 bytes with `quant`
-    quant: KVQuant | None = None
+    page_dtype: str = ""  # what the pages hold: `dtype` (if left empty), float16, or int8 bytes
+    quant: KVQuant | None = None  # how those int8 bytes hold K and V
+
+    def __post_init__(self):
+        if not self.page_dtype:
+            object.__setattr__(self, "page_dtype", self.dtype)
 
     @property
     def layout(self) -> QuantLayout | None:
