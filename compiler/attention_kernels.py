@@ -19,6 +19,8 @@ then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel e
 import copy
 import math
 
+import tvm
+
 from relaxlm.tvm_api import T, tirx
 
 from .kv_quant import SCALE_BYTES, QuantLayout
@@ -123,12 +125,38 @@ def _row_scale(scales, flat_row, d: int):
     return T.cast(scales[flat_row * ((d + SCALE_BYTES) // 2) + d // 2], "float32")
 
 
+def _decode_e4m3(code):
+    """float32 of float8 e4m3 codes held as int8 (a scalar or a vector), in integer operations
+    that stay in vector lanes (LLVM lowers an fp8 cast lane by lane). No NaN: codes saturate."""
+    lanes = tvm.DataType(code.ty.dtype).lanes
+    i32, f32 = ("int32", "float32") if lanes == 1 else (f"int32x{lanes}", f"float32x{lanes}")
+    bits = T.cast(code, i32) & 0xFF
+    magnitude = bits & 0x7F  # exponent (4 bits, bias 7) and mantissa (3 bits)
+    sign = (bits & 0x80) << 24
+    # normal: the exponent and mantissa moved under float32's, the bias raised by 127 - 7
+    normal = T.reinterpret(f32, sign | ((magnitude << 20) + (120 << 23)))
+    # subnormal (exponent 0): mantissa * 2**-9
+    subnormal = T.cast(magnitude, f32) * T.float32(2.0**-9) * T.cast(1 - (bits >> 6 & 2), f32)
+    return T.Select(magnitude >= 8, normal, subnormal)
+
+
+def _plain(code):
+    return code
+
+
 class _QuantRaggedKV(_RaggedKV):
     """Quantized keys and values of this forward: codes in k and v, a scale per row."""
 
-    def __init__(self, k, v, k_scales, v_scales, base, group, h_kv, d):
+    def __init__(self, k, v, k_scales, v_scales, base, group, h_kv, d, decode=_plain):
         super().__init__(k, v, base, group)
         self.k_scales, self.v_scales, self.h_kv, self.d = k_scales, v_scales, h_kv, d
+        self.decode = decode
+
+    def key(self, row, x):
+        return self.decode(super().key(row, x))
+
+    def value(self, row, x):
+        return self.decode(super().value(row, x))
 
     def scale_key(self, dot, row):
         return dot * _row_scale(self.k_scales, row * self.h_kv + self.head, self.d)
@@ -141,10 +169,27 @@ class _QuantPagedKV(_PagedKV):
     """Quantized keys and values in sequence b's pages: codes, a scale per row."""
 
     def __init__(
-        self, pages, scales, page_values, page_begin, length_info, b, group, sliding, h_kv, d
+        self,
+        pages,
+        scales,
+        page_values,
+        page_begin,
+        length_info,
+        b,
+        group,
+        sliding,
+        h_kv,
+        d,
+        decode,
     ):
         super().__init__(pages, page_values, page_begin, length_info, b, group, sliding)
-        self.scales, self.h_kv, self.d = scales, h_kv, d
+        self.scales, self.h_kv, self.d, self.decode = scales, h_kv, d, decode
+
+    def key(self, row, x):
+        return self.decode(super().key(row, x))
+
+    def value(self, row, x):
+        return self.decode(super().value(row, x))
 
     def _flat_row(self, row, which: int):
         # pages [page, k/v, kv head, slot, row bytes]
@@ -191,10 +236,13 @@ class _Io:
         )
 
     def codes(self, buf):
-        """K/V rows or pages as their codes (the bytes of float8 codes viewed as such)."""
-        if self.layout is None or self.layout.quant.codes == "int8":
-            return buf
-        return T.decl_buffer(buf.shape, self.layout.quant.codes, data=buf.data)
+        """K/V rows or pages as their codes: int8 bytes (float8 ones decoded by the sources)."""
+        return buf
+
+    @property
+    def decode(self):
+        fp8 = self.layout is not None and self.layout.quant.codes != "int8"
+        return _decode_e4m3 if fp8 else _plain
 
     def scales(self, buf, size):
         """A buffer of `size` bytes as float16 (unused without quantization)."""
@@ -205,7 +253,7 @@ class _Io:
     def ragged(self, k, v, k_scales, v_scales, base, group):
         if self.layout is None:
             return _RaggedKV(k, v, base, group)
-        return _QuantRaggedKV(k, v, k_scales, v_scales, base, group, self.h_kv, self.d)
+        return _QuantRaggedKV(k, v, k_scales, v_scales, base, group, self.h_kv, self.d, self.decode)
 
     def paged(self, pages, scales, page_values, page_begin, length_info, b, group, sliding):
         if self.layout is None:
@@ -221,6 +269,7 @@ class _Io:
             sliding,
             self.h_kv,
             self.d,
+            self.decode,
         )
 
 

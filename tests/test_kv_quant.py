@@ -352,3 +352,22 @@ def test_refusals(llama, tmp_path):
         relaxlm.LLM(str(artifacts["int8"]), kv_cache_dtype="fp8")
     with pytest.raises(RelaxlmError, match="kv_cache_memory='lots' is not a size"):
         relaxlm.LLM(str(artifacts["int8"]), kv_cache_memory="lots")
+
+
+def test_fp8_decode_matches_ml_dtypes_for_every_code():
+    """The kernels' e4m3 decode (integer operations, in vectors) against ml_dtypes, all 256
+    codes but the two NaNs (the quantizer saturates at 448 and never writes them)."""
+    from relaxlm.tvm_api import T
+
+    @T.prim_func(s_tir=True)
+    def decode(a: T.Buffer((256,), "int8"), b: T.Buffer((256,), "float32")):
+        for i in T.vectorized(256):
+            b[i] = ak._decode_e4m3(a[i])
+
+    codes = np.arange(256, dtype=np.uint8).view(np.int8)
+    got = _tensor(np.zeros(256, np.float32))
+    _build(decode)(_tensor(codes), got)
+    want = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    finite = ~np.isnan(want)
+    assert finite.sum() == 254
+    np.testing.assert_array_equal(got.numpy()[finite], want[finite])
