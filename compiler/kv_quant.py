@@ -113,11 +113,27 @@ def numpy_quantize(x, quant: KVQuant):
 
 
 def _code(x: tirx.Expr, scale: tirx.Expr, quant: KVQuant) -> tirx.Expr:
-    """The code of x (float32) at `scale`."""
+    """The code of x (float32) at `scale`, as an int8 (float8 codes: their bits)."""
     y = T.max(T.min(x / scale, T.float32(quant.qmax)), T.float32(-quant.qmax))
     if quant.codes == "int8":
         return T.cast(T.nearbyint(y), "int8")
-    return T.cast(y, quant.codes)
+    return _encode_e4m3(y)
+
+
+def _encode_e4m3(y: tirx.Expr) -> tirx.Expr:
+    """The e4m3 bits (as int8) of y in [-448, 448], rounded to nearest even like ml_dtypes.
+    (TVM 0.27's float32 -> float8_e4m3fn cast on LLVM flushes subnormals, |y| < 2**-6, to
+    zero and does not round to nearest.)"""
+    bits = T.reinterpret("int32", y)
+    sign = (bits >> 24) & 0x80
+    a = T.reinterpret("float32", bits & 0x7FFFFFFF)
+    magnitude = bits & 0x7FFFFFFF
+    # normal: round the mantissa to 3 bits (ties to even), then rebias the exponent 127 -> 7
+    rounded = (magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20
+    normal = rounded - (120 << 3)
+    # subnormal: a multiple of 2**-9
+    subnormal = T.cast(T.nearbyint(a * T.float32(512.0)), "int32")
+    return T.cast(sign | T.Select(a < T.float32(2.0**-6), subnormal, normal), "int8")
 
 
 def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None) -> tirx.PrimFunc:
@@ -147,7 +163,7 @@ def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None) -> tirx.PrimFunc
         positions = T.match_buffer(var_positions, (n,), "int32")
         out = T.match_buffer(var_out, (n, rows, r), "int8")
         q_out = T.decl_buffer((n, hq, d), dtype, data=out.data, strides=(q_elems, d, 1))
-        codes = T.decl_buffer((n * token_bytes,), quant.codes, data=out.data)
+        codes = T.decl_buffer((n * token_bytes,), "int8", data=out.data)
         scales = T.decl_buffer((n * (token_bytes // 2),), "float16", data=out.data)
         kv = T.alloc_buffer((n, 2 * hkv, d), dtype)  # rotated k, then v, before rounding
         k_rows = T.decl_buffer((n, hkv, d), dtype, data=kv.data, strides=(2 * hkv * d, d, 1))

@@ -371,3 +371,24 @@ def test_fp8_decode_matches_ml_dtypes_for_every_code():
     finite = ~np.isnan(want)
     assert finite.sum() == 254
     np.testing.assert_array_equal(got.numpy()[finite], want[finite])
+
+
+def test_fp8_encode_matches_ml_dtypes_across_magnitudes():
+    """Rows whose scale is 1 (each holds 448): values from 2**-12 to 448, subnormals and
+    exact ties between codes included, round as ml_dtypes rounds them."""
+    layout = QuantLayout(KV_QUANTS["fp8"], 1, 1, 64, "float32")
+    rng = np.random.default_rng(5)
+    grid = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    grid = np.sort(grid[np.isfinite(grid) & (grid >= 0)])
+    ties = (grid[:-1] + grid[1:]) / 2  # halfway between neighbouring codes
+    values = np.concatenate([2.0 ** rng.uniform(-12, np.log2(448), 800), ties])
+    values = values * rng.choice([-1, 1], values.size)
+    rows = np.resize(values, (values.size // 63 + 1) * 63).reshape(-1, 63).astype(np.float32)
+    rows = np.concatenate([np.full((len(rows), 1), 448, np.float32), rows], 1)
+    qkv = np.zeros((len(rows), 3, 64), np.float32)
+    qkv[:, 1] = rows
+    out = _tensor(np.zeros((len(rows), layout.packed_rows, layout.row_bytes), np.int8))
+    _build(pack_qkv(layout))(_tensor(qkv), _tensor(np.zeros(len(rows), np.int32)), out)
+    got = out.numpy()[:, layout.q_rows, :64].view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    want = rows.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
