@@ -19,8 +19,11 @@ then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel e
 import copy
 import math
 
+import tvm
+
 from relaxlm.tvm_api import T, tirx
 
+from .kv_quant import SCALE_BYTES, QuantLayout
 from .vector_math import exp2, widest_lanes
 
 PAGE_SIZE = 16  # TVM's CPU kernels and page tables are built for 16-token pages
@@ -73,6 +76,14 @@ class _KVSource:
         source.head = h // self.group
         return source
 
+    def scale_key(self, dot, row):
+        """A dot product of q with key `row`'s stored elements, as with the key itself."""
+        return dot
+
+    def scale_value(self, weight, row):
+        """The weight of value `row`'s stored elements in the output."""
+        return weight
+
 
 class _RaggedKV(_KVSource):
     """Keys and values of this forward: rows base + j of k and v."""
@@ -107,6 +118,159 @@ class _PagedKV(_KVSource):
 
     def value(self, row, x):
         return self.pages[row // PAGE_SIZE, 1, self.head, row % PAGE_SIZE, x]
+
+
+def _row_scale(scales, flat_row, d: int):
+    """The float16 scale of a packed K/V row (its codes, then the scale: kv_quant.py)."""
+    return T.cast(scales[flat_row * ((d + SCALE_BYTES) // 2) + d // 2], "float32")
+
+
+def _decode_e4m3(code):
+    """float32 of float8 e4m3 codes held as int8 (a scalar or a vector), in integer operations
+    that stay in vector lanes (LLVM lowers an fp8 cast lane by lane). No NaN: codes saturate."""
+    lanes = tvm.DataType(code.ty.dtype).lanes
+    i32, f32 = ("int32", "float32") if lanes == 1 else (f"int32x{lanes}", f"float32x{lanes}")
+    bits = T.cast(code, i32) & 0xFF
+    magnitude = bits & 0x7F  # exponent (4 bits, bias 7) and mantissa (3 bits)
+    sign = (bits & 0x80) << 24
+    # normal: the exponent and mantissa moved under float32's, the bias raised by 127 - 7
+    normal = T.reinterpret(f32, sign | ((magnitude << 20) + (120 << 23)))
+    # subnormal (exponent 0): mantissa * 2**-9
+    subnormal = T.cast(magnitude, f32) * T.float32(2.0**-9) * T.cast(1 - (bits >> 6 & 2), f32)
+    return T.Select(magnitude >= 8, normal, subnormal)
+
+
+def _plain(code):
+    return code
+
+
+class _QuantRaggedKV(_RaggedKV):
+    """Quantized keys and values of this forward: codes in k and v, a scale per row."""
+
+    def __init__(self, k, v, k_scales, v_scales, base, group, h_kv, d, decode=_plain):
+        super().__init__(k, v, base, group)
+        self.k_scales, self.v_scales, self.h_kv, self.d = k_scales, v_scales, h_kv, d
+        self.decode = decode
+
+    def key(self, row, x):
+        return self.decode(super().key(row, x))
+
+    def value(self, row, x):
+        return self.decode(super().value(row, x))
+
+    def scale_key(self, dot, row):
+        return dot * _row_scale(self.k_scales, row * self.h_kv + self.head, self.d)
+
+    def scale_value(self, weight, row):
+        return weight * _row_scale(self.v_scales, row * self.h_kv + self.head, self.d)
+
+
+class _QuantPagedKV(_PagedKV):
+    """Quantized keys and values in sequence b's pages: codes, a scale per row."""
+
+    def __init__(
+        self,
+        pages,
+        scales,
+        page_values,
+        page_begin,
+        length_info,
+        b,
+        group,
+        sliding,
+        h_kv,
+        d,
+        decode,
+    ):
+        super().__init__(pages, page_values, page_begin, length_info, b, group, sliding)
+        self.scales, self.h_kv, self.d, self.decode = scales, h_kv, d, decode
+
+    def key(self, row, x):
+        return self.decode(super().key(row, x))
+
+    def value(self, row, x):
+        return self.decode(super().value(row, x))
+
+    def _flat_row(self, row, which: int):
+        # pages [page, k/v, kv head, slot, row bytes]
+        page, slot = row // PAGE_SIZE, row % PAGE_SIZE
+        return ((page * 2 + which) * self.h_kv + self.head) * PAGE_SIZE + slot
+
+    def scale_key(self, dot, row):
+        return dot * _row_scale(self.scales, self._flat_row(row, 0), self.d)
+
+    def scale_value(self, weight, row):
+        return weight * _row_scale(self.scales, self._flat_row(row, 1), self.d)
+
+
+class _Io:
+    """The buffers a kernel is handed: in the model's dtype, or (`layout` set) a quantized
+    cache's packed bytes (compiler/kv_quant.py): q and the output viewed back in the model's
+    dtype, K and V as codes with a float16 scale per row."""
+
+    def __init__(self, h_q: int, h_kv: int, d: int, dtype: str, layout: QuantLayout | None):
+        self.h_q, self.h_kv, self.d, self.dtype, self.layout = h_q, h_kv, d, dtype, layout
+        self.buffer_dtype = dtype if layout is None else "int8"
+        self.row = d if layout is None else layout.row_bytes
+        self.q_rows = h_q if layout is None else layout.q_rows
+
+    def q_shape(self, n):
+        return (n, self.q_rows, self.row)
+
+    def lse_shape(self, n):
+        return (n, self.q_rows)
+
+    def kv_shape(self, n):
+        return (n, self.h_kv, self.row)
+
+    def page_shape(self, n):
+        return (n, 2, self.h_kv, PAGE_SIZE, self.row)
+
+    def values(self, buf, n):
+        """q or the output as [n, h_q, d] of the model's dtype."""
+        if self.layout is None:
+            return buf
+        elems = self.layout.q_rows * self.row // self.layout.itemsize
+        return T.decl_buffer(
+            (n, self.h_q, self.d), self.dtype, data=buf.data, strides=(elems, self.d, 1)
+        )
+
+    def codes(self, buf):
+        """K/V rows or pages as their codes: int8 bytes (float8 ones decoded by the sources)."""
+        return buf
+
+    @property
+    def decode(self):
+        fp8 = self.layout is not None and self.layout.quant.codes != "int8"
+        return _decode_e4m3 if fp8 else _plain
+
+    def scales(self, buf, size):
+        """A buffer of `size` bytes as float16 (unused without quantization)."""
+        if self.layout is None:
+            return buf
+        return T.decl_buffer((size // 2,), "float16", data=buf.data)
+
+    def ragged(self, k, v, k_scales, v_scales, base, group):
+        if self.layout is None:
+            return _RaggedKV(k, v, base, group)
+        return _QuantRaggedKV(k, v, k_scales, v_scales, base, group, self.h_kv, self.d, self.decode)
+
+    def paged(self, pages, scales, page_values, page_begin, length_info, b, group, sliding):
+        if self.layout is None:
+            return _PagedKV(pages, page_values, page_begin, length_info, b, group, sliding)
+        return _QuantPagedKV(
+            pages,
+            scales,
+            page_values,
+            page_begin,
+            length_info,
+            b,
+            group,
+            sliding,
+            self.h_kv,
+            self.d,
+            self.decode,
+        )
 
 
 class _Attention:
@@ -195,14 +359,16 @@ def _attend_row(q, row, h, kv, lo, hi, att):
         q_val[x] = T.cast(q[row, h, x], "float32") * att.q_scale()
     for j in T.serial(T.max(hi - lo, 0)):
         at[0] = kv.row(lo + j)
-        state[2] = att.score(_key_dot(q_val, kv, at[0], att.lanes, att.d))
+        state[2] = att.score(kv.scale_key(_key_dot(q_val, kv, at[0], att.lanes, att.d), at[0]))
         state[3] = T.max(state[0], state[2])
         state[4] = att.exp2(state[0] - state[3])
         state[5] = att.exp2(state[2] - state[3])
         state[1] = state[1] * state[4] + state[5]
         state[0] = state[3]
         for x in att.head_loop(att.d):
-            o_acc[0, x] = o_acc[0, x] * state[4] + state[5] * T.cast(kv.value(at[0], x), "float32")
+            o_acc[0, x] = o_acc[0, x] * state[4] + kv.scale_value(state[5], at[0]) * T.cast(
+                kv.value(at[0], x), "float32"
+            )
     state[4] = T.if_then_else(state[1] > 0, T.float32(1) / state[1], T.float32(0))
     _write_row(att, row, h, o_acc, 0, state[4], state[0], state[1])
 
@@ -270,7 +436,7 @@ def _attend_tile(q, first, count, h, kv, positions, kbase, num_kv, att):
             for r in T.vectorized(ROW_TILE):
                 score[jj, r] = T.Select(
                     row_lo[r] <= j0 + jj and j0 + jj < row_hi[r],
-                    att.score(score[jj, r]),
+                    att.score(kv.scale_key(score[jj, r], key_at[jj])),
                     T.float32(_NO_MAX),
                 )
                 new_max[r] = T.max(new_max[r], score[jj, r])
@@ -294,8 +460,12 @@ def _attend_tile(q, first, count, h, kv, positions, kbase, num_kv, att):
                 out_b[x] = o_acc[2 * pair + 1, x] * rescale[2 * pair + 1]
             for jj in T.serial(KEY_BLOCK):
                 for x in T.vectorized(d):
-                    out_a[x] += score[jj, 2 * pair] * T.cast(kv.value(key_at[jj], x), "float32")
-                    out_b[x] += score[jj, 2 * pair + 1] * T.cast(kv.value(key_at[jj], x), "float32")
+                    out_a[x] += kv.scale_value(score[jj, 2 * pair], key_at[jj]) * T.cast(
+                        kv.value(key_at[jj], x), "float32"
+                    )
+                    out_b[x] += kv.scale_value(score[jj, 2 * pair + 1], key_at[jj]) * T.cast(
+                        kv.value(key_at[jj], x), "float32"
+                    )
             for x in T.vectorized(d):
                 o_acc[2 * pair, x] = out_a[x]
                 o_acc[2 * pair + 1, x] = out_b[x]
@@ -352,6 +522,7 @@ def ragged_prefill(
     softcap: float,
     max_chunk: int = 0,
     gpu: bool = False,
+    layout: QuantLayout | None = None,
 ) -> tirx.PrimFunc:
     """Attention among the tokens of this forward (q, k, v laid end to end per sequence).
 
@@ -360,6 +531,7 @@ def ragged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    io = _Io(h_q, h_kv, d, dtype, layout)
     chunk_limit = max_chunk if max_chunk > 0 else 2**30
 
     @T.prim_func(s_tir=True)
@@ -387,12 +559,12 @@ def ragged_prefill(
         kv_indptr_offset = T.int32()
         q_pos_offset = T.int32()
         k_pos_offset = T.int32()
-        q = T.match_buffer(var_q, (qo_len, h_q, d), dtype)
+        q_in = T.match_buffer(var_q, io.q_shape(qo_len), io.buffer_dtype)
         q_indptr = T.match_buffer(
             var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset
         )
-        k = T.match_buffer(var_k, (kv_len, h_kv, d), dtype)
-        v = T.match_buffer(var_v, (kv_len, h_kv, d), dtype)
+        k_in = T.match_buffer(var_k, io.kv_shape(kv_len), io.buffer_dtype)
+        v_in = T.match_buffer(var_v, io.kv_shape(kv_len), io.buffer_dtype)
         kv_indptr = T.match_buffer(
             var_kv_indptr, (batch_size + 1,), "int32", elem_offset=kv_indptr_offset
         )
@@ -402,8 +574,14 @@ def ragged_prefill(
         k_rope_pos_offset = T.match_buffer(
             var_k_rope_pos_offset, (batch_size,), "int32", elem_offset=k_pos_offset
         )
-        output = T.match_buffer(var_output, (qo_len, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (qo_len, h_q), "float32")
+        output_in = T.match_buffer(var_output, io.q_shape(qo_len), io.buffer_dtype)
+        lse = T.match_buffer(var_lse, io.lse_shape(qo_len), "float32")
+        q = io.values(q_in, qo_len)
+        output = io.values(output_in, qo_len)
+        k = io.codes(k_in)
+        v = io.codes(v_in)
+        k_scales = io.scales(k_in, kv_len * h_kv * io.row)
+        v_scales = io.scales(v_in, kv_len * h_kv * io.row)
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
         if gpu:  # no chunk check: a GPU kernel cannot assert (the manifest caps the chunk)
@@ -415,7 +593,7 @@ def ragged_prefill(
                 q_indptr,
                 q_rope_position,
                 k_rope_pos_offset,
-                _RaggedSequences(k, v, kv_indptr, group),
+                _RaggedSequences(k, v, kv_indptr, group),  # no quantized cache on GPUs
                 _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
         else:
@@ -431,7 +609,7 @@ def ragged_prefill(
                     q_indptr[b],
                     q_indptr[b + 1] - q_indptr[b],
                     h_q,
-                    _RaggedKV(k, v, kv_indptr[b], group),
+                    io.ragged(k, v, k_scales, v_scales, kv_indptr[b], group),
                     q_rope_position,
                     k_rope_pos_offset[b],
                     kv_indptr[b + 1] - kv_indptr[b],
@@ -451,6 +629,7 @@ def paged_prefill(
     softcap: float,
     sliding_table: bool,
     gpu: bool = False,
+    layout: QuantLayout | None = None,
 ) -> tirx.PrimFunc:
     """New tokens against the keys already in the cache's pages.
 
@@ -459,6 +638,7 @@ def paged_prefill(
     """
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    io = _Io(h_q, h_kv, d, dtype, layout)
 
     @T.prim_func(s_tir=True)
     def attention_prefill_paged(
@@ -489,11 +669,11 @@ def paged_prefill(
         k_pos_offset = T.int32()
         q_pos_offset = T.int32()
         length_info_offset = T.int32()
-        q = T.match_buffer(var_q, (total_q, h_q, d), dtype)
+        q_in = T.match_buffer(var_q, io.q_shape(total_q), io.buffer_dtype)
         q_indptr = T.match_buffer(
             var_q_indptr, (batch_size + 1,), "int32", elem_offset=q_indptr_offset
         )
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        pages_in = T.match_buffer(var_pages, io.page_shape(max_num_pages), io.buffer_dtype)
         page_indptr = T.match_buffer(
             var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset
         )
@@ -509,8 +689,12 @@ def paged_prefill(
         q_rope_position = T.match_buffer(
             var_q_rope_position, (total_q,), "int32", elem_offset=q_pos_offset
         )
-        output = T.match_buffer(var_output, (total_q, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (total_q, h_q), "float32")
+        output_in = T.match_buffer(var_output, io.q_shape(total_q), io.buffer_dtype)
+        lse = T.match_buffer(var_lse, io.lse_shape(total_q), "float32")
+        q = io.values(q_in, total_q)
+        output = io.values(output_in, total_q)
+        pages = io.codes(pages_in)
+        scales = io.scales(pages_in, max_num_pages * 2 * h_kv * PAGE_SIZE * io.row)
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
         if gpu:
@@ -534,8 +718,15 @@ def paged_prefill(
                     q_indptr[b],
                     q_indptr[b + 1] - q_indptr[b],
                     h_q,
-                    _PagedKV(
-                        pages, page_values, page_indptr[b], length_info, b, group, sliding_table
+                    io.paged(
+                        pages,
+                        scales,
+                        page_values,
+                        page_indptr[b],
+                        length_info,
+                        b,
+                        group,
+                        sliding_table,
                     ),
                     q_rope_position,
                     k_rope_pos_offset[b],
@@ -558,10 +749,12 @@ def paged_decode(
     softcap: float,
     sliding_table: bool,
     gpu: bool = False,
+    layout: QuantLayout | None = None,
 ) -> tirx.PrimFunc:
     """One new token per sequence against the cache's pages (the token is usually in them)."""
     group = num_q_heads // num_kv_heads
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
+    io = _Io(h_q, h_kv, d, dtype, layout)
 
     @T.prim_func(s_tir=True)
     def attention_decode_paged(
@@ -588,8 +781,8 @@ def paged_decode(
         k_pos_offset = T.int32()
         q_pos_offset = T.int32()
         length_info_offset = T.int32()
-        q = T.match_buffer(var_q, (batch_size, h_q, d), dtype)
-        pages = T.match_buffer(var_pages, (max_num_pages, 2, h_kv, PAGE_SIZE, d), dtype)
+        q_in = T.match_buffer(var_q, io.q_shape(batch_size), io.buffer_dtype)
+        pages_in = T.match_buffer(var_pages, io.page_shape(max_num_pages), io.buffer_dtype)
         page_indptr = T.match_buffer(
             var_page_indptr, (batch_size + 1,), "int32", elem_offset=page_indptr_offset
         )
@@ -605,8 +798,12 @@ def paged_decode(
         q_rope_position = T.match_buffer(
             var_q_rope_position, (batch_size,), "int32", elem_offset=q_pos_offset
         )
-        output = T.match_buffer(var_output, (batch_size, h_q, d), dtype)
-        lse = T.match_buffer(var_lse, (batch_size, h_q), "float32")
+        output_in = T.match_buffer(var_output, io.q_shape(batch_size), io.buffer_dtype)
+        lse = T.match_buffer(var_lse, io.lse_shape(batch_size), "float32")
+        q = io.values(q_in, batch_size)
+        output = io.values(output_in, batch_size)
+        pages = io.codes(pages_in)
+        scales = io.scales(pages_in, max_num_pages * 2 * h_kv * PAGE_SIZE * io.row)
         assert rotary_mode == 0, "relaxlm attention kernels do not apply RoPE inline"
 
         if gpu:
@@ -645,8 +842,15 @@ def paged_decode(
                         q,
                         b,
                         h,
-                        _PagedKV(
-                            pages, page_values, page_begin, length_info, b, group, sliding_table
+                        io.paged(
+                            pages,
+                            scales,
+                            page_values,
+                            page_begin,
+                            length_info,
+                            b,
+                            group,
+                            sliding_table,
                         ).for_query_head(h),
                         lo,
                         hi,

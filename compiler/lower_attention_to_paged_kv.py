@@ -19,8 +19,11 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
   `window` tokens per forward (`max_prefill_chunk` in the layout; the CPU kernel raises past it).
 """
 
+import contextlib
 import functools
 import json
+import os
+import sys
 from dataclasses import asdict, dataclass
 
 import tvm
@@ -37,7 +40,8 @@ from relaxlm.frontends.ops import (
 )
 from relaxlm.tvm_api import tirx
 
-from . import attention_kernels
+from . import attention_kernels, kv_quant
+from .kv_quant import KV_QUANTS, KVQuant, QuantLayout
 from .launch_limits import fits, kernel_launches
 from .rope import longrope_factors, rope_te, split_rotary_cpu
 
@@ -57,12 +61,18 @@ _POSITIONS_BUILTIN = "vm.builtin.attention_kv_cache_get_query_positions"
 
 
 def lower_attention_to_paged_kv(
-    mod: tvm.IRModule, target: tvm.target.Target, dtype: str, first_layer: int = 0
+    mod: tvm.IRModule,
+    target: tvm.target.Target,
+    dtype: str,
+    first_layer: int = 0,
+    kv_cache_dtype: str = "auto",
 ) -> tuple[tvm.IRModule, "KVCachePlan | None"]:
     """Rewrite `relaxlm.attention` calls onto one paged KV cache passed in as a new parameter.
 
     first_layer: the lowest layer id the module's calls may have (a pipeline stage's first
         layer); the cache holds layers first_layer.. only, as its layers 0..
+    kv_cache_dtype: what the pages hold: "auto" (the model's dtype), "float16" (q, k, v cast
+        to it around the cache), "int8" or "fp8" (packed rows, compiler/kv_quant.py; CPUs).
     Returns the rewritten module and the cache it builds (None, and the module as it was, when
     there is no attention call).
     """
@@ -74,7 +84,14 @@ def lower_attention_to_paged_kv(
                 "no relaxlm.attention call to build a cache for"
             )
         return mod, None
-    plan = _plan(calls, dtype, target, first_layer)
+    kv_quant.check_kv_cache_dtype(kv_cache_dtype)
+    if kv_cache_dtype != "auto" and target.kind.name != "llvm":
+        raise RelaxlmError(
+            f"--kv-cache-dtype {kv_cache_dtype} is built for CPU targets only: TVM's GPU attention "
+            "kernels read pages of the model's dtype and relaxlm's quantized kernels are CPU "
+            "kernels; compile for this target with --kv-cache-dtype auto"
+        )
+    plan = _plan(calls, dtype, target, first_layer, kv_cache_dtype)
     rewriter = _AttentionRewriter(mod, plan, first_layer)
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
@@ -96,6 +113,33 @@ class KVCachePlan:
     rope_in_graph: bool
     windows: tuple[int, ...]  # per layer, 0 = full attention
     softcap: float
+    page_dtype: str = ""  # what the pages hold: `dtype` (if left empty), float16, or int8 bytes
+    quant: KVQuant | None = None  # how those int8 bytes hold K and V
+
+    def __post_init__(self):
+        if not self.page_dtype:
+            object.__setattr__(self, "page_dtype", self.dtype)
+
+    @property
+    def layout(self) -> QuantLayout | None:
+        """The packed byte rows of a quantized cache (None: pages of `page_dtype` values)."""
+        if self.quant is None:
+            return None
+        return QuantLayout(
+            self.quant, self.num_q_heads, self.num_kv_heads, self.head_dim, self.dtype
+        )
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's K (or V) in one kv head."""
+        if self.layout is not None:
+            return self.layout.row_bytes
+        return self.head_dim * {"float32": 4}.get(self.page_dtype, 2)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Page bytes one token takes, all layers."""
+        return self.num_layers * 2 * self.num_kv_heads * self.row_bytes
 
     @property
     def window(self) -> int:
@@ -109,7 +153,7 @@ class KVCachePlan:
 
     @property
     def relaxlm_kernels(self) -> bool:
-        return self.window > 0 or self.softcap > 0
+        return self.window > 0 or self.softcap > 0 or self.quant is not None
 
     @property
     def max_prefill_chunk(self) -> int | None:
@@ -121,7 +165,9 @@ class KVCachePlan:
 
         Keys: num_layers, num_q_heads, num_kv_heads, head_dim, sm_scale, dtype, rope (RopeSpec
         fields when the cache applies RoPE, else None), rope_in_graph, sliding_windows (per
-        layer, 0 = none), logit_softcap (0 = none), max_prefill_chunk.
+        layer, 0 = none), logit_softcap (0 = none), max_prefill_chunk, page_dtype, quant
+        (None, or the codes, the scale scheme and the bytes of a K/V row), bytes_per_token
+        (page bytes per token, all layers).
         """
         return {
             "num_layers": self.num_layers,
@@ -135,6 +181,16 @@ class KVCachePlan:
             "sliding_windows": list(self.windows),
             "logit_softcap": self.softcap,
             "max_prefill_chunk": self.max_prefill_chunk,
+            "page_dtype": self.page_dtype,
+            "quant": None
+            if self.quant is None
+            else {
+                "name": self.quant.name,
+                "codes": self.quant.codes,
+                "scale": "float16 per token per kv head",
+                "row_bytes": self.row_bytes,
+            },
+            "bytes_per_token": self.bytes_per_token,
         }
 
 
@@ -157,7 +213,11 @@ def _collect(mod: tvm.IRModule) -> tuple[list[tuple[str, AttentionCall, str]], b
 
 
 def _plan(
-    calls: list[tuple[str, AttentionCall, str]], dtype: str, target, first_layer: int = 0
+    calls: list[tuple[str, AttentionCall, str]],
+    dtype: str,
+    target,
+    first_layer: int = 0,
+    kv_cache_dtype: str = "auto",
 ) -> KVCachePlan:
     """The one cache every call fits; ValueError naming the first call that does not."""
     first_func, first, _ = calls[0]
@@ -205,6 +265,10 @@ def _plan(
     shared = RopeSpec.from_json(ropes.pop()) if len(ropes) == 1 else None
     # TVM's LongRoPE picks its table by the number of tokens in a forward, not by position.
     cache_rope = shared if shared and shared.scaling.get("rope_type") != "longrope" else None
+    quant = KV_QUANTS.get(kv_cache_dtype)
+    if quant is not None:
+        cache_rope = None  # the cache would rotate packed bytes: the graph rotates q and k
+    page_dtype = {"auto": dtype, "float16": "float16"}.get(kv_cache_dtype, "int8")
     plan = KVCachePlan(
         num_layers=num_layers,
         num_q_heads=first.num_q_heads,
@@ -216,8 +280,14 @@ def _plan(
         rope_in_graph=cache_rope is None and any(call.rope for _, call, _ in calls),
         windows=tuple(windows),
         softcap=first.logit_softcap,
+        page_dtype=page_dtype,
+        quant=quant,
     )
     return plan
+
+
+def _is_longrope(rope: RopeSpec | None) -> bool:
+    return rope is not None and rope.scaling.get("rope_type") == "longrope"
 
 
 @relax.expr_functor.mutator
@@ -228,6 +298,7 @@ class _AttentionRewriter(relax.PyExprMutator):
         self._first_layer = first_layer
         self._cache: relax.Var | None = None
         self._found = False
+        self._packing: dict[str, tvm.ir.GlobalVar] = {}
 
     def rewrite(self, gvar: tvm.ir.GlobalVar, func: relax.Function) -> None:
         """Rewrite `func` in the builder's module if it holds relaxlm attention or positions."""
@@ -260,8 +331,21 @@ class _AttentionRewriter(relax.PyExprMutator):
         qkv = call.args[1].fields[0]
         b, s, h, d = qkv.ty.shape
         flat = self.builder_.emit(relax.op.reshape(qkv, (b * s, h, d)))  # [tokens, hq+2hkv, d]
-        if self._plan.rope_in_graph and attn.rope is not None:
+        dtype, page_dtype, layout = qkv.ty.dtype, self._plan.page_dtype, self._plan.layout
+        # A quantized cache's packing kernel rotates q and k as the cache's own kernel would
+        # (cos/sin once per token); LongRoPE is rotated in the graph first.
+        pack_rope = attn.rope if layout is not None and not _is_longrope(attn.rope) else None
+        if self._plan.rope_in_graph and attn.rope is not None and pack_rope is None:
             flat = self._rotate(flat, attn)
+        out_ty = relax.TensorType((b * s, attn.num_q_heads, d), page_dtype)
+        if layout is not None:
+            pack, unpack = self._packing_functions(layout, pack_rope)
+            packed_ty = relax.TensorType((b * s, layout.packed_rows, layout.row_bytes), "int8")
+            positions = self._positions(b * s)
+            flat = self.builder_.emit(relax.call_tir(pack, [flat, positions], packed_ty))
+            out_ty = relax.TensorType((b * s, layout.q_rows, layout.row_bytes), "int8")
+        elif page_dtype != dtype:
+            flat = self.builder_.emit(relax.op.astype(flat, page_dtype))
         out = self.builder_.emit(
             relax.call_dps_packed(
                 _ATTENTION_BUILTIN,
@@ -272,10 +356,29 @@ class _AttentionRewriter(relax.PyExprMutator):
                     relax.prim_value(attn.sm_scale),
                     flat,
                 ],
-                out_ty=relax.TensorType((b * s, attn.num_q_heads, d), qkv.ty.dtype),
+                out_ty=out_ty,
             )
         )  # [tokens, hq, d]
+        if layout is not None:
+            hq_ty = relax.TensorType((b * s, attn.num_q_heads, d), dtype)
+            out = self.builder_.emit(relax.call_tir(unpack, [out], hq_ty))
+        elif page_dtype != dtype:
+            out = self.builder_.emit(relax.op.astype(out, dtype))
         return relax.op.reshape(out, (b, s, attn.num_q_heads, d))  # [b, s, hq, d]
+
+    def _packing_functions(self, layout: QuantLayout, rope: RopeSpec | None):
+        """The GlobalVars of kv_quant's pack (for this RoPE) and unpack kernels, each added to
+        the module once."""
+        key = "null" if rope is None else rope.to_json()
+        if key not in self._packing:
+            self._packing[key] = self.builder_.add_func(
+                kv_quant.pack_qkv(layout, rope), "relaxlm_kv_pack"
+            )
+        if "unpack" not in self._packing:
+            self._packing["unpack"] = self.builder_.add_func(
+                kv_quant.unpack_output(layout), "relaxlm_kv_unpack"
+            )
+        return self._packing[key], self._packing["unpack"]
 
     def _positions(self, num_tokens) -> relax.Expr:
         """Each token's position in its sequence, [tokens] int32, from the cache."""
@@ -329,6 +432,10 @@ def _cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.IRModu
 
 def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.IRModule:
     rope, head_dim = plan.cache_rope, plan.head_dim
+    # A quantized cache's heads are byte rows (kv_quant.py): q rows of them, then K and V.
+    layout = plan.layout
+    q_heads = plan.num_q_heads if layout is None else layout.q_rows
+    row = head_dim if layout is None else layout.row_bytes
     sizes = {name: tirx.Var(name, "int64") for name in CREATE_ARGS}
     params = [relax.Var(name, relax.ShapeType([v])) for name, v in sizes.items()]
     cache_args = dict(sizes)
@@ -337,7 +444,10 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
         # recycled, RoPE moved into the kernels) would break the kernels' absolute positions.
         cache_args["support_sliding_window"] = 0
     bb = relax.BlockBuilder(tvm.IRModule())
-    with bb.function(CREATE_FUNCTION, params):
+    # TVM's kernels for int8 pages (those relaxlm replaces, and tree attention, unused) each
+    # warn that storing float into int8 may lose precision, from C++ straight to stderr.
+    quiet = _stderr_silenced() if layout is not None else contextlib.nullcontext()
+    with quiet, bb.function(CREATE_FUNCTION, params):
         # The constructor emits its kernels into `bb` (BlockBuilder.current()).
         cache = TIRPagedKVCache(
             attn_kind=[
@@ -346,10 +456,10 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
             **cache_args,
             layer_partition=relax.ShapeExpr([0, plan.num_layers]),
             num_hidden_layers=plan.num_layers,
-            num_attention_heads=plan.num_q_heads,
+            num_attention_heads=q_heads,
             num_key_value_heads=plan.num_kv_heads,
-            qk_head_dim=head_dim,
-            v_head_dim=head_dim,
+            qk_head_dim=row,
+            v_head_dim=row,
             mla_original_qk_head_dim=0,
             mla_original_v_head_dim=0,
             rope_mode=RopeMode.NONE if rope is None else RopeMode.NORMAL,
@@ -358,9 +468,9 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
             rope_theta=10000.0 if rope is None else rope.theta,
             rope_scaling={} if rope is None else dict(rope.scaling),
             rope_ext_factors=relax.prim_value(0),  # only TVM's LongRoPE uses them
-            rotary_dim=head_dim if rope is None else rope.rotary_dim or head_dim,
+            rotary_dim=row if rope is None else rope.rotary_dim or head_dim,
             enable_disaggregation=False,
-            dtype=plan.dtype,
+            dtype=plan.page_dtype,
             target=target,
             layer_sliding_window_size=plan.window if plan.per_layer_windows else 1024,
         )
@@ -373,6 +483,20 @@ def _build_cache_functions(plan: KVCachePlan, target: tvm.target.Target) -> tvm.
     if plan.relaxlm_kernels or not gpu or not _tvm_kernels_launch(new_mod, target):
         new_mod = _use_relaxlm_kernels(new_mod, plan, gpu)
     return new_mod
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null for the block (C++ logging bypasses sys.stderr)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _tvm_kernels_launch(mod: tvm.IRModule, target: tvm.target.Target) -> bool:
@@ -396,11 +520,13 @@ _GPU_ATTENTION = (
 
 def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan, gpu: bool) -> tvm.IRModule:
     """Swap the cache's attention kernels for relaxlm's (same signatures, same names)."""
-    shape = (plan.num_kv_heads, plan.num_q_heads, plan.head_dim, plan.dtype)
+    # Kernels of a quantized cache see q and the output in the model's dtype (kv_quant.py).
+    dtype = plan.page_dtype if plan.layout is None else plan.dtype
+    shape = (plan.num_kv_heads, plan.num_q_heads, plan.head_dim, dtype)
     # With one window on every layer, every kernel masks it; with per-layer windows only the
     # sliding-window kernels do, and the shared ragged kernel limits the tokens per forward.
     everywhere = 0 if plan.per_layer_windows else plan.window
-    common = {"softcap": plan.softcap, "gpu": gpu}
+    common = {"softcap": plan.softcap, "gpu": gpu, "layout": plan.layout}
     cpu = "" if gpu else "_cpu"  # TVM names its CPU kernels apart
     kernels = {
         f"tir_attention_prefill_ragged{cpu}": attention_kernels.ragged_prefill(
@@ -425,8 +551,12 @@ def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan, gpu: bool) -> tvm
     if not gpu:
         # TVM's CPU RoPE evaluates pow/cos/sin per element, serially; relaxlm's supports the
         # scalings the cache is given (default, linear, llama3; LongRoPE is rotated in the graph).
+        heads = (plan.num_q_heads, plan.head_dim)
+        if plan.layout is not None:  # the packed rows are split as they are (no RoPE)
+            heads = (plan.layout.q_rows, plan.layout.row_bytes)
+            kernels["tir_attention_merge_state_cpu"] = kv_quant.merge_state(plan.layout)
         kernels["tir_split_rotary"] = split_rotary_cpu(
-            plan.cache_rope, plan.num_q_heads, plan.num_kv_heads, plan.head_dim, plan.dtype
+            plan.cache_rope, heads[0], plan.num_kv_heads, heads[1], plan.page_dtype
         )
     names = {gvar.name_hint: gvar for gvar in mod.get_global_vars()}
     for name, kernel in kernels.items():

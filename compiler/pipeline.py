@@ -42,6 +42,7 @@ from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot
+from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
@@ -85,6 +86,7 @@ def compile_model(
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
     tensor_parallel: int = 1,
+    kv_cache_dtype: str = "auto",
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -104,6 +106,9 @@ def compile_model(
     tensor_parallel: split the model into that many shards run side by side (TVM Disco,
         runtime/tensor_parallel.py): one library, each shard's weights, the shard plan in the
         manifest (frontends/tensor_parallel.py). Llama, Mistral and Qwen2 checkpoint folders.
+    kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
+        int8 / fp8 codes with a float16 scale per token per kv head (CPU targets;
+        compiler/kv_quant.py). The manifest's `kv_cache` records it.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
@@ -125,7 +130,13 @@ def compile_model(
     if lora_slots:
         targets = tuple(lora_targets) if lora_targets is not None else None
         slots = LoraSlotsSpec(lora_slots, lora_max_rank, targets)
+    check_kv_cache_dtype(kv_cache_dtype)
     if device_map is not None or gpu_layers is not None:
+        if kv_cache_dtype != "auto":
+            raise RelaxlmError(
+                f"--kv-cache-dtype {kv_cache_dtype} is not built for models split across devices "
+                "(each stage has its own cache); drop device_map / gpu_layers or use auto"
+            )
         if slots is not None:
             raise RelaxlmError(
                 "LoRA slots cannot be compiled into a model split across devices yet; drop "
@@ -176,7 +187,9 @@ def compile_model(
         if add:
             writer.keep_libraries(output)
         for preset in presets:  # the graph, weight plan and KV cache do not depend on it
-            executable, kv_cache, plan = build_library(exported, preset, scheme, say, stored)
+            executable, kv_cache, plan = build_library(
+                exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
+            )
             library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
             executable.export_library(str(library))
             say(f"{preset.name} library linked")
@@ -456,12 +469,14 @@ def build_library(
     stored: dict[int, QuantScheme] | None = None,
     scheduled_only: bool = False,
     device_binaries: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
     scheduled_only: stop after phase 3 and return the scheduled IRModule in place of the
         executable (tests run its kernels alone).
     device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
+    kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -481,7 +496,9 @@ def build_library(
     else:
         try:
             first_layer = exported.layers[0] if exported.layers else 0  # a pipeline stage's
-            mod, kv_cache = lower_attention_to_paged_kv(mod, target, exported.dtype, first_layer)
+            mod, kv_cache = lower_attention_to_paged_kv(
+                mod, target, exported.dtype, first_layer, kv_cache_dtype
+            )
         except RelaxlmError as e:
             raise RelaxlmError(f"{model} cannot be compiled for {where}: {e}") from None
     mod, sources = fuse_parallel_linear(mod, stored)

@@ -125,6 +125,30 @@ def _rotate_heads(src, dst, src_head, s, rotate, cos_t, sin_t, half, rotary_dim)
                 dst[s, h, i] = src[s, src_head + h, i]
 
 
+def rope_angles(spec: RopeSpec | None, head_dim: int):
+    """(angle_value, half, rotary_dim) for `split_token`: angle_value(pos, i, which) is the cos
+    (which=0) or sin (1) of frequency i at pos, as the cache's RoPE (not LongRoPE) computes it."""
+    rotary_dim = (spec.rotary_dim or head_dim) if spec else head_dim
+    scale = 1.0 / spec.scale if spec else 1.0
+    theta = spec.theta if spec else 10000.0
+    freq_func = switch_rope_freq_func(dict(spec.scaling) if spec else {})
+
+    def angle_value(pos: tirx.Expr, i: tirx.Expr, which: int) -> tirx.Expr:
+        # its variables bound in the expression
+        cos_sin_lets = freq_func(
+            pos.astype("float32") * T.float32(scale), i, rotary_dim, theta, "float32"
+        )
+        value = cos_sin_lets[which]
+        for var, bound in cos_sin_lets[2].items():
+            value = tirx.Let(var, bound, value)
+        return value
+
+    return angle_value, rotary_dim // 2, rotary_dim
+
+
+split_token = _split_token  # for kernels that rotate a token on the way elsewhere (kv_quant.py)
+
+
 def split_rotary_cpu(
     spec: RopeSpec | None, num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: str
 ) -> tirx.PrimFunc:
@@ -136,22 +160,8 @@ def split_rotary_cpu(
     numbers) and rotates its heads in vectors, tokens in parallel. `spec` is the cache's RoPE
     (`rope_scale` there is 1 / spec.scale); None when the cache applies none.
     """
-    rotary_dim = (spec.rotary_dim or head_dim) if spec else head_dim
-    half = rotary_dim // 2
-    scale = 1.0 / spec.scale if spec else 1.0
-    theta = spec.theta if spec else 10000.0
-    freq_func = switch_rope_freq_func(dict(spec.scaling) if spec else {})
+    angle_value, half, rotary_dim = rope_angles(spec, head_dim)
     h_q, h_kv, d = num_q_heads, num_kv_heads, head_dim
-
-    def angle_value(pos: tirx.Expr, i: tirx.Expr, which: int) -> tirx.Expr:
-        """cos (which=0) or sin (1) of frequency i at pos, its variables bound in the expression."""
-        cos_sin_lets = freq_func(
-            pos.astype("float32") * T.float32(scale), i, rotary_dim, theta, "float32"
-        )
-        value = cos_sin_lets[which]
-        for var, bound in cos_sin_lets[2].items():
-            value = tirx.Let(var, bound, value)
-        return value
 
     @T.prim_func(s_tir=True)
     def split_rotary(

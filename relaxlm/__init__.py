@@ -42,6 +42,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
     tensor_parallel: int = 1,
+    kv_cache_dtype: str = "auto",
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -56,6 +57,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         (None: every linear layer but the logits head), for adapters loaded at run time.
     tensor_parallel: N shards (attention heads and MLP columns split, an all-reduce after
         each attention and MLP), run by TVM Disco; Llama, Mistral and Qwen2.
+    kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
+        int8 / fp8 codes with a float16 scale per token and kv head (CPU targets).
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -76,6 +79,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         lora_max_rank=lora_max_rank,
         lora_targets=lora_targets,
         tensor_parallel=tensor_parallel,
+        kv_cache_dtype=kv_cache_dtype,
     )
 
 

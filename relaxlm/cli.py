@@ -146,6 +146,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--kv-cache-tokens", type=int, help="KV-cache size, tokens (all sequences)")
     p.add_argument(
+        "--kv-cache-memory",
+        metavar="SIZE",
+        help="KV-cache size as the bytes of its pages, e.g. 256MB or 1GiB: as many tokens as "
+        "fit (a quantized cache, --kv-cache-dtype, holds more)",
+    )
+    p.add_argument(
         "--prefill-step-ms",
         type=_positive_float,
         default=100.0,
@@ -279,6 +285,14 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float16", "int8", "fp8"],  # compiler/kv_quant.py's KV_CACHE_DTYPES
+        help="what the KV cache's pages hold: auto (the model's dtype), float16, or int8 / fp8 "
+        "codes with a float16 scale per token and kv head (CPU targets; ~1.9x float16's tokens "
+        "in the same memory)",
+    )
+    p.add_argument(
         "--device-map",
         metavar="DEVICE:LAYERS,...",
         help="split the decoder layers across devices, e.g. cuda:0:0-23,cpu:24-31 (layers from "
@@ -389,6 +403,7 @@ def _compile(args) -> None:
         device_map=args.device_map,
         gpu_layers=args.gpu_layers,
         tensor_parallel=args.tensor_parallel,
+        kv_cache_dtype=args.kv_cache_dtype,
         **(
             {"lora_slots": args.lora_slots, "lora_max_rank": args.lora_max_rank}
             if args.lora_slots
@@ -451,6 +466,7 @@ def _compile_options(args) -> dict:
         "device_map": args.device_map,
         "gpu_layers": args.gpu_layers,
         "tensor_parallel": args.tensor_parallel,
+        "kv_cache_dtype": args.kv_cache_dtype,
         **slots,
     }
 
@@ -701,6 +717,7 @@ def _serve(args) -> None:
         **_compile_options(args),
         max_batch_size=args.max_batch,
         kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory=args.kv_cache_memory,
         max_prefill_tokens=args.max_prefill_tokens,
         prefill_step_target_s=args.prefill_step_ms / 1000,
         draft_model=args.draft_model,

@@ -499,7 +499,15 @@ def _cause(e: Exception) -> BaseException:
 def _sum_metrics(parts: list[EngineMetrics], counters_only: bool = False) -> EngineMetrics:
     """Counters and histograms summed; gauges too, unless `counters_only` (a dead replica's)."""
     out = EngineMetrics()
-    gauges = {"waiting", "running", "kv_pages_total", "kv_pages_free", "kv_pages_cached"}
+    gauges = {
+        "waiting",
+        "running",
+        "kv_pages_total",
+        "kv_pages_free",
+        "kv_pages_cached",
+        "kv_cache_tokens",
+        "kv_cache_bytes",
+    }
     for field in dataclasses.fields(EngineMetrics):
         values = [getattr(m, field.name) for m in parts]
         if field.name == "page_size":

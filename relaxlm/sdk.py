@@ -92,6 +92,11 @@ class LLM:
         default, fewer where the artifact's prefill chunk is smaller.
     kv_cache_tokens: tokens the paged KV cache holds in all; context window x max_batch_size
         by default. Requests beyond it wait, or are preempted and recomputed later.
+    kv_cache_memory: size the cache by the bytes of its pages instead ("64MB", "1GiB", an
+        int): as many tokens as fit; `metrics()` reports kv_cache_tokens and kv_cache_bytes.
+    kv_cache_dtype: what a checkpoint's KV-cache pages hold when it is compiled: "auto" (the
+        model's dtype), "float16", or "int8" / "fp8" codes with a float16 scale per token and
+        kv head (CPU targets), ~1.9x float16's tokens in the same memory (README, "KV cache").
     max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), a fixed
         number; by default the budget follows `prefill_step_target_s`.
     prefill_step_target_s: while sequences decode, a long prompt is computed in steps of about
@@ -161,6 +166,8 @@ class LLM:
         disco: str | None = None,
         max_batch_size: int | None = None,
         kv_cache_tokens: int | None = None,
+        kv_cache_memory: str | int | None = None,
+        kv_cache_dtype: str = "auto",
         max_prefill_tokens: int | None = None,
         prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
@@ -181,6 +188,7 @@ class LLM:
             threads=threads,
             device_map=device_map,
             disco=disco,
+            kv_cache_memory=kv_cache_memory,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(
@@ -734,6 +742,7 @@ def _artifact_folder(
     lora_slots: int = 0,
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
+    kv_cache_dtype: str = "auto",
     **_engine_options,
 ) -> Path:
     """The artifact for `model`: itself, or its compile in the cache; None: the default model.
@@ -764,6 +773,15 @@ def _artifact_folder(
                 "pass the base checkpoint with the adapters, or compile one "
                 "(`relaxlm compile BASE --lora ADAPTER -o DIR`)"
             )
+        compiled_kv = Manifest.read(model).kv_cache.get("quant") or {}
+        if kv_cache_dtype not in ("auto", compiled_kv.get("name", kv_cache_dtype)) or (
+            kv_cache_dtype in ("int8", "fp8") and not compiled_kv
+        ):
+            raise RelaxlmError(
+                f"{model} is a compiled artifact, and kv_cache_dtype={kv_cache_dtype!r} is "
+                "compiled in: pass the checkpoint, or compile one (`relaxlm compile MODEL "
+                "--kv-cache-dtype ...`)"
+            )
         if lora_slots and not Manifest.read(model).lora_slots:
             raise RelaxlmError(
                 f"{model} is a compiled artifact without LoRA slots, which are compiled in: "
@@ -778,6 +796,8 @@ def _artifact_folder(
         split["gpu_layers"] = gpu_layers
     if tensor_parallel != 1:  # only then in the cache key, as lora_slots
         split["tensor_parallel"] = tensor_parallel
+    if kv_cache_dtype != "auto":  # only then in the cache key, as lora_slots
+        split["kv_cache_dtype"] = kv_cache_dtype
     if lora_slots:  # only then in the cache key: artifacts without slots keep their entries
         split.update(lora_slots=lora_slots, lora_max_rank=lora_max_rank)
         if lora_targets is not None:

@@ -160,6 +160,8 @@ class Engine:
             kv_pages_total=model.num_pages,
             kv_pages_free=model.num_pages,
             page_size=model.page_size,
+            kv_cache_tokens=model.num_pages * model.page_size,
+            kv_cache_bytes=model.num_pages * model.page_size * model.kv_bytes_per_token,
         )
         self._metrics_view = self._metrics.copy()
         self._outputs = OutputProcessor(tokenizer, self._metrics, model.context_window)

@@ -68,6 +68,8 @@ class EngineMetrics:
     kv_pages_free: int = 0
     kv_pages_cached: int = 0  # held only by the prefix cache; given back on demand
     page_size: int = 0  # tokens per page
+    kv_cache_tokens: int = 0  # tokens the KV cache's pages hold, all sequences together
+    kv_cache_bytes: int = 0  # bytes of those pages, all layers (the manifest's bytes per token)
     # counters
     requests_submitted: int = 0
     requests_finished: int = 0

@@ -11,6 +11,7 @@ Imports only the TVM runtime, numpy and relaxlm's artifact format - never compil
 """
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,8 @@ class CompiledModel:
     max_batch_size: sequences in one forward; by default 8, or the artifact's prefill chunk
         where that is smaller (sliding windows under 8 tokens cap it).
     max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
+    kv_cache_memory: or the bytes its pages may take ("64MB", "1.5GiB" or an int): as many
+        tokens as fit (the manifest's `kv_cache.bytes_per_token`, so a quantized cache holds more).
     device_map: for an artifact split across devices, other device ordinals for its stages
         (the same layers and device kinds: `cuda:1:0-15,cuda:2:16-31`); `device` is unused.
     disco: for an artifact split into tensor-parallel shards, the Disco session that runs
@@ -64,6 +67,7 @@ class CompiledModel:
         threads: int | None = None,
         device_map: str | None = None,
         disco: str | None = None,
+        kv_cache_memory: str | int | None = None,
     ):
         manifest = Manifest.read(folder)
         if manifest.tensor_parallel:
@@ -99,6 +103,13 @@ class CompiledModel:
                 f"max_batch_size={max_batch_size!r} is invalid; set it to an integer in "
                 f"[1, {self.prefill_chunk}] (the artifact's prefill chunk size)"
             )
+        self.kv_bytes_per_token = kv_bytes_per_token(manifest.kv_cache, manifest.dtype)
+        if kv_cache_memory is not None:
+            if max_total_tokens is not None:
+                raise RelaxlmError(
+                    "kv_cache_tokens and kv_cache_memory both size the KV cache; pass one"
+                )
+            max_total_tokens = _tokens_in(kv_cache_memory, self.kv_bytes_per_token)
         total = max_total_tokens or self.context_window * max_batch_size
         if not isinstance(total, int) or total < 1:
             raise RelaxlmError(
@@ -242,3 +253,50 @@ class _Stage:
             x = x.copyto(self.device)
         args = [tvm.runtime.tensor(a, self.device) for a in args]
         return self.entries[entry](x, *args, self.kv_cache, self.params)
+
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_bytes(value: str | int) -> int:
+    """Bytes in "64MB", "1.5GiB", "4096" or an int; RelaxlmError naming the value otherwise."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        number, unit = (float(match[1]), match[2].upper()) if match else (0.0, "?")
+    if unit not in _UNITS or number <= 0:
+        raise RelaxlmError(
+            f"kv_cache_memory={value!r} is not a size; write bytes as a number with an optional "
+            "unit, e.g. 64MB, 1.5GiB or 67108864"
+        )
+    return int(number * _UNITS[unit])
+
+
+def kv_bytes_per_token(kv_cache: dict, dtype: str) -> int:
+    """Page bytes one token takes in the cache, all layers: the manifest's, or (artifacts from
+    before it was recorded) its layout's in the model's dtype."""
+    if "bytes_per_token" in kv_cache:
+        return int(kv_cache["bytes_per_token"])
+    itemsize = 4 if kv_cache.get("dtype", dtype) == "float32" else 2
+    return kv_cache["num_layers"] * 2 * kv_cache["num_kv_heads"] * kv_cache["head_dim"] * itemsize
+
+
+def _tokens_in(memory: str | int, bytes_per_token: int) -> int:
+    """Whole pages' worth of tokens that fit in `memory` bytes of KV pages."""
+    tokens = parse_bytes(memory) // bytes_per_token
+    if tokens < 1:
+        raise RelaxlmError(
+            f"kv_cache_memory={memory!r} holds no token (one takes {bytes_per_token} bytes); "
+            "give the cache more memory"
+        )
+    return tokens

@@ -128,6 +128,9 @@ def test_rewrites_signature_and_calls():
         "sliding_windows": [0, 0],
         "logit_softcap": 0.0,
         "max_prefill_chunk": None,
+        "page_dtype": "float32",
+        "quant": None,
+        "bytes_per_token": 2 * 2 * 2 * 16 * 4,  # layers x (K, V) x kv heads x head_dim x 4 bytes
     }
 
 

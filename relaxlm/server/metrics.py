@@ -56,6 +56,10 @@ class _EngineCollector:
         yield _gauge("relaxlm_kv_pages_total", "pages in the paged KV cache", m.kv_pages_total)
         yield _gauge("relaxlm_kv_pages_free", "KV-cache pages free", m.kv_pages_free)
         yield _gauge(
+            "relaxlm_kv_cache_tokens", "tokens the KV cache's pages hold", m.kv_cache_tokens
+        )
+        yield _gauge("relaxlm_kv_cache_bytes", "bytes of the KV cache's pages", m.kv_cache_bytes)
+        yield _gauge(
             "relaxlm_kv_pages_cached",
             "KV-cache pages held only by the prefix cache (given back on demand)",
             m.kv_pages_cached,
