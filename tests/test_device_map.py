@@ -18,6 +18,7 @@ from relaxlm.artifacts.device_map import Stage, gpu_layers_map, parse_device_map
 from relaxlm.cli import main
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.model import CompiledModel
+from relaxlm.testing.split_parity import assert_split_equals_whole
 
 # Three stages over two devices: the hidden state goes cpu:0 -> cpu:1 -> cpu:0, and the middle
 # stage takes and returns it (the first embeds tokens, the last ends in logits).
@@ -64,32 +65,7 @@ def test_the_manifest_records_each_stage_with_its_layers_weights_and_cache(split
 def test_logits_equal_the_single_device_artifact(whole, split):
     one, three = CompiledModel(whole, max_batch_size=4), CompiledModel(split, max_batch_size=4)
     assert [str(s.device) for s in three.stages] == ["cpu:0", "cpu:1", "cpu:0"]
-    rng = np.random.default_rng(0)
-    prompts = [[1, *rng.integers(5, one.vocab_size, n).tolist()] for n in (20, 6, 37)]
-    worst = 0.0
-
-    def both(call, *args):
-        nonlocal worst
-        a, b = getattr(one, call)(*args), getattr(three, call)(*args)
-        assert a.shape == b.shape
-        worst = max(worst, float(np.abs(a - b).max()))
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-        return a
-
-    for m in (one, three):
-        for seq in range(3):
-            m.add_sequence(seq)
-    logits = both("prefill", [0, 1, 2], prompts)
-    for _ in range(6):  # batched decode, every sequence at its own length
-        logits = both("decode", [0, 1, 2], logits.argmax(-1).tolist())
-    for m in (one, three):  # the KV operations reach every stage's cache
-        m.fork_sequence(0, 3, 13)  # a page cut mid-way: copied in each cache
-        m.popn(2, 3)
-        m.remove_sequence(1)
-    both("prefill", [3, 2], [[9, 10, 11], [12]])
-    both("decode", [0, 3, 2], [5, 6, 7])
-    assert one.free_pages() == three.free_pages()
-    assert worst < 1e-5
+    assert_split_equals_whole(one, three, atol=1e-5, decode_steps=6)
 
 
 def test_the_split_model_generates_what_transformers_does(checkpoint, split):

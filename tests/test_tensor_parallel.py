@@ -18,6 +18,7 @@ from relaxlm.artifacts import Manifest
 from relaxlm.cli import main
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime.model import CompiledModel
+from relaxlm.testing.split_parity import assert_split_equals_whole
 
 GQA = {"num_attention_heads": 8, "num_key_value_heads": 4}  # head_dim 8, intermediate 128
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -77,32 +78,7 @@ def test_logits_equal_the_unsharded_artifact(whole, sharded, shards, session):
     one = CompiledModel(whole, max_batch_size=4)
     many = CompiledModel(sharded[shards], max_batch_size=4, disco=session)
     assert type(many.stages[0].session).__name__ == f"{session.capitalize()}Session"
-    rng = np.random.default_rng(0)
-    prompts = [[1, *rng.integers(5, one.vocab_size, n).tolist()] for n in (20, 6, 37)]
-    worst = 0.0
-
-    def both(call, *args):
-        nonlocal worst
-        a, b = getattr(one, call)(*args), getattr(many, call)(*args)
-        assert a.shape == b.shape
-        worst = max(worst, float(np.abs(a - b).max()))
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=2e-5)
-        return a
-
-    for m in (one, many):
-        for seq in range(3):
-            m.add_sequence(seq)
-    logits = both("prefill", [0, 1, 2], prompts)  # three prompts in one forward
-    for _ in range(5):  # batched decode, every sequence at its own length
-        logits = both("decode", [0, 1, 2], logits.argmax(-1).tolist())
-    for m in (one, many):  # KV operations reach every shard's cache
-        m.fork_sequence(0, 3, 13)
-        m.popn(2, 3)
-        m.remove_sequence(1)
-    both("prefill", [3, 2], [[9, 10, 11], [12]])
-    both("decode", [0, 3, 2], [5, 6, 7])
-    assert one.free_pages() == many.free_pages()
-    assert worst < 2e-5
+    assert_split_equals_whole(one, many, atol=2e-5, decode_steps=5)
 
 
 def test_the_sharded_model_generates_what_transformers_does(checkpoint, sharded):
