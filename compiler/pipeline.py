@@ -112,6 +112,7 @@ def compile_model(
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
+    check_kv_cache_dtype(kv_cache_dtype)
     if tensor_parallel != 1:
         others = {
             "--device-map / --gpu-layers": device_map is not None or gpu_layers is not None,
@@ -125,12 +126,13 @@ def compile_model(
                 f"--tensor-parallel {tensor_parallel} cannot be combined with "
                 f"{', '.join(clash)} yet; compile the sharded model without it"
             )
-        return _compile_sharded(model, output, tensor_parallel, presets, quant, dtype, say)
+        return _compile_sharded(
+            model, output, tensor_parallel, presets, quant, dtype, kv_cache_dtype, say
+        )
     slots = None
     if lora_slots:
         targets = tuple(lora_targets) if lora_targets is not None else None
         slots = LoraSlotsSpec(lora_slots, lora_max_rank, targets)
-    check_kv_cache_dtype(kv_cache_dtype)
     if device_map is not None or gpu_layers is not None:
         if kv_cache_dtype != "auto":
             raise RelaxlmError(
@@ -346,11 +348,13 @@ def _compile_sharded(
     presets: list[TargetPreset],
     quant: str,
     dtype: str,
+    kv_cache_dtype: str,
     say,
 ) -> Path:
     """compile_model for tensor parallelism: one library every shard runs (its 1/N of the heads
-    and MLP columns, an all-reduce after o_proj and down_proj), and each shard's weights; the
-    manifest's `tensor_parallel` names each worker's weights in the library's order."""
+    and MLP columns, an all-reduce after o_proj and down_proj, its own heads' KV pages in
+    `kv_cache_dtype`), and each shard's weights; the manifest's `tensor_parallel` names each
+    worker's weights in the library's order."""
     checkpoint = load_checkpoint(model)
     if dtype not in DTYPES:
         raise RelaxlmError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
@@ -366,7 +370,9 @@ def _compile_sharded(
     stored = stored_schemes(checkpoint, exported, scheme)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
         for preset in presets:
-            executable, kv_cache, plan = build_library(exported, preset, scheme, say, stored)
+            executable, kv_cache, plan = build_library(
+                exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
+            )
             library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
             executable.export_library(str(library))
             say(f"{preset.name} library linked")

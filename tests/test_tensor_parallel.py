@@ -106,6 +106,19 @@ def test_the_engine_batches_and_reuses_prefixes_with_the_same_tokens(
     assert got == oracle.generate([again], GREEDY)[0].token_ids
 
 
+def test_an_int8_kv_cache_in_two_shards_equals_the_whole_with_one(checkpoint, tmp_path):
+    """--kv-cache-dtype reaches the shards (each quantizes its own heads' rows, a scale per
+    token and head, as the whole model does): the manifest says so and the logits agree."""
+    options = {"progress": False, "kv_cache_dtype": "int8"}
+    whole = relaxlm.compile(checkpoint, output=tmp_path / "whole", **options)
+    two = relaxlm.compile(checkpoint, output=tmp_path / "tp2", tensor_parallel=2, **options)
+    kv = Manifest.read(two).kv_cache
+    assert kv["page_dtype"] == "int8" and kv["quant"] == Manifest.read(whole).kv_cache["quant"]
+    one, many = CompiledModel(whole, max_batch_size=4), CompiledModel(two, max_batch_size=4)
+    worst = assert_split_equals_whole(one, many, atol=1e-3, decode_steps=5)
+    print(f"int8 KV cache, 2 shards vs whole: max |diff| {worst:.2e}")
+
+
 def test_a_qwen2_with_biases_in_two_shards_equals_the_whole(tmp_path):
     ckpt = make_model(tmp_path / "qwen2", "Qwen2ForCausalLM", seed=5, tokenizer="bpe", **GQA)
     whole = relaxlm.compile(ckpt, output=tmp_path / "whole", progress=False)
