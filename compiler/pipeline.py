@@ -203,24 +203,15 @@ def compile_model(
         writer.add_tokenizer(checkpoint.tokenizer_files)
         # Per-layer sliding windows cap the tokens one sequence may add per forward.
         chunk_limit = kv_cache.max_prefill_chunk if kv_cache else None
-        manifest = Manifest(
-            relaxlm_version=__version__,
-            tvm_version=tvm.__version__,
-            architecture=exported.architecture,
-            model_config=exported.config,
+        manifest = _manifest(
+            checkpoint,
+            exported,
+            writer,
             dtype=dtype,
             quantization=quantization_manifest(checkpoint, scheme, plan, repack),
-            context_window=exported.context_window,
-            prefill_chunk_size=min(
-                DEFAULT_PREFILL_CHUNK, exported.context_window, chunk_limit or DEFAULT_PREFILL_CHUNK
-            ),
-            vocab_size=exported.vocab_size,
             kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE} if kv_cache else {},
-            params=writer.params,
-            shards=writer.shards,
+            chunk_limits=[chunk_limit] if chunk_limit else [],
             targets=writer.targets,
-            tokenizer={"files": writer.tokenizer_files},
-            source={"path": str(checkpoint.path)},
             task=exported.task,
             embedding=exported.embedding,
             vision=exported.vision,
@@ -317,23 +308,16 @@ def _compile_stages(
             "max_prefill_chunk": min(limits) if limits else None,
             "page_size": PAGE_SIZE,
         }
-        manifest = Manifest(
-            relaxlm_version=__version__,
-            tvm_version=tvm.__version__,
-            architecture=exports[0].architecture,
-            model_config=exports[0].config,
+        manifest = _manifest(
+            checkpoint,
+            exports[0],
+            writer,
             dtype=dtype,
             quantization=quantization_manifest(checkpoint, scheme, plan),
-            context_window=exports[0].context_window,
-            prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exports[0].context_window, *limits),
-            vocab_size=exports[0].vocab_size,
             kv_cache=kv_cache,
-            params=writer.params,
-            shards=writer.shards,
+            chunk_limits=limits,
             targets={},
             stages=writer.stages,
-            tokenizer={"files": writer.tokenizer_files},
-            source={"path": str(checkpoint.path)},
             lora=[adapter.to_manifest() for adapter in checkpoint.adapters],
         )
         out = writer.commit(manifest)
@@ -399,31 +383,54 @@ def _compile_sharded(
         writer.write_weights(layout, weights())
         say(f"weights written ({shards} shards)")
         writer.add_tokenizer(checkpoint.tokenizer_files)
-        manifest = Manifest(
-            relaxlm_version=__version__,
-            tvm_version=tvm.__version__,
-            architecture=exported.architecture,
-            model_config=exported.config,
+        chunk_limit = kv_cache.max_prefill_chunk
+        manifest = _manifest(
+            checkpoint,
+            exported,
+            writer,
             dtype=dtype,
             quantization=quantization_manifest(checkpoint, scheme, plan),
-            context_window=exported.context_window,
-            prefill_chunk_size=min(
-                DEFAULT_PREFILL_CHUNK,
-                exported.context_window,
-                kv_cache.max_prefill_chunk or DEFAULT_PREFILL_CHUNK,
-            ),
-            vocab_size=exported.vocab_size,
             kv_cache={**kv_cache.to_manifest(), "page_size": PAGE_SIZE},
-            params=writer.params,
-            shards=writer.shards,
+            chunk_limits=[chunk_limit] if chunk_limit else [],
             targets=writer.targets,
-            tokenizer={"files": writer.tokenizer_files},
-            source={"path": str(checkpoint.path)},
             tensor_parallel={**sharded.to_manifest(), "workers": workers},
         )
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def _manifest(
+    checkpoint,
+    exported: ExportedModel,
+    writer: ArtifactWriter,
+    *,
+    dtype: str,
+    quantization: dict,
+    kv_cache: dict,
+    chunk_limits: list[int],
+    **fields,
+) -> Manifest:
+    """The manifest every compile writes alike (versions, the model as exported, what the
+    writer stored), plus the fields of its kind (`targets`, `stages`, `tensor_parallel`, ...).
+    chunk_limits: caps on the tokens one sequence may add per forward (sliding windows)."""
+    return Manifest(
+        relaxlm_version=__version__,
+        tvm_version=tvm.__version__,
+        architecture=exported.architecture,
+        model_config=exported.config,
+        dtype=dtype,
+        quantization=quantization,
+        context_window=exported.context_window,
+        prefill_chunk_size=min(DEFAULT_PREFILL_CHUNK, exported.context_window, *chunk_limits),
+        vocab_size=exported.vocab_size,
+        kv_cache=kv_cache,
+        params=writer.params,
+        shards=writer.shards,
+        tokenizer={"files": writer.tokenizer_files},
+        source={"path": str(checkpoint.path)},
+        **fields,
+    )
 
 
 def _shared_schemes(
