@@ -188,14 +188,9 @@ def compile_model(
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
         if add:
             writer.keep_libraries(output)
-        for preset in presets:  # the graph, weight plan and KV cache do not depend on it
-            executable, kv_cache, plan = build_library(
-                exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
-            )
-            library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
-            executable.export_library(str(library))
-            say(f"{preset.name} library linked")
-            writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
+        kv_cache, plan = _add_libraries(
+            writer, Path(scratch), exported, presets, scheme, say, stored, kv_cache_dtype
+        )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
         writer.write_weights(layout, weights)
@@ -353,14 +348,9 @@ def _compile_sharded(
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) in {shards} shards")
     stored = stored_schemes(checkpoint, exported, scheme)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
-        for preset in presets:
-            executable, kv_cache, plan = build_library(
-                exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
-            )
-            library = Path(scratch) / f"{preset.name}{preset.library_suffix}"
-            executable.export_library(str(library))
-            say(f"{preset.name} library linked")
-            writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
+        kv_cache, plan = _add_libraries(
+            writer, Path(scratch), exported, presets, scheme, say, stored, kv_cache_dtype
+        )
         # Weights read whole by every shard are stored once, split ones once per shard.
         is_split = [any(n in sharded.split for n in w.sources) for w in plan]
         workers = [
@@ -398,6 +388,29 @@ def _compile_sharded(
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def _add_libraries(
+    writer: ArtifactWriter,
+    scratch: Path,
+    exported: ExportedModel,
+    presets: list[TargetPreset],
+    scheme,
+    say,
+    stored,
+    kv_cache_dtype: str,
+) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
+    """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
+    plan (the graph, weight plan and KV cache do not depend on the target)."""
+    for preset in presets:
+        executable, kv_cache, plan = build_library(
+            exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
+        )
+        library = scratch / f"{preset.name}{preset.library_suffix}"
+        executable.export_library(str(library))
+        say(f"{preset.name} library linked")
+        writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
+    return kv_cache, plan
 
 
 def _manifest(
