@@ -18,6 +18,9 @@ caller's side, are what the replicas share:
   retried on another replica; those already streaming end with `Unavailable` (a 503).
 - metrics: the replicas' snapshots, taken by the health check, summed (a restarted replica's
   counters carry on from its last snapshot, so totals never go backwards).
+- LoRA adapters (an artifact with slots): loaded into and unloaded from every replica at once,
+  and into a restarted one before it takes requests, so a request may name an adapter whichever
+  replica it reaches. Routing keys a prefix by its adapter too (its KV pages are the adapter's).
 
 Ray is an optional dependency (`pip install 'relaxlm[ray]'`). Every node must see the artifact
 at the same path (a shared file system, or a copy on each).
@@ -39,6 +42,7 @@ from relaxlm.artifacts import Manifest
 from relaxlm.errors import RelaxlmError, Unavailable
 from relaxlm.runtime.chat_template import render_chat
 from relaxlm.runtime.engine import RequestOutput
+from relaxlm.runtime.lora import LoadedLora
 from relaxlm.runtime.metrics import EngineMetrics, Histogram
 from relaxlm.runtime.sampler import SamplingParams
 from relaxlm.runtime.scheduler import Scheduler, SchedulerConfig
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 # LLM's keywords that choose the artifact (resolved here, once); the rest go to each replica.
 _ARTIFACT_OPTIONS = ("quant", "dtype", "lora", "gpu_layers")  # used up by the compile
+LORA_TIMEOUT_S = 120.0  # a replica loads or unloads an adapter between two engine steps
 
 
 class _Replica:
@@ -78,6 +83,19 @@ class _Replica:
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
+    async def load_lora(self, name: str, path: str) -> LoadedLora:
+        return await asyncio.to_thread(self.llm.load_lora, name, path)  # waits for a step
+
+    async def unload_lora(self, name: str) -> LoadedLora:
+        return await asyncio.to_thread(self.llm.unload_lora, name)
+
+    async def sync_loras(self, adapters: dict[str, str]) -> None:
+        """Load those of `adapters` (name -> folder) not loaded here: after a restart, the
+        front's adapters (one it sent while this incarnation started may be here already)."""
+        for name, path in adapters.items():
+            if name not in self.llm.loras():
+                await self.load_lora(name, path)
+
 
 class PrefixRouter:
     """Which replica takes a prompt: the one that computed its longest prefix, in blocks of
@@ -89,17 +107,19 @@ class PrefixRouter:
         self.block, self.slack, self.capacity = block, slack, capacity
         self._owner: OrderedDict[int, int] = OrderedDict()  # block hash -> replica
 
-    def hashes(self, ids: Sequence[int]) -> list[int]:
-        out, h = [], 0
+    def hashes(self, ids: Sequence[int], lora: str | None = None) -> list[int]:
+        """Chained block hashes; a LoRA adapter's prompts chain from their own start (the same
+        tokens under another adapter are other KV pages)."""
+        out, h = [], 0 if lora is None else hash(lora)
         for start in range(0, len(ids) - self.block + 1, self.block):
             h = hash((h, tuple(ids[start : start + self.block])))
             out.append(h)
         return out
 
-    def choose(self, ids: Sequence[int], loads: dict[int, int]) -> int:
+    def choose(self, ids: Sequence[int], loads: dict[int, int], lora: str | None = None) -> int:
         """A replica among `loads` (replica -> sequences in flight; those up only)."""
         assert loads, "no replica to choose from"
-        hashes = self.hashes(ids)
+        hashes = self.hashes(ids, lora)
         affine = None
         for h in hashes:
             owner = self._owner.get(h)
@@ -113,9 +133,9 @@ class PrefixRouter:
         first = hashes[0] if hashes else hash(tuple(ids))
         return min(loads, key=lambda r: (loads[r], hash((first, r))))
 
-    def record(self, ids: Sequence[int], replica: int) -> None:
+    def record(self, ids: Sequence[int], replica: int, lora: str | None = None) -> None:
         """`replica` now holds the full blocks of `ids` in its prefix cache."""
-        for h in self.hashes(ids):
+        for h in self.hashes(ids, lora):
             self._owner[h] = replica
             self._owner.move_to_end(h)
         while len(self._owner) > self.capacity:
@@ -190,8 +210,13 @@ class ReplicaSet:
                 ) from e
         self._ray = ray
         self._lock = threading.Lock()
+        self._lora_lock = threading.Lock()  # one change of the adapters at a time
+        self._loras: dict[str, LoadedLora] = {}  # as replica 0 holds them; every replica has them
         self._stop = threading.Event()
         engine_options = {k: v for k, v in options.items() if k not in _ARTIFACT_OPTIONS}
+        # Loaded from here, not by each replica's constructor: a replica Ray restarts would
+        # get the constructor's adapters only, not those loaded since.
+        adapters = engine_options.pop("lora_adapters", None) or {}
         # Ray restarts a dead replica itself; its tasks are not retried (a retry on another
         # replica is decided here, where it is known whether anything was streamed).
         actor = ray.remote(_Replica).options(
@@ -215,6 +240,12 @@ class ReplicaSet:
         self.max_batch_size = config.max_batch_size
         self.router = PrefixRouter(config.page_size, slack=config.max_batch_size)
         self.retries = 0  # requests moved to another replica after theirs died
+        for name, path in adapters.items():
+            try:
+                self.load_lora(name, path)
+            except Exception:
+                self.shutdown()
+                raise
         self._interval, self._timeout = health_interval_s, health_timeout_s
         self._watcher = threading.Thread(target=self._watch, name="relaxlm-replicas", daemon=True)
         self._watcher.start()
@@ -298,6 +329,75 @@ class ReplicaSet:
         """See LLM.max_new_tokens (one replica's KV cache)."""
         return self._limits.max_new_tokens(prompt_len, n)
 
+    # -- LoRA adapters (an artifact with slots) -------------------------------------------------
+
+    def loras(self) -> dict[str, LoadedLora]:
+        """The adapters loaded, by name, in load order (replica 0's slots)."""
+        with self._lock:
+            return dict(self._loras)
+
+    def load_lora(self, name: str, path: str | os.PathLike) -> LoadedLora:
+        """As LLM.load_lora, on every replica up (one down gets it when it is back). If one
+        refuses, those that took it unload it again and its RelaxlmError is raised."""
+        path = str(Path(path).resolve())  # the replicas' working folder is not this one
+        with self._lora_lock:
+            if name in self.loras():
+                raise RelaxlmError(
+                    f"a LoRA adapter named {name!r} is loaded already (from "
+                    f"{self._loras[name].path}); unload it first, or pick another name"
+                )
+            done, error = self._on_replicas("load_lora", name, path)
+            if error is not None:
+                self._on_replicas("unload_lora", name, only=done)
+                raise error
+            if not done:
+                raise Unavailable("no replica is up to load the adapter; retry in a moment")
+            with self._lock:
+                self._loras[name] = done[min(done)]
+            return self._loras[name]
+
+    def unload_lora(self, name: str) -> LoadedLora:
+        """As LLM.unload_lora, on every replica up. If one refuses (a request there still uses
+        the adapter), those that unloaded it load it again and its RelaxlmError is raised."""
+        with self._lora_lock:
+            with self._lock:
+                loaded = self._loras.get(name)
+            if loaded is None:
+                have = ", ".join(self._loras) or "none"
+                raise RelaxlmError(
+                    f"LoRA adapter {name!r} is not loaded (loaded: {have}); load it first "
+                    "(POST /v1/load_lora_adapter)"
+                )
+            done, error = self._on_replicas("unload_lora", name)
+            if error is not None:
+                self._on_replicas("load_lora", name, str(loaded.path), only=done)
+                raise error
+            with self._lock:
+                del self._loras[name]
+            return loaded
+
+    def _on_replicas(self, method: str, *args, only: dict | None = None):
+        """Call a LoRA method on the replicas up (or those in `only`): ({replica: result} of
+        those that did it, the first refusal or None). A replica that died meanwhile is
+        skipped: it reloads the adapters when it is back (`_answered`)."""
+        with self._lock:
+            up = [i for i, r in enumerate(self._replicas) if r.up and (only is None or i in only)]
+        calls = {i: getattr(self._replicas[i].actor, method).remote(*args) for i in up}
+        done, error = {}, None
+        for i, ref in calls.items():
+            try:
+                done[i] = self._ray.get(ref, timeout=LORA_TIMEOUT_S)
+            except self._ray.exceptions.RayTaskError as e:
+                error = error or _cause(e)
+            except self._ray.exceptions.RayActorError:
+                self._failed(i)
+            except self._ray.exceptions.GetTimeoutError:
+                error = error or Unavailable(
+                    f"replica {i} did not {method.replace('_', ' ')} in {LORA_TIMEOUT_S:g} s; "
+                    "retry in a moment"
+                )
+        return done, error
+
     # -- the replicas ---------------------------------------------------------------------------
 
     def replica_metrics(self) -> list[EngineMetrics]:
@@ -320,7 +420,7 @@ class ReplicaSet:
         for r in self._replicas:
             self._ray.kill(r.actor, no_restart=True)
 
-    def _route(self, ids: list[int], n: int, exclude: set[int]) -> int:
+    def _route(self, ids: list[int], n: int, exclude: set[int], lora: str | None = None) -> int:
         with self._lock:
             loads = {
                 i: r.in_flight for i, r in enumerate(self._replicas) if r.up and i not in exclude
@@ -331,8 +431,8 @@ class ReplicaSet:
                     f"no replica can take the request now ({down} of {len(self._replicas)} "
                     "down and restarting); retry in a moment"
                 )
-            replica = self.router.choose(ids, loads)
-            self.router.record(ids, replica)
+            replica = self.router.choose(ids, loads, lora)
+            self.router.record(ids, replica, lora)
             self._replicas[replica].in_flight += n
             return replica
 
@@ -378,12 +478,29 @@ class ReplicaSet:
         except Exception:  # dead (Ray restarts it) or unreachable: the next probe waits for it
             self._failed(index)
             return
+        if who["incarnation"] != r.incarnation and not self._reload_loras(index, r):
+            return  # down until a probe finds it with the adapters
         with self._lock:
             if who["incarnation"] != r.incarnation:  # restarted: empty caches, counters from 0
                 r.retired = _sum_metrics([r.retired, r.metrics], counters_only=True)
                 r.restarts += 1
                 self.router.forget(index)
             r.incarnation, r.pid, r.metrics, r.up = who["incarnation"], who["pid"], metrics, True
+
+    def _reload_loras(self, index: int, r: _State) -> bool:
+        """A restarted replica loads the adapters the others hold before it takes requests;
+        whether it has them (False: it is left down, and the next probe tries again)."""
+        with self._lora_lock:
+            adapters = {name: str(a.path) for name, a in self.loras().items()}
+            if not adapters:
+                return True
+            try:
+                self._ray.get(r.actor.sync_loras.remote(adapters), timeout=LORA_TIMEOUT_S)
+                return True
+            except Exception:
+                logger.exception("replica %d could not reload its LoRA adapters", index)
+                self._failed(index)
+                return False
 
 
 class ReplicaGroup:
@@ -418,7 +535,7 @@ class ReplicaGroup:
         ray, replicas = self._replicas._ray, self._replicas
         tried: set[int] = set()
         while True:
-            replica = replicas._route(ids, params.n, tried)
+            replica = replicas._route(ids, params.n, tried, params.lora)
             actor = replicas._replicas[replica].actor
             streamed = finished = False
             outputs = None

@@ -14,6 +14,7 @@ import openai
 import pytest
 import requests
 from hf_models import make_model
+from test_lora_slots import _make_adapter
 
 import relaxlm
 from relaxlm.cli import main
@@ -27,11 +28,10 @@ REQUEST_TIMEOUT_S = 60  # one request, start to end
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory) -> relaxlm.LLM:
-    """The single-engine oracle; its artifact is what the replicas load. Wider than the usual
-    tiny model (~25 ms a step of 8 on one thread): an answer must still be running when its
-    replica is killed, well after the driver has read its first tokens."""
-    folder = make_model(
+def folder(tmp_path_factory):
+    """Wider than the usual tiny model (~25 ms a step of 8 on one thread): an answer must still
+    be running when its replica is killed, well after the driver has read its first tokens."""
+    return make_model(
         tmp_path_factory.mktemp("replicas"),
         tokenizer="bpe",
         seed=7,
@@ -42,7 +42,23 @@ def llm(tmp_path_factory) -> relaxlm.LLM:
         num_attention_heads=8,
         num_key_value_heads=4,
     )
-    return relaxlm.LLM(str(folder), max_batch_size=8, threads=1)
+
+
+@pytest.fixture(scope="module")
+def llm(folder) -> relaxlm.LLM:
+    """The single-engine oracle; its artifact (with 2 LoRA adapter slots) is what the replicas
+    load."""
+    return relaxlm.LLM(str(folder), max_batch_size=8, threads=1, lora_slots=2, lora_max_rank=4)
+
+
+@pytest.fixture(scope="module")
+def adapters(folder, tmp_path_factory):
+    """A random PEFT adapter for the model, and one of a rank the slots cannot take."""
+    root = tmp_path_factory.mktemp("replica-adapters")
+    return {
+        "a": _make_adapter(folder, root / "a", 3, ["q_proj", "v_proj", "down_proj"]),
+        "rank8": _make_adapter(folder, root / "rank8", 4, ["q_proj"], r=8),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +104,14 @@ def _client(server) -> openai.AsyncOpenAI:
     )
 
 
-async def _stream(client, messages, max_tokens: int, on_content=None, full=False) -> str:
+async def _stream(
+    client, messages, max_tokens: int, on_content=None, full=False, model=MODEL
+) -> str:
     """The streamed answer's text; full: all max_tokens (ignore_eos)."""
 
     async def run() -> str:
         stream = await client.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=messages,
             max_tokens=max_tokens,
             temperature=0,
@@ -111,9 +129,11 @@ async def _stream(client, messages, max_tokens: int, on_content=None, full=False
     return await asyncio.wait_for(run(), REQUEST_TIMEOUT_S)
 
 
-def _oracle(llm, conversations, max_tokens: int, full=False) -> list[str]:
+def _oracle(llm, conversations, max_tokens: int, full=False, lora=None) -> list[str]:
     """One engine's greedy answers, generated together."""
-    params = relaxlm.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=full)
+    params = relaxlm.SamplingParams(
+        max_tokens=max_tokens, temperature=0, ignore_eos=full, lora=lora
+    )
     return [r.text for r in llm.generate(conversations, params)]
 
 
@@ -364,16 +384,98 @@ def test_a_hung_replica_is_killed_by_the_health_check_and_its_queued_requests_re
         time.sleep(0.2)
 
 
-def test_relaxlm_serve_replicas_command(llm):
-    """`relaxlm serve --replicas 1`: the command starts its own local Ray and serves through it."""
-    options = ["--replicas", "1", "--threads", "1", "--max-batch", "8"]
-    with relaxlm_serve(str(llm.artifact), *options, "--served-model-name", MODEL) as url:
-        conversations = [_user(f"Command {i}: what does the compiler test?") for i in range(4)]
+def _spread(server, conversations, model: str) -> list[str]:
+    """Greedy answers to `conversations` sent at once: the least loaded replica takes each
+    new prompt, so they spread over the replicas."""
 
-        async def run():
+    async def run():
+        client = _client(server)
+        return await asyncio.gather(*(_stream(client, m, 12, model=model) for m in conversations))
+
+    return asyncio.run(run())
+
+
+def _lora_post(url: str, action: str, **body) -> requests.Response:
+    return requests.post(f"{url}/v1/{action}_lora_adapter", json=body, timeout=REQUEST_TIMEOUT_S)
+
+
+def _served(url: str) -> set[str]:
+    return {m["id"] for m in requests.get(f"{url}/v1/models", timeout=10).json()["data"]}
+
+
+def test_lora_adapters_load_on_every_replica_and_are_back_after_a_restart(
+    server, replicas, llm, adapters
+):
+    refused = _lora_post(server.url, "load", lora_name="big", lora_path=str(adapters["rank8"]))
+    assert refused.status_code == 400 and "rank 8" in refused.text, refused.text
+    assert _served(server.url) == {MODEL} and replicas.loras() == {}
+    loaded = _lora_post(server.url, "load", lora_name="a", lora_path=str(adapters["a"]))
+    assert loaded.status_code == 200, loaded.text
+    assert _served(server.url) == {MODEL, "a"}
+    llm.load_lora("a", adapters["a"])  # the oracle: one engine with the adapter
+    try:
+        talks = [_user(f"Adapter {i}: what does the lighthouse keeper see?") for i in range(8)]
+        want = _oracle(llm, talks, 12, lora="a")
+        base = _oracle(llm, talks, 12)
+        assert sum(a != b for a, b in zip(want, base, strict=True)) >= 4  # the adapter matters
+        before = [m.requests_finished for m in replicas.replica_metrics()]
+        assert _spread(server, talks, "a") == want
+        deadline = time.monotonic() + 20  # each replica answered some with the adapter
+        while any(
+            m.requests_finished <= b
+            for m, b in zip(replicas.replica_metrics(), before, strict=True)
+        ):
+            assert time.monotonic() < deadline, replicas.replica_metrics()
+            time.sleep(0.1)
+
+        # Ray restarts a killed replica with its constructor's arguments: the front loads the
+        # adapter into it again before it takes requests.
+        victim = 0
+        old_pid = replicas.replica_pids()[victim]
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while replicas.replica_pids()[victim] in (None, old_pid) or replicas.num_up() < 2:
+            assert time.monotonic() < deadline, "the killed replica did not come back"
+            time.sleep(0.2)
+        again = [_user(f"Restart {i}: what does the lighthouse keeper hear?") for i in range(8)]
+        assert _spread(server, again, "a") == _oracle(llm, again, 12, lora="a")
+        deadline = time.monotonic() + 20
+        while not replicas.replica_metrics()[victim].requests_finished:
+            assert time.monotonic() < deadline, "the restarted replica took no request"
+            time.sleep(0.1)
+    finally:
+        llm.unload_lora("a")
+    assert _lora_post(server.url, "unload", lora_name="a").status_code == 200
+    assert _served(server.url) == {MODEL} and replicas.loras() == {}
+    gone = requests.post(
+        f"{server.url}/v1/chat/completions",
+        json={"model": "a", "messages": _user("Still there?"), "max_tokens": 4},
+        timeout=REQUEST_TIMEOUT_S,
+    )
+    assert gone.status_code == 404, gone.text
+
+
+def test_relaxlm_serve_replicas_command(llm, adapters):
+    """`relaxlm serve --replicas 1 --lora a=DIR`: the command starts its own local Ray and
+    serves the model and the adapter through it."""
+    options = ["--replicas", "1", "--threads", "1", "--max-batch", "8"]
+    options += ["--lora", f"a={adapters['a']}", "--lora-max-rank", "4"]
+    conversations = [_user(f"Command {i}: what does the compiler test?") for i in range(4)]
+    llm.load_lora("a", adapters["a"])
+    try:
+        want = {m: _oracle(llm, conversations, 16, lora=m) for m in (None, "a")}
+    finally:
+        llm.unload_lora("a")
+    with relaxlm_serve(str(llm.artifact), *options, "--served-model-name", MODEL) as url:
+        assert _served(url) == {MODEL, "a"}
+
+        async def run(model):
             client = openai.AsyncOpenAI(
                 base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S
             )
-            return await asyncio.gather(*(_stream(client, m, 16) for m in conversations))
+            return await asyncio.gather(
+                *(_stream(client, m, 16, model=model) for m in conversations)
+            )
 
-        assert asyncio.run(run()) == _oracle(llm, conversations, 16)
+        assert asyncio.run(run(MODEL)) == want[None]
+        assert asyncio.run(run("a")) == want["a"]

@@ -98,8 +98,10 @@ class ModelContext:
         self.lora_for(model)
 
     def loras(self) -> dict:
-        """The LoRA adapters loaded into the model's slots, by name (relaxlm/sdk.py)."""
-        return self.llm.loras() if isinstance(self.llm, AsyncLLM) else {}
+        """The LoRA adapters loaded into the model's slots, by name (relaxlm/sdk.py; a
+        ReplicaSet's are every replica's); none for models without slots."""
+        loras = getattr(self.llm, "loras", None)
+        return loras() if loras is not None else {}
 
     def served_name(self, model: str | None) -> str:
         """The `model` a response names: the adapter the request picked, else the model."""
