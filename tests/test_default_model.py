@@ -22,7 +22,7 @@ from relaxlm.compiler.targets import resolve_target
 from relaxlm.default_model import INSTALL, default_model, default_path
 from relaxlm.errors import RelaxlmError
 from relaxlm.perplexity import perplexity, perplexity_of_ids
-from relaxlm.testing.agreement import agreement
+from relaxlm.testing.agreement import LLAMA_CPP_VARIANTS, LlamaCppEngine, agreement
 from relaxlm.testing.perplexity import compare, llama_cpp_scorer
 
 VNNI = has_int8_dot(resolve_target("cpu").target())
@@ -77,14 +77,36 @@ def test_no_model_takes_the_fastest_path_measured(fastest):
     assert path.description.startswith("default model: SmolLM2-135M-Instruct Q4_1 GGUF, ")
 
 
-def test_fastest_path_stays_close_to_llama_cpp(fastest, oracle, record_property):
+@pytest.fixture(scope="module")
+def fastest_agreement(fastest, oracle):
+    return agreement(fastest, oracle)
+
+
+def test_fastest_path_stays_close_to_llama_cpp(fastest_agreement, record_property):
     """Along llama.cpp's greedy continuations of 6 prompts: the same next token at nearly every
     position, logits within a few percent of llama.cpp's range (the blocks path, as a yardstick,
     differs by up to 4 %: llama.cpp rounds activations to 8 bits)."""
-    a = agreement(fastest, oracle)
+    a = fastest_agreement
     record_property("agreement", a.__dict__)
     print(a)
     assert a.top1 >= 0.95 and a.max_rel < 0.08, a
+
+
+def test_fastest_path_is_as_close_to_llama_cpp_as_llama_cpp_to_itself(fastest_agreement, oracle):
+    """The yardstick for "equal to llama.cpp": llama.cpp with flash attention, or an f32 KV
+    cache, scored the same way against its defaults (measured: top-1 96.0 % / 97.5 %, max |diff|
+    0.049 of the max logit, 32 greedy tokens equal on 1 / 3 of 6 prompts; relaxlm's fastest path:
+    98.0 %, 0.048, 3 of 6). The model has near ties that any change of rounding flips, so relaxlm
+    must be as close as those settings are, not bit-identical."""
+    ours = fastest_agreement
+    names = ["llama.cpp flash attention", "llama.cpp f32 KV cache"]
+    theirs = [
+        agreement(LlamaCppEngine(default_model(), **LLAMA_CPP_VARIANTS[n]), oracle) for n in names
+    ]
+    print(ours, theirs)
+    assert ours.top1 >= min(t.top1 for t in theirs), (ours, theirs)
+    assert ours.max_rel <= 1.1 * max(t.max_rel for t in theirs), (ours, theirs)
+    assert ours.greedy_equal >= min(t.greedy_equal for t in theirs), (ours, theirs)
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
