@@ -41,7 +41,7 @@ from . import schedules
 from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
-from .int8_dot import has_int8_dot
+from .int8_dot import has_int8_dot, int8_dot_flavour
 from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
@@ -532,7 +532,7 @@ def build_library(
     fields = None
     if scheme is not None or stored:
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
-        mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(target))(mod)
+        mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)

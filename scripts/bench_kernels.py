@@ -18,7 +18,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
-from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.int8_dot import int8_dot_flavour
 from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import quantize_weights
@@ -45,7 +45,7 @@ def build(n: int, k: int, quant: str):
     scheme = scheme_for_targets(resolve_scheme(quant), [preset], "float32", None)
     plan = None
     if scheme:
-        int8_dot = has_int8_dot(preset.target())
+        int8_dot = int8_dot_flavour(preset.target())
         mod, plan = quantize_weights(mod, scheme, "float32")
         mod = FuseDequantizeMatmul(int8_dot)(mod)
     mod = tvm.transform.Sequential(
