@@ -9,8 +9,8 @@ that dequantizes only the rows it reads.
 With `int8_dot` (the CPU's int8 dot product: int8_dot.int8_dot_flavour), a weight of a scheme
 whose activations are rounded to integers (`q4-a8`, and `q4` and `q8` in row tiles) instead
 becomes one int8_dot.py kernel, which quantizes its input rows and then takes int8 dot
-products with the packed weights; a residual `add` of its output joins that kernel. Elsewhere such a weight takes the float kernel, exact
-against its dequantized weights.
+products with the packed weights; a residual `add` of its output joins that kernel. Elsewhere
+such a weight takes the float kernel, exact against its dequantized weights.
 """
 
 import json

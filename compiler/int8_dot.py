@@ -1,5 +1,5 @@
-"""Int8 dot products for 4- and 8-bit weights on CPUs with AVX-512 VNNI: activations
-quantized at run time.
+"""Int8 dot products for 4- to 8-bit weights on x86 CPUs (AVX-512 VNNI, AVX-VNNI, AVX-512BW or
+AVX2): activations quantized at run time.
 
 A weight-only GEMV unpacks every weight to float before its FMA, which costs more than reading
 it (~24 GB/s per core here for q4). Like llama.cpp's Q4_0 x Q8_0 dot, these kernels quantize
@@ -28,6 +28,13 @@ horizontal sums, one store of 16 outputs, and a tile's weights stream as one run
 prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
 6-bit ones w + 32, int8 weights get their sign bit flipped (w + 128); a per-group correction
 -bias * (sum of the group's activation codes) starts the int32 sums.
+
+`vpdpbusd` is the target's (`Int8Dot`, from its LLVM features; `cpu:haswell` names another
+CPU's): AVX-512 VNNI's 512-bit one; AVX-VNNI's 256-bit VEX one on each half of the 16 lanes;
+without VNNI (AVX-512BW, AVX2 on halves) `vpmaddubsw` (pairs of u8 * s8 into int16, saturating)
+then `vpmaddwd` by ones (pairs into int32), exact for the operands here (see `_dpbusd`), so
+every flavour's kernel gives the same bits. An AVX2 core does a quarter of VNNI's multiply-adds
+per instruction (half the width, two instructions).
 """
 
 from enum import StrEnum

@@ -231,8 +231,9 @@ def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
     if slow or dtype != "float32":
         why = f"target {', '.join(slow)} has none" if slow else f"--dtype is {dtype}"
         raise RelaxlmError(
-            f"--quant {GGUF_A8} runs on CPUs with an AVX-512 VNNI int8 dot product in float32 "
-            f"({why}); use --quant none there, which keeps the file's blocks"
+            f"--quant {GGUF_A8} runs on x86 CPUs with AVX2 or later (int8 dot products: "
+            f"AVX-512 VNNI, AVX-VNNI, or AVX2's) in float32 ({why}); use --quant none there, "
+            "which keeps the file's blocks"
         )
 
 

@@ -33,8 +33,8 @@ class _Linear(nn.Module):
         return self.proj(x)
 
 
-def build(n: int, k: int, quant: str):
-    preset = resolve_target("cpu")
+def build(n: int, k: int, quant: str, target: str = "cpu"):
+    preset = resolve_target(target)
     spec = {
         "forward": {
             "x": nn.spec.Tensor([1, "m", k], "float32"),
@@ -74,12 +74,13 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1, help="rows of x: 1 = decode GEMV")
     ap.add_argument("--quant", nargs="+", default=["none", "q8", "q4"])
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--target", default="cpu", help="a CPU this one runs the code of: cpu:haswell")
     args = ap.parse_args()
     x = tvm.runtime.tensor(
         np.random.default_rng(1).standard_normal((1, args.m, args.k)).astype("float32")
     )
     for quant in args.quant:
-        vm, params, nbytes, _ = build(args.n, args.k, quant)
+        vm, params, nbytes, _ = build(args.n, args.k, quant, args.target)
         f = vm["forward"]
         f(x, params)
         best = float("inf")

@@ -40,7 +40,7 @@ INT_SCHEMES = ["q8", "q4", "q4-a8", "q4-asym"]
 ALL_SCHEMES = [*INT_SCHEMES, "float16", "bfloat16"]
 # Weight-only schemes: exact against their dequantized weights on every target.
 WEIGHT_ONLY = [s for s in ALL_SCHEMES if not SCHEMES[s].activations]
-VNNI = has_int8_dot(resolve_target("cpu").target())
+INT8_DOT = has_int8_dot(resolve_target("cpu").target())  # x86 with AVX2 or later
 
 
 # q4 and q8 as stored for CPUs with an int8 dot product (row tiles)
@@ -193,7 +193,7 @@ def test_quantized_model_equals_float_model_with_dequantized_weights(name, check
     quantized = relaxlm.LLM(str(src), quant=name)
     manifest = quantized.manifest.quantization
     assert manifest["scheme"] == name
-    if name in ("q4", "q8") and VNNI:  # the int8 dot kernels, integer activations
+    if name in ("q4", "q8") and INT8_DOT:  # the int8 dot kernels, integer activations
         assert manifest["activations"] == row_tiled(SCHEMES[name]).activations
         assert manifest["row_tile"] == 16
     reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", name)))
@@ -262,18 +262,18 @@ def test_q4_layout_follows_the_targets(checkpoints, tmp_path):
     q4, cpu, cuda = SCHEMES["q4"], resolve_targets("cpu"), resolve_targets("cuda")
     tiled = row_tiled(q4)
     assert tiled.row_tile == 16 and tiled.activations == "int22"
-    assert scheme_for_targets(q4, cpu, "float32", None) == (tiled if VNNI else q4)
+    assert scheme_for_targets(q4, cpu, "float32", None) == (tiled if INT8_DOT else q4)
     assert scheme_for_targets(q4, cpu + cuda, "float32", None) == q4
     assert scheme_for_targets(q4, cpu, "float16", None) == q4  # the kernels take float32 x
     assert scheme_for_targets(SCHEMES["q8"], cpu, "float32", None) == (
-        TILED["q8-tiled"] if VNNI else SCHEMES["q8"]
+        TILED["q8-tiled"] if INT8_DOT else SCHEMES["q8"]
     )
     assert scheme_for_targets(SCHEMES["q4-asym"], cpu, "float32", None) == SCHEMES["q4-asym"]
     assert scheme_for_targets(None, cpu, "float32", None) is None
     out = relaxlm.compile(
         str(checkpoints("llama_gqa")), output=tmp_path / "a", quant="q4", progress=False
     )
-    assert scheme_for_targets(q4, cuda, "float32", out) == (tiled if VNNI else q4)
+    assert scheme_for_targets(q4, cuda, "float32", out) == (tiled if INT8_DOT else q4)
 
 
 def test_unknown_scheme_is_refused(checkpoints, tmp_path):
@@ -320,7 +320,7 @@ def _linear_module(n: int, k: int, scheme, target: str) -> tvm.IRModule:
     return FuseDequantizeMatmul(flavour)(quantize_weights(mod, scheme, "float32")[0])
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize(
     "scheme",
     [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values(), Q6_K_A8],
@@ -351,7 +351,7 @@ def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n
             np.testing.assert_allclose(got, exact, rtol=0, atol=8 / levels * np.abs(exact).max())
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("ggml_type", sorted(A8_REPACKS))
 @pytest.mark.parametrize("n,k", [(64, 256), (48, 512), (40, 256), (128, 768)])
 def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
@@ -392,7 +392,7 @@ def _random_k_blocks(rng, ggml_type: str, n: int, k: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n,k", [(48, 256), (128, 1024), (40, 512)])
 def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
@@ -513,7 +513,7 @@ def _quantized_linears(manifest) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("case", ["llama_gqa", "llama_tied_llama3_rope"])
 def test_q4_a8_model_equals_transformers_with_int8_activations(case, checkpoints, tmp_path):
     """The whole model against transformers on the dequantized weights, every quantized
