@@ -28,7 +28,7 @@ from relaxlm.frontends.diffusion import components, export_component, read_check
 from . import schedules
 from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
-from .int8_dot import has_int8_dot
+from .int8_dot import int8_dot_flavour
 from .quantization import quantize, resolve_scheme
 from .quantize_weights import quantize_weights
 from .targets import build_context, resolve_targets
@@ -75,7 +75,7 @@ def compile_diffusion(
         fields = None
         if quant != "none" and comp.name == "denoise":
             mod, fields = quantize_weights(mod, resolve_scheme(quant), dtype)
-            mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(preset.target()))(mod)
+            mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(preset.target()))(mod)
         mod = _legalize_and_schedule(mod, preset)
         with build_context(preset, device_binaries):
             executable = relax.build(mod, target=preset.target())

@@ -6,11 +6,11 @@ kernel reads packed weights once, which is what makes decode fast. A row gather 
 weights, `take(dequantize(parts), ids, axis=0)` (an embedding), likewise becomes one kernel
 that dequantizes only the rows it reads.
 
-With `int8_dot` (a CPU with VNNI), a weight of a scheme whose activations are rounded to
-integers (`q4-a8`, and `q4` and `q8` in row tiles) instead becomes one int8_dot.py kernel, which
-quantizes its input rows and then takes int8 dot products with the packed weights; a residual
-`add` of its output joins that kernel. Elsewhere such a weight takes the float kernel, exact
-against its dequantized weights.
+With `int8_dot` (the CPU's int8 dot product: int8_dot.int8_dot_flavour), a weight of a scheme
+whose activations are rounded to integers (`q4-a8`, and `q4` and `q8` in row tiles) instead
+becomes one int8_dot.py kernel, which quantizes its input rows and then takes int8 dot
+products with the packed weights; a residual `add` of its output joins that kernel. Elsewhere
+such a weight takes the float kernel, exact against its dequantized weights.
 """
 
 import json
@@ -21,6 +21,7 @@ from tvm import relax, te
 from relaxlm.tvm_api import tirx
 
 from . import int8_dot
+from .int8_dot import Int8Dot
 from .quantization import QuantScheme
 from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 
@@ -29,7 +30,8 @@ from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 class FuseDequantizeMatmul:
     """Fuse each dequantize feeding a linear matmul into a single reduction kernel."""
 
-    def __init__(self, int8_dot: bool = False):
+    def __init__(self, int8_dot: Int8Dot | None = None):
+        assert int8_dot is None or isinstance(int8_dot, Int8Dot), f"a flavour, not {int8_dot!r}"
         self.int8_dot = int8_dot
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -49,7 +51,7 @@ class FuseDequantizeMatmul:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, dequantizers: dict, int8_dot: bool):
+    def __init__(self, mod: tvm.IRModule, dequantizers: dict, int8_dot: Int8Dot | None):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
@@ -98,7 +100,7 @@ class _Rewriter(relax.PyExprMutator):
 
     def _int8_dot_applies(self, scheme, x: relax.Expr, n: int, k: int, out_dtype: str) -> bool:
         return (
-            self.int8_dot
+            self.int8_dot is not None
             and scheme.activations in int8_dot.PIECES
             and scheme.bits in (4, 5, 6, 8)
             and (scheme.symmetric or scheme.activations == "int8")
@@ -159,7 +161,17 @@ class _Rewriter(relax.PyExprMutator):
             name += f"_s{supers}" if supers else ""
             name += "_add" if residual else ""
             func = int8_dot.int8_linear(
-                n, k, k_padded, scale_dtype, residual, activations, bits, mins, group, supers
+                n,
+                k,
+                k_padded,
+                scale_dtype,
+                residual,
+                activations,
+                bits,
+                mins,
+                group,
+                supers,
+                flavour=self.int8_dot,
             )
             kernel = self.builder_.add_func(func, name)
             self.int8_kernels[(key, residual)] = kernel

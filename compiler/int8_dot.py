@@ -1,5 +1,5 @@
-"""Int8 dot products for 4- and 8-bit weights on CPUs with AVX-512 VNNI: activations
-quantized at run time.
+"""Int8 dot products for 4- to 8-bit weights on x86 CPUs (AVX-512 VNNI, AVX-VNNI, AVX-512BW or
+AVX2): activations quantized at run time.
 
 A weight-only GEMV unpacks every weight to float before its FMA, which costs more than reading
 it (~24 GB/s per core here for q4). Like llama.cpp's Q4_0 x Q8_0 dot, these kernels quantize
@@ -28,7 +28,16 @@ horizontal sums, one store of 16 outputs, and a tile's weights stream as one run
 prefetched ahead. `vpdpbusd` takes its weights unsigned: 4-bit codes are stored so (w + 8),
 6-bit ones w + 32, int8 weights get their sign bit flipped (w + 128); a per-group correction
 -bias * (sum of the group's activation codes) starts the int32 sums.
+
+`vpdpbusd` is the target's (`Int8Dot`, from its LLVM features; `cpu:haswell` names another
+CPU's): AVX-512 VNNI's 512-bit one; AVX-VNNI's 256-bit VEX one on each half of the 16 lanes;
+without VNNI (AVX-512BW, AVX2 on halves) `vpmaddubsw` (pairs of u8 * s8 into int16, saturating)
+then `vpmaddwd` by ones (pairs into int32), exact for the operands here (see `_dpbusd`), so
+every flavour's kernel gives the same bits. An AVX2 core does a quarter of VNNI's multiply-adds
+per instruction (half the width, two instructions).
 """
+
+from enum import StrEnum
 
 import tvm
 from tvm.target import codegen
@@ -51,9 +60,26 @@ _SIGN_BITS = 0x80808080
 PIECES = {Activations.INT8: (1, 127), Activations.INT22: (3, (1 << 21) - 1)}
 
 
+class Int8Dot(StrEnum):
+    """How a target takes `vpdpbusd`'s dot products (int8_dot_flavour picks one)."""
+
+    AVX512_VNNI = "avx512vnni"  # one 512-bit vpdpbusd
+    AVX_VNNI = "avxvnni"  # two 256-bit (VEX) vpdpbusd on the halves
+    AVX512BW = "avx512bw"  # emulated: 512-bit vpmaddubsw, then vpmaddwd
+    AVX2 = "avx2"  # emulated on the 256-bit halves
+
+
+def int8_dot_flavour(target: tvm.target.Target) -> Int8Dot | None:
+    """The fastest int8 dot product `target` has: the first of Int8Dot's flavours whose
+    feature it has (AVX-512 VNNI before AVX-VNNI: twice the width); None off x86 LLVM CPUs."""
+    if target.kind.name != "llvm":
+        return None
+    return next((f for f in Int8Dot if codegen.target_has_features(f.value, target)), None)
+
+
 def has_int8_dot(target: tvm.target.Target) -> bool:
-    """Whether the kernels here compile for `target`: an LLVM CPU with AVX-512 VNNI."""
-    return target.kind.name == "llvm" and bool(codegen.target_has_features("avx512vnni", target))
+    """Whether the kernels here compile for `target`: an LLVM CPU with AVX2 at least."""
+    return int8_dot_flavour(target) is not None
 
 
 def supports(n: int, k_padded: int) -> bool:
@@ -61,14 +87,82 @@ def supports(n: int, k_padded: int) -> bool:
     return n % TILE == 0 and k_padded % GROUP == 0
 
 
-def _dpbusd(acc, unsigned, signed):
-    return T.call_llvm_pure_intrin(
-        "int32x16",
-        "llvm.x86.avx512.vpdpbusd.512",
-        acc,
-        T.reinterpret("int8x64", unsigned),
-        T.reinterpret("int8x64", signed),
-    )
+def _dpbusd(flavour: Int8Dot, acc, unsigned, signed, byte_range: bool = False):
+    """acc (int32x16) + in each lane the sum of its 4 unsigned bytes times its 4 signed ones,
+    exact in every flavour (so each flavour's kernel gives the VNNI kernel's bits).
+
+    The emulation's vpmaddubsw SATURATES each pair u * s + u' * s' to int16. No pair does: the
+    signed bytes are activation codes in [-127, 127] or the INT22 codes' pieces (low bytes in
+    [-128, 127], top ones in [-32, 32]), so |s| <= 128, and the unsigned ones are weight codes:
+    4-bit ones <= 15, 5- and 6-bit ones <= 63, 8-bit ones with mins <= 127 (int8_linear):
+    |pair| <= 2 * 127 * 128 = 32512 < 2^15. Int8 weights stored w + 128 (`byte_range`: up to
+    255, pairs up to 65280) are split into nibbles, u = lo + 16 hi, pairs <= 2 * 15 * 128 each,
+    and vpmaddwd weighs hi's sums by 16. (vpmaddwd and the int32 adds wrap as vpdpbusd does.)
+    """
+    if flavour == Int8Dot.AVX512_VNNI:
+        return T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.vpdpbusd.512", acc, _bytes(unsigned), _bytes(signed)
+        )
+    if flavour == Int8Dot.AVX_VNNI:  # the intrinsic takes the VEX form with avxvnni alone
+        return _join(
+            [
+                T.call_llvm_pure_intrin(
+                    "int32x8",
+                    "llvm.x86.avx512.vpdpbusd.256",
+                    _half(acc, h),
+                    _bytes(_half(unsigned, h)),
+                    _bytes(_half(signed, h)),
+                )
+                for h in range(2)
+            ]
+        )
+    if not byte_range:
+        return _pmadd(flavour, acc, unsigned, signed, 1)
+    low = T.bitwise_and(unsigned, _broadcast_u32(_NIBBLES))
+    high = T.bitwise_and(T.shift_right(unsigned, _broadcast_u32(4)), _broadcast_u32(_NIBBLES))
+    return _pmadd(flavour, _pmadd(flavour, acc, low, signed, 1), high, signed, 16)
+
+
+def _pmadd(flavour: Int8Dot, acc, unsigned, signed, weight: int):
+    """acc + weight * (each lane's byte dot) by vpmaddubsw (pairs of u * s, int16) and vpmaddwd
+    (pairs of those times `weight`, int32): exact while no pair saturates (see _dpbusd)."""
+    if flavour == Int8Dot.AVX512BW:
+        pairs = T.call_llvm_pure_intrin(
+            "int16x32", "llvm.x86.avx512.pmaddubs.w.512", _bytes(unsigned), _bytes(signed)
+        )
+        weights = T.broadcast(T.int16(weight), 32)
+        return acc + T.call_llvm_pure_intrin(
+            "int32x16", "llvm.x86.avx512.pmaddw.d.512", pairs, weights
+        )
+    assert flavour == Int8Dot.AVX2, flavour
+    sums = []
+    for h in range(2):
+        pairs = T.call_llvm_pure_intrin(
+            "int16x16",
+            "llvm.x86.avx2.pmadd.ub.sw",
+            _bytes(_half(unsigned, h)),
+            _bytes(_half(signed, h)),
+        )
+        weights = T.broadcast(T.int16(weight), 16)
+        dots = T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, weights)
+        sums.append(_half(acc, h) + dots)
+    return _join(sums)
+
+
+def _bytes(vector):
+    """A vector of 32-bit lanes as its bytes (int8, 4 a lane)."""
+    return T.reinterpret(f"int8x{vector.ty.dtype.lanes * 4}", vector)
+
+
+def _half(vector, h: int):
+    """Lanes [8h, 8h + 8) of a 16-lane vector: one of the two ymm registers LLVM keeps it in
+    on AVX2 (a free split)."""
+    return tirx.Shuffle([vector], [tirx.IntImm("int32", 8 * h + i) for i in range(8)])
+
+
+def _join(halves):
+    """Two 8-lane vectors as one of 16 lanes."""
+    return tirx.Shuffle(halves, [tirx.IntImm("int32", i) for i in range(16)])
 
 
 def _codes4(codes, piece, i, c):
@@ -87,6 +181,8 @@ def int8_linear(
     offsets: bool = False,
     scale_group: int = GROUP,
     super_group: int = 0,
+    *,
+    flavour: Int8Dot,
 ) -> tirx.PrimFunc:
     """out[b, s, n] = sum_k dequantized w[n, k] * integer-rounded x[b, s, k] (+ residual[b, s,
     n]) for a weight of `bits` (4: words of nibbles, uint32 [n, Kp / 8]; 8: int8 [n, Kp]), in
@@ -124,7 +220,21 @@ def int8_linear(
     assert not super_group or (super_group % GROUP == 0 and pieces == 1), "K-quants' layout only"
 
     @T.macro(hygienic=False)
-    def body(var_x, w, w_scale, w_extra, res, out, batch, seq, shape, scale_dtype, pieces, levels):
+    def body(
+        var_x,
+        w,
+        w_scale,
+        w_extra,
+        res,
+        out,
+        batch,
+        seq,
+        shape,
+        scale_dtype,
+        pieces,
+        levels,
+        flavour,
+    ):
         n, k, k_padded, groups, words, bits, layout, extra = T.meta_var(shape)
         halves, per = T.meta_var(layout[:2])
         x = T.match_buffer(var_x, (batch, seq, k), "float32")
@@ -162,7 +272,7 @@ def int8_linear(
                 _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
             for tile in T.parallel(n // TILE):
                 for i in range(rows):
-                    _tile_rows(*parts, pieces, bits, seq, tile, i, 1, i)
+                    _tile_rows(*parts, pieces, bits, seq, tile, i, 1, i, flavour)
         else:
             for i in T.parallel(rows):
                 _quantize_row(x, i // seq, i % seq, *quantized, scale, i)
@@ -171,10 +281,18 @@ def int8_linear(
             for tile in T.parallel(n // TILE):
                 for i in range((rows + MATRIX_ROWS - 1) // MATRIX_ROWS):
                     _tile_rows(
-                        *parts, pieces, bits, seq, tile, i * MATRIX_ROWS, MATRIX_ROWS, rows - 1
+                        *parts,
+                        pieces,
+                        bits,
+                        seq,
+                        tile,
+                        i * MATRIX_ROWS,
+                        MATRIX_ROWS,
+                        rows - 1,
+                        flavour,
                     )
 
-    common = (shape, scale_dtype, pieces, levels)
+    common = (shape, scale_dtype, pieces, levels, flavour)
     # One signature per combination: the third part (mins, or the super-blocks' d) and the
     # residual are buffers of their own.
     if (offsets or super_group) and residual:
@@ -264,6 +382,7 @@ def _tile_rows(
     first,
     count,
     last,
+    flavour,
 ):
     """Outputs [tile * TILE, +TILE) of rows first .. first + count - 1 (capped at `last`)."""
     # default scope: small stack arrays that LLVM keeps in registers; row j's float sums at
@@ -353,10 +472,12 @@ def _tile_rows(
                             c = T.meta_var(g * GROUP + o * 8)
                             # (halves > 1 only with one piece: the sum of the word's half)
                             sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
+                            # (codes <= 63: no saturation in the emulation, see _dpbusd)
+                            first_four = T.meta_var(
+                                _dpbusd(flavour, dot[sums], low, _codes4(codes, p, i, c))
+                            )
                             dot[sums] = _dpbusd(
-                                _dpbusd(dot[sums], low, _codes4(codes, p, i, c)),
-                                high,
-                                _codes4(codes, p, i, c + 4),
+                                flavour, first_four, high, _codes4(codes, p, i, c + 4)
                             )
                 else:  # 4 k of int8, sign bits flipped: w + 128 (with mins: unsigned already)
                     biased = T.meta_var(
@@ -367,8 +488,13 @@ def _tile_rows(
                             i = T.meta_var(T.min(first + j, last))
                             # (halves > 1 only with one piece: the sum of the word's half)
                             sums = T.meta_var(_lanes_of(j * stride + p + o // half_words))
+                            # w + 128 spans the byte (with mins, codes <= 127 do not)
                             dot[sums] = _dpbusd(
-                                dot[sums], biased, _codes4(codes, p, i, g * GROUP + o * 4)
+                                flavour,
+                                dot[sums],
+                                biased,
+                                _codes4(codes, p, i, g * GROUP + o * 4),
+                                byte_range=not offsets,
                             )
             w_scales = T.meta_var(
                 _group_scales(w_scale, d, tile, scale_cols, g * halves * per, 0, supers)

@@ -41,7 +41,7 @@ from . import schedules
 from .cpu_legalize import legalize_and_fuse
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
-from .int8_dot import has_int8_dot
+from .int8_dot import has_int8_dot, int8_dot_flavour
 from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
 from .lower_attention_to_causal import LowerAttentionToCausal
@@ -231,8 +231,9 @@ def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
     if slow or dtype != "float32":
         why = f"target {', '.join(slow)} has none" if slow else f"--dtype is {dtype}"
         raise RelaxlmError(
-            f"--quant {GGUF_A8} runs on CPUs with an AVX-512 VNNI int8 dot product in float32 "
-            f"({why}); use --quant none there, which keeps the file's blocks"
+            f"--quant {GGUF_A8} runs on x86 CPUs with AVX2 or later (int8 dot products: "
+            f"AVX-512 VNNI, AVX-VNNI, or AVX2's) in float32 ({why}); use --quant none there, "
+            "which keeps the file's blocks"
         )
 
 
@@ -532,7 +533,7 @@ def build_library(
     fields = None
     if scheme is not None or stored:
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
-        mod = FuseDequantizeMatmul(int8_dot=has_int8_dot(target))(mod)
+        mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     _dump(dump, "1-graph", mod)

@@ -1,6 +1,8 @@
 """Named target presets: which TVM target, its schedule rules, and how its library is exported.
 
     cpu                   this machine's CPU (LLVM, its features), a `.so`
+    cpu:NAME              a CPU LLVM names (`llc -mcpu=help`), for a library built on one
+                          machine to run on others: cpu:haswell (AVX2), cpu:alderlake, ...
     cuda[:sm_XX[,sm_YY]]  NVIDIA GPUs; device code compiled ahead of time by nvcc for each arch
                           into one fatbin (plus PTX of the lowest arch for newer GPUs), a `.so`
     metal                 Apple GPUs: MSL kernels + arm64 macOS host objects, a `.tar` that
@@ -14,6 +16,7 @@ the CUDA preset before it) or a list of names.
 
 import contextlib
 import ctypes
+import difflib
 import functools
 import os
 import re
@@ -31,7 +34,7 @@ from tvm.target import codegen
 from relaxlm.errors import RelaxlmError
 
 CUDA_DEFAULT_ARCHS = ("sm_80", "sm_90")  # Ampere (sm_86/sm_89 run its code too) and Hopper
-PRESETS = ("cpu", "cuda", "cuda:sm_XX[,sm_YY...]", "metal", "webgpu", "vulkan")
+PRESETS = ("cpu", "cpu:NAME", "cuda", "cuda:sm_XX[,sm_YY...]", "metal", "webgpu", "vulkan")
 _ARCH = re.compile(r"sm_\d+[a-z]?")
 
 
@@ -59,14 +62,25 @@ class TargetPreset:
         return extra
 
 
-def _host_cpu() -> dict[str, Any]:
+def _cpu(name: str, mcpu: str) -> dict[str, Any]:
+    """The LLVM target of CPU `mcpu` (empty: this machine's) for target `name`."""
     # The wheel's default triple is x86_64-conda-linux-gnu; name the plain one so the
     # library links against the system's C runtime.
     triple = codegen.llvm_get_system_triple().replace("-conda-", "-")
+    if mcpu and not codegen.llvm_is_valid_cpu(mcpu, triple):
+        known = list(codegen.llvm_get_cpu_archlist(tvm.target.Target({"kind": "llvm"})))
+        close = difflib.get_close_matches(mcpu, known, n=3)
+        raise RelaxlmError(
+            f"target {name!r}: LLVM knows no CPU {mcpu!r}"
+            + (f" (did you mean {', '.join(close)}?)" if close else "")
+            + "; write cpu:NAME with one of LLVM's CPU names (llc -mcpu=help), e.g. cpu:haswell "
+            "(AVX2), cpu:skylake-avx512, cpu:alderlake (AVX-VNNI), cpu:icelake-server (AVX-512 "
+            "VNNI), or cpu for this machine's"
+        )
     return {
         "kind": "llvm",
         "mtriple": triple,
-        "mcpu": codegen.llvm_get_system_cpu(),
+        "mcpu": mcpu or codegen.llvm_get_system_cpu(),
         "num-cores": os.cpu_count() or 1,
     }
 
@@ -80,8 +94,8 @@ def _portable_host() -> dict[str, Any]:
 def resolve_target(name: str) -> TargetPreset:
     """The preset called `name` (see the module docstring)."""
     kind, _, options = name.partition(":")
-    if kind == "cpu" and not options:
-        return TargetPreset("cpu", _host_cpu(), ".so", "cpu")
+    if kind == "cpu":
+        return TargetPreset("cpu", _cpu(name, options.strip()), ".so", "cpu")
     if kind == "cuda":
         archs = tuple(a.strip() for a in options.split(",")) if options else CUDA_DEFAULT_ARCHS
         bad = [a for a in archs if not _ARCH.fullmatch(a)]

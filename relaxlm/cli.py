@@ -280,7 +280,7 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "--quant",
         help=f"weight quantization: {', '.join(SCHEMES)} (default: none, a GGUF file keeps "
         f"its own formats; {GGUF_A8}: a GGUF file's Q4/Q5/Q6/Q8 blocks kept and computed "
-        "with int8 activations, as llama.cpp does, on CPUs with AVX-512 VNNI; the default "
+        "with int8 activations, as llama.cpp does, on x86 CPUs with AVX2 or later; the default "
         "model takes the fastest path measured on this CPU)",
     )
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

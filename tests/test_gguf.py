@@ -28,7 +28,7 @@ from tvm import te
 import relaxlm
 from relaxlm.artifacts import Manifest, weight_index
 from relaxlm.artifacts.safetensors_io import read
-from relaxlm.compiler.int8_dot import has_int8_dot
+from relaxlm.compiler.int8_dot import has_int8_dot, int8_dot_flavour
 from relaxlm.compiler.quantization import A8_REPACKS, GGUF_SCHEMES, dequantize
 from relaxlm.compiler.quantize_weights import dequantize_te
 from relaxlm.compiler.targets import resolve_target
@@ -301,7 +301,7 @@ def _int8_rounded(x: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.skipif(
-    not has_int8_dot(resolve_target("cpu").target()), reason="gguf-a8 needs AVX-512 VNNI"
+    not has_int8_dot(resolve_target("cpu").target()), reason="gguf-a8 needs an x86 CPU with AVX2"
 )
 @pytest.mark.parametrize("key", ["Q4_0", "Q4_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"])
 def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama, tmp_path):
@@ -340,6 +340,25 @@ def test_gguf_a8_computes_the_blocks_with_int8_activations(key, gguf_file, llama
     print(f"gguf-a8 {key}: max |logit diff| / max |logit| vs llama.cpp = {_rel(ours, theirs):.4f}")
     assert _rel(ours, theirs) < LLAMA_CPP_REL_QUANT
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75
+
+
+@pytest.mark.skipif(
+    int8_dot_flavour(resolve_target("cpu").target()) != "avx512vnni",
+    reason="compares with this CPU's AVX-512 VNNI artifact",
+)
+@pytest.mark.parametrize("key", ["Q8_0", "Q4_K_M"])
+def test_gguf_a8_built_for_an_avx2_cpu_equals_the_vnni_artifact(key, gguf_file):
+    """`--target cpu:haswell`: gguf-a8 built for an AVX2 CPU (this one runs its code) takes the
+    emulated int8 dot product, whose integer sums equal VNNI's: the logits equal this CPU's
+    artifact's but for the float kernels' vector widths (ymm against zmm sums). Q8_0: int8
+    weights, the case an emulation that saturated would get wrong; Q4_K_M: Q4_K and Q6_K."""
+    path = gguf_file(key)
+    vnni = relaxlm.LLM(str(path), quant="gguf-a8")
+    avx2 = relaxlm.LLM(str(path), quant="gguf-a8", target="cpu:haswell")
+    assert avx2.manifest.targets["cpu"]["tvm_target"]["mcpu"] == "haswell"
+    for prefill in (len(TOKENS), 4):
+        ours, theirs = avx2.score(TOKENS, prefill=prefill), vnni.score(TOKENS, prefill=prefill)
+        assert _rel(ours, theirs) < 1e-5, (key, prefill, _rel(ours, theirs))
 
 
 def test_gguf_a8_needs_blocks_it_repacks(gguf_file, checkpoints):

@@ -160,12 +160,15 @@ def test_target_specs_are_parsed_strictly():
     assert [p.name for p in presets] == ["cuda", "metal", "webgpu"]
     assert presets[0].archs == ("sm_80", "sm_90")
     assert resolve_targets("cuda")[0].archs == ("sm_80", "sm_90")
+    # another machine's CPU, by LLVM's name: its features, not this one's
+    assert resolve_targets("cpu:haswell")[0].tvm_target["mcpu"] == "haswell"
     # GPU libraries' host code must not use the build machine's CPU features.
     assert "mcpu" not in presets[0].tvm_target["host"]
     for bad, message in [
         ("cuda:80", "not a CUDA arch"),
         ("cuda,cuda:sm_90", "asked for twice"),
         ("rocm", "not supported"),
+        ("cpu:haswel", "LLVM knows no CPU 'haswel' \\(did you mean haswell"),
     ]:
         with pytest.raises(RelaxlmError, match=message):
             resolve_targets(bad)

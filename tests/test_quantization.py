@@ -1,8 +1,10 @@
 """Quantization: the numpy reference, the two passes on a small hand-made graph, and whole
 models whose logits must equal a float model built from the dequantized weights."""
 
+import functools
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from tvm.runtime.vm import VirtualMachine
 import relaxlm
 from relaxlm.compiler import schedules
 from relaxlm.compiler.fuse_dequantize_matmul import FuseDequantizeMatmul
-from relaxlm.compiler.int8_dot import PIECES, has_int8_dot
+from relaxlm.compiler.int8_dot import PIECES, has_int8_dot, int8_dot_flavour
 from relaxlm.compiler.pipeline import scheme_for_targets
 from relaxlm.compiler.quantization import (
     A8_REPACKS,
@@ -38,7 +40,7 @@ INT_SCHEMES = ["q8", "q4", "q4-a8", "q4-asym"]
 ALL_SCHEMES = [*INT_SCHEMES, "float16", "bfloat16"]
 # Weight-only schemes: exact against their dequantized weights on every target.
 WEIGHT_ONLY = [s for s in ALL_SCHEMES if not SCHEMES[s].activations]
-VNNI = has_int8_dot(resolve_target("cpu").target())
+INT8_DOT = has_int8_dot(resolve_target("cpu").target())  # x86 with AVX2 or later
 
 
 # q4 and q8 as stored for CPUs with an int8 dot product (row tiles)
@@ -145,9 +147,14 @@ def test_passes_on_a_graph_from_no_frontend(name):
     np.testing.assert_allclose(out[0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-def _cpu_vm(mod: tvm.IRModule) -> VirtualMachine:
-    """`mod` after the quantization passes, lowered, scheduled and built for the host CPU."""
-    preset = resolve_target("cpu")
+def _cpu_vm(mod: tvm.IRModule, target: str = "cpu") -> VirtualMachine:
+    """`mod` after the quantization passes, lowered, scheduled and built for `target` (a CPU
+    this one can run the code of)."""
+    return VirtualMachine(_cpu_build(mod, target), tvm.cpu())
+
+
+def _cpu_build(mod: tvm.IRModule, target: str) -> tvm.runtime.Executable:
+    preset = resolve_target(target)
     lowered = tvm.transform.Sequential(
         [
             relax.transform.FuseTransposeMatmul(),
@@ -162,7 +169,7 @@ def _cpu_vm(mod: tvm.IRModule) -> VirtualMachine:
     ex = relax.build(
         lowered, target=preset.target(), relax_pipeline=relax.pipeline.default_build_pipeline()
     )
-    return VirtualMachine(ex, tvm.cpu())
+    return ex
 
 
 def _dequantized_checkpoint(src, dst, scheme_name):
@@ -186,7 +193,7 @@ def test_quantized_model_equals_float_model_with_dequantized_weights(name, check
     quantized = relaxlm.LLM(str(src), quant=name)
     manifest = quantized.manifest.quantization
     assert manifest["scheme"] == name
-    if name in ("q4", "q8") and VNNI:  # the int8 dot kernels, integer activations
+    if name in ("q4", "q8") and INT8_DOT:  # the int8 dot kernels, integer activations
         assert manifest["activations"] == row_tiled(SCHEMES[name]).activations
         assert manifest["row_tile"] == 16
     reference = relaxlm.LLM(str(_dequantized_checkpoint(src, tmp_path / "deq", name)))
@@ -255,18 +262,18 @@ def test_q4_layout_follows_the_targets(checkpoints, tmp_path):
     q4, cpu, cuda = SCHEMES["q4"], resolve_targets("cpu"), resolve_targets("cuda")
     tiled = row_tiled(q4)
     assert tiled.row_tile == 16 and tiled.activations == "int22"
-    assert scheme_for_targets(q4, cpu, "float32", None) == (tiled if VNNI else q4)
+    assert scheme_for_targets(q4, cpu, "float32", None) == (tiled if INT8_DOT else q4)
     assert scheme_for_targets(q4, cpu + cuda, "float32", None) == q4
     assert scheme_for_targets(q4, cpu, "float16", None) == q4  # the kernels take float32 x
     assert scheme_for_targets(SCHEMES["q8"], cpu, "float32", None) == (
-        TILED["q8-tiled"] if VNNI else SCHEMES["q8"]
+        TILED["q8-tiled"] if INT8_DOT else SCHEMES["q8"]
     )
     assert scheme_for_targets(SCHEMES["q4-asym"], cpu, "float32", None) == SCHEMES["q4-asym"]
     assert scheme_for_targets(None, cpu, "float32", None) is None
     out = relaxlm.compile(
         str(checkpoints("llama_gqa")), output=tmp_path / "a", quant="q4", progress=False
     )
-    assert scheme_for_targets(q4, cuda, "float32", out) == (tiled if VNNI else q4)
+    assert scheme_for_targets(q4, cuda, "float32", out) == (tiled if INT8_DOT else q4)
 
 
 def test_unknown_scheme_is_refused(checkpoints, tmp_path):
@@ -286,8 +293,14 @@ def _int_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
     return (codes * scale).reshape(padded.shape)[..., :k]
 
 
-def _linear_vm(n: int, k: int, scheme):
-    """y = x @ W.T for x [1, m, k] through quantize_weights and FuseDequantizeMatmul(int8_dot)."""
+def _linear_vm(n: int, k: int, scheme, target: str = "cpu"):
+    """y = x @ W.T for x [1, m, k] through quantize_weights and FuseDequantizeMatmul with the
+    int8 dot product of CPU `target`, built for it; and the fused module's script."""
+    fused = _linear_module(n, k, scheme, target)
+    return _cpu_vm(fused, target)["forward"], fused.script(show_meta=False)
+
+
+def _linear_module(n: int, k: int, scheme, target: str) -> tvm.IRModule:
 
     class Linear(nn.Module):
         def __init__(self):
@@ -303,11 +316,11 @@ def _linear_vm(n: int, k: int, scheme):
         }
     }
     mod, _ = Linear().export_tvm(spec)
-    fused = FuseDequantizeMatmul(int8_dot=True)(quantize_weights(mod, scheme, "float32")[0])
-    return _cpu_vm(fused)["forward"], fused.script(show_meta=False)
+    flavour = int8_dot_flavour(resolve_target(target).target())
+    return FuseDequantizeMatmul(flavour)(quantize_weights(mod, scheme, "float32")[0])
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize(
     "scheme",
     [SCHEMES["q4-a8"], tied_table_scheme(SCHEMES["q4-a8"]), *TILED.values(), Q6_K_A8],
@@ -338,7 +351,7 @@ def test_int8_dot_equals_integer_activations_times_dequantized_weights(scheme, n
             np.testing.assert_allclose(got, exact, rtol=0, atol=8 / levels * np.abs(exact).max())
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("ggml_type", sorted(A8_REPACKS))
 @pytest.mark.parametrize("n,k", [(64, 256), (48, 512), (40, 256), (128, 768)])
 def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
@@ -379,7 +392,7 @@ def _random_k_blocks(rng, ggml_type: str, n: int, k: int) -> np.ndarray:
     return raw.reshape(n, -1)
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n,k", [(48, 256), (128, 1024), (40, 512)])
 def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
@@ -407,6 +420,89 @@ def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
         np.testing.assert_array_equal(got, was.numpy())
 
 
+# CPUs whose int8 dot products are emulated or narrower (int8_dot.Int8Dot), built here for each
+# and run on this CPU, which must have the feature (/proc/cpuinfo's name) of each
+FLAVOUR_CPUS = {
+    "cpu:haswell": "avx2",
+    "cpu:skylake-avx512": "avx512bw",
+    "cpu:alderlake": "avx_vnni",
+}
+_CPUINFO = Path("/proc/cpuinfo")
+_CPU_FLAGS = set(_CPUINFO.read_text().split()) if _CPUINFO.exists() else set()
+# the schemes the kernel reads differently: codes of 4, 6 (K-quant planes) and 8 bits (int8
+# weights w + 128, the byte range the emulation splits into nibbles), activations int8 and
+# int22 (byte pieces), a min per group (Q4_K), two scales per 32 (Q6_K in int8)
+FLAVOUR_SCHEMES = {
+    "q4-a8": (SCHEMES["q4-a8"], 70),
+    "q8-a8": (tied_table_scheme(SCHEMES["q4-a8"]), 70),
+    **{name: (scheme, 300) for name, scheme in TILED.items()},
+    "q4_k-a8": (A8_REPACKS["Q4_K"], 512),
+    "q6_k-a8": (A8_REPACKS["Q6_K"], 256),
+    "q6_k-a8-int8": (Q6_K_A8, 256),
+}
+
+
+def _extreme_parts(name: str, n: int, k: int, rng) -> list[np.ndarray]:
+    """Weights at both ends of their codes (int8: -127 and 127, stored 1 and 255: an int16 pair
+    sum of 255 * 127 * 2 saturates); K-quants from random blocks."""
+    scheme = FLAVOUR_SCHEMES[name][0]
+    ggml_type = {"q4_k-a8": "Q4_K", "q6_k-a8": "Q6_K", "q6_k-a8-int8": "Q6_K"}.get(name)
+    if ggml_type:
+        return repack_gguf(scheme, ggml_type, _random_k_blocks(rng, ggml_type, n, k), k)
+    w = rng.choice([-1.0, 1.0], (n, k)) * rng.uniform(0.5, 2, (n, 1))
+    return quantize(scheme, w.astype(np.float32), np.float32)
+
+
+@functools.cache
+def _flavour_linear(name: str, target: str):
+    scheme, k = FLAVOUR_SCHEMES[name]
+    return _linear_vm(48, k, scheme, target)[0]
+
+
+@pytest.mark.parametrize("target", sorted(FLAVOUR_CPUS))
+@pytest.mark.parametrize("name", list(FLAVOUR_SCHEMES))
+def test_int8_dot_flavours_equal_the_vnni_kernel_bit_for_bit(target, name):
+    """Each target's int8 dot product (AVX2 and AVX-512BW: vpmaddubsw + vpmaddwd, exact; AVX-VNNI:
+    256-bit vpdpbusd) gives the AVX-512 VNNI kernel's outputs bit for bit, in decode (1 row) and
+    prefill (5, 33 rows; K padded), with activation codes near +-127 (INT22: random byte pieces)
+    against weights at both ends: a pair sum that saturated int16 would be off by ~40."""
+    if FLAVOUR_CPUS[target] not in _CPU_FLAGS or "avx512_vnni" not in _CPU_FLAGS:
+        pytest.skip(f"this CPU runs no {target} code or no VNNI reference")
+    scheme, k = FLAVOUR_SCHEMES[name]
+    rng = np.random.default_rng(k)
+    parts = _extreme_parts(name, 48, k, rng)
+    weights = dequantize(scheme, parts, k)
+    forward, vnni = _flavour_linear(name, target), _flavour_linear(name, "cpu")
+    for m in (1, 5, 33):
+        x = rng.choice([-1.0, 1.0], (1, m, k)) * rng.uniform(0.5, 1, (1, m, k))
+        x = x.astype(np.float32)
+        args = [tvm.runtime.tensor(x), [tvm.runtime.tensor(p) for p in parts]]
+        got = forward(*args).numpy()
+        np.testing.assert_array_equal(got, vnni(*args).numpy())
+        ref = _int_activations(x, PIECES[scheme.activations][1]) @ weights.T
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize(
+    "target,has,lacks",
+    [
+        ("cpu:haswell", ("vpmaddubsw", "vpmaddwd"), ("zmm", "vpdpbusd")),
+        ("cpu:skylake-avx512", ("vpmaddubsw", "zmm"), ("vpdpbusd",)),
+        ("cpu:alderlake", ("{vex}\tvpdpbusd",), ("zmm", "vpmaddubsw")),
+        ("cpu", ("vpdpbusd", "zmm"), ("vpmaddubsw", "{vex}")),
+    ],
+)
+def test_int8_dot_flavours_emit_their_instructions(target, has, lacks):
+    """The assembly of each target's int8 kernel: AVX2 code has no 512-bit registers (a Haswell
+    would fault on them) and no vpdpbusd; AVX-VNNI's vpdpbusd is the VEX-encoded one."""
+    if target == "cpu" and int8_dot_flavour(resolve_target("cpu").target()) != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    module = _linear_module(48, 70, SCHEMES["q4-a8"], target)
+    assembly = _cpu_build(module, target).mod.imports[0].inspect_source("s")
+    assert all(text in assembly for text in has), has
+    assert not any(text in assembly for text in lacks), lacks
+
+
 def _quantized_linears(manifest) -> set[str]:
     """Module names of the linears stored quantized ("a.q_proj+k_proj.weight.q" -> both)."""
     names = set()
@@ -417,7 +513,7 @@ def _quantized_linears(manifest) -> set[str]:
     return names
 
 
-@pytest.mark.skipif(not VNNI, reason="the int8 dot kernels need a CPU with AVX-512 VNNI")
+@pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
 @pytest.mark.parametrize("case", ["llama_gqa", "llama_tied_llama3_rope"])
 def test_q4_a8_model_equals_transformers_with_int8_activations(case, checkpoints, tmp_path):
     """The whole model against transformers on the dequantized weights, every quantized
