@@ -362,6 +362,9 @@ class ImageEncoder:
         self._embed = model.vm["embed_tokens"]
         self._prefill = model.vm["prefill_embeds"]
         self._newline = model.vm["image_newline_features"](model.params).numpy() if anyres else None
+        # Gemma 3: each image's tokens attend to each other, in a forward of their own.
+        blocks = vision.get("bidirectional_image_blocks", False)
+        self._prefill_block = model.vm["prefill_image_block"] if blocks else None
 
     @property
     def placeholder_ids(self) -> list[int]:
@@ -499,11 +502,59 @@ class ImageEncoder:
         if at.any():
             embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
         splits = np.cumsum([len(c) for c in chunks])[:-1]
-        return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
+        if self._prefill_block is None or not at.any():
+            return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
+        self._check_whole_images(flat[at])
+        return np.stack(
+            [
+                self.prefill_image_blocks(seq_id, chunk, image)
+                for seq_id, chunk, image in zip(
+                    seq_ids, np.split(embeds, splits), np.split(at, splits), strict=True
+                )
+            ]
+        )
+
+    def _check_whole_images(self, image_ids: np.ndarray) -> None:
+        """RelaxlmError unless a prefill's image tokens end with their images' last tokens:
+        an image's tokens see each other, so all of them must be in the forward that attends
+        them (or, for a cached image's rest, all the ones not yet cached)."""
+        # ImagePrompt gives image k's tokens ids base_k + 0 .. n - 1, with base_k - vocab a
+        # multiple of the context window: the position within the image is the remainder.
+        index = (image_ids - self.model.vocab_size) % self.model.context_window
+        ends = np.append(image_ids[1:] != image_ids[:-1] + 1, True)
+        if np.any(index[ends] != self.tokens_per_image - 1):
+            raise RelaxlmError(
+                f"a prefill chunk ends inside an image's {self.tokens_per_image} tokens, which "
+                "attend to each other in one forward; allow at least that many prefill tokens "
+                "per step (max_prefill_tokens) and prompts of whole images"
+            )
+
+    def prefill_image_blocks(self, seq_id: int, embeds: np.ndarray, is_image: np.ndarray):
+        """One sequence's chunk [n, hidden] whose rows where `is_image` are image tokens (of a
+        model whose images attend bidirectionally): the text runs before and after each image
+        and each image's tokens prefill as forwards of their own, in order; the logits after
+        the chunk's last token, [vocab]."""
+        bounds = np.flatnonzero(np.diff(is_image.astype(np.int8))) + 1
+        chunk = self.model.prefill_chunk
+        logits = None
+        for segment, image in zip(
+            np.split(embeds, bounds), np.split(is_image, bounds), strict=True
+        ):
+            if image[0] and len(segment) > 1:
+                logits = self._forward(self._prefill_block, [seq_id], [segment])[0]
+                continue
+            # Text, or one image token (which sees its block causally too; and the cache
+            # attends a lone token as a decode step, which the block entry does not expect).
+            for start in range(0, len(segment), chunk):
+                logits = self.prefill_embeddings([seq_id], [segment[start : start + chunk]])[0]
+        return logits
 
     def prefill_embeddings(self, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         """As CompiledModel.prefill, from embeddings: chunks[i] ([n_i, hidden]) appended to
         sequence seq_ids[i]; logits after each chunk's last token, [len(seq_ids), vocab]."""
+        return self._forward(self._prefill, seq_ids, chunks)
+
+    def _forward(self, entry, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         model = self.model
         lengths = [len(c) for c in chunks]
         if not all(lengths) or sum(lengths) > model.prefill_chunk:
@@ -516,7 +567,7 @@ class ImageEncoder:
         begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         begin(model.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
-        logits = self._prefill(
+        logits = entry(
             tvm.runtime.tensor(flat, model.device),
             tvm.runtime.tensor(last, model.device),
             model.kv_cache,
