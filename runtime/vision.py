@@ -365,11 +365,29 @@ class ImageEncoder:
         # Gemma 3: each image's tokens attend to each other, in a forward of their own.
         blocks = vision.get("bidirectional_image_blocks", False)
         self._prefill_block = model.vm["prefill_image_block"] if blocks else None
+        # sequence -> its image tokens the last chunk ended with, short of the image's end
+        self._partial: dict[int, int] = {}
+        # Gemma 3: a prompt marks an image with `<start_of_image>` (see expand_text).
+        self.boi_token_id = vision.get("boi_token_id")
+        self.eoi_token_id = vision.get("eoi_token_id")
 
     @property
     def placeholder_ids(self) -> list[int]:
-        """What a prompt holds per image before expansion: the image token."""
-        return [self.image_token_id]
+        """What a prompt holds per image before expansion: the image token (Gemma 3: its
+        `<start_of_image>`)."""
+        return [self.image_token_id if self.boi_token_id is None else self.boi_token_id]
+
+    def expand_text(self, text: str, token_text) -> str:
+        """A prompt's text with each image marker written out before tokenizing, as the
+        checkpoint's processor does. Gemma 3: `<start_of_image>` becomes a blank line, itself,
+        the image token (which `prompt` repeats per image), `<end_of_image>`, a blank line.
+        token_text: token id -> its text in the tokenizer."""
+        if self.boi_token_id is None:
+            return text
+        boi, image, eoi = map(
+            token_text, (self.boi_token_id, self.image_token_id, self.eoi_token_id)
+        )
+        return text.replace(boi, f"\n\n{boi}{image}{eoi}\n\n")
 
     def pixel_values(self, images: list) -> np.ndarray:
         """Sources (see `load_image`) -> [k, 3, h, w] float32 (one tile per image: LLaVA-1.5;
@@ -494,40 +512,51 @@ class ImageEncoder:
     ) -> np.ndarray:
         """As CompiledModel.prefill over token ids where ids in `rows` (an ImagePrompt's image
         ids) stand for their image features."""
-        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
-        at = flat >= self.model.vocab_size
-        ids = np.where(at, 0, flat).astype(np.int32)  # their embedding rows are replaced
-        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
-        embeds = self._embed(x, self.model.params).numpy()[0]  # [total, hidden]
-        if at.any():
-            embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
-        splits = np.cumsum([len(c) for c in chunks])[:-1]
-        if self._prefill_block is None or not at.any():
-            return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
-        self._check_whole_images(flat[at])
-        return np.stack(
-            [
-                self.prefill_image_blocks(seq_id, chunk, image)
-                for seq_id, chunk, image in zip(
-                    seq_ids, np.split(embeds, splits), np.split(at, splits), strict=True
-                )
-            ]
-        )
-
-    def _check_whole_images(self, image_ids: np.ndarray) -> None:
-        """RelaxlmError unless a prefill's image tokens end with their images' last tokens:
-        an image's tokens see each other, so all of them must be in the forward that attends
-        them (or, for a cached image's rest, all the ones not yet cached)."""
-        # ImagePrompt gives image k's tokens ids base_k + 0 .. n - 1, with base_k - vocab a
-        # multiple of the context window: the position within the image is the remainder.
-        index = (image_ids - self.model.vocab_size) % self.model.context_window
-        ends = np.append(image_ids[1:] != image_ids[:-1] + 1, True)
-        if np.any(index[ends] != self.tokens_per_image - 1):
-            raise RelaxlmError(
-                f"a prefill chunk ends inside an image's {self.tokens_per_image} tokens, which "
-                "attend to each other in one forward; allow at least that many prefill tokens "
-                "per step (max_prefill_tokens) and prompts of whole images"
+        vocab = self.model.vocab_size
+        if self._prefill_block is not None and any(t >= vocab for c in chunks for t in c):
+            return np.stack(
+                [self._prefill_blocks(s, c, rows) for s, c in zip(seq_ids, chunks, strict=True)]
             )
+        for seq_id in seq_ids:
+            self._partial.pop(seq_id, None)
+        splits = np.cumsum([len(c) for c in chunks])[:-1]
+        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
+        return self.prefill_embeddings(seq_ids, np.split(self._embeddings(flat, rows), splits))
+
+    def _embeddings(self, ids: np.ndarray, rows: dict[int, np.ndarray]) -> np.ndarray:
+        """Token ids, image ids among them -> [n, hidden] embeddings with the image rows."""
+        at = ids >= self.model.vocab_size
+        x = np.where(at, 0, ids).astype(np.int32)  # their embedding rows are replaced
+        embeds = self._embed(tvm.runtime.tensor(x[None], self.model.device), self.model.params)
+        embeds = embeds.numpy()[0]  # [n, hidden]
+        if at.any():
+            embeds[at] = np.stack([rows[int(t)] for t in ids[at]])
+        return embeds
+
+    def _prefill_blocks(self, seq_id: int, chunk: list[int], rows) -> np.ndarray:
+        """One sequence's chunk with image tokens, of a model whose images attend
+        bidirectionally; the logits after its last token.
+
+        The scheduler may cut a prompt inside an image. Then the image's first tokens, computed
+        by themselves in the step before, never saw its last: they are popped from the cache
+        and computed again with the rest, as one block. (An image's first tokens from another
+        prompt's cached pages saw all of it; the rest attends them as context.)
+        """
+        vocab, window = self.model.vocab_size, self.model.context_window
+        ids = np.asarray(chunk, dtype=np.int64)
+        # ImagePrompt gives image k's tokens ids base_k + 0 .. n - 1, with base_k - vocab a
+        # multiple of the context window: a token's place in its image is the remainder.
+        head = self._partial.pop(seq_id, 0) if ids[0] >= vocab else 0
+        if head:
+            tvm.get_global_func("vm.builtin.kv_state_popn")(self.model.kv_cache, seq_id, head)
+            ids = np.concatenate([np.arange(ids[0] - head, ids[0]), ids])
+        if ids[-1] >= vocab and (ids[-1] - vocab) % window != self.tokens_per_image - 1:
+            tail = 1  # the image's tokens at the chunk's end, to compute again next step
+            while tail < len(ids) and vocab <= ids[-tail - 1] == ids[-tail] - 1:
+                tail += 1
+            self._partial[seq_id] = tail
+        is_image = ids >= vocab
+        return self.prefill_image_blocks(seq_id, self._embeddings(ids, rows), is_image)
 
     def prefill_image_blocks(self, seq_id: int, embeds: np.ndarray, is_image: np.ndarray):
         """One sequence's chunk [n, hidden] whose rows where `is_image` are image tokens (of a

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_vision import _image
+from test_vision import GREEDY, _image, _png_url, assert_run_with_image_answers_as_chat
 
 from relaxlm.compiler.pipeline import compile_model
 from relaxlm.runtime.model import CompiledModel
@@ -118,3 +118,111 @@ def test_logits_and_greedy_tokens_equal_transformers(gemma3, n_images):
     miss = float(np.abs(causal[0] - theirs[0]).max())
     print(f"gemma3 {n_images} images, causal image tokens: max |logit diff| {miss:.2e}")
     assert miss > 20 * bound
+
+
+# -- the user's path: preprocessing, the chat template's image markers, LLM.chat ------------
+
+
+def _hf_processor(folder, tokens_per_image: int = 4):
+    return transformers.Gemma3Processor(
+        image_processor=transformers.AutoImageProcessor.from_pretrained(folder),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(folder),
+        image_seq_length=tokens_per_image,
+    )
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L"])
+def test_preprocessing_equals_gemma3_image_processor(gemma3, mode):
+    folder, _, encoder, _ = gemma3
+    processor = _hf_processor(folder).image_processor
+    for size in [(50, 31), (23, 64), (9, 13), (28, 28)]:
+        image = _image(*size, mode, seed=sum(size))
+        ours = encoder.pixel_values([image])
+        theirs = processor(images=image, return_tensors="np")["pixel_values"]
+        assert ours.shape == theirs.shape == (1, 3, 28, 28)
+        diff = float(np.abs(ours - theirs).max())
+        print(f"gemma3 {mode} {size}: max |pixel diff| {diff:.1e}")
+        assert diff <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def llm(gemma3):
+    import relaxlm
+
+    _, model, _, _ = gemma3
+    return relaxlm.LLM(model.folder, kv_cache_tokens=512)
+
+
+def _chat(images: list, text: str = "Compare ") -> tuple[list[dict], list[dict]]:
+    """(OpenAI-style messages with the images as data URLs, the same for transformers)."""
+    ours = [{"type": "text", "text": text}]
+    theirs = [{"type": "text", "text": text}]
+    for image in images:
+        ours.append({"type": "image_url", "image_url": {"url": _png_url(image)}})
+        theirs.append({"type": "image"})
+        ours.append({"type": "text", "text": " and"})
+        theirs.append({"type": "text", "text": " and"})
+    return [{"role": "user", "content": ours}], [{"role": "user", "content": theirs}]
+
+
+def _hf_chat_greedy(folder, hf, messages, images, n: int) -> tuple[list[int], list[int]]:
+    """Gemma3Processor's prompt ids for the messages and images, and generate's tokens."""
+    processor = _hf_processor(folder, hf.config.mm_tokens_per_image)
+    text = processor.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    inputs = processor(text=text, images=images, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = hf.generate(
+            **inputs, do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0
+        )
+    ids = inputs["input_ids"][0].tolist()
+    return ids, out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_chat_with_images_equals_transformers(gemma3, llm, n_images):
+    import relaxlm
+
+    folder, _, _, hf = gemma3
+    images = [_image(45, 30, "RGB", seed=11), _image(30, 45, "RGBA", seed=12)][:n_images]
+    ours, theirs = _chat(images)
+    result = llm.chat(ours, relaxlm.SamplingParams(**GREEDY))
+    ids, tokens = _hf_chat_greedy(folder, hf, theirs, images, GREEDY["max_tokens"])
+    # Our prompt holds image ids of our own (one range per image) where transformers' holds
+    # the image token.
+    image_token = hf.config.image_token_index
+    vocab = hf.config.text_config.vocab_size
+    assert [image_token if t >= vocab else t for t in result.prompt_token_ids] == ids
+    assert result.token_ids == tokens
+    assert len(set(tokens)) >= 3
+
+
+@pytest.mark.parametrize("step", [3, 5])
+def test_images_split_across_prefill_chunks(gemma3, step):
+    """Prefill steps of 3 or 5 tokens cut the 4-token images: the logits still equal
+    transformers' (an image's first tokens are computed again with its last)."""
+    _, model, encoder, hf = gemma3
+    c = hf.config
+    images = [_image(45, 30, "RGB", seed=11), _image(30, 45, "RGBA", seed=12)]
+    one_each = [1, *TEXT[:3], c.boi_token_index, c.image_token_index, c.eoi_token_index, 40]
+    one_each += [c.boi_token_index, c.image_token_index, c.eoi_token_index, *TEXT[3:]]
+    prompt = encoder.prompt(one_each, images)
+    seq = 6
+    model.add_sequence(seq)
+    try:
+        for start in range(0, len(prompt), step):
+            chunk = prompt.token_ids[start : start + step]
+            ours = encoder.prefill_tokens([seq], [chunk], prompt.rows)[0]
+    finally:
+        model.remove_sequence(seq)
+    theirs = _theirs(hf, prompt.text_ids, encoder.pixel_values(images), [0])[0]
+    diff = float(np.abs(ours - theirs).max())
+    print(f"gemma3 prefill steps of {step}: max |logit diff| {diff:.2e}")
+    assert diff <= 1e-4 * max(1.0, float(np.abs(theirs).max()))
+
+
+def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
+    path = tmp_path / "picture.png"
+    _image(33, 47, "RGB", seed=41).save(path)
+    assert_run_with_image_answers_as_chat(llm, path)

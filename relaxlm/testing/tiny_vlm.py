@@ -298,6 +298,13 @@ def make_gemma3_vl_model(
     _add_image_token(out_dir, ("<start_of_turn>", "<end_of_turn>", *GEMMA3_TOKENS))
     tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
     boi, eoi, soft = (tok.token_to_id(t) for t in GEMMA3_TOKENS)
+    # Named as GemmaTokenizer names them, which Gemma3Processor reads.
+    config_path = out_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["extra_special_tokens"] = dict(
+        zip(("boi_token", "eoi_token", "image_token"), GEMMA3_TOKENS, strict=True)
+    )
+    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     text = transformers.Gemma3TextConfig(
         **{
             **TINY_CONFIG,
