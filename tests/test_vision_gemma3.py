@@ -226,3 +226,23 @@ def test_cli_run_with_image_answers_as_chat(llm, tmp_path):
     path = tmp_path / "picture.png"
     _image(33, 47, "RGB", seed=41).save(path)
     assert_run_with_image_answers_as_chat(llm, path)
+
+
+def test_openai_client_gets_the_sdk_answer(llm):
+    """The server with the official openai client: two base64 images give LLM.chat's tokens."""
+    import openai
+
+    import relaxlm
+    from relaxlm.server.app import ServerOptions, create_app
+    from relaxlm.server.background import BackgroundServer
+
+    messages, _ = _chat([_image(61, 22, "RGB", seed=31), _image(20, 20, "L", seed=32)])
+    expected = llm.chat(messages, relaxlm.SamplingParams(max_tokens=12, temperature=0.0))
+    with BackgroundServer(create_app(llm, ServerOptions(served_model_name="gemma3"))) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        answer = client.chat.completions.create(
+            model="gemma3", messages=messages, max_tokens=12, temperature=0
+        )
+    assert answer.choices[0].message.content == expected.text
+    assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert answer.usage.completion_tokens == len(expected.token_ids) == 12
