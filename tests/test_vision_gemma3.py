@@ -189,11 +189,7 @@ def test_chat_with_images_equals_transformers(gemma3, llm, n_images):
     ours, theirs = _chat(images)
     result = llm.chat(ours, relaxlm.SamplingParams(**GREEDY))
     ids, tokens = _hf_chat_greedy(folder, hf, theirs, images, GREEDY["max_tokens"])
-    # Our prompt holds image ids of our own (one range per image) where transformers' holds
-    # the image token.
-    image_token = hf.config.image_token_index
-    vocab = hf.config.text_config.vocab_size
-    assert [image_token if t >= vocab else t for t in result.prompt_token_ids] == ids
+    assert result.prompt_token_ids == ids
     assert result.token_ids == tokens
     assert len(set(tokens)) >= 3
 
@@ -246,3 +242,42 @@ def test_openai_client_gets_the_sdk_answer(llm):
     assert answer.choices[0].message.content == expected.text
     assert answer.usage.prompt_tokens == len(expected.prompt_token_ids)
     assert answer.usage.completion_tokens == len(expected.token_ids) == 12
+
+
+def _hf_greedy(hf, ids: list[int], pixels: np.ndarray, n: int) -> list[int]:
+    """generate's tokens for prompt ids holding the image token, with token_type_ids."""
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf.generate(
+            prompt,
+            pixel_values=torch.from_numpy(pixels),
+            token_type_ids=(prompt == hf.config.image_token_index).long(),
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=n,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+def test_prefix_cache_hit_ending_inside_an_image(gemma3, llm):
+    """A second prompt with the same text and image up to a page boundary that cuts the image:
+    its cached pages hold the image's first tokens (which saw all of it), the rest of the
+    image is computed as a block over them; the tokens equal transformers'."""
+    import relaxlm
+
+    _, _, encoder, hf = gemma3
+    image = _image(40, 40, "RGB", seed=33)
+    params = relaxlm.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    page = llm.model.page_size
+    head = "one two three four five six seven eight nine ten eleven twelve <start_of_image>"
+    first = llm.generate({"prompt": head + " what is it", "images": [image]}, params)[0]
+    at = [i for i, t in enumerate(first.prompt_token_ids) if t == hf.config.image_token_index]
+    boundary = at[-1] // page * page
+    assert at[0] < boundary, f"the image's tokens {at} must straddle a page boundary"
+    before = llm.metrics().prefix_cache_hit_tokens
+    second = llm.generate({"prompt": head + " and now?", "images": [image]}, params)[0]
+    assert llm.metrics().prefix_cache_hit_tokens - before == boundary
+    pixels = encoder.pixel_values([image])
+    assert second.token_ids == _hf_greedy(hf, second.prompt_token_ids, pixels, 6)
