@@ -281,3 +281,45 @@ def test_prefix_cache_hit_ending_inside_an_image(gemma3, llm):
     assert llm.metrics().prefix_cache_hit_tokens - before == boundary
     pixels = encoder.pixel_values([image])
     assert second.token_ids == _hf_greedy(hf, second.prompt_token_ids, pixels, 6)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"mm_tokens_per_image": 5}, "mm_tokens_per_image 5 must be a square"),
+        ({"mm_tokens_per_image": 9}, "mm_tokens_per_image 9 must be a square"),  # 3 into 4x4
+        ({"mm_tokens_per_image": 16, "sliding_window": 8}, "at most the sliding window 8"),
+        ({"vision_model_type": "clip_vision_model"}, "clip_vision_model' is not supported"),
+    ],
+)
+def test_bad_config_is_one_clear_error(gemma3, change, message):
+    import json
+
+    from relaxlm.errors import RelaxlmError
+    from relaxlm.frontends.gemma3_vl import Gemma3VLConfig
+
+    folder = gemma3[0]
+    raw = json.loads((folder / "config.json").read_text())
+    if "mm_tokens_per_image" in change:
+        raw["mm_tokens_per_image"] = change["mm_tokens_per_image"]
+    if "sliding_window" in change:
+        raw["text_config"]["sliding_window"] = change["sliding_window"]
+    if "vision_model_type" in change:
+        raw["vision_config"]["model_type"] = change["vision_model_type"]
+    with pytest.raises(RelaxlmError, match=message):
+        Gemma3VLConfig.from_dict(raw)
+
+
+def test_transformers_4_layout_nests_the_tower(gemma3):
+    """The hub's checkpoints name the tower `vision_tower.vision_model.*`: that tree is built."""
+    import json
+
+    from relaxlm.frontends.gemma3_vl import Gemma3ForConditionalGeneration, Gemma3VLConfig
+
+    config = Gemma3VLConfig.from_dict(json.loads((gemma3[0] / "config.json").read_text()))
+    for nested in (True, False):
+        names = ["vision_tower.vision_model.post_layernorm.weight"] if nested else []
+        model = Gemma3ForConditionalGeneration.for_tensors(config, names)
+        tower = [n for n, _ in model.named_parameters() if n.startswith("vision_tower.")]
+        assert len(tower) == 3 + 16 * 2 + 2  # embeddings, 2 layers of 16, post_layernorm
+        assert all(n.startswith("vision_tower.vision_model.") == nested for n in tower)
