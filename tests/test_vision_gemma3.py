@@ -244,14 +244,19 @@ def test_openai_client_gets_the_sdk_answer(llm):
     assert answer.usage.completion_tokens == len(expected.token_ids) == 12
 
 
-def _hf_greedy(hf, ids: list[int], pixels: np.ndarray, n: int) -> list[int]:
+def _hf_greedy(hf, ids: list[int], pixels: np.ndarray | None, n: int) -> list[int]:
     """generate's tokens for prompt ids holding the image token, with token_type_ids."""
     prompt = torch.tensor([ids])
+    images = {}
+    if pixels is not None:
+        images = {
+            "pixel_values": torch.from_numpy(pixels),
+            "token_type_ids": (prompt == hf.config.image_token_index).long(),
+        }
     with torch.no_grad():
         out = hf.generate(
             prompt,
-            pixel_values=torch.from_numpy(pixels),
-            token_type_ids=(prompt == hf.config.image_token_index).long(),
+            **images,
             attention_mask=torch.ones_like(prompt),
             do_sample=False,
             max_new_tokens=n,
@@ -323,3 +328,19 @@ def test_transformers_4_layout_nests_the_tower(gemma3):
         tower = [n for n, _ in model.named_parameters() if n.startswith("vision_tower.")]
         assert len(tower) == 3 + 16 * 2 + 2  # embeddings, 2 layers of 16, post_layernorm
         assert all(n.startswith("vision_tower.vision_model.") == nested for n in tower)
+
+
+def test_image_prompt_batched_with_a_text_prompt(gemma3, llm):
+    """An image prompt and a text prompt in one generate call (their prefills share steps):
+    each gets transformers' tokens."""
+    import relaxlm
+
+    _, _, encoder, hf = gemma3
+    picture = _image(30, 30, "RGB", seed=51)
+    params = relaxlm.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    image = {"prompt": "<start_of_image> what now, in a few words?", "images": [picture]}
+    text = "a text prompt long enough for more than one prefill chunk of sixteen tokens"
+    with_image, text_only = llm.generate([image, text], params)
+    pixels = encoder.pixel_values([picture])
+    assert with_image.token_ids == _hf_greedy(hf, with_image.prompt_token_ids, pixels, 6)
+    assert text_only.token_ids == _hf_greedy(hf, text_only.prompt_token_ids, None, 6)
