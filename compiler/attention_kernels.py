@@ -7,10 +7,12 @@ with scalar dot products. These replace them, with the same signatures, on every
 (`lower_attention_to_paged_kv`); decode runs (sequence, head) pairs in parallel, in vectors.
 
 Every kernel masks by absolute position: the query at position `qpos` sees the key at `kpos`
-iff `kpos <= qpos` and, with a window `w`, `kpos > qpos - w` (transformers' sliding-window
-mask). Positions come from the cache's own bookkeeping: `q_rope_position` per query token and
-`k_rope_pos_offset` per sequence (the position of the first key the kernel is handed), so the
-mask holds whichever keys, pages or sliding-window page table the cache passes in.
+iff `kpos <= qpos` (any `kpos` when the softmax scale comes negated: a forward that is one
+bidirectional block, see lower_attention_to_paged_kv.py) and, with a window `w`,
+`kpos > qpos - w` (transformers' sliding-window mask). Positions come from the cache's own
+bookkeeping: `q_rope_position` per query token and `k_rope_pos_offset` per sequence (the
+position of the first key the kernel is handed), so the mask holds whichever keys, pages or
+sliding-window page table the cache passes in.
 
 Scores follow transformers: `s = q.k * sm_scale`, then `s = cap * tanh(s / cap)` when capped,
 then softmax. The log-sum-exp output is in base 2, as the cache's merge kernel expects.
@@ -280,7 +282,10 @@ class _Attention:
     def __init__(
         self, output, lse, sm_scale, softcap: float, window: int, d: int, dtype: str, gpu=False
     ):
-        self.output, self.lse, self.sm_scale = output, lse, sm_scale
+        # A negative scale (lower_attention_to_paged_kv): the forward is one bidirectional
+        # block, whose tokens all see each other.
+        self.output, self.lse, self.sm_scale = output, lse, T.abs(sm_scale)
+        self.bidirectional = sm_scale < T.float32(0)
         self.softcap, self.window, self.d, self.dtype = softcap, window, d, dtype
         # vector width of dot products and output updates: the widest that divides d on CPUs;
         # a GPU thread works on scalars (its parallelism is across threads)
@@ -296,6 +301,10 @@ class _Attention:
     def exp2(self, x: tirx.Expr) -> tirx.Expr:
         """2**x: relaxlm's vectorizable polynomial on CPUs, the hardware's on GPUs."""
         return T.exp2(x) if self.gpu else exp2(x)
+
+    def end(self, qpos, kbase, num_kv):
+        """One past the last key index (relative to `kbase`) the query at `qpos` may see."""
+        return T.if_then_else(self.bidirectional, num_kv, T.min(num_kv, qpos - kbase + 1))
 
     def q_scale(self):
         """Factor applied to q: the base-2 scale folds into it without soft-capping; with it,
@@ -406,7 +415,7 @@ def _attend_tile(q, first, count, h, kv, positions, kbase, num_kv, att):
         row_hi[r] = 0
         if r < count:
             row_lo[r] = _first_visible(positions[first + r], kbase, att.window)
-            row_hi[r] = T.min(num_kv, positions[first + r] - kbase + 1)
+            row_hi[r] = att.end(positions[first + r], kbase, num_kv)
             span[0] = T.min(span[0], row_lo[r])
             span[1] = T.max(span[1], row_hi[r])
         row_max[r] = T.float32(_NO_MAX)
@@ -935,6 +944,6 @@ def _gpu_attend_rows(q, num_rows, h_q, batch_size, q_indptr, positions, k_pos, s
                         h,
                         sequences.keys(seq[0]).for_query_head(h),
                         _first_visible(positions[row], kbase, att.window),
-                        T.min(sequences.count(seq[0]), positions[row] - kbase + 1),
+                        att.end(positions[row], kbase, sequences.count(seq[0])),
                         att,
                     )

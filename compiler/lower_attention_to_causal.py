@@ -93,7 +93,8 @@ def _masked_scores(scores: te.Tensor, attn: AttentionCall) -> te.Tensor:
         x = scores[b, h, i, j].astype("float32") * attn.sm_scale
         if cap > 0:
             x = tirx.tanh(x / cap) * cap
-        visible = j <= i
+        # A bidirectional block (Gemma 3's image) sees all of itself; here it has no cache.
+        visible = tirx.const(True) if attn.bidirectional else j <= i
         if attn.sliding_window > 0:
             visible = tirx.all(visible, i - j < attn.sliding_window)
         return tirx.Select(visible, x, lowest)

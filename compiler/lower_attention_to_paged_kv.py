@@ -17,6 +17,12 @@ soft-cap. Where they differ in what TVM's cache can only do once, the pass takes
   the cache's per-layer `mha_sliding` kind; the kernel for attention among a forward's own
   tokens is shared by all layers and masks no window, so a sequence may then add at most
   `window` tokens per forward (`max_prefill_chunk` in the layout; the CPU kernel raises past it).
+- Bidirectional blocks (Gemma 3's image tokens, `bidirectional` calls): TVM's C++ hands the
+  kernel for attention among a forward's own tokens causal=1 always, and TVM 0.27's
+  `cross_attention` builtin takes sliding-window layers for MLA ones. The one value the graph
+  passes through to the kernels is the softmax scale, so a bidirectional call passes it
+  negated, and relaxlm's kernels (then used on every target) read a negative scale as "no
+  causal mask among this forward's tokens". The runtime runs each block as a forward of its own.
 """
 
 import contextlib
@@ -113,6 +119,8 @@ class KVCachePlan:
     rope_in_graph: bool
     windows: tuple[int, ...]  # per layer, 0 = full attention
     softcap: float
+    # Some entry's forwards are one bidirectional block each (Gemma 3's images).
+    bidirectional: bool = False
     page_dtype: str = ""  # what the pages hold: `dtype` (if left empty), float16, or int8 bytes
     quant: KVQuant | None = None  # how those int8 bytes hold K and V
 
@@ -153,7 +161,7 @@ class KVCachePlan:
 
     @property
     def relaxlm_kernels(self) -> bool:
-        return self.window > 0 or self.softcap > 0 or self.quant is not None
+        return self.window > 0 or self.softcap > 0 or self.quant is not None or self.bidirectional
 
     @property
     def max_prefill_chunk(self) -> int | None:
@@ -282,6 +290,7 @@ def _plan(
         softcap=first.logit_softcap,
         page_dtype=page_dtype,
         quant=quant,
+        bidirectional=any(call.bidirectional for _, call, _ in calls),
     )
     return plan
 
@@ -352,8 +361,9 @@ class _AttentionRewriter(relax.PyExprMutator):
                 [
                     self._cache,
                     relax.prim_value(attn.layer_id - self._first_layer),
-                    # The kernels take the plain softmax scale and fold in log2(e) themselves.
-                    relax.prim_value(attn.sm_scale),
+                    # The kernels take the plain softmax scale and fold in log2(e) themselves;
+                    # its sign tells relaxlm's kernels a forward is one bidirectional block.
+                    relax.prim_value(-attn.sm_scale if attn.bidirectional else attn.sm_scale),
                     flat,
                 ],
                 out_ty=out_ty,

@@ -13,6 +13,7 @@ from relaxlm.errors import RelaxlmError
 from . import (
     gemma2,
     gemma3,
+    gemma3_vl,
     gpt2,
     llama,
     llava,
@@ -56,6 +57,10 @@ ARCHITECTURES = {
     "PhiForCausalLM": (phi.PhiConfig.from_dict, phi.PhiForCausalLM),
     "Gemma2ForCausalLM": (gemma2.Gemma2Config.from_dict, gemma2.Gemma2ForCausalLM),
     "Gemma3ForCausalLM": (gemma3.Gemma3Config.from_dict, gemma3.Gemma3ForCausalLM),
+    "Gemma3ForConditionalGeneration": (
+        gemma3_vl.Gemma3VLConfig.from_dict,
+        gemma3_vl.Gemma3ForConditionalGeneration,
+    ),
     "GPT2LMHeadModel": (gpt2.GPT2Config.from_dict, gpt2.GPT2LMHeadModel),
     "LlavaForConditionalGeneration": (
         llava.LlavaConfig.from_dict,

@@ -16,6 +16,9 @@ A vision-language model (`VisionLM`) exports three more, so images are spliced i
 - `prefill_embeds(embeddings[1, n, hidden], logit_positions[b])`: `prefill` from embeddings
   (token embeddings with image features at the image-token positions); plus the inputs of
   `VisionLM.prefill_position_inputs` (Qwen2.5-VL: M-RoPE positions `[3, n]`).
+- `prefill_image_block(embeddings[1, n, hidden], logit_positions[b])`, for a model whose image
+  tokens attend bidirectionally (Gemma 3): `prefill_embeds` over one sequence's n tokens of one
+  image, which see each other and, causally, the cached tokens before them.
 - `image_newline_features()`, for a model that has it (LLaVA-NeXT): the learned vector the
   runtime puts after each row of an image's tiles, `[hidden]` float32.
 
@@ -267,6 +270,8 @@ def export_vision_lm(model: VisionLM):
             "$": modes,
         },
     }
+    if hasattr(model, "prefill_image_block"):  # Gemma 3: an image's tokens, bidirectionally
+        spec["prefill_image_block"] = {**spec["prefill_embeds"]}
     if hasattr(model, "image_newline_features"):
         spec["image_newline_features"] = {"$": modes}
     return model.export_tvm(spec=spec)

@@ -73,6 +73,9 @@ def qwen2_config(raw: dict[str, Any]) -> LlamaConfig:
 
 
 class LlamaAttention(nn.Module):
+    # Set while an entry whose tokens form one bidirectional block is traced (Gemma 3's images).
+    bidirectional = False
+
     def __init__(self, config: LlamaConfig, layer_id: int):
         self.layer_id = layer_id
         self.num_q_heads = config.num_attention_heads
@@ -106,6 +109,7 @@ class LlamaAttention(nn.Module):
             rope=self.rope,
             sliding_window=self.sliding_window,
             logit_softcap=self.logit_softcap,
+            bidirectional=self.bidirectional,
         )  # [b, s, q_heads, head_dim]
         return self.o_proj(nn.op.reshape(out, (b, s, self.num_q_heads * self.head_dim)))
 

@@ -53,6 +53,7 @@ class AttentionCall:
     rope: RopeSpec | None
     sliding_window: int = 0
     logit_softcap: float = 0.0
+    bidirectional: bool = False
 
 
 def attention(
@@ -65,6 +66,7 @@ def attention(
     rope: RopeSpec | None,
     sliding_window: int = 0,
     logit_softcap: float = 0.0,
+    bidirectional: bool = False,
 ) -> nn.Tensor:
     """Causal self-attention with RoPE over fused qkv.
 
@@ -72,6 +74,9 @@ def attention(
     rope: None for a model without rotary embeddings (positions enter elsewhere).
     sliding_window: > 0 lets a token see only itself and the `sliding_window - 1` before it.
     logit_softcap: > 0 caps each attention logit as `cap * tanh(logit / cap)` before softmax.
+    bidirectional: the call's tokens are one block (Gemma 3's image) that attends to itself
+        bidirectionally, and causally to what precedes it; a forward then holds one sequence's
+        block only.
     Returns [batch, seq, num_q_heads, head_dim].
     """
     b, s, h, d = qkv.shape
@@ -88,6 +93,7 @@ def attention(
             tvm.ir.StringImm("null" if rope is None else rope.to_json()),
             relax.prim_value(int(sliding_window)),
             relax.prim_value(float(logit_softcap)),
+            relax.prim_value(int(bidirectional)),
         ],
         out_ty=relax.TensorType((b, s, num_q_heads, d), qkv.dtype),
     )
@@ -115,7 +121,9 @@ def is_positions_call(expr: relax.Expr) -> bool:
 
 def read_attention_call(call: relax.Call) -> AttentionCall:
     """The attributes `attention` put on `call` (the qkv tensor is `call.args[1][0]`)."""
-    qkv, layer_id, num_q, num_kv, sm_scale, rope, window, softcap = call.args[1].fields
+    qkv, layer_id, num_q, num_kv, sm_scale, rope, window, softcap, bidirectional = call.args[
+        1
+    ].fields
     return AttentionCall(
         layer_id=int(_prim(layer_id)),
         num_q_heads=int(_prim(num_q)),
@@ -125,6 +133,7 @@ def read_attention_call(call: relax.Call) -> AttentionCall:
         rope=RopeSpec.from_json(str(rope.value)),
         sliding_window=int(_prim(window)),
         logit_softcap=float(_prim(softcap)),
+        bidirectional=bool(_prim(bidirectional)),
     )
 
 

@@ -424,11 +424,15 @@ class LLM:
             return self._chat_ids(messages, tools)
         self._image_encoder()  # refuse before a text-only template sees image parts
         messages, images = split_images(messages)
-        return self._image_prompt(self._chat_ids(messages, tools), images)
+        return self._image_prompt(self._chat_ids(messages, tools, images=True), images)
 
-    def _chat_ids(self, messages: Messages, tools: list[dict] | None = None) -> list[int]:
+    def _chat_ids(
+        self, messages: Messages, tools: list[dict] | None = None, images: bool = False
+    ) -> list[int]:
         # The template writes BOS itself where the model wants one (as transformers does).
         text = self.apply_chat_template(messages, tools)
+        if images:
+            text = self.engine.images.expand_text(text, self.tokenizer.backend.id_to_token)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _image_prompt(self, ids: list[int], images: list) -> ImagePrompt:
@@ -450,7 +454,8 @@ class LLM:
         images = self.engine.images
         token = self.tokenizer.backend.id_to_token(images.image_token_id)
         placeholder = "".join(map(self.tokenizer.backend.id_to_token, images.placeholder_ids))
-        return text if token in text else f"{placeholder}\n" * n + text
+        text = text if token in text or placeholder in text else f"{placeholder}\n" * n + text
+        return images.expand_text(text, self.tokenizer.backend.id_to_token)
 
 
 class AsyncLLM:

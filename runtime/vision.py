@@ -362,11 +362,32 @@ class ImageEncoder:
         self._embed = model.vm["embed_tokens"]
         self._prefill = model.vm["prefill_embeds"]
         self._newline = model.vm["image_newline_features"](model.params).numpy() if anyres else None
+        # Gemma 3: each image's tokens attend to each other, in a forward of their own.
+        blocks = vision.get("bidirectional_image_blocks", False)
+        self._prefill_block = model.vm["prefill_image_block"] if blocks else None
+        # sequence -> its image tokens the last chunk ended with, short of the image's end
+        self._partial: dict[int, int] = {}
+        # Gemma 3: a prompt marks an image with `<start_of_image>` (see expand_text).
+        self.boi_token_id = vision.get("boi_token_id")
+        self.eoi_token_id = vision.get("eoi_token_id")
 
     @property
     def placeholder_ids(self) -> list[int]:
-        """What a prompt holds per image before expansion: the image token."""
-        return [self.image_token_id]
+        """What a prompt holds per image before expansion: the image token (Gemma 3: its
+        `<start_of_image>`)."""
+        return [self.image_token_id if self.boi_token_id is None else self.boi_token_id]
+
+    def expand_text(self, text: str, token_text) -> str:
+        """A prompt's text with each image marker written out before tokenizing, as the
+        checkpoint's processor does. Gemma 3: `<start_of_image>` becomes a blank line, itself,
+        the image token (which `prompt` repeats per image), `<end_of_image>`, a blank line.
+        token_text: token id -> its text in the tokenizer."""
+        if self.boi_token_id is None:
+            return text
+        boi, image, eoi = map(
+            token_text, (self.boi_token_id, self.image_token_id, self.eoi_token_id)
+        )
+        return text.replace(boi, f"\n\n{boi}{image}{eoi}\n\n")
 
     def pixel_values(self, images: list) -> np.ndarray:
         """Sources (see `load_image`) -> [k, 3, h, w] float32 (one tile per image: LLaVA-1.5;
@@ -491,19 +512,78 @@ class ImageEncoder:
     ) -> np.ndarray:
         """As CompiledModel.prefill over token ids where ids in `rows` (an ImagePrompt's image
         ids) stand for their image features."""
-        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
-        at = flat >= self.model.vocab_size
-        ids = np.where(at, 0, flat).astype(np.int32)  # their embedding rows are replaced
-        x = tvm.runtime.tensor(ids.reshape(1, -1), self.model.device)
-        embeds = self._embed(x, self.model.params).numpy()[0]  # [total, hidden]
-        if at.any():
-            embeds[at] = np.stack([rows[int(t)] for t in flat[at]])
+        vocab = self.model.vocab_size
+        if self._prefill_block is not None and any(t >= vocab for c in chunks for t in c):
+            return np.stack(
+                [self._prefill_blocks(s, c, rows) for s, c in zip(seq_ids, chunks, strict=True)]
+            )
+        for seq_id in seq_ids:
+            self._partial.pop(seq_id, None)
         splits = np.cumsum([len(c) for c in chunks])[:-1]
-        return self.prefill_embeddings(seq_ids, np.split(embeds, splits))
+        flat = np.fromiter((t for c in chunks for t in c), dtype=np.int64)
+        return self.prefill_embeddings(seq_ids, np.split(self._embeddings(flat, rows), splits))
+
+    def _embeddings(self, ids: np.ndarray, rows: dict[int, np.ndarray]) -> np.ndarray:
+        """Token ids, image ids among them -> [n, hidden] embeddings with the image rows."""
+        at = ids >= self.model.vocab_size
+        x = np.where(at, 0, ids).astype(np.int32)  # their embedding rows are replaced
+        embeds = self._embed(tvm.runtime.tensor(x[None], self.model.device), self.model.params)
+        embeds = embeds.numpy()[0]  # [n, hidden]
+        if at.any():
+            embeds[at] = np.stack([rows[int(t)] for t in ids[at]])
+        return embeds
+
+    def _prefill_blocks(self, seq_id: int, chunk: list[int], rows) -> np.ndarray:
+        """One sequence's chunk with image tokens, of a model whose images attend
+        bidirectionally; the logits after its last token.
+
+        The scheduler may cut a prompt inside an image. Then the image's first tokens, computed
+        by themselves in the step before, never saw its last: they are popped from the cache
+        and computed again with the rest, as one block. (An image's first tokens from another
+        prompt's cached pages saw all of it; the rest attends them as context.)
+        """
+        vocab, window = self.model.vocab_size, self.model.context_window
+        ids = np.asarray(chunk, dtype=np.int64)
+        # ImagePrompt gives image k's tokens ids base_k + 0 .. n - 1, with base_k - vocab a
+        # multiple of the context window: a token's place in its image is the remainder.
+        head = self._partial.pop(seq_id, 0) if ids[0] >= vocab else 0
+        if head:
+            tvm.get_global_func("vm.builtin.kv_state_popn")(self.model.kv_cache, seq_id, head)
+            ids = np.concatenate([np.arange(ids[0] - head, ids[0]), ids])
+        if ids[-1] >= vocab and (ids[-1] - vocab) % window != self.tokens_per_image - 1:
+            tail = 1  # the image's tokens at the chunk's end, to compute again next step
+            while tail < len(ids) and vocab <= ids[-tail - 1] == ids[-tail] - 1:
+                tail += 1
+            self._partial[seq_id] = tail
+        is_image = ids >= vocab
+        return self.prefill_image_blocks(seq_id, self._embeddings(ids, rows), is_image)
+
+    def prefill_image_blocks(self, seq_id: int, embeds: np.ndarray, is_image: np.ndarray):
+        """One sequence's chunk [n, hidden] whose rows where `is_image` are image tokens (of a
+        model whose images attend bidirectionally): the text runs before and after each image
+        and each image's tokens prefill as forwards of their own, in order; the logits after
+        the chunk's last token, [vocab]."""
+        bounds = np.flatnonzero(np.diff(is_image.astype(np.int8))) + 1
+        chunk = self.model.prefill_chunk
+        logits = None
+        for segment, image in zip(
+            np.split(embeds, bounds), np.split(is_image, bounds), strict=True
+        ):
+            if image[0] and len(segment) > 1:
+                logits = self._forward(self._prefill_block, [seq_id], [segment])[0]
+                continue
+            # Text, or one image token (which sees its block causally too; and the cache
+            # attends a lone token as a decode step, which the block entry does not expect).
+            for start in range(0, len(segment), chunk):
+                logits = self.prefill_embeddings([seq_id], [segment[start : start + chunk]])[0]
+        return logits
 
     def prefill_embeddings(self, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         """As CompiledModel.prefill, from embeddings: chunks[i] ([n_i, hidden]) appended to
         sequence seq_ids[i]; logits after each chunk's last token, [len(seq_ids), vocab]."""
+        return self._forward(self._prefill, seq_ids, chunks)
+
+    def _forward(self, entry, seq_ids: list[int], chunks: list[np.ndarray]) -> np.ndarray:
         model = self.model
         lengths = [len(c) for c in chunks]
         if not all(lengths) or sum(lengths) > model.prefill_chunk:
@@ -516,7 +596,7 @@ class ImageEncoder:
         begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
         begin(model.kv_cache, ShapeTuple(seq_ids), ShapeTuple(lengths))
-        logits = self._prefill(
+        logits = entry(
             tvm.runtime.tensor(flat, model.device),
             tvm.runtime.tensor(last, model.device),
             model.kv_cache,

@@ -271,6 +271,10 @@ class QwenImageEncoder:
         merged[inputs.unit_order] = out  # undo the window order
         return np.split(merged, np.cumsum([self.num_tokens(i) for i in images])[:-1])
 
+    def expand_text(self, text: str, token_text) -> str:
+        """The text as it is: the image markers the template writes are tokens (see `expand`)."""
+        return text
+
     def expand(self, token_ids: list[int], counts: list[int]) -> list[int]:
         """Each image token repeated to its image's count, in order."""
         out: list[int] = []

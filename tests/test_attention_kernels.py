@@ -21,14 +21,17 @@ from relaxlm.compiler.targets import resolve_target
 PAGE = ak.PAGE_SIZE
 
 
-def _reference(q, k, v, qpos, kpos, sm_scale, window, softcap):
-    """Output [n, hq, d] and base-2 log-sum-exp [n, hq] of one sequence, in float64."""
+def _reference(q, k, v, qpos, kpos, sm_scale, window, softcap, bidirectional=False):
+    """Output [n, hq, d] and base-2 log-sum-exp [n, hq] of one sequence, in float64.
+    bidirectional: no causal mask (keys after a query are seen too)."""
     hq, hkv = q.shape[1], k.shape[1]
     k, v = np.repeat(k, hq // hkv, axis=1), np.repeat(v, hq // hkv, axis=1)
     scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k) * sm_scale
     if softcap:
         scores = softcap * np.tanh(scores / softcap)
     visible = kpos[None, :] <= qpos[:, None]
+    if bidirectional:
+        visible = np.ones_like(visible)
     if window:
         visible &= kpos[None, :] > qpos[:, None] - window
     scores = np.where(visible[None], scores, -np.inf)
@@ -139,6 +142,29 @@ def test_ragged_prefill_matches_numpy(device, hq, hkv, d, lengths, window, softc
         )
         split.append((got_out[rows], got_lse[rows]))
     _check([o for o, _ in split], [s for _, s in split], expected, atol=ATOL[dtype])
+
+
+def test_ragged_prefill_with_a_negative_scale_is_bidirectional(device):
+    """A negated softmax scale (Gemma 3's image block, lower_attention_to_paged_kv.py) lifts
+    the causal mask among the forward's tokens: every query sees every key of its sequence."""
+    rng = np.random.default_rng(1)
+    hq, hkv, d, lengths = 4, 2, 16, [20, 7]
+    kernel = ak.ragged_prefill(hkv, hq, d, "float32", window=0, softcap=0.0, gpu=device.gpu)
+    total = sum(lengths)
+    q, k, v = (rng.standard_normal((total, h, d)).astype("float32") for h in (hq, hkv, hkv))
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    qpos = np.concatenate([3 + np.arange(n) for n in lengths]).astype(np.int32)
+    sm_scale = 1 / math.sqrt(d)
+    inputs = (indptr, k, v, indptr, qpos, np.array([3, 3], np.int32))
+    got_out, got_lse = device.run(kernel, q, inputs, True, -sm_scale)
+    expected, split = [], []
+    for i in range(len(lengths)):
+        rows = slice(indptr[i], indptr[i + 1])
+        expected.append(
+            _reference(q[rows], k[rows], v[rows], qpos[rows], qpos[rows], sm_scale, 0, 0.0, True)
+        )
+        split.append((got_out[rows], got_lse[rows]))
+    _check([o for o, _ in split], [s for _, s in split], expected, atol=ATOL["float32"])
 
 
 def _scattered_cache(rng, seqs, hkv, d, offset, sliding_table):

@@ -143,6 +143,8 @@ VISION_CASES: dict[str, dict] = {
         "seed": 41,
         "vision_overrides": {"hidden_size": 128, "intermediate_size": 256},
     },
+    # relaxlm's GPU attention kernels, with the bidirectional image-block entry
+    "gemma3_vl": {"arch": "Gemma3ForConditionalGeneration", "seed": 42},
 }
 VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
 
@@ -187,10 +189,12 @@ def make_case(out_dir: str | Path, case: str) -> Path:
         tiny_diffusion.tiny_stable_diffusion(Path(out_dir))
         return Path(out_dir) / "sd"
     if case in VISION_CASES:
-        from .tiny_vlm import make_llava_model, make_qwen2_5_vl_model
+        from .tiny_vlm import make_gemma3_vl_model, make_llava_model, make_qwen2_5_vl_model
 
         kwargs = {k: v for k, v in VISION_CASES[case].items() if k != "arch"}
         if VISION_CASES[case]["arch"].startswith("Qwen2_5_VL"):
             return make_qwen2_5_vl_model(out_dir, **kwargs)
+        if VISION_CASES[case]["arch"].startswith("Gemma3"):
+            return make_gemma3_vl_model(out_dir, **kwargs)
         return make_llava_model(out_dir, **kwargs)
     return make_model(out_dir, **case_kwargs(case))

@@ -255,3 +255,93 @@ def make_qwen2_5_vl_model(
         merge_size=vision["spatial_merge_size"],
     ).save_pretrained(out_dir)
     return out_dir
+
+
+# Gemma 3's image tokens, in the tokenizer as the hub's checkpoints have them.
+GEMMA3_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+# Gemma 3's chat template shape: an image part becomes `<start_of_image>`, which the processor
+# (and relaxlm) expand to the image's soft tokens.
+GEMMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}"
+    "{{ '<start_of_image>' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+# A 28-pixel image in 7-pixel patches (4x4), pooled 2x2 into 4 image tokens.
+TINY_SIGLIP_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 28,
+    "patch_size": 7,
+    "vision_use_head": False,  # Gemma 3 reads the last hidden state, not a pooled one
+}
+
+
+def make_gemma3_vl_model(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    mm_tokens_per_image: int = 4,
+    sliding_window: int = 16,
+    text_overrides: dict | None = None,
+) -> Path:
+    """Save a random-weight float32 Gemma3ForConditionalGeneration checkpoint (SigLIP tower,
+    2-layer Gemma 3 trunk: one sliding layer, one full), its tokenizer (with the image tokens)
+    and its preprocessor_config.json (Gemma3ImageProcessor) to `out_dir`."""
+    out_dir = Path(out_dir)
+    make_tokenizer(out_dir, kind="spm", chat_template=GEMMA3_TEMPLATE)
+    _add_image_token(out_dir, ("<start_of_turn>", "<end_of_turn>", *GEMMA3_TOKENS))
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    boi, eoi, soft = (tok.token_to_id(t) for t in GEMMA3_TOKENS)
+    # Named as GemmaTokenizer names them, which Gemma3Processor reads.
+    config_path = out_dir / "tokenizer_config.json"
+    tok_config = json.loads(config_path.read_text())
+    tok_config["extra_special_tokens"] = dict(
+        zip(("boi_token", "eoi_token", "image_token"), GEMMA3_TOKENS, strict=True)
+    )
+    config_path.write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
+    text = transformers.Gemma3TextConfig(
+        **{
+            **TINY_CONFIG,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": sliding_window,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "tie_word_embeddings": False,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+            **(text_overrides or {}),
+        },
+        vocab_size=-(-(soft + 1) // 8) * 8,
+        bos_token_id=SPECIAL_TOKENS.index("<s>"),
+        eos_token_id=SPECIAL_TOKENS.index("</s>"),
+        pad_token_id=0,
+    )
+    config = transformers.Gemma3Config(
+        text_config=text.to_dict(),
+        vision_config=transformers.SiglipVisionConfig(**TINY_SIGLIP_CONFIG).to_dict(),
+        mm_tokens_per_image=mm_tokens_per_image,
+        boi_token_index=boi,
+        eoi_token_index=eoi,
+        image_token_index=soft,
+        architectures=["Gemma3ForConditionalGeneration"],
+        # Untied, as tests/hf_models.py's Gemma: a tied random head echoes the input token.
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    _init_weights(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id
+    )
+    model.save_pretrained(out_dir, safe_serialization=True)
+    side = TINY_SIGLIP_CONFIG["image_size"]
+    transformers.Gemma3ImageProcessor(size={"height": side, "width": side}).save_pretrained(out_dir)
+    return out_dir
