@@ -317,8 +317,9 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # d * sc and -dmin * m in float32, exactly); Q5_K -> q5_k-a8 as Q4_K with a plane of high bits
 # (5.625 bits, the file's 5.5); Q6_K -> q6_k-a8: 6-bit codes q (two planes), the int8 scale sc
 # per 16 values and the fp16 d per 256 (6.5625 bits, the file's 6.5625), the kernel taking two
-# weight scales per group of 32 activations. Q5_0 / Q5_1 codes take a byte each (more to read
-# than the file's 5.5 / 6 bits): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 (unsigned, with mins).
+# weight scales per group of 32 activations. Q5_0 -> q5_0-a8 (5-bit codes q as q5_k-a8's, bias
+# 16, fp16 d per 32: 5.5 bits, the file's 5.5), Q5_1 -> q5_1-a8 (the same with an fp16 min:
+# 6 bits, the file's 6).
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -331,13 +332,12 @@ _Q4_1_A8 = QuantScheme(
     scale_dtype="float16",
     row_tile=ROW_TILE,
 )
-_Q5_1_A8 = replace(_Q4_1_A8, name="q5_1-a8", bits=8, storage_dtype="int8")
 A8_REPACKS: dict[str, QuantScheme] = {
     "Q4_0": SCHEMES["q4-a8"],
     "Q8_0": tied_table_scheme(SCHEMES["q4-a8"]),
-    "Q5_0": tied_table_scheme(SCHEMES["q4-a8"]),
+    "Q5_0": replace(SCHEMES["q4-a8"], name="q5_0-a8", bits=5),
     "Q4_1": _Q4_1_A8,
-    "Q5_1": _Q5_1_A8,
+    "Q5_1": replace(_Q4_1_A8, name="q5_1-a8", bits=5),
     "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="uint8", super_group=256),
     "Q5_K": replace(_Q4_1_A8, name="q5_k-a8", bits=5, scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
@@ -347,11 +347,11 @@ A8_REPACKS: dict[str, QuantScheme] = {
 
 
 def flat_scales(scheme: QuantScheme) -> QuantScheme:
-    """A K-quant repack as `gguf-a8` stored it before it kept the super-blocks and packed 5- and
-    6-bit codes: scales (and mins) multiplied out into float32 per group, and codes of more
-    than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10): the same numbers, for
-    comparing the kernels."""
-    flat = replace(scheme, scale_dtype="float32", super_group=0)
+    """A repack as `gguf-a8` stored it before it kept the K-quants' super-blocks and packed 5-
+    and 6-bit codes: K-quant scales (and mins) multiplied out into float32 per group, and codes
+    of more than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10, Q5_0 8.5, Q5_1 9): the
+    same numbers, for comparing the kernels."""
+    flat = replace(scheme, scale_dtype="float32", super_group=0) if scheme.super_group else scheme
     return flat if scheme.bits == 4 else replace(flat, bits=8, storage_dtype="int8")
 
 
@@ -370,12 +370,10 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type in ("Q4_0", "Q4_1"):
         codes, scale = _nibbles(b[..., 4 if ggml_type == "Q4_1" else 2 :]), _f16(b[..., :2])
         low = _f16(b[..., 2:4]) if ggml_type == "Q4_1" else None
-    elif ggml_type == "Q5_0":  # signed codes q - 16 in int8
-        codes, scale, low = (
-            _nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]) - 16,
-            _f16(b[..., :2]),
-            None,
-        )
+    elif ggml_type == "Q5_0":  # unsigned codes q as the file's (int8: q - 16)
+        codes, scale, low = _nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]), _f16(b[..., :2]), None
+        if scheme.storage_dtype == "int8":
+            codes = codes - 16
     elif ggml_type == "Q5_1":
         codes, scale = _nibbles(b[..., 8:]) + _high_bits(b[..., 4:8]), _f16(b[..., :2])
         low = _f16(b[..., 2:4])
