@@ -221,6 +221,8 @@ GGUF_SCHEMES: dict[str, QuantScheme] = {
         _gguf("Q4_K", 4, 256, 144),  # f16 d, f16 dmin, scales[12] (6-bit), qs[128]
         _gguf("Q5_K", 5, 256, 176),  # f16 d, f16 dmin, scales[12], qh[32], qs[128]
         _gguf("Q6_K", 6, 256, 210),  # ql[128], qh[64], int8 scales[16], f16 d
+        _gguf("Q3_K", 3, 256, 110),  # hmask[32], qs[64] (2 low bits), scales[12] (6-bit), f16 d
+        _gguf("Q2_K", 2, 256, 84),  # scales[16] (4-bit scale and min), qs[64], f16 d, f16 dmin
     )
 }
 
@@ -772,6 +774,51 @@ def _q6_k(b):
     return values.reshape(*b.shape[:-1], 256)
 
 
+def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K qs[..., 64] -> 2-bit codes uint8 [..., 256] in value order: value
+    128h + 32j + 16s + l is bits 2j of qs[32h + 16s + l]."""
+    q = qs.reshape(*qs.shape[:-1], 2, 1, 32)  # [..., half h, 1, 16s + l]
+    q = (q >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3  # [..., h, j, 16s + l]
+    return q.reshape(*qs.shape[:-1], 256)
+
+
+def _q2_k_parts(b) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K blocks [..., 84] -> codes uint8 [..., 256] in value order, each 16 values' scale
+    and min (4-bit integers, float32 [..., 16]) and the block's d and dmin (float32 [..., 1])."""
+    scales = b[..., 0:16]
+    sc, mn = (scales & 0xF).astype(np.float32), (scales >> 4).astype(np.float32)
+    return _two_bit_codes(b[..., 16:80]), sc, mn, _f16(b[..., 80:82]), _f16(b[..., 82:84])
+
+
+def _q2_k(b):
+    q, sc, mn, d, dmin = _q2_k_parts(b)
+    q = q.reshape(*q.shape[:-1], 16, 16).astype(np.float32)
+    values = (d * sc)[..., None] * q - (dmin * mn)[..., None]
+    return values.reshape(*b.shape[:-1], 256)
+
+
+def _q3_k_parts(b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q3_K blocks [..., 110] -> codes int8 [..., 256] in -4 .. 3, value order (the 2 low bits
+    minus 4 where the value's hmask bit is clear: bit 4h + j of hmask[16s + l]), each 16
+    values' 6-bit signed scale (float32 [..., 16]) and d (float32 [..., 1])."""
+    hmask, scales = b[..., 0:32], b[..., 96:108]
+    high = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [..., 8, 32]
+    q = _two_bit_codes(b[..., 32:96]).astype(np.int8) - 4 * (1 - high.reshape(*b.shape[:-1], 256))
+    # scale i: low nibble of byte i (i < 8) or high nibble of byte i - 8; its 2 high bits at
+    # bit 2 (i // 4) of byte 8 + i % 4
+    low, top = scales[..., 0:8], scales[..., 8:12]
+    low = np.concatenate([low & 0xF, low >> 4], axis=-1)
+    top = np.concatenate([(top >> shift) & 3 for shift in (0, 2, 4, 6)], axis=-1)
+    sc = (low | (top << 4)).astype(np.int8) - np.int8(32)
+    return q.astype(np.int8), sc.astype(np.float32), _f16(b[..., 108:110])
+
+
+def _q3_k(b):
+    q, sc, d = _q3_k_parts(b)
+    values = (d * sc)[..., None] * q.reshape(*q.shape[:-1], 16, 16).astype(np.float32)
+    return values.reshape(*b.shape[:-1], 256)
+
+
 _GGUF_DEQUANTIZE = {
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
@@ -781,4 +828,6 @@ _GGUF_DEQUANTIZE = {
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "Q3_K": _q3_k,
+    "Q2_K": _q2_k,
 }

@@ -57,6 +57,8 @@ FILES = {
     "Q4_K_M": ("wide", "Q4_K_M"),  # Q4_K with Q6_K for some tensors
     "Q5_K_M": ("wide", "Q5_K_M"),
     "Q6_K": ("wide", "Q6_K"),
+    "Q3_K_S": ("wide", "Q3_K_S"),  # Q3_K, a Q6_K table
+    "Q2_K": ("wide", "Q2_K"),  # Q2_K with Q3_K for some tensors, a Q6_K table
     "qwen2-Q8_0": ("qwen2", "Q8_0"),
     "llama3-rope-F16": ("llama3", "F16"),  # rope_freqs.weight: Llama 3.1-style rope scaling
 }
@@ -167,7 +169,10 @@ def _random_blocks(scheme, rows: int, k: int, seed: int) -> np.ndarray:
     """Random bytes with finite fp16 scales (where each block format keeps them)."""
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (rows, k // scheme.group_size, scheme.block_bytes), np.uint8)
-    fp16_at = {"Q6_K": [208], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2]}
+    fp16_at = {
+        **{"Q6_K": [208], "Q3_K": [108], "Q2_K": [80, 82]},
+        **{"Q4_1": [0, 2], "Q5_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2]},
+    }
     for offset in fp16_at.get(scheme.ggml_type, [0]):
         scale = (rng.standard_normal(blocks.shape[:2]) * 0.1).astype(np.float16)
         blocks[..., offset : offset + 2] = scale[..., None].view(np.uint8)
@@ -470,12 +475,12 @@ def test_unsupported_architecture_is_named(tmp_path):
 
 
 def test_unsupported_tensor_type_is_named(tmp_path):
-    path = tmp_path / "q2k.gguf"
+    path = tmp_path / "iq4_nl.gguf"
     writer = _writer(path, "llama")
     writer.add_tensor("token_embd.weight", np.zeros((8, 256), np.float32))
-    q2_k = gguf.GGMLQuantizationType.Q2_K
-    raw = np.zeros((4, gguf.GGML_QUANT_SIZES[q2_k][1]), np.uint8)  # 4 rows of one super-block
-    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=q2_k)
+    iq4_nl = gguf.GGMLQuantizationType.IQ4_NL
+    raw = np.zeros((4, gguf.GGML_QUANT_SIZES[iq4_nl][1] * 8), np.uint8)  # 4 rows of 8 blocks
+    writer.add_tensor("blk.0.attn_q.weight", raw, raw_dtype=iq4_nl)
     _close(writer)
-    with pytest.raises(RelaxlmError, match=r"blk\.0\.attn_q\.weight \(Q2_K\)"):
+    with pytest.raises(RelaxlmError, match=r"blk\.0\.attn_q\.weight \(IQ4_NL\)"):
         load_checkpoint(path)
