@@ -319,9 +319,12 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # d * sc and -dmin * m in float32, exactly); Q5_K -> q5_k-a8 as Q4_K with a plane of high bits
 # (5.625 bits, the file's 5.5); Q6_K -> q6_k-a8: 6-bit codes q (two planes), the int8 scale sc
 # per 16 values and the fp16 d per 256 (6.5625 bits, the file's 6.5625), the kernel taking two
-# weight scales per group of 32 activations. Q5_0 -> q5_0-a8 (5-bit codes q as q5_k-a8's, bias
-# 16, fp16 d per 32: 5.5 bits, the file's 5.5), Q5_1 -> q5_1-a8 (the same with an fp16 min:
-# 6 bits, the file's 6).
+# weight scales per group of 32 activations; Q3_K -> q3_k-a8 as q6_k-a8 with 4-bit codes q + 8
+# (q in -4 .. 3; 4.5625 bits, the file's 3.4375: 3-bit codes would need a kernel unpacking
+# them). Q5_0 -> q5_0-a8 (5-bit codes q as q5_k-a8's, bias 16, fp16 d per 32: 5.5 bits, the
+# file's 5.5), Q5_1 -> q5_1-a8 (the same with an fp16 min: 6 bits, the file's 6). Q2_K's
+# blocks stay blocks (computed by the float kernel): a min per 16 values, the kernel's
+# activation sums are per 32.
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -344,6 +347,9 @@ A8_REPACKS: dict[str, QuantScheme] = {
     "Q5_K": replace(_Q4_1_A8, name="q5_k-a8", bits=5, scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
         SCHEMES["q4-a8"], name="q6_k-a8", bits=6, group_size=16, scale_dtype="int8", super_group=256
+    ),
+    "Q3_K": replace(
+        SCHEMES["q4-a8"], name="q3_k-a8", group_size=16, scale_dtype="int8", super_group=256
     ),
 }
 
@@ -379,11 +385,11 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type == "Q5_1":
         codes, scale = _nibbles(b[..., 8:]) + _high_bits(b[..., 4:8]), _f16(b[..., :2])
         low = _f16(b[..., 2:4])
-    elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
-        codes, sc, d = _q6_k_parts(b)
+    elif ggml_type in ("Q6_K", "Q3_K"):  # 16 scales per block of 256, in their values' order
+        codes, sc, d = (_q6_k_parts if ggml_type == "Q6_K" else _q3_k_parts)(b)
         scale, low = d * sc, None
-        if scheme.storage_dtype == "uint32":  # 6-bit codes as the file's, unsigned: q + 32
-            codes = codes.astype(np.int16) + 32
+        if scheme.storage_dtype == "uint32":  # unsigned as the kernel takes them: q + 2^(bits-1)
+            codes = codes.astype(np.int16) + (1 << (scheme.bits - 1))
         if scheme.super_group:
             scale, supers = sc, [d]
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
