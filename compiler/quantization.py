@@ -22,7 +22,9 @@ number of groups (and of packed words), so any K works:
   words of low nibbles then a word of high bits (uint32 [N, Kp * 5/32], `_pack_row_codes`)
 - q6_k-a8 uint32 [N, Kp * 6/32]         scale int8 [N, Kp/16]       w = (code - 32) * sc * d
                                         d float16 [N, Kp/256]
-  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits)
+  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits); q3_k-a8 the same
+  with 4-bit codes (Q3_K's q + 8, uint32 [N, Kp/8]); q5_0-a8 / q5_1-a8 as q4-a8 / q4_1-a8
+  with q5_k-a8's 5-bit codes
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
