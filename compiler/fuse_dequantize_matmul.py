@@ -116,12 +116,13 @@ class _Rewriter(relax.PyExprMutator):
                     and scheme.scale_dtype in ("uint8", "int8")
                 )
             )
-            # a scale per 32 weights, or per 16 (GGUF's Q6_K: 6-bit codes, int8 activations)
+            # a scale per 32 weights, or per 16 (GGUF's Q6_K / Q3_K: 6- / 4-bit codes, int8
+            # activations)
             and (
                 scheme.group_size == int8_dot.GROUP
                 or (
                     scheme.group_size == 16
-                    and scheme.bits in (6, 8)
+                    and scheme.bits in (4, 6, 8)
                     and scheme.symmetric
                     and scheme.activations == "int8"
                 )

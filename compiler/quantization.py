@@ -22,7 +22,9 @@ number of groups (and of packed words), so any K works:
   words of low nibbles then a word of high bits (uint32 [N, Kp * 5/32], `_pack_row_codes`)
 - q6_k-a8 uint32 [N, Kp * 6/32]         scale int8 [N, Kp/16]       w = (code - 32) * sc * d
                                         d float16 [N, Kp/256]
-  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits)
+  (llama.cpp's Q6_K: 6-bit codes as q5_k-a8's with two words of high bits); q3_k-a8 the same
+  with 4-bit codes (Q3_K's q + 8, uint32 [N, Kp/8]); q5_0-a8 / q5_1-a8 as q4-a8 / q4_1-a8
+  with q5_k-a8's 5-bit codes
 - float16 / bfloat16: the weight itself in that dtype, cast to the compute dtype on the fly.
 - gguf-*   uint8 [N, K/B * bytes]       llama.cpp's own blocks of B values, kept byte for byte
            (`GGUF_SCHEMES`, one per GGML tensor type; only GGUF files bring them, see
@@ -221,6 +223,8 @@ GGUF_SCHEMES: dict[str, QuantScheme] = {
         _gguf("Q4_K", 4, 256, 144),  # f16 d, f16 dmin, scales[12] (6-bit), qs[128]
         _gguf("Q5_K", 5, 256, 176),  # f16 d, f16 dmin, scales[12], qh[32], qs[128]
         _gguf("Q6_K", 6, 256, 210),  # ql[128], qh[64], int8 scales[16], f16 d
+        _gguf("Q3_K", 3, 256, 110),  # hmask[32], qs[64] (2 low bits), scales[12] (6-bit), f16 d
+        _gguf("Q2_K", 2, 256, 84),  # scales[16] (4-bit scale and min), qs[64], f16 d, f16 dmin
     )
 }
 
@@ -317,8 +321,12 @@ def tied_table_scheme(scheme: QuantScheme) -> QuantScheme:
 # d * sc and -dmin * m in float32, exactly); Q5_K -> q5_k-a8 as Q4_K with a plane of high bits
 # (5.625 bits, the file's 5.5); Q6_K -> q6_k-a8: 6-bit codes q (two planes), the int8 scale sc
 # per 16 values and the fp16 d per 256 (6.5625 bits, the file's 6.5625), the kernel taking two
-# weight scales per group of 32 activations. Q5_0 / Q5_1 codes take a byte each (more to read
-# than the file's 5.5 / 6 bits): Q5_0 -> q8-a8 (q - 16), Q5_1 -> q5_1-a8 (unsigned, with mins).
+# weight scales per group of 32 activations; Q3_K -> q3_k-a8 as q6_k-a8 with 4-bit codes q + 8
+# (q in -4 .. 3; 4.5625 bits, the file's 3.4375: 3-bit codes would need a kernel unpacking
+# them). Q5_0 -> q5_0-a8 (5-bit codes q as q5_k-a8's, bias 16, fp16 d per 32: 5.5 bits, the
+# file's 5.5), Q5_1 -> q5_1-a8 (the same with an fp16 min: 6 bits, the file's 6). Q2_K's
+# blocks stay blocks (computed by the float kernel): a min per 16 values, the kernel's
+# activation sums are per 32.
 GGUF_A8 = "gguf-a8"
 _Q4_1_A8 = QuantScheme(
     "q4_1-a8",
@@ -331,27 +339,29 @@ _Q4_1_A8 = QuantScheme(
     scale_dtype="float16",
     row_tile=ROW_TILE,
 )
-_Q5_1_A8 = replace(_Q4_1_A8, name="q5_1-a8", bits=8, storage_dtype="int8")
 A8_REPACKS: dict[str, QuantScheme] = {
     "Q4_0": SCHEMES["q4-a8"],
     "Q8_0": tied_table_scheme(SCHEMES["q4-a8"]),
-    "Q5_0": tied_table_scheme(SCHEMES["q4-a8"]),
+    "Q5_0": replace(SCHEMES["q4-a8"], name="q5_0-a8", bits=5),
     "Q4_1": _Q4_1_A8,
-    "Q5_1": _Q5_1_A8,
+    "Q5_1": replace(_Q4_1_A8, name="q5_1-a8", bits=5),
     "Q4_K": replace(_Q4_1_A8, name="q4_k-a8", scale_dtype="uint8", super_group=256),
     "Q5_K": replace(_Q4_1_A8, name="q5_k-a8", bits=5, scale_dtype="uint8", super_group=256),
     "Q6_K": replace(
         SCHEMES["q4-a8"], name="q6_k-a8", bits=6, group_size=16, scale_dtype="int8", super_group=256
     ),
+    "Q3_K": replace(
+        SCHEMES["q4-a8"], name="q3_k-a8", group_size=16, scale_dtype="int8", super_group=256
+    ),
 }
 
 
 def flat_scales(scheme: QuantScheme) -> QuantScheme:
-    """A K-quant repack as `gguf-a8` stored it before it kept the super-blocks and packed 5- and
-    6-bit codes: scales (and mins) multiplied out into float32 per group, and codes of more
-    than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10): the same numbers, for
-    comparing the kernels."""
-    flat = replace(scheme, scale_dtype="float32", super_group=0)
+    """A repack as `gguf-a8` stored it before it kept the K-quants' super-blocks and packed 5-
+    and 6-bit codes: K-quant scales (and mins) multiplied out into float32 per group, and codes
+    of more than 4 bits in int8 (Q4_K 6 bits a weight, Q5_K and Q6_K 10, Q5_0 8.5, Q5_1 9): the
+    same numbers, for comparing the kernels."""
+    flat = replace(scheme, scale_dtype="float32", super_group=0) if scheme.super_group else scheme
     return flat if scheme.bits == 4 else replace(flat, bits=8, storage_dtype="int8")
 
 
@@ -370,20 +380,18 @@ def repack_gguf(scheme: QuantScheme, ggml_type: str, raw: np.ndarray, k: int) ->
     elif ggml_type in ("Q4_0", "Q4_1"):
         codes, scale = _nibbles(b[..., 4 if ggml_type == "Q4_1" else 2 :]), _f16(b[..., :2])
         low = _f16(b[..., 2:4]) if ggml_type == "Q4_1" else None
-    elif ggml_type == "Q5_0":  # signed codes q - 16 in int8
-        codes, scale, low = (
-            _nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]) - 16,
-            _f16(b[..., :2]),
-            None,
-        )
+    elif ggml_type == "Q5_0":  # unsigned codes q as the file's (int8: q - 16)
+        codes, scale, low = _nibbles(b[..., 6:]) + _high_bits(b[..., 2:6]), _f16(b[..., :2]), None
+        if scheme.storage_dtype == "int8":
+            codes = codes - 16
     elif ggml_type == "Q5_1":
         codes, scale = _nibbles(b[..., 8:]) + _high_bits(b[..., 4:8]), _f16(b[..., :2])
         low = _f16(b[..., 2:4])
-    elif ggml_type == "Q6_K":  # 16 scales per block of 256, in the order of their values
-        codes, sc, d = _q6_k_parts(b)
+    elif ggml_type in ("Q6_K", "Q3_K"):  # 16 scales per block of 256, in their values' order
+        codes, sc, d = (_q6_k_parts if ggml_type == "Q6_K" else _q3_k_parts)(b)
         scale, low = d * sc, None
-        if scheme.storage_dtype == "uint32":  # 6-bit codes as the file's, unsigned: q + 32
-            codes = codes.astype(np.int16) + 32
+        if scheme.storage_dtype == "uint32":  # unsigned as the kernel takes them: q + 2^(bits-1)
+            codes = codes.astype(np.int16) + (1 << (scheme.bits - 1))
         if scheme.super_group:
             scale, supers = sc, [d]
     else:  # Q4_K / Q5_K: 8 sub-blocks of 32 per block of 256
@@ -774,6 +782,51 @@ def _q6_k(b):
     return values.reshape(*b.shape[:-1], 256)
 
 
+def _two_bit_codes(qs: np.ndarray) -> np.ndarray:
+    """Q2_K / Q3_K qs[..., 64] -> 2-bit codes uint8 [..., 256] in value order: value
+    128h + 32j + 16s + l is bits 2j of qs[32h + 16s + l]."""
+    q = qs.reshape(*qs.shape[:-1], 2, 1, 32)  # [..., half h, 1, 16s + l]
+    q = (q >> (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)) & 3  # [..., h, j, 16s + l]
+    return q.reshape(*qs.shape[:-1], 256)
+
+
+def _q2_k_parts(b) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q2_K blocks [..., 84] -> codes uint8 [..., 256] in value order, each 16 values' scale
+    and min (4-bit integers, float32 [..., 16]) and the block's d and dmin (float32 [..., 1])."""
+    scales = b[..., 0:16]
+    sc, mn = (scales & 0xF).astype(np.float32), (scales >> 4).astype(np.float32)
+    return _two_bit_codes(b[..., 16:80]), sc, mn, _f16(b[..., 80:82]), _f16(b[..., 82:84])
+
+
+def _q2_k(b):
+    q, sc, mn, d, dmin = _q2_k_parts(b)
+    q = q.reshape(*q.shape[:-1], 16, 16).astype(np.float32)
+    values = (d * sc)[..., None] * q - (dmin * mn)[..., None]
+    return values.reshape(*b.shape[:-1], 256)
+
+
+def _q3_k_parts(b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Q3_K blocks [..., 110] -> codes int8 [..., 256] in -4 .. 3, value order (the 2 low bits
+    minus 4 where the value's hmask bit is clear: bit 4h + j of hmask[16s + l]), each 16
+    values' 6-bit signed scale (float32 [..., 16]) and d (float32 [..., 1])."""
+    hmask, scales = b[..., 0:32], b[..., 96:108]
+    high = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [..., 8, 32]
+    q = _two_bit_codes(b[..., 32:96]).astype(np.int8) - 4 * (1 - high.reshape(*b.shape[:-1], 256))
+    # scale i: low nibble of byte i (i < 8) or high nibble of byte i - 8; its 2 high bits at
+    # bit 2 (i // 4) of byte 8 + i % 4
+    low, top = scales[..., 0:8], scales[..., 8:12]
+    low = np.concatenate([low & 0xF, low >> 4], axis=-1)
+    top = np.concatenate([(top >> shift) & 3 for shift in (0, 2, 4, 6)], axis=-1)
+    sc = (low | (top << 4)).astype(np.int8) - np.int8(32)
+    return q.astype(np.int8), sc.astype(np.float32), _f16(b[..., 108:110])
+
+
+def _q3_k(b):
+    q, sc, d = _q3_k_parts(b)
+    values = (d * sc)[..., None] * q.reshape(*q.shape[:-1], 16, 16).astype(np.float32)
+    return values.reshape(*b.shape[:-1], 256)
+
+
 _GGUF_DEQUANTIZE = {
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
@@ -783,4 +836,6 @@ _GGUF_DEQUANTIZE = {
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "Q3_K": _q3_k,
+    "Q2_K": _q2_k,
 }

@@ -249,6 +249,29 @@ def _q6_k(b: _Block):
     return b.f16(208) * b.i8(192 + 8 * h + lane // 16 + 2 * g) * q
 
 
+def _two_bit_code(b: _Block, qs: int):
+    """Q2_K / Q3_K: value 128h + 32j + 16s + l is bits 2j of qs[32h + 16s + l] (as int32)."""
+    h, j, lane = b.e // 128, b.e % 128 // 32, b.e % 32
+    return (b.u8(qs + 32 * h + lane) >> (2 * j)) & 3
+
+
+def _q2_k(b: _Block):
+    scales = b.u8(b.e // 16)
+    q = _f32(_two_bit_code(b, 16))
+    return b.f16(80) * _f32(scales & 15) * q - b.f16(82) * _f32(scales >> 4)
+
+
+def _q3_k(b: _Block):
+    h, j, lane = b.e // 128, b.e % 128 // 32, b.e % 32
+    high = (b.u8(lane) >> (4 * h + j)) & 1  # hmask bit clear: the code is 4 lower
+    q = _f32(_two_bit_code(b, 32) - 4 * (1 - high))
+    i = b.e // 16  # scale i: a nibble of byte i % 8, 2 high bits of byte 8 + i % 4
+    low = (b.u8(96 + i % 8) >> (i // 8 * 4)) & 15
+    top = (b.u8(104 + i % 4) >> (i // 4 * 2)) & 3
+    sc = _f32((low | (top << 4)) - 32)
+    return b.f16(108) * sc * q
+
+
 _GGUF_TE = {
     "Q8_0": _q8_0,
     "Q4_0": _q4_0,
@@ -258,6 +281,8 @@ _GGUF_TE = {
     "Q4_K": _q4_k,
     "Q5_K": _q5_k,
     "Q6_K": _q6_k,
+    "Q3_K": _q3_k,
+    "Q2_K": _q2_k,
 }
 
 

@@ -39,7 +39,7 @@ _PERMUTED_QK = {"llama"}
 
 # GGML tensor types read as arrays, and those kept as raw blocks (compiler's GGUF_SCHEMES).
 FLOAT_TYPES = ("F32", "F16", "BF16")
-BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF tensor name -> HF parameter name ({i}: the layer).
 _GLOBAL_NAMES = {

@@ -386,32 +386,43 @@ def test_gguf_blocks_repacked_exactly_for_int8_dot(ggml_type, n, k):
 def _random_k_blocks(rng, ggml_type: str, n: int, k: int) -> np.ndarray:
     """Rows [n, k / 256 * bytes] of K-quant blocks: random bytes, finite fp16 d (and dmin)."""
     raw = rng.integers(0, 256, (n, k // 256, GGUF_SCHEMES[ggml_type].block_bytes), np.uint8)
-    for offset in (208,) if ggml_type == "Q6_K" else (0, 2):
+    for offset in {"Q6_K": (208,), "Q3_K": (108,), "Q2_K": (80, 82)}.get(ggml_type, (0, 2)):
         scale = (rng.standard_normal(raw.shape[:2]) * 0.01).astype(np.float16)
         raw[..., offset : offset + 2] = scale[..., None].view(np.uint8)
     return raw.reshape(n, -1)
 
 
 @pytest.mark.skipif(not INT8_DOT, reason="the int8 dot kernels need an x86 CPU with AVX2")
-@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("ggml_type", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q5_0", "Q5_1"])
 @pytest.mark.parametrize("n,k", [(48, 256), (128, 1024), (40, 512)])
-def test_k_quant_super_blocks_equal_flat_float32_scales(ggml_type, n, k):
+def test_gguf_a8_packed_codes_equal_the_byte_layout(ggml_type, n, k):
     """K-quants repacked with their integer scales (and mins) per sub-block, fp16 d (and dmin)
-    per 256 and 5- / 6-bit codes in nibbles and planes give the same outputs, bit for bit, as
-    gguf-a8's layout before (`flat_scales`: scales multiplied out into float32, Q5_K / Q6_K
-    codes in int8; 6 and 10 bits a weight): the kernel forms the same float32 scales and
-    integer sums. Parts hold 4.625 bits a weight for Q4_K (the file: 4.5), 5.625 for Q5_K (5.5)
-    and 6.5625 for Q6_K (6.5625). N = 40 takes the float kernel."""
+    per 256, and 5- / 6-bit codes (K-quants, Q5_0, Q5_1) in nibbles and planes give the same
+    outputs, bit for bit, as gguf-a8's layout before (`flat_scales`: K-quant scales multiplied
+    out into float32, codes of more than 4 bits in int8): the kernel forms the same float32
+    scales and integer sums. Parts hold 4.625 bits a weight for Q4_K (the file: 4.5), 5.625
+    for Q5_K (5.5), 6.5625 for Q6_K (6.5625), 4.5625 for Q3_K (3.4375: codes q + 8 in
+    nibbles), 5.5 for Q5_0 (5.5) and 6 for Q5_1 (6); flat, 6, 10, 10, 6, 8.5 and 9. N = 40
+    takes the float kernel."""
+    import gguf
+
     rng = np.random.default_rng(n + k)
-    raw = _random_k_blocks(rng, ggml_type, n, k)
-    supers, flat = A8_REPACKS[ggml_type], flat_scales(A8_REPACKS[ggml_type])
-    parts, flat_parts = repack_gguf(supers, ggml_type, raw, k), repack_gguf(flat, ggml_type, raw, k)
+    if ggml_type.endswith("_K"):  # gguf-py makes no K-quants
+        raw = _random_k_blocks(rng, ggml_type, n, k)
+    else:
+        w = (rng.standard_normal((n, k)) * rng.uniform(0.5, 2, (n, 1))).astype(np.float32)
+        raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType[ggml_type])
+    packed, flat = A8_REPACKS[ggml_type], flat_scales(A8_REPACKS[ggml_type])
+    parts, flat_parts = repack_gguf(packed, ggml_type, raw, k), repack_gguf(flat, ggml_type, raw, k)
     bits = sum(p.nbytes for p in parts) * 8 / (n * k)
-    assert bits == {"Q4_K": 4.625, "Q5_K": 5.625, "Q6_K": 6.5625}[ggml_type]
-    assert [p.shape for p in parts] == list(supers.part_shapes(n, k).values())
-    np.testing.assert_array_equal(dequantize(supers, parts, k), dequantize(flat, flat_parts, k))
-    forward, script = _linear_vm(n, k, supers)
-    assert ("_s256" in script) == supers.tiled(n)  # the kernel reading super-blocks
+    expected = {"Q4_K": 4.625, "Q5_K": 5.625, "Q6_K": 6.5625, "Q3_K": 4.5625, "Q5_0": 5.5}
+    assert bits == {**expected, "Q5_1": 6}[ggml_type]
+    assert [p.shape for p in parts] == list(packed.part_shapes(n, k).values())
+    np.testing.assert_array_equal(dequantize(packed, parts, k), dequantize(flat, flat_parts, k))
+    forward, script = _linear_vm(n, k, packed)
+    mins = "" if packed.symmetric else "_min"
+    kernel = "_s256" if packed.super_group else f"q5{mins}_int8_linear"  # the kernel reading them
+    assert (kernel in script) == packed.tiled(n)
     flat_forward, _ = _linear_vm(n, k, flat)
     for m in (1, 5, 33):
         x = (rng.standard_normal((1, m, k)) * rng.uniform(0.1, 10, (1, m, 1))).astype(np.float32)
