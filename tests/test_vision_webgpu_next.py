@@ -2,9 +2,9 @@
 lavapipe), against numpy, as tests/test_vision_webgpu.py does for LLaVA's.
 
 Qwen2.5-VL: the attention restricted to windows (the segment mask, the masked scores, the
-softmax), the tower's RMSNorm and its SwiGLU gate. Gemma 3: the projector's 2x2 average pool
-(a sum kernel, then a 1/4 scale), Gemma's (1 + w) RMSNorm on the pooled tokens (the 1 + w is its
-own small kernel) and the SigLIP gelu-tanh MLP.
+softmax), the tower's RMSNorm, its SwiGLU gate and the patch merger's first linear + GELU.
+Gemma 3: the projector's 2x2 average pool (a sum kernel, then a 1/4 scale), Gemma's (1 + w)
+RMSNorm on the pooled tokens (the 1 + w is its own small kernel) and the SigLIP gelu-tanh MLP.
 """
 
 import math
@@ -164,6 +164,25 @@ def test_qwen_rms_norm_and_swiglu_gate(gpu, preset, qwen, dtype):
     )[names[4]]  # fmt: skip
     z = x.astype(np.float64) @ w.astype(np.float64).T + b
     _check("SwiGLU gate", out, z / (1 + np.exp(-z)) * up)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qwen_patch_merger_fc1(gpu, preset, qwen, dtype):
+    """The merger's first linear over 2x2 merged patches (rows = patches / 4, a shape the kernel
+    takes from the scalar patch count) with its bias and the exact (erf) GELU, fused."""
+    func = _kernel(qwen[dtype], lambda n, s: "gelu" in n and "num_patches" in str(s[0][0]))
+    _, w_shape, b_shape, _, _ = _shapes(func)
+    patches = len(WINDOWS)
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((patches // 4, int(w_shape[1]))).astype(dtype)
+    w = (rng.standard_normal(_ints(w_shape)) / math.sqrt(int(w_shape[1]))).astype(dtype)
+    b = rng.standard_normal(_ints(b_shape)).astype(dtype)
+    y = np.zeros((patches // 4, int(w_shape[0])), dtype)
+    names = _names(func)
+    out = _run(gpu, preset, func, **dict(zip(names, [x, w, b, patches, y], strict=True)))
+    z = x.astype(np.float64) @ w.astype(np.float64).T + b
+    erf = np.vectorize(math.erf)
+    _check("merger fc1 + GELU", out[names[4]], 0.5 * z * (1 + erf(z / math.sqrt(2))))
 
 
 # -- Gemma 3 ------------------------------------------------------------------------------------
