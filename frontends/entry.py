@@ -256,6 +256,40 @@ class VisionLM(CausalLM):
         return {}
 
 
+class TrunkVisionLM(VisionLM):
+    """A vision-language model around a causal LM `language_model` whose own trunk
+    (`language_model.model`: layers, norm) takes the spliced embeddings as they are (LLaVA,
+    Gemma 3), and a vision tower given by `config.vision`."""
+
+    @classmethod
+    def for_tensors(cls, config, names):
+        """The module tree whose parameter names are the checkpoint's: the tower nested under
+        `vision_model` (transformers 4) or not (transformers 5)."""
+        return cls(config, any(n.startswith("vision_tower.vision_model.") for n in names))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        v = self.config.vision
+        return (v.num_channels, v.image_size, v.image_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.text.hidden_size
+
+    def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
+        return self.language_model.hidden_states(input_ids)
+
+    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
+        return self.language_model.logits(hidden)
+
+    def hidden_states_from_embeddings(self, embeddings: nn.Tensor) -> nn.Tensor:
+        trunk = self.language_model.model
+        x = embeddings.astype(trunk.norm.weight.dtype)
+        for layer in trunk.layers:
+            x = layer(x)
+        return trunk.norm(x)
+
+
 def export_vision_lm(model: VisionLM):
     """Export prefill/decode plus the image entries: (IRModule, [(name, nn.Parameter)])."""
     modes = {"param_mode": "packed", "effect_mode": "none"}

@@ -28,7 +28,7 @@ from tvm.relax.frontend import nn
 from relaxlm.errors import RelaxlmError
 
 from .config import from_config
-from .entry import VisionLM
+from .entry import TrunkVisionLM
 from .gemma2 import GemmaRMSNorm
 from .gemma3 import Gemma3Config, Gemma3ForCausalLM
 from .llava import CLIPEncoder, CLIPPatchEmbedding, CLIPVisionConfig
@@ -179,7 +179,7 @@ class Gemma3MultiModalProjector(nn.Module):
         return nn.op.matmul(x, self.mm_input_projection_weight)  # [b, tokens, text hidden]
 
 
-class Gemma3ForConditionalGeneration(VisionLM):
+class Gemma3ForConditionalGeneration(TrunkVisionLM):
     def __init__(self, config: Gemma3VLConfig, nested_tower: bool = False):
         self.config = config
         tower = SiglipVisionModel if nested_tower else SiglipVisionTower
@@ -187,36 +187,9 @@ class Gemma3ForConditionalGeneration(VisionLM):
         self.multi_modal_projector = Gemma3MultiModalProjector(config)
         self.language_model = Gemma3ForCausalLM(config.text)
 
-    @classmethod
-    def for_tensors(cls, config: Gemma3VLConfig, names) -> "Gemma3ForConditionalGeneration":
-        """The module tree whose parameter names are the checkpoint's (see llava.py)."""
-        return cls(config, any(n.startswith("vision_tower.vision_model.") for n in names))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        v = self.config.vision
-        return (v.num_channels, v.image_size, v.image_size)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.text.hidden_size
-
-    def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
-        return self.language_model.hidden_states(input_ids)
-
-    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
-        return self.language_model.logits(hidden)
-
     def embed_tokens(self, input_ids: nn.Tensor) -> nn.Tensor:
         # Scaled by sqrt(hidden_size), as the trunk's own embedding; image features are not.
         return self.language_model.model.embed(input_ids).astype("float32")
-
-    def hidden_states_from_embeddings(self, embeddings: nn.Tensor) -> nn.Tensor:
-        trunk = self.language_model.model
-        x = embeddings.astype(trunk.norm.weight.dtype)
-        for layer in trunk.layers:
-            x = layer(x)
-        return trunk.norm(x)
 
     def prefill_image_block(self, embeddings: nn.Tensor, logit_positions: nn.Tensor) -> nn.Tensor:
         """prefill_embeds over one image's block of tokens, which attend to each other

@@ -28,7 +28,7 @@ from relaxlm.errors import RelaxlmError
 
 from .clip import CLIPEncoderLayer
 from .config import activation, from_config
-from .entry import VisionLM
+from .entry import TrunkVisionLM
 from .llama import LlamaConfig, LlamaForCausalLM, qwen2_config
 
 # Text trunks LLaVA checkpoints pair with CLIP: text_config.model_type -> config reader.
@@ -276,7 +276,7 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(VisionLM):
+class LlavaForConditionalGeneration(TrunkVisionLM):
     def __init__(self, config: LlavaConfig, nested_tower: bool = False):
         self.config = config
         tower = CLIPVisionModel if nested_tower else CLIPVisionTower
@@ -284,36 +284,8 @@ class LlavaForConditionalGeneration(VisionLM):
         self.multi_modal_projector = LlavaMultiModalProjector(config)
         self.language_model = LlamaForCausalLM(config.text)
 
-    @classmethod
-    def for_tensors(cls, config: LlavaConfig, names) -> "LlavaForConditionalGeneration":
-        """The module tree whose parameter names are the checkpoint's: the tower nested under
-        `vision_model` (transformers 4) or not (transformers 5)."""
-        return cls(config, any(n.startswith("vision_tower.vision_model.") for n in names))
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        v = self.config.vision
-        return (v.num_channels, v.image_size, v.image_size)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.text.hidden_size
-
-    def hidden_states(self, input_ids: nn.Tensor) -> nn.Tensor:
-        return self.language_model.hidden_states(input_ids)
-
-    def logits(self, hidden: nn.Tensor) -> nn.Tensor:
-        return self.language_model.logits(hidden)
-
     def embed_tokens(self, input_ids: nn.Tensor) -> nn.Tensor:
         return self.language_model.model.embed_tokens(input_ids).astype("float32")
-
-    def hidden_states_from_embeddings(self, embeddings: nn.Tensor) -> nn.Tensor:
-        trunk = self.language_model.model
-        x = embeddings.astype(trunk.norm.weight.dtype)
-        for layer in trunk.layers:
-            x = layer(x)
-        return trunk.norm(x)
 
     def encode_images(self, pixel_values: nn.Tensor) -> nn.Tensor:
         features = self.vision_tower(pixel_values)  # [b, 1 + patches, k * vision hidden]

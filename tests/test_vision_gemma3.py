@@ -11,6 +11,7 @@ from test_vision import GREEDY, _image, _png_url, assert_run_with_image_answers_
 from relaxlm.compiler.pipeline import compile_model
 from relaxlm.runtime.model import CompiledModel
 from relaxlm.runtime.vision import ImageEncoder
+from relaxlm.testing.parity import reference_greedy
 from relaxlm.testing.tiny_vlm import make_gemma3_vl_model
 
 TEXT = [57, 102, 250, 31, 77, 140, 9]
@@ -246,24 +247,13 @@ def test_openai_client_gets_the_sdk_answer(llm):
 
 def _hf_greedy(hf, ids: list[int], pixels: np.ndarray | None, n: int) -> list[int]:
     """generate's tokens for prompt ids holding the image token, with token_type_ids."""
-    prompt = torch.tensor([ids])
     images = {}
     if pixels is not None:
         images = {
             "pixel_values": torch.from_numpy(pixels),
-            "token_type_ids": (prompt == hf.config.image_token_index).long(),
+            "token_type_ids": (torch.tensor([ids]) == hf.config.image_token_index).long(),
         }
-    with torch.no_grad():
-        out = hf.generate(
-            prompt,
-            **images,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=n,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return out[0, len(ids) :].tolist()
+    return reference_greedy(hf, ids, n, **images)
 
 
 def test_prefix_cache_hit_ending_inside_an_image(gemma3, llm):

@@ -51,12 +51,14 @@ def reference_logits(model, token_ids: list[int], prefill: int) -> np.ndarray:
     return torch.stack(rows).numpy()
 
 
-def reference_greedy(model, prompt_ids: list[int], n: int) -> list[int]:
-    """The `n` tokens a `transformers` model picks greedily (eos neither stops nor is masked)."""
+def reference_greedy(model, prompt_ids: list[int], n: int, **inputs) -> list[int]:
+    """The `n` tokens a `transformers` model picks greedily (eos neither stops nor is masked);
+    `inputs`: more of the model's inputs (pixel_values, ...)."""
     prompt = torch.tensor([[int(t) for t in prompt_ids]])
     with torch.no_grad():
         out = model.generate(
             prompt,
+            **inputs,
             attention_mask=torch.ones_like(prompt),
             do_sample=False,
             max_new_tokens=n,
