@@ -31,7 +31,7 @@ from .config import from_config
 from .entry import TrunkVisionLM
 from .gemma2 import GemmaRMSNorm
 from .gemma3 import Gemma3Config, Gemma3ForCausalLM
-from .llava import CLIPEncoder, CLIPPatchEmbedding, CLIPVisionConfig
+from .llava import CLIPEncoder, CLIPPatchEmbedding, CLIPVisionConfig, pixel_settings
 
 # transformers' SiglipVisionConfig defaults, for a checkpoint that leaves keys out.
 _SIGLIP_DEFAULTS = {
@@ -230,16 +230,11 @@ class Gemma3ForConditionalGeneration(TrunkVisionLM):
                 f"preprocessor_config.json: size {size} differs from the vision tower's "
                 f"image_size {v.image_size}"
             )
-        rescale, normalize = p.get("do_rescale", True), p.get("do_normalize", True)
         return {
             "processor": "gemma3",
             "size": side,
             "crop_size": side,
-            "resample": int(p.get("resample", PIL_BILINEAR)),
-            "do_convert_rgb": bool(p.get("do_convert_rgb", True)),
-            "rescale_factor": float(p.get("rescale_factor", 1 / 255)) if rescale else 1.0,
-            "image_mean": list(p.get("image_mean", _GEMMA3_MEAN)) if normalize else [0.0] * 3,
-            "image_std": list(p.get("image_std", _GEMMA3_STD)) if normalize else [1.0] * 3,
+            **pixel_settings(p, PIL_BILINEAR, _GEMMA3_MEAN, _GEMMA3_STD),
             "image_shape": list(self.image_shape),
             "image_token_id": self.config.image_token_index,
             "boi_token_id": self.config.boi_token_index,

@@ -276,6 +276,19 @@ class LlavaMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def pixel_settings(p: dict[str, Any], resample: int, mean, std) -> dict[str, Any]:
+    """An image processor's resampling, RGB conversion, rescale and normalization, from its
+    preprocessor_config.json `p` (defaults: the given filter, 1/255, `mean` and `std`)."""
+    rescale, normalize = p.get("do_rescale", True), p.get("do_normalize", True)
+    return {
+        "resample": int(p.get("resample", resample)),
+        "do_convert_rgb": bool(p.get("do_convert_rgb", True)),
+        "rescale_factor": float(p.get("rescale_factor", 1 / 255)) if rescale else 1.0,
+        "image_mean": list(p.get("image_mean", mean)) if normalize else [0.0] * 3,
+        "image_std": list(p.get("image_std", std)) if normalize else [1.0] * 3,
+    }
+
+
 class LlavaForConditionalGeneration(TrunkVisionLM):
     def __init__(self, config: LlavaConfig, nested_tower: bool = False):
         self.config = config
@@ -312,16 +325,11 @@ class LlavaForConditionalGeneration(TrunkVisionLM):
                 f"preprocessor_config.json: crop_size {crop} differs from the vision tower's "
                 f"image_size {v.image_size}"
             )
-        rescale, normalize = p.get("do_rescale", True), p.get("do_normalize", True)
         return {
             "processor": "clip",
             "size": size,
             "crop_size": crop,
-            "resample": int(p.get("resample", PIL_BICUBIC)),
-            "do_convert_rgb": bool(p.get("do_convert_rgb", True)),
-            "rescale_factor": float(p.get("rescale_factor", 1 / 255)) if rescale else 1.0,
-            "image_mean": list(p.get("image_mean", CLIP_MEAN)) if normalize else [0.0] * 3,
-            "image_std": list(p.get("image_std", CLIP_STD)) if normalize else [1.0] * 3,
+            **pixel_settings(p, PIL_BICUBIC, CLIP_MEAN, CLIP_STD),
             "image_shape": list(self.image_shape),
             "image_token_id": self.config.image_token_index,
             "tokens_per_image": self.config.tokens_per_image,

@@ -46,6 +46,7 @@ from .llama import (
     LlamaModel,
     qwen2_config,
 )
+from .llava import pixel_settings
 from .ops import attention, query_positions
 
 # Qwen2VLImageProcessor's defaults (OpenAI CLIP statistics, bicubic, 56*56 .. 28*28*1280 pixels).
@@ -509,16 +510,11 @@ class Qwen2_5_VLForConditionalGeneration(VisionLM):
                     f"preprocessor_config.json: {key} {p[key]} differs from the vision tower's "
                     f"{ours} (config.json vision_config); make them equal"
                 )
-        rescale, normalize = p.get("do_rescale", True), p.get("do_normalize", True)
         return {
             "processor": "qwen2_vl",
             "min_pixels": int(min_pixels),
             "max_pixels": int(max_pixels),
-            "resample": int(p.get("resample", PIL_BICUBIC)),
-            "do_convert_rgb": bool(p.get("do_convert_rgb", True)),
-            "rescale_factor": float(p.get("rescale_factor", 1 / 255)) if rescale else 1.0,
-            "image_mean": list(p.get("image_mean", QWEN_MEAN)) if normalize else [0.0] * 3,
-            "image_std": list(p.get("image_std", QWEN_STD)) if normalize else [1.0] * 3,
+            **pixel_settings(p, PIL_BICUBIC, QWEN_MEAN, QWEN_STD),
             "patch_size": v.patch_size,
             "temporal_patch_size": v.temporal_patch_size,
             "merge_size": v.spatial_merge_size,
