@@ -31,7 +31,14 @@ from .config import from_config
 from .entry import TrunkVisionLM
 from .gemma2 import GemmaRMSNorm
 from .gemma3 import Gemma3Config, Gemma3ForCausalLM
-from .llava import CLIPEncoder, CLIPPatchEmbedding, CLIPVisionConfig, pixel_settings
+from .llava import (
+    CLIPEncoder,
+    CLIPPatchEmbedding,
+    CLIPVisionConfig,
+    check_image_token,
+    pixel_settings,
+    tower_config,
+)
 
 # transformers' SiglipVisionConfig defaults, for a checkpoint that leaves keys out.
 _SIGLIP_DEFAULTS = {
@@ -69,13 +76,9 @@ class Gemma3VLConfig:
         config = from_config(
             cls, raw, image_token_index=raw.get("image_token_index", raw.get("image_token_id"))
         )
-        vision_raw = {**_SIGLIP_DEFAULTS, **config.vision_config}
-        if vision_raw.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-            raise RelaxlmError(
-                f"config.json: vision_config.model_type {vision_raw['model_type']!r} is not "
-                "supported for Gemma 3 (supported: siglip_vision_model)"
-            )
-        config.vision = from_config(CLIPVisionConfig, vision_raw)
+        config.vision = tower_config(
+            config.vision_config, _SIGLIP_DEFAULTS, "siglip_vision_model", "Gemma 3"
+        )
         config.text = Gemma3Config.from_dict(config.text_config)
         config.check()
         return config
@@ -98,11 +101,7 @@ class Gemma3VLConfig:
                 f"and at most the sliding window {min(windows, default=0)}: relaxlm attends an "
                 "image's tokens to each other in one forward"
             )
-        if not 0 <= self.image_token_index < self.text.vocab_size:
-            raise RelaxlmError(
-                f"config.json: image_token_index {self.image_token_index} lies outside the "
-                f"vocabulary (size {self.text.vocab_size})"
-            )
+        check_image_token(self.image_token_index, self.text.vocab_size)
 
     @property
     def vocab_size(self) -> int:

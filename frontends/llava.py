@@ -84,6 +84,29 @@ class CLIPVisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
+def tower_config(
+    vision_config: dict[str, Any], defaults: dict[str, Any], model_type: str, family: str
+) -> CLIPVisionConfig:
+    """config.json's vision_config over the tower's `defaults`; RelaxlmError for a tower of
+    another kind than `model_type` (CLIP for LLaVA, SigLIP for Gemma 3)."""
+    raw = {**defaults, **vision_config}
+    if raw.get("model_type", model_type) != model_type:
+        raise RelaxlmError(
+            f"config.json: vision_config.model_type {raw['model_type']!r} is not supported for "
+            f"{family} (supported: {model_type})"
+        )
+    return from_config(CLIPVisionConfig, raw)
+
+
+def check_image_token(index: int, vocab_size: int) -> None:
+    """RelaxlmError for an image token id outside the trunk's vocabulary."""
+    if not 0 <= index < vocab_size:
+        raise RelaxlmError(
+            f"config.json: image_token_index {index} lies outside the vocabulary (size "
+            f"{vocab_size})"
+        )
+
+
 @dataclass
 class LlavaConfig:
     vision_config: dict[str, Any]
@@ -103,13 +126,9 @@ class LlavaConfig:
         config = from_config(
             cls, raw, image_token_index=raw.get("image_token_index", raw.get("image_token_id"))
         )
-        vision_raw = {**_CLIP_DEFAULTS, **config.vision_config}
-        if vision_raw.get("model_type", "clip_vision_model") != "clip_vision_model":
-            raise RelaxlmError(
-                f"config.json: vision_config.model_type {vision_raw['model_type']!r} is not "
-                "supported for LLaVA (supported: clip_vision_model)"
-            )
-        config.vision = from_config(CLIPVisionConfig, vision_raw)
+        config.vision = tower_config(
+            config.vision_config, _CLIP_DEFAULTS, "clip_vision_model", "LLaVA"
+        )
         text_type = config.text_config.get("model_type", "llama")
         if text_type not in TEXT_MODELS:
             raise RelaxlmError(
@@ -128,11 +147,7 @@ class LlavaConfig:
                 f"multiple of patch_size {config.vision.patch_size}"
             )
         _ = config.feature_layers  # raises for indices outside the tower
-        if not 0 <= config.image_token_index < config.text.vocab_size:
-            raise RelaxlmError(
-                f"config.json: image_token_index {config.image_token_index} lies outside the "
-                f"vocabulary (size {config.text.vocab_size})"
-            )
+        check_image_token(config.image_token_index, config.text.vocab_size)
         return config
 
     @property
