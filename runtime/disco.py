@@ -13,11 +13,12 @@ Two facts of the PyPI TVM 0.27 wheel shape this file (shared/notes/deps.md):
   half, which a runtime-only deployment lacks.)
 - No collective library is compiled in (no NCCL, no CPU backend). The compiled graph's
   all-reduce calls `runtime.disco.allreduce`, which dispatches to `runtime.disco.<ccl>.allreduce`
-  with the worker's ccl name, empty unless `init_ccl` ran. This file registers a CPU all-reduce
-  under that empty name: each worker writes its share into a shared-memory slot and raises its
-  flag, waits for every flag, sums the slots in rank order (so every worker gets the same
-  bits), then waits for every worker to have read before the slots are reused. One algorithm
-  for threads and processes. On GPUs the collective is NCCL, which needs a TVM built with it.
+  with the worker's ccl name, empty unless TVM's own `init_ccl` ran. This file registers the
+  all-reduce under that empty name, and each worker's collective decides how: on CPUs, each
+  worker writes its share into a shared-memory slot and raises its flag, waits for every flag,
+  sums the slots in rank order (so every worker gets the same bits), then waits for every worker
+  to have read before the slots are reused (one algorithm for threads and processes); on CUDA
+  GPUs, NCCL (runtime/nccl.py, a ctypes binding of the nvidia-nccl wheel), shard i on device i.
 
 Run as `python -m relaxlm.runtime.disco ...`: a ProcessSession worker (TVM's own entrypoint
 would miss both the shim and these functions).
@@ -40,13 +41,16 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tvm.runtime import ShapeTuple
+from tvm.runtime.vm import VirtualMachine
 
 from relaxlm.artifacts import Manifest, weight_index
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
-from relaxlm.runtime.loader import library_for_device
+from relaxlm.runtime import nccl
+from relaxlm.runtime.loader import library_for_device, load_library, open_device
 
 SESSIONS = ("threaded", "process")
+DEVICES = ("cpu", "cuda")
 _DISCO = None
 
 
@@ -126,29 +130,69 @@ def _wait(ready) -> None:
 
 
 # Each Disco worker is one native thread (of the controller, or of a worker process) for the
-# life of its session, so collectives are kept by thread: sessions side by side never mix.
+# life of its session, so a worker's state is kept by thread: sessions side by side never mix.
 # (Not threading.local: Python's state for a thread it did not start lasts one callback.)
-_COLLECTIVES: dict[int, _Collective] = {}
+_WORKERS: dict[int, "_Worker"] = {}
+
+
+class _Worker:
+    """A worker's device and its end of the collective."""
+
+    def __init__(self, device: tvm.runtime.Device, collective):
+        self.device, self.collective = device, collective
+
+    def allreduce(self, send, reduce_kind: int, recv) -> None:
+        if isinstance(self.collective, nccl.Communicator):
+            self.collective.allreduce(
+                send.data_ptr(), recv.data_ptr(), send.numel(), str(send.dtype), reduce_kind
+            )
+            return
+        if reduce_kind != 0:  # the graph sums only (frontends/tensor_parallel.py)
+            raise RelaxlmError(f"the CPU all-reduce sums; reduce kind {reduce_kind} is not built")
+        recv.copyfrom(self.collective.allreduce(send.numpy()))
 
 
 def _worker_rank() -> int:
     return int(tvm.get_global_func("runtime.disco.worker_rank")())
 
 
-@tvm_ffi.register_global_func("relaxlm.disco.init_collective", override=True)
-def _init_collective(name: str, workers: int, slot_bytes: int, owner: int) -> None:
-    _COLLECTIVES[threading.get_ident()] = _Collective(name, _worker_rank(), workers, slot_bytes)
+def _worker() -> _Worker:
+    return _WORKERS[threading.get_ident()]
+
+
+@tvm_ffi.register_global_func("relaxlm.disco.init_cpu", override=True)
+def _init_cpu(name: str, workers: int, slot_bytes: int, owner: int) -> None:
+    """This worker on the CPU, all-reducing through shared-memory segment `name`."""
+    collective = _Collective(name, _worker_rank(), workers, slot_bytes)
+    _WORKERS[threading.get_ident()] = _Worker(tvm.cpu(0), collective)
     if os.getpid() != owner:
         # Python < 3.13 tracks attached segments too, and would unlink the controller's
         # segment when this worker exits; the controller owns it.
         resource_tracker.unregister(f"/{name}", "shared_memory")
 
 
+@tvm_ffi.register_global_func("relaxlm.disco.init_cuda", override=True)
+def _init_cuda(unique_id: str, workers: int) -> None:
+    """This worker on CUDA device `rank`, all-reducing through NCCL (runtime/nccl.py);
+    `unique_id` is the controller's NCCL id, in hex."""
+    rank = _worker_rank()
+    communicator = nccl.Communicator(bytes.fromhex(unique_id), workers, rank, rank)
+    _WORKERS[threading.get_ident()] = _Worker(tvm.cuda(rank), communicator)
+
+
 @tvm_ffi.register_global_func("runtime.disco..allreduce", override=True)
 def _allreduce(send, reduce_kind: int, in_group: bool, recv) -> None:
-    if reduce_kind != 0:  # the graph sums only (frontends/tensor_parallel.py)
-        raise RelaxlmError(f"the CPU all-reduce sums; reduce kind {reduce_kind} is not built")
-    recv.copyfrom(_COLLECTIVES[threading.get_ident()].allreduce(send.numpy()))
+    # TVM dispatches to `runtime.disco.<ccl>.allreduce` with the worker's ccl name, which
+    # only TVM's own (C++) NCCL sets: relaxlm's collectives all live under the empty name.
+    _worker().allreduce(send, reduce_kind, recv)
+
+
+@tvm_ffi.register_global_func("relaxlm.disco.load_vm", override=True)
+def _load_vm(library: str):
+    """The artifact's VM module on this worker's device (Disco's own loader would put every
+    worker on one device: it takes one device for all)."""
+    device = _worker().device
+    return VirtualMachine(load_library(Path(library), str(device)), device).module
 
 
 @tvm_ffi.register_global_func("relaxlm.disco.load_params", override=True)
@@ -157,14 +201,14 @@ def _load_params(folder: str) -> list:
     manifest = Manifest.read(folder)
     index = weight_index(Path(folder), manifest)
     names = manifest.tensor_parallel["workers"][_worker_rank()]
-    dev = tvm.cpu(0)
-    return [tvm.runtime.tensor(read(index[name]), dev) for name in names]
+    return [tvm.runtime.tensor(read(index[name]), _worker().device) for name in names]
 
 
 @tvm_ffi.register_global_func("relaxlm.disco.int32", override=True)
 def _int32(values: ShapeTuple, shape: ShapeTuple):
-    """An int32 tensor of `values` in `shape` on the worker's CPU (token ids, positions)."""
-    return tvm.runtime.tensor(np.asarray(list(values), "int32").reshape(tuple(shape)))
+    """An int32 tensor of `values` in `shape` on the worker's device (token ids, positions)."""
+    data = np.asarray(list(values), "int32").reshape(tuple(shape))
+    return tvm.runtime.tensor(data, _worker().device)
 
 
 # -- the controller's side --------------------------------------------------------------------
@@ -174,21 +218,49 @@ class ShardedStage:
     """The whole model as N tensor-parallel shards in a Disco session; the interface of
     runtime/model.py's `_Stage` (kv, forward)."""
 
-    def __init__(self, folder: Path, manifest: Manifest, session: str, sizes):
-        """sizes: max batch size, total tokens, prefill chunk and page size of each cache."""
+    def __init__(self, folder: Path, manifest: Manifest, session: str, sizes, device: str = "cpu"):
+        """sizes: max batch size, total tokens, prefill chunk and page size of each cache.
+        device: "cpu" (every shard on the CPU, a shared-memory all-reduce) or "cuda" (shard i
+        on CUDA device i, NCCL)."""
         if session not in SESSIONS:
             raise RelaxlmError(
                 f"disco={session!r} is not a Disco session kind; use one of {', '.join(SESSIONS)}"
             )
+        kind, _, first = device.partition(":")
+        if kind not in DEVICES or first not in ("", "0"):
+            raise RelaxlmError(
+                f"tensor-parallel shards run on {' or '.join(DEVICES)}, not {device!r} "
+                "(shard i takes device i)"
+            )
         di = disco()
-        plan = manifest.tensor_parallel
-        self.shards = plan["shards"]
-        self.device = tvm.cpu(0)
+        self.shards = manifest.tensor_parallel["shards"]
+        # What can fail is checked here, before any worker starts.
+        library = library_for_device(folder, manifest, kind)
+        for i in range(self.shards if kind == "cuda" else 0):
+            open_device(f"cuda:{i}")
         if session == "threaded":
             self.session = di.ThreadedSession(self.shards)
         else:
             self.session = di.ProcessSession(self.shards, entrypoint="relaxlm.runtime.disco")
-        sess = self.session
+        self.shm = None
+        if kind == "cuda":
+            self.device = tvm.cuda(0)
+            self._func("relaxlm.disco.init_cuda")(nccl.unique_id().hex(), self.shards)
+        else:
+            self.device = tvm.cpu(0)
+            self._init_cpu(manifest, sizes)
+        vm = self._func("relaxlm.disco.load_vm")(str(library.resolve()))
+        self.vm = di.DModule(vm, self.session)
+        self.params = self._func("relaxlm.disco.load_params")(str(folder.resolve()))
+        self.entries = {name: self.vm[name] for name in ("prefill", "decode")}
+        self.kv_cache = self.vm["create_paged_kv_cache"](
+            *(ShapeTuple([v]) for v in sizes), ShapeTuple([0])
+        )
+        self._int32 = self._func("relaxlm.disco.int32")
+        self.session.sync_worker_0()
+
+    def _init_cpu(self, manifest: Manifest, sizes) -> None:
+        """The shared-memory segment of the CPU all-reduce, and every worker attached to it."""
         # The largest all-reduce: a forward's tokens by the hidden size, in float32 at most.
         hidden = int(manifest.model_config["hidden_size"])
         slot_bytes = sizes[2] * hidden * 4
@@ -199,18 +271,9 @@ class ShardedStage:
             size=flags + self.shards * slot_bytes,
         )
         np.ndarray((flags // 8,), np.int64, self.shm.buf)[:] = 0
-        init = self._func("relaxlm.disco.init_collective")
-        init(self.shm.name, self.shards, slot_bytes, os.getpid())
-        library = library_for_device(folder, manifest, "cpu")
-        self.vm = sess.load_vm_module(str(library.resolve()))
-        self.params = self._func("relaxlm.disco.load_params")(str(folder.resolve()))
-        self.entries = {name: self.vm[name] for name in ("prefill", "decode")}
-        self.kv_cache = self.vm["create_paged_kv_cache"](
-            *(ShapeTuple([v]) for v in sizes), ShapeTuple([0])
-        )
-        self._int32 = self._func("relaxlm.disco.int32")
-        sess.sync_worker_0()
         weakref.finalize(self, _free, self.shm)
+        init = self._func("relaxlm.disco.init_cpu")
+        init(self.shm.name, self.shards, slot_bytes, os.getpid())
 
     def _func(self, name: str):
         return self.session.get_global_func(name)

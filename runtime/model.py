@@ -75,11 +75,6 @@ class CompiledModel:
                 raise RelaxlmError(
                     f"{folder} is split into tensor-parallel shards, so it takes no device map"
                 )
-            if device.split(":")[0] != "cpu":
-                raise RelaxlmError(
-                    f"{folder} is split into tensor-parallel shards, which run on CPUs here "
-                    f"(the all-reduce on {device!r} needs a TVM with NCCL); use device='cpu'"
-                )
             loaded = None
             self.threads, self.folder = use_threads(threads), Path(folder)
             self.manifest = manifest
@@ -119,7 +114,7 @@ class CompiledModel:
         self.page_size = manifest.kv_cache["page_size"]
         sizes = (max_batch_size, total, self.prefill_chunk, self.page_size)
         if loaded is None:  # one stage: every shard, in a Disco session
-            sharded = ShardedStage(self.folder, manifest, disco or "threaded", sizes)
+            sharded = ShardedStage(self.folder, manifest, disco or "threaded", sizes, device)
             self.stages = [sharded]
             self.device, self.vm, self.params = sharded.device, sharded.vm, sharded.params
         else:
