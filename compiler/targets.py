@@ -31,6 +31,7 @@ import tvm
 import tvm_ffi
 from tvm.target import codegen
 
+from relaxlm.artifacts.cpu_features import CPUINFO_FLAGS, host_flags
 from relaxlm.errors import RelaxlmError
 
 CUDA_DEFAULT_ARCHS = ("sm_80", "sm_90")  # Ampere (sm_86/sm_89 run its code too) and Hopper
@@ -45,6 +46,7 @@ class TargetPreset:
     library_suffix: str
     device: str  # the runtime device kind, as tvm.runtime.device() names it
     archs: tuple[str, ...] = field(default=())  # CUDA: the archs the fatbin holds code for
+    cpu_features: tuple[str, ...] = field(default=())  # CPU: the SIMD extensions it may use
 
     def target(self) -> tvm.target.Target:
         return tvm.target.Target(self.tvm_target)
@@ -59,6 +61,8 @@ class TargetPreset:
         extra: dict[str, Any] = {"device": self.device}
         if self.archs:
             extra["archs"] = list(self.archs)
+        if self.cpu_features:
+            extra["cpu_features"] = list(self.cpu_features)
         return extra
 
 
@@ -85,6 +89,19 @@ def _cpu(name: str, mcpu: str) -> dict[str, Any]:
     }
 
 
+def _simd_features(target: dict[str, Any], native: bool) -> tuple[str, ...]:
+    """The SIMD extensions (artifacts/cpu_features.py) LLVM's model of the target's CPU has,
+    which the runtime requires of the CPU that loads the library."""
+    enabled = set(codegen.llvm_get_cpu_features(tvm.target.Target(target)))
+    features = [f for f in CPUINFO_FLAGS if f in enabled]
+    flags = host_flags() if native else None
+    if flags is not None:
+        # This machine's library always loads here: LLVM's model of its CPU may name an
+        # extension that a hypervisor hides from it.
+        features = [f for f in features if CPUINFO_FLAGS[f] in flags]
+    return tuple(features)
+
+
 def _portable_host() -> dict[str, Any]:
     """Host code of a GPU library: only VM glue, so no CPU features of the build machine (the
     GPU machine's CPU may lack them)."""
@@ -95,7 +112,9 @@ def resolve_target(name: str) -> TargetPreset:
     """The preset called `name` (see the module docstring)."""
     kind, _, options = name.partition(":")
     if kind == "cpu":
-        return TargetPreset("cpu", _cpu(name, options.strip()), ".so", "cpu")
+        target = _cpu(name, options.strip())
+        features = _simd_features(target, native=not options.strip())
+        return TargetPreset("cpu", target, ".so", "cpu", cpu_features=features)
     if kind == "cuda":
         archs = tuple(a.strip() for a in options.split(",")) if options else CUDA_DEFAULT_ARCHS
         bad = [a for a in archs if not _ARCH.fullmatch(a)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import tvm
 from tvm.runtime.vm import VirtualMachine
 
-from relaxlm.artifacts import Manifest, check_files, weight_index
+from relaxlm.artifacts import Manifest, check_files, cpu_features, weight_index
 from relaxlm.artifacts.device_map import parse_device_map
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
@@ -125,6 +125,7 @@ def _stage_devices(manifest: Manifest, device_map: str | None) -> list[str]:
 
 def _load_stage(folder: Path, entry: dict, device: str, index: dict) -> LoadedStage:
     dev = open_device(device)
+    _check_cpu_features(folder, entry.get("cpu_features", []))
     vm = VirtualMachine(load_library(folder / entry["library"], device), dev)
     params = [tvm.runtime.tensor(read(index[name]), dev) for name in entry["params"]]
     return LoadedStage(dev, vm, params, tuple(entry["layers"]), entry["kv_cache"])
@@ -152,12 +153,25 @@ def library_for_device(folder: Path, manifest: Manifest, device: str) -> Path:
     kind = device.split(":")[0]
     for name, entry in manifest.targets.items():
         if entry.get("device", name) == kind:
+            _check_cpu_features(folder, entry.get("cpu_features", []))
             return folder / entry["library"]
     built = ", ".join(f"{n} ({e.get('device', n)})" for n, e in manifest.targets.items())
     raise RelaxlmError(
         f"{folder}: artifact has no library for device {device!r} (built for: {built}); "
         f"compile it with --target {kind} (one artifact may hold several targets)"
     )
+
+
+def _check_cpu_features(folder: Path, required: list[str]) -> None:
+    """RelaxlmError (rather than SIGILL mid-forward) if this CPU lacks an extension the
+    library was compiled to use."""
+    lacking = cpu_features.missing(required, cpu_features.host_flags())
+    if lacking:
+        raise RelaxlmError(
+            f"{folder}: its CPU library uses {', '.join(lacking)}, which this CPU lacks; "
+            "compile it for this machine (--target cpu), or for the oldest CPU it must run on "
+            "(e.g. --target cpu:haswell for any AVX2 machine)"
+        )
 
 
 def open_device(device: str) -> tvm.runtime.Device:
