@@ -46,7 +46,7 @@ def test_compile_only_then_run_only_on_the_cpu(tmp_path):
 
     out = tmp_path / "bench.json"
     run_args = [str(folder), "--device", "cpu", "--prompts", "16,64", "--batch", "4"]
-    run_args += ["--steps", "8", "--repeats", "2", "--json", str(out)]
+    run_args += ["--steps", "4", "--repeats", "1", "--json", str(out)]
     run = subprocess.run(
         [sys.executable, "-c", RUN_ONLY, str(SCRIPT), *run_args],
         capture_output=True,
@@ -76,3 +76,21 @@ def test_compile_only_then_run_only_on_the_cpu(tmp_path):
     assert math.isfinite(ours["vm_step_ms"]) and ours["vm_step_ms"] > 0
     assert math.isfinite(ours["host_ms"])  # engine per token minus the VM step: may be ~0
     assert theirs["vm_step_ms"] is None and theirs["host_ms"] is None
+
+    # scripts/profile_decode.py on the same artifact, its device synchronized around each call
+    profile = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "profile_decode.py"), str(artifact)]
+        + ["--device", "cpu", "--steps", "2", "--prompt", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    report = profile.stdout.splitlines()
+    assert report[0].startswith("decode step: ") and report[2].split() == [
+        "call",
+        "calls",
+        "us/step",
+        "share",
+    ]
+    assert any(line.startswith("vm.builtin.attention_kv_cache") for line in report[3:])
