@@ -39,6 +39,7 @@ from relaxlm.frontends.tensor_parallel import shard
 
 from . import schedules
 from .cpu_legalize import legalize_and_fuse
+from .cuda_graph import mark_for_capture
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot, int8_dot_flavour
@@ -87,6 +88,7 @@ def compile_model(
     lora_targets: list[str] | None = None,
     tensor_parallel: int = 1,
     kv_cache_dtype: str = "auto",
+    cuda_graph: bool = False,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -109,10 +111,14 @@ def compile_model(
     kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
         int8 / fp8 codes with a float16 scale per token per kv head (CPU targets;
         compiler/kv_quant.py). The manifest's `kv_cache` records it.
+    cuda_graph: capture decode's kernels in CUDA graphs on CUDA targets (compiler/cuda_graph.py);
+        each CUDA library's manifest entry says `cuda_graph: true`.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
     check_kv_cache_dtype(kv_cache_dtype)
+    if cuda_graph:
+        _check_cuda_graph(presets, tensor_parallel, device_map, gpu_layers)
     if tensor_parallel != 1:
         others = {
             "--device-map / --gpu-layers": device_map is not None or gpu_layers is not None,
@@ -189,7 +195,15 @@ def compile_model(
         if add:
             writer.keep_libraries(output)
         kv_cache, plan = _add_libraries(
-            writer, Path(scratch), exported, presets, scheme, say, stored, kv_cache_dtype
+            writer,
+            Path(scratch),
+            exported,
+            presets,
+            scheme,
+            say,
+            stored,
+            kv_cache_dtype,
+            cuda_graph,
         )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
@@ -217,6 +231,21 @@ def compile_model(
         out = writer.commit(manifest)
     say(f"artifact written to {out}")
     return out
+
+
+def _check_cuda_graph(presets, tensor_parallel: int, device_map, gpu_layers) -> None:
+    """CUDA graphs are built for one whole model on a CUDA target."""
+    if not any(p.device == "cuda" for p in presets):
+        names = ", ".join(p.name for p in presets)
+        raise RelaxlmError(
+            f"--cuda-graph captures CUDA kernels, and target {names} is not CUDA; "
+            "add a cuda target or drop --cuda-graph"
+        )
+    if tensor_parallel != 1 or device_map is not None or gpu_layers is not None:
+        raise RelaxlmError(
+            "--cuda-graph is built for a model on one device; drop --tensor-parallel / "
+            "--device-map / --gpu-layers, or --cuda-graph"
+        )
 
 
 def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
@@ -400,17 +429,20 @@ def _add_libraries(
     say,
     stored,
     kv_cache_dtype: str,
+    cuda_graph: bool = False,
 ) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
     """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
     plan (the graph, weight plan and KV cache do not depend on the target)."""
     for preset in presets:
+        graphs = cuda_graph and preset.device == "cuda"
         executable, kv_cache, plan = build_library(
-            exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
+            exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype, cuda_graph=graphs
         )
         library = scratch / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
         say(f"{preset.name} library linked")
-        writer.add_library(preset.name, library, preset.tvm_target, **preset.extra_manifest)
+        extra = {**preset.extra_manifest, **({"cuda_graph": True} if graphs else {})}
+        writer.add_library(preset.name, library, preset.tvm_target, **extra)
     return kv_cache, plan
 
 
@@ -497,6 +529,7 @@ def build_library(
     scheduled_only: bool = False,
     device_binaries: bool = True,
     kv_cache_dtype: str = "auto",
+    cuda_graph: bool = False,
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
@@ -504,6 +537,7 @@ def build_library(
         executable (tests run its kernels alone).
     device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
+    cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -556,8 +590,10 @@ def build_library(
 
     # 4. VM lowering and codegen
     start = time.perf_counter()
+    if cuda_graph:  # memory planned for the runtime's largest batch (at most one prefill chunk)
+        mod = mark_for_capture(mod, DEFAULT_PREFILL_CHUNK)
     # GPU: target in scope; CUDA: nvcc fatbin for every arch
-    with build_context(preset, device_binaries):
+    with build_context(preset, device_binaries, cuda_graph):
         executable = relax.build(
             mod, target=target, relax_pipeline=relax.pipeline.default_build_pipeline()
         )

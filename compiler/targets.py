@@ -34,6 +34,8 @@ from tvm.target import codegen
 from relaxlm.artifacts.cpu_features import CPUINFO_FLAGS, host_flags
 from relaxlm.errors import RelaxlmError
 
+from .cuda_graph import USE_CUDA_GRAPH
+
 CUDA_DEFAULT_ARCHS = ("sm_80", "sm_90")  # Ampere (sm_86/sm_89 run its code too) and Hopper
 PRESETS = ("cpu", "cpu:NAME", "cuda", "cuda:sm_XX[,sm_YY...]", "metal", "webgpu", "vulkan")
 _ARCH = re.compile(r"sm_\d+[a-z]?")
@@ -176,7 +178,7 @@ def check_vulkan_codegen() -> None:
 
 
 @contextlib.contextmanager
-def build_context(preset: TargetPreset, device_binaries: bool = True):
+def build_context(preset: TargetPreset, device_binaries: bool = True, cuda_graph: bool = False):
     """What TVM's codegen for `preset` needs around `relax.build`.
 
     GPU targets: the target in scope (TVM's CUDA and dlight code read `Target.current()`). CUDA:
@@ -185,6 +187,8 @@ def build_context(preset: TargetPreset, device_binaries: bool = True):
     compile at load time) and TVM's compile callback replaced, for this build only, by nvcc
     building one fatbin with SASS for every arch of the preset and PTX of the lowest arch
     (which newer GPUs compile once, at load, in the driver).
+
+    cuda_graph: TVM's RewriteCUDAGraph switched on (compiler/cuda_graph.py).
 
     device_binaries=False: CUDA kernels stay CUDA source (TVM's codegen without nvcc, as on a
     build machine without TVM's CUDA plugin; a GPU machine would compile them at load). The
@@ -198,6 +202,8 @@ def build_context(preset: TargetPreset, device_binaries: bool = True):
     # GPU kernels (InternalError in the device lowering, e.g. a Llama of hidden size 256 with
     # llama3 RoPE); nvcc eliminates common subexpressions itself, so GPU builds skip the pass.
     config = {"tirx.disable_cse_tir": True}
+    if cuda_graph:
+        config[USE_CUDA_GRAPH] = True
     with preset.target(), tvm.transform.PassContext(config=config):
         if preset.device != "cuda":
             yield

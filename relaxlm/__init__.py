@@ -43,6 +43,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     lora_targets: list[str] | None = None,
     tensor_parallel: int = 1,
     kv_cache_dtype: str = "auto",
+    cuda_graph: bool = False,
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -59,6 +60,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         each attention and MLP), run by TVM Disco; Llama, Mistral and Qwen2.
     kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
         int8 / fp8 codes with a float16 scale per token and kv head (CPU targets).
+    cuda_graph: CUDA targets replay decode's kernels as CUDA graphs (compiler/cuda_graph.py);
+        off by default until a GPU run shows it correct.
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -80,6 +83,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         lora_targets=lora_targets,
         tensor_parallel=tensor_parallel,
         kv_cache_dtype=kv_cache_dtype,
+        cuda_graph=cuda_graph,
     )
 
 

@@ -40,6 +40,13 @@ def _parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="replace an artifact of another model at -o"
     )
     p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="CUDA targets: replay decode's kernels as CUDA graphs, one per batch size (TVM's "
+        "RewriteCUDAGraph; each layer's paged-attention call stays outside). Off by default: "
+        "compiled and checked for the capture here, not yet run on a GPU",
+    )
+    p.add_argument(
         "--image-size",
         default="512x512",
         metavar="WxH",
@@ -404,6 +411,7 @@ def _compile(args) -> None:
         gpu_layers=args.gpu_layers,
         tensor_parallel=args.tensor_parallel,
         kv_cache_dtype=args.kv_cache_dtype,
+        cuda_graph=args.cuda_graph,
         **(
             {"lora_slots": args.lora_slots, "lora_max_rank": args.lora_max_rank}
             if args.lora_slots
