@@ -459,8 +459,8 @@ def test_default_model_perplexity_with_a_quantized_cache():
 
 
 def test_refusals(llama, tmp_path):
-    """An unknown kv_cache_dtype, a quantized cache on a GPU target, and an artifact compiled
-    with another cache each get one error naming the fix."""
+    """An unknown kv_cache_dtype, a quantized cache for WebGPU (no 8-bit type in WGSL), and an
+    artifact compiled with another cache each get one error naming the fix."""
     import relaxlm
     from relaxlm.compiler.pipeline import compile_model
     from relaxlm.errors import RelaxlmError
@@ -468,9 +468,9 @@ def test_refusals(llama, tmp_path):
     checkpoint, artifacts = llama
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='int4' is unknown; use one of"):
         compile_model(checkpoint, tmp_path / "x", kv_cache_dtype="int4", progress=False)
-    with pytest.raises(RelaxlmError, match="built for CPU targets only.*--kv-cache-dtype auto"):
+    with pytest.raises(RelaxlmError, match="cannot be built for WebGPU.*--kv-cache-dtype auto"):
         compile_model(
-            checkpoint, tmp_path / "y", target="cuda", kv_cache_dtype="int8", progress=False
+            checkpoint, tmp_path / "y", target="webgpu", kv_cache_dtype="int8", progress=False
         )
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='fp8' is compiled in"):
         relaxlm.LLM(str(artifacts["int8"]), kv_cache_dtype="fp8")
