@@ -158,7 +158,7 @@ def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None, gpu: bool = Fals
     angle_value, half, rotary_dim = rope_angles(rope, d)
     apply_rope = int(rope is not None)
 
-    @T.prim_func(s_tir=True, private=True)  # the module names it (one pack per RoPE)
+    @T.prim_func(s_tir=True)
     def relaxlm_kv_pack(var_qkv: T.handle, var_positions: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
@@ -262,7 +262,7 @@ def _pack_qkv_gpu(layout: QuantLayout, rope: RopeSpec | None) -> tirx.PrimFunc:
         )
         return T.if_then_else(tirx.all(c < rotated, x < rotary_dim), turned, plain)
 
-    @T.prim_func(s_tir=True, private=True)  # the module names it (one pack per RoPE)
+    @T.prim_func(s_tir=True)
     def relaxlm_kv_pack(var_qkv: T.handle, var_positions: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()
@@ -310,7 +310,7 @@ def unpack_output(layout: QuantLayout, gpu: bool = False) -> tirx.PrimFunc:
     rows, r = layout.q_rows, layout.row_bytes
     elems = rows * r // layout.itemsize
 
-    @T.prim_func(s_tir=True, private=True)  # named by the module, as the pack kernels
+    @T.prim_func(s_tir=True)
     def relaxlm_kv_unpack(var_o: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         n = T.int64()

@@ -397,14 +397,18 @@ class _AttentionRewriter(relax.PyExprMutator):
     def _packing_functions(self, layout: QuantLayout, rope: RopeSpec | None):
         """The GlobalVars of kv_quant's pack (for this RoPE) and unpack kernels, each added to
         the module once."""
+        # Without their own global symbol the module names them (a model with two RoPEs,
+        # Gemma 3, has two packing kernels).
         key = "null" if rope is None else rope.to_json()
         if key not in self._packing:
+            pack = kv_quant.pack_qkv(layout, rope, gpu=self._gpu)
             self._packing[key] = self.builder_.add_func(
-                kv_quant.pack_qkv(layout, rope, gpu=self._gpu), "relaxlm_kv_pack"
+                pack.without_attr("global_symbol"), "relaxlm_kv_pack"
             )
         if "unpack" not in self._packing:
+            unpack = kv_quant.unpack_output(layout, gpu=self._gpu)
             self._packing["unpack"] = self.builder_.add_func(
-                kv_quant.unpack_output(layout, gpu=self._gpu), "relaxlm_kv_unpack"
+                unpack.without_attr("global_symbol"), "relaxlm_kv_unpack"
             )
         return self._packing[key], self._packing["unpack"]
 
