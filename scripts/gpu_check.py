@@ -150,7 +150,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    print(f"relaxlm vs transformers on {device} (logit error: max |diff| / logit range)")
+    print(
+        f"relaxlm vs transformers on {device} (logit error: max |diff| / logit range; "
+        "-kv_ rows: vs relaxlm's CPU build with the same cache)"
+    )
     header = "case        dtype     prefill  decode   tol     greedy  batch=alone  seed  result"
     print(header)
     print("-" * len(header))
