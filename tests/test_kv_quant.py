@@ -2,7 +2,8 @@
 
 Kernel level: the packing kernel against numpy's quantizer (exact codes and scales), and the
 attention kernels reading packed pages against numpy attention over the same dequantized K/V
-(tight) and over the float K/V (loose). Model level: a tiny random Llama with each cache
+(tight) and over the float K/V (loose); the GPU kernels (`gpu=True`) the same way, their TIR
+run on this CPU with the thread loops serial (`_threads_serial`). Model level: a tiny random Llama with each cache
 against the float-cache artifact; the capacity a byte budget buys; prefix reuse and chunked
 prefill on a quantized cache.
 """
@@ -150,6 +151,22 @@ def test_unpack_and_merge_packed_outputs(gpu):
         lse.numpy()[:, :hq], np.log2(wa + wb)[..., 0] + top[..., 0], atol=1e-5
     )
     np.testing.assert_array_equal(lse.numpy()[:, hq:], lse_a[:, hq:])
+
+
+def test_the_gpu_caches_split_passes_packed_rows_through():
+    """The one TVM kernel a GPU cache keeps that does arithmetic: its q/k/v split, RoPE off
+    (as relaxlm's quantized caches are built), hands every byte through unchanged. (Append and
+    the page copies only copy; relaxlm replaces attention and the merge.) Built for the CPU
+    before GPU scheduling, which moves loops only."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    layout = QuantLayout(KV_QUANTS["int8"], 4, 2, 32, "float16")
+    rows, r, hkv = layout.q_rows, layout.row_bytes, 2
+    split = llama_rope_with_position_map(1e4, 1.0, r, rows, hkv, "int8", {}, r)
+    qkv = np.random.default_rng(8).integers(-128, 128, (5, rows + 2 * hkv, r), dtype=np.int8)
+    q, k, v = (_tensor(np.zeros((5, h, r), np.int8)) for h in (rows, hkv, hkv))
+    _build(split)(_tensor(qkv), _tensor(np.arange(5, dtype=np.int32)), q, k, v, 0)
+    np.testing.assert_array_equal(np.concatenate([q.numpy(), k.numpy(), v.numpy()], 1), qkv)
 
 
 def _scattered_pages(rng, seqs, hkv, d, layout):
