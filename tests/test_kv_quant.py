@@ -3,9 +3,9 @@
 Kernel level: the packing kernel against numpy's quantizer (exact codes and scales), and the
 attention kernels reading packed pages against numpy attention over the same dequantized K/V
 (tight) and over the float K/V (loose); the GPU kernels (`gpu=True`) the same way, their TIR
-run on this CPU with the thread loops serial (`_threads_serial`). Model level: a tiny random Llama with each cache
-against the float-cache artifact; the capacity a byte budget buys; prefix reuse and chunked
-prefill on a quantized cache.
+run on this CPU with the thread loops serial (`_threads_serial`). Model level: a tiny random
+Llama with each cache against the float-cache artifact; the capacity a byte budget buys;
+prefix reuse and chunked prefill on a quantized cache.
 """
 
 import math
