@@ -875,8 +875,9 @@ def paged_decode(
 
 # GPU kernels: the same signatures, masks and scores, one GPU thread per (query row, head), each
 # running `_attend_row` over its keys in scalars. Correct on every GPU TVM targets, not fast:
-# they exist so that models with sliding windows or soft-capping (Gemma 2/3), which TVM's GPU
-# kernels cannot express, run on GPUs at all; models without either keep TVM's tiled kernels.
+# they exist so that models with sliding windows or soft-capping (Gemma 2/3), or a quantized
+# KV cache (packed rows read through `_Io`, as on CPUs), which TVM's GPU kernels cannot
+# express, run on GPUs at all; other models keep TVM's tiled kernels.
 
 
 class _RaggedSequences:
