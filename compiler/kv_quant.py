@@ -17,7 +17,8 @@ The cache applies no RoPE (it would rotate bytes): `pack_qkv` rotates q and k, q
 packs before the cache's attention call, `unpack_output` reads the output after it, and
 `merge_state` replaces the cache's merge of two partial attentions (over packed outputs).
 Each kernel here has a CPU schedule and a GPU one (`gpu=True`: a thread per head row, element
-or (token, head)), sharing the per-row code. int8 / fp8 round per token and head: x -> clip(x / scale) -> round-to-nearest-even (int8) or
+or (token, head)), sharing the per-row code.
+int8 / fp8 round per token and head: x -> clip(x / scale) -> round-to-nearest-even (int8) or
 e4m3 (fp8, saturating at 448), with scale = float16(max(amax / qmax, 2**-14)).
 """
 
