@@ -25,7 +25,7 @@ import tvm
 
 from relaxlm.tvm_api import T, tirx
 
-from .kv_quant import SCALE_BYTES, QuantLayout
+from .kv_quant import GPU_THREADS, SCALE_BYTES, QuantLayout
 from .vector_math import exp2, widest_lanes
 
 PAGE_SIZE = 16  # TVM's CPU kernels and page tables are built for 16-token pages
@@ -602,7 +602,7 @@ def ragged_prefill(
                 q_indptr,
                 q_rope_position,
                 k_rope_pos_offset,
-                _RaggedSequences(k, v, kv_indptr, group),  # no quantized cache on GPUs
+                _RaggedSequences(io, k, v, k_scales, v_scales, kv_indptr, group),
                 _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
         else:
@@ -715,7 +715,9 @@ def paged_prefill(
                 q_indptr,
                 q_rope_position,
                 k_rope_pos_offset,
-                _PagedSequences(pages, page_values, page_indptr, length_info, group, sliding_table),
+                _PagedSequences(
+                    io, pages, scales, page_values, page_indptr, length_info, group, sliding_table
+                ),
                 _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
         else:
@@ -824,7 +826,9 @@ def paged_decode(
                 None,
                 q_rope_position,
                 k_rope_pos_offset,
-                _PagedSequences(pages, page_values, page_indptr, length_info, group, sliding_table),
+                _PagedSequences(
+                    io, pages, scales, page_values, page_indptr, length_info, group, sliding_table
+                ),
                 _Attention(output, lse, sm_scale, softcap, window, d, dtype, gpu=True),
             )
         else:
@@ -871,35 +875,45 @@ def paged_decode(
 
 # GPU kernels: the same signatures, masks and scores, one GPU thread per (query row, head), each
 # running `_attend_row` over its keys in scalars. Correct on every GPU TVM targets, not fast:
-# they exist so that models with sliding windows or soft-capping (Gemma 2/3), which TVM's GPU
-# kernels cannot express, run on GPUs at all; models without either keep TVM's tiled kernels.
-GPU_THREADS = 64  # threads per block
+# they exist so that models with sliding windows or soft-capping (Gemma 2/3), or a quantized
+# KV cache (packed rows read through `_Io`, as on CPUs), which TVM's GPU kernels cannot
+# express, run on GPUs at all; other models keep TVM's tiled kernels.
 
 
 class _RaggedSequences:
     """Sequence b's keys in a ragged prefill: the rows of k and v between kv_indptr[b] and
-    kv_indptr[b + 1]."""
+    kv_indptr[b + 1], read as `io` reads them (quantized rows: codes, scales)."""
 
-    def __init__(self, k, v, kv_indptr, group):
-        self.k, self.v, self.kv_indptr, self.group = k, v, kv_indptr, group
+    def __init__(self, io, k, v, k_scales, v_scales, kv_indptr, group):
+        self.io, self.k, self.v, self.kv_indptr, self.group = io, k, v, kv_indptr, group
+        self.k_scales, self.v_scales = k_scales, v_scales
 
     def keys(self, b):
-        return _RaggedKV(self.k, self.v, self.kv_indptr[b], self.group)
+        return self.io.ragged(
+            self.k, self.v, self.k_scales, self.v_scales, self.kv_indptr[b], self.group
+        )
 
     def count(self, b):
         return self.kv_indptr[b + 1] - self.kv_indptr[b]
 
 
 class _PagedSequences:
-    """Sequence b's keys in the cache's pages (its page list and length info)."""
+    """Sequence b's keys in the cache's pages (its page list and length info), read as `io`
+    reads them."""
 
-    def __init__(self, pages, page_values, page_indptr, length_info, group, sliding_table):
-        self.pages, self.page_values, self.page_indptr = pages, page_values, page_indptr
-        self.length_info, self.group, self.sliding = length_info, group, sliding_table
+    def __init__(self, io, pages, scales, page_values, page_indptr, length_info, group, sliding):
+        self.io, self.pages, self.scales, self.page_values = io, pages, scales, page_values
+        self.page_indptr, self.length_info, self.group, self.sliding = (
+            page_indptr,
+            length_info,
+            group,
+            sliding,
+        )
 
     def keys(self, b):
-        return _PagedKV(
+        return self.io.paged(
             self.pages,
+            self.scales,
             self.page_values,
             self.page_indptr[b],
             self.length_info,

@@ -16,6 +16,8 @@ kernels read (the C++ side and TVM's page kernels only move the bytes):
 The cache applies no RoPE (it would rotate bytes): `pack_qkv` rotates q and k, quantizes and
 packs before the cache's attention call, `unpack_output` reads the output after it, and
 `merge_state` replaces the cache's merge of two partial attentions (over packed outputs).
+Each kernel here has a CPU schedule and a GPU one (`gpu=True`: a thread per head row, element
+or (token, head)), sharing the per-row code.
 int8 / fp8 round per token and head: x -> clip(x / scale) -> round-to-nearest-even (int8) or
 e4m3 (fp8, saturating at 448), with scale = float16(max(amax / qmax, 2**-14)).
 """
@@ -33,6 +35,7 @@ from .rope import _rotate_heads, rope_angles, split_token
 _MACRO_NAMES = (_rotate_heads,)
 
 SCALE_BYTES = 2  # one float16 per row
+GPU_THREADS = 64  # threads per block of the GPU kernels (here and in attention_kernels.py)
 # Smallest scale stored: float16's smallest normal, so a scale never loses bits to subnormals;
 # rows smaller than qmax * this keep an absolute error under 2**-15.
 MIN_SCALE = 2.0**-14
@@ -136,11 +139,13 @@ def _encode_e4m3(y: tirx.Expr) -> tirx.Expr:
     return T.cast(sign | T.Select(a < T.float32(2.0**-6), subnormal, normal), "int8")
 
 
-def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None) -> tirx.PrimFunc:
+def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None, gpu: bool = False) -> tirx.PrimFunc:
     """qkv [tokens, hq + 2 hkv, d] (dtype) and positions [tokens] -> [tokens, q_rows + 2 hkv, R]
     int8: q as its bytes, each K and V row as codes and a float16 scale; q and k rotated by
     `rope` first (the cache's kind of RoPE, not LongRoPE; None: as they are), each token's
-    cos/sin computed once, as the cache's own CPU kernel does."""
+    cos/sin computed once, as the cache's own CPU kernel does. `gpu`: a thread per head row."""
+    if gpu:
+        return _pack_qkv_gpu(layout, rope)
     hq, hkv, d, dtype, quant = (
         layout.num_q_heads,
         layout.num_kv_heads,
@@ -188,30 +193,121 @@ def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None) -> tirx.PrimFunc
             with T.sblock("pack"):
                 T.reads()
                 T.writes()
-                amax = T.sblock_alloc_buffer((1,), "float32")
-                scale = T.sblock_alloc_buffer((1,), "float32")
+                state = T.sblock_alloc_buffer((2,), "float32")
                 for h in T.serial(2 * hkv):
-                    amax[0] = T.float32(0)
-                    for x in T.serial(d):
-                        amax[0] = T.max(amax[0], T.abs(T.cast(kv[t, h, x], "float32")))
-                    # Codes are made from the float16 scale as stored, so dequantizing is exact.
-                    scale[0] = T.cast(
-                        T.cast(
-                            T.max(amax[0] / T.float32(quant.qmax), T.float32(MIN_SCALE)), "float16"
-                        ),
-                        "float32",
+                    _quantize_row(
+                        kv,
+                        t,
+                        h,
+                        codes,
+                        scales,
+                        t * token_bytes + (layout.q_rows + h) * r,
+                        state,
+                        d,
+                        quant,
                     )
-                    base: T.let[T.int64] = t * token_bytes + (layout.q_rows + h) * r
-                    for x in T.serial(d):
-                        codes[base + x] = _code(T.cast(kv[t, h, x], "float32"), scale[0], quant)
-                    scales[(base + d) // 2] = T.cast(scale[0], "float16")
 
     return relaxlm_kv_pack
 
 
-def unpack_output(layout: QuantLayout) -> tirx.PrimFunc:
+@T.macro(hygienic=False)
+def _quantize_row(src, t, h, codes, scales, base, state, d, quant):
+    """The K/V row src[t, h] (d values) as codes at byte `base` of `codes`, then its float16
+    scale; `state` is scratch for the row's amax and scale."""
+    state[0] = T.float32(0)
+    for x in T.serial(d):
+        state[0] = T.max(state[0], T.abs(T.cast(src[t, h, x], "float32")))
+    # Codes are made from the float16 scale as stored, so dequantizing is exact.
+    state[1] = T.cast(
+        T.cast(T.max(state[0] / T.float32(quant.qmax), T.float32(MIN_SCALE)), "float16"),
+        "float32",
+    )
+    for x in T.serial(d):
+        codes[base + x] = _code(T.cast(src[t, h, x], "float32"), state[1], quant)
+    scales[(base + d) // 2] = T.cast(state[1], "float16")
+
+
+def _gpu_threads(count: tirx.Expr):
+    """Blocks of GPU_THREADS threads covering `count` items (at least one block: CUDA refuses
+    an empty grid)."""
+    return T.max((count + GPU_THREADS - 1) // GPU_THREADS, 1)
+
+
+def _pack_qkv_gpu(layout: QuantLayout, rope: RopeSpec | None) -> tirx.PrimFunc:
+    """`pack_qkv` with a GPU thread per (token, head row): q heads rotated into their bytes, K
+    and V rows rotated (k), rounded to dtype as on CPUs, then quantized."""
+    hq, hkv, d, dtype, quant = (
+        layout.num_q_heads,
+        layout.num_kv_heads,
+        layout.head_dim,
+        layout.dtype,
+        layout.quant,
+    )
+    rows, r = layout.packed_rows, layout.row_bytes
+    token_bytes = rows * r
+    q_elems = token_bytes // layout.itemsize
+    heads = hq + 2 * hkv
+    angle_value, half, rotary_dim = rope_angles(rope, d)
+    rotated = hq + hkv if rope is not None else 0  # heads 0 .. rotated - 1 get RoPE
+
+    def value(qkv, t, c, x, position):
+        """Element x of head c of token t, rotated (rotate-half) if c < rotated, in dtype."""
+        plain = qkv[t, c, x]
+        if rotated == 0:
+            return plain
+        i = T.if_then_else(x < half, x, x - half)
+        partner = T.if_then_else(x < half, -qkv[t, c, x + half], qkv[t, c, x - half])
+        turned = T.cast(
+            angle_value(position, i, 0) * T.cast(plain, "float32")
+            + angle_value(position, i, 1) * T.cast(partner, "float32"),
+            dtype,
+        )
+        return T.if_then_else(tirx.all(c < rotated, x < rotary_dim), turned, plain)
+
+    @T.prim_func(s_tir=True)
+    def relaxlm_kv_pack(var_qkv: T.handle, var_positions: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int64()
+        qkv = T.match_buffer(var_qkv, (n, heads, d), dtype)
+        positions = T.match_buffer(var_positions, (n,), "int32")
+        out = T.match_buffer(var_out, (n, rows, r), "int8")
+        q_out = T.decl_buffer((n, hq, d), dtype, data=out.data, strides=(q_elems, d, 1))
+        codes = T.decl_buffer((n * token_bytes,), "int8", data=out.data)
+        scales = T.decl_buffer((n * (token_bytes // 2),), "float16", data=out.data)
+        for bx in T.thread_binding(_gpu_threads(n * heads), "blockIdx.x"):
+            for tx in T.thread_binding(GPU_THREADS, "threadIdx.x"):
+                with T.sblock("pack"):
+                    T.reads()
+                    T.writes()
+                    row = T.sblock_alloc_buffer((1, 1, d), dtype, scope="local")
+                    state = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                    if bx * GPU_THREADS + tx < n * heads:
+                        t: T.let[T.int64] = (bx * GPU_THREADS + tx) // heads
+                        c: T.let[T.int64] = (bx * GPU_THREADS + tx) % heads
+                        if c < hq:
+                            for x in T.serial(d):
+                                q_out[t, c, x] = value(qkv, t, c, x, positions[t])
+                        else:
+                            for x in T.serial(d):
+                                row[0, 0, x] = value(qkv, t, c, x, positions[t])
+                            _quantize_row(
+                                row,
+                                0,
+                                0,
+                                codes,
+                                scales,
+                                t * token_bytes + (layout.q_rows + c - hq) * r,
+                                state,
+                                d,
+                                quant,
+                            )
+
+    return relaxlm_kv_pack
+
+
+def unpack_output(layout: QuantLayout, gpu: bool = False) -> tirx.PrimFunc:
     """The cache's output [tokens, q_rows, R] int8 -> [tokens, hq, d] (dtype): the bytes the
-    attention kernels wrote."""
+    attention kernels wrote. `gpu`: a thread per element."""
     hq, d, dtype = layout.num_q_heads, layout.head_dim, layout.dtype
     rows, r = layout.q_rows, layout.row_bytes
     elems = rows * r // layout.itemsize
@@ -223,19 +319,42 @@ def unpack_output(layout: QuantLayout) -> tirx.PrimFunc:
         o = T.match_buffer(var_o, (n, rows, r), "int8")
         out = T.match_buffer(var_out, (n, hq, d), dtype)
         values = T.decl_buffer((n * elems,), dtype, data=o.data)
-        for t in T.parallel(n):
-            with T.sblock("unpack"):
-                T.reads()
-                T.writes()
-                for i in T.serial(hq * d):
-                    out[t, i // d, i % d] = values[t * elems + i]
+        if gpu:
+            for bx in T.thread_binding(_gpu_threads(n * hq * d), "blockIdx.x"):
+                for tx in T.thread_binding(GPU_THREADS, "threadIdx.x"):
+                    with T.sblock("unpack"):
+                        T.reads()
+                        T.writes()
+                        if bx * GPU_THREADS + tx < n * hq * d:
+                            _unpack_element(
+                                out,
+                                values,
+                                (bx * GPU_THREADS + tx) // (hq * d),
+                                (bx * GPU_THREADS + tx) % (hq * d),
+                                d,
+                                elems,
+                            )
+        else:
+            for t in T.parallel(n):
+                with T.sblock("unpack"):
+                    T.reads()
+                    T.writes()
+                    for i in T.serial(hq * d):
+                        _unpack_element(out, values, t, i, d, elems)
 
     return relaxlm_kv_unpack
 
 
-def merge_state(layout: QuantLayout) -> tirx.PrimFunc:
-    """The cache's `tir_attention_merge_state_cpu` for packed outputs: merge two partial
-    attentions (outputs and base-2 log-sum-exps) of every real head, in place."""
+@T.macro(hygienic=False)
+def _unpack_element(out, values, t, i, d, elems):
+    """Element i of token t's output heads, from its place in the packed rows."""
+    out[t, i // d, i % d] = values[t * elems + i]
+
+
+def merge_state(layout: QuantLayout, gpu: bool = False) -> tirx.PrimFunc:
+    """The cache's `tir_attention_merge_state(_cpu)` for packed outputs: merge two partial
+    attentions (outputs and base-2 log-sum-exps) of every real head, in place. `gpu`: a thread
+    per (token, head)."""
     hq, d, dtype = layout.num_q_heads, layout.head_dim, layout.dtype
     rows, r = layout.q_rows, layout.row_bytes
     elems = rows * r // layout.itemsize
@@ -250,25 +369,53 @@ def merge_state(layout: QuantLayout) -> tirx.PrimFunc:
         lse_other = T.match_buffer(s_other, (n, rows), "float32")
         out = T.decl_buffer((n * elems,), dtype, data=v_bytes.data)
         other = T.decl_buffer((n * elems,), dtype, data=other_bytes.data)
-        for t in T.parallel(n):
-            with T.sblock("merge"):
-                T.reads()
-                T.writes()
-                w = T.sblock_alloc_buffer((3,), "float32")  # max, own weight, other weight
-                for h in T.serial(hq):
-                    w[0] = T.max(lse[t, h], lse_other[t, h])
-                    w[1] = T.exp2(lse[t, h] - w[0])
-                    w[2] = T.exp2(lse_other[t, h] - w[0])
-                    lse[t, h] = T.log2(w[1] + w[2]) + w[0]
-                    w[0] = w[1] + w[2]
-                    for x in T.serial(d):
-                        out[t * elems + h * d + x] = T.cast(
-                            (
-                                T.cast(out[t * elems + h * d + x], "float32") * w[1]
-                                + T.cast(other[t * elems + h * d + x], "float32") * w[2]
+        if gpu:
+            for bx in T.thread_binding(_gpu_threads(n * hq), "blockIdx.x"):
+                for tx in T.thread_binding(GPU_THREADS, "threadIdx.x"):
+                    with T.sblock("merge"):
+                        T.reads()
+                        T.writes()
+                        w = T.sblock_alloc_buffer((3,), "float32", scope="local")
+                        if bx * GPU_THREADS + tx < n * hq:
+                            _merge_head(
+                                out,
+                                lse,
+                                other,
+                                lse_other,
+                                (bx * GPU_THREADS + tx) // hq,
+                                (bx * GPU_THREADS + tx) % hq,
+                                w,
+                                d,
+                                elems,
+                                dtype,
                             )
-                            / w[0],
-                            dtype,
-                        )
+        else:
+            for t in T.parallel(n):
+                with T.sblock("merge"):
+                    T.reads()
+                    T.writes()
+                    w = T.sblock_alloc_buffer((3,), "float32")
+                    for h in T.serial(hq):
+                        _merge_head(out, lse, other, lse_other, t, h, w, d, elems, dtype)
 
     return merge_state_inplace
+
+
+@T.macro(hygienic=False)
+def _merge_head(out, lse, other, lse_other, t, h, w, d, elems, dtype):
+    """Head h of token t: `out` and `lse` become the merge of theirs and `other`'s (values at
+    t * elems + h * d + x), through the scratch w (max, own weight, other weight)."""
+    w[0] = T.max(lse[t, h], lse_other[t, h])
+    w[1] = T.exp2(lse[t, h] - w[0])
+    w[2] = T.exp2(lse_other[t, h] - w[0])
+    lse[t, h] = T.log2(w[1] + w[2]) + w[0]
+    w[0] = w[1] + w[2]
+    for x in T.serial(d):
+        out[t * elems + h * d + x] = T.cast(
+            (
+                T.cast(out[t * elems + h * d + x], "float32") * w[1]
+                + T.cast(other[t * elems + h * d + x], "float32") * w[2]
+            )
+            / w[0],
+            dtype,
+        )

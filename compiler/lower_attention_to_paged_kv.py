@@ -44,7 +44,7 @@ from relaxlm.frontends.ops import (
     is_positions_call,
     read_attention_call,
 )
-from relaxlm.tvm_api import tirx
+from relaxlm.tvm_api import s_tir, tirx
 
 from . import attention_kernels, kv_quant
 from .kv_quant import KV_QUANTS, KVQuant, QuantLayout
@@ -78,7 +78,7 @@ def lower_attention_to_paged_kv(
     first_layer: the lowest layer id the module's calls may have (a pipeline stage's first
         layer); the cache holds layers first_layer.. only, as its layers 0..
     kv_cache_dtype: what the pages hold: "auto" (the model's dtype), "float16" (q, k, v cast
-        to it around the cache), "int8" or "fp8" (packed rows, compiler/kv_quant.py; CPUs).
+        to it around the cache), "int8" or "fp8" (packed rows, compiler/kv_quant.py; not WebGPU).
     Returns the rewritten module and the cache it builds (None, and the module as it was, when
     there is no attention call).
     """
@@ -91,18 +91,33 @@ def lower_attention_to_paged_kv(
             )
         return mod, None
     kv_quant.check_kv_cache_dtype(kv_cache_dtype)
-    if kv_cache_dtype != "auto" and target.kind.name != "llvm":
-        raise RelaxlmError(
-            f"--kv-cache-dtype {kv_cache_dtype} is built for CPU targets only: TVM's GPU attention "
-            "kernels read pages of the model's dtype and relaxlm's quantized kernels are CPU "
-            "kernels; compile for this target with --kv-cache-dtype auto"
-        )
+    if kv_cache_dtype in KV_QUANTS:
+        _check_byte_pages(target, kv_cache_dtype)
     plan = _plan(calls, dtype, target, first_layer, kv_cache_dtype)
-    rewriter = _AttentionRewriter(mod, plan, first_layer)
+    rewriter = _AttentionRewriter(mod, plan, first_layer, gpu=target.kind.name != "llvm")
     for gvar, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rewriter.rewrite(gvar, func)
     return _add_create_function(rewriter.builder_.get(), plan, target), plan
+
+
+def _check_byte_pages(target: tvm.target.Target, kv_cache_dtype: str) -> None:
+    """RelaxlmError unless `target`'s kernels can hold int8 buffers (a quantized cache's pages,
+    which TVM's own append and copy kernels move too)."""
+    kind = target.kind.name
+    if kind == "webgpu":
+        raise RelaxlmError(
+            f"--kv-cache-dtype {kv_cache_dtype} cannot be built for WebGPU: its pages are int8 "
+            "buffers, WGSL has no 8-bit type, and TVM 0.27's WebGPU codegen declares them as "
+            "`array<i8>`, which no WebGPU implementation accepts (every kernel of the cache "
+            "touches them); compile for WebGPU with --kv-cache-dtype auto or float16"
+        )
+    if kind == "vulkan" and not target.attrs.get("supports_8bit_buffer"):
+        raise RelaxlmError(
+            f"--kv-cache-dtype {kv_cache_dtype} needs 8-bit storage buffers, which this Vulkan "
+            "target does not declare: compile for a target with supports_8bit_buffer and "
+            "supports_int8 set (VK_KHR_8bit_storage), or with --kv-cache-dtype auto"
+        )
 
 
 @dataclass(frozen=True)
@@ -301,9 +316,12 @@ def _is_longrope(rope: RopeSpec | None) -> bool:
 
 @relax.expr_functor.mutator
 class _AttentionRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, plan: KVCachePlan, first_layer: int = 0):
+    def __init__(
+        self, mod: tvm.IRModule, plan: KVCachePlan, first_layer: int = 0, gpu: bool = False
+    ):
         super().__init__(mod)
         self._plan = plan
+        self._gpu = gpu  # the packing kernels' schedule
         self._first_layer = first_layer
         self._cache: relax.Var | None = None
         self._found = False
@@ -379,14 +397,18 @@ class _AttentionRewriter(relax.PyExprMutator):
     def _packing_functions(self, layout: QuantLayout, rope: RopeSpec | None):
         """The GlobalVars of kv_quant's pack (for this RoPE) and unpack kernels, each added to
         the module once."""
+        # Without their own global symbol the module names them (a model with two RoPEs,
+        # Gemma 3, has two packing kernels).
         key = "null" if rope is None else rope.to_json()
         if key not in self._packing:
+            pack = kv_quant.pack_qkv(layout, rope, gpu=self._gpu)
             self._packing[key] = self.builder_.add_func(
-                kv_quant.pack_qkv(layout, rope), "relaxlm_kv_pack"
+                pack.without_attr("global_symbol"), "relaxlm_kv_pack"
             )
         if "unpack" not in self._packing:
+            unpack = kv_quant.unpack_output(layout, gpu=self._gpu)
             self._packing["unpack"] = self.builder_.add_func(
-                kv_quant.unpack_output(layout), "relaxlm_kv_unpack"
+                unpack.without_attr("global_symbol"), "relaxlm_kv_unpack"
             )
         return self._packing[key], self._packing["unpack"]
 
@@ -558,19 +580,51 @@ def _use_relaxlm_kernels(mod: tvm.IRModule, plan: KVCachePlan, gpu: bool) -> tvm
             *shape, window=plan.window, sliding_table=True, **common
         ),
     }
+    if plan.layout is not None:
+        # TVM's merge reads outputs of q_rows heads of R int8 "values"; these are the bytes of
+        # hq heads of the model's dtype. (Its other kernels only move bytes: the GPU split with
+        # no RoPE selects each element as it is, append and the page copies copy.)
+        kernels[f"tir_attention_merge_state{cpu}"] = kv_quant.merge_state(plan.layout, gpu)
     if not gpu:
         # TVM's CPU RoPE evaluates pow/cos/sin per element, serially; relaxlm's supports the
         # scalings the cache is given (default, linear, llama3; LongRoPE is rotated in the graph).
         heads = (plan.num_q_heads, plan.head_dim)
         if plan.layout is not None:  # the packed rows are split as they are (no RoPE)
             heads = (plan.layout.q_rows, plan.layout.row_bytes)
-            kernels["tir_attention_merge_state_cpu"] = kv_quant.merge_state(plan.layout)
         kernels["tir_split_rotary"] = split_rotary_cpu(
             plan.cache_rope, heads[0], plan.num_kv_heads, heads[1], plan.page_dtype
         )
     names = {gvar.name_hint: gvar for gvar in mod.get_global_vars()}
+    if plan.layout is not None and gpu:
+        # TVM's tree-attention kernels (speculative token trees, which relaxlm never builds)
+        # fail CUDA codegen on int8 pages (a `boolx8` vector): each becomes a function of the
+        # same signature that raises if called.
+        for name in _TREE_ATTENTION:
+            kernels[name] = _refusing(
+                mod[names[name]],
+                f"relaxlm: {name} is not built for "
+                "a quantized KV cache (relaxlm does not build token trees)",
+            )
     for name, kernel in kernels.items():
         assert name in names, f"TVM's paged KV cache no longer adds a kernel named {name!r}"
         old = mod[names[name]]
         mod[names[name]] = kernel.with_attr("global_symbol", old.attrs["global_symbol"])
     return mod
+
+
+_TREE_ATTENTION = (
+    "tir_attention_prefill_with_tree_mask",
+    "tir_attention_prefill_with_tree_mask_with_paged_kv_cache",
+)
+
+
+def _refusing(func: tirx.PrimFunc, message: str) -> tirx.PrimFunc:
+    """A host function with `func`'s parameters whose only statement fails with `message`."""
+    # TVM 0.27's Python AssertStmt names its first two parameters (kind, condition) but hands
+    # them on in that order to a constructor that takes (condition, kind).
+    fail = tirx.AssertStmt(
+        tvm.tirx.const(False, "bool"), tvm.ir.StringImm("RuntimeError"), [tvm.ir.StringImm(message)]
+    )
+    # in a root block, as every scheduled function has (launch_limits reads from there)
+    root = s_tir.SBlockRealize([], True, s_tir.SBlock([], [], [], "root", fail))
+    return func.with_body(root).with_attr("tirx.is_scheduled", True)

@@ -14,6 +14,12 @@ checks logits within the dtype's tolerance, 16 greedy tokens (all must equal for
 batch of 4 different prompts equal to each prompt alone, and a seeded sample reproducible; it
 prints one table and exits 1 if a row fails.
 `--device cpu --target cpu` runs the same check on the CPU (tests/test_gpu_check.py does).
+
+`--kv-cache-dtype int8|fp8` compiles the artifacts with a quantized KV cache
+(DIR/<case>-<dtype>-kv_<name>/); their reference is then relaxlm's own CPU build of the same
+checkpoint and cache, run here at compile time (transformers keeps K and V in float; the CPU
+kernels are checked against transformers with K/V rounded alike in tests/test_kv_quant.py), so
+the row shows the GPU kernels reading packed pages against the CPU ones, at the dtype's tolerance.
 """
 
 from __future__ import annotations
@@ -33,37 +39,71 @@ ALL_DTYPES = ("float32", "float16", "bfloat16")
 PREFILL, DECODE, GREEDY = 10, 6, 16
 
 
-def compile_cases(folder: Path, target: str, cases: list[str], dtypes: list[str]) -> None:
-    """Checkpoints, artifacts and transformers references for every (case, dtype)."""
+def compile_cases(
+    folder: Path, target: str, cases: list[str], dtypes: list[str], kv_cache_dtype: str = "auto"
+) -> None:
+    """Checkpoints, artifacts and references for every (case, dtype): transformers', or for a
+    quantized KV cache relaxlm's CPU build's (see the module docstring)."""
     import relaxlm
     from relaxlm.testing import parity
     from relaxlm.testing.gpu_cases import make_case
 
+    kv = "" if kv_cache_dtype == "auto" else f"-kv_{kv_cache_dtype}"
     for case in cases:
         checkpoint = make_case(folder / "checkpoints" / case, case)
         for dtype in dtypes:
-            out = folder / f"{case}-{dtype}"
+            out = folder / f"{case}-{dtype}{kv}"
             start = time.perf_counter()
             relaxlm.compile(
-                checkpoint, target=target, dtype=dtype, output=out / "artifact", progress=False
+                checkpoint,
+                target=target,
+                dtype=dtype,
+                output=out / "artifact",
+                progress=False,
+                kv_cache_dtype=kv_cache_dtype,
             )
             model = parity.load_reference(checkpoint, dtype)
             vocab = model.config.vocab_size
             ids = parity.token_ids(vocab, PREFILL + DECODE)
             prompt = parity.token_ids(vocab, 8, seed=1)
+            if kv:
+                logits, greedy = _cpu_reference(checkpoint, dtype, kv_cache_dtype, ids, prompt)
+            else:
+                logits = parity.reference_logits(model, ids, PREFILL)
+                greedy = parity.reference_greedy(model, prompt, GREEDY)
             reference = {
-                "case": case,
+                "case": case + kv,
                 "dtype": dtype,
                 "tolerance": parity.TOLERANCE[dtype],
                 "token_ids": ids,
                 "prefill": PREFILL,
-                "logits": parity.reference_logits(model, ids, PREFILL).tolist(),
+                "logits": logits.tolist(),
                 "greedy_prompt": prompt,
-                "greedy": parity.reference_greedy(model, prompt, GREEDY),
+                "greedy": greedy,
             }
             (out / "reference.json").write_text(json.dumps(reference))
             seconds = time.perf_counter() - start
             print(f"compiled {case} {dtype} for {target} in {seconds:.1f} s", file=sys.stderr)
+
+
+def _cpu_reference(checkpoint, dtype: str, kv_cache_dtype: str, ids: list[int], prompt):
+    """Logits (as `reference_logits`) and greedy tokens of relaxlm's CPU build with this cache."""
+    import relaxlm
+
+    with tempfile.TemporaryDirectory(prefix="relaxlm-gpu-check-cpu-") as scratch:
+        artifact = relaxlm.compile(
+            checkpoint,
+            target="cpu",
+            dtype=dtype,
+            output=Path(scratch) / "artifact",
+            progress=False,
+            kv_cache_dtype=kv_cache_dtype,
+        )
+        llm = relaxlm.LLM(str(artifact), device="cpu")
+        logits = llm.score(ids, prefill=PREFILL)
+        greedy = relaxlm.SamplingParams(max_tokens=GREEDY, temperature=0.0, ignore_eos=True)
+        (result,) = llm.generate([prompt], greedy)
+    return np.asarray(logits, np.float32), list(result.token_ids)
 
 
 def check_artifact(folder: Path, device: str) -> dict:
@@ -110,7 +150,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def print_table(rows: list[dict], device: str) -> None:
-    print(f"relaxlm vs transformers on {device} (logit error: max |diff| / logit range)")
+    print(
+        f"relaxlm vs transformers on {device} (logit error: max |diff| / logit range; "
+        "-kv_ rows: vs relaxlm's CPU build with the same cache)"
+    )
     header = "case        dtype     prefill  decode   tol     greedy  batch=alone  seed  result"
     print(header)
     print("-" * len(header))
@@ -164,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--cases", help="comma-separated GPU cases (default: all)")
     parser.add_argument("--dtypes", default=",".join(ALL_DTYPES))
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"))
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     if bad := sorted(set(dtypes) - set(ALL_DTYPES)):
@@ -178,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad := sorted(set(cases) - set(GPU_CASES)):
         parser.error(f"--cases: {', '.join(bad)} is not one of {', '.join(GPU_CASES)}")
     if args.compile_only:
-        compile_cases(args.compile_only, args.target, cases, dtypes)
+        compile_cases(args.compile_only, args.target, cases, dtypes, args.kv_cache_dtype)
         return 0
     with tempfile.TemporaryDirectory(prefix="relaxlm-gpu-check-") as scratch:
-        compile_cases(Path(scratch), args.target, cases, dtypes)
+        compile_cases(Path(scratch), args.target, cases, dtypes, args.kv_cache_dtype)
         rows = run_all(Path(scratch), args.device)
     return 0 if all(r["ok"] for r in rows) else 1
 

@@ -6,8 +6,10 @@ Every cell goes through TVM's CUDA codegen (schedules, launch limits, TIR loweri
 H200 builds segfaulted or hit `cse_vN`); one cell per architecture also goes through nvcc, and
 together they cover every dtype and quantization (`nvcc_cell`). Gemma 2 and 3 (sliding windows,
 soft-capping) and Phi-3 at head_dim 24 (whose decode block TVM's kernel cannot launch) build
-relaxlm's GPU attention kernels in place of TVM's. Cells are built in child
-processes (relaxlm/testing/cuda_matrix.py), two at a time, so a segfault fails its cell.
+relaxlm's GPU attention kernels in place of TVM's, as do the two quantized-KV-cache cells
+(`--kv-cache-dtype int8` on Llama, fp8 on Gemma 3's per-layer windows; CUDA source only).
+Cells are built in child processes (relaxlm/testing/cuda_matrix.py), two at a time, so a
+segfault fails its cell.
 Only the selected cells are built (`pytest -k qwen3`).
 """
 
@@ -51,6 +53,9 @@ def test_compiles_for_cuda(cell, matrix):
         kernels = result["kernels"]
         assert len(kernels) > 10, kernels
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
+        if CELLS[cell].kv_cache != "auto":  # packed rows in and out, merged as the dtype's
+            for kernel in ("relaxlm_kv_pack", "relaxlm_kv_unpack", "tir_attention_merge_state"):
+                assert f"{kernel}_kernel" in kernels, kernels
 
 
 DIFFUSION_ENTRIES = {

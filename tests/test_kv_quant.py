@@ -2,9 +2,10 @@
 
 Kernel level: the packing kernel against numpy's quantizer (exact codes and scales), and the
 attention kernels reading packed pages against numpy attention over the same dequantized K/V
-(tight) and over the float K/V (loose). Model level: a tiny random Llama with each cache
-against the float-cache artifact; the capacity a byte budget buys; prefix reuse and chunked
-prefill on a quantized cache.
+(tight) and over the float K/V (loose); the GPU kernels (`gpu=True`) the same way, their TIR
+run on this CPU with the thread loops serial (`_threads_serial`). Model level: a tiny random
+Llama with each cache against the float-cache artifact; the capacity a byte budget buys;
+prefix reuse and chunked prefill on a quantized cache.
 """
 
 import math
@@ -16,10 +17,19 @@ import tvm
 from test_attention_kernels import _reference
 
 from relaxlm.compiler import attention_kernels as ak
-from relaxlm.compiler.kv_quant import KV_QUANTS, QuantLayout, numpy_quantize, pack_qkv
+from relaxlm.compiler.kv_quant import (
+    KV_QUANTS,
+    QuantLayout,
+    merge_state,
+    numpy_quantize,
+    pack_qkv,
+    unpack_output,
+)
 from relaxlm.compiler.targets import resolve_target
+from relaxlm.frontends.ops import RopeSpec
 
 PAGE = ak.PAGE_SIZE
+CPU = resolve_target("cpu").target()
 QUANTS = ["int8", "fp8"]
 
 
@@ -27,8 +37,31 @@ def _tensor(a):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
-def _build(kernel):
-    return tvm.compile(kernel, target=resolve_target("cpu").target())
+def _build(kernel, gpu=False):
+    """The kernel compiled for this CPU; `gpu`: a GPU kernel (thread-bound loops, registers),
+    rewritten first by `_threads_serial`."""
+    return tvm.compile(_threads_serial(kernel) if gpu else kernel, target=CPU)
+
+
+def _threads_serial(func):
+    """A GPU kernel's TIR with its thread-bound loops serial and its "local" (register) scratch
+    global, so this CPU runs every thread in turn: the same statements, indices and arithmetic
+    as on a GPU. (TVM 0.27's WebGPU codegen declares int8 buffers as WGSL `array<i8>`, a type
+    WGSL does not have, and the wheel has no Vulkan or OpenCL runtime to run them another way.)
+    A kernel whose threads share memory or race would be wrong here too; these do neither."""
+    text, out, at = func.script(), [], 0
+    key = "T.thread_binding("
+    while (start := text.find(key, at)) >= 0:
+        depth, end = 1, start + len(key)
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        extent = text[start + len(key) : end - 1].rsplit(", thread=", 1)[0]
+        out += [text[at:start], f"T.serial({extent})"]
+        at = end
+    assert out, "not a GPU kernel: no thread-bound loop"
+    out.append(text[at:])
+    return tvm.script.from_source("".join(out).replace('scope="local"', 'scope="global"'))
 
 
 def _pack_rows(x, layout):
@@ -57,15 +90,16 @@ def _unpack(o, layout):
     return values.view(np.float32).reshape(n, layout.num_q_heads, layout.head_dim)
 
 
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("name", QUANTS)
-def test_pack_kernel_matches_numpy_quantizer(name):
+def test_pack_kernel_matches_numpy_quantizer(name, gpu):
     layout = QuantLayout(KV_QUANTS[name], 4, 2, 32, "float32")
     rng = np.random.default_rng(0)
     # rows of very different sizes: the scale follows each token and head
     qkv = (rng.standard_normal((7, 8, 32)) * rng.uniform(0.01, 30, (7, 8, 1))).astype(np.float32)
     out = _tensor(np.zeros((7, layout.packed_rows, layout.row_bytes), np.int8))
     positions = _tensor(np.arange(7, dtype=np.int32))  # unused: no RoPE in this kernel
-    _build(pack_qkv(layout))(_tensor(qkv), positions, out)
+    _build(pack_qkv(layout, gpu=gpu), gpu)(_tensor(qkv), positions, out)
     got = out.numpy()
     np.testing.assert_array_equal(got[:, : layout.q_rows], _pack_q(qkv[:, :4], layout))
     want, dequantized = _pack_rows(qkv[:, 4:], layout)
@@ -74,6 +108,65 @@ def test_pack_kernel_matches_numpy_quantizer(name):
     bound = {"int8": 0.5 / 127 * 1.01, "fp8": 2**-4 * 1.01}[name]
     amax = np.abs(qkv[:, 4:]).max(-1, keepdims=True)
     assert (np.abs(dequantized - qkv[:, 4:]) <= bound * amax).all()
+
+
+def test_gpu_pack_rotates_as_the_cpu_kernel():
+    """With RoPE (partial, float16 q/k/v): the GPU packing kernel's bytes equal the CPU one's,
+    which rotates as the cache's kernel (test_rope_kernels) and quantizes as numpy (above)."""
+    layout = QuantLayout(KV_QUANTS["int8"], 4, 2, 32, "float16")
+    rng = np.random.default_rng(6)
+    qkv = (rng.standard_normal((7, 8, 32)) * rng.uniform(0.01, 30, (7, 8, 1))).astype(np.float16)
+    positions = (np.arange(7) * 13).astype(np.int32)
+    got = []
+    for gpu in (False, True):
+        out = _tensor(np.zeros((7, layout.packed_rows, layout.row_bytes), np.int8))
+        kernel = pack_qkv(layout, RopeSpec(theta=1e4, rotary_dim=16), gpu=gpu)
+        _build(kernel, gpu)(_tensor(qkv), _tensor(positions), out)
+        got.append(out.numpy())
+    np.testing.assert_array_equal(got[1], got[0])
+    assert (got[0][:, : layout.q_rows] != _pack_q(qkv[:, :4], layout)).any()  # it did rotate
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_unpack_and_merge_packed_outputs(gpu):
+    """The output unpacked from its bytes; two partial attentions merged as softmax weights
+    (base-2 log-sum-exps) say, in place, against numpy; padding rows left alone."""
+    layout = QuantLayout(KV_QUANTS["fp8"], 3, 1, 16, "float32")
+    rng = np.random.default_rng(7)
+    n, hq, d = 5, 3, 16
+    a, b = rng.standard_normal((2, n, hq, d)).astype(np.float32)
+    lse_a, lse_b = rng.uniform(-4, 4, (2, n, layout.q_rows)).astype(np.float32)
+    unpacked = _tensor(np.zeros((n, hq, d), np.float32))
+    _build(unpack_output(layout, gpu), gpu)(_tensor(_pack_q(a, layout)), unpacked)
+    np.testing.assert_array_equal(unpacked.numpy(), a)
+
+    out, lse = _tensor(_pack_q(a, layout)), _tensor(lse_a)
+    _build(merge_state(layout, gpu), gpu)(out, lse, _tensor(_pack_q(b, layout)), _tensor(lse_b))
+    top = np.maximum(lse_a, lse_b)[:, :hq, None]
+    wa, wb = 2.0 ** (lse_a[:, :hq, None] - top), 2.0 ** (lse_b[:, :hq, None] - top)
+    np.testing.assert_allclose(
+        _unpack(out.numpy(), layout), (a * wa + b * wb) / (wa + wb), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        lse.numpy()[:, :hq], np.log2(wa + wb)[..., 0] + top[..., 0], atol=1e-5
+    )
+    np.testing.assert_array_equal(lse.numpy()[:, hq:], lse_a[:, hq:])
+
+
+def test_the_gpu_caches_split_passes_packed_rows_through():
+    """The one TVM kernel a GPU cache keeps that does arithmetic: its q/k/v split, RoPE off
+    (as relaxlm's quantized caches are built), hands every byte through unchanged. (Append and
+    the page copies only copy; relaxlm replaces attention and the merge.) Built for the CPU
+    before GPU scheduling, which moves loops only."""
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    layout = QuantLayout(KV_QUANTS["int8"], 4, 2, 32, "float16")
+    rows, r, hkv = layout.q_rows, layout.row_bytes, 2
+    split = llama_rope_with_position_map(1e4, 1.0, r, rows, hkv, "int8", {}, r)
+    qkv = np.random.default_rng(8).integers(-128, 128, (5, rows + 2 * hkv, r), dtype=np.int8)
+    q, k, v = (_tensor(np.zeros((5, h, r), np.int8)) for h in (rows, hkv, hkv))
+    _build(split)(_tensor(qkv), _tensor(np.arange(5, dtype=np.int32)), q, k, v, 0)
+    np.testing.assert_array_equal(np.concatenate([q.numpy(), k.numpy(), v.numpy()], 1), qkv)
 
 
 def _scattered_pages(rng, seqs, hkv, d, layout):
@@ -105,13 +198,14 @@ TIGHT = 2e-5
 LOOSE = {"int8": 0.15, "fp8": 0.6}
 
 
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("name", QUANTS)
-def test_paged_decode_reads_packed_pages(name):
+def test_paged_decode_reads_packed_pages(name, gpu):
     hq, hkv, d = 4, 2, 64
     layout = QuantLayout(KV_QUANTS[name], hq, hkv, d, "float32")
     rng = np.random.default_rng(2)
     kernel = ak.paged_decode(
-        hkv, hq, d, "float32", window=0, softcap=0.0, sliding_table=False, layout=layout
+        hkv, hq, d, "float32", window=0, softcap=0.0, sliding_table=False, layout=layout, gpu=gpu
     )
     seqs = [1, 40, 77]
     pages, packed, dequantized, page_ids, page_indptr, fills = _scattered_pages(
@@ -124,7 +218,7 @@ def test_paged_decode_reads_packed_pages(name):
     lse = _tensor(np.zeros((len(seqs), layout.q_rows), np.float32))
     inputs = (packed, page_indptr, page_ids[: page_indptr[-1]], fills, kbase, qpos)
     sm_scale = 1 / math.sqrt(d)
-    _build(kernel)(
+    _build(kernel, gpu)(
         _tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 0, 1.0, 1e4, sm_scale
     )
     got = _unpack(out.numpy(), layout)
@@ -148,12 +242,59 @@ def test_paged_decode_reads_packed_pages(name):
         assert np.abs(got[row] - floats).max() < LOOSE[name]
 
 
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
 @pytest.mark.parametrize("name", QUANTS)
-def test_ragged_prefill_reads_packed_rows(name):
+def test_paged_prefill_reads_packed_pages_in_a_window(name, gpu):
+    """New rows (the last of each sequence's keys, as the cache appends them first) against
+    packed pages, with a sliding window."""
+    hq, hkv, d, window = 4, 2, 32, 20
+    layout = QuantLayout(KV_QUANTS[name], hq, hkv, d, "float32")
+    rng = np.random.default_rng(4)
+    kernel = ak.paged_prefill(
+        hkv,
+        hq,
+        d,
+        "float32",
+        window=window,
+        softcap=0.0,
+        sliding_table=False,
+        layout=layout,
+        gpu=gpu,
+    )
+    seqs, new = [45, 9], [6, 9]
+    _, packed, dequantized, page_ids, page_indptr, fills = _scattered_pages(
+        rng, seqs, hkv, d, layout
+    )
+    kbase = np.array([3, 70], np.int32)
+    qpos = np.concatenate(
+        [kbase[i] + n - m + np.arange(m) for i, (n, m) in enumerate(zip(seqs, new, strict=True))]
+    ).astype(np.int32)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = rng.standard_normal((len(qpos), hq, d)).astype(np.float32)
+    out = _tensor(np.zeros((len(qpos), layout.q_rows, layout.row_bytes), np.int8))
+    lse = _tensor(np.zeros((len(qpos), layout.q_rows), np.float32))
+    inputs = (q_indptr, packed, page_indptr, page_ids[: page_indptr[-1]], fills, kbase, qpos)
+    sm_scale = 1 / math.sqrt(d)
+    _build(kernel, gpu)(
+        _tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 1, 0, 1.0, 1e4, sm_scale
+    )
+    got = _unpack(out.numpy(), layout)
+    for i, n in enumerate(seqs):
+        rows = slice(q_indptr[i], q_indptr[i + 1])
+        keys = _keys(dequantized, page_ids, page_indptr, i, n)
+        want, _ = _reference(
+            q[rows], *keys, qpos[rows], kbase[i] + np.arange(n), sm_scale, window, 0
+        )
+        np.testing.assert_allclose(got[rows], want, rtol=0, atol=TIGHT)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("name", QUANTS)
+def test_ragged_prefill_reads_packed_rows(name, gpu):
     hq, hkv, d = 4, 2, 32
     layout = QuantLayout(KV_QUANTS[name], hq, hkv, d, "float32")
     rng = np.random.default_rng(3)
-    kernel = ak.ragged_prefill(hkv, hq, d, "float32", window=0, softcap=0.0, layout=layout)
+    kernel = ak.ragged_prefill(hkv, hq, d, "float32", window=0, softcap=0.0, layout=layout, gpu=gpu)
     lengths = [37, 5]
     total = sum(lengths)
     q = rng.standard_normal((total, hq, d)).astype(np.float32)
@@ -170,7 +311,7 @@ def test_ragged_prefill_reads_packed_rows(name):
     lse = _tensor(np.zeros((total, layout.q_rows), np.float32))
     sm_scale = 1 / math.sqrt(d)
     inputs = (indptr, k_packed, v_packed, indptr, qpos, starts)
-    _build(kernel)(
+    _build(kernel, gpu)(
         _tensor(_pack_q(q, layout)), *map(_tensor, inputs), out, lse, 1, 0, 1.0, 1e4, sm_scale
     )
     got = _unpack(out.numpy(), layout)
@@ -335,8 +476,8 @@ def test_default_model_perplexity_with_a_quantized_cache():
 
 
 def test_refusals(llama, tmp_path):
-    """An unknown kv_cache_dtype, a quantized cache on a GPU target, and an artifact compiled
-    with another cache each get one error naming the fix."""
+    """An unknown kv_cache_dtype, a quantized cache for WebGPU (no 8-bit type in WGSL), and an
+    artifact compiled with another cache each get one error naming the fix."""
     import relaxlm
     from relaxlm.compiler.pipeline import compile_model
     from relaxlm.errors import RelaxlmError
@@ -344,9 +485,9 @@ def test_refusals(llama, tmp_path):
     checkpoint, artifacts = llama
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='int4' is unknown; use one of"):
         compile_model(checkpoint, tmp_path / "x", kv_cache_dtype="int4", progress=False)
-    with pytest.raises(RelaxlmError, match="built for CPU targets only.*--kv-cache-dtype auto"):
+    with pytest.raises(RelaxlmError, match="cannot be built for WebGPU.*--kv-cache-dtype auto"):
         compile_model(
-            checkpoint, tmp_path / "y", target="cuda", kv_cache_dtype="int8", progress=False
+            checkpoint, tmp_path / "y", target="webgpu", kv_cache_dtype="int8", progress=False
         )
     with pytest.raises(RelaxlmError, match="kv_cache_dtype='fp8' is compiled in"):
         relaxlm.LLM(str(artifacts["int8"]), kv_cache_dtype="fp8")

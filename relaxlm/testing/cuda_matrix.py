@@ -32,6 +32,7 @@ from .gpu_cases import (
     DTYPES,
     GGUF_CASES,
     GPU_CASES,
+    KV_CACHE_CELLS,
     QUANTS,
     VISION_CASES,
     VISION_CELLS,
@@ -44,10 +45,12 @@ class Cell:
     dtype: str
     quant: str
     nvcc: bool = False  # device code compiled by nvcc (else CUDA source only)
+    kv_cache: str = "auto"  # --kv-cache-dtype
 
     @property
     def id(self) -> str:
-        return f"{self.case}-{self.dtype}-{self.quant}"
+        kv = "" if self.kv_cache == "auto" else f"-kv_{self.kv_cache}"
+        return f"{self.case}-{self.dtype}-{self.quant}{kv}"
 
 
 def nvcc_cell(case: str) -> tuple[str, str]:
@@ -59,7 +62,8 @@ def nvcc_cell(case: str) -> tuple[str, str]:
 
 def matrix_cells(nvcc: bool = True) -> list[Cell]:
     """Every GPU case x dtype x quant, then the GGUF cases x dtype (their own blocks), the
-    vision cases' cells (CUDA source only) and the diffusion pipelines' cells."""
+    vision cases' cells and the quantized-KV-cache cells (CUDA source only) and the diffusion
+    pipelines' cells."""
     cells = [
         Cell(case, dtype, quant, nvcc and (dtype, quant) == nvcc_cell(case))
         for case in GPU_CASES
@@ -68,6 +72,7 @@ def matrix_cells(nvcc: bool = True) -> list[Cell]:
     ]
     cells += [Cell(case, dtype, "none") for case in GGUF_CASES for dtype in DTYPES]
     cells += [Cell(case, d, q) for case in VISION_CASES for d, q in VISION_CELLS]
+    cells += [Cell(case, d, q, kv_cache=kv) for case, d, q, kv in KV_CACHE_CELLS]
     return cells + [
         Cell(case, d, q, nvcc and (d, q) == DIFFUSION_NVCC_CELL)
         for case in DIFFUSION_CASES
@@ -145,7 +150,9 @@ def _build_cell(cell: Cell, exported) -> dict:
     preset = resolve_target(CUDA_TARGET)
     scheme = resolve_scheme(cell.quant)
     start = time.perf_counter()
-    executable, _, _ = pipeline.build_library(exported, preset, scheme, device_binaries=cell.nvcc)
+    executable, _, _ = pipeline.build_library(
+        exported, preset, scheme, device_binaries=cell.nvcc, kv_cache_dtype=cell.kv_cache
+    )
     result = {"ok": True}
     (host,) = executable.mod.imports
     (device,) = host.imports

@@ -148,6 +148,11 @@ VISION_CASES: dict[str, dict] = {
 }
 VISION_CELLS = (("float32", "none"), ("float16", "q4"), ("bfloat16", "q8"))
 
+# Quantized KV caches (--kv-cache-dtype), CUDA source only: (case, dtype, quant, kv cache).
+# Llama's full attention and Gemma 3's per-layer windows (the sliding-window kernels) between
+# them build every attention kernel, the pack/unpack kernels and the merge over packed rows.
+KV_CACHE_CELLS = (("llama", "float16", "q4", "int8"), ("gemma3", "bfloat16", "none", "fp8"))
+
 
 # Diffusers pipelines: built by tiny_diffusion, every component (text encoders, denoiser, VAE
 # decoder) compiled by compiler/diffusion.py in each cell; the float16 cell also through nvcc.
