@@ -1,0 +1,162 @@
+"""The GPU sampling kernels (compiler/sampling_kernels.py), run as WGSL on lavapipe through
+wgsl_harness.py, against the numpy sampler (runtime/sampler.py) with the same seeds.
+
+The host half (runtime/gpu_sampling.py) builds the kernels' inputs from real Samplers, drawing
+each row's uniform from the sequence's own generator; numpy samples copies of the same
+samplers. The tokens must be equal, row for row.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import tvm
+
+from relaxlm.compiler.sampling_kernels import sampling_kernels
+from relaxlm.runtime import gpu_sampling
+from relaxlm.runtime.sampler import Sampler, SamplingParams, sample_batch
+
+THREADS = 64  # a vocabulary of 1000 is not a multiple of it
+VOCAB = 1000
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from wgsl_harness import NoAdapter, WebGPUFunction, webgpu_device
+
+    try:
+        device, _ = webgpu_device()
+    except NoAdapter as e:
+        pytest.skip(f"no WebGPU adapter: {e}")
+    target = tvm.target.Target("webgpu", host="llvm")
+    return {
+        name: WebGPUFunction(func, target, device)
+        for name, func in sampling_kernels(THREADS).items()
+    }
+
+
+def _gpu_tokens(kernels, logits, rows, samplers):
+    inputs = gpu_sampling.kernel_inputs(samplers, logits.shape[1])
+    scores = np.zeros((len(samplers), logits.shape[1]), "float32")
+    rows = np.asarray(rows, "int32")
+    scores = kernels["gather_scores"](logits=logits, rows=rows, scores=scores, **inputs)["scores"]
+    tokens = np.zeros(len(samplers), "int32")
+    out = kernels["sample_from_scores"](scores=scores, params=inputs["params"], tokens=tokens)
+    return out["tokens"], scores
+
+
+def _samplers(params: list[SamplingParams], history=None):
+    samplers = [Sampler(p, prompt_ids=[1, 5, 7, 900]) for p in params]
+    for s in samplers:
+        for token in history or ():
+            s.record(token)
+    return samplers
+
+
+def _check(kernels, logits, params, history=None, rows=None):
+    rows = list(range(len(params))) if rows is None else rows
+    gpu = _samplers(params, history)
+    cpu = copy.deepcopy(gpu)
+    tokens, _ = _gpu_tokens(kernels, logits, rows, gpu)
+    want = [s.token_id for s in sample_batch(logits[rows], cpu)]
+    assert tokens.tolist() == want
+    return tokens
+
+
+def _logits(rows, seed=0, scale=3.0):
+    return (np.random.default_rng(seed).standard_normal((rows, VOCAB)) * scale).astype("float32")
+
+
+CASES = {
+    "greedy": dict(temperature=0),
+    "temperature": dict(temperature=0.8),
+    "top_k": dict(temperature=1.0, top_k=20),
+    "top_p": dict(temperature=0.9, top_p=0.7),
+    "min_p": dict(temperature=1.2, min_p=0.05),
+    "all_filters": dict(temperature=0.7, top_k=50, top_p=0.9, min_p=0.01),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_choose_numpys_token(kernels, case):
+    """24 rows, each its own seed: a wrong cut or draw shows up as a different token."""
+    params = [SamplingParams(seed=100 + i, **CASES[case]) for i in range(24)]
+    tokens = _check(kernels, _logits(24, seed=len(case)), params)
+    if case != "greedy":
+        assert len(set(tokens.tolist())) > 1  # really sampling, not always the argmax
+
+
+def test_penalties_and_bias(kernels):
+    """Bias, repetition (prompt and output), presence and frequency penalties, then sampling;
+    the scores after them equal numpy's, and so do the tokens."""
+    params = [
+        SamplingParams(
+            seed=i,
+            temperature=0 if i % 3 == 0 else 0.8,
+            repetition_penalty=1.3,
+            presence_penalty=0.5,
+            frequency_penalty=0.25,
+            logit_bias={3: 5.0, 999: -2.0, 7: 1.5},
+        )
+        for i in range(9)
+    ]
+    logits = _logits(9, seed=3)
+    history = [3, 3, 42, 999, 7]
+    _check(kernels, logits, params, history)
+    # the adjusted scores themselves, against sampler._adjusted
+    from relaxlm.runtime.sampler import _adjusted
+
+    samplers = _samplers(params, history)
+    _, scores = _gpu_tokens(kernels, logits, range(9), copy.deepcopy(samplers))
+    for b, sampler in enumerate(samplers):
+        np.testing.assert_allclose(scores[b], _adjusted(logits[b], sampler), rtol=1e-6)
+
+
+def test_ties_are_settled_by_id(kernels):
+    """Integer logits: many tokens share each score, so top_k and top_p cut inside a tie and the
+    kept set depends on the tie rule (lowest ids first). A kernel off by one in the tie count,
+    or keeping every tied token, draws other tokens than numpy here."""
+    rng = np.random.default_rng(7)
+    logits = rng.integers(0, 4, size=(16, VOCAB)).astype("float32")
+    params = [
+        SamplingParams(seed=i, temperature=1.0, top_k=k, top_p=p)
+        for i, (k, p) in enumerate([(1, 1.0), (2, 1.0), (5, 1.0), (37, 1.0)] * 2 + [(0, 0.001)] * 4
+                                   + [(10, 0.5)] * 4)
+    ]
+    tokens = _check(kernels, logits, params)
+    # top_k=1 at a tie of the max keeps the lowest id with the max score
+    assert tokens[0] == int(np.argmax(logits[0]))
+    # top_k=2 keeps the two lowest ids with the max score (there are far more than two)
+    top = np.flatnonzero(logits[1] == logits[1].max())[:2]
+    assert tokens[1] in top
+
+
+def test_forked_rows_share_logits(kernels):
+    """rows[] maps sampled rows to logits rows (n > 1 completions share their prompt's row)."""
+    params = [SamplingParams(seed=s, temperature=1.0, top_p=0.95) for s in (1, 2, 3, 4)]
+    _check(kernels, _logits(2, seed=9), params, rows=[0, 0, 1, 1])
+
+
+def test_seeded_row_equal_alone_and_batched(kernels):
+    """A seeded sequence takes the same tokens alone or among others, over several steps."""
+    logits = _logits(8, seed=11)
+    alone = _samplers([SamplingParams(seed=5, temperature=0.9, top_k=40)])
+    batch = _samplers([SamplingParams(seed=s, temperature=0.9, top_k=40) for s in (9, 5, 2)])
+    for _ in range(3):
+        a, _ = _gpu_tokens(kernels, logits, [4], alone)
+        b, _ = _gpu_tokens(kernels, logits, [0, 4, 7], batch)
+        assert a[0] == b[1]
+
+
+def test_token_logprob(kernels):
+    logits = _logits(5, seed=2)
+    rows = np.array([4, 0, 2], "int32")
+    tokens = np.array([10, 999, 0], "int32")
+    out = kernels["token_logprob"](
+        logits=logits, rows=rows, tokens=tokens, out=np.zeros(3, "float32")
+    )["out"]
+    x = logits[rows].astype(np.float64)
+    want = x[np.arange(3), tokens] - np.log(np.exp(x).sum(axis=1))
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
