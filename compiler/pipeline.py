@@ -55,6 +55,7 @@ from .quantization import (
     tied_table_scheme,
 )
 from .quantize_weights import quantize_weights
+from .sampling_kernels import add_sampling_functions
 from .targets import TargetPreset, build_context, resolve_target, resolve_targets
 from .weights import (
     PlannedWeight,
@@ -536,6 +537,9 @@ def build_library(
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
+    if preset.is_gpu and exported.task == "generate":
+        # Sampling where the logits are: only chosen ids come back to the host.
+        mod = add_sampling_functions(mod, target)
     _dump(dump, "1-graph", mod)
     say("graph rewritten (attention on the paged KV cache, fused and quantized linears)")
 

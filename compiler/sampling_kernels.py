@@ -28,7 +28,12 @@ when a boundary (a cut's mass, the draw's target) falls within float32 rounding 
 
 import math
 
+import tvm
+from tvm import relax
+
 from relaxlm.tvm_api import T, tirx
+
+from .launch_limits import thread_limits
 
 # Rows of the parameter table, [batch, PARAMS] float32.
 TEMPERATURE, TOP_K, TOP_P, MIN_P, UNIFORM, REPETITION = range(6)
@@ -36,6 +41,7 @@ PARAMS = 6
 ADJUST = 3  # an entry's values: bias, seen (1.0: repetition penalty applies), subtract
 _INT_MIN = -2147483647  # below every finite float's key; WGSL cannot write -2**31
 KEY_STEPS = 32  # a bisection over every int32 key
+MAX_THREADS = 1024  # a block per row: threads * (passes over the row) bounds a row's time
 
 
 def _key(x):
@@ -383,3 +389,60 @@ def _token_logprob(threads: int, levels: int):
                         out[b] = logits[rows[b], tokens[b]] - acc[1] - T.log(red_f[0])
 
     return token_logprob
+
+
+# The artifact's sampling functions (runtime/gpu_sampling.py calls them by these names).
+FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob")
+
+
+def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """`mod` with the kernels and the Relax functions that call them, for a GPU target.
+
+    The logits come as the entries return them, [a, b, vocab] (decode [batch, 1, vocab],
+    prefill [1, rows, vocab]); a reshape to rows is a view, no copy."""
+    threads = min(MAX_THREADS, thread_limits(target)[1][0])
+    bb = relax.BlockBuilder(mod)
+    kernels = {
+        name: bb.add_func(f.with_attr("global_symbol", f"sampling_{name}"), f"sampling_{name}")
+        for name, f in sampling_kernels(threads).items()
+    }
+    a, r, v, b, e = (tirx.Var(n, "int64") for n in ("a", "r", "vocab", "batch", "entries"))
+
+    def tensor(name, shape, dtype):
+        return relax.Var(name, relax.TensorType(shape, dtype))
+
+    logits = tensor("logits", [a, r, v], "float32")
+    rows = tensor("rows", [b], "int32")
+    params = tensor("params", [b, PARAMS], "float32")
+    entry_rows, entry_ids = tensor("entry_rows", [e], "int32"), tensor("entry_ids", [e], "int32")
+    entry_values = tensor("entry_values", [e, ADJUST], "float32")
+    with bb.function("sample_gather_scores", [logits, rows, params, entry_rows, entry_ids, entry_values]):
+        flat = bb.emit(relax.op.reshape(logits, [a * r, v]))
+        scores = bb.emit(
+            relax.call_tir(
+                kernels["gather_scores"],
+                [flat, rows, params, entry_rows, entry_ids, entry_values],
+                relax.TensorType([b, v], "float32"),
+            )
+        )
+        bb.emit_func_output(scores)
+    scores_in = tensor("scores", [b, v], "float32")
+    params2 = tensor("params", [b, PARAMS], "float32")
+    with bb.function("sample_from_scores", [scores_in, params2]):
+        out = bb.emit(
+            relax.call_tir(
+                kernels["sample_from_scores"], [scores_in, params2], relax.TensorType([b], "int32")
+            )
+        )
+        bb.emit_func_output(out)
+    logits3 = tensor("logits", [a, r, v], "float32")
+    rows3, chosen = tensor("rows", [b], "int32"), tensor("tokens", [b], "int32")
+    with bb.function("sample_token_logprob", [logits3, rows3, chosen]):
+        flat = bb.emit(relax.op.reshape(logits3, [a * r, v]))
+        out = bb.emit(
+            relax.call_tir(
+                kernels["token_logprob"], [flat, rows3, chosen], relax.TensorType([b], "float32")
+            )
+        )
+        bb.emit_func_output(out)
+    return bb.get()

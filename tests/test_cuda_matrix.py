@@ -47,10 +47,14 @@ def test_compiles_for_cuda(cell, matrix):
         assert sorted(fatbin["sass"]) == ["80", "90"], fatbin
         assert fatbin["ptx"] == [80]
         assert fatbin["sass"]["80"] == fatbin["sass"]["90"] and len(fatbin["sass"]["80"]) > 10
+        kernels = fatbin["sass"]["80"]
     else:  # CUDA source with its kernels (attention from TVM's cache, matmuls, norms)
         kernels = result["kernels"]
         assert len(kernels) > 10, kernels
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
+    # sampling on the GPU (compiler/sampling_kernels.py): every kernel of it, in every cell
+    for name in ("gather_scores", "sample_from_scores", "token_logprob"):
+        assert any(f"sampling_{name}" in k for k in kernels), (name, kernels)
 
 
 DIFFUSION_ENTRIES = {
