@@ -537,7 +537,7 @@ def build_library(
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
-    if preset.is_gpu and exported.task == "generate":
+    if exported.task == "generate":
         # Sampling where the logits are: only chosen ids come back to the host.
         mod = add_sampling_functions(mod, target)
     _dump(dump, "1-graph", mod)

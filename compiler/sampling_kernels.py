@@ -55,18 +55,35 @@ def _mid(lo, hi):
     return T.shift_right(lo, 1) + T.shift_right(hi, 1) + T.bitwise_and(T.bitwise_and(lo, hi), 1)
 
 
-def sampling_kernels(threads: int) -> dict[str, tirx.PrimFunc]:
-    """The three kernels, `threads` (a power of two) per block; name -> PrimFunc."""
-    assert threads & (threads - 1) == 0, threads
+def sampling_kernels(threads: int, gpu: bool = True) -> dict[str, tirx.PrimFunc]:
+    """The three kernels, `threads` (a power of two) per block; name -> PrimFunc.
+
+    gpu=False: the same TIR with the blocks as a serial loop and one thread each, for CPU
+    targets (tests run the runtime's kernel path on CPU with it)."""
+    assert threads & (threads - 1) == 0 and (gpu or threads == 1), threads
     levels = int(math.log2(threads))
     return {
-        "gather_scores": _gather_scores(threads),
-        "sample_from_scores": _sample_from_scores(threads, levels),
-        "token_logprob": _token_logprob(threads, levels),
+        "gather_scores": _gather_scores(threads, gpu),
+        "sample_from_scores": _sample_from_scores(threads, levels, gpu),
+        "token_logprob": _token_logprob(threads, levels, gpu),
     }
 
 
-def _gather_scores(threads: int):
+def _loop(extent, thread: str, gpu: bool):
+    """A loop bound to `thread` on GPUs; serial on CPUs."""
+    return T.thread_binding(extent, thread) if gpu else T.serial(extent)
+
+
+def _sync(gpu: bool):
+    """A barrier between a block's threads (none needed with the one thread of a CPU row)."""
+    return T.tvm_storage_sync("shared") if gpu else T.int32(0)
+
+
+def _shared(gpu: bool) -> str:
+    return "shared" if gpu else "local"
+
+
+def _gather_scores(threads: int, gpu: bool):
     @T.prim_func(s_tir=True)
     def gather_scores(
         var_logits: T.handle,  # [num_rows, vocab] float32
@@ -87,16 +104,16 @@ def _gather_scores(threads: int):
         entry_values = T.match_buffer(var_entry_values, (entries, ADJUST), "float32")
         scores = T.match_buffer(var_scores, (batch, vocab), "float32")
         # A second launch, so every copy lands before an entry rewrites its token.
-        for b in T.thread_binding(batch, "blockIdx.x"):
-            for tx in T.thread_binding(threads, "threadIdx.x"):
+        for b in _loop(batch, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
                 with T.sblock("copy"):
                     T.reads()
                     T.writes()
                     for i in T.serial((vocab + threads - 1) // threads):
                         if i * threads + tx < vocab:
                             scores[b, i * threads + tx] = logits[rows[b], i * threads + tx]
-        for bx in T.thread_binding((entries + threads - 1) // threads, "blockIdx.x"):
-            for tx in T.thread_binding(threads, "threadIdx.x"):
+        for bx in _loop((entries + threads - 1) // threads, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
                 with T.sblock("adjust"):
                     T.reads()
                     T.writes()
@@ -116,16 +133,16 @@ def _gather_scores(threads: int):
 
 
 @T.macro(hygienic=False)
-def _reduce(red, tx, op, threads, levels):
+def _reduce(red, tx, op, threads, levels, gpu):
     """red[0] = op over red[0:threads], a tree in shared memory; every thread then reads it."""
-    T.tvm_storage_sync("shared")
+    _sync(gpu)
     for level in T.unroll(levels):
         if tx < T.shift_right(threads, level + 1):
             red[tx] = op(red[tx], red[tx + T.shift_right(threads, level + 1)])
-        T.tvm_storage_sync("shared")
+        _sync(gpu)
 
 
-def _sample_from_scores(threads: int, levels: int):
+def _sample_from_scores(threads: int, levels: int, gpu: bool):
     # kept(j): rank of token j is before the cut (cut_key, cut_id)
     # state (int32, local): 0 lo, 1 hi, 2 cut key, 3 cut id, 4 k_eff
     # state (float32, local): 0 max, 1 Z2, 2 mass above the top-p key, 3 target, 4 acc
@@ -141,13 +158,13 @@ def _sample_from_scores(threads: int, levels: int):
         scores = T.match_buffer(var_scores, (batch, vocab), "float32")
         params = T.match_buffer(var_params, (batch, PARAMS), "float32")
         tokens = T.match_buffer(var_tokens, (batch,), "int32")
-        for b in T.thread_binding(batch, "blockIdx.x"):
-            for tx in T.thread_binding(threads, "threadIdx.x"):
+        for b in _loop(batch, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
                 with T.sblock("row"):
                     T.reads()
                     T.writes()
-                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope="shared")
-                    red_i = T.sblock_alloc_buffer((threads,), "int32", scope="shared")
+                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope=_shared(gpu))
+                    red_i = T.sblock_alloc_buffer((threads,), "int32", scope=_shared(gpu))
                     si = T.sblock_alloc_buffer((6,), "int32", scope="local")
                     sf = T.sblock_alloc_buffer((6,), "float32", scope="local")
                     acc_f = T.sblock_alloc_buffer((1,), "float32", scope="local")
@@ -167,9 +184,9 @@ def _sample_from_scores(threads: int, levels: int):
                         if i * threads + tx < vocab:
                             acc_f[0] = T.max(acc_f[0], scores[b, i * threads + tx] * inv_t)
                     red_f[tx] = acc_f[0]
-                    _reduce(red_f, tx, T.max, threads, levels)
+                    _reduce(red_f, tx, T.max, threads, levels, gpu)
                     sf[0] = red_f[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     # 2. min_p keeps s >= max + log(min_p): a count of them caps the top_k
                     thr: T.let[T.float32] = T.if_then_else(
                         min_p > T.float32(0), sf[0] + T.log(min_p), T.float32(-3.4e38)
@@ -180,9 +197,9 @@ def _sample_from_scores(threads: int, levels: int):
                             if scores[b, i * threads + tx] * inv_t >= thr:
                                 acc_i[0] = acc_i[0] + 1
                     red_i[tx] = acc_i[0]
-                    _reduce(red_i, tx, _add, threads, levels)
+                    _reduce(red_i, tx, _add, threads, levels, gpu)
                     si[4] = T.if_then_else(top_k > 0, T.min(top_k, red_i[0]), red_i[0])
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     # 3. the k_eff-th key in rank order: the largest t with count(key >= t) >= k
                     si[0] = _INT_MIN
                     si[1] = _key(sf[0])
@@ -196,14 +213,14 @@ def _sample_from_scores(threads: int, levels: int):
                                 if _key(scores[b, i * threads + tx] * inv_t) >= mid:
                                     acc_i[0] = acc_i[0] + 1
                         red_i[tx] = acc_i[0]
-                        _reduce(red_i, tx, _add, threads, levels)
+                        _reduce(red_i, tx, _add, threads, levels, gpu)
                         si[5] = red_i[0]
                         if si[0] < si[1]:
                             if si[5] >= si[4]:
                                 si[0] = mid
                             else:
                                 si[1] = mid - 1
-                        T.tvm_storage_sync("shared")
+                        _sync(gpu)
                     si[2] = si[0]
                     # ... and among its ties, the smallest id c with count(key == t, id <= c) >= r
                     acc_i[0] = 0
@@ -212,9 +229,9 @@ def _sample_from_scores(threads: int, levels: int):
                             if _key(scores[b, i * threads + tx] * inv_t) > si[2]:
                                 acc_i[0] = acc_i[0] + 1
                     red_i[tx] = acc_i[0]
-                    _reduce(red_i, tx, _add, threads, levels)
+                    _reduce(red_i, tx, _add, threads, levels, gpu)
                     rank_left: T.let[T.int32] = si[4] - red_i[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     si[0] = 0
                     si[1] = vocab - 1
                     for _step in T.serial(id_steps):
@@ -225,37 +242,37 @@ def _sample_from_scores(threads: int, levels: int):
                                 if _key(scores[b, i * threads + tx] * inv_t) == si[2]:
                                     acc_i[0] = acc_i[0] + 1
                         red_i[tx] = acc_i[0]
-                        _reduce(red_i, tx, _add, threads, levels)
+                        _reduce(red_i, tx, _add, threads, levels, gpu)
                         si[5] = red_i[0]
                         if si[0] < si[1]:
                             if si[5] >= rank_left:
                                 si[1] = mid_id
                             else:
                                 si[0] = mid_id + 1
-                        T.tvm_storage_sync("shared")
+                        _sync(gpu)
                     si[3] = si[0]
                     # 4. Z2: the mass of the tokens kept so far (relative to exp(max))
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab))
+                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab, gpu))
                     sf[1] = red_f[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     # 5. top_p: the smallest key t with mass(kept, key > t) < top_p * Z2 ...
                     target_p: T.let[T.float32] = params[b, TOP_P] * sf[1]
                     si[0] = si[2]
                     si[1] = _key(sf[0])
                     for _step in T.serial(KEY_STEPS):
                         mid_p: T.let[T.int32] = _mid(si[0], si[1])
-                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, mid_p, -1, (threads, levels, vocab))
+                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, mid_p, -1, (threads, levels, vocab, gpu))
                         sf[4] = red_f[0]
                         if si[0] < si[1]:
                             if sf[4] < target_p:
                                 si[1] = mid_p
                             else:
                                 si[0] = mid_p + 1
-                        T.tvm_storage_sync("shared")
+                        _sync(gpu)
                     top_key: T.let[T.int32] = si[0]
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, -1, (threads, levels, vocab))
+                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, -1, (threads, levels, vocab, gpu))
                     sf[2] = red_f[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     # ... and among its ties, the largest id c with mass above + ties before c
                     # < top_p * Z2 (the tokens whose mass before them is short of top_p)
                     si[0] = 0
@@ -264,14 +281,14 @@ def _sample_from_scores(threads: int, levels: int):
                         mid_c: T.let[T.int32] = _mid(si[0], si[1]) + T.bitwise_and(
                             si[0] ^ si[1], 1
                         )
-                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, mid_c, (threads, levels, vocab))
+                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, mid_c, (threads, levels, vocab, gpu))
                         sf[4] = red_f[0]
                         if si[0] < si[1]:
                             if sf[2] + sf[4] < target_p:
                                 si[0] = mid_c
                             else:
                                 si[1] = mid_c - 1
-                        T.tvm_storage_sync("shared")
+                        _sync(gpu)
                     if params[b, TOP_P] < T.float32(1):
                         if top_key > si[2]:
                             si[2] = top_key
@@ -279,9 +296,9 @@ def _sample_from_scores(threads: int, levels: int):
                         else:
                             si[3] = T.min(si[3], si[0])
                     # 6. the draw: the first kept id whose cumulative mass exceeds u * Z3
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab))
+                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab, gpu))
                     sf[3] = params[b, UNIFORM] * red_f[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     si[0] = 0
                     si[1] = vocab - 1
                     for _step in T.serial(id_steps):
@@ -291,14 +308,14 @@ def _sample_from_scores(threads: int, levels: int):
                             if i * threads + tx <= mid_d:
                                 _add_kept(scores, b, i * threads + tx, inv_t, sf, si, acc_f)
                         red_f[tx] = acc_f[0]
-                        _reduce(red_f, tx, _add, threads, levels)
+                        _reduce(red_f, tx, _add, threads, levels, gpu)
                         sf[4] = red_f[0]
                         if si[0] < si[1]:
                             if sf[4] > sf[3]:
                                 si[1] = mid_d
                             else:
                                 si[0] = mid_d + 1
-                        T.tvm_storage_sync("shared")
+                        _sync(gpu)
                     # rounding can leave the target past the last kept token: take that one
                     acc_i[0] = 0
                     for i in T.serial(steps):
@@ -306,7 +323,7 @@ def _sample_from_scores(threads: int, levels: int):
                             if _is_kept(scores[b, i * threads + tx] * inv_t, i * threads + tx, si):
                                 acc_i[0] = T.max(acc_i[0], i * threads + tx)
                     red_i[tx] = acc_i[0]
-                    _reduce(red_i, tx, T.max, threads, levels)
+                    _reduce(red_i, tx, T.max, threads, levels, gpu)
                     if tx == 0:
                         tokens[b] = T.min(si[0], red_i[0])
 
@@ -331,8 +348,8 @@ def _add_kept(scores, b, j, inv_t, sf, si, acc_f):
 @T.macro(hygienic=False)
 def _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, above, tie_before, sizes):
     """red_f[0] = the mass of the kept tokens whose key is > above (tie_before < 0), or whose
-    key == above and id < tie_before (tie_before >= 0). sizes: (threads, levels, vocab)."""
-    threads, levels, vocab = T.meta_var(sizes)
+    key == above and id < tie_before (tie_before >= 0). sizes: (threads, levels, vocab, gpu)."""
+    threads, levels, vocab, gpu = T.meta_var(sizes)
     acc_f[0] = T.float32(0)
     for i in T.serial(steps):
         if i * threads + tx < vocab:
@@ -346,10 +363,10 @@ def _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, above, tie_before, 
                 ):
                     acc_f[0] = acc_f[0] + T.exp(s_j - sf[0])
     red_f[tx] = acc_f[0]
-    _reduce(red_f, tx, _add, threads, levels)
+    _reduce(red_f, tx, _add, threads, levels, gpu)
 
 
-def _token_logprob(threads: int, levels: int):
+def _token_logprob(threads: int, levels: int, gpu: bool):
     @T.prim_func(s_tir=True)
     def token_logprob(
         var_logits: T.handle,  # [num_rows, vocab] float32
@@ -363,12 +380,12 @@ def _token_logprob(threads: int, levels: int):
         rows = T.match_buffer(var_rows, (batch,), "int32")
         tokens = T.match_buffer(var_tokens, (batch,), "int32")
         out = T.match_buffer(var_out, (batch,), "float32")
-        for b in T.thread_binding(batch, "blockIdx.x"):
-            for tx in T.thread_binding(threads, "threadIdx.x"):
+        for b in _loop(batch, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
                 with T.sblock("row"):
                     T.reads()
                     T.writes()
-                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope="shared")
+                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope=_shared(gpu))
                     acc = T.sblock_alloc_buffer((2,), "float32", scope="local")
                     steps = T.meta_var((vocab + threads - 1) // threads)
                     acc[0] = T.float32(-3.4e38)
@@ -376,15 +393,15 @@ def _token_logprob(threads: int, levels: int):
                         if i * threads + tx < vocab:
                             acc[0] = T.max(acc[0], logits[rows[b], i * threads + tx])
                     red_f[tx] = acc[0]
-                    _reduce(red_f, tx, T.max, threads, levels)
+                    _reduce(red_f, tx, T.max, threads, levels, gpu)
                     acc[1] = red_f[0]
-                    T.tvm_storage_sync("shared")
+                    _sync(gpu)
                     acc[0] = T.float32(0)
                     for i in T.serial(steps):
                         if i * threads + tx < vocab:
                             acc[0] = acc[0] + T.exp(logits[rows[b], i * threads + tx] - acc[1])
                     red_f[tx] = acc[0]
-                    _reduce(red_f, tx, _add, threads, levels)
+                    _reduce(red_f, tx, _add, threads, levels, gpu)
                     if tx == 0:
                         out[b] = logits[rows[b], tokens[b]] - acc[1] - T.log(red_f[0])
 
@@ -396,15 +413,18 @@ FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob
 
 
 def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """`mod` with the kernels and the Relax functions that call them, for a GPU target.
+    """`mod` with the kernels and the Relax functions that call them. On a CPU target the
+    runtime samples in numpy unless told otherwise (the kernels' one-thread rows are there
+    so the runtime's kernel path runs, and is tested, on CPU).
 
     The logits come as the entries return them, [a, b, vocab] (decode [batch, 1, vocab],
     prefill [1, rows, vocab]); a reshape to rows is a view, no copy."""
-    threads = min(MAX_THREADS, thread_limits(target)[1][0])
+    gpu = target.kind.name != "llvm"
+    threads = min(MAX_THREADS, thread_limits(target)[1][0]) if gpu else 1
     bb = relax.BlockBuilder(mod)
     kernels = {
         name: bb.add_func(f.with_attr("global_symbol", f"sampling_{name}"), f"sampling_{name}")
-        for name, f in sampling_kernels(threads).items()
+        for name, f in sampling_kernels(threads, gpu).items()
     }
     a, r, v, b, e = (tirx.Var(n, "int64") for n in ("a", "r", "vocab", "batch", "entries"))
 

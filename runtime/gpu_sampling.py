@@ -11,6 +11,8 @@ computed on the host per step) or with top-logprobs (the kernels return the chos
 logprob only); such batches go to numpy (`sample_batch`) whole.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from relaxlm.runtime.sampler import Logprob, Sample, Sampler
@@ -21,6 +23,22 @@ PARAMS = 6
 ENTRY_VALUES = 3  # bias, seen (1.0: the repetition penalty applies), subtract
 
 FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob")
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    """A row of logits left on the device: row `index` of a forward's [a, b, vocab] output,
+    taken as [a * b, vocab]."""
+
+    logits: object  # tvm.runtime.Tensor
+    index: int
+
+    def host(self, copies: dict[int, np.ndarray]) -> np.ndarray:
+        """The row on the host; `copies` keeps one copy per forward's logits."""
+        key = id(self.logits)
+        if key not in copies:
+            copies[key] = self.logits.numpy().reshape(-1, self.logits.shape[-1])
+        return copies[key][self.index]
 
 
 def covered(sampler: Sampler) -> bool:

@@ -7,6 +7,7 @@ samplers. The tokens must be equal, row for row.
 """
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,3 +161,50 @@ def test_token_logprob(kernels):
     x = logits[rows].astype(np.float64)
     want = x[np.arange(3), tokens] - np.log(np.exp(x).sum(axis=1))
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_on_the_kernel_path_takes_numpys_tokens(compiled, monkeypatch):
+    """The runtime wiring, on CPU: an engine made to sample with the artifact's kernels (their
+    CPU build; every artifact carries them) generates the same tokens as the numpy engine, for
+    greedy, seeded sampling with every filter, penalties, bias, n=2 forks and the chosen
+    token's logprob; a request with top logprobs sends its batch to numpy."""
+    import relaxlm
+
+    llm = compiled("llama_gqa")
+    kernel = relaxlm.LLM(str(llm.artifact), sample_on_device=True)
+    assert kernel.model.sample_on_device and not llm.model.sample_on_device
+    vocab = llm.model.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = [[1, *rng.integers(5, vocab, n).tolist()] for n in (4, 9, 17, 6, 12)]
+    base = SamplingParams(max_tokens=10, ignore_eos=True)
+    params = [
+        replace(base, temperature=0, logprobs=0),
+        replace(base, seed=1, temperature=0.9, top_k=20, top_p=0.9),
+        replace(base, seed=2, min_p=0.02, n=2),
+        replace(base, seed=3, repetition_penalty=1.3, frequency_penalty=0.4, logit_bias={7: 3.0}),
+        replace(base, seed=4, presence_penalty=1.0, logprobs=0),
+    ]
+    rows_on_kernels = []
+    run = gpu_sampling.sample_on_device
+
+    def counted(vm, device, logits, rows, samplers):
+        rows_on_kernels.append(len(rows))
+        return run(vm, device, logits, rows, samplers)
+
+    monkeypatch.setattr(gpu_sampling, "sample_on_device", counted)
+    want = llm.generate(prompts, params)
+    assert not rows_on_kernels
+    got = kernel.generate(prompts, params)
+    assert sum(rows_on_kernels) == 10 * 6  # every token of every completion
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert [c.token_ids for c in got[2].outputs] == [c.token_ids for c in want[2].outputs]
+    for g, w in ((got[0], want[0]), (got[4], want[4])):
+        np.testing.assert_allclose(
+            [lp.logprob for lp in g.logprobs], [lp.logprob for lp in w.logprobs], atol=1e-4
+        )
+    # top logprobs: numpy samples that batch, with the same tokens
+    mixed = [*params[:2], replace(base, seed=9, logprobs=2)]
+    rows_on_kernels.clear()
+    got = kernel.generate(prompts[:3], mixed)
+    assert not rows_on_kernels
+    assert [r.token_ids for r in got] == [r.token_ids for r in llm.generate(prompts[:3], mixed)]
