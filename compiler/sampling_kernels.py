@@ -252,7 +252,20 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                         _sync(gpu)
                     si[3] = si[0]
                     # 4. Z2: the mass of the tokens kept so far (relative to exp(max))
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab, gpu))
+                    _mass(
+                        scores,
+                        b,
+                        tx,
+                        steps,
+                        inv_t,
+                        sf,
+                        si,
+                        acc_f,
+                        red_f,
+                        _INT_MIN,
+                        -1,
+                        (threads, levels, vocab, gpu),
+                    )
                     sf[1] = red_f[0]
                     _sync(gpu)
                     # 5. top_p: the smallest key t with mass(kept, key > t) < top_p * Z2 ...
@@ -261,7 +274,20 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                     si[1] = _key(sf[0])
                     for _step in T.serial(KEY_STEPS):
                         mid_p: T.let[T.int32] = _mid(si[0], si[1])
-                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, mid_p, -1, (threads, levels, vocab, gpu))
+                        _mass(
+                            scores,
+                            b,
+                            tx,
+                            steps,
+                            inv_t,
+                            sf,
+                            si,
+                            acc_f,
+                            red_f,
+                            mid_p,
+                            -1,
+                            (threads, levels, vocab, gpu),
+                        )
                         sf[4] = red_f[0]
                         if si[0] < si[1]:
                             if sf[4] < target_p:
@@ -270,7 +296,20 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                                 si[0] = mid_p + 1
                         _sync(gpu)
                     top_key: T.let[T.int32] = si[0]
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, -1, (threads, levels, vocab, gpu))
+                    _mass(
+                        scores,
+                        b,
+                        tx,
+                        steps,
+                        inv_t,
+                        sf,
+                        si,
+                        acc_f,
+                        red_f,
+                        top_key,
+                        -1,
+                        (threads, levels, vocab, gpu),
+                    )
                     sf[2] = red_f[0]
                     _sync(gpu)
                     # ... and among its ties, the largest id c with mass above + ties before c
@@ -278,10 +317,21 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                     si[0] = 0
                     si[1] = vocab - 1
                     for _step in T.serial(id_steps):
-                        mid_c: T.let[T.int32] = _mid(si[0], si[1]) + T.bitwise_and(
-                            si[0] ^ si[1], 1
+                        mid_c: T.let[T.int32] = _mid(si[0], si[1]) + T.bitwise_and(si[0] ^ si[1], 1)
+                        _mass(
+                            scores,
+                            b,
+                            tx,
+                            steps,
+                            inv_t,
+                            sf,
+                            si,
+                            acc_f,
+                            red_f,
+                            top_key,
+                            mid_c,
+                            (threads, levels, vocab, gpu),
                         )
-                        _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, top_key, mid_c, (threads, levels, vocab, gpu))
                         sf[4] = red_f[0]
                         if si[0] < si[1]:
                             if sf[2] + sf[4] < target_p:
@@ -296,7 +346,20 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                         else:
                             si[3] = T.min(si[3], si[0])
                     # 6. the draw: the first kept id whose cumulative mass exceeds u * Z3
-                    _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, _INT_MIN, -1, (threads, levels, vocab, gpu))
+                    _mass(
+                        scores,
+                        b,
+                        tx,
+                        steps,
+                        inv_t,
+                        sf,
+                        si,
+                        acc_f,
+                        red_f,
+                        _INT_MIN,
+                        -1,
+                        (threads, levels, vocab, gpu),
+                    )
                     sf[3] = params[b, UNIFORM] * red_f[0]
                     _sync(gpu)
                     si[0] = 0
@@ -436,7 +499,9 @@ def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
     params = tensor("params", [b, PARAMS], "float32")
     entry_rows, entry_ids = tensor("entry_rows", [e], "int32"), tensor("entry_ids", [e], "int32")
     entry_values = tensor("entry_values", [e, ADJUST], "float32")
-    with bb.function("sample_gather_scores", [logits, rows, params, entry_rows, entry_ids, entry_values]):
+    with bb.function(
+        "sample_gather_scores", [logits, rows, params, entry_rows, entry_ids, entry_values]
+    ):
         flat = bb.emit(relax.op.reshape(logits, [a * r, v]))
         scores = bb.emit(
             relax.call_tir(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.gpu_sampling import DeviceRow
 from relaxlm.runtime.lora import LoadedLora, LoraSlots
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
@@ -30,7 +31,6 @@ from relaxlm.runtime.output_processor import (
     Sink,
 )
 from relaxlm.runtime.prefill_budget import DEFAULT_STEP_TARGET_S, PrefillBudget
-from relaxlm.runtime.gpu_sampling import DeviceRow
 from relaxlm.runtime.sampler import Sample, SamplingParams, sample_batch
 from relaxlm.runtime.scheduler import (
     AddSeq,

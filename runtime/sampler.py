@@ -11,8 +11,9 @@ presence and frequency penalties (output tokens), the sequence's token constrain
 mask for structured output: disallowed tokens get -inf); then greedy takes the argmax, or sampling
 divides by the temperature and keeps the tokens that pass min_p (relative to the most likely
 token), top_k and top_p, in that order (ties at a cut settled by token id), and draws by
-inverse CDF over the kept tokens in id order (`inverse_cdf`, which the GPU kernels share). Log-probabilities are those of the raw logits (the
-model's own distribution), as vLLM reports by default.
+inverse CDF over the kept tokens in id order (`inverse_cdf`, which the GPU kernels share).
+Log-probabilities are those of the raw logits (the model's own distribution), as vLLM reports
+by default.
 """
 
 import math

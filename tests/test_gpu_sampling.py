@@ -123,8 +123,9 @@ def test_ties_are_settled_by_id(kernels):
     logits = rng.integers(0, 4, size=(16, VOCAB)).astype("float32")
     params = [
         SamplingParams(seed=i, temperature=1.0, top_k=k, top_p=p)
-        for i, (k, p) in enumerate([(1, 1.0), (2, 1.0), (5, 1.0), (37, 1.0)] * 2 + [(0, 0.001)] * 4
-                                   + [(10, 0.5)] * 4)
+        for i, (k, p) in enumerate(
+            [(1, 1.0), (2, 1.0), (5, 1.0), (37, 1.0)] * 2 + [(0, 0.001)] * 4 + [(10, 0.5)] * 4
+        )
     ]
     tokens = _check(kernels, logits, params)
     # top_k=1 at a tie of the max keeps the lowest id with the max score
