@@ -274,14 +274,16 @@ def _kept(scores: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray
     ascending), so ties at a cut are settled by id: the same rule the GPU kernel follows."""
     scores = scores / p.temperature
     best = scores.max()
+    pool = None  # the min_p survivors (None: every token)
     keep = scores.shape[0]
     if p.min_p > 0:
         # probability >= min_p * max probability  <=>  score >= max score + log(min_p)
-        keep = int(np.count_nonzero(scores >= best + math.log(p.min_p)))
+        pool = np.flatnonzero(scores >= best + math.log(p.min_p))
+        keep = len(pool)
     if p.top_k > 0:
         keep = min(keep, p.top_k)
     if keep < scores.shape[0] or p.top_p < 1:
-        ranked = _rank_prefix(scores, keep)
+        ranked = _rank_prefix(scores, keep, pool)
     else:
         ranked = np.arange(keep)  # every token: no order needed
     probs = np.exp(scores[ranked] - best)
@@ -295,16 +297,16 @@ def _kept(scores: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray
     return ranked[order], probs[order]
 
 
-def _rank_prefix(scores: np.ndarray, n: int) -> np.ndarray:
-    """The first n token ids in rank order (score descending, id ascending)."""
-    if n < scores.shape[0]:
+def _rank_prefix(scores: np.ndarray, n: int, pool: np.ndarray | None) -> np.ndarray:
+    """The first n token ids of `pool` (ascending ids; None: all) in rank order (score
+    descending, id ascending)."""
+    pool = np.arange(scores.shape[0]) if pool is None else pool
+    if n < len(pool):
         # Every token scoring at least the n-th best score, ties included, then ranked.
-        nth = -np.partition(-scores, n - 1)[n - 1]
-        candidates = np.flatnonzero(scores >= nth)
-    else:
-        candidates = np.arange(scores.shape[0])
-    order = np.argsort(-scores[candidates], kind="stable")  # stable: ids ascending on ties
-    return candidates[order[:n]]
+        nth = -np.partition(-scores[pool], n - 1)[n - 1]
+        pool = pool[scores[pool] >= nth]
+    order = np.argsort(-scores[pool], kind="stable")  # stable: ids ascending on ties
+    return pool[order[:n]]
 
 
 def processed_distribution(row: np.ndarray, sampler: Sampler, penalties: bool = True):
