@@ -88,6 +88,7 @@ def compile_model(
     lora_targets: list[str] | None = None,
     tensor_parallel: int = 1,
     kv_cache_dtype: str = "auto",
+    sampling_kernels: bool | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -110,6 +111,8 @@ def compile_model(
     kv_cache_dtype: what the KV cache's pages hold: auto (the model's dtype), float16, or
         int8 / fp8 codes with a float16 scale per token per kv head (CPU targets;
         compiler/kv_quant.py). The manifest's `kv_cache` records it.
+    sampling_kernels: build the sampling kernels (compiler/sampling_kernels.py) into the
+        libraries; None: for GPU targets (CPU runtimes sample in numpy, the faster there).
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
@@ -190,7 +193,15 @@ def compile_model(
         if add:
             writer.keep_libraries(output)
         kv_cache, plan = _add_libraries(
-            writer, Path(scratch), exported, presets, scheme, say, stored, kv_cache_dtype
+            writer,
+            Path(scratch),
+            exported,
+            presets,
+            scheme,
+            say,
+            stored,
+            kv_cache_dtype,
+            sampling_kernels,
         )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
@@ -401,12 +412,19 @@ def _add_libraries(
     say,
     stored,
     kv_cache_dtype: str,
+    sampling_kernels: bool | None = None,
 ) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
     """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
     plan (the graph, weight plan and KV cache do not depend on the target)."""
     for preset in presets:
         executable, kv_cache, plan = build_library(
-            exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype
+            exported,
+            preset,
+            scheme,
+            say,
+            stored,
+            kv_cache_dtype=kv_cache_dtype,
+            sampling_kernels=sampling_kernels,
         )
         library = scratch / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
@@ -498,6 +516,7 @@ def build_library(
     scheduled_only: bool = False,
     device_binaries: bool = True,
     kv_cache_dtype: str = "auto",
+    sampling_kernels: bool | None = None,
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
@@ -505,6 +524,7 @@ def build_library(
         executable (tests run its kernels alone).
     device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
+    sampling_kernels: build the sampling kernels in (see `compile_model`).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -537,8 +557,11 @@ def build_library(
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
-    if exported.task == "generate":
-        # Sampling where the logits are: only chosen ids come back to the host.
+    if exported.task == "generate" and (
+        preset.is_gpu if sampling_kernels is None else sampling_kernels
+    ):
+        # Sampling where the logits are: only chosen ids come back to the host. (About 1 s of
+        # build per CPU library, where numpy samples anyway: CPU builds leave them out.)
         mod = add_sampling_functions(mod, target)
     _dump(dump, "1-graph", mod)
     say("graph rewritten (attention on the paged KV cache, fused and quantized linears)")

@@ -476,9 +476,9 @@ FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob
 
 
 def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """`mod` with the kernels and the Relax functions that call them. On a CPU target the
-    runtime samples in numpy unless told otherwise (the kernels' one-thread rows are there
-    so the runtime's kernel path runs, and is tested, on CPU).
+    """`mod` with the kernels and the Relax functions that call them. For a CPU target
+    (compile_model's sampling_kernels=True) each row is one thread: the runtime's kernel
+    path then runs, and is tested, on CPU.
 
     The logits come as the entries return them, [a, b, vocab] (decode [batch, 1, vocab],
     prefill [1, rows, vocab]); a reshape to rows is a view, no copy."""

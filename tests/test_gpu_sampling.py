@@ -164,15 +164,24 @@ def test_token_logprob(kernels):
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_engine_on_the_kernel_path_takes_numpys_tokens(compiled, monkeypatch):
-    """The runtime wiring, on CPU: an engine made to sample with the artifact's kernels (their
-    CPU build; every artifact carries them) generates the same tokens as the numpy engine, for
-    greedy, seeded sampling with every filter, penalties, bias, n=2 forks and the chosen
-    token's logprob; a request with top logprobs sends its batch to numpy."""
+@pytest.fixture(scope="module")
+def artifact_with_kernels(checkpoints, tmp_path_factory):
+    """The tiny Llama for CPU with the kernels' CPU build in (CPU builds leave them out)."""
+    from relaxlm.compiler.pipeline import compile_model
+
+    out = tmp_path_factory.mktemp("sampling") / "llama"
+    return compile_model(checkpoints("llama_gqa"), out, progress=False, sampling_kernels=True)
+
+
+def test_engine_on_the_kernel_path_takes_numpys_tokens(artifact_with_kernels, monkeypatch):
+    """The runtime wiring, on CPU: an engine made to sample with the artifact's kernels
+    generates the same tokens as a numpy engine over the same artifact, for greedy, seeded
+    sampling with every filter, penalties, bias, n=2 forks and the chosen token's logprob; a
+    request with top logprobs sends its batch to numpy."""
     import relaxlm
 
-    llm = compiled("llama_gqa")
-    kernel = relaxlm.LLM(str(llm.artifact), sample_on_device=True)
+    llm = relaxlm.LLM(str(artifact_with_kernels))
+    kernel = relaxlm.LLM(str(artifact_with_kernels), sample_on_device=True)
     assert kernel.model.sample_on_device and not llm.model.sample_on_device
     vocab = llm.model.vocab_size
     rng = np.random.default_rng(0)
@@ -209,3 +218,13 @@ def test_engine_on_the_kernel_path_takes_numpys_tokens(compiled, monkeypatch):
     got = kernel.generate(prompts[:3], mixed)
     assert not rows_on_kernels
     assert [r.token_ids for r in got] == [r.token_ids for r in llm.generate(prompts[:3], mixed)]
+
+
+def test_cpu_builds_leave_the_kernels_out(compiled):
+    """sample_on_device=True on an artifact without them: one clear error."""
+    import relaxlm
+    from relaxlm.errors import RelaxlmError
+
+    llm = compiled("llama_gqa")
+    with pytest.raises(RelaxlmError, match="cannot sample on the device.*recompile"):
+        relaxlm.LLM(str(llm.artifact), sample_on_device=True)
