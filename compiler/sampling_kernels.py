@@ -65,6 +65,7 @@ def sampling_kernels(threads: int, gpu: bool = True) -> dict[str, tirx.PrimFunc]
     return {
         "gather_scores": _gather_scores(threads, gpu),
         "sample_from_scores": _sample_from_scores(threads, levels, gpu),
+        "argmax_scores": _argmax_scores(threads, levels, gpu),
         "token_logprob": _token_logprob(threads, levels, gpu),
     }
 
@@ -143,9 +144,11 @@ def _reduce(red, tx, op, threads, levels, gpu):
 
 
 def _sample_from_scores(threads: int, levels: int, gpu: bool):
-    # kept(j): rank of token j is before the cut (cut_key, cut_id)
-    # state (int32, local): 0 lo, 1 hi, 2 cut key, 3 cut id, 4 k_eff
-    # state (float32, local): 0 max, 1 Z2, 2 mass above the top-p key, 3 target, 4 acc
+    # A token is kept while its (key, id) ranks at or before the cut (si[2], si[3]): _is_kept.
+    # si (int32): 0, 1 a bisection's lo and hi, 2 the cut's key, 3 its id, 4 k_eff (the rank
+    #   of the top_k / min_p cut), 5 a reduced count
+    # sf (float32): 0 the max score, 1 Z2 (mass after min_p and top_k), 2 the mass above the
+    #   top_p key, 3 the draw's target, 4 a reduced mass
 
     @T.prim_func(s_tir=True)
     def sample_from_scores(
@@ -429,6 +432,49 @@ def _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, above, tie_before, 
     _reduce(red_f, tx, _add, threads, levels, gpu)
 
 
+def _argmax_scores(threads: int, levels: int, gpu: bool):
+    """Greedy rows alone: the lowest id with the max score, in two passes (sample_from_scores
+    takes it as top_k = 1 too, in all of its passes)."""
+
+    @T.prim_func(s_tir=True)
+    def argmax_scores(
+        var_scores: T.handle,  # [batch, vocab] float32
+        var_tokens: T.handle,  # [batch] int32, out
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch, vocab = T.int32(), T.int32()
+        scores = T.match_buffer(var_scores, (batch, vocab), "float32")
+        tokens = T.match_buffer(var_tokens, (batch,), "int32")
+        for b in _loop(batch, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
+                with T.sblock("row"):
+                    T.reads()
+                    T.writes()
+                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope=_shared(gpu))
+                    red_i = T.sblock_alloc_buffer((threads,), "int32", scope=_shared(gpu))
+                    acc_f = T.sblock_alloc_buffer((2,), "float32", scope="local")
+                    acc_i = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    steps = T.meta_var((vocab + threads - 1) // threads)
+                    acc_f[0] = T.float32(-3.4e38)
+                    for i in T.serial(steps):
+                        if i * threads + tx < vocab:
+                            acc_f[0] = T.max(acc_f[0], scores[b, i * threads + tx])
+                    red_f[tx] = acc_f[0]
+                    _reduce(red_f, tx, T.max, threads, levels, gpu)
+                    acc_f[1] = red_f[0]
+                    acc_i[0] = vocab
+                    for i in T.serial(steps):
+                        if i * threads + tx < vocab:
+                            if scores[b, i * threads + tx] == acc_f[1]:
+                                acc_i[0] = T.min(acc_i[0], i * threads + tx)
+                    red_i[tx] = acc_i[0]
+                    _reduce(red_i, tx, T.min, threads, levels, gpu)
+                    if tx == 0:
+                        tokens[b] = red_i[0]
+
+    return argmax_scores
+
+
 def _token_logprob(threads: int, levels: int, gpu: bool):
     @T.prim_func(s_tir=True)
     def token_logprob(
@@ -472,7 +518,12 @@ def _token_logprob(threads: int, levels: int, gpu: bool):
 
 
 # The artifact's sampling functions (runtime/gpu_sampling.py calls them by these names).
-FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob")
+FUNCTIONS = (
+    "sample_gather_scores",
+    "sample_from_scores",
+    "sample_argmax",
+    "sample_token_logprob",
+)
 
 
 def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -517,6 +568,14 @@ def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
         out = bb.emit(
             relax.call_tir(
                 kernels["sample_from_scores"], [scores_in, params2], relax.TensorType([b], "int32")
+            )
+        )
+        bb.emit_func_output(out)
+    scores_greedy = tensor("scores", [b, v], "float32")
+    with bb.function("sample_argmax", [scores_greedy]):
+        out = bb.emit(
+            relax.call_tir(
+                kernels["argmax_scores"], [scores_greedy], relax.TensorType([b], "int32")
             )
         )
         bb.emit_func_output(out)

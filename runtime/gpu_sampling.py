@@ -22,7 +22,12 @@ TEMPERATURE, TOP_K, TOP_P, MIN_P, UNIFORM, REPETITION = range(6)
 PARAMS = 6
 ENTRY_VALUES = 3  # bias, seen (1.0: the repetition penalty applies), subtract
 
-FUNCTIONS = ("sample_gather_scores", "sample_from_scores", "sample_token_logprob")
+FUNCTIONS = (
+    "sample_gather_scores",
+    "sample_from_scores",
+    "sample_argmax",
+    "sample_token_logprob",
+)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,10 @@ def sample_on_device(vm, device, logits, rows: list[int], samplers: list[Sampler
     scores = vm["sample_gather_scores"](
         logits, row_ids, on["params"], on["entry_rows"], on["entry_ids"], on["entry_values"]
     )
-    tokens = vm["sample_from_scores"](scores, on["params"])
+    if all(s.params.temperature == 0 for s in samplers):
+        tokens = vm["sample_argmax"](scores)  # two passes over a row, not the filters' many
+    else:
+        tokens = vm["sample_from_scores"](scores, on["params"])
     want_logprob = any(s.params.logprobs is not None for s in samplers)
     logprobs = vm["sample_token_logprob"](logits, row_ids, tokens).numpy() if want_logprob else None
     samples = []

@@ -53,7 +53,7 @@ def test_compiles_for_cuda(cell, matrix):
         assert len(kernels) > 10, kernels
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
     # sampling on the GPU (compiler/sampling_kernels.py): every kernel of it, in every cell
-    for name in ("gather_scores", "sample_from_scores", "token_logprob"):
+    for name in ("gather_scores", "sample_from_scores", "argmax_scores", "token_logprob"):
         assert any(f"sampling_{name}" in k for k in kernels), (name, kernels)
 
 

@@ -101,6 +101,14 @@ def test_kernels_choose_numpys_token(kernels, case):
         assert len(set(tokens.tolist())) > 1  # really sampling, not always the argmax
 
 
+def test_argmax_kernel(kernels):
+    """Greedy batches take the two-pass argmax: the lowest id among equal maxima."""
+    logits = np.random.default_rng(4).integers(0, 6, size=(12, VOCAB)).astype("float32")
+    logits[3] = _logits(1, seed=5)[0]
+    out = kernels["argmax_scores"](scores=logits, tokens=np.zeros(12, "int32"))["tokens"]
+    assert out.tolist() == np.argmax(logits, axis=1).tolist()
+
+
 def test_penalties_and_bias(kernels):
     """Bias, repetition (prompt and output), presence and frequency penalties, then sampling;
     the scores after them equal numpy's, and so do the tokens."""
@@ -224,6 +232,12 @@ def test_engine_on_the_kernel_path_takes_numpys_tokens(artifact_with_kernels, mo
         np.testing.assert_allclose(
             [lp.logprob for lp in g.logprobs], [lp.logprob for lp in w.logprobs], atol=1e-4
         )
+    # a batch all greedy takes the argmax kernel
+    greedy = [replace(base, temperature=0)] * 3
+    rows_on_kernels.clear()
+    got = kernel.generate(prompts[:3], greedy)
+    assert [r.token_ids for r in got] == [r.token_ids for r in llm.generate(prompts[:3], greedy)]
+    assert sum(rows_on_kernels) == 10 * 3
     # top logprobs: numpy samples that batch, with the same tokens
     mixed = [*params[:2], replace(base, seed=9, logprobs=2)]
     rows_on_kernels.clear()
