@@ -65,6 +65,7 @@ def sampling_kernels(threads: int, gpu: bool = True) -> dict[str, tirx.PrimFunc]
     return {
         "gather_scores": _gather_scores(threads, gpu),
         "sample_from_scores": _sample_from_scores(threads, levels, gpu),
+        "sample_unfiltered": _sample_unfiltered(threads, levels, gpu),
         "argmax_scores": _argmax_scores(threads, levels, gpu),
         "token_logprob": _token_logprob(threads, levels, gpu),
     }
@@ -349,51 +350,77 @@ def _sample_from_scores(threads: int, levels: int, gpu: bool):
                         else:
                             si[3] = T.min(si[3], si[0])
                     # 6. the draw: the first kept id whose cumulative mass exceeds u * Z3
-                    _mass(
+                    _draw(
                         scores,
+                        params,
+                        tokens,
                         b,
                         tx,
-                        steps,
                         inv_t,
                         sf,
                         si,
                         acc_f,
+                        acc_i,
                         red_f,
-                        _INT_MIN,
-                        -1,
+                        red_i,
                         (threads, levels, vocab, gpu),
                     )
-                    sf[3] = params[b, UNIFORM] * red_f[0]
-                    _sync(gpu)
-                    si[0] = 0
-                    si[1] = vocab - 1
-                    for _step in T.serial(id_steps):
-                        mid_d: T.let[T.int32] = _mid(si[0], si[1])
-                        acc_f[0] = T.float32(0)
-                        for i in T.serial(steps):
-                            if i * threads + tx <= mid_d:
-                                _add_kept(scores, b, i * threads + tx, inv_t, sf, si, acc_f)
-                        red_f[tx] = acc_f[0]
-                        _reduce(red_f, tx, _add, threads, levels, gpu)
-                        sf[4] = red_f[0]
-                        if si[0] < si[1]:
-                            if sf[4] > sf[3]:
-                                si[1] = mid_d
-                            else:
-                                si[0] = mid_d + 1
-                        _sync(gpu)
-                    # rounding can leave the target past the last kept token: take that one
-                    acc_i[0] = 0
-                    for i in T.serial(steps):
-                        if i * threads + tx < vocab:
-                            if _is_kept(scores[b, i * threads + tx] * inv_t, i * threads + tx, si):
-                                acc_i[0] = T.max(acc_i[0], i * threads + tx)
-                    red_i[tx] = acc_i[0]
-                    _reduce(red_i, tx, T.max, threads, levels, gpu)
-                    if tx == 0:
-                        tokens[b] = T.min(si[0], red_i[0])
 
     return sample_from_scores
+
+
+@T.macro(hygienic=False)
+def _draw(scores, params, tokens, b, tx, inv_t, sf, si, acc_f, acc_i, red_f, red_i, sizes):
+    """tokens[b] = the first kept id (_is_kept with the cut in si[2], si[3]) whose cumulative
+    mass exceeds the row's uniform times the kept mass: the inverse-CDF draw. sf[0] holds the
+    max score. sizes: (threads, levels, vocab, gpu)."""
+    threads, levels, vocab, gpu = T.meta_var(sizes)
+    steps = T.meta_var((vocab + threads - 1) // threads)
+    # bisection steps over token ids [0, vocab): ceil(log2(vocab)) + 1
+    id_steps = T.meta_var(T.Cast("int32", T.ceil(T.log2(T.Cast("float32", vocab)))) + 1)
+    _mass(
+        scores,
+        b,
+        tx,
+        steps,
+        inv_t,
+        sf,
+        si,
+        acc_f,
+        red_f,
+        _INT_MIN,
+        -1,
+        (threads, levels, vocab, gpu),
+    )
+    sf[3] = params[b, UNIFORM] * red_f[0]
+    _sync(gpu)
+    si[0] = 0
+    si[1] = vocab - 1
+    for _step in T.serial(id_steps):
+        mid_d: T.let[T.int32] = _mid(si[0], si[1])
+        acc_f[0] = T.float32(0)
+        for i in T.serial(steps):
+            if i * threads + tx <= mid_d:
+                _add_kept(scores, b, i * threads + tx, inv_t, sf, si, acc_f)
+        red_f[tx] = acc_f[0]
+        _reduce(red_f, tx, _add, threads, levels, gpu)
+        sf[4] = red_f[0]
+        if si[0] < si[1]:
+            if sf[4] > sf[3]:
+                si[1] = mid_d
+            else:
+                si[0] = mid_d + 1
+        _sync(gpu)
+    # rounding can leave the target past the last kept token: take that one
+    acc_i[0] = 0
+    for i in T.serial(steps):
+        if i * threads + tx < vocab:
+            if _is_kept(scores[b, i * threads + tx] * inv_t, i * threads + tx, si):
+                acc_i[0] = T.max(acc_i[0], i * threads + tx)
+    red_i[tx] = acc_i[0]
+    _reduce(red_i, tx, T.max, threads, levels, gpu)
+    if tx == 0:
+        tokens[b] = T.min(si[0], red_i[0])
 
 
 def _add(a, b):
@@ -430,6 +457,62 @@ def _mass(scores, b, tx, steps, inv_t, sf, si, acc_f, red_f, above, tie_before, 
                     acc_f[0] = acc_f[0] + T.exp(s_j - sf[0])
     red_f[tx] = acc_f[0]
     _reduce(red_f, tx, _add, threads, levels, gpu)
+
+
+def _sample_unfiltered(threads: int, levels: int, gpu: bool):
+    """Batches with no top_k, top_p or min_p (nor greedy rows): every token is kept, so of
+    sample_from_scores' passes only the max and the draw remain (about 20, not about 125)."""
+
+    @T.prim_func(s_tir=True)
+    def sample_unfiltered(
+        var_scores: T.handle,  # [batch, vocab] float32
+        var_params: T.handle,  # [batch, PARAMS] float32
+        var_tokens: T.handle,  # [batch] int32, out
+    ):
+        T.func_attr({"tirx.is_scheduled": True})
+        batch, vocab = T.int32(), T.int32()
+        scores = T.match_buffer(var_scores, (batch, vocab), "float32")
+        params = T.match_buffer(var_params, (batch, PARAMS), "float32")
+        tokens = T.match_buffer(var_tokens, (batch,), "int32")
+        for b in _loop(batch, "blockIdx.x", gpu):
+            for tx in _loop(threads, "threadIdx.x", gpu):
+                with T.sblock("row"):
+                    T.reads()
+                    T.writes()
+                    red_f = T.sblock_alloc_buffer((threads,), "float32", scope=_shared(gpu))
+                    red_i = T.sblock_alloc_buffer((threads,), "int32", scope=_shared(gpu))
+                    si = T.sblock_alloc_buffer((6,), "int32", scope="local")
+                    sf = T.sblock_alloc_buffer((6,), "float32", scope="local")
+                    acc_f = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    acc_i = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    inv_t: T.let[T.float32] = T.float32(1) / params[b, TEMPERATURE]
+                    acc_f[0] = T.float32(-3.4e38)
+                    for i in T.serial((vocab + threads - 1) // threads):
+                        if i * threads + tx < vocab:
+                            acc_f[0] = T.max(acc_f[0], scores[b, i * threads + tx] * inv_t)
+                    red_f[tx] = acc_f[0]
+                    _reduce(red_f, tx, T.max, threads, levels, gpu)
+                    sf[0] = red_f[0]
+                    _sync(gpu)
+                    si[2] = _INT_MIN  # the cut after every token: all kept
+                    si[3] = vocab - 1
+                    _draw(
+                        scores,
+                        params,
+                        tokens,
+                        b,
+                        tx,
+                        inv_t,
+                        sf,
+                        si,
+                        acc_f,
+                        acc_i,
+                        red_f,
+                        red_i,
+                        (threads, levels, vocab, gpu),
+                    )
+
+    return sample_unfiltered
 
 
 def _argmax_scores(threads: int, levels: int, gpu: bool):
@@ -521,6 +604,7 @@ def _token_logprob(threads: int, levels: int, gpu: bool):
 FUNCTIONS = (
     "sample_gather_scores",
     "sample_from_scores",
+    "sample_unfiltered",
     "sample_argmax",
     "sample_token_logprob",
 )
@@ -568,6 +652,19 @@ def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
         out = bb.emit(
             relax.call_tir(
                 kernels["sample_from_scores"], [scores_in, params2], relax.TensorType([b], "int32")
+            )
+        )
+        bb.emit_func_output(out)
+    scores_plain, params_plain = (
+        tensor("scores", [b, v], "float32"),
+        tensor("params", [b, PARAMS], "float32"),
+    )
+    with bb.function("sample_unfiltered", [scores_plain, params_plain]):
+        out = bb.emit(
+            relax.call_tir(
+                kernels["sample_unfiltered"],
+                [scores_plain, params_plain],
+                relax.TensorType([b], "int32"),
             )
         )
         bb.emit_func_output(out)

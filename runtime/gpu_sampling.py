@@ -25,6 +25,7 @@ ENTRY_VALUES = 3  # bias, seen (1.0: the repetition penalty applies), subtract
 FUNCTIONS = (
     "sample_gather_scores",
     "sample_from_scores",
+    "sample_unfiltered",
     "sample_argmax",
     "sample_token_logprob",
 )
@@ -101,6 +102,25 @@ def _entries(sampler: Sampler, vocab: int) -> dict[int, tuple[float, float, floa
     return {token: tuple(v) for token, v in out.items()}
 
 
+def _all_greedy(samplers: list[Sampler]) -> bool:
+    return all(s.params.temperature == 0 for s in samplers)
+
+
+def _kernel_for(samplers: list[Sampler]) -> str:
+    """The cheapest kernel that serves the batch: the filters' bisections cost most passes."""
+    if _all_greedy(samplers):
+        return "sample_argmax"  # two passes over a row
+    if all(
+        s.params.temperature > 0
+        and s.params.top_k == 0
+        and s.params.top_p == 1
+        and s.params.min_p == 0
+        for s in samplers
+    ):
+        return "sample_unfiltered"  # the max, the mass and the draw
+    return "sample_from_scores"
+
+
 def sample_on_device(vm, device, logits, rows: list[int], samplers: list[Sampler]) -> list[Sample]:
     """One token for each sampler from `logits` ([num_rows, vocab] float32, on `device`): row
     rows[i] with samplers[i], every one `covered`. Records each token, as sample_batch does."""
@@ -113,10 +133,7 @@ def sample_on_device(vm, device, logits, rows: list[int], samplers: list[Sampler
     scores = vm["sample_gather_scores"](
         logits, row_ids, on["params"], on["entry_rows"], on["entry_ids"], on["entry_values"]
     )
-    if all(s.params.temperature == 0 for s in samplers):
-        tokens = vm["sample_argmax"](scores)  # two passes over a row, not the filters' many
-    else:
-        tokens = vm["sample_from_scores"](scores, on["params"])
+    tokens = vm[_kernel_for(samplers)](scores, *([] if _all_greedy(samplers) else [on["params"]]))
     want_logprob = any(s.params.logprobs is not None for s in samplers)
     logprobs = vm["sample_token_logprob"](logits, row_ids, tokens).numpy() if want_logprob else None
     samples = []

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 
+from relaxlm.compiler.sampling_kernels import sampling_kernels
 from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
 from relaxlm.testing.gpu_cases import DIFFUSION_CASES, DTYPES, GPU_CASES, QUANTS
 
@@ -53,7 +54,7 @@ def test_compiles_for_cuda(cell, matrix):
         assert len(kernels) > 10, kernels
         assert any(k.startswith("batch_decode_paged_kv") for k in kernels), kernels
     # sampling on the GPU (compiler/sampling_kernels.py): every kernel of it, in every cell
-    for name in ("gather_scores", "sample_from_scores", "argmax_scores", "token_logprob"):
+    for name in sampling_kernels(1024):
         assert any(f"sampling_{name}" in k for k in kernels), (name, kernels)
 
 

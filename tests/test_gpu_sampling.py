@@ -101,6 +101,19 @@ def test_kernels_choose_numpys_token(kernels, case):
         assert len(set(tokens.tolist())) > 1  # really sampling, not always the argmax
 
 
+def test_unfiltered_kernel(kernels):
+    """Temperature alone (no filter), the kernel that skips the cuts: numpy's tokens."""
+    params = [SamplingParams(seed=40 + i, temperature=0.5 + i / 10) for i in range(12)]
+    samplers = _samplers(params)
+    cpu = copy.deepcopy(samplers)
+    logits = _logits(12, seed=13)
+    inputs = gpu_sampling.kernel_inputs(samplers, VOCAB)
+    out = kernels["sample_unfiltered"](
+        scores=logits, params=inputs["params"], tokens=np.zeros(12, "int32")
+    )["tokens"]
+    assert out.tolist() == [s.token_id for s in sample_batch(logits, cpu)]
+
+
 def test_argmax_kernel(kernels):
     """Greedy batches take the two-pass argmax: the lowest id among equal maxima."""
     logits = np.random.default_rng(4).integers(0, 6, size=(12, VOCAB)).astype("float32")
@@ -232,12 +245,16 @@ def test_engine_on_the_kernel_path_takes_numpys_tokens(artifact_with_kernels, mo
         np.testing.assert_allclose(
             [lp.logprob for lp in g.logprobs], [lp.logprob for lp in w.logprobs], atol=1e-4
         )
-    # a batch all greedy takes the argmax kernel
+    # a batch all greedy takes the argmax kernel ...
     greedy = [replace(base, temperature=0)] * 3
     rows_on_kernels.clear()
     got = kernel.generate(prompts[:3], greedy)
     assert [r.token_ids for r in got] == [r.token_ids for r in llm.generate(prompts[:3], greedy)]
     assert sum(rows_on_kernels) == 10 * 3
+    # and a batch with no filter the unfiltered one
+    plain = [replace(base, seed=20 + i, temperature=0.7) for i in range(3)]
+    got = kernel.generate(prompts[:3], plain)
+    assert [r.token_ids for r in got] == [r.token_ids for r in llm.generate(prompts[:3], plain)]
     # top logprobs: numpy samples that batch, with the same tokens
     mixed = [*params[:2], replace(base, seed=9, logprobs=2)]
     rows_on_kernels.clear()
