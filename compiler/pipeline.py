@@ -56,6 +56,7 @@ from .quantization import (
     tied_table_scheme,
 )
 from .quantize_weights import quantize_weights
+from .sampling_kernels import add_sampling_functions
 from .targets import TargetPreset, build_context, resolve_target, resolve_targets
 from .weights import (
     PlannedWeight,
@@ -89,6 +90,7 @@ def compile_model(
     tensor_parallel: int = 1,
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
+    sampling_kernels: bool | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -113,6 +115,8 @@ def compile_model(
         compiler/kv_quant.py). The manifest's `kv_cache` records it.
     cuda_graph: capture decode's kernels in CUDA graphs on CUDA targets (compiler/cuda_graph.py);
         each CUDA library's manifest entry says `cuda_graph: true`.
+    sampling_kernels: build the sampling kernels (compiler/sampling_kernels.py) into the
+        libraries; None: for GPU targets (CPU runtimes sample in numpy, the faster there).
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
@@ -204,6 +208,7 @@ def compile_model(
             stored,
             kv_cache_dtype,
             cuda_graph,
+            sampling_kernels,
         )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
@@ -430,13 +435,21 @@ def _add_libraries(
     stored,
     kv_cache_dtype: str,
     cuda_graph: bool = False,
+    sampling_kernels: bool | None = None,
 ) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
     """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
     plan (the graph, weight plan and KV cache do not depend on the target)."""
     for preset in presets:
         graphs = cuda_graph and preset.device == "cuda"
         executable, kv_cache, plan = build_library(
-            exported, preset, scheme, say, stored, kv_cache_dtype=kv_cache_dtype, cuda_graph=graphs
+            exported,
+            preset,
+            scheme,
+            say,
+            stored,
+            kv_cache_dtype=kv_cache_dtype,
+            sampling_kernels=sampling_kernels,
+            cuda_graph=graphs,
         )
         library = scratch / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
@@ -530,6 +543,7 @@ def build_library(
     device_binaries: bool = True,
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
+    sampling_kernels: bool | None = None,
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
@@ -538,6 +552,7 @@ def build_library(
     device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
     cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
+    sampling_kernels: build the sampling kernels in (see `compile_model`).
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -570,6 +585,12 @@ def build_library(
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
+    if exported.task == "generate" and (
+        preset.is_gpu if sampling_kernels is None else sampling_kernels
+    ):
+        # Sampling where the logits are: only chosen ids come back to the host. (About 1 s of
+        # build per CPU library, where numpy samples anyway: CPU builds leave them out.)
+        mod = add_sampling_functions(mod, target)
     _dump(dump, "1-graph", mod)
     say("graph rewritten (attention on the paged KV cache, fused and quantized linears)")
 

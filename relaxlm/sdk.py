@@ -126,6 +126,8 @@ class LLM:
         head); requests pick an adapter by name (`generate(..., lora=name)`).
     lora_adapters: {name: PEFT adapter folder} loaded into the slots at start; more load and
         unload at run time (`load_lora`, `unload_lora`).
+    sample_on_device: choose tokens with the artifact's sampling kernels, the logits staying on
+        the device; None: on GPUs (numpy on the host for CPUs). See runtime/gpu_sampling.py.
     """
 
     def __new__(cls, model: str | os.PathLike | None = None, **options):
@@ -178,6 +180,7 @@ class LLM:
         lora_max_rank: int = 16,
         lora_targets: list[str] | None = None,
         lora_adapters: dict[str, str | os.PathLike] | None = None,
+        sample_on_device: bool | None = None,
     ):
         # target, quant, dtype and lora chose the artifact in __new__; target also names the device.
         self.model = CompiledModel(
@@ -189,6 +192,7 @@ class LLM:
             device_map=device_map,
             disco=disco,
             kv_cache_memory=kv_cache_memory,
+            sample_on_device=sample_on_device,
         )
         self.manifest = self.model.manifest
         self.tokenizer = Tokenizer.from_dir(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime.gpu_sampling import DeviceRow
 from relaxlm.runtime.lora import LoadedLora, LoraSlots
 from relaxlm.runtime.metrics import EngineMetrics
 from relaxlm.runtime.model import CompiledModel
@@ -488,10 +489,16 @@ class Engine:
         specs = self._draft(plan.decode) if self.drafter is not None else []
         speculating = {spec.chunk.seq.seq_id for spec in specs}
         decode = [c for c in plan.decode if c.seq.seq_id not in speculating]
-        rows = []  # (chunk, logits row) for chunks that want logits
+        # (chunk, logits row) for chunks that want logits: a DeviceRow where the model samples
+        # on its device, a host row otherwise
+        rows = []
+        on_device = self.model.sample_on_device
         if decode:
             logits = self.model.decode(
-                [c.seq.seq_id for c in decode], [c.tokens[0] for c in decode], self._slots(decode)
+                [c.seq.seq_id for c in decode],
+                [c.tokens[0] for c in decode],
+                self._slots(decode),
+                on_device=on_device,
             )
             rows += zip(decode, logits, strict=True)
         if specs:
@@ -512,7 +519,9 @@ class Engine:
                     positions["positions"] = [self._mrope_positions(c) for c in plan.prefill]
                 logits = self.images.prefill_tokens(seq_ids, chunks, image_rows, **positions)
             else:
-                logits = self.model.prefill(seq_ids, chunks, slots=self._slots(plan.prefill))
+                logits = self.model.prefill(
+                    seq_ids, chunks, slots=self._slots(plan.prefill), on_device=on_device
+                )
             pairs = zip(plan.prefill, logits, strict=True)
             rows += [(c, row) for c, row in pairs if c.wants_logits]
         self._run_ops(plan.kv_ops_after)
@@ -529,14 +538,21 @@ class Engine:
                 row_of.append(i)
         sampled = []
         if taken:
-            matrix = np.stack([row for _, row in rows])[row_of]
-            samples = sample_batch(matrix, [completion.sampler for _, completion in taken])
+            samples = self._sample([rows[i][1] for i in row_of], [c.sampler for _, c in taken])
             for (request, completion), sample in zip(taken, samples, strict=True):
                 self.scheduler.append_token(completion.seq, sample.token_id)
                 sampled.append((request, completion, sample))
         for spec, spec_rows in zip(specs, verified if specs else [], strict=True):
             sampled += self._accept(spec, spec_rows)
         return sampled
+
+    def _sample(self, rows: list, samplers: list) -> list[Sample]:
+        """A sample per row with its sampler: on the device where every row is there."""
+        if all(isinstance(row, DeviceRow) for row in rows):
+            return self.model.sample(rows, samplers)
+        copies: dict[int, np.ndarray] = {}  # image prefills come back on the host
+        host = [row.host(copies) if isinstance(row, DeviceRow) else row for row in rows]
+        return sample_batch(np.stack(host), samplers)
 
     def _slots(self, chunks: list[Chunk]) -> list[int]:
         """The LoRA slot each chunk's sequence computes with (0: the base model)."""

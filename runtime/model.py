@@ -20,8 +20,11 @@ from tvm.runtime import ShapeTuple
 
 from relaxlm.artifacts import Manifest
 from relaxlm.errors import RelaxlmError
+from relaxlm.runtime import gpu_sampling
 from relaxlm.runtime.disco import ShardedStage
+from relaxlm.runtime.gpu_sampling import DeviceRow
 from relaxlm.runtime.loader import LoadedStage, load_artifact, use_threads
+from relaxlm.runtime.sampler import Sample, Sampler, sample_batch
 
 _kv = {
     name: tvm.get_global_func(f"vm.builtin.{name}")
@@ -52,6 +55,10 @@ class CompiledModel:
     max_total_tokens: tokens the KV cache holds, all sequences together (rounded up to pages).
     kv_cache_memory: or the bytes its pages may take ("64MB", "1.5GiB" or an int): as many
         tokens as fit (the manifest's `kv_cache.bytes_per_token`, so a quantized cache holds more).
+    sample_on_device: choose tokens with the artifact's sampling kernels on the logits where
+        they are (runtime/gpu_sampling.py); None: on a GPU, when the artifact has them (a
+        one-stage model), else numpy on the host (the faster there). True on a CPU runs the
+        kernels' CPU build (tests of the kernel path).
     device_map: for an artifact split across devices, other device ordinals for its stages
         (the same layers and device kinds: `cuda:1:0-15,cuda:2:16-31`); `device` is unused.
     disco: for an artifact split into tensor-parallel shards, the Disco session that runs
@@ -68,6 +75,7 @@ class CompiledModel:
         device_map: str | None = None,
         disco: str | None = None,
         kv_cache_memory: str | int | None = None,
+        sample_on_device: bool | None = None,
     ):
         manifest = Manifest.read(folder)
         if manifest.tensor_parallel:
@@ -123,6 +131,26 @@ class CompiledModel:
         self.num_pages = self.free_pages()  # TVM rounds up and keeps a spare page
         # Adapter slots (runtime/lora.py): each forward takes a slot id per token, 0 = none.
         self.lora_slots = manifest.lora_slots.get("slots", 0) if manifest.lora_slots else 0
+        self.sample_on_device = self._device_sampling(sample_on_device)
+
+    def _device_sampling(self, wanted: bool | None) -> bool:
+        """Whether forwards leave their logits on the device for the sampling kernels."""
+        # A split model's logits come from its last stage's VM, a sharded one's from a Disco
+        # session: neither is wired to the kernels, so they sample on the host.
+        has = (
+            len(self.stages) == 1
+            and isinstance(self.stages[0], _Stage)
+            and all(self.vm.module.implements_function(f) for f in gpu_sampling.FUNCTIONS)
+        )
+        if wanted and not has:
+            raise RelaxlmError(
+                f"{self.folder} cannot sample on the device: it has no sampling functions (an "
+                "artifact from before they were compiled in, or one split into stages or "
+                "shards); recompile it, or drop sample_on_device"
+            )
+        if wanted is None:
+            return has and self.device.dlpack_device_type() != tvm.cpu().dlpack_device_type()
+        return bool(wanted)
 
     @property
     def vocab_size(self) -> int:
@@ -166,12 +194,14 @@ class CompiledModel:
         chunks: list[list[int]],
         every_token: bool = False,
         slots: list[int] | None = None,
-    ) -> np.ndarray:
+        on_device: bool = False,
+    ) -> np.ndarray | list[DeviceRow]:
         """Append chunks[i] to sequence seq_ids[i] in one forward; logits after each chunk's last
         token, [len(seq_ids), vocab] (after every token, [total tokens, vocab], with
         every_token). At most `prefill_chunk` tokens in all.
 
         slots: the LoRA slot each sequence computes with (0 or None: the base model alone).
+        on_device: the logits stay on the device, a DeviceRow each (for `sample`).
         """
         lengths = [len(c) for c in chunks]
         if not all(lengths) or sum(lengths) > self.prefill_chunk:
@@ -185,16 +215,46 @@ class CompiledModel:
             last = np.arange(sum(lengths), dtype="int32")  # [total_tokens]
         extra = [last, *self._slot_ids(slots, lengths)]
         logits = self._forward("prefill", flat.reshape(1, -1), extra, seq_ids, lengths)
-        return logits[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
+        if on_device:  # [1, num_seqs, vocab]: row i is sequence i's
+            return [DeviceRow(logits, i) for i in range(len(last))]
+        return logits.numpy()[0]  # [1, num_seqs, vocab] -> [num_seqs, vocab]
 
     def decode(
-        self, seq_ids: list[int], tokens: list[int], slots: list[int] | None = None
-    ) -> np.ndarray:
-        """One token for each sequence; logits [len(seq_ids), vocab]. slots: as prefill's."""
+        self,
+        seq_ids: list[int],
+        tokens: list[int],
+        slots: list[int] | None = None,
+        on_device: bool = False,
+    ) -> np.ndarray | list[DeviceRow]:
+        """One token for each sequence; logits [len(seq_ids), vocab]. slots, on_device: as
+        prefill's."""
         ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
         ones = [1] * len(seq_ids)
         logits = self._forward("decode", ids, self._slot_ids(slots, ones), seq_ids, ones)
-        return logits[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
+        if on_device:  # [batch, 1, vocab]: row i is sequence i's
+            return [DeviceRow(logits, i) for i in range(len(seq_ids))]
+        return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
+
+    def sample(self, rows: list[DeviceRow], samplers: list[Sampler]) -> list[Sample]:
+        """One token per row, rows[i] chosen with samplers[i] (which records it), by the
+        sampling kernels where every sampler is `covered`, else by numpy on a host copy."""
+        if not all(gpu_sampling.covered(s) for s in samplers):
+            # A grammar's mask or top logprobs: the whole batch on the host, one copy a forward.
+            copies: dict[int, np.ndarray] = {}
+            return sample_batch(np.stack([row.host(copies) for row in rows]), samplers)
+        out: list[Sample | None] = [None] * len(rows)
+        forwards: dict[int, list[int]] = {}  # a forward's logits -> positions of its rows
+        for i, row in enumerate(rows):
+            forwards.setdefault(id(row.logits), []).append(i)
+        for positions in forwards.values():
+            logits = rows[positions[0]].logits
+            picked = [rows[i].index for i in positions]
+            chosen = gpu_sampling.sample_on_device(
+                self.vm, self.device, logits, picked, [samplers[i] for i in positions]
+            )
+            for i, sample in zip(positions, chosen, strict=True):
+                out[i] = sample
+        return out
 
     def _slot_ids(self, slots: list[int] | None, lengths: list[int]) -> list:
         """The entries' `lora_slots` input: each sequence's slot repeated over its tokens
@@ -214,7 +274,7 @@ class CompiledModel:
     def _forward(self, entry: str, ids: np.ndarray, last_args: list, seq_ids, lengths):
         """Run `entry` through every stage: token ids in, the hidden state handed on from
         device to device, `last_args` (the logit positions, host arrays) to the last stage;
-        its logits, on the host."""
+        its logits, on the device."""
         for stage in self.stages:
             stage.kv("kv_state_begin_forward", ShapeTuple(seq_ids), ShapeTuple(lengths))
         x = ids
@@ -222,7 +282,7 @@ class CompiledModel:
             x = stage.forward(entry, x, last_args if stage is self.stages[-1] else [])
         for stage in self.stages:
             stage.kv("kv_state_end_forward")
-        return x.numpy()
+        return x
 
 
 class _Stage:

@@ -10,8 +10,10 @@ Order of operations on a row: logit_bias, repetition penalty (prompt and output 
 presence and frequency penalties (output tokens), the sequence's token constraint (a grammar's
 mask for structured output: disallowed tokens get -inf); then greedy takes the argmax, or sampling
 divides by the temperature and keeps the tokens that pass min_p (relative to the most likely
-token), top_k and top_p, in that order. Log-probabilities are those of the raw logits (the
-model's own distribution), as vLLM reports by default.
+token), top_k and top_p, in that order (ties at a cut settled by token id), and draws by
+inverse CDF over the kept tokens in id order (`inverse_cdf`, which the GPU kernels share).
+Log-probabilities are those of the raw logits (the model's own distribution), as vLLM reports
+by default.
 """
 
 import math
@@ -251,33 +253,60 @@ def _constrained(scores: np.ndarray, sampler: Sampler) -> np.ndarray:
 def _choose(scores: np.ndarray, sampler: Sampler) -> int:
     p = sampler.params
     if p.temperature == 0:
-        return int(np.argmax(scores))
+        return int(np.argmax(scores))  # the lowest id among equal maxima
     ids, probs = _kept(scores, p)
+    return int(ids[inverse_cdf(probs, sampler.rng.random())])
+
+
+def inverse_cdf(probs: np.ndarray, uniform: float) -> int:
+    """The draw, defined once (the GPU kernel in compiler/sampling_kernels.py makes the same):
+    the first index whose cumulative probability exceeds `uniform` (in [0, 1)) times the total,
+    over unnormalized probabilities; the last index where rounding leaves none."""
     cdf = np.cumsum(probs)
-    choice = int(np.searchsorted(cdf, sampler.rng.random() * cdf[-1], side="right"))
-    return int(ids[min(choice, len(ids) - 1)])
+    return min(int(np.searchsorted(cdf, uniform * cdf[-1], side="right")), len(cdf) - 1)
 
 
 def _kept(scores: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """The tokens sampling may take after temperature, min_p, top_k and top_p, and their
-    probabilities (after top_p, not renormalized)."""
+    """The tokens sampling may take after temperature, min_p, top_k and top_p, in token-id
+    order, and their probabilities (after top_p, not renormalized).
+
+    Each filter keeps a prefix of the *rank order* (score descending, then token id
+    ascending), so ties at a cut are settled by id: the same rule the GPU kernel follows."""
     scores = scores / p.temperature
-    ids = np.arange(scores.shape[0])
+    best = scores.max()
+    pool = None  # the min_p survivors (None: every token)
+    keep = scores.shape[0]
     if p.min_p > 0:
         # probability >= min_p * max probability  <=>  score >= max score + log(min_p)
-        ids = ids[scores >= scores.max() + math.log(p.min_p)]
-    if 0 < p.top_k < len(ids):
-        ids = ids[np.argpartition(-scores[ids], p.top_k - 1)[: p.top_k]]  # the top_k, unordered
-    if p.top_p < 1:
-        ids = ids[np.argsort(-scores[ids], kind="stable")]  # most likely first
-    probs = np.exp(scores[ids] - scores[ids].max())
+        pool = np.flatnonzero(scores >= best + math.log(p.min_p))
+        keep = len(pool)
+    if p.top_k > 0:
+        keep = min(keep, p.top_k)
+    if keep < scores.shape[0] or p.top_p < 1:
+        ranked = _rank_prefix(scores, keep, pool)
+    else:
+        ranked = np.arange(keep)  # every token: no order needed
+    probs = np.exp(scores[ranked] - best)
     probs /= probs.sum()
     if p.top_p < 1:
         # Keep the fewest tokens whose mass reaches top_p: those with mass before them < top_p.
         mass_before = np.cumsum(probs) - probs
-        keep = max(1, int(np.count_nonzero(mass_before < p.top_p)))
-        ids, probs = ids[:keep], probs[:keep]
-    return ids, probs
+        cut = max(1, int(np.count_nonzero(mass_before < p.top_p)))
+        ranked, probs = ranked[:cut], probs[:cut]
+    order = np.argsort(ranked)
+    return ranked[order], probs[order]
+
+
+def _rank_prefix(scores: np.ndarray, n: int, pool: np.ndarray | None) -> np.ndarray:
+    """The first n token ids of `pool` (ascending ids; None: all) in rank order (score
+    descending, id ascending)."""
+    pool = np.arange(scores.shape[0]) if pool is None else pool
+    if n < len(pool):
+        # Every token scoring at least the n-th best score, ties included, then ranked.
+        nth = -np.partition(-scores[pool], n - 1)[n - 1]
+        pool = pool[scores[pool] >= nth]
+    order = np.argsort(-scores[pool], kind="stable")  # stable: ids ascending on ties
+    return pool[order[:n]]
 
 
 def processed_distribution(row: np.ndarray, sampler: Sampler, penalties: bool = True):
@@ -301,8 +330,7 @@ def processed_distribution(row: np.ndarray, sampler: Sampler, penalties: bool = 
 
 def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
     """A token drawn from unnormalized probabilities [vocab] (zero-mass tokens never)."""
-    cdf = np.cumsum(probs)
-    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+    return inverse_cdf(probs, rng.random())
 
 
 def _logprob(row: np.ndarray, token: int, sampler: Sampler) -> Logprob:

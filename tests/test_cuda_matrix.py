@@ -17,6 +17,7 @@ import shutil
 
 import pytest
 
+from relaxlm.compiler.sampling_kernels import sampling_kernels
 from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
 from relaxlm.testing.gpu_cases import DIFFUSION_CASES, DTYPES, GPU_CASES, QUANTS
 
@@ -49,6 +50,7 @@ def test_compiles_for_cuda(cell, matrix):
         assert sorted(fatbin["sass"]) == ["80", "90"], fatbin
         assert fatbin["ptx"] == [80]
         assert fatbin["sass"]["80"] == fatbin["sass"]["90"] and len(fatbin["sass"]["80"]) > 10
+        kernels = fatbin["sass"]["80"]
     else:  # CUDA source with its kernels (attention from TVM's cache, matmuls, norms)
         kernels = result["kernels"]
         assert len(kernels) > 10, kernels
@@ -56,6 +58,9 @@ def test_compiles_for_cuda(cell, matrix):
         if CELLS[cell].kv_cache != "auto":  # packed rows in and out, merged as the dtype's
             for kernel in ("relaxlm_kv_pack", "relaxlm_kv_unpack", "tir_attention_merge_state"):
                 assert f"{kernel}_kernel" in kernels, kernels
+    # sampling on the GPU (compiler/sampling_kernels.py): every kernel of it, in every cell
+    for name in sampling_kernels(1024):
+        assert any(f"sampling_{name}" in k for k in kernels), (name, kernels)
 
 
 DIFFUSION_ENTRIES = {
