@@ -1,0 +1,150 @@
+"""DecodeGEMV: the decode step's weight matmuls on GPUs, reading each weight once.
+
+A decode matmul is `y[b, 0, n] = sum_k x[b, 0, k] * w(n, k)` over a symbolic batch `b` of
+sequences, one token each (prefill's kernels are separate PrimFuncs whose rows are
+`[1, num_tokens]`, and keep their own schedules); `w` is a float weight `W[n, k]` or the
+4-bit interleaved one (quantization.py: word 16 * blk + l holds k = 128 * blk + 16 * j + l in
+nibble j). The schedule:
+- a workgroup of ROWS warps, one output row per warp; its lanes split K so that a warp reads
+  one contiguous stretch of the row per step, each lane one vector of VECTOR_BYTES (4 words
+  of 4-bit weights: 32 weights in one load; 4 or 8 float16s), held in registers;
+- for 4-bit weights the 8 nibbles of those words are unpacked in registers, so a lane walks
+  k = 128 * blk + 16 * j + 4 * lo + (0..3) for j = 0..7 over one load;
+- one sequence per workgroup along y: with several sequences each workgroup reads its rows'
+  weights again (from L2 at best). Keeping a batch tile's sums in registers needs a static
+  bound on the symbolic batch, which TVM's buffer compaction cannot derive through the
+  split's predicate (a stack array of `batch_size` elements, which CUDA refuses), and
+  `pad_einsum` refuses the 4-bit weight's non-point access: not done yet;
+- per-lane partial sums, then one cross-lane sum bound to threadIdx.x (shuffles on CUDA);
+  an injective epilogue (residual add, cast) runs on the sums where they are.
+The activations are read straight from global memory (vector loads; a few KB that stay in
+L1/L2), not staged in shared memory.
+"""
+
+import tvm
+from tvm import sym
+from tvm.target import Target
+
+from relaxlm.tvm_api import dlight, normalize_prim_func, s_tir, tirx
+
+from ..quantization import INTERLEAVE
+
+ROWS = 4  # warps (output rows) per workgroup
+LANES = 32  # lanes per row
+VECTOR_BYTES = 16  # one 128-bit load per lane and step
+_MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V vector widths
+_WORD_LANES = 16  # 4-bit layout: consecutive words per nibble plane (INTERLEAVE / 8)
+
+
+class DecodeGEMV(dlight.ScheduleRule):
+    """The decode matmuls (see the module docstring); None for every other kernel."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name == "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not infos[0].is_reduction() or infos[0].dom_kind() != "SSR":
+            return None
+        if any(info.is_reduction() for info in infos[1:]):
+            return None
+        block = infos[0].block_rv
+        shape = _decode_shape(sch, block)
+        if shape is None:
+            return None
+        weight = _weight_layout(sch.get(block))
+        if weight is None:
+            return None
+        index, packed = weight
+        return _schedule(sch, block, [i.block_rv for i in infos[1:]], index, packed, target)
+
+
+def _decode_shape(sch: s_tir.Schedule, block) -> tuple[int, int] | None:
+    """(n, k) when the block writes [batch, 1, n] (decode: a symbolic batch of one token each;
+    prefill writes [1, tokens, n]) and its loops are (batch, n, k), n and k static."""
+    shape = sch.get(block).writes[0].source.shape
+    if len(shape) != 3 or isinstance(shape[0], tirx.IntImm) or not _one(shape[1]):
+        return None
+    loops = [sch.get(loop).extent for loop in sch.get_loops(block)]
+    if len(loops) != 3 or not all(isinstance(e, tirx.IntImm) for e in loops[1:]):
+        return None
+    return int(loops[1]), int(loops[2])
+
+
+def _one(dim) -> bool:
+    return isinstance(dim, tirx.IntImm) and int(dim) == 1
+
+
+def _weight_layout(block) -> tuple[int, bool] | None:
+    """(read index, packed) of the block's one weight: a 2-D buffer read at row n; packed for
+    4-bit words in the interleaved layout (word k // 128 * 16 + k % 16), else a float weight
+    read at [n, k]. None for any other layout (row-tiled words, GGUF blocks) or several."""
+    _, n_var, k_var = (iv.var for iv in block.iter_vars)
+    analyzer = sym.Analyzer()
+    found = []
+    for i, region in enumerate(block.reads):
+        if len(region.region) != 2 or not region.region[0].min.same_as(n_var):
+            continue
+        column, dtype = region.region[1].min, str(region.source.dtype)
+        if dtype == "uint32" and _interleaved(column, k_var):
+            found.append((i, True))
+        elif dtype.startswith(("float", "bfloat")) and analyzer.can_prove_equal(column, k_var):
+            found.append((i, False))
+        elif not dtype.startswith(("float", "bfloat")):
+            return None  # words or bytes of another layout
+    return found[0] if len(found) == 1 else None
+
+
+def _interleaved(column, k_var) -> bool:
+    """Whether column(k) is the 4-bit interleaved word index, checked over two blocks of k."""
+    for k in range(2 * INTERLEAVE):
+        at_k = sym.Analyzer()  # a fresh one per k: a binding cannot be overridden
+        at_k.bind(k_var, tirx.const(k, k_var.ty.dtype))
+        value = at_k.simplify(column)
+        want = k // INTERLEAVE * _WORD_LANES + k % _WORD_LANES
+        if not isinstance(value, tirx.IntImm) or int(value) != want:
+            return False
+    return True
+
+
+def _schedule(sch, block, epilogues, weight_index: int, packed: bool, target: Target):
+    b, n, k = sch.get_loops(block)
+    weight_dtype = sch.get(block).reads[weight_index].source.dtype
+    vector = min(VECTOR_BYTES * 8 // tvm.DataType(weight_dtype).bits, _max_lanes(target))
+    if packed:
+        # k = 128 * (LANES / 4 * ko + kt) + 16 * j + 4 * lo + li: lanes (kt, lo), 4 words a load
+        per_block = _WORD_LANES // vector
+        ko, kt, j, lo, li = sch.split(k, [None, LANES // per_block, 8, per_block, vector])
+        sch.reorder(kt, lo, ko, j, li)
+        tx = sch.fuse(kt, lo)
+        inner = [ko, j, li]
+    else:
+        ko, tx, li = sch.split(k, [None, LANES, vector])
+        inner = [ko, li]
+    no, ny = sch.split(n, [None, ROWS])
+    sch.reorder(no, b, ny, tx, *inner)
+    rf = sch.rfactor(tx, factor_axis=0)
+    no, b, ny, tx, ko, *_ = sch.get_loops(rf)
+    sch.bind(no, "blockIdx.x")
+    sch.bind(b, "blockIdx.y")
+    sch.bind(ny, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(rf, 0, "local")
+
+    # each lane's weight vector: one load per step, unpacked and used from registers
+    words = sch.cache_read(rf, weight_index, "local")
+    sch.compute_at(words, ko)
+    sch.vectorize(sch.get_loops(words)[-1])
+
+    # the cross-lane sum, then the epilogue on its results
+    sch.reverse_compute_at(block, ny)
+    sch.bind(sch.get_loops(block)[3], "threadIdx.x")
+    if epilogues:
+        sch.set_scope(block, 0, "local")
+    for epilogue in epilogues:
+        sch.reverse_compute_at(epilogue, ny)
+    return sch
+
+
+def _max_lanes(target: Target) -> int:
+    return _MAX_LANES.get(target.kind.name, 8)

@@ -1,0 +1,145 @@
+"""The decode GEMV schedule (compiler/schedules/decode_gemv.py): run as WGSL on lavapipe
+against numpy, its CUDA code, and which of a tiny Llama's kernels take it.
+
+The kernels are built as FuseDequantizeMatmul builds them (`dequantize_te` over the packed
+parts quantize() writes), at shapes the tiny Llama does not have: K = 320 is not a multiple
+of a warp's 1024-k step (nor of the 4-bit layout's 128), N = 70 not of the 4 rows a
+workgroup takes.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import tvm
+from tvm import te
+
+from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
+from relaxlm.compiler.quantize_weights import dequantize_te
+from relaxlm.compiler.schedules.gpu import gpu_schedules
+from relaxlm.compiler.targets import resolve_target
+from relaxlm.tvm_api import tirx
+
+N, K = 70, 320
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 2e-2)}
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _i64(value: int) -> tirx.IntImm:
+    return tirx.IntImm("int64", value)
+
+
+def _parts(scheme_name: str | None, w: np.ndarray) -> list[np.ndarray]:
+    if scheme_name is None:
+        return [w]
+    return quantize(resolve_scheme(scheme_name), w.astype("float32"), w.dtype)
+
+
+def decode_matmul(scheme_name: str | None, dtype: str, residual: bool) -> tirx.PrimFunc:
+    """y[b, 0, n] = sum_k x[b, 0, k] * w(n, k) (+ r[b, 0, n]) over a symbolic batch b, the
+    decode kernel's shape; w dequantized from `scheme_name`'s parts, or a float weight."""
+    batch = tirx.Var("batch_size", "int64")
+    x = te.placeholder((batch, _i64(1), _i64(K)), dtype, name="x")
+    packed = _parts(scheme_name, np.zeros((N, K), dtype))
+    parts = [
+        te.placeholder([_i64(d) for d in p.shape], str(p.dtype), name=f"w{i}")
+        for i, p in enumerate(packed)
+    ]
+    if scheme_name is None:
+        weight = lambda n, k: parts[0][n, k]  # noqa: E731
+    else:
+        scheme = resolve_scheme(scheme_name)
+        weight = lambda n, k: dequantize_te(scheme, parts, n, k, dtype)  # noqa: E731
+    r = te.reduce_axis((0, _i64(K)), name="k")
+    y = te.compute(
+        (batch, _i64(1), _i64(N)),
+        lambda b, o, n: te.sum(x[b, o, r] * weight(n, r), axis=r),
+        name="NT_matmul",
+    )
+    args = [x, *parts]
+    if residual:
+        res = te.placeholder((batch, _i64(1), _i64(N)), dtype, name="residual")
+        y = te.compute(y.shape, lambda *i: y(*i) + res(*i), name="T_add")
+        args.append(res)
+    return te.create_prim_func([*args, y])
+
+
+def _scheduled(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
+    with target:
+        mod = gpu_schedules()(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    from wgsl_harness import NoAdapter, webgpu_device
+
+    try:
+        device, _ = webgpu_device()
+    except NoAdapter as e:
+        pytest.skip(f"no WebGPU adapter: {e}")
+    return device
+
+
+def _run(gpu, scheme_name, dtype, rows, residual, packed=None):
+    """The scheduled kernel's output on `rows` sequences, and numpy's."""
+    from wgsl_harness import WebGPUFunction
+
+    target = resolve_target("webgpu").target()
+    func = _scheduled(decode_matmul(scheme_name, dtype, residual), target)
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((rows, 1, K)).astype(dtype)
+    w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype(dtype)
+    parts = packed if packed is not None else _parts(scheme_name, w)
+    if scheme_name is None:
+        w_ref = w.astype(np.float64)
+    else:
+        w_ref = dequantize(resolve_scheme(scheme_name), _parts(scheme_name, w), K)
+    want = x.astype(np.float64) @ w_ref.astype(np.float64).T
+    names = [p.name for p in func.params]
+    args = {names[0]: x, **dict(zip(names[1 : 1 + len(parts)], parts, strict=True))}
+    if residual:
+        args[names[-2]] = rng.standard_normal((rows, 1, N)).astype(dtype)
+        want = want + args[names[-2]]
+    args[names[-1]] = np.zeros((rows, 1, N), dtype)
+    return WebGPUFunction(func, target, gpu)(**args)[names[-1]], want
+
+
+@pytest.mark.parametrize(
+    "scheme_name, dtype, rows, residual",
+    [
+        ("q4", "float32", 1, False),
+        ("q4", "float16", 3, True),
+        ("q4", "float32", 17, True),
+        (None, "float16", 1, True),
+        (None, "float32", 17, False),
+    ],
+)
+def test_decode_gemv_matches_numpy_on_webgpu(gpu, scheme_name, dtype, rows, residual):
+    got, want = _run(gpu, scheme_name, dtype, rows, residual)
+    rtol, atol = TOLERANCE[dtype]
+    np.testing.assert_allclose(got.astype(np.float64), want, rtol=rtol, atol=atol)
+
+
+def test_a_misread_nibble_fails_the_check(gpu):
+    """The same check on words whose nibbles are rotated by one (what a schedule that
+    unpacked nibble j + 1 for j would compute) fails: the oracle sees the layout."""
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype("float32")
+    words, *scales = _parts("q4", w)
+    rotated = (words >> np.uint32(4)) | (words << np.uint32(28))
+    got, want = _run(gpu, "q4", "float32", 1, False, packed=[rotated, *scales])
+    assert not np.allclose(got, want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("scheme_name, dtype", [("q4", "float16"), (None, "float16")])
+def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype):
+    target = resolve_target("cuda:sm_90").target()
+    func = _scheduled(decode_matmul(scheme_name, dtype, residual=True), target)
+    with target:
+        library = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    source = library.mod.imports[0].inspect_source()
+    assert "__launch_bounds__(128)" in source  # 4 rows x 32 lanes
+    assert "*(uint4*)(w0_local_ptr + 0) = *(uint4*)(w0_ptr" in source
+    assert "__shfl_down_sync" in source
