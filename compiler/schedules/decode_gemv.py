@@ -10,11 +10,8 @@ nibble j). The schedule:
   of 4-bit weights: 32 weights in one load; 4 or 8 float16s), held in registers;
 - for 4-bit weights the 8 nibbles of those words are unpacked in registers, so a lane walks
   k = 128 * blk + 16 * j + 4 * lo + (0..3) for j = 0..7 over one load;
-- one sequence per workgroup along y: with several sequences each workgroup reads its rows'
-  weights again (from L2 at best). Keeping a batch tile's sums in registers needs a static
-  bound on the symbolic batch, which TVM's buffer compaction cannot derive through the
-  split's predicate (a stack array of `batch_size` elements, which CUDA refuses), and
-  `pad_einsum` refuses the 4-bit weight's non-point access: not done yet;
+- BATCH sequences per workgroup, innermost in each lane: every weight a lane loads is used for
+  each of them (more sequences take more workgroups along y, each reading the weights again);
 - per-lane partial sums, then one cross-lane sum bound to threadIdx.x (shuffles on CUDA);
   an injective epilogue (residual add, cast) runs on the sums where they are.
 The activations are read straight from global memory (vector loads; a few KB that stay in
@@ -31,6 +28,7 @@ from ..quantization import INTERLEAVE
 
 ROWS = 4  # warps (output rows) per workgroup
 LANES = 32  # lanes per row
+BATCH = 4  # sequences per workgroup
 VECTOR_BYTES = 16  # one 128-bit load per lane and step
 _MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V vector widths
 _WORD_LANES = 16  # 4-bit layout: consecutive words per nibble plane (INTERLEAVE / 8)
@@ -121,29 +119,53 @@ def _schedule(sch, block, epilogues, weight_index: int, packed: bool, target: Ta
     else:
         ko, tx, li = sch.split(k, [None, LANES, vector])
         inner = [ko, li]
+    bo, bi = sch.split(b, [None, BATCH])
     no, ny = sch.split(n, [None, ROWS])
-    sch.reorder(no, b, ny, tx, *inner)
+    sch.reorder(no, bo, ny, tx, *inner, bi)
     rf = sch.rfactor(tx, factor_axis=0)
-    no, b, ny, tx, ko, *_ = sch.get_loops(rf)
+    no, bo, ny, tx, ko, *_ = sch.get_loops(rf)
     sch.bind(no, "blockIdx.x")
-    sch.bind(b, "blockIdx.y")
+    sch.bind(bo, "blockIdx.y")
     sch.bind(ny, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.set_scope(rf, 0, "local")
+    _by_batch_tile(sch, rf)
 
-    # each lane's weight vector: one load per step, unpacked and used from registers
+    # each lane's weight vector: one load per step, unpacked and used from registers (the
+    # step's loops unrolled so that nibble shifts and register indices are constants)
     words = sch.cache_read(rf, weight_index, "local")
     sch.compute_at(words, ko)
     sch.vectorize(sch.get_loops(words)[-1])
+    sch.annotate(ko, "pragma_auto_unroll_max_step", 256)
+    sch.annotate(ko, "pragma_unroll_explicit", 1)
 
     # the cross-lane sum, then the epilogue on its results
     sch.reverse_compute_at(block, ny)
-    sch.bind(sch.get_loops(block)[3], "threadIdx.x")
+    lanes, rows = sch.get_loops(block)[3:]
+    sch.reorder(rows, lanes)  # TVM's cross-thread sum wants the lanes' loop innermost
+    sch.bind(lanes, "threadIdx.x")
     if epilogues:
         sch.set_scope(block, 0, "local")
+        _by_batch_tile(sch, block)
     for epilogue in epilogues:
         sch.reverse_compute_at(epilogue, ny)
     return sch
+
+
+def _by_batch_tile(sch: s_tir.Schedule, block) -> None:
+    """Index the block's local output by (batch tile, row in tile) in place of the batch row.
+
+    By the flat row a thread's BATCH sums span a symbolic extent once TVM compacts the buffer
+    (it does not bound the region through the tile's `row < batch_size` predicate), and CUDA
+    cannot allocate that; by the tile they are BATCH registers. The map pads the last tile,
+    whose rows past the batch no block reads or writes (the predicate): so the padding check
+    is skipped."""
+    sch.transform_layout(
+        block,
+        ("write", 0),
+        lambda *i: (*i[:-3], i[-3] // BATCH, i[-3] % BATCH, *i[-2:]),
+        assume_injective_transform=True,
+    )
 
 
 def _max_lanes(target: Target) -> int:
