@@ -143,3 +143,43 @@ def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype):
     assert "__launch_bounds__(128)" in source  # 4 rows x 32 lanes
     assert "*(uint4*)(w0_local_ptr + 0) = *(uint4*)(w0_ptr" in source
     assert "__shfl_down_sync" in source
+
+
+def _out_shape(func: tirx.PrimFunc) -> list:
+    return list(func.params[-1].ty.shape)
+
+
+@pytest.mark.parametrize("quant", ["q4", "none"])
+def test_tiny_llamas_decode_matmuls_take_it_for_cuda(checkpoints, quant):
+    """The decode step's five weight matmuls (q, k, v fused; o + residual; gate/up fused;
+    down + residual; lm_head + cast) take DecodeGEMV; prefill's keep their schedules."""
+    from relaxlm.compiler.pipeline import build_library
+    from relaxlm.frontends import export, load_checkpoint
+
+    exported = export(load_checkpoint(checkpoints("llama_gqa")), "float16")
+    scheme = resolve_scheme(quant)
+    mod, _, _ = build_library(exported, resolve_target("cuda:sm_90"), scheme, scheduled_only=True)
+    decode, prefill = [], []
+    for gv, func in mod.functions_items():
+        if not (isinstance(func, tirx.PrimFunc) and "NT_matmul" in gv.name_hint):
+            continue
+        rows = _out_shape(func)[:2]
+        (prefill if isinstance(rows[0], tirx.IntImm) else decode).append(func.script())
+    assert len(decode) == len(prefill) == 5
+    vector = 4 if quant == "q4" else 8  # 128 bits: 4 words, 8 float16s
+    for script in decode:
+        assert _gemv_threads(script)
+        assert f"T.vectorized(T.int64({vector}))" in script
+    assert not any(_gemv_threads(script) for script in prefill)
+
+
+def _gemv_threads(script: str) -> bool:
+    """4 rows x 32 lanes a workgroup, batch tiles of 4 along y: DecodeGEMV's layout."""
+    return all(
+        s in script
+        for s in (
+            'T.thread_binding(T.int64(4), thread="threadIdx.y")',
+            'T.thread_binding(T.int64(32), thread="threadIdx.x")',
+            'T.thread_binding((batch_size + T.int64(3)) // T.int64(4), thread="blockIdx.y")',
+        )
+    )

@@ -77,14 +77,15 @@ def _weight_layout(block) -> tuple[int, bool] | None:
     """(read index, packed) of the block's one weight: a 2-D buffer read at row n; packed for
     4-bit words in the interleaved layout (word k // 128 * 16 + k % 16), else a float weight
     read at [n, k]. None for any other layout (row-tiled words, GGUF blocks) or several."""
-    _, n_var, k_var = (iv.var for iv in block.iter_vars)
+    _, n_iter, k_iter = block.iter_vars
+    n_var, k_var, k_extent = n_iter.var, k_iter.var, int(k_iter.dom.extent)
     analyzer = sym.Analyzer()
     found = []
     for i, region in enumerate(block.reads):
         if len(region.region) != 2 or not region.region[0].min.same_as(n_var):
             continue
         column, dtype = region.region[1].min, str(region.source.dtype)
-        if dtype == "uint32" and _interleaved(column, k_var):
+        if dtype == "uint32" and _interleaved(column, k_var, k_extent):
             found.append((i, True))
         elif dtype.startswith(("float", "bfloat")) and analyzer.can_prove_equal(column, k_var):
             found.append((i, False))
@@ -93,9 +94,10 @@ def _weight_layout(block) -> tuple[int, bool] | None:
     return found[0] if len(found) == 1 else None
 
 
-def _interleaved(column, k_var) -> bool:
-    """Whether column(k) is the 4-bit interleaved word index, checked over two blocks of k."""
-    for k in range(2 * INTERLEAVE):
+def _interleaved(column, k_var, k_extent: int) -> bool:
+    """Whether column(k) is the 4-bit interleaved word index, checked over the first two
+    blocks of k (TVM simplifies the index for k's range: `k // 128` is gone where K <= 128)."""
+    for k in range(min(k_extent, 2 * INTERLEAVE)):
         at_k = sym.Analyzer()  # a fresh one per k: a binding cannot be overridden
         at_k.bind(k_var, tirx.const(k, k_var.ty.dtype))
         value = at_k.simplify(column)
