@@ -12,7 +12,7 @@ import math
 import numpy as np
 import pytest
 import tvm
-from tvm import te
+from tvm import te, topi
 
 from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import dequantize_te
@@ -36,9 +36,10 @@ def _parts(scheme_name: str | None, w: np.ndarray) -> list[np.ndarray]:
     return quantize(resolve_scheme(scheme_name), w.astype("float32"), w.dtype)
 
 
-def decode_matmul(scheme_name: str | None, dtype: str, residual: bool) -> tirx.PrimFunc:
-    """y[b, 0, n] = sum_k x[b, 0, k] * w(n, k) (+ r[b, 0, n]) over a symbolic batch b, the
-    decode kernel's shape; w dequantized from `scheme_name`'s parts, or a float weight."""
+def decode_matmul(scheme_name: str | None, dtype: str, epilogue: str) -> tirx.PrimFunc:
+    """y[b, 0, n] = sum_k x[b, 0, k] * w(n, k) over a symbolic batch b, the decode kernel's
+    shape, then the epilogue with r[b, 0, n]: "" none, "add" y + r, "silu" silu(y) * r (three
+    blocks, as Relax fuses it); w dequantized from `scheme_name`'s parts, or a float weight."""
     batch = tirx.Var("batch_size", "int64")
     x = te.placeholder((batch, _i64(1), _i64(K)), dtype, name="x")
     packed = _parts(scheme_name, np.zeros((N, K), dtype))
@@ -58,11 +59,21 @@ def decode_matmul(scheme_name: str | None, dtype: str, residual: bool) -> tirx.P
         name="NT_matmul",
     )
     args = [x, *parts]
-    if residual:
-        res = te.placeholder((batch, _i64(1), _i64(N)), dtype, name="residual")
-        y = te.compute(y.shape, lambda *i: y(*i) + res(*i), name="T_add")
-        args.append(res)
+    if epilogue:
+        r = te.placeholder((batch, _i64(1), _i64(N)), dtype, name="r")
+        y = topi.add(y, r) if epilogue == "add" else topi.multiply(silu(y), r)
+        args.append(r)
     return te.create_prim_func([*args, y])
+
+
+def silu(y: te.Tensor) -> te.Tensor:
+    return topi.multiply(y, topi.sigmoid(y))
+
+
+def _epilogue(epilogue: str, y: np.ndarray, r: np.ndarray) -> np.ndarray:
+    if not epilogue:
+        return y
+    return y + r if epilogue == "add" else y / (1 + np.exp(-y)) * r
 
 
 def _scheduled(func: tirx.PrimFunc, target) -> tirx.PrimFunc:
@@ -82,12 +93,12 @@ def gpu():
     return device
 
 
-def _run(gpu, scheme_name, dtype, rows, residual, packed=None):
+def _run(gpu, scheme_name, dtype, rows, epilogue, packed=None):
     """The scheduled kernel's output on `rows` sequences, and numpy's."""
     from wgsl_harness import WebGPUFunction
 
     target = resolve_target("webgpu").target()
-    func = _scheduled(decode_matmul(scheme_name, dtype, residual), target)
+    func = _scheduled(decode_matmul(scheme_name, dtype, epilogue), target)
     rng = np.random.default_rng(rows)
     x = rng.standard_normal((rows, 1, K)).astype(dtype)
     w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype(dtype)
@@ -99,25 +110,25 @@ def _run(gpu, scheme_name, dtype, rows, residual, packed=None):
     want = x.astype(np.float64) @ w_ref.astype(np.float64).T
     names = [p.name for p in func.params]
     args = {names[0]: x, **dict(zip(names[1 : 1 + len(parts)], parts, strict=True))}
-    if residual:
+    if epilogue:
         args[names[-2]] = rng.standard_normal((rows, 1, N)).astype(dtype)
-        want = want + args[names[-2]]
+        want = _epilogue(epilogue, want, args[names[-2]].astype(np.float64))
     args[names[-1]] = np.zeros((rows, 1, N), dtype)
     return WebGPUFunction(func, target, gpu)(**args)[names[-1]], want
 
 
 @pytest.mark.parametrize(
-    "scheme_name, dtype, rows, residual",
+    "scheme_name, dtype, rows, epilogue",
     [
-        ("q4", "float32", 1, False),
-        ("q4", "float16", 3, True),
-        ("q4", "float32", 17, True),
-        (None, "float16", 1, True),
-        (None, "float32", 17, False),
+        ("q4", "float32", 1, ""),
+        ("q4", "float16", 3, "add"),
+        ("q4", "float32", 17, "silu"),
+        (None, "float16", 1, "add"),
+        (None, "float32", 17, ""),
     ],
 )
-def test_decode_gemv_matches_numpy_on_webgpu(gpu, scheme_name, dtype, rows, residual):
-    got, want = _run(gpu, scheme_name, dtype, rows, residual)
+def test_decode_gemv_matches_numpy_on_webgpu(gpu, scheme_name, dtype, rows, epilogue):
+    got, want = _run(gpu, scheme_name, dtype, rows, epilogue)
     rtol, atol = TOLERANCE[dtype]
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=rtol, atol=atol)
 
@@ -129,14 +140,16 @@ def test_a_misread_nibble_fails_the_check(gpu):
     w = (rng.standard_normal((N, K)) / math.sqrt(K)).astype("float32")
     words, *scales = _parts("q4", w)
     rotated = (words >> np.uint32(4)) | (words << np.uint32(28))
-    got, want = _run(gpu, "q4", "float32", 1, False, packed=[rotated, *scales])
+    got, want = _run(gpu, "q4", "float32", 1, "", packed=[rotated, *scales])
     assert not np.allclose(got, want, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("scheme_name, dtype", [("q4", "float16"), (None, "float16")])
-def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype):
+@pytest.mark.parametrize(
+    "scheme_name, dtype, epilogue", [("q4", "float16", "add"), (None, "float16", "silu")]
+)
+def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilogue):
     target = resolve_target("cuda:sm_90").target()
-    func = _scheduled(decode_matmul(scheme_name, dtype, residual=True), target)
+    func = _scheduled(decode_matmul(scheme_name, dtype, epilogue), target)
     with target:
         library = tvm.compile(tvm.IRModule({"main": func}), target=target)
     source = library.mod.imports[0].inspect_source()

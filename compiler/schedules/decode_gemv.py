@@ -47,26 +47,37 @@ class DecodeGEMV(dlight.ScheduleRule):
         if any(info.is_reduction() for info in infos[1:]):
             return None
         block = infos[0].block_rv
-        shape = _decode_shape(sch, block)
-        if shape is None:
-            return None
-        weight = _weight_layout(sch.get(block))
+        weight = _weight_layout(sch.get(block)) if _is_decode(sch, block) else None
         if weight is None:
             return None
+        epilogue = _one_epilogue(sch, [info.block_rv for info in infos[1:]])
+        if epilogue is None:
+            return None
         index, packed = weight
-        return _schedule(sch, block, [i.block_rv for i in infos[1:]], index, packed, target)
+        return _schedule(sch, block, epilogue, index, packed, target)
 
 
-def _decode_shape(sch: s_tir.Schedule, block) -> tuple[int, int] | None:
-    """(n, k) when the block writes [batch, 1, n] (decode: a symbolic batch of one token each;
-    prefill writes [1, tokens, n]) and its loops are (batch, n, k), n and k static."""
+def _is_decode(sch: s_tir.Schedule, block) -> bool:
+    """Whether the block writes [batch, 1, n] (decode: a symbolic batch of one token each;
+    prefill writes [1, tokens, n]) over loops (batch, n, k), n and k static."""
     shape = sch.get(block).writes[0].source.shape
     if len(shape) != 3 or isinstance(shape[0], tirx.IntImm) or not _one(shape[1]):
-        return None
+        return False
     loops = [sch.get(loop).extent for loop in sch.get_loops(block)]
-    if len(loops) != 3 or not all(isinstance(e, tirx.IntImm) for e in loops[1:]):
-        return None
-    return int(loops[1]), int(loops[2])
+    return len(loops) == 3 and all(isinstance(e, tirx.IntImm) for e in loops[1:])
+
+
+def _one_epilogue(sch: s_tir.Schedule, blocks: list) -> list | None:
+    """The injective blocks after the reduction as one (SiLU-and-multiply is three: sigmoid,
+    product, product): all but the last inlined into it. [] for none; None where one cannot be
+    inlined (its intermediate would stay in global memory, which a GPU kernel cannot allocate).
+    """
+    for block in blocks[:-1]:
+        try:
+            sch.compute_inline(block)
+        except s_tir.ScheduleError:
+            return None
+    return blocks[-1:]
 
 
 def _one(dim) -> bool:
@@ -107,7 +118,7 @@ def _interleaved(column, k_var, k_extent: int) -> bool:
     return True
 
 
-def _schedule(sch, block, epilogues, weight_index: int, packed: bool, target: Target):
+def _schedule(sch, block, epilogues: list, weight_index: int, packed: bool, target: Target):
     b, n, k = sch.get_loops(block)
     weight_dtype = sch.get(block).reads[weight_index].source.dtype
     vector = min(VECTOR_BYTES * 8 // tvm.DataType(weight_dtype).bits, _max_lanes(target))
@@ -138,7 +149,12 @@ def _schedule(sch, block, epilogues, weight_index: int, packed: bool, target: Ta
     words = sch.cache_read(rf, weight_index, "local")
     sch.compute_at(words, ko)
     sch.vectorize(sch.get_loops(words)[-1])
-    sch.annotate(ko, "pragma_auto_unroll_max_step", 256)
+    # the activations that vector meets, for each sequence of the tile: vector loads too
+    inputs = sch.cache_read(rf, _activation_index(sch.get(rf)), "local")
+    sch.compute_at(inputs, sch.get_loops(rf)[-3 if packed else -2])
+    sch.vectorize(sch.get_loops(inputs)[-1])
+    _by_batch_tile(sch, inputs)
+    sch.annotate(ko, "pragma_auto_unroll_max_step", 1024)
     sch.annotate(ko, "pragma_unroll_explicit", 1)
 
     # the cross-lane sum, then the epilogue on its results
@@ -152,6 +168,16 @@ def _schedule(sch, block, epilogues, weight_index: int, packed: bool, target: Ta
     for epilogue in epilogues:
         sch.reverse_compute_at(epilogue, ny)
     return sch
+
+
+def _activation_index(block) -> int:
+    """The read of x[b, 0, k]: the one 3-D buffer besides the block's own output."""
+    (index,) = [
+        i
+        for i, region in enumerate(block.reads)
+        if len(region.region) == 3 and not region.source.same_as(block.writes[0].source)
+    ]
+    return index
 
 
 def _by_batch_tile(sch: s_tir.Schedule, block) -> None:
