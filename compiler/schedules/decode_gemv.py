@@ -14,8 +14,8 @@ nibble j). The schedule:
   each of them (more sequences take more workgroups along y, each reading the weights again);
 - per-lane partial sums, then one cross-lane sum bound to threadIdx.x (shuffles on CUDA);
   an injective epilogue (residual add, cast) runs on the sums where they are.
-The activations are read straight from global memory (vector loads; a few KB that stay in
-L1/L2), not staged in shared memory.
+The activations are loaded as vectors into registers next to the weights (from L1/L2: a few
+KB that every workgroup reads), not staged in shared memory.
 """
 
 import tvm
@@ -30,7 +30,7 @@ ROWS = 4  # warps (output rows) per workgroup
 LANES = 32  # lanes per row
 BATCH = 4  # sequences per workgroup
 VECTOR_BYTES = 16  # one 128-bit load per lane and step
-_MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V vector widths
+MAX_VECTOR_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (no Vector16)
 _WORD_LANES = 16  # 4-bit layout: consecutive words per nibble plane (INTERLEAVE / 8)
 
 
@@ -119,16 +119,25 @@ def _interleaved(column, k_var, k_extent: int) -> bool:
 
 
 def _schedule(sch, block, epilogues: list, weight_index: int, packed: bool, target: Target):
-    b, n, k = sch.get_loops(block)
     weight_dtype = sch.get(block).reads[weight_index].source.dtype
     vector = min(VECTOR_BYTES * 8 // tvm.DataType(weight_dtype).bits, _max_lanes(target))
+    rf, step, per_load = _partial_sums(sch, block, packed, vector)
+    _load_in_registers(sch, rf, step, per_load, weight_index)
+    _sum_lanes(sch, block, sch.get_loops(rf)[2], epilogues)
+    return sch
+
+
+def _partial_sums(sch, block, packed: bool, vector: int):
+    """Split K over the lanes, bind the threads, and rfactor each lane's partial sums into
+    BATCH registers. Returns that block, its step loop (one weight load) and the loop inside
+    the step over which one load's weights go (with the weight words: its nibbles)."""
+    b, n, k = sch.get_loops(block)
     if packed:
         # k = 128 * (LANES / 4 * ko + kt) + 16 * j + 4 * lo + li: lanes (kt, lo), 4 words a load
         per_block = _WORD_LANES // vector
         ko, kt, j, lo, li = sch.split(k, [None, LANES // per_block, 8, per_block, vector])
         sch.reorder(kt, lo, ko, j, li)
-        tx = sch.fuse(kt, lo)
-        inner = [ko, j, li]
+        tx, inner = sch.fuse(kt, lo), [ko, j, li]
     else:
         ko, tx, li = sch.split(k, [None, LANES, vector])
         inner = [ko, li]
@@ -136,38 +145,42 @@ def _schedule(sch, block, epilogues: list, weight_index: int, packed: bool, targ
     no, ny = sch.split(n, [None, ROWS])
     sch.reorder(no, bo, ny, tx, *inner, bi)
     rf = sch.rfactor(tx, factor_axis=0)
-    no, bo, ny, tx, ko, *_ = sch.get_loops(rf)
-    sch.bind(no, "blockIdx.x")
-    sch.bind(bo, "blockIdx.y")
-    sch.bind(ny, "threadIdx.y")
+    no, bo, ny, tx, ko, *rest = sch.get_loops(rf)
+    for loop, thread in ((no, "blockIdx.x"), (bo, "blockIdx.y"), (ny, "threadIdx.y")):
+        sch.bind(loop, thread)
     sch.bind(tx, "threadIdx.x")
     sch.set_scope(rf, 0, "local")
     _by_batch_tile(sch, rf)
+    return rf, ko, rest[-3] if packed else ko
 
-    # each lane's weight vector: one load per step, unpacked and used from registers (the
-    # step's loops unrolled so that nibble shifts and register indices are constants)
+
+def _load_in_registers(sch, rf, step, per_load, weight_index: int) -> None:
+    """Each lane's weight vector, one load per step, and the activations it meets (for each
+    sequence of the tile): vector loads into registers. The step's loops are unrolled, so
+    nibble shifts and register indices are constants."""
     words = sch.cache_read(rf, weight_index, "local")
-    sch.compute_at(words, ko)
+    sch.compute_at(words, step)
     sch.vectorize(sch.get_loops(words)[-1])
-    # the activations that vector meets, for each sequence of the tile: vector loads too
     inputs = sch.cache_read(rf, _activation_index(sch.get(rf)), "local")
-    sch.compute_at(inputs, sch.get_loops(rf)[-3 if packed else -2])
+    sch.compute_at(inputs, per_load)
     sch.vectorize(sch.get_loops(inputs)[-1])
     _by_batch_tile(sch, inputs)
-    sch.annotate(ko, "pragma_auto_unroll_max_step", 1024)
-    sch.annotate(ko, "pragma_unroll_explicit", 1)
+    sch.annotate(step, "pragma_auto_unroll_max_step", 1024)
+    sch.annotate(step, "pragma_unroll_explicit", 1)
 
-    # the cross-lane sum, then the epilogue on its results
-    sch.reverse_compute_at(block, ny)
-    lanes, rows = sch.get_loops(block)[3:]
-    sch.reorder(rows, lanes)  # TVM's cross-thread sum wants the lanes' loop innermost
+
+def _sum_lanes(sch, block, rows_loop, epilogues: list) -> None:
+    """The cross-lane sums (one per sequence of the tile), then the epilogue on them, in the
+    loop over the workgroup's rows (threadIdx.y)."""
+    sch.reverse_compute_at(block, rows_loop)
+    lanes, sequences = sch.get_loops(block)[3:]
+    sch.reorder(sequences, lanes)  # TVM's cross-thread sum wants the lanes' loop innermost
     sch.bind(lanes, "threadIdx.x")
     if epilogues:
         sch.set_scope(block, 0, "local")
         _by_batch_tile(sch, block)
     for epilogue in epilogues:
-        sch.reverse_compute_at(epilogue, ny)
-    return sch
+        sch.reverse_compute_at(epilogue, rows_loop)
 
 
 def _activation_index(block) -> int:
@@ -197,4 +210,4 @@ def _by_batch_tile(sch: s_tir.Schedule, block) -> None:
 
 
 def _max_lanes(target: Target) -> int:
-    return _MAX_LANES.get(target.kind.name, 8)
+    return MAX_VECTOR_LANES.get(target.kind.name, 8)

@@ -30,7 +30,7 @@ from tvm.target import Target
 
 from relaxlm.tvm_api import dlight, identify_cast_or_load_block, normalize_prim_func, s_tir, tirx
 
-from .decode_gemv import DecodeGEMV
+from .decode_gemv import MAX_VECTOR_LANES, DecodeGEMV
 
 
 class Matmul(dlight.gpu.Matmul):
@@ -129,7 +129,7 @@ class CapVectorLanes(dlight.ScheduleRule):
             # buffers as long as the sequence, which CUDA cannot allocate on the stack: the
             # next rule takes the function
             return None
-        lanes = _MAX_LANES.get(target.kind.name)
+        lanes = MAX_VECTOR_LANES.get(target.kind.name)
         if sch is None or lanes is None:
             return sch
         for s in sch if isinstance(sch, list) else [sch]:
@@ -155,9 +155,6 @@ def _sized_by_a_variable(sch: s_tir.Schedule) -> bool:
         for _, func in mod.functions_items()
         for buf in s_tir.analysis.detect_buffer_access_lca(func)
     )
-
-
-_MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (without Vector16)
 
 
 def _split_wide_vectors(sch: s_tir.Schedule, lanes: int) -> None:
