@@ -123,6 +123,7 @@ def _run(gpu, scheme_name, dtype, rows, epilogue, packed=None):
         ("q4", "float32", 1, ""),
         ("q4", "float16", 3, "add"),
         ("q4", "float32", 17, "silu"),
+        ("q4-asym", "float16", 5, "add"),  # a zero point per 128 k
         (None, "float16", 1, "add"),
         (None, "float32", 17, ""),
     ],

@@ -9,7 +9,7 @@ Rules are tried in order; the first that schedules a kernel wins. What takes wha
   It comes before `LowBatchGEMV`, which also takes prefill GEMMs.
 - `GEMV`, `LowBatchGEMV`: GEMVs with static rows (kept in MLC-LLM's order; none in a Llama).
 - `RMSNorm`: the norms (its rsqrt pattern, `x * w` after it); `Reduction`, `GeneralReduction`:
-  softmax, Gemma's `x * (1 + w)` norms and the int4 dequantize-matmuls fused with their
+  softmax, Gemma's `x * (1 + w)` norms and prefill's int4 dequantize-matmuls fused with their
   residual add.
 - `SingleReduction`: the other int4 dequantize-matmuls, prefill's (see its docstring).
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
