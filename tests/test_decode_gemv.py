@@ -8,6 +8,8 @@ workgroup takes.
 """
 
 import math
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -148,7 +150,9 @@ def test_a_misread_nibble_fails_the_check(gpu):
 @pytest.mark.parametrize(
     "scheme_name, dtype, epilogue", [("q4", "float16", "add"), (None, "float16", "silu")]
 )
-def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilogue):
+def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilogue, tmp_path):
+    """TVM's CUDA source for the kernel (kept as source: TVM's CUDA plugin is not loaded in
+    the test process), then nvcc on it where the toolkit is installed."""
     target = resolve_target("cuda:sm_90").target()
     func = _scheduled(decode_matmul(scheme_name, dtype, epilogue), target)
     with target:
@@ -157,6 +161,12 @@ def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilo
     assert "__launch_bounds__(128)" in source  # 4 rows x 32 lanes
     assert "*(uint4*)(w0_local_ptr + 0) = *(uint4*)(w0_ptr" in source
     assert "__shfl_down_sync" in source
+    if shutil.which("nvcc"):
+        (tmp_path / "gemv.cu").write_text(source)
+        nvcc = ["nvcc", "-arch=sm_90", "-cubin", "-o", "gemv.cubin", "gemv.cu"]
+        built = subprocess.run(nvcc, cwd=tmp_path, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr
+        assert (tmp_path / "gemv.cubin").stat().st_size > 0
 
 
 def _out_shape(func: tirx.PrimFunc) -> list:
