@@ -136,8 +136,8 @@ def _is_linear(quant: str, decode: bool):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3])
 def test_int4_dequantize_gemv(gpu, preset, scheduled, rows, dtype):
-    """Decode: the fused q4 dequantize-GEMV (SingleReduction: a workgroup per output, threads
-    splitting K, a cross-thread sum), 1 and 3 sequences."""
+    """Decode: the fused q4 dequantize-GEMV (DecodeGEMV: a warp per output row, 4 words a lane
+    and step, a cross-lane sum), 1 and 3 sequences."""
     mods, _ = scheduled
     func = _kernel(mods["q4", dtype], _is_linear("q4", decode=True))
     got, want = _linear(gpu, preset, func, rows, "q4", dtype)
@@ -164,7 +164,7 @@ def test_gemm(gpu, preset, scheduled, dtype):
 
 
 def test_gemv(gpu, preset, scheduled):
-    """Decode: a float32 weight matmul of 2 rows (dlight Matmul over the dynamic rows)."""
+    """Decode: a float32 weight matmul of 2 rows (DecodeGEMV)."""
     mods, _ = scheduled
     func = _kernel(mods["none", "float32"], _is_linear("", decode=True))
     got, want = _linear(gpu, preset, func, 2, None, "float32")

@@ -2,13 +2,16 @@
 
 Rules are tried in order; the first that schedules a kernel wins. What takes what in a Llama
 (the WebGPU kernel tests run these same rules on the kernels the pipeline builds):
-- `Matmul`: the float weight matmuls, prefill and decode (their rows are a symbolic dimension
-  either way). It comes first because `LowBatchGEMV`, tried earlier, also takes prefill GEMMs.
+- `DecodeGEMV` (decode_gemv.py): the decode step's weight matmuls, float and 4-bit
+  interleaved, with their epilogues (residual add, cast): rows `[batch, 1, n]` only, so
+  prefill's kernels (rows `[1, tokens, n]`) fall through to the rules below.
+- `Matmul`: the float weight matmuls of prefill (and of decode where `DecodeGEMV` declines).
+  It comes before `LowBatchGEMV`, which also takes prefill GEMMs.
 - `GEMV`, `LowBatchGEMV`: GEMVs with static rows (kept in MLC-LLM's order; none in a Llama).
 - `RMSNorm`: the norms (its rsqrt pattern, `x * w` after it); `Reduction`, `GeneralReduction`:
-  softmax, Gemma's `x * (1 + w)` norms and the int4 dequantize-matmuls fused with their
+  softmax, Gemma's `x * (1 + w)` norms and prefill's int4 dequantize-matmuls fused with their
   residual add.
-- `SingleReduction`: the other int4 dequantize-matmuls (see its docstring).
+- `SingleReduction`: the other int4 dequantize-matmuls, prefill's (see its docstring).
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
 The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
 
@@ -26,6 +29,8 @@ import tvm
 from tvm.target import Target
 
 from relaxlm.tvm_api import dlight, identify_cast_or_load_block, normalize_prim_func, s_tir, tirx
+
+from .decode_gemv import MAX_VECTOR_LANES, DecodeGEMV
 
 
 class Matmul(dlight.gpu.Matmul):
@@ -124,7 +129,7 @@ class CapVectorLanes(dlight.ScheduleRule):
             # buffers as long as the sequence, which CUDA cannot allocate on the stack: the
             # next rule takes the function
             return None
-        lanes = _MAX_LANES.get(target.kind.name)
+        lanes = MAX_VECTOR_LANES.get(target.kind.name)
         if sch is None or lanes is None:
             return sch
         for s in sch if isinstance(sch, list) else [sch]:
@@ -150,9 +155,6 @@ def _sized_by_a_variable(sch: s_tir.Schedule) -> bool:
         for _, func in mod.functions_items()
         for buf in s_tir.analysis.detect_buffer_access_lca(func)
     )
-
-
-_MAX_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (without Vector16)
 
 
 def _split_wide_vectors(sch: s_tir.Schedule, lanes: int) -> None:
@@ -201,6 +203,7 @@ class SingleReduction(dlight.ScheduleRule):
 def gpu_rules() -> list[dlight.ScheduleRule]:
     """The rule list, in the order it is tried."""
     rules = [
+        DecodeGEMV(),
         Matmul(),
         dlight.gpu.GEMV(),
         dlight.gpu.LowBatchGEMV(),
