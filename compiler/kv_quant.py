@@ -96,6 +96,16 @@ class QuantLayout:
     def packed_rows(self) -> int:
         return self.q_rows + 2 * self.num_kv_heads
 
+    @property
+    def token_bytes(self) -> int:
+        """One token's packed rows: q's, then its K and V rows."""
+        return self.packed_rows * self.row_bytes
+
+
+def _sizes(layout: QuantLayout) -> tuple[int, int, int, str, KVQuant]:
+    """q heads, kv heads, head_dim, the model's dtype and the codes: what a kernel unpacks."""
+    return (layout.num_q_heads, layout.num_kv_heads, layout.head_dim, layout.dtype, layout.quant)
+
 
 def numpy_quantize(x, quant: KVQuant):
     """Reference: rows of x [..., head_dim] float -> (codes as float32, float32 scale [..., 1]),
@@ -146,15 +156,8 @@ def pack_qkv(layout: QuantLayout, rope: RopeSpec | None = None, gpu: bool = Fals
     cos/sin computed once, as the cache's own CPU kernel does. `gpu`: a thread per head row."""
     if gpu:
         return _pack_qkv_gpu(layout, rope)
-    hq, hkv, d, dtype, quant = (
-        layout.num_q_heads,
-        layout.num_kv_heads,
-        layout.head_dim,
-        layout.dtype,
-        layout.quant,
-    )
-    rows, r = layout.packed_rows, layout.row_bytes
-    token_bytes = rows * r
+    hq, hkv, d, dtype, quant = _sizes(layout)
+    rows, r, token_bytes = layout.packed_rows, layout.row_bytes, layout.token_bytes
     q_elems = token_bytes // layout.itemsize  # a token's row in dtype elements
 
     angle_value, half, rotary_dim = rope_angles(rope, d)
@@ -236,16 +239,9 @@ def _gpu_threads(count: tirx.Expr):
 def _pack_qkv_gpu(layout: QuantLayout, rope: RopeSpec | None) -> tirx.PrimFunc:
     """`pack_qkv` with a GPU thread per (token, head row): q heads rotated into their bytes, K
     and V rows rotated (k), rounded to dtype as on CPUs, then quantized."""
-    hq, hkv, d, dtype, quant = (
-        layout.num_q_heads,
-        layout.num_kv_heads,
-        layout.head_dim,
-        layout.dtype,
-        layout.quant,
-    )
-    rows, r = layout.packed_rows, layout.row_bytes
-    token_bytes = rows * r
-    q_elems = token_bytes // layout.itemsize
+    hq, hkv, d, dtype, quant = _sizes(layout)
+    rows, r, token_bytes = layout.packed_rows, layout.row_bytes, layout.token_bytes
+    q_elems = token_bytes // layout.itemsize  # a token's row in dtype elements
     heads = hq + 2 * hkv
     angle_value, half, rotary_dim = rope_angles(rope, d)
     rotated = hq + hkv if rope is not None else 0  # heads 0 .. rotated - 1 get RoPE

@@ -269,8 +269,19 @@ def bench_relaxlm(artifact: Path, device: str, lengths, batch: int, steps: int, 
     # First, while the KV cache is empty (the engine's prefix cache keeps pages of earlier
     # prompts): the VM's own step.
     row = {"vm_step_ms": vm_decode_step(llm.model, repeats * 4) * 1e3}
+    row |= speeds(generate, lengths, batch, steps, repeats)
+    row["host_ms"] = 1e3 / row["decode_b1"] - row["vm_step_ms"]
+    row["weight_bytes"] = weight_bytes_per_token(artifact, llm.manifest)
+    return row
+
+
+def speeds(generate, lengths, batch: int, steps: int, repeats: int) -> dict:
+    """Prefill tok/s and TTFT per prompt length, decode tok/s of 1 and `batch` sequences (the
+    time of `steps` more tokens over the time of the first, best of `repeats`), for either
+    engine: generate(sequences, prompt length, tokens) -> seconds, greedy, synchronized."""
     generate(1, 8, 2)  # warm-up: first calls allocate (and capture CUDA graphs)
     generate(batch, 8, 2)
+    row = {}
     for n in lengths:
         ttft = min(generate(1, n, 1) for _ in range(repeats))
         row[f"prefill_{n}"], row[f"ttft_{n}_ms"] = n / ttft, ttft * 1e3
@@ -278,8 +289,6 @@ def bench_relaxlm(artifact: Path, device: str, lengths, batch: int, steps: int, 
         first = min(generate(count, 16, 1) for _ in range(repeats))
         total = min(generate(count, 16, steps + 1) for _ in range(repeats))
         row[f"decode_b{count}"] = count * steps / max(total - first, 1e-9)
-    row["host_ms"] = 1e3 / row["decode_b1"] - row["vm_step_ms"]
-    row["weight_bytes"] = weight_bytes_per_token(artifact, llm.manifest)
     return row
 
 
@@ -337,16 +346,7 @@ def bench_transformers(config_dir: Path, device: str, lengths, batch: int, steps
         with torch.no_grad():
             return _timed(run)
 
-    generate(1, 8, 2)
-    generate(batch, 8, 2)
-    row = {}
-    for n in lengths:
-        ttft = min(generate(1, n, 1) for _ in range(repeats))
-        row[f"prefill_{n}"], row[f"ttft_{n}_ms"] = n / ttft, ttft * 1e3
-    for count in (1, batch):
-        first = min(generate(count, 16, 1) for _ in range(repeats))
-        total = min(generate(count, 16, steps + 1) for _ in range(repeats))
-        row[f"decode_b{count}"] = count * steps / max(total - first, 1e-9)
+    row = speeds(generate, lengths, batch, steps, repeats)
     tied = config.tie_word_embeddings
     row["weight_bytes"] = sum(
         p.numel() * p.element_size()
