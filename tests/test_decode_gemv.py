@@ -14,6 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import tvm
+import tvm_ffi
 from tvm import te, topi
 
 from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
@@ -151,13 +152,10 @@ def test_a_misread_nibble_fails_the_check(gpu):
     "scheme_name, dtype, epilogue", [("q4", "float16", "add"), (None, "float16", "silu")]
 )
 def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilogue, tmp_path):
-    """TVM's CUDA source for the kernel (kept as source: TVM's CUDA plugin is not loaded in
-    the test process), then nvcc on it where the toolkit is installed."""
+    """TVM's CUDA source for the kernel, then nvcc on it where the toolkit is installed."""
     target = resolve_target("cuda:sm_90").target()
     func = _scheduled(decode_matmul(scheme_name, dtype, epilogue), target)
-    with target:
-        library = tvm.compile(tvm.IRModule({"main": func}), target=target)
-    source = library.mod.imports[0].inspect_source()
+    source = _cuda_source(tvm.IRModule({"main": func}), target)
     assert "__launch_bounds__(128)" in source  # 4 rows x 32 lanes
     assert "*(uint4*)(w0_local_ptr + 0) = *(uint4*)(w0_ptr" in source
     assert "__shfl_down_sync" in source
@@ -167,6 +165,30 @@ def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilo
         built = subprocess.run(nvcc, cwd=tmp_path, capture_output=True, text=True)
         assert built.returncode == 0, built.stderr
         assert (tmp_path / "gemv.cubin").stat().st_size > 0
+
+
+def _cuda_source(mod: tvm.IRModule, target) -> str:
+    """The CUDA source TVM generates for `mod`. Without TVM's CUDA plugin in this process TVM
+    keeps it as the module's source; once an earlier test loaded the plugin (any CUDA build
+    with binaries), TVM hands it to `tvm_callback_cuda_compile`, which this build replaces by
+    one that keeps it."""
+    kept = []
+
+    def keep(code, *_):
+        kept.append(code)
+        return bytearray(code.encode())
+
+    original = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", keep, override=True)
+    try:
+        with target:
+            library = tvm.compile(mod, target=target)
+    finally:
+        if original is not None:
+            tvm_ffi.register_global_func("tvm_callback_cuda_compile", original, override=True)
+        else:
+            tvm_ffi.remove_global_func("tvm_callback_cuda_compile")
+    return kept[0] if kept else library.mod.imports[0].inspect_source()
 
 
 def _out_shape(func: tirx.PrimFunc) -> list:
