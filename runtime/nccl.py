@@ -162,6 +162,10 @@ def _make_current(device: int) -> None:
 
 
 def _driver(cuda: ctypes.CDLL, call: str, *args) -> None:
-    result = getattr(cuda, call)(*args)
+    try:
+        function = getattr(cuda, call)
+    except AttributeError as e:  # not NVIDIA's driver (a stand-in without the call)
+        raise RelaxlmError(f"the CUDA driver library has no {call} ({e})") from e
+    result = function(*args)
     if result != 0:
         raise RelaxlmError(f"CUDA driver call {call} failed with CUresult {result}")
