@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests never touch the user's cache; compiled artifacts are shared within one session.
 os.environ["RELAXLM_CACHE"] = tempfile.mkdtemp(prefix="relaxlm-test-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# TVM sizes its CPU thread pool once, when the first parallel kernel runs, to half the CPUs
+# unless TVM_NUM_THREADS says (runtime/loader.py `use_threads`): one thread on a 2-core CI
+# machine for the whole session if a test runs a kernel before any model is loaded.
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 @pytest.fixture(scope="session")
