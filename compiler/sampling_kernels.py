@@ -31,14 +31,20 @@ import math
 import tvm
 from tvm import relax
 
+from relaxlm.artifacts.sampling import (
+    ENTRY_VALUES,
+    MIN_P,
+    PARAMS,
+    REPETITION,
+    TEMPERATURE,
+    TOP_K,
+    TOP_P,
+    UNIFORM,
+)
 from relaxlm.tvm_api import T, tirx
 
 from .launch_limits import thread_limits
 
-# Rows of the parameter table, [batch, PARAMS] float32.
-TEMPERATURE, TOP_K, TOP_P, MIN_P, UNIFORM, REPETITION = range(6)
-PARAMS = 6
-ADJUST = 3  # an entry's values: bias, seen (1.0: repetition penalty applies), subtract
 _INT_MIN = -2147483647  # below every finite float's key; WGSL cannot write -2**31
 KEY_STEPS = 32  # a bisection over every int32 key
 MAX_THREADS = 1024  # a block per row: threads * (passes over the row) bounds a row's time
@@ -93,7 +99,7 @@ def _gather_scores(threads: int, gpu: bool):
         var_params: T.handle,  # [batch, PARAMS] float32
         var_entry_rows: T.handle,  # [entries] int32 (at least one; a no-op entry pads)
         var_entry_ids: T.handle,  # [entries] int32
-        var_entry_values: T.handle,  # [entries, ADJUST] float32
+        var_entry_values: T.handle,  # [entries, ENTRY_VALUES] float32
         var_scores: T.handle,  # [batch, vocab] float32, out
     ):
         T.func_attr({"tirx.is_scheduled": True})
@@ -103,7 +109,7 @@ def _gather_scores(threads: int, gpu: bool):
         params = T.match_buffer(var_params, (batch, PARAMS), "float32")
         entry_rows = T.match_buffer(var_entry_rows, (entries,), "int32")
         entry_ids = T.match_buffer(var_entry_ids, (entries,), "int32")
-        entry_values = T.match_buffer(var_entry_values, (entries, ADJUST), "float32")
+        entry_values = T.match_buffer(var_entry_values, (entries, ENTRY_VALUES), "float32")
         scores = T.match_buffer(var_scores, (batch, vocab), "float32")
         # A second launch, so every copy lands before an entry rewrites its token.
         for b in _loop(batch, "blockIdx.x", gpu):
@@ -600,16 +606,6 @@ def _token_logprob(threads: int, levels: int, gpu: bool):
     return token_logprob
 
 
-# The artifact's sampling functions (runtime/gpu_sampling.py calls them by these names).
-FUNCTIONS = (
-    "sample_gather_scores",
-    "sample_from_scores",
-    "sample_unfiltered",
-    "sample_argmax",
-    "sample_token_logprob",
-)
-
-
 def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """`mod` with the kernels and the Relax functions that call them. For a CPU target
     (compile_model's sampling_kernels=True) each row is one thread: the runtime's kernel
@@ -633,7 +629,7 @@ def add_sampling_functions(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.
     rows = tensor("rows", [b], "int32")
     params = tensor("params", [b, PARAMS], "float32")
     entry_rows, entry_ids = tensor("entry_rows", [e], "int32"), tensor("entry_ids", [e], "int32")
-    entry_values = tensor("entry_values", [e, ADJUST], "float32")
+    entry_values = tensor("entry_values", [e, ENTRY_VALUES], "float32")
     with bb.function(
         "sample_gather_scores", [logits, rows, params, entry_rows, entry_ids, entry_values]
     ):

@@ -15,20 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from relaxlm.runtime.sampler import Logprob, Sample, Sampler
-
-# Columns of the parameter table (compiler/sampling_kernels.py reads them by these positions).
-TEMPERATURE, TOP_K, TOP_P, MIN_P, UNIFORM, REPETITION = range(6)
-PARAMS = 6
-ENTRY_VALUES = 3  # bias, seen (1.0: the repetition penalty applies), subtract
-
-FUNCTIONS = (
-    "sample_gather_scores",
-    "sample_from_scores",
-    "sample_unfiltered",
-    "sample_argmax",
-    "sample_token_logprob",
+from relaxlm.artifacts.sampling import (
+    ENTRY_VALUES,
+    PARAMS,
 )
+from relaxlm.runtime.sampler import Logprob, Sample, Sampler
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 import tvm
 from tvm.runtime import ShapeTuple
 
-from relaxlm.artifacts import Manifest
+from relaxlm.artifacts import Manifest, sampling
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime import gpu_sampling
 from relaxlm.runtime.disco import ShardedStage
@@ -140,7 +140,7 @@ class CompiledModel:
         has = (
             len(self.stages) == 1
             and isinstance(self.stages[0], _Stage)
-            and all(self.vm.module.implements_function(f) for f in gpu_sampling.FUNCTIONS)
+            and all(self.vm.module.implements_function(f) for f in sampling.FUNCTIONS)
         )
         if wanted and not has:
             raise RelaxlmError(
