@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tvm
+from filelock import FileLock
 
 import relaxlm
 from relaxlm.artifacts import Manifest, is_artifact, remove_stale_work_folders
@@ -136,6 +137,12 @@ def cached_artifact(model: str | os.PathLike, lora: list = (), **options) -> Pat
     tvm_target = resolve_target(options["target"]).tvm_target
     key = content_key(path, {**options, "tvm_target": tvm_target}, adapters)
     folder = cache_root() / "artifacts" / f"{path.name}-{key}"
-    if not is_artifact(folder):
-        compile_model(path, folder, lora=adapters, **options)
+    if is_artifact(folder):
+        return folder
+    # Another process compiling the same entry (a second server, a test worker) finishes first
+    # and this one loads its result: neither replaces a folder the other may be reading.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(f".{folder.name}.lock")):
+        if not is_artifact(folder):
+            compile_model(path, folder, lora=adapters, **options)
     return folder

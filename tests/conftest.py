@@ -9,13 +9,27 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-# Tests never touch the user's cache; compiled artifacts are shared within one session.
-os.environ["RELAXLM_CACHE"] = tempfile.mkdtemp(prefix="relaxlm-test-cache-")
+# Tests never touch the user's cache; compiled artifacts are shared within one session. Under
+# pytest-xdist (the README's `-n auto`) every worker of a run shares one cache: entries are keyed
+# by content and compiled under a lock, so a model one worker compiled is loaded by the others.
+_run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+if _run:
+    _cache = Path(tempfile.gettempdir()) / f"relaxlm-test-cache-{_run}"
+    _cache.mkdir(exist_ok=True)
+    os.environ["RELAXLM_CACHE"] = str(_cache)
+else:
+    os.environ["RELAXLM_CACHE"] = tempfile.mkdtemp(prefix="relaxlm-test-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # TVM sizes its CPU thread pool once, when the first parallel kernel runs, to half the CPUs
 # unless TVM_NUM_THREADS says (runtime/loader.py `use_threads`): one thread on a 2-core CI
-# machine for the whole session if a test runs a kernel before any model is loaded.
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# machine for the whole session if a test runs a kernel before any model is loaded. The workers
+# split the CPUs: TVM's and torch's pools spin at their barriers, so more threads than cores
+# slow every parallel kernel down.
+_threads = max(
+    1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+)
+os.environ.setdefault("TVM_NUM_THREADS", str(_threads))
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
 
 
 @pytest.fixture(scope="session")

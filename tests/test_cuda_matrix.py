@@ -10,9 +10,14 @@ relaxlm's GPU attention kernels in place of TVM's, as do the two quantized-KV-ca
 (`--kv-cache-dtype int8` on Llama, fp8 on Gemma 3's per-layer windows; CUDA source only).
 Cells are built in child processes (relaxlm/testing/cuda_matrix.py), two at a time, so a
 segfault fails its cell.
-Only the selected cells are built (`pytest -k qwen3`).
+
+The suite builds the covering third of the matrix (`matrix_cells(full=False)`: every
+architecture in every dtype, every dtype x quantization pair, every nvcc cell; ~5 minutes on
+2 cores); RELAXLM_CUDA_MATRIX=full builds all of it (~18 minutes). Only the selected cells are
+built (`pytest -k qwen3`).
 """
 
+import os
 import shutil
 
 import pytest
@@ -22,7 +27,10 @@ from relaxlm.testing.cuda_matrix import Cell, matrix_cells, nvcc_cell, run_cells
 from relaxlm.testing.gpu_cases import DIFFUSION_CASES, DTYPES, GPU_CASES, QUANTS
 
 HAVE_NVCC = shutil.which("nvcc") is not None
-CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC)}
+FULL = os.environ.get("RELAXLM_CUDA_MATRIX") == "full"
+CELLS = {cell.id: cell for cell in matrix_cells(nvcc=HAVE_NVCC, full=FULL)}
+# Names of the GPU sampling kernels every cell carries (building their TIR takes seconds).
+SAMPLING_KERNELS = list(sampling_kernels(1024))
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,7 @@ def test_compiles_for_cuda(cell, matrix):
             for kernel in ("relaxlm_kv_pack", "relaxlm_kv_unpack", "tir_attention_merge_state"):
                 assert f"{kernel}_kernel" in kernels, kernels
     # sampling on the GPU (compiler/sampling_kernels.py): every kernel of it, in every cell
-    for name in sampling_kernels(1024):
+    for name in SAMPLING_KERNELS:
         assert any(f"sampling_{name}" in k for k in kernels), (name, kernels)
 
 
@@ -91,6 +99,18 @@ def test_nvcc_cells_cover_every_architecture_dtype_and_quantization():
     pairs = [nvcc_cell(case) for case in GPU_CASES]
     assert set(pairs) == {(d, q) for d in DTYPES for q in QUANTS}
     assert [c.case for c in COMPILING if c.nvcc] == [*GPU_CASES, *DIFFUSION_CASES]
+
+
+def test_the_covering_set_meets_every_case_dtype_and_quantization():
+    """The suite's third of the matrix still builds every architecture in every dtype, every
+    dtype x quantization pair, each case's nvcc cell, and each part of the full matrix."""
+    full, covering = matrix_cells(full=True), matrix_cells(full=False)
+    assert set(covering) <= set(full) and len(covering) < len(full) / 3
+    gpu = [c for c in covering if c.case in GPU_CASES and c.kv_cache == "auto"]
+    assert {(c.case, c.dtype) for c in gpu} == {(g, d) for g in GPU_CASES for d in DTYPES}
+    assert {(c.dtype, c.quant) for c in gpu} == {(d, q) for d in DTYPES for q in QUANTS}
+    assert [c for c in covering if c.nvcc] == [c for c in full if c.nvcc]
+    assert {c.case for c in covering} == {c.case for c in full}
 
 
 def test_a_crashing_cell_fails_alone(tmp_path, monkeypatch):
