@@ -191,12 +191,13 @@ def test_perplexity_within_one_percent_of_llama_cpp(path, request, record_proper
 def test_quantization_schemes_by_perplexity(tmp_path, record_property):
     """q8 within 1 % of float32 (the GGUF's weights dequantized); q4, and q4-a8 (int8
     activations, as llama.cpp computes Q4_0), no worse than llama.cpp's Q4_0 made from the same
-    float32 weights."""
-    results = compare(TEXT.read_text()[:8000], default_model(), tmp_path, window=512, stride=512)
+    float32 weights. (The GGUF as it is against llama.cpp: test_perplexity_within_one_percent_of
+    _llama_cpp.)"""
+    which = ("float32", "q8", "q4", "q4-a8", "llama.cpp Q4_0")
+    results = compare(TEXT.read_text()[:8000], default_model(), tmp_path, 512, 512, which)
     table = {name: round(p.perplexity, 3) for name, p in results.items()}
     record_property("perplexity", table)
     print(table)
     assert abs(table["q8"] / table["float32"] - 1) < 0.01
     assert table["q4"] <= table["llama.cpp Q4_0"]
     assert table["q4-a8"] <= table["llama.cpp Q4_0"]
-    assert abs(table["gguf"] / table["llama.cpp"] - 1) < 0.01
