@@ -62,7 +62,7 @@ def _mid(lo, hi):
     return T.shift_right(lo, 1) + T.shift_right(hi, 1) + T.bitwise_and(T.bitwise_and(lo, hi), 1)
 
 
-@functools.cache  # the TIR takes about a second to build; every GPU library carries it
+@functools.cache  # the TIR takes seconds to build; every GPU library carries it
 def sampling_kernels(threads: int, gpu: bool = True) -> dict[str, tirx.PrimFunc]:
     """The three kernels, `threads` (a power of two) per block; name -> PrimFunc.
 

@@ -79,20 +79,26 @@ def matrix_cells(nvcc: bool = True, full: bool = True) -> list[Cell]:
     cells += [
         Cell(case, dtype, "none")
         for i, case in enumerate(GGUF_CASES)
-        for dtype in (DTYPES if full else [DTYPES[i % len(DTYPES)]])
+        for dtype in _all_or_one(DTYPES, i, full)
     ]
     cells += [
         Cell(case, d, q)
         for i, case in enumerate(VISION_CASES)
-        for d, q in (VISION_CELLS if full else [VISION_CELLS[i % len(VISION_CELLS)]])
+        for d, q in _all_or_one(VISION_CELLS, i, full)
     ]
     cells += [Cell(case, d, q, kv_cache=kv) for case, d, q, kv in KV_CACHE_CELLS]
     others = [c for c in DIFFUSION_CELLS if c != DIFFUSION_NVCC_CELL]
     return cells + [
         Cell(case, d, q, nvcc and (d, q) == DIFFUSION_NVCC_CELL)
         for i, case in enumerate(DIFFUSION_CASES)
-        for d, q in (DIFFUSION_CELLS if full else [DIFFUSION_NVCC_CELL, others[i % len(others)]])
+        for d, q in (DIFFUSION_CELLS if full else [DIFFUSION_NVCC_CELL, *_all_or_one(others, i)])
     ]
+
+
+def _all_or_one(options, case_index: int, full: bool = False) -> list:
+    """All of `options`, or (full=False) the one a case takes in the covering set: case i the
+    i-th, round the options."""
+    return list(options) if full else [options[case_index % len(options)]]
 
 
 def _rotated_quant(case_index: int, dtype_index: int) -> str:
