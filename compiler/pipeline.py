@@ -45,6 +45,7 @@ from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot, int8_dot_flavour
 from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
+from .library_gemm import LibraryGemm, check_library_gemm
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
 from .quantization import (
@@ -91,6 +92,7 @@ def compile_model(
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
+    gemm: str = "tir",
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -117,10 +119,14 @@ def compile_model(
         each CUDA library's manifest entry says `cuda_graph: true`.
     sampling_kernels: build the sampling kernels (compiler/sampling_kernels.py) into the
         libraries; None: for GPU targets (CPU runtimes sample in numpy, the faster there).
+    gemm: who multiplies prefill's weight matmuls: "tir" (TVM's kernels) or "library"
+        (cuBLAS on CUDA, numpy's BLAS on CPUs; compiler/library_gemm.py). Each library's
+        manifest entry records it.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
     check_kv_cache_dtype(kv_cache_dtype)
+    _check_gemm(gemm, presets, dtype, tensor_parallel, device_map, gpu_layers)
     if cuda_graph:
         _check_cuda_graph(presets, tensor_parallel, device_map, gpu_layers)
     if tensor_parallel != 1:
@@ -209,6 +215,7 @@ def compile_model(
             kv_cache_dtype,
             cuda_graph,
             sampling_kernels,
+            gemm,
         )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
@@ -251,6 +258,21 @@ def _check_cuda_graph(presets, tensor_parallel: int, device_map, gpu_layers) -> 
             "--cuda-graph is built for a model on one device; drop --tensor-parallel / "
             "--device-map / --gpu-layers, or --cuda-graph"
         )
+
+
+def _check_gemm(gemm: str, presets, dtype: str, tensor_parallel: int, device_map, gpu_layers):
+    """`--gemm library` is built for a model on one device whose library takes its dtype."""
+    if gemm not in ("tir", "library"):
+        raise RelaxlmError(f"--gemm {gemm!r} is not a choice: tir or library")
+    if gemm == "tir":
+        return
+    if tensor_parallel != 1 or device_map is not None or gpu_layers is not None:
+        raise RelaxlmError(
+            "--gemm library is built for a model on one device; drop --tensor-parallel / "
+            "--device-map / --gpu-layers, or --gemm library"
+        )
+    for preset in presets:
+        check_library_gemm(preset.device, dtype)
 
 
 def _check_repack(checkpoint, presets: list[TargetPreset], dtype: str) -> None:
@@ -436,6 +458,7 @@ def _add_libraries(
     kv_cache_dtype: str,
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
+    gemm: str = "tir",
 ) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
     """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
     plan (the graph, weight plan and KV cache do not depend on the target)."""
@@ -450,11 +473,14 @@ def _add_libraries(
             kv_cache_dtype=kv_cache_dtype,
             sampling_kernels=sampling_kernels,
             cuda_graph=graphs,
+            gemm=gemm,
         )
         library = scratch / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
         say(f"{preset.name} library linked")
         extra = {**preset.extra_manifest, **({"cuda_graph": True} if graphs else {})}
+        if gemm != "tir":
+            extra["gemm"] = gemm
         writer.add_library(preset.name, library, preset.tvm_target, **extra)
     return kv_cache, plan
 
@@ -544,6 +570,7 @@ def build_library(
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
+    gemm: str = "tir",
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
@@ -553,6 +580,8 @@ def build_library(
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
     cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
     sampling_kernels: build the sampling kernels in (see `compile_model`).
+    gemm: "library" hands the weight matmuls of more than one row to the device's GEMM
+        library (compiler/library_gemm.py), before their dequantize is fused in.
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -580,8 +609,13 @@ def build_library(
     mod, sources = fuse_parallel_linear(mod, stored)
     stored = {j: stored[s[0]] for j, s in enumerate(sources) if s[0] in (stored or {})}
     fields = None
-    if scheme is not None or stored:
+    quantized = scheme is not None or bool(stored)
+    if quantized:
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
+    if gemm == "library":  # first: the library's matmuls keep their dequantize unfused
+        check_library_gemm(preset.device, exported.dtype)
+        mod = LibraryGemm(preset.device)(mod)
+    if quantized:
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)

@@ -44,6 +44,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
     tensor_parallel: int = 1,
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
+    gemm: str = "tir",
 ) -> Path:
     """Compile a checkpoint into an artifact folder; returns its path.
 
@@ -62,6 +63,8 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         int8 / fp8 codes with a float16 scale per token and kv head (CPU targets).
     cuda_graph: CUDA targets replay decode's kernels as CUDA graphs (compiler/cuda_graph.py);
         off by default until a GPU run shows it correct.
+    gemm: "library" hands prefill's GEMMs to cuBLAS on CUDA (`pip install 'relaxlm[cuda]'`;
+        tensor cores) or numpy's BLAS on CPUs (float32); "tir" (default) keeps TVM's kernels.
     """
     from relaxlm.compiler.pipeline import compile_model  # compiler code only when compiling
 
@@ -84,6 +87,7 @@ def compile(  # shadows the builtin on purpose: the SDK's name for it
         tensor_parallel=tensor_parallel,
         kv_cache_dtype=kv_cache_dtype,
         cuda_graph=cuda_graph,
+        gemm=gemm,
     )
 
 

@@ -300,6 +300,14 @@ def _add_build_options(p: argparse.ArgumentParser, several_targets: bool = False
         "in the same memory)",
     )
     p.add_argument(
+        "--gemm",
+        choices=("tir", "library"),
+        default="tir",
+        help="who multiplies prefill's weight matrices: tir (TVM's kernels, the default) or "
+        "library (cuBLAS on CUDA, with tensor cores: pip install 'relaxlm[cuda]'; numpy's BLAS "
+        "on CPUs, float32). Decode keeps its TIR kernels either way",
+    )
+    p.add_argument(
         "--device-map",
         metavar="DEVICE:LAYERS,...",
         help="split the decoder layers across devices, e.g. cuda:0:0-23,cpu:24-31 (layers from "
@@ -412,6 +420,7 @@ def _compile(args) -> None:
         tensor_parallel=args.tensor_parallel,
         kv_cache_dtype=args.kv_cache_dtype,
         cuda_graph=args.cuda_graph,
+        gemm=args.gemm,
         **(
             {"lora_slots": args.lora_slots, "lora_max_rank": args.lora_max_rank}
             if args.lora_slots
@@ -475,6 +484,7 @@ def _compile_options(args) -> dict:
         "gpu_layers": args.gpu_layers,
         "tensor_parallel": args.tensor_parallel,
         "kv_cache_dtype": args.kv_cache_dtype,
+        "gemm": args.gemm,
         **slots,
     }
 

@@ -97,6 +97,8 @@ class LLM:
     kv_cache_dtype: what a checkpoint's KV-cache pages hold when it is compiled: "auto" (the
         model's dtype), "float16", or "int8" / "fp8" codes with a float16 scale per token and
         kv head (CPU targets), ~1.9x float16's tokens in the same memory (README, "KV cache").
+    gemm: who multiplies prefill's weight matrices when a checkpoint is compiled: "tir" (TVM's
+        kernels) or "library" (cuBLAS on CUDA, numpy's BLAS on CPUs: compiler/library_gemm.py).
     max_prefill_tokens: prompt tokens computed per engine step (chunked prefill), a fixed
         number; by default the budget follows `prefill_step_target_s`.
     prefill_step_target_s: while sequences decode, a long prompt is computed in steps of about
@@ -170,6 +172,7 @@ class LLM:
         kv_cache_tokens: int | None = None,
         kv_cache_memory: str | int | None = None,
         kv_cache_dtype: str = "auto",
+        gemm: str = "tir",
         max_prefill_tokens: int | None = None,
         prefill_step_target_s: float = DEFAULT_STEP_TARGET_S,
         enable_prefix_cache: bool = True,
@@ -752,6 +755,7 @@ def _artifact_folder(
     lora_max_rank: int = 16,
     lora_targets: list[str] | None = None,
     kv_cache_dtype: str = "auto",
+    gemm: str = "tir",
     **_engine_options,
 ) -> Path:
     """The artifact for `model`: itself, or its compile in the cache; None: the default model.
@@ -807,6 +811,8 @@ def _artifact_folder(
         split["tensor_parallel"] = tensor_parallel
     if kv_cache_dtype != "auto":  # only then in the cache key, as lora_slots
         split["kv_cache_dtype"] = kv_cache_dtype
+    if gemm != "tir":  # likewise
+        split["gemm"] = gemm
     if lora_slots:  # only then in the cache key: artifacts without slots keep their entries
         split.update(lora_slots=lora_slots, lora_max_rank=lora_max_rank)
         if lora_targets is not None:

@@ -18,6 +18,8 @@ from relaxlm.artifacts.device_map import parse_device_map
 from relaxlm.artifacts.safetensors_io import read
 from relaxlm.errors import RelaxlmError
 
+from . import cublas, library_gemm  # noqa: F401 (registers the GEMM `--gemm library` calls)
+
 # How an error names each manifest task.
 _TASKS = {
     "generate": "a text generator",
@@ -154,6 +156,8 @@ def library_for_device(folder: Path, manifest: Manifest, device: str) -> Path:
     for name, entry in manifest.targets.items():
         if entry.get("device", name) == kind:
             _check_cpu_features(folder, entry.get("cpu_features", []))
+            if entry.get("gemm") == "library" and kind == "cuda":
+                cublas.library()  # its GEMMs call cuBLAS: say so now if it is missing
             return folder / entry["library"]
     built = ", ".join(f"{n} ({e.get('device', n)})" for n, e in manifest.targets.items())
     raise RelaxlmError(

@@ -19,11 +19,10 @@ Imports only ctypes and relaxlm's errors - never compiler code.
 """
 
 import ctypes
-import importlib.util
-import os
-from pathlib import Path
 
 from relaxlm.errors import RelaxlmError
+
+from .cuda_libraries import find_library, make_current
 
 UNIQUE_ID_BYTES = 128  # NCCL_UNIQUE_ID_BYTES in nccl.h
 
@@ -51,7 +50,7 @@ def library() -> ctypes.CDLL:
     """libnccl, loaded once; RelaxlmError saying how to install it where it is missing."""
     global _LIBRARY
     if _LIBRARY is None:
-        path = _library_path()
+        path = find_library("RELAXLM_NCCL_LIBRARY", ("nccl/lib/libnccl.so.2",), "libnccl.so.2")
         try:
             lib = ctypes.CDLL(path)
         except OSError as e:
@@ -64,20 +63,6 @@ def library() -> ctypes.CDLL:
         lib.ncclGetLastError.restype = ctypes.c_char_p
         _LIBRARY = lib
     return _LIBRARY
-
-
-def _library_path() -> str:
-    if os.environ.get("RELAXLM_NCCL_LIBRARY"):
-        return os.environ["RELAXLM_NCCL_LIBRARY"]
-    spec = importlib.util.find_spec("nvidia.nccl") if _has_nvidia() else None
-    for folder in spec.submodule_search_locations if spec else ():
-        if (Path(folder) / "lib" / "libnccl.so.2").is_file():
-            return str(Path(folder) / "lib" / "libnccl.so.2")
-    return "libnccl.so.2"  # the dynamic loader's search path
-
-
-def _has_nvidia() -> bool:
-    return importlib.util.find_spec("nvidia") is not None
 
 
 def _check(result: int, call: str) -> None:
@@ -111,7 +96,7 @@ class Communicator:
         if len(uid) != UNIQUE_ID_BYTES:
             raise RelaxlmError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, not {len(uid)}")
         lib = library()
-        _make_current(device)  # NCCL binds a communicator to the calling thread's device
+        make_current(device)  # NCCL binds a communicator to the calling thread's device
         self.comm = ctypes.c_void_p()
         _check(
             lib.ncclCommInitRank(
@@ -145,27 +130,3 @@ class Communicator:
     def __del__(self):
         if getattr(self, "comm", None) and _LIBRARY is not None:
             _LIBRARY.ncclCommDestroy(self.comm)
-
-
-def _make_current(device: int) -> None:
-    """Make CUDA device `device`'s primary context current on this thread (the driver API, so
-    no CUDA runtime of a particular version is needed; TVM's runtime uses the same context)."""
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError as e:
-        raise RelaxlmError(f"no CUDA driver on this machine (libcuda.so.1: {e})") from e
-    handle, context = ctypes.c_int(), ctypes.c_void_p()
-    _driver(cuda, "cuInit", 0)
-    _driver(cuda, "cuDeviceGet", ctypes.byref(handle), device)
-    _driver(cuda, "cuDevicePrimaryCtxRetain", ctypes.byref(context), handle)
-    _driver(cuda, "cuCtxSetCurrent", context)
-
-
-def _driver(cuda: ctypes.CDLL, call: str, *args) -> None:
-    try:
-        function = getattr(cuda, call)
-    except AttributeError as e:  # not NVIDIA's driver (a stand-in without the call)
-        raise RelaxlmError(f"the CUDA driver library has no {call} ({e})") from e
-    result = function(*args)
-    if result != 0:
-        raise RelaxlmError(f"CUDA driver call {call} failed with CUresult {result}")

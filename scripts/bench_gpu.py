@@ -1,6 +1,7 @@
 """relaxlm against transformers (float16, eager) on one GPU, the same model shapes, in one run.
 
     python scripts/bench_gpu.py --compile-only DIR [--target cuda:sm_90] [--cuda-graph]
+                                [--gemm-library]
     python scripts/bench_gpu.py --run-only DIR [--json OUT.json]     # on the GPU machine
 
 --compile-only builds, without a GPU and without weights, an artifact per model shape
@@ -8,15 +9,17 @@
 compute, float16): the checkpoint is a safetensors header over a sparse hole, the compile's
 weights are zeros written as holes, and each weight shard travels as its header and its size
 (DIR stays a few MB; speed does not depend on the weights' values). `--cuda-graph` also
-compiles each with CUDA graphs (DIR/<shape>-<format>-graph). --run-only refills the shards
-(header + truncate: the same bytes, so the same checksums), then measures relaxlm's runtime and
-transformers (random weights, float16, on the same device): decode tokens/s for 1 and
-`--batch` sequences, prefill tokens/s and time to first token for each `--prompts` length, the
-roofline fraction (weight bytes read per token / the device's copy bandwidth, measured here by
-a device-to-device copy: bytes read + bytes written per second) and, for relaxlm, the VM's
-decode step alone (synchronized) and the engine's per-token time beyond it (host overhead).
-One table; `--json` writes its rows. It needs only relaxlm's runtime, a TVM runtime, torch and
-transformers (a runtime-only TVM as scripts/gpu_check.py loads it).
+compiles each with CUDA graphs (DIR/<shape>-<format>-graph), `--gemm-library` with prefill's
+GEMMs in cuBLAS (DIR/<shape>-<format>-gemm_library; both: every combination). --run-only
+refills the shards (header + truncate: the same bytes, so the same checksums), then measures
+relaxlm's runtime and transformers (random weights, float16, on the same device): decode
+tokens/s for 1 and `--batch` sequences, prefill tokens/s and time to first token for each
+`--prompts` length, the roofline fraction (weight bytes read per token / the device's copy
+bandwidth, measured here by a device-to-device copy: bytes read + bytes written per second)
+and, for relaxlm, the VM's decode step alone (synchronized) and the engine's per-token time
+beyond it (host overhead). One table; `--json` writes its rows. It needs only relaxlm's
+runtime, a TVM runtime, torch and transformers (a runtime-only TVM as scripts/gpu_check.py
+loads it).
 
 `--device cpu --target cpu --shapes tiny` runs the same on the CPU (tests/test_bench_gpu.py).
 """
@@ -92,6 +95,7 @@ FORMATS = {  # name -> (quant, dtype)
     "float32": ("none", "float32"),
 }
 GRAPH_SUFFIX = "-graph"
+LIBRARY_SUFFIX = "-gemm_library"  # compiled with --gemm library (cuBLAS on CUDA)
 HOLLOW = "hollow.json"  # shard -> its size, in an artifact whose shards travel as headers
 
 
@@ -174,15 +178,23 @@ def refill(artifact: Path) -> None:
             f.truncate(size)
 
 
-def compile_all(folder: Path, target: str, shapes, formats, cuda_graph: bool) -> None:
+def compile_all(
+    folder: Path, target: str, shapes, formats, cuda_graph: bool, gemm_library: bool = False
+) -> None:
     import relaxlm
 
+    variants = [
+        (graph, gemm)
+        for graph in ((False, True) if cuda_graph else (False,))
+        for gemm in (("tir", "library") if gemm_library else ("tir",))
+    ]
     for shape in shapes:
         checkpoint = hollow_checkpoint(folder / shape, shape)
         for fmt in formats:
             quant, dtype = FORMATS[fmt]
-            for graph in (False, True) if cuda_graph else (False,):
-                out = folder / f"{shape}-{fmt}{GRAPH_SUFFIX if graph else ''}"
+            for graph, gemm in variants:
+                suffix = (GRAPH_SUFFIX if graph else "") + (LIBRARY_SUFFIX if gemm != "tir" else "")
+                out = folder / f"{shape}-{fmt}{suffix}"
                 out.mkdir(parents=True, exist_ok=True)
                 start = time.perf_counter()
                 try:
@@ -194,6 +206,7 @@ def compile_all(folder: Path, target: str, shapes, formats, cuda_graph: bool) ->
                             quant=quant,
                             dtype=dtype,
                             cuda_graph=graph,
+                            gemm=gemm,
                             progress=False,
                             force=True,
                         )
@@ -201,9 +214,8 @@ def compile_all(folder: Path, target: str, shapes, formats, cuda_graph: bool) ->
                 except Exception as e:  # a row that says so, not a stop of the whole run
                     (out / "error.txt").write_text(f"{type(e).__name__}: {e}")
                 seconds = time.perf_counter() - start
-                (out / "case.json").write_text(
-                    json.dumps(dict(shape=shape, format=fmt, cuda_graph=graph, compile_s=seconds))
-                )
+                case = dict(shape=shape, format=fmt, cuda_graph=graph, gemm=gemm)
+                (out / "case.json").write_text(json.dumps({**case, "compile_s": seconds}))
                 print(f"compiled {out.name} for {target} in {seconds:.0f} s", file=sys.stderr)
         # Only the config travels (transformers builds its model from it): a copy would fill
         # the hole with GBs of zeros.
@@ -391,7 +403,8 @@ def run_all(folder: Path, device: str, lengths, batch: int, steps: int, repeats:
         rows.append(row)
         release_device_memory()
     for shape in shapes if hf else []:
-        row = {"engine": "transformers", "shape": shape, "format": "float16", "cuda_graph": False}
+        row = {"engine": "transformers", "shape": shape, "format": "float16", "gemm": "torch"}
+        row["cuda_graph"] = False
         try:
             row.update(bench_transformers(folder / shape, device, lengths, batch, steps, repeats))
         except Exception as e:
@@ -417,6 +430,7 @@ def print_table(result: dict, lengths, batch: int) -> None:
         ("shape", "shape", "{}"),
         ("format", "format", "{}"),
         ("graph", "cuda_graph", "{}"),
+        ("gemm", "gemm", "{}"),
         ("dec b1", "decode_b1", "{:.1f}"),
         (f"dec b{batch}", f"decode_b{batch}", "{:.1f}"),
         *((f"pre {n}", f"prefill_{n}", "{:.0f}") for n in lengths),
@@ -461,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", default="llama-3.2-1b,llama-3-8b")
     parser.add_argument("--formats", default="q4-float16,float16")
     parser.add_argument("--cuda-graph", action="store_true", help="also compile with it")
+    parser.add_argument(
+        "--gemm-library", action="store_true", help="also compile with --gemm library (cuBLAS)"
+    )
     parser.add_argument("--prompts", default="128,1024", help="prefill lengths (tokens)")
     parser.add_argument("--batch", type=int, default=32, help="sequences decoded together")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed")
@@ -474,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad := sorted(set(formats) - set(FORMATS)):
         parser.error(f"--formats: {', '.join(bad)} is not one of {', '.join(FORMATS)}")
     if args.compile_only:
-        compile_all(args.compile_only, args.target, shapes, formats, args.cuda_graph)
+        compile_all(
+            args.compile_only, args.target, shapes, formats, args.cuda_graph, args.gemm_library
+        )
         return 0
     lengths = [int(n) for n in args.prompts.split(",")]
     result = run_all(

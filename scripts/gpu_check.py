@@ -20,6 +20,9 @@ prints one table and exits 1 if a row fails.
 checkpoint and cache, run here at compile time (transformers keeps K and V in float; the CPU
 kernels are checked against transformers with K/V rounded alike in tests/test_kv_quant.py), so
 the row shows the GPU kernels reading packed pages against the CPU ones, at the dtype's tolerance.
+
+`--gemm library` compiles them with prefill's GEMMs in cuBLAS (DIR/<case>-<dtype>-library/;
+on the CPU numpy's BLAS, float32), against transformers as the others.
 """
 
 from __future__ import annotations
@@ -40,7 +43,12 @@ PREFILL, DECODE, GREEDY = 10, 6, 16
 
 
 def compile_cases(
-    folder: Path, target: str, cases: list[str], dtypes: list[str], kv_cache_dtype: str = "auto"
+    folder: Path,
+    target: str,
+    cases: list[str],
+    dtypes: list[str],
+    kv_cache_dtype: str = "auto",
+    gemm: str = "tir",
 ) -> None:
     """Checkpoints, artifacts and references for every (case, dtype): transformers', or for a
     quantized KV cache relaxlm's CPU build's (see the module docstring)."""
@@ -49,6 +57,7 @@ def compile_cases(
     from relaxlm.testing.gpu_cases import make_case
 
     kv = "" if kv_cache_dtype == "auto" else f"-kv_{kv_cache_dtype}"
+    kv += "" if gemm == "tir" else f"-{gemm}"
     for case in cases:
         checkpoint = make_case(folder / "checkpoints" / case, case)
         for dtype in dtypes:
@@ -61,12 +70,13 @@ def compile_cases(
                 output=out / "artifact",
                 progress=False,
                 kv_cache_dtype=kv_cache_dtype,
+                gemm=gemm,
             )
             model = parity.load_reference(checkpoint, dtype)
             vocab = model.config.vocab_size
             ids = parity.token_ids(vocab, PREFILL + DECODE)
             prompt = parity.token_ids(vocab, 8, seed=1)
-            if kv:
+            if kv_cache_dtype != "auto":
                 logits, greedy = _cpu_reference(checkpoint, dtype, kv_cache_dtype, ids, prompt)
             else:
                 logits = parity.reference_logits(model, ids, PREFILL)
@@ -208,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", help="comma-separated GPU cases (default: all)")
     parser.add_argument("--dtypes", default=",".join(ALL_DTYPES))
     parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "int8", "fp8"))
+    parser.add_argument(
+        "--gemm", default="tir", choices=("tir", "library"), help="as relaxlm compile's"
+    )
     args = parser.parse_args(argv)
     dtypes = args.dtypes.split(",")
     if bad := sorted(set(dtypes) - set(ALL_DTYPES)):
@@ -222,10 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad := sorted(set(cases) - set(GPU_CASES)):
         parser.error(f"--cases: {', '.join(bad)} is not one of {', '.join(GPU_CASES)}")
     if args.compile_only:
-        compile_cases(args.compile_only, args.target, cases, dtypes, args.kv_cache_dtype)
+        compile_cases(args.compile_only, args.target, cases, dtypes, args.kv_cache_dtype, args.gemm)
         return 0
     with tempfile.TemporaryDirectory(prefix="relaxlm-gpu-check-") as scratch:
-        compile_cases(Path(scratch), args.target, cases, dtypes, args.kv_cache_dtype)
+        compile_cases(Path(scratch), args.target, cases, dtypes, args.kv_cache_dtype, args.gemm)
         rows = run_all(Path(scratch), args.device)
     return 0 if all(r["ok"] for r in rows) else 1
 

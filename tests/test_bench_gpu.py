@@ -29,7 +29,7 @@ def test_compile_only_then_run_only_on_the_cpu(tmp_path):
 
     folder = tmp_path / "bench"
     compile_cmd = [sys.executable, str(SCRIPT), "--compile-only", str(folder), "--target", "cpu"]
-    compile_cmd += ["--shapes", "tiny", "--formats", "q4-float32"]
+    compile_cmd += ["--shapes", "tiny", "--formats", "q4-float32", "--gemm-library"]
     compiled = subprocess.run(compile_cmd, capture_output=True, text=True, timeout=900)
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     case = folder / "tiny-q4-float32"
@@ -56,20 +56,21 @@ def test_compile_only_then_run_only_on_the_cpu(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     lines = run.stdout.splitlines()
     assert lines[0].startswith("relaxlm vs transformers (float16, eager) on cpu")
-    assert lines[1].split()[:6] == ["engine", "shape", "format", "graph", "dec", "b1"]
-    assert [line.split()[:4] for line in lines[3:5]] == [
-        ["relaxlm", "tiny", "q4-float32", "no"],
-        ["transformers", "tiny", "float16", "no"],
+    assert lines[1].split()[:7] == ["engine", "shape", "format", "graph", "gemm", "dec", "b1"]
+    assert [line.split()[:5] for line in lines[3:6]] == [
+        ["relaxlm", "tiny", "q4-float32", "no", "tir"],
+        ["relaxlm", "tiny", "q4-float32", "no", "library"],  # prefill in numpy's BLAS here
+        ["transformers", "tiny", "float16", "no", "torch"],
     ]
     assert lines[-1] == "imported: none"
     verify(artifact, Manifest.read(artifact))  # refilled: the compiled bytes, checksums hold
 
     result = json.loads(out.read_text())
     assert math.isfinite(result["copy_bandwidth_gbs"]) and result["copy_bandwidth_gbs"] > 0
-    ours, theirs = result["rows"]
+    ours, library, theirs = result["rows"]
     measured = ["decode_b1", "decode_b4", "prefill_16", "prefill_64", "ttft_16_ms"]
     measured += ["ttft_64_ms", "weight_bytes", "roofline"]
-    for row in (ours, theirs):
+    for row in (ours, library, theirs):
         assert "error" not in row, row
         for key in measured:
             assert math.isfinite(row[key]) and row[key] > 0, (row["engine"], key, row[key])

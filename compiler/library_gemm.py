@@ -1,0 +1,85 @@
+"""LibraryGemm: prefill's weight matmuls become calls of a GEMM library (`--gemm library`).
+
+`matmul(x, permute_dims(w))` with x [..., rows, k] and a 2-D weight w [n, k] becomes
+`call_dps_packed("relaxlm.gemm_nt", x, w)` (runtime/library_gemm.py: cuBLAS on CUDA, numpy's
+BLAS on CPU), wherever `rows` is not the constant 1: prefill's [1, num_tokens, k], the logits
+rows it keeps, an encoder's [batch, tokens, k]. Decode's [batch_size, 1, k] keeps its TIR kernel
+(compiler/schedules/decode_gemv.py), which reads each weight once per step as a library GEMV
+would, and can be captured in a CUDA graph.
+
+A quantized weight (quantize_weights.py) arrives as `dequantize(parts)`: run before
+FuseDequantizeMatmul, this pass leaves that dequantize a kernel of its own, which writes the
+float weight the library then multiplies by (MLC-LLM and vLLM do the same for large batches:
+writing n x k floats once costs far less than a GEMM over many rows re-reading packed weights
+in a kernel without tensor cores). Matmuls mixing dtypes, or of dtypes the device's library
+does not take, are left to TIR.
+"""
+
+import tvm
+from tvm import relax
+
+from relaxlm.artifacts.library_gemm import DTYPES, FUNCTION
+from relaxlm.errors import RelaxlmError
+from relaxlm.tvm_api import tirx
+
+from .quantize_weights import is_op
+
+
+def check_library_gemm(device: str, dtype: str) -> None:
+    """RelaxlmError unless `device`'s library GEMM takes `dtype` activations."""
+    if device not in DTYPES:
+        raise RelaxlmError(
+            f"--gemm library calls cuBLAS on CUDA and numpy's BLAS on CPUs; {device} has no "
+            "library GEMM yet: compile it with --gemm tir"
+        )
+    if dtype not in DTYPES[device]:
+        raise RelaxlmError(
+            f"--gemm library on {device} takes {' or '.join(DTYPES[device])} activations, not "
+            f"{dtype}: compile with --dtype {DTYPES[device][0]} or --gemm tir"
+        )
+
+
+@tvm.transform.module_pass(opt_level=0, name="LibraryGemm")
+class LibraryGemm:
+    """Hand the weight matmuls of more than one row to the library (module docstring)."""
+
+    def __init__(self, device: str):
+        self.dtypes = DTYPES[device]  # the device's library (check_library_gemm)
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _Rewriter(mod, self.dtypes)
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
+
+
+@relax.expr_functor.mutator
+class _Rewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, dtypes: tuple[str, ...]):
+        super().__init__(mod)
+        self.dtypes = dtypes
+
+    def visit_call_(self, call: relax.Call) -> relax.Expr:
+        call = self.visit_expr_post_order(call)
+        if not is_op(call, "relax.matmul"):
+            return call
+        x, rhs = call.args
+        transposed = self.builder_.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
+        if not is_op(transposed, "relax.permute_dims"):
+            return call
+        w = transposed.args[0]
+        axes = transposed.attrs.axes
+        if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+            return call
+        shape = x.ty.shape
+        if x.ty.ndim < 2 or _is_one(shape[-2]):
+            return call
+        if not (x.ty.dtype == w.ty.dtype == call.ty.dtype and x.ty.dtype in self.dtypes):
+            return call
+        out = relax.TensorType([*shape.values[:-1], w.ty.shape[0]], x.ty.dtype)
+        return relax.call_dps_packed(FUNCTION, [x, w], out_ty=out)
+
+
+def _is_one(dim) -> bool:
+    return isinstance(dim, tirx.IntImm) and int(dim) == 1
