@@ -4,7 +4,14 @@ device kind's library takes.
 
 `FUNCTION(x, w, out)`: out[..., n] = x[..., k] @ w[n, k].T, one dtype throughout. A library's
 manifest entry says `"gemm": "library"` when its graph calls it.
+
+Such a library of a model with float weights also has `BATCHED_DECODE`, decode with its
+matmuls in the library, which the runtime calls for `BATCHED_DECODE_MIN` sequences or more:
+decode's own kernels read each weight once per 4 sequences (compiler/schedules/decode_gemv.py),
+a GEMM once per step.
 """
 
 FUNCTION = "relaxlm.gemm_nt"
 DTYPES = {"cuda": ("float16", "bfloat16", "float32"), "cpu": ("float32",)}
+BATCHED_DECODE = "decode_batched"
+BATCHED_DECODE_MIN = 8

@@ -1,11 +1,12 @@
 """LibraryGemm: prefill's weight matmuls become calls of a GEMM library (`--gemm library`).
 
-`matmul(x, permute_dims(w))` with x [..., rows, k] and a 2-D weight w [n, k] becomes
+`matmul(x, permute_dims(w))` with x [..., k] and a 2-D weight w [n, k] becomes
 `call_dps_packed("relaxlm.gemm_nt", x, w)` (runtime/library_gemm.py: cuBLAS on CUDA, numpy's
-BLAS on CPU), wherever `rows` is not the constant 1: prefill's [1, num_tokens, k], the logits
-rows it keeps, an encoder's [batch, tokens, k]. Decode's [batch_size, 1, k] keeps its TIR kernel
-(compiler/schedules/decode_gemv.py), which reads each weight once per step as a library GEMV
-would, and can be captured in a CUDA graph.
+BLAS on CPU) in every function but `decode`: prefill's [1, num_tokens, k] and the logits rows
+it keeps, an encoder's [batch, tokens, k]. `decode` keeps its TIR kernels
+(compiler/schedules/decode_gemv.py), which read each weight once per 4 sequences and can be
+captured in a CUDA graph; `add_batched_decode` copies it first as `decode_batched`, whose
+matmuls the library takes, for the runtime to call with many sequences.
 
 A quantized weight (quantize_weights.py) arrives as `dequantize(parts)`: run before
 FuseDequantizeMatmul, this pass leaves that dequantize a kernel of its own, which writes the
@@ -17,10 +18,10 @@ does not take, are left to TIR.
 
 import tvm
 from tvm import relax
+from tvm.relax.utils import copy_with_new_vars
 
-from relaxlm.artifacts.library_gemm import DTYPES, FUNCTION
+from relaxlm.artifacts.library_gemm import BATCHED_DECODE, DTYPES, FUNCTION
 from relaxlm.errors import RelaxlmError
-from relaxlm.tvm_api import tirx
 
 from .quantize_weights import is_op
 
@@ -39,9 +40,20 @@ def check_library_gemm(device: str, dtype: str) -> None:
         )
 
 
+def add_batched_decode(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with a copy of `decode` named BATCHED_DECODE (the same inputs and outputs; its own
+    variables, as Relax binds each exactly once in a module)."""
+    batched = copy_with_new_vars(mod[KEPT]).with_attr("global_symbol", BATCHED_DECODE)
+    functions = {**dict(mod.functions_items()), relax.GlobalVar(BATCHED_DECODE): batched}
+    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+
+
+KEPT = "decode"  # the function whose matmuls stay TIR kernels
+
+
 @tvm.transform.module_pass(opt_level=0, name="LibraryGemm")
 class LibraryGemm:
-    """Hand the weight matmuls of more than one row to the library (module docstring)."""
+    """Hand the weight matmuls of every function but decode to the library (module docstring)."""
 
     def __init__(self, device: str):
         self.dtypes = DTYPES[device]  # the device's library (check_library_gemm)
@@ -49,7 +61,7 @@ class LibraryGemm:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         rewriter = _Rewriter(mod, self.dtypes)
         for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
+            if isinstance(func, relax.Function) and gv.name_hint != KEPT:
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
@@ -72,14 +84,10 @@ class _Rewriter(relax.PyExprMutator):
         axes = transposed.attrs.axes
         if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
             return call
-        shape = x.ty.shape
-        if x.ty.ndim < 2 or _is_one(shape[-2]):
+        shape, dtype = x.ty.shape, x.ty.dtype
+        if not isinstance(shape, relax.ShapeExpr) or dtype not in self.dtypes:
             return call
-        if not (x.ty.dtype == w.ty.dtype == call.ty.dtype and x.ty.dtype in self.dtypes):
+        if not dtype == w.ty.dtype == call.ty.dtype:
             return call
-        out = relax.TensorType([*shape.values[:-1], w.ty.shape[0]], x.ty.dtype)
+        out = relax.TensorType([*shape.values[:-1], w.ty.shape[0]], dtype)
         return relax.call_dps_packed(FUNCTION, [x, w], out_ty=out)
-
-
-def _is_one(dim) -> bool:
-    return isinstance(dim, tirx.IntImm) and int(dim) == 1

@@ -45,7 +45,7 @@ from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot, int8_dot_flavour
 from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
-from .library_gemm import LibraryGemm, check_library_gemm
+from .library_gemm import LibraryGemm, add_batched_decode, check_library_gemm
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
 from .quantization import (
@@ -93,6 +93,7 @@ def compile_model(
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
     gemm: str = "tir",
+    batched_decode: bool | None = None,
 ) -> Path:
     """Compile a checkpoint into an artifact folder at `output`; returns its path.
 
@@ -122,6 +123,9 @@ def compile_model(
     gemm: who multiplies prefill's weight matmuls: "tir" (TVM's kernels) or "library"
         (cuBLAS on CUDA, numpy's BLAS on CPUs; compiler/library_gemm.py). Each library's
         manifest entry records it.
+    batched_decode: with gemm "library" and float weights, also build `decode_batched` (decode's
+        matmuls in the library, for many sequences); None: on CUDA. (numpy's BLAS is slower than
+        the CPU's decode kernels at 8 sequences: CPU builds leave it out; tests build it.)
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
@@ -216,6 +220,7 @@ def compile_model(
             cuda_graph,
             sampling_kernels,
             gemm,
+            batched_decode,
         )
         layout = [(w.name, w.shape, dtype_of(w.dtype)) for w in plan]
         weights = converted_weights(checkpoint, exported, plan, say.enabled, repack)
@@ -459,6 +464,7 @@ def _add_libraries(
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
     gemm: str = "tir",
+    batched_decode: bool | None = None,
 ) -> tuple[KVCachePlan | None, list[PlannedWeight]]:
     """Build and link `exported` for each preset into `writer`; the KV-cache plan and weight
     plan (the graph, weight plan and KV cache do not depend on the target)."""
@@ -474,6 +480,7 @@ def _add_libraries(
             sampling_kernels=sampling_kernels,
             cuda_graph=graphs,
             gemm=gemm,
+            batched_decode=batched_decode,
         )
         library = scratch / f"{preset.name}{preset.library_suffix}"
         executable.export_library(str(library))
@@ -571,6 +578,7 @@ def build_library(
     cuda_graph: bool = False,
     sampling_kernels: bool | None = None,
     gemm: str = "tir",
+    batched_decode: bool | None = None,
 ) -> tuple[tvm.runtime.Executable, KVCachePlan | None, list[PlannedWeight]]:
     """Run the four phases on the exported graph.
 
@@ -581,7 +589,8 @@ def build_library(
     cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
     sampling_kernels: build the sampling kernels in (see `compile_model`).
     gemm: "library" hands the weight matmuls of more than one row to the device's GEMM
-        library (compiler/library_gemm.py), before their dequantize is fused in.
+        library (compiler/library_gemm.py), before their dequantize is fused in;
+        batched_decode: see `compile_model`.
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
         `scheme` quantizes the other linear weights.
@@ -614,6 +623,10 @@ def build_library(
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
     if gemm == "library":  # first: the library's matmuls keep their dequantize unfused
         check_library_gemm(preset.device, exported.dtype)
+        # Float weights only: dequantizing every step would cost more than decode's kernels do.
+        batched = preset.device == "cuda" if batched_decode is None else batched_decode
+        if batched and exported.task == "generate" and not quantized:
+            mod = add_batched_decode(mod)
         mod = LibraryGemm(preset.device)(mod)
     if quantized:
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)

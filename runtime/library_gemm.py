@@ -43,7 +43,10 @@ def gemm_nt(x, w, out) -> None:
         stream = tvm_ffi.get_raw_stream(out.device) or 0
         cublas.gemm(call, str(out.dtype), out.device.index, stream)
     elif kind == _CPU:
-        np.matmul(np.from_dlpack(x), np.from_dlpack(w).T, out=np.from_dlpack(out))
+        # As one [rows, k] matrix: numpy takes leading axes as a batch of separate products
+        # (decode's [batch, 1, k] would be `batch` GEMVs, each reading all of w).
+        rows = np.from_dlpack(x).reshape(-1, k)
+        np.matmul(rows, np.from_dlpack(w).T, out=np.from_dlpack(out).reshape(-1, n))
     else:
         raise RelaxlmError(
             f"{FUNCTION} runs on CUDA and CPU devices, not {out.device}; recompile with --gemm tir"

@@ -19,6 +19,7 @@ import tvm
 from tvm.runtime import ShapeTuple
 
 from relaxlm.artifacts import Manifest, sampling
+from relaxlm.artifacts.library_gemm import BATCHED_DECODE, BATCHED_DECODE_MIN
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime import gpu_sampling
 from relaxlm.runtime.disco import ShardedStage
@@ -230,7 +231,10 @@ class CompiledModel:
         prefill's."""
         ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
         ones = [1] * len(seq_ids)
-        logits = self._forward("decode", ids, self._slot_ids(slots, ones), seq_ids, ones)
+        entry = "decode"
+        if len(seq_ids) >= BATCHED_DECODE_MIN and BATCHED_DECODE in self.stages[0].entries:
+            entry = BATCHED_DECODE  # the weights read once for the batch (a library GEMM)
+        logits = self._forward(entry, ids, self._slot_ids(slots, ones), seq_ids, ones)
         if on_device:  # [batch, 1, vocab]: row i is sequence i's
             return [DeviceRow(logits, i) for i in range(len(seq_ids))]
         return logits.numpy()[:, 0]  # [batch, 1, vocab] -> [batch, vocab]
@@ -291,7 +295,9 @@ class _Stage:
     def __init__(self, loaded: LoadedStage, sizes: tuple[int, int, int, int]):
         """sizes: max batch size, total tokens, prefill chunk and page size of the cache."""
         self.device, self.params = loaded.device, loaded.params
-        self.entries = {name: loaded.vm[name] for name in ("prefill", "decode")}
+        names = ("prefill", "decode", BATCHED_DECODE)  # the last: `--gemm library` builds only
+        module = loaded.vm.module
+        self.entries = {n: loaded.vm[n] for n in names if module.implements_function(n)}
         self.kv_cache = loaded.vm["create_paged_kv_cache"](
             *(ShapeTuple([v]) for v in sizes),
             ShapeTuple([0]),  # no sliding window

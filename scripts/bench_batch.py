@@ -7,6 +7,7 @@ with EOS ignored. Decode time is the time of a run of 1 + N tokens minus that of
 (prompt prefill and the first token), best of `--repeats`; throughput counts all B sequences.
 
     python scripts/bench_batch.py [--work DIR] [--batches 1 4 16] [--prompt 32] [--decode 64]
+                                  [--gemm library]
 """
 
 import argparse
@@ -45,14 +46,14 @@ def build_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def build_artifact(checkpoint: Path, folder: Path) -> Path:
+def build_artifact(checkpoint: Path, folder: Path, gemm: str = "tir") -> Path:
     import relaxlm
     from relaxlm.artifacts import is_artifact
 
     if is_artifact(folder):
         return folder
     start = time.perf_counter()
-    relaxlm.compile(checkpoint, output=folder, target="cpu")
+    relaxlm.compile(checkpoint, output=folder, target="cpu", gemm=gemm)
     print(f"compiled in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return folder
 
@@ -75,12 +76,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per sequence")
     parser.add_argument("--decode", type=int, default=64, help="decode tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gemm", default="tir", choices=("tir", "library"), help="as compile's")
     args = parser.parse_args(argv)
 
     import relaxlm
 
     checkpoint = build_checkpoint(args.work / "checkpoint")
-    artifact = build_artifact(checkpoint, args.work / "artifact")
+    suffix = "" if args.gemm == "tir" else f"-gemm_{args.gemm}"
+    artifact = build_artifact(checkpoint, args.work / f"artifact{suffix}", args.gemm)
     max_batch = max(args.batches)
     # No prefix cache: every run must prefill its prompts, as the subtraction assumes.
     llm = relaxlm.LLM(
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     n_params = sum(int(np.prod(p["shape"])) for p in llm.manifest.params)
     threads = os.environ.get("TVM_NUM_THREADS", str(os.cpu_count()))
-    print(f"model: {n_params / 1e6:.1f} M parameters, float32, {threads} threads")
+    print(
+        f"model: {n_params / 1e6:.1f} M parameters, float32, {threads} threads, --gemm {args.gemm}"
+    )
     rng = np.random.default_rng(0)
     print(
         f"{'batch':>5} {'decode tok/s':>12} {'per seq':>8} {'ms/step':>8} {'end-to-end tok/s':>16}"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, relaxlm_cli
 
-from relaxlm.artifacts.library_gemm import FUNCTION
+from relaxlm.artifacts.library_gemm import BATCHED_DECODE, BATCHED_DECODE_MIN, FUNCTION
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime import cublas, library_gemm  # noqa: F401 (registers FUNCTION)
 
@@ -32,7 +32,12 @@ def _calls(func_script: str) -> int:
 
 @pytest.mark.parametrize(
     ("target", "dtype", "quant"),
-    [("cpu", "float32", "none"), ("cuda:sm_90", "float16", "q4"), ("cuda:sm_90", "bfloat16", "q8")],
+    [
+        ("cpu", "float32", "none"),
+        ("cuda:sm_90", "float16", "none"),
+        ("cuda:sm_90", "float16", "q4"),
+        ("cuda:sm_90", "bfloat16", "q8"),
+    ],
 )
 def test_prefill_calls_the_library_and_decode_keeps_its_kernels(checkpoints, target, dtype, quant):
     from relaxlm.compiler import pipeline
@@ -54,9 +59,15 @@ def test_prefill_calls_the_library_and_decode_keeps_its_kernels(checkpoints, tar
     assert _calls(prefill) == 4 * layers + 1
     assert _calls(decode) == 0
     assert "NT_matmul" not in prefill and "NT_matmul" in decode
+    functions = {gv.name_hint for gv, _ in mod.functions_items()}
     if quant != "none":  # the weight is dequantized by a kernel of its own, then multiplied
         assert prefill.count(f"dequantize_{quant}") >= 4
         assert f"dequantize_{quant}_NT_matmul" in decode
+        assert BATCHED_DECODE not in functions  # dequantizing every step would cost more
+    elif target.startswith("cuda"):  # decode for many sequences through cuBLAS too
+        assert _calls(mod[BATCHED_DECODE].script()) == 4 * layers + 1
+    else:  # numpy's BLAS is slower than the CPU's decode kernels (README)
+        assert BATCHED_DECODE not in functions
 
 
 def test_a_cuda_library_builds_with_its_dequantize_kernels(checkpoints):
@@ -121,6 +132,36 @@ def test_a_quantized_prefill_equals_the_fused_kernels(checkpoints):
     ids = token_ids(fused.vocab_size, 40)
     ours, theirs = library.score(ids, prefill=34), fused.score(ids, prefill=34)
     assert np.abs(ours - theirs).max() <= 1e-5 * np.ptp(theirs)
+
+
+def test_many_sequences_decode_through_the_library_each_as_alone(checkpoints, tmp_path):
+    """With BATCHED_DECODE_MIN sequences or more, a step runs BATCHED_DECODE (built for CUDA;
+    here on request, as CPU builds leave it out); the tokens are those of each prompt alone and
+    of the TIR build."""
+    import relaxlm
+    from relaxlm.compiler.pipeline import compile_model
+
+    folder = compile_model(
+        checkpoints(CASE), tmp_path / "m", progress=False, gemm="library", batched_decode=True
+    )
+    library = relaxlm.LLM(str(folder))
+    tir = relaxlm.LLM(str(checkpoints(CASE)))
+    entries = library.model.stages[0].entries
+    calls = {BATCHED_DECODE: 0, "decode": 0}
+    for name in calls:
+        entry = entries[name]
+        entries[name] = lambda *args, _entry=entry, _name=name: (
+            calls.__setitem__(_name, calls[_name] + 1) or _entry(*args)
+        )
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(5, library.vocab_size, n).tolist() for n in range(3, 13)]
+    assert len(prompts) > BATCHED_DECODE_MIN
+    greedy = relaxlm.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    together = [r.token_ids for r in library.generate(prompts, greedy)]
+    assert calls[BATCHED_DECODE] > 0
+    alone = [library.generate([p], greedy)[0].token_ids for p in prompts]
+    assert together == alone == [r.token_ids for r in tir.generate(prompts, greedy)]
+    assert calls["decode"] > 0  # the prompts alone: batches of one
 
 
 # -- cuBLAS's arguments, against a column-major BLAS --------------------------------------------
