@@ -70,27 +70,33 @@ def test_prefill_calls_the_library_and_decode_keeps_its_kernels(checkpoints, tar
         assert BATCHED_DECODE not in functions
 
 
-def test_a_cuda_library_builds_with_its_dequantize_kernels(checkpoints):
-    """The whole CUDA build (codegen to CUDA source, the VM calling the packed function)."""
-    from relaxlm.compiler import pipeline
-    from relaxlm.compiler.quantization import resolve_scheme
-    from relaxlm.compiler.targets import resolve_target
-    from relaxlm.frontends import export, load_checkpoint
-    from relaxlm.testing.cuda_matrix import _cuda_kernels
+def test_relaxlm_compile_builds_a_cuda_library_with_nvcc(checkpoints, tmp_path):
+    """`relaxlm compile --target cuda --gemm library` end to end (nvcc, in its own process): the
+    fatbin has the prefill's dequantize kernels and decode's, and the manifest says `gemm`."""
+    from relaxlm.artifacts import Manifest
+    from relaxlm.testing.cuda_matrix import fatbin_summary
 
-    exported = export(load_checkpoint(checkpoints(CASE)), "float16")
-    executable, _, _ = pipeline.build_library(
-        exported,
-        resolve_target("cuda:sm_90"),
-        resolve_scheme("q4"),
-        device_binaries=False,
-        gemm="library",
+    out = tmp_path / "cuda"
+    proc = relaxlm_cli(
+        "compile",
+        checkpoints(CASE),
+        "-o",
+        out,
+        "--target",
+        "cuda:sm_90",
+        "--dtype",
+        "float16",
+        "--quant",
+        "q4",
+        "--gemm",
+        "library",
     )
-    assert FUNCTION in executable.as_text()
-    (host,) = executable.mod.imports
-    (device,) = host.imports
-    kernels = _cuda_kernels(device.inspect_source(""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entry = Manifest.read(out).targets["cuda"]
+    assert entry["gemm"] == "library"
+    kernels = fatbin_summary((out / entry["library"]).read_bytes())["sass"]["90"]
     assert any(k.startswith("dequantize_q4") and "matmul" not in k for k in kernels), kernels
+    assert any("dequantize_q4_NT_matmul" in k for k in kernels), kernels  # decode's
 
 
 def test_logits_equal_transformers_through_the_gpu_check(tmp_path):
