@@ -904,12 +904,16 @@ def _split_summary(split: dict[str, int]) -> str:
 
 
 def _library_row(entry: dict) -> str:
-    """`lib/cuda.so  1.2 MiB  device cuda, archs sm_80 sm_90`."""
+    """`lib/cuda.so  1.2 MiB  device cuda, archs sm_80 sm_90, CUDA graphs, GEMMs in library`."""
     row = f"{entry['library']}  {_size(entry['size'])}"
     if "device" in entry:
         row += f"  device {entry['device']}"
     if entry.get("archs"):
         row += f", archs {' '.join(entry['archs'])}"
+    if entry.get("cuda_graph"):
+        row += ", CUDA graphs"
+    if entry.get("gemm", "tir") != "tir":
+        row += f", GEMMs in {entry['gemm']}"
     return row
 
 

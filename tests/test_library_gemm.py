@@ -97,6 +97,7 @@ def test_relaxlm_compile_builds_a_cuda_library_with_nvcc(checkpoints, tmp_path):
     kernels = fatbin_summary((out / entry["library"]).read_bytes())["sass"]["90"]
     assert any(k.startswith("dequantize_q4") and "matmul" not in k for k in kernels), kernels
     assert any("dequantize_q4_NT_matmul" in k for k in kernels), kernels  # decode's
+    assert "GEMMs in library" in relaxlm_cli("inspect", out).stdout
 
 
 def test_logits_equal_transformers_through_the_gpu_check(tmp_path):
