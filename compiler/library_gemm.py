@@ -10,7 +10,7 @@ matmuls the library takes, for the runtime to call with many sequences.
 
 A quantized weight (quantize_weights.py) arrives as `dequantize(parts)`: run before
 FuseDequantizeMatmul, this pass leaves that dequantize a kernel of its own, which writes the
-float weight the library then multiplies by (MLC-LLM and vLLM do the same for large batches:
+float weight the library then multiplies by (vLLM's and AutoAWQ's AWQ layers do so for many tokens:
 writing n x k floats once costs far less than a GEMM over many rows re-reading packed weights
 in a kernel without tensor cores). Matmuls mixing dtypes, or of dtypes the device's library
 does not take, are left to TIR.
@@ -40,15 +40,15 @@ def check_library_gemm(device: str, dtype: str) -> None:
         )
 
 
+KEPT = "decode"  # the function whose matmuls stay TIR kernels
+
+
 def add_batched_decode(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with a copy of `decode` named BATCHED_DECODE (the same inputs and outputs; its own
     variables, as Relax binds each exactly once in a module)."""
     batched = copy_with_new_vars(mod[KEPT]).with_attr("global_symbol", BATCHED_DECODE)
     functions = {**dict(mod.functions_items()), relax.GlobalVar(BATCHED_DECODE): batched}
     return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
-
-
-KEPT = "decode"  # the function whose matmuls stay TIR kernels
 
 
 @tvm.transform.module_pass(opt_level=0, name="LibraryGemm")

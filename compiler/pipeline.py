@@ -588,8 +588,8 @@ def build_library(
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
     cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
     sampling_kernels: build the sampling kernels in (see `compile_model`).
-    gemm: "library" hands the weight matmuls of more than one row to the device's GEMM
-        library (compiler/library_gemm.py), before their dequantize is fused in;
+    gemm: "library" hands the weight matmuls of every function but decode to the device's
+        GEMM library (compiler/library_gemm.py), before their dequantize is fused in;
         batched_decode: see `compile_model`.
 
     stored: packed-param index -> the scheme a weight is already stored in (GGUF blocks);
