@@ -116,7 +116,7 @@ def gemm(call: Gemm, dtype: str, device: int, stream: int) -> None:
     if dtype not in DATA_TYPES:
         raise RelaxlmError(f"cuBLAS GEMMs take {', '.join(DATA_TYPES)}, not {dtype}")
     lib, handle = library(), _handle(device)
-    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream or None)), "cublasSetStream")
+    _check(lib.cublasSetStream_v2(handle, ctypes.c_void_p(stream)), "cublasSetStream")
     alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
     kind = DATA_TYPES[dtype]
     _check(

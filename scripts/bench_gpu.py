@@ -403,8 +403,9 @@ def run_all(folder: Path, device: str, lengths, batch: int, steps: int, repeats:
         rows.append(row)
         release_device_memory()
     for shape in shapes if hf else []:
-        row = {"engine": "transformers", "shape": shape, "format": "float16", "gemm": "torch"}
-        row["cuda_graph"] = False
+        row = dict(
+            engine="transformers", shape=shape, format="float16", cuda_graph=False, gemm="torch"
+        )
         try:
             row.update(bench_transformers(folder / shape, device, lengths, batch, steps, repeats))
         except Exception as e:

@@ -56,12 +56,12 @@ def compile_cases(
     from relaxlm.testing import parity
     from relaxlm.testing.gpu_cases import make_case
 
-    kv = "" if kv_cache_dtype == "auto" else f"-kv_{kv_cache_dtype}"
-    kv += "" if gemm == "tir" else f"-{gemm}"
+    variant = "" if kv_cache_dtype == "auto" else f"-kv_{kv_cache_dtype}"
+    variant += "" if gemm == "tir" else f"-{gemm}"
     for case in cases:
         checkpoint = make_case(folder / "checkpoints" / case, case)
         for dtype in dtypes:
-            out = folder / f"{case}-{dtype}{kv}"
+            out = folder / f"{case}-{dtype}{variant}"
             start = time.perf_counter()
             relaxlm.compile(
                 checkpoint,
@@ -82,7 +82,7 @@ def compile_cases(
                 logits = parity.reference_logits(model, ids, PREFILL)
                 greedy = parity.reference_greedy(model, prompt, GREEDY)
             reference = {
-                "case": case + kv,
+                "case": case + variant,
                 "dtype": dtype,
                 "tolerance": parity.TOLERANCE[dtype],
                 "token_ids": ids,

@@ -10,6 +10,7 @@ and CUDA builds are checked to keep decode's kernels and call the library for pr
 """
 
 import ctypes
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -156,10 +157,7 @@ def test_many_sequences_decode_through_the_library_each_as_alone(checkpoints, tm
     entries = library.model.stages[0].entries
     calls = {BATCHED_DECODE: 0, "decode": 0}
     for name in calls:
-        entry = entries[name]
-        entries[name] = lambda *args, _entry=entry, _name=name: (
-            calls.__setitem__(_name, calls[_name] + 1) or _entry(*args)
-        )
+        entries[name] = _counted(entries[name], name, calls)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(5, library.vocab_size, n).tolist() for n in range(3, 13)]
     assert len(prompts) > BATCHED_DECODE_MIN
@@ -171,9 +169,20 @@ def test_many_sequences_decode_through_the_library_each_as_alone(checkpoints, tm
     assert calls["decode"] > 0  # the prompts alone: batches of one
 
 
+def _counted(entry, name: str, calls: dict):
+    """`entry`, adding one to calls[name] at each call."""
+
+    def call(*args):
+        calls[name] += 1
+        return entry(*args)
+
+    return call
+
+
 # -- cuBLAS's arguments, against a column-major BLAS --------------------------------------------
 
 
+@functools.cache
 def _fortran_sgemm():
     """The Fortran `sgemm` of the OpenBLAS in numpy's wheel (64-bit integers: `_64_` names)."""
     (path,) = (Path(np.__file__).parent.parent / "numpy.libs").glob("libscipy_openblas64_*.so")
