@@ -19,6 +19,7 @@ from tvm import te, topi
 
 from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
 from relaxlm.compiler.quantize_weights import dequantize_te
+from relaxlm.compiler.schedules.decode_gemv import MAX_GRID_Y
 from relaxlm.compiler.schedules.gpu import gpu_schedules
 from relaxlm.compiler.targets import resolve_target
 from relaxlm.tvm_api import tirx
@@ -39,13 +40,15 @@ def _parts(scheme_name: str | None, w: np.ndarray) -> list[np.ndarray]:
     return quantize(resolve_scheme(scheme_name), w.astype("float32"), w.dtype)
 
 
-def decode_matmul(scheme_name: str | None, dtype: str, epilogue: str) -> tirx.PrimFunc:
+def decode_matmul(
+    scheme_name: str | None, dtype: str, epilogue: str, n: int = N, k: int = K
+) -> tirx.PrimFunc:
     """y[b, 0, n] = sum_k x[b, 0, k] * w(n, k) over a symbolic batch b, the decode kernel's
     shape, then the epilogue with r[b, 0, n]: "" none, "add" y + r, "silu" silu(y) * r (three
     blocks, as Relax fuses it); w dequantized from `scheme_name`'s parts, or a float weight."""
     batch = tirx.Var("batch_size", "int64")
-    x = te.placeholder((batch, _i64(1), _i64(K)), dtype, name="x")
-    packed = _parts(scheme_name, np.zeros((N, K), dtype))
+    x = te.placeholder((batch, _i64(1), _i64(k)), dtype, name="x")
+    packed = _parts(scheme_name, np.zeros((n, k), dtype))
     parts = [
         te.placeholder([_i64(d) for d in p.shape], str(p.dtype), name=f"w{i}")
         for i, p in enumerate(packed)
@@ -55,15 +58,15 @@ def decode_matmul(scheme_name: str | None, dtype: str, epilogue: str) -> tirx.Pr
     else:
         scheme = resolve_scheme(scheme_name)
         weight = lambda n, k: dequantize_te(scheme, parts, n, k, dtype)  # noqa: E731
-    r = te.reduce_axis((0, _i64(K)), name="k")
+    r = te.reduce_axis((0, _i64(k)), name="k")
     y = te.compute(
-        (batch, _i64(1), _i64(N)),
+        (batch, _i64(1), _i64(n)),
         lambda b, o, n: te.sum(x[b, o, r] * weight(n, r), axis=r),
         name="NT_matmul",
     )
     args = [x, *parts]
     if epilogue:
-        r = te.placeholder((batch, _i64(1), _i64(N)), dtype, name="r")
+        r = te.placeholder((batch, _i64(1), _i64(n)), dtype, name="r")
         y = topi.add(y, r) if epilogue == "add" else topi.multiply(silu(y), r)
         args.append(r)
     return te.create_prim_func([*args, y])
@@ -167,6 +170,21 @@ def test_cuda_code_loads_128_bits_and_sums_by_shuffles(scheme_name, dtype, epilo
         assert (tmp_path / "gemv.cubin").stat().st_size > 0
 
 
+@pytest.mark.parametrize(
+    "n, tiles",
+    [(N, "blockIdx.x"), (4 * MAX_GRID_Y, "blockIdx.x"), (4 * MAX_GRID_Y + 4, "blockIdx.y")],
+)
+def test_batch_tiles_of_a_row_group_launch_together(n, tiles):
+    """The batch tiles go along x, the row groups along y (launch order is x first: the tiles
+    that read the same weights run together), unless there are more row groups than the grid
+    takes along y (a vocabulary of more than 4 x 65535 rows)."""
+    target = resolve_target("cuda:sm_90").target()
+    script = _scheduled(decode_matmul(None, "float16", "", n=n, k=128), target).script()
+    groups = "blockIdx.y" if tiles == "blockIdx.x" else "blockIdx.x"
+    assert f'T.thread_binding((batch_size + T.int64(3)) // T.int64(4), thread="{tiles}")' in script
+    assert f'T.thread_binding(T.int64({-(-n // 4)}), thread="{groups}")' in script
+
+
 def _cuda_source(mod: tvm.IRModule, target) -> str:
     """The CUDA source TVM generates for `mod`. Without TVM's CUDA plugin in this process TVM
     keeps it as the module's source; once an earlier test loaded the plugin (any CUDA build
@@ -220,12 +238,12 @@ def test_tiny_llamas_decode_matmuls_take_it_for_cuda(checkpoints, quant):
 
 
 def _gemv_threads(script: str) -> bool:
-    """4 rows x 32 lanes a workgroup, batch tiles of 4 along y: DecodeGEMV's layout."""
+    """4 rows x 32 lanes a workgroup, batch tiles of 4 along x: DecodeGEMV's layout."""
     return all(
         s in script
         for s in (
             'T.thread_binding(T.int64(4), thread="threadIdx.y")',
             'T.thread_binding(T.int64(32), thread="threadIdx.x")',
-            'T.thread_binding((batch_size + T.int64(3)) // T.int64(4), thread="blockIdx.y")',
+            'T.thread_binding((batch_size + T.int64(3)) // T.int64(4), thread="blockIdx.x")',
         )
     )

@@ -11,7 +11,8 @@ nibble j). The schedule:
 - for 4-bit weights the 8 nibbles of those words are unpacked in registers, so a lane walks
   k = 128 * blk + 16 * j + 4 * lo + (0..3) for j = 0..7 over one load;
 - BATCH sequences per workgroup, innermost in each lane: every weight a lane loads is used for
-  each of them (more sequences take more workgroups along y, each reading the weights again);
+  each of them; more sequences take more workgroups, the tiles of one row group launched one
+  after another (along x, rows along y), so the others find its weights in L2;
 - per-lane partial sums, then one cross-lane sum bound to threadIdx.x (shuffles on CUDA);
   an injective epilogue (residual add, cast) runs on the sums where they are.
 The activations are loaded as vectors into registers next to the weights (from L1/L2: a few
@@ -30,6 +31,7 @@ ROWS = 4  # warps (output rows) per workgroup
 LANES = 32  # lanes per row
 BATCH = 4  # sequences per workgroup
 VECTOR_BYTES = 16  # one 128-bit load per lane and step
+MAX_GRID_Y = 65535  # workgroups along y: CUDA's gridDim.y, WebGPU's and Vulkan's default
 MAX_VECTOR_LANES = {"webgpu": 4, "metal": 4, "vulkan": 4}  # WGSL, MSL, SPIR-V (no Vector16)
 _WORD_LANES = 16  # 4-bit layout: consecutive words per nibble plane (INTERLEAVE / 8)
 
@@ -146,7 +148,14 @@ def _partial_sums(sch, block, packed: bool, vector: int):
     sch.reorder(no, bo, ny, tx, *inner, bi)
     rf = sch.rfactor(tx, factor_axis=0)
     no, bo, ny, tx, ko, *rest = sch.get_loops(rf)
-    for loop, thread in ((no, "blockIdx.x"), (bo, "blockIdx.y"), (ny, "threadIdx.y")):
+    # The batch tiles of a row group are consecutive workgroups (blockIdx.x varies fastest in
+    # launch order), so they read the group's weights at about the same time: from DRAM once,
+    # then from L2, for any number of sequences. Beyond MAX_GRID_Y row groups the grid cannot
+    # take them along y, and they go along x (each tile then streams the weights anew).
+    rows_axis, tiles_axis = ("blockIdx.y", "blockIdx.x")
+    if int(sch.get(no).extent) > MAX_GRID_Y:
+        rows_axis, tiles_axis = tiles_axis, rows_axis
+    for loop, thread in ((no, rows_axis), (bo, tiles_axis), (ny, "threadIdx.y")):
         sch.bind(loop, thread)
     sch.bind(tx, "threadIdx.x")
     sch.set_scope(rf, 0, "local")
