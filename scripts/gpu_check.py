@@ -28,6 +28,7 @@ on the CPU numpy's BLAS, float32), against transformers as the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -190,6 +191,15 @@ def load_runtime_plugins(device: str) -> None:
     names = ["libtvm_runtime_extra.so"] + (
         [f"libtvm_runtime_{device}.so"] if device != "cpu" else []
     )
+    if device == "cuda":  # its plugin links libcudart.so.13: torch's CUDA wheel has one
+        from relaxlm.runtime.cuda_libraries import find_library
+
+        wheels = ("cu13/lib/libcudart.so.13", "cuda_runtime/lib/libcudart.so.13")
+        with contextlib.suppress(OSError):  # else the plugin's own load says what is missing
+            ctypes.CDLL(
+                find_library("RELAXLM_CUDART_LIBRARY", wheels, "libcudart.so.13"),
+                mode=ctypes.RTLD_GLOBAL,
+            )
     for name in names:
         if (lib / name).is_file():
             ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)
