@@ -7,8 +7,8 @@ manifest entry says `"gemm": "library"` when its graph calls it.
 
 Such a library of a model with float weights also has `BATCHED_DECODE`, decode with its
 matmuls in the library, which the runtime calls for `BATCHED_DECODE_MIN` sequences or more:
-decode's own kernels read each weight once per 4 sequences (compiler/schedules/decode_gemv.py),
-a GEMM once per step.
+decode's own kernels load each weight once per 4 sequences (compiler/schedules/decode_gemv.py;
+from L2 after the first 4), a GEMM once per step.
 """
 
 FUNCTION = "relaxlm.gemm_nt"

@@ -4,7 +4,7 @@
 `call_dps_packed("relaxlm.gemm_nt", x, w)` (runtime/library_gemm.py: cuBLAS on CUDA, numpy's
 BLAS on CPU) in every function but `decode`: prefill's [1, num_tokens, k] and the logits rows
 it keeps, an encoder's [batch, tokens, k]. `decode` keeps its TIR kernels
-(compiler/schedules/decode_gemv.py), which read each weight once per 4 sequences and can be
+(compiler/schedules/decode_gemv.py), which load each weight once per 4 sequences and can be
 captured in a CUDA graph; `add_batched_decode` copies it first as `decode_batched`, whose
 matmuls the library takes, for the runtime to call with many sequences.
 
