@@ -50,20 +50,21 @@ RUNTIME_PACKAGES = {
     "relaxlm/runtime": "runtime",
     "relaxlm/artifacts": "artifacts",
 }
-# What only building needs: left out of the payload's TVM (its 259 MB compiler library too),
-# tvm_ffi (headers, sources, Cython's) and gpu_check's folder (the checkpoints it compiled).
+# What only building needs, left out of the payload's packages: TVM's 259 MB compiler library,
+# headers and sources (TVM_USE_RUNTIME_LIB=1 keeps TVM from looking for them), tvm_ffi's too.
 BUILD_ONLY = {
     "tvm": ("lib/libtvm_compiler.so", "3rdparty", "src", "web", "include"),
     "tvm_ffi": ("include", "3rdparty", "src", "cython"),
-    "check": ("checkpoints",),
 }
-SKIP = shutil.ignore_patterns("__pycache__", "*.pyc")
-# What a first GPU run measures (issue 18's tables), in about 8 minutes of the device's time.
+# What a first GPU run measures (issue 18's tables), sized for one call of the device.
 DEFAULT_CHECKS = (
     "--cases llama,mistral,qwen3 --dtypes float16,bfloat16",
     "--cases llama,mistral,qwen3 --dtypes float16,bfloat16 --gemm library",
 )
-DEFAULT_BENCHES = ("--shapes llama-3.2-1b --gemm-library", "--shapes llama-3-8b --gemm-library")
+DEFAULT_BENCHES = (  # CUDA graphs for the small shape, whose step is launch-bound
+    "--shapes llama-3.2-1b --gemm-library --cuda-graph",
+    "--shapes llama-3-8b --gemm-library",
+)
 DEFAULT_PROFILE = "llama-3.2-1b-q4-float16,llama-3-8b-q4-float16"
 DUPLICATES = "duplicates.json"
 STEP_SECONDS = {"probe": 60, "check": 120, "bench": 210, "profile": 45}
@@ -90,8 +91,7 @@ def build(
         print(f"[build] {shlex.join(command[1:])}", file=sys.stderr, flush=True)
         if subprocess.run(command).returncode != 0:  # a case that fails is a row, not this
             raise SystemExit(f"{script} --compile-only failed; see above")
-    for name, folder_of in (("tvm", site), ("tvm_ffi", site), ("check", folder)):
-        _remove(folder_of / name, BUILD_ONLY[name])
+    shutil.rmtree(folder / "check" / "checkpoints", ignore_errors=True)  # the compile's input
     _dedupe(folder)
     archive = _pack(folder)
     mib = (archive.stat().st_size + _tracked_bytes()) / 2**20
@@ -106,8 +106,7 @@ def build(
 def _copy_runtime_tvm(site: Path) -> None:
     import tvm
 
-    source = Path(tvm.__file__).parent
-    shutil.copytree(source, site / "tvm", ignore=SKIP)
+    _copy_package(Path(tvm.__file__).parent, site / "tvm")
 
 
 def _copy_tvm_ffi(site: Path, python: str) -> None:
@@ -116,7 +115,7 @@ def _copy_tvm_ffi(site: Path, python: str) -> None:
     import tvm_ffi
 
     if python == f"{sys.version_info.major}.{sys.version_info.minor}":
-        shutil.copytree(Path(tvm_ffi.__file__).parent, site / "tvm_ffi", ignore=SKIP)
+        _copy_package(Path(tvm_ffi.__file__).parent, site / "tvm_ffi")
         return
     from importlib.metadata import version
 
@@ -130,22 +129,28 @@ def _copy_tvm_ffi(site: Path, python: str) -> None:
             raise SystemExit(f"no apache-tvm-ffi wheel for Python {python} (pip download failed)")
         (wheel,) = Path(wheels).glob("*.whl")
         with zipfile.ZipFile(wheel) as archive:
-            members = [m for m in archive.namelist() if m.startswith("tvm_ffi/")]
-            archive.extractall(site, members)
+            archive.extractall(wheels, [m for m in archive.namelist() if m.startswith("tvm_ffi/")])
+        _copy_package(Path(wheels) / "tvm_ffi", site / "tvm_ffi")
 
 
 def _copy_relaxlm_runtime(site: Path) -> None:
     for package, source in RUNTIME_PACKAGES.items():
-        shutil.copytree(REPO / source, site / package, ignore=SKIP, dirs_exist_ok=True)
+        _copy_package(REPO / source, site / package)
 
 
-def _remove(folder: Path, relatives: tuple[str, ...]) -> None:
-    for relative in relatives:
-        path = folder / relative
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+def _copy_package(source: Path, into: Path) -> None:
+    """`source` without bytecode caches and without its BUILD_ONLY paths."""
+    leave_out = BUILD_ONLY.get(into.name, ())
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        relative = Path(folder).relative_to(source)
+        return {
+            name
+            for name in names
+            if name == "__pycache__" or name.endswith(".pyc") or str(relative / name) in leave_out
+        }
+
+    shutil.copytree(source, into, ignore=ignore, dirs_exist_ok=True)
 
 
 def _dedupe(folder: Path) -> None:
