@@ -8,8 +8,9 @@ everything on the build machine, `run` spends the GPU's time on measurements onl
 
 `build DIR` writes DIR/site, a runtime-only TVM (the `apache-tvm` package without its 259 MB
 compiler library, headers and sources; `TVM_USE_RUNTIME_LIB=1` keeps TVM from looking for
-them), `tvm_ffi` for the GPU machine's Python (the installed one, else the matching wheel from
-the package index) and relaxlm's runtime as a package; DIR/check, scripts/gpu_check.py's
+them), what the runtime imports that the GPU machine lacks (CARRIED: tvm_ffi, pydantic) for
+its Python (the installed packages, else the same versions' wheels from the package index)
+and relaxlm's runtime as a package; DIR/check, scripts/gpu_check.py's
 artifacts and references (each `--check` passes its options); DIR/bench/<n>, scripts/
 bench_gpu.py's weightless artifacts (each `--bench`). A file that several artifacts hold is
 kept once (duplicates.json). Then DIR.tar.gz, the one path to carry; it fails past `--max-mib`
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import shlex
@@ -57,6 +59,17 @@ BUILD_ONLY = {
     "tvm_ffi": ("include", "3rdparty", "src", "cython"),
 }
 # What a first GPU run measures (issue 18's tables), sized for one call of the device.
+# Distributions the runtime imports that the GPU machine's image lacks (its package list:
+# /work/.library/device/KINDS.md): name -> its top-level packages. tvm_ffi is compiled per Python.
+CARRIED = {
+    "apache-tvm-ffi": ("tvm_ffi",),
+    "pydantic": ("pydantic",),  # artifacts/schema.py, the manifest's schema
+    "pydantic-core": ("pydantic_core",),
+    "annotated-types": ("annotated_types",),
+    "typing-inspection": ("typing_inspection",),
+}
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64")
+PLATFORMS += ("manylinux_2_17_x86_64", "manylinux2014_x86_64")  # pip matches each exactly
 DEFAULT_CHECKS = (
     "--cases llama,mistral,qwen3 --dtypes float16,bfloat16",
     "--cases llama,mistral,qwen3 --dtypes float16,bfloat16 --gemm library",
@@ -78,7 +91,7 @@ def build(
     for stale in (site, folder / "check", folder / "bench", folder / "out"):
         shutil.rmtree(stale, ignore_errors=True)
     _copy_runtime_tvm(site)
-    _copy_tvm_ffi(site, python)
+    _copy_distributions(site, python)
     _copy_relaxlm_runtime(site)
     # Every --check compiles into DIR/check (variants get folders of their own); each --bench
     # into DIR/bench/<n>, which `run` measures as a step of its own (a step that runs out of
@@ -99,7 +112,8 @@ def build(
     if mib > max_mib:
         print(f"error: {mib:.1f} MiB is over --max-mib {max_mib:g}", file=sys.stderr)
         return 2
-    print(f"[build] on the GPU machine: python3 scripts/gpu_payload.py run {archive.name}")
+    shown = archive.relative_to(REPO) if archive.is_relative_to(REPO) else archive
+    print(f"[build] on the GPU machine: python3 scripts/gpu_payload.py run {shown}")
     return 0
 
 
@@ -109,28 +123,29 @@ def _copy_runtime_tvm(site: Path) -> None:
     _copy_package(Path(tvm.__file__).parent, site / "tvm")
 
 
-def _copy_tvm_ffi(site: Path, python: str) -> None:
-    """tvm_ffi has a CPython extension, so it must match the GPU machine's Python: the installed
-    package where that is this one, else the same version's wheel for `python`."""
-    import tvm_ffi
-
+def _copy_distributions(site: Path, python: str) -> None:
+    """CARRIED's packages, which must match the GPU machine's Python where they hold compiled
+    code: the installed ones where that is this Python, else the installed versions' wheels for
+    `python` from the package index."""
     if python == f"{sys.version_info.major}.{sys.version_info.minor}":
-        _copy_package(Path(tvm_ffi.__file__).parent, site / "tvm_ffi")
+        for package in (p for packages in CARRIED.values() for p in packages):
+            _copy_package(Path(importlib.util.find_spec(package).origin).parent, site / package)
         return
     from importlib.metadata import version
 
-    tag = python.replace(".", "")
     with tempfile.TemporaryDirectory() as wheels:
         command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", wheels]
         command += ["--only-binary=:all:", "--python-version", python, "--implementation", "cp"]
-        command += ["--platform", "manylinux_2_28_x86_64", "--abi", f"cp{tag}"]
-        command += [f"apache-tvm-ffi=={version('apache-tvm-ffi')}"]
+        command += ["--abi", "cp" + python.replace(".", "")]
+        command += [arg for platform in PLATFORMS for arg in ("--platform", platform)]
+        command += [f"{name}=={version(name)}" for name in CARRIED]
         if subprocess.run(command).returncode != 0:
-            raise SystemExit(f"no apache-tvm-ffi wheel for Python {python} (pip download failed)")
-        (wheel,) = Path(wheels).glob("*.whl")
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(wheels, [m for m in archive.namelist() if m.startswith("tvm_ffi/")])
-        _copy_package(Path(wheels) / "tvm_ffi", site / "tvm_ffi")
+            raise SystemExit(f"{', '.join(CARRIED)}: no wheels for Python {python} (see above)")
+        for wheel in Path(wheels).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(wheels)
+        for package in (p for packages in CARRIED.values() for p in packages):
+            _copy_package(Path(wheels) / package, site / package)
 
 
 def _copy_relaxlm_runtime(site: Path) -> None:
@@ -210,13 +225,14 @@ PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[2])
 from gpu_check import load_runtime_plugins
-import tvm, relaxlm, relaxlm.runtime
+import tvm, relaxlm, relaxlm.runtime, pydantic
 load_runtime_plugins(sys.argv[1].split(':')[0])
 maps = open('/proc/self/maps').read()
 device = tvm.runtime.device(sys.argv[1])
 print(json.dumps({
     'python': sys.version.split()[0], 'tvm': tvm.__file__,
     'relaxlm': relaxlm.__file__, 'relaxlm.runtime': relaxlm.runtime.__file__,
+    'pydantic': pydantic.__file__,
     'tvm_compiler_loaded': 'libtvm_compiler.so' in maps, 'device': sys.argv[1],
     'device_exists': bool(device.exist),
     'device_name': device.device_name if device.exist and sys.argv[1] != 'cpu' else None,

@@ -24,7 +24,7 @@ def payload(tmp_path_factory) -> Path:
     built = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     assert "MiB (the device carries 64)" in built.stdout
-    assert built.stdout.splitlines()[-1].endswith("gpu_payload.py run gpu.tar.gz")
+    assert built.stdout.splitlines()[-1].endswith(f"gpu_payload.py run {folder}.tar.gz")
     return folder
 
 
@@ -44,6 +44,8 @@ def test_the_payload_holds_what_the_runtime_needs_and_no_compiler(payload):
     assert (site / "relaxlm" / "runtime" / "engine.py").is_file()
     assert (site / "relaxlm" / "artifacts" / "schema.py").is_file()
     assert not (site / "relaxlm" / "compiler").exists()
+    for package in ("pydantic", "pydantic_core", "annotated_types", "typing_inspection"):
+        assert (site / package / "__init__.py").is_file()  # not in the GPU machine's image
     assert not (payload / "check" / "checkpoints").exists()  # the compile's input only
     assert (payload / "check" / "llama-float32" / "reference.json").is_file()
     # the library variant's weights are the case's: kept once, copied back by `run`
@@ -72,8 +74,8 @@ def test_run_measures_from_the_archive_alone(payload, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.splitlines()[-1].startswith("[run] all steps passed")
     probe = json.loads((tmp_path / "probe.json").read_text())
-    for module in ("tvm", "relaxlm", "relaxlm.runtime"):
-        site = Path(probe[module]).parents[len(module.split(".")) if module != "tvm" else 1]
+    for module in ("tvm", "relaxlm", "relaxlm.runtime", "pydantic"):
+        site = Path(probe[module]).parents[len(module.split("."))]
         assert site.name == "site" and site.parent.name == "gpu", (module, probe[module])
         assert site.is_relative_to(tmp_path / "unpacked"), "the archive's, not the folder built"
     assert probe["tvm_compiler_loaded"] is False and probe["device_exists"] is True
