@@ -187,10 +187,6 @@ def load_runtime_plugins(device: str) -> None:
         return
     import tvm
 
-    lib = Path(tvm.__file__).parent / "lib"
-    names = ["libtvm_runtime_extra.so"] + (
-        [f"libtvm_runtime_{device}.so"] if device != "cpu" else []
-    )
     if device == "cuda":  # its plugin links libcudart.so.13: torch's CUDA wheel has one
         from relaxlm.runtime.cuda_libraries import find_library
 
@@ -200,6 +196,10 @@ def load_runtime_plugins(device: str) -> None:
                 find_library("RELAXLM_CUDART_LIBRARY", wheels, "libcudart.so.13"),
                 mode=ctypes.RTLD_GLOBAL,
             )
+    lib = Path(tvm.__file__).parent / "lib"
+    names = ["libtvm_runtime_extra.so"] + (
+        [f"libtvm_runtime_{device}.so"] if device != "cpu" else []
+    )
     for name in names:
         if (lib / name).is_file():
             ctypes.CDLL(str(lib / name), mode=ctypes.RTLD_GLOBAL)

@@ -177,11 +177,12 @@ def _dedupe(folder: Path) -> None:
         if path.stat().st_size < 2**16 or path.is_relative_to(folder / "site"):
             continue
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        relative = str(path.relative_to(folder))
         if digest in kept:
-            removed[str(path.relative_to(folder))] = kept[digest]
+            removed[relative] = kept[digest]
             path.unlink()
         else:
-            kept[digest] = str(path.relative_to(folder))
+            kept[digest] = relative
     (folder / DUPLICATES).write_text(json.dumps(removed, indent=1))
 
 
@@ -197,9 +198,7 @@ def _pack(folder: Path) -> Path:
     archive = folder.with_name(folder.name + ".tar.gz")
     partial = archive.with_name(archive.name + ".partial")
     with tarfile.open(partial, "w:gz") as tar:
-        tar.add(
-            folder, arcname=folder.name, filter=lambda m: None if m.name.endswith("/out") else m
-        )
+        tar.add(folder, arcname=folder.name)
     partial.replace(archive)
     return archive
 
@@ -213,12 +212,9 @@ def _unpack(archive: Path, into: Path | None) -> Path:
 
 
 def _tracked_bytes() -> int:
-    files = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.split(b"\0")
-    return sum(
-        (REPO / f.decode()).stat().st_size for f in files if f and (REPO / f.decode()).is_file()
-    )
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True)
+    files = [REPO / name.decode() for name in listed.stdout.split(b"\0") if name]
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 PROBE = """
