@@ -75,7 +75,9 @@ def compile_diffusion(
         fields = None
         if quant != "none" and comp.name == "denoise":
             mod, fields = quantize_weights(mod, resolve_scheme(quant), dtype)
-            mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(preset.target()))(mod)
+            mod = FuseDequantizeMatmul(
+                int8_dot=int8_dot_flavour(preset.target()), gpu=preset.is_gpu
+            )(mod)
         mod = _legalize_and_schedule(mod, preset)
         with build_context(preset, device_binaries):
             executable = relax.build(mod, target=preset.target())

@@ -11,6 +11,13 @@ whose activations are rounded to integers (`q4-a8`, and `q4` and `q8` in row til
 becomes one int8_dot.py kernel, which quantizes its input rows and then takes int8 dot
 products with the packed weights; a residual `add` of its output joins that kernel. Elsewhere
 such a weight takes the float kernel, exact against its dequantized weights.
+
+On GPUs (`gpu=True`) a matmul over many rows (prefill's tokens: anything but decode's one row
+per sequence) is one kernel of two blocks instead, the dequantize and then a plain matmul that
+reads it. The GPU matmul rule (schedules/gpu.py) recognises that matmul, as it cannot a reduction
+reading packed words through a non-affine index, and inlines the dequantize into its
+shared-memory tile loads: a tiled GEMM (on CUDA's tensor cores in float16) that still reads only
+packed weights from memory. Decode keeps the one reduction, which DecodeGEMV streams.
 """
 
 import json
@@ -30,9 +37,10 @@ from .quantize_weights import DEQUANTIZE_ATTR, dequantize_te, is_op
 class FuseDequantizeMatmul:
     """Fuse each dequantize feeding a linear matmul into a single reduction kernel."""
 
-    def __init__(self, int8_dot: Int8Dot | None = None):
+    def __init__(self, int8_dot: Int8Dot | None = None, gpu: bool = False):
         assert int8_dot is None or isinstance(int8_dot, Int8Dot), f"a flavour, not {int8_dot!r}"
         self.int8_dot = int8_dot
+        self.gpu = gpu
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         dequantizers = {
@@ -42,7 +50,7 @@ class FuseDequantizeMatmul:
         }
         if not dequantizers:
             return mod
-        rewriter = _Rewriter(mod, dequantizers, self.int8_dot)
+        rewriter = _Rewriter(mod, dequantizers, self.int8_dot, self.gpu)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
@@ -51,10 +59,13 @@ class FuseDequantizeMatmul:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, dequantizers: dict, int8_dot: Int8Dot | None):
+    def __init__(
+        self, mod: tvm.IRModule, dequantizers: dict, int8_dot: Int8Dot | None, gpu: bool
+    ):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot
+        self.gpu = gpu
         # (n, k, Kp, scale dtype, activations, bits, mins, scale group, super group), residual
         # -> kernel; and
         # each kernel without residual -> its key
@@ -81,13 +92,20 @@ class _Rewriter(relax.PyExprMutator):
         if self._int8_dot_applies(scheme, x, n, k, out_dtype):
             return self._int8_matmul(x, parts, n, k, scheme)
 
+        tiles = self.gpu and _many_rows(x)
+
         def compute(x_te, *parts_te):
+            def dequantized(j, r):
+                return dequantize_te(scheme, list(parts_te), j, r, out_dtype)
+
+            # on a GPU over many rows, a block of its own, which the GEMM's tile loads take in
+            w = te.compute((n, k), dequantized, name="dequantize") if tiles else None
             r = te.reduce_axis((0, k), name="k")
             return te.compute(
                 (*x_te.shape[:-1], n),
                 lambda *i: te.sum(
                     x_te[(*i[:-1], r)].astype(out_dtype)
-                    * dequantize_te(scheme, list(parts_te), i[-1], r, out_dtype),
+                    * (dequantized(i[-1], r) if w is None else w[i[-1], r]),
                     axis=r,
                 ),
                 name="NT_matmul",
@@ -232,3 +250,9 @@ class _Rewriter(relax.PyExprMutator):
         if isinstance(expr, relax.Var):
             return self.builder_.lookup_binding(expr)
         return expr
+
+
+def _many_rows(x: relax.Expr) -> bool:
+    """Whether x [..., rows, k] has rows other than decode's one per sequence."""
+    shape = x.ty.shape.values
+    return len(shape) >= 2 and not (isinstance(shape[-2], tirx.IntImm) and int(shape[-2]) == 1)

@@ -629,7 +629,7 @@ def build_library(
             mod = add_batched_decode(mod)
         mod = LibraryGemm(preset.device)(mod)
     if quantized:
-        mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target))(mod)
+        mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target), gpu=preset.is_gpu)(mod)
     plan = weight_plan(exported, sources, fields)
     mod = relax.transform.FuseTransposeMatmul()(mod)
     if exported.task == "generate" and (

@@ -15,14 +15,16 @@ Rules are tried in order; the first that schedules a kernel wins. What takes wha
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
 The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
 
-Tensor cores: in the TVM 0.27 wheel every `Schedule.tensorize` segfaults, because Tensorize
-deep-copies the intrinsic's implementation through `save_json`, and serializing any PrimFunc to
-JSON crashes that build. dlight's `Matmul` tensorizes float16 matmuls for CUDA sm_70+ whose fixed
-dimensions all exceed 64 (`MatmulTensorization`, WMMA), int8 ones (`MatmulInt8Tensorization`)
-and Metal's (`MetalMatmul`, simdgroups), so such kernels killed the compiler. `Matmul` below
-takes dlight's generic tiled matmul for every target instead: CUDA kernels are marked
-`dlight.do_not_tensorize`; Metal's are planned for a target with Metal's thread limits that is
-not Metal (its `MetalMatmul` branch ignores that mark).
+Tensor cores: dlight's `Matmul` tensorizes float16 matmuls for CUDA sm_70+ whose fixed
+dimensions all exceed 64 (`MatmulTensorization`: WMMA 16x16x16 tiles, 128x128 per block, staged
+through shared memory, float32 accumulation where the kernel accumulates in float32), with the
+kernel's producers inlined into its shared-memory loads: a prefill dequantize-matmul
+(fuse_dequantize_matmul.py) reads packed weights into shared memory as float16 tiles. (With the
+TVM 0.27 wheel this needs apache-tvm-ffi 0.1.14: under 0.1.15 `Schedule.tensorize`, which copies
+its intrinsic through `save_json`, segfaulted, and these kernels were kept off tensor cores.)
+bfloat16 has no WMMA intrinsic in dlight and takes the generic tiled schedule. Metal's
+`MetalMatmul` (simdgroups) is not taken: its kernels are planned for a target with Metal's
+thread limits that is not Metal (unverified on a Mac).
 """
 
 import tvm
@@ -34,15 +36,12 @@ from .decode_gemv import MAX_VECTOR_LANES, DecodeGEMV
 
 
 class Matmul(dlight.gpu.Matmul):
-    """dlight's GPU matmul, always its generic tiled schedule (no tensorize: see above)."""
+    """dlight's GPU matmul: tensor cores on CUDA (see above), the generic tiled schedule
+    elsewhere."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool):
         if target.kind.name == "metal":
             target = _without_metal_matmul(target)
-        elif target.kind.name == "cuda":
-            target = _without_tensor_cores(target)
-        if isinstance(func, tirx.PrimFunc):
-            func = func.with_attr("dlight.do_not_tensorize", True)
         return super().apply(func, target, tunable)
 
 
@@ -52,17 +51,6 @@ def _without_metal_matmul(target: Target) -> Target:
     limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
     attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
     return Target({"kind": "vulkan", **attrs, "thread_warp_size": 1})
-
-
-def _without_tensor_cores(target: Target) -> Target:
-    """`target` as a CUDA arch without tensor cores (sm_60), same limits: dlight's `Matmul`
-    then never reaches its tensorization branch, whose first step imports
-    `tvm.s_tir.tensor_intrin.cuda` — parsing ~500 TVMScript intrinsics, 70-100 s on a 2-core
-    machine, paid by every float16 CUDA compile although `dlight.do_not_tensorize` makes it
-    return nothing. The generic tiled schedule reads only the kind and the thread limits."""
-    limits = ("max_num_threads", "max_threads_per_block", "max_shared_memory_per_block")
-    attrs = {k: int(target.attrs[k]) for k in limits if k in target.attrs}
-    return Target({"kind": "cuda", "arch": "sm_60", **attrs})
 
 
 class RMSNorm(dlight.gpu.RMSNorm):

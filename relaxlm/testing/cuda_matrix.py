@@ -238,7 +238,14 @@ def _build_diffusion_cell(cell: Cell, checkpoint: Path, out: Path) -> dict:
 
 def _cuda_kernels(source: str) -> set[str]:
     """Names of the `__global__` functions in TVM's CUDA source."""
-    return set(_KERNEL.findall(source))
+    return set(cuda_kernel_sources(source))
+
+
+def cuda_kernel_sources(source: str) -> dict[str, str]:
+    """Each `__global__` function of TVM's CUDA source: name -> its text, up to the next one."""
+    found = list(_KERNEL.finditer(source))
+    ends = [m.start() for m in found[1:]] + [len(source)]
+    return {m.group(1): source[m.start() : end] for m, end in zip(found, ends, strict=True)}
 
 
 _KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\(")
