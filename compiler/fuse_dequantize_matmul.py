@@ -59,9 +59,7 @@ class FuseDequantizeMatmul:
 
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
-    def __init__(
-        self, mod: tvm.IRModule, dequantizers: dict, int8_dot: Int8Dot | None, gpu: bool
-    ):
+    def __init__(self, mod: tvm.IRModule, dequantizers: dict, int8_dot: Int8Dot | None, gpu: bool):
         super().__init__(mod)
         self.dequantizers = dequantizers
         self.int8_dot = int8_dot

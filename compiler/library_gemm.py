@@ -5,7 +5,7 @@
 BLAS on CPU) in every function but `decode`: prefill's [1, num_tokens, k] and the logits rows
 it keeps, an encoder's [batch, tokens, k]. `decode` keeps its TIR kernels
 (compiler/schedules/decode_gemv.py), which load each weight once per 4 sequences and can be
-captured in a CUDA graph; `add_batched_decode` copies it first as `decode_batched`, whose
+captured in a CUDA graph; batched_decode.py copies it first as `decode_batched`, whose
 matmuls the library takes, for the runtime to call with many sequences.
 
 A quantized weight (quantize_weights.py) arrives as `dequantize(parts)`: run before
@@ -18,9 +18,8 @@ does not take, are left to TIR.
 
 import tvm
 from tvm import relax
-from tvm.relax.utils import copy_with_new_vars
 
-from relaxlm.artifacts.library_gemm import BATCHED_DECODE, DTYPES, FUNCTION
+from relaxlm.artifacts.library_gemm import DTYPES, FUNCTION
 from relaxlm.errors import RelaxlmError
 
 from .quantize_weights import is_op
@@ -41,14 +40,6 @@ def check_library_gemm(device: str, dtype: str) -> None:
 
 
 KEPT = "decode"  # the function whose matmuls stay TIR kernels
-
-
-def add_batched_decode(mod: tvm.IRModule) -> tvm.IRModule:
-    """`mod` with a copy of `decode` named BATCHED_DECODE (the same inputs and outputs; its own
-    variables, as Relax binds each exactly once in a module)."""
-    batched = copy_with_new_vars(mod[KEPT]).with_attr("global_symbol", BATCHED_DECODE)
-    functions = {**dict(mod.functions_items()), relax.GlobalVar(BATCHED_DECODE): batched}
-    return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
 
 
 @tvm.transform.module_pass(opt_level=0, name="LibraryGemm")

@@ -38,6 +38,7 @@ from relaxlm.frontends.lora_slots import LoraSlotsSpec, with_slot_weights
 from relaxlm.frontends.tensor_parallel import shard
 
 from . import schedules
+from .batched_decode import RowsAsTokens, add_batched_decode
 from .cpu_legalize import legalize_and_fuse
 from .cuda_graph import mark_for_capture
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
@@ -45,7 +46,7 @@ from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot, int8_dot_flavour
 from .kv_quant import check_kv_cache_dtype
 from .launch_limits import check_launch_limits
-from .library_gemm import LibraryGemm, add_batched_decode, check_library_gemm
+from .library_gemm import LibraryGemm, check_library_gemm
 from .lower_attention_to_causal import LowerAttentionToCausal
 from .lower_attention_to_paged_kv import KVCachePlan, lower_attention_to_paged_kv
 from .quantization import (
@@ -123,9 +124,11 @@ def compile_model(
     gemm: who multiplies prefill's weight matmuls: "tir" (TVM's kernels) or "library"
         (cuBLAS on CUDA, numpy's BLAS on CPUs; compiler/library_gemm.py). Each library's
         manifest entry records it.
-    batched_decode: with gemm "library" and float weights, also build `decode_batched` (decode's
-        matmuls in the library, for many sequences); None: on CUDA. (numpy's BLAS is slower than
-        the CPU's decode kernels at 8 sequences: CPU builds leave it out; tests build it.)
+    batched_decode: also build `decode_batched`, decode for many sequences through GEMMs that
+        read each weight once (compiler/batched_decode.py): the library's with gemm "library"
+        (float weights only), TIR's tensor-core GEMM with "tir". None: on CUDA, with "tir" in
+        float16 (dlight's WMMA). (On CPUs both were slower than decode's kernels at 8
+        sequences: CPU builds leave it out; tests build it.)
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
@@ -621,12 +624,15 @@ def build_library(
     quantized = scheme is not None or bool(stored)
     if quantized:
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
-    if gemm == "library":  # first: the library's matmuls keep their dequantize unfused
+    if gemm == "library":
         check_library_gemm(preset.device, exported.dtype)
-        # Float weights only: dequantizing every step would cost more than decode's kernels do.
-        batched = preset.device == "cuda" if batched_decode is None else batched_decode
-        if batched and exported.task == "generate" and not quantized:
-            mod = add_batched_decode(mod)
+    if exported.task == "generate" and _batched_decode(
+        preset, exported.dtype, gemm, quantized, batched_decode
+    ):
+        mod = add_batched_decode(mod)
+        if gemm == "tir":
+            mod = RowsAsTokens()(mod)
+    if gemm == "library":  # before the fusion: the library's matmuls keep their dequantize unfused
         mod = LibraryGemm(preset.device)(mod)
     if quantized:
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target), gpu=preset.is_gpu)(mod)
@@ -667,6 +673,17 @@ def build_library(
         )
     say(f"code generated in {time.perf_counter() - start:.1f} s")
     return executable, kv_cache, plan
+
+
+def _batched_decode(
+    preset: TargetPreset, dtype: str, gemm: str, quantized: bool, asked: bool | None
+) -> bool:
+    """Whether to build `decode_batched` (see `compile_model`)."""
+    if gemm == "library" and quantized:  # the library would dequantize every weight every step
+        return False
+    if asked is not None:
+        return asked
+    return preset.device == "cuda" and (gemm == "library" or dtype == "float16")
 
 
 def _dump(folder: str | None, phase: str, mod: tvm.IRModule) -> None:

@@ -233,7 +233,7 @@ class CompiledModel:
         ones = [1] * len(seq_ids)
         entry = "decode"
         if len(seq_ids) >= BATCHED_DECODE_MIN and BATCHED_DECODE in self.stages[0].entries:
-            entry = BATCHED_DECODE  # the weights read once for the batch (a library GEMM)
+            entry = BATCHED_DECODE  # the weights read once for the batch (GEMMs)
         logits = self._forward(entry, ids, self._slot_ids(slots, ones), seq_ids, ones)
         if on_device:  # [batch, 1, vocab]: row i is sequence i's
             return [DeviceRow(logits, i) for i in range(len(seq_ids))]
@@ -295,7 +295,7 @@ class _Stage:
     def __init__(self, loaded: LoadedStage, sizes: tuple[int, int, int, int]):
         """sizes: max batch size, total tokens, prefill chunk and page size of the cache."""
         self.device, self.params = loaded.device, loaded.params
-        names = ("prefill", "decode", BATCHED_DECODE)  # the last: `--gemm library` builds only
+        names = ("prefill", "decode", BATCHED_DECODE)  # the last: CUDA builds only
         module = loaded.vm.module
         self.entries = {n: loaded.vm[n] for n in names if module.implements_function(n)}
         self.kv_cache = loaded.vm["create_paged_kv_cache"](

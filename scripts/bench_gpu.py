@@ -13,7 +13,8 @@ compiles each with CUDA graphs (DIR/<shape>-<format>-graph), `--gemm-library` wi
 GEMMs in cuBLAS (DIR/<shape>-<format>-gemm_library; both: every combination). --run-only
 refills the shards (header + truncate: the same bytes, so the same checksums), then measures
 relaxlm's runtime and transformers (random weights, float16, on the same device): decode
-tokens/s for 1 and `--batch` sequences, prefill tokens/s and time to first token for each
+tokens/s for 1 and `--batch` sequences (an artifact with `decode_batched` also through decode's
+own kernels: column "bN gemv"), prefill tokens/s and time to first token for each
 `--prompts` length, the roofline fraction (weight bytes read per token / the device's copy
 bandwidth, measured here by a device-to-device copy: bytes read + bytes written per second)
 and, for relaxlm, the VM's decode step alone (synchronized) and the engine's per-token time
@@ -265,6 +266,7 @@ def _prompts(vocab: int, count: int, length: int, seed: int) -> list[list[int]]:
 
 def bench_relaxlm(artifact: Path, device: str, lengths, batch: int, steps: int, repeats: int):
     import relaxlm
+    from relaxlm.artifacts.library_gemm import BATCHED_DECODE
 
     # A cache for the largest run, not the context window x batch: device memory stays free for
     # transformers after it (TVM's allocator keeps what it freed).
@@ -283,6 +285,11 @@ def bench_relaxlm(artifact: Path, device: str, lengths, batch: int, steps: int, 
     row = {"vm_step_ms": vm_decode_step(llm.model, repeats * 4) * 1e3}
     row |= speeds(generate, lengths, batch, steps, repeats)
     row["host_ms"] = 1e3 / row["decode_b1"] - row["vm_step_ms"]
+    entries = llm.model.stages[0].entries
+    if BATCHED_DECODE in entries:  # the batch again through decode's own kernels: which is faster
+        batched = entries.pop(BATCHED_DECODE)
+        row[f"decode_b{batch}_gemv"] = decode_speed(generate, batch, steps, repeats)
+        entries[BATCHED_DECODE] = batched
     row["weight_bytes"] = weight_bytes_per_token(artifact, llm.manifest)
     return row
 
@@ -298,10 +305,15 @@ def speeds(generate, lengths, batch: int, steps: int, repeats: int) -> dict:
         ttft = min(generate(1, n, 1) for _ in range(repeats))
         row[f"prefill_{n}"], row[f"ttft_{n}_ms"] = n / ttft, ttft * 1e3
     for count in (1, batch):
-        first = min(generate(count, 16, 1) for _ in range(repeats))
-        total = min(generate(count, 16, steps + 1) for _ in range(repeats))
-        row[f"decode_b{count}"] = count * steps / max(total - first, 1e-9)
+        row[f"decode_b{count}"] = decode_speed(generate, count, steps, repeats)
     return row
+
+
+def decode_speed(generate, count: int, steps: int, repeats: int) -> float:
+    """Tokens/s of `count` sequences decoding together (see `speeds`)."""
+    first = min(generate(count, 16, 1) for _ in range(repeats))
+    total = min(generate(count, 16, steps + 1) for _ in range(repeats))
+    return count * steps / max(total - first, 1e-9)
 
 
 def vm_decode_step(model, steps: int) -> float:
@@ -434,6 +446,7 @@ def print_table(result: dict, lengths, batch: int) -> None:
         ("gemm", "gemm", "{}"),
         ("dec b1", "decode_b1", "{:.1f}"),
         (f"dec b{batch}", f"decode_b{batch}", "{:.1f}"),
+        (f"b{batch} gemv", f"decode_b{batch}_gemv", "{:.1f}"),  # without decode_batched
         *((f"pre {n}", f"prefill_{n}", "{:.0f}") for n in lengths),
         *((f"ttft{n} ms", f"ttft_{n}_ms", "{:.2f}") for n in lengths),
         ("GB/tok", "weight_bytes", "{:.4g}"),

@@ -11,8 +11,10 @@ that dtype) beside it: DIR/<case>-<dtype>/{artifact/, reference.json}. --run-onl
 relaxlm's runtime, numpy and a TVM runtime: no compiler, transformers or torch. Per artifact it
 checks logits within the dtype's tolerance, 16 greedy tokens (all must equal for float32; for
 16-bit dtypes, where near-ties may flip, the table shows how many lead before they differ), a
-batch of 4 different prompts equal to each prompt alone, and a seeded sample reproducible; it
-prints one table and exits 1 if a row fails.
+batch of 4 different prompts equal to each prompt alone, a decode step of 17 sequences through
+`decode_batched` (CUDA float16 builds; compiler/batched_decode.py) within the tolerance of the
+same step through decode, and a seeded sample reproducible; it prints one table and exits 1 if a
+row fails.
 `--device cpu --target cpu` runs the same check on the CPU (tests/test_gpu_check.py does).
 
 `--kv-cache-dtype int8|fp8` compiles the artifacts with a quantized KV cache
@@ -124,7 +126,8 @@ def check_artifact(folder: Path, device: str) -> dict:
     ref = json.loads((folder / "reference.json").read_text())
     row = {"case": ref["case"], "dtype": ref["dtype"], "tolerance": ref["tolerance"]}
     try:
-        llm = relaxlm.LLM(str(folder / "artifact"), device=device)
+        # room for a batch that takes decode_batched
+        llm = relaxlm.LLM(str(folder / "artifact"), device=device, max_batch_size=32)
         ours = llm.score(ref["token_ids"], prefill=ref["prefill"])
         want = np.asarray(ref["logits"], dtype=np.float32)
         error = np.abs(ours - want).max(axis=1) / np.ptp(want)  # as parity.logit_error
@@ -137,6 +140,7 @@ def check_artifact(folder: Path, device: str) -> dict:
         alone = [llm.generate([p], greedy)[0].token_ids for p in prompts]
         together = [r.token_ids for r in llm.generate(prompts, greedy)]
         row["batch_equals_alone"] = together == alone
+        row["batched_error"] = batched_decode_error(llm.model, prompts)
         sample = relaxlm.SamplingParams(max_tokens=GREEDY, temperature=1.0, seed=7)
         first, second = (llm.generate([prompts[0]], sample)[0].token_ids for _ in range(2))
         row["seed_reproducible"] = first == second
@@ -147,9 +151,43 @@ def check_artifact(folder: Path, device: str) -> dict:
         and max(row["prefill_error"], row["decode_error"]) <= row["tolerance"]
         and (row["dtype"] != "float32" or row["greedy_equal"] == GREEDY)
         and row["batch_equals_alone"]
+        and (row["batched_error"] or 0.0) <= row["tolerance"]
         and row["seed_reproducible"]
     )
     return row
+
+
+def batched_decode_error(model, prompts: list[list[int]]) -> float | None:
+    """One decode step of BATCHED_DECODE_MIN + 1 sequences (prefixes of `prompts`) through
+    decode_batched against the same step through decode: max |difference| / the logits' range;
+    None where the artifact has no decode_batched (compiler/batched_decode.py). Its GEMMs round
+    differently from decode's kernels, so logits are compared, not greedy tokens (16-bit
+    near-ties may flip)."""
+    from relaxlm.artifacts.library_gemm import BATCHED_DECODE, BATCHED_DECODE_MIN
+
+    entries = model.stages[0].entries
+    if BATCHED_DECODE not in entries:
+        return None
+    count = BATCHED_DECODE_MIN + 1
+    batch = [prompts[i % len(prompts)][: 2 + i % 7] for i in range(count)]
+
+    def step() -> np.ndarray:
+        seqs = [(1 << 20) + i for i in range(count)]  # ids no engine request uses
+        for seq, prompt in zip(seqs, batch, strict=True):
+            model.add_sequence(seq)
+            model.prefill([seq], [prompt])
+        logits = model.decode(seqs, [prompt[-1] for prompt in batch])
+        for seq in seqs:
+            model.remove_sequence(seq)
+        return logits
+
+    batched = step()
+    kept = entries.pop(BATCHED_DECODE)
+    try:
+        plain = step()
+    finally:
+        entries[BATCHED_DECODE] = kept
+    return float(np.abs(batched - plain).max() / np.ptp(plain))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -165,7 +203,8 @@ def print_table(rows: list[dict], device: str) -> None:
         f"relaxlm vs transformers on {device} (logit error: max |diff| / logit range; "
         "-kv_ rows: vs relaxlm's CPU build with the same cache)"
     )
-    header = "case        dtype     prefill  decode   tol     greedy  batch=alone  seed  result"
+    header = "case        dtype     prefill  decode   tol     greedy  batch=alone  batched   "
+    header += "seed  result"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -176,6 +215,7 @@ def print_table(rows: list[dict], device: str) -> None:
             f"{r['case']:<11} {r['dtype']:<9} {r['prefill_error']:<8.2e} {r['decode_error']:<8.2e}"
             f" {r['tolerance']:<7g} {r['greedy_equal']:>2}/{GREEDY}   "
             f"{'yes' if r['batch_equals_alone'] else 'NO':<12} "
+            f"{'-' if r['batched_error'] is None else format(r['batched_error'], '.2e'):<9} "
             f"{'yes' if r['seed_reproducible'] else 'NO':<5} {'ok' if r['ok'] else 'FAIL'}"
         )
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from test_cli import assert_clean_error, relaxlm_cli
 
-from relaxlm.artifacts.library_gemm import BATCHED_DECODE, BATCHED_DECODE_MIN, FUNCTION
+from relaxlm.artifacts.library_gemm import BATCHED_DECODE, FUNCTION
 from relaxlm.errors import RelaxlmError
 from relaxlm.runtime import cublas, library_gemm  # noqa: F401 (registers FUNCTION)
 
@@ -140,43 +140,6 @@ def test_a_quantized_prefill_equals_the_fused_kernels(checkpoints):
     ids = token_ids(fused.vocab_size, 40)
     ours, theirs = library.score(ids, prefill=34), fused.score(ids, prefill=34)
     assert np.abs(ours - theirs).max() <= 1e-5 * np.ptp(theirs)
-
-
-def test_many_sequences_decode_through_the_library_each_as_alone(checkpoints, tmp_path):
-    """With BATCHED_DECODE_MIN sequences or more, a step runs BATCHED_DECODE (built for CUDA;
-    here on request, as CPU builds leave it out); the tokens are those of each prompt alone and
-    of the TIR build."""
-    import relaxlm
-    from relaxlm.compiler.pipeline import compile_model
-
-    folder = compile_model(
-        checkpoints(CASE), tmp_path / "m", progress=False, gemm="library", batched_decode=True
-    )
-    library = relaxlm.LLM(str(folder))
-    tir = relaxlm.LLM(str(checkpoints(CASE)))
-    entries = library.model.stages[0].entries
-    calls = {BATCHED_DECODE: 0, "decode": 0}
-    for name in calls:
-        entries[name] = _counted(entries[name], name, calls)
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(5, library.vocab_size, n).tolist() for n in range(3, 13)]
-    assert len(prompts) > BATCHED_DECODE_MIN
-    greedy = relaxlm.SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    together = [r.token_ids for r in library.generate(prompts, greedy)]
-    assert calls[BATCHED_DECODE] > 0
-    alone = [library.generate([p], greedy)[0].token_ids for p in prompts]
-    assert together == alone == [r.token_ids for r in tir.generate(prompts, greedy)]
-    assert calls["decode"] > 0  # the prompts alone: batches of one
-
-
-def _counted(entry, name: str, calls: dict):
-    """`entry`, adding one to calls[name] at each call."""
-
-    def call(*args):
-        calls[name] += 1
-        return entry(*args)
-
-    return call
 
 
 # -- cuBLAS's arguments, against a column-major BLAS --------------------------------------------

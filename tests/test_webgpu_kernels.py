@@ -146,9 +146,11 @@ def test_int4_dequantize_gemv(gpu, preset, scheduled, rows, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int4_dequantize_gemm(gpu, preset, scheduled, dtype):
-    """Prefill: the fused q4 dequantize-matmul over 37 tokens (SingleReduction)."""
+    """Prefill: the q4 dequantize-matmul over 37 tokens (dlight Matmul: the dequantize inlined
+    into the shared-memory tile loads of the weight)."""
     mods, _ = scheduled
     func = _kernel(mods["q4", dtype], _is_linear("q4", decode=False))
+    assert 'T.sblock("dequantize_reindex_shared")' in func.script()
     got, want = _linear(gpu, preset, func, 37, "q4", dtype)
     _check("q4 dequantize-GEMM, 37 tokens", got, want)
 

@@ -5,13 +5,14 @@ Rules are tried in order; the first that schedules a kernel wins. What takes wha
 - `DecodeGEMV` (decode_gemv.py): the decode step's weight matmuls, float and 4-bit
   interleaved, with their epilogues (residual add, cast): rows `[batch, 1, n]` only, so
   prefill's kernels (rows `[1, tokens, n]`) fall through to the rules below.
-- `Matmul`: the float weight matmuls of prefill (and of decode where `DecodeGEMV` declines).
-  It comes before `LowBatchGEMV`, which also takes prefill GEMMs.
+- `Matmul`: the weight matmuls of prefill, float and quantized (a quantized one is a dequantize
+  block feeding the matmul: fuse_dequantize_matmul.py), and of decode where `DecodeGEMV`
+  declines. It comes before `LowBatchGEMV`, which also takes prefill GEMMs.
 - `GEMV`, `LowBatchGEMV`: GEMVs with static rows (kept in MLC-LLM's order; none in a Llama).
 - `RMSNorm`: the norms (its rsqrt pattern, `x * w` after it); `Reduction`, `GeneralReduction`:
-  softmax, Gemma's `x * (1 + w)` norms and prefill's int4 dequantize-matmuls fused with their
-  residual add.
-- `SingleReduction`: the other int4 dequantize-matmuls, prefill's (see its docstring).
+  softmax, Gemma's `x * (1 + w)` norms, and a packed-weight reduction fused with a residual add
+  where `DecodeGEMV` declines one.
+- `SingleReduction`: the other packed-weight reductions `DecodeGEMV` declines (its docstring).
 - `Fallback`: the injective kernels (reshapes, SiLU-and-multiply, casts).
 The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM.
 
@@ -164,9 +165,10 @@ def _split_wide_vectors(sch: s_tir.Schedule, lanes: int) -> None:
 
 class SingleReduction(dlight.ScheduleRule):
     """A kernel that is one reduction over its last axis and nothing else, which dlight's
-    matmul and GEMV rules do not recognise: the int4 dequantize-matmuls, whose packed weights
-    are read through the interleaved nibble index (quantization.py), so no weight access is
-    affine in k.
+    matmul and GEMV rules do not recognise: a one-row-per-sequence int4 dequantize-matmul that
+    DecodeGEMV declines, whose packed weights are read through the interleaved nibble index
+    (quantization.py), so no weight access is affine in k. (Over many rows these kernels come as
+    a dequantize block and a matmul, which `Matmul` takes.)
 
     dlight's `GeneralReduction` schedules exactly this when an injective epilogue follows the
     reduction (one workgroup per output, its threads splitting K, a cross-thread sum); the
