@@ -413,8 +413,17 @@ def _compile_sharded(
     say(f"compiling {checkpoint.path} ({checkpoint.architecture}, {dtype}) in {shards} shards")
     stored = stored_schemes(checkpoint, exported, scheme)
     with ArtifactWriter(output) as writer, tempfile.TemporaryDirectory() as scratch:
+        # no decode_batched: runtime/disco.py's shards run prefill and decode only
         kv_cache, plan = _add_libraries(
-            writer, Path(scratch), exported, presets, scheme, say, stored, kv_cache_dtype
+            writer,
+            Path(scratch),
+            exported,
+            presets,
+            scheme,
+            say,
+            stored,
+            kv_cache_dtype,
+            batched_decode=False,
         )
         # Weights read whole by every shard are stored once, split ones once per shard.
         is_split = [any(n in sharded.split for n in w.sources) for w in plan]

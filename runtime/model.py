@@ -232,7 +232,8 @@ class CompiledModel:
         ids = np.array(tokens, dtype="int32").reshape(-1, 1)  # [batch, 1]
         ones = [1] * len(seq_ids)
         entry = "decode"
-        if len(seq_ids) >= BATCHED_DECODE_MIN and BATCHED_DECODE in self.stages[0].entries:
+        batched = all(BATCHED_DECODE in stage.entries for stage in self.stages)  # CPU ones: none
+        if len(seq_ids) >= BATCHED_DECODE_MIN and batched:
             entry = BATCHED_DECODE  # the weights read once for the batch (GEMMs)
         logits = self._forward(entry, ids, self._slot_ids(slots, ones), seq_ids, ones)
         if on_device:  # [batch, 1, vocab]: row i is sequence i's
