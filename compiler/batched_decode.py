@@ -19,7 +19,7 @@ from tvm.relax.utils import copy_with_new_vars
 from relaxlm.artifacts.library_gemm import BATCHED_DECODE
 from relaxlm.tvm_api import tirx
 
-from .quantize_weights import is_op
+from .quantize_weights import linear_weight
 
 DECODE = "decode"
 
@@ -47,12 +47,9 @@ class RowsAsTokens:
 class _Rewriter(relax.PyExprMutator):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not is_op(call, "relax.matmul"):
+        if linear_weight(self.builder_, call) is None:
             return call
         x, rhs = call.args
-        transposed = self.builder_.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
-        if not (is_op(transposed, "relax.permute_dims") and transposed.args[0].ty.ndim == 2):
-            return call
         shape = x.ty.shape
         if not isinstance(shape, relax.ShapeExpr) or len(shape.values) != 3:
             return call

@@ -22,7 +22,7 @@ from tvm import relax
 from relaxlm.artifacts.library_gemm import DTYPES, FUNCTION
 from relaxlm.errors import RelaxlmError
 
-from .quantize_weights import is_op
+from .quantize_weights import linear_weight
 
 
 def check_library_gemm(device: str, dtype: str) -> None:
@@ -65,16 +65,10 @@ class _Rewriter(relax.PyExprMutator):
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
-        if not is_op(call, "relax.matmul"):
+        w = linear_weight(self.builder_, call)
+        if w is None:
             return call
-        x, rhs = call.args
-        transposed = self.builder_.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
-        if not is_op(transposed, "relax.permute_dims"):
-            return call
-        w = transposed.args[0]
-        axes = transposed.attrs.axes
-        if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
-            return call
+        x = call.args[0]
         shape, dtype = x.ty.shape, x.ty.dtype
         if not isinstance(shape, relax.ShapeExpr) or dtype not in self.dtypes:
             return call

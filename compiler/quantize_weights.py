@@ -360,6 +360,21 @@ def is_op(call, name: str) -> bool:
     return isinstance(call, relax.Call) and call.op.same_as(tvm.ir.Op.get(name))
 
 
+def linear_weight(builder: relax.BlockBuilder, call: relax.Call) -> relax.Expr | None:
+    """w where `call` is a linear layer's `matmul(x, permute_dims(w))`, w 2-D [n, k], else None
+    (`builder` looks up what a variable is bound to)."""
+    if not is_op(call, "relax.matmul"):
+        return None
+    rhs = call.args[1]
+    transposed = builder.lookup_binding(rhs) if isinstance(rhs, relax.Var) else rhs
+    if not is_op(transposed, "relax.permute_dims"):
+        return None
+    w, axes = transposed.args[0], transposed.attrs.axes
+    if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+        return None
+    return w
+
+
 @relax.expr_functor.mutator
 class _Rewriter(relax.PyExprMutator):
     def __init__(self, mod, schemes, compute_dtype, layout, new_fields):
