@@ -127,8 +127,8 @@ def compile_model(
     batched_decode: also build `decode_batched`, decode for many sequences through GEMMs that
         read each weight once (compiler/batched_decode.py): the library's with gemm "library"
         (float weights only), TIR's tensor-core GEMM with "tir". None: on CUDA, with "tir" in
-        float16 (dlight's WMMA). (On CPUs both were slower than decode's kernels at 8
-        sequences: CPU builds leave it out; tests build it.)
+        float16 (dlight's WMMA). CPU builds leave it out (the library's ran slower than
+        decode's kernels at 8 sequences there); tests build it.
     """
     say = _Reporter(progress)
     presets = resolve_targets(target)
