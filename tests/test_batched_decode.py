@@ -7,7 +7,6 @@ made with it on request (CPUs leave it out: slower there), against each prompt a
 build without it. The TIR GEMM it takes on GPUs runs on lavapipe in tests/test_webgpu_kernels.py.
 """
 
-import re
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from relaxlm.artifacts.library_gemm import BATCHED_DECODE, BATCHED_DECODE_MIN
+from relaxlm.testing.ir import called_kernels
 from relaxlm.tvm_api import tirx
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
@@ -52,20 +52,15 @@ def test_which_builds_have_it(checkpoints, target, dtype, quant, gemm, built):
     if not built or gemm == "library":
         return
     # every weight matmul takes the batch as rows: [batch, 1, k] -> [1, batch, k]
-    kernels = _called_matmuls(mod, BATCHED_DECODE)
+    kernels = called_kernels(mod, BATCHED_DECODE, "NT_matmul")
     assert len(kernels) == 5, kernels  # fused qkv, o, fused gate/up, down, the logits head
     for name in kernels:
         x = list(mod[name].params[0].ty.shape)
         assert isinstance(x[0], tirx.IntImm) and int(x[0]) == 1, (name, x)
         if quant == "q4":  # the dequantize in the GEMM's tile loads, not DecodeGEMV's reduction
             assert "dequantize_reindex" in mod[name].script(), name
-    assert not set(kernels) & set(_called_matmuls(mod, "decode"))  # decode keeps DecodeGEMV
-
-
-def _called_matmuls(mod, function: str) -> list[str]:
-    """The weight-matmul kernels `function` calls, by name."""
-    called = set(re.findall(r"R\.call_tir\((?:cls\.)?(\w+),", mod[function].script()))
-    return sorted(name for name in called if "NT_matmul" in name)
+    # decode keeps DecodeGEMV's kernels
+    assert not set(kernels) & set(called_kernels(mod, "decode", "NT_matmul"))
 
 
 @pytest.mark.parametrize("gemm", ["tir", "library"])

@@ -22,6 +22,7 @@ from relaxlm.compiler.quantize_weights import dequantize_te
 from relaxlm.compiler.schedules.decode_gemv import MAX_GRID_Y
 from relaxlm.compiler.schedules.gpu import gpu_schedules
 from relaxlm.compiler.targets import resolve_target
+from relaxlm.testing.ir import called_kernels
 from relaxlm.tvm_api import tirx
 
 N, K = 70, 320
@@ -209,10 +210,6 @@ def _cuda_source(mod: tvm.IRModule, target) -> str:
     return kept[0] if kept else library.mod.imports[0].inspect_source()
 
 
-def _out_shape(func: tirx.PrimFunc) -> list:
-    return list(func.params[-1].ty.shape)
-
-
 @pytest.mark.parametrize("quant", ["q4", "none"])
 def test_tiny_llamas_decode_matmuls_take_it_for_cuda(checkpoints, quant):
     """The decode step's five weight matmuls (q, k, v fused; o + residual; gate/up fused;
@@ -223,12 +220,10 @@ def test_tiny_llamas_decode_matmuls_take_it_for_cuda(checkpoints, quant):
     exported = export(load_checkpoint(checkpoints("llama_gqa")), "float16")
     scheme = resolve_scheme(quant)
     mod, _, _ = build_library(exported, resolve_target("cuda:sm_90"), scheme, scheduled_only=True)
-    decode, prefill = [], []
-    for gv, func in mod.functions_items():
-        if not (isinstance(func, tirx.PrimFunc) and "NT_matmul" in gv.name_hint):
-            continue
-        rows = _out_shape(func)[:2]
-        (prefill if isinstance(rows[0], tirx.IntImm) else decode).append(func.script())
+    decode, prefill = (
+        [mod[name].script() for name in called_kernels(mod, function, "NT_matmul")]
+        for function in ("decode", "prefill")
+    )
     assert len(decode) == len(prefill) == 5
     vector = 4 if quant == "q4" else 8  # 128 bits: 4 words, 8 float16s
     for script in decode:

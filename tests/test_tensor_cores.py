@@ -22,6 +22,7 @@ from relaxlm.compiler.quantization import resolve_scheme
 from relaxlm.compiler.targets import resolve_target
 from relaxlm.frontends import export, load_checkpoint
 from relaxlm.testing.cuda_matrix import cuda_kernel_sources, fatbin_summary
+from relaxlm.testing.ir import called_kernels
 from relaxlm.testing.tiny_models import DEMO_CONFIG, make_model
 
 TARGET = "cuda:sm_80,sm_90"
@@ -56,8 +57,7 @@ def scheduled(wide):
 
 def _weight_matmuls(mod, function: str) -> dict[str, str]:
     """name -> TIR script of each weight-matmul kernel `function` calls."""
-    called = set(re.findall(r"R\.call_tir\((?:cls\.)?(\w+),", mod[function].script()))
-    return {name: mod[name].script() for name in called if "NT_matmul" in name}
+    return {name: mod[name].script() for name in called_kernels(mod, function, "NT_matmul")}
 
 
 @pytest.mark.parametrize("quant", ["none", "q4"])
