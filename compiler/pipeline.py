@@ -633,8 +633,6 @@ def build_library(
     quantized = scheme is not None or bool(stored)
     if quantized:
         mod, fields = quantize_weights(mod, scheme, exported.dtype, stored)
-    if gemm == "library":
-        check_library_gemm(preset.device, exported.dtype)
     if exported.task == "generate" and _batched_decode(
         preset, exported.dtype, gemm, quantized, batched_decode
     ):
@@ -642,6 +640,7 @@ def build_library(
         if gemm == "tir":
             mod = RowsAsTokens()(mod)
     if gemm == "library":  # before the fusion: the library's matmuls keep their dequantize unfused
+        check_library_gemm(preset.device, exported.dtype)
         mod = LibraryGemm(preset.device)(mod)
     if quantized:
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target), gpu=preset.is_gpu)(mod)

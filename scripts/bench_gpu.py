@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_check import load_runtime_plugins  # a sibling script
+from gpu_check import load_runtime_plugins, without_batched_decode  # a sibling script
 
 LLAMA3 = dict(
     vocab_size=128256,
@@ -285,11 +285,9 @@ def bench_relaxlm(artifact: Path, device: str, lengths, batch: int, steps: int, 
     row = {"vm_step_ms": vm_decode_step(llm.model, repeats * 4) * 1e3}
     row |= speeds(generate, lengths, batch, steps, repeats)
     row["host_ms"] = 1e3 / row["decode_b1"] - row["vm_step_ms"]
-    entries = llm.model.stages[0].entries
-    if BATCHED_DECODE in entries:  # the batch again through decode's own kernels: which is faster
-        batched = entries.pop(BATCHED_DECODE)
-        row[f"decode_b{batch}_gemv"] = decode_speed(generate, batch, steps, repeats)
-        entries[BATCHED_DECODE] = batched
+    if BATCHED_DECODE in llm.model.stages[0].entries:  # the batch through decode's kernels too
+        with without_batched_decode(llm.model):
+            row[f"decode_b{batch}_gemv"] = decode_speed(generate, batch, steps, repeats)
     row["weight_bytes"] = weight_bytes_per_token(artifact, llm.manifest)
     return row
 

@@ -182,12 +182,23 @@ def batched_decode_error(model, prompts: list[list[int]]) -> float | None:
         return logits
 
     batched = step()
+    with without_batched_decode(model):
+        plain = step()
+    return float(np.abs(batched - plain).max() / np.ptp(plain))
+
+
+@contextlib.contextmanager
+def without_batched_decode(model):
+    """Within it, `model` decodes every batch through decode's own kernels (also
+    bench_gpu.py's "bN gemv" column)."""
+    from relaxlm.artifacts.library_gemm import BATCHED_DECODE
+
+    entries = model.stages[0].entries
     kept = entries.pop(BATCHED_DECODE)
     try:
-        plain = step()
+        yield
     finally:
         entries[BATCHED_DECODE] = kept
-    return float(np.abs(batched - plain).max() / np.ptp(plain))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
