@@ -38,7 +38,7 @@ from relaxlm.frontends.lora_slots import LoraSlotsSpec, with_slot_weights
 from relaxlm.frontends.tensor_parallel import shard
 
 from . import schedules
-from .batched_decode import RowsAsTokens, add_batched_decode
+from .batched_decode import MarkFewRows, RowsAsTokens, add_batched_decode
 from .cpu_legalize import legalize_and_fuse
 from .cuda_graph import mark_for_capture
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
@@ -585,6 +585,7 @@ def build_library(
     say=lambda msg: None,
     stored: dict[int, QuantScheme] | None = None,
     scheduled_only: bool = False,
+    fused_only: bool = False,
     device_binaries: bool = True,
     kv_cache_dtype: str = "auto",
     cuda_graph: bool = False,
@@ -595,7 +596,8 @@ def build_library(
     """Run the four phases on the exported graph.
 
     scheduled_only: stop after phase 3 and return the scheduled IRModule in place of the
-        executable (tests run its kernels alone).
+        executable (tests run its kernels alone); fused_only: after phase 2, unscheduled (to
+        schedule its kernels other ways: tests, scripts/gemm_sweep.py).
     device_binaries: False keeps CUDA kernels as CUDA source, no nvcc (see `build_context`).
     kv_cache_dtype: what the KV cache's pages hold (see `compile_model`).
     cuda_graph: a CUDA preset's decode kernels captured in CUDA graphs (compiler/cuda_graph.py).
@@ -657,7 +659,11 @@ def build_library(
 
     # 2. legalize / fuse
     mod = legalize_and_fuse(mod, preset.device)
+    if preset.is_gpu and gemm == "tir":
+        mod = MarkFewRows()(mod)  # decode_batched's GEMMs: tiles of a few rows
     _dump(dump, "2-fused", mod)
+    if fused_only:
+        return mod, kv_cache, plan
     say("operators legalized and fused; scheduling kernels")
 
     # 3. schedules

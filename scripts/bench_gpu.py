@@ -132,8 +132,9 @@ def holes_for_weights():
         ShardWriter.write, ShardWriter.close, pipeline.converted_weights = saved
 
 
-def hollow_checkpoint(folder: Path, shape: str) -> Path:
-    """A Llama checkpoint of `shape` in float16 whose weights are a hole (config, tokenizer)."""
+def hollow_checkpoint(folder: Path, shape: str, layers: int | None = None) -> Path:
+    """A Llama checkpoint of `shape` in float16 whose weights are a hole (config, tokenizer);
+    `layers` of it where given."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -142,6 +143,7 @@ def hollow_checkpoint(folder: Path, shape: str) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(**SHAPES[shape], torch_dtype="float16")
+    config.num_hidden_layers = layers or config.num_hidden_layers
     config.architectures = ["LlamaForCausalLM"]
     config.save_pretrained(folder)
     with torch.device("meta"):

@@ -10,19 +10,21 @@ everything on the build machine, `run` spends the GPU's time on measurements onl
 compiler library, headers and sources; `TVM_USE_RUNTIME_LIB=1` keeps TVM from looking for
 them), what the runtime imports that the GPU machine lacks (CARRIED: tvm_ffi, pydantic) for
 its Python (the installed packages, else the same versions' wheels from the package index)
-and relaxlm's runtime as a package; DIR/check, scripts/gpu_check.py's
-artifacts and references (each `--check` passes its options); DIR/bench/<n>, scripts/
-bench_gpu.py's weightless artifacts (each `--bench`). A file that several artifacts hold is
-kept once (duplicates.json). Then DIR.tar.gz, the one path to carry; it fails past `--max-mib`
-with the working tree (the device carries 64 MiB).
+and relaxlm's runtime as a package; DIR/check, scripts/gpu_check.py's artifacts and references
+(each `--check` passes its options); DIR/bench/<n>, scripts/bench_gpu.py's weightless
+artifacts (each `--bench`); DIR/sweep, scripts/gemm_sweep.py's libraries (`--sweep`: a decode
+step's weight GEMMs through each schedule). A file that several artifacts hold is kept once
+(duplicates.json). Then DIR.tar.gz, the one path to carry; it fails past `--max-mib` with the
+working tree (the device carries 64 MiB).
 
 `run` unpacks the archive (or takes the folder), puts its site/ first on the path, then runs
 each step in its own process with its own time limit (all within `--budget`), its output in
 $OUT (else DIR/out) as it comes: a probe (which TVM and relaxlm were imported, whether TVM's
 compiler library was loaded, the device; the run stops there if it fails), gpu_check --run-only
-(check.log), bench_gpu --run-only per bench folder (bench.log, bench-<n>.json), profile_decode
-on `--profile`'s artifacts (profile.log; after bench, which refills their weights). It exits 1
-if a step failed, after running the others.
+(check.log), bench_gpu --run-only per bench folder (bench.log, bench-<n>.json), gemm_sweep
+--run-only (sweep.log, sweep.json), profile_decode on `--profile`'s artifacts (profile.log;
+after bench, which refills their weights). It exits 1 if a step failed, after running the
+others.
 `build --target cpu` then `run --device cpu` does the same on this machine
 (tests/test_gpu_payload.py).
 """
@@ -79,16 +81,23 @@ DEFAULT_BENCHES = (  # CUDA graphs for the small shape, whose step is launch-bou
     "--shapes llama-3-8b --gemm-library",
 )
 DEFAULT_PROFILE = "llama-3.2-1b-q4-float16,llama-3-8b-q4-float16"
+DEFAULT_SWEEP = "--shape llama-3-8b"  # decode's weight GEMMs per schedule and batch
 DUPLICATES = "duplicates.json"
-STEP_SECONDS = {"probe": 60, "check": 120, "bench": 210, "profile": 45}
+STEP_SECONDS = {"probe": 60, "check": 120, "bench": 210, "sweep": 60, "profile": 45}
 
 
 def build(
-    folder: Path, python: str, target: str, checks: list[str], benches: list[str], max_mib: float
+    folder: Path,
+    python: str,
+    target: str,
+    checks: list[str],
+    benches: list[str],
+    sweep: str | None,
+    max_mib: float,
 ) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     site = folder / "site"
-    for stale in (site, folder / "check", folder / "bench", folder / "out"):
+    for stale in (site, folder / "check", folder / "bench", folder / "sweep", folder / "out"):
         shutil.rmtree(stale, ignore_errors=True)
     _copy_runtime_tvm(site)
     _copy_distributions(site, python)
@@ -98,6 +107,7 @@ def build(
     # time loses its table, not the others').
     jobs = [("gpu_check.py", folder / "check", options) for options in checks]
     jobs += [("bench_gpu.py", folder / "bench" / str(n), opts) for n, opts in enumerate(benches)]
+    jobs += [("gemm_sweep.py", folder / "sweep", sweep)] if sweep is not None else []
     for script, into, options in jobs:
         command = [sys.executable, str(SCRIPTS / script), "--compile-only", str(into)]
         command += ["--target", target, *shlex.split(options)]
@@ -238,7 +248,13 @@ sys.exit(0 if device.exist else 1)
 
 
 def run(
-    folder: Path, device: str, out: Path, profile: list[str], bench_options: str, budget: float
+    folder: Path,
+    device: str,
+    out: Path,
+    profile: list[str],
+    bench_options: str,
+    sweep_options: str,
+    budget: float,
 ) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _restore(folder)
@@ -255,6 +271,10 @@ def run(
         steps.append(
             ("bench", [*command, "--json", str(out / f"bench-{bench.name}.json")], "bench.log")
         )
+    if (folder / "sweep").is_dir():
+        command = [str(SCRIPTS / "gemm_sweep.py"), "--run-only", str(folder / "sweep")]
+        command += ["--device", device, "--json", str(out / "sweep.json")]
+        steps.append(("sweep", [*command, *shlex.split(sweep_options)], "sweep.log"))
     for bench in benches:  # after bench, which refilled their weights
         for name in profile:
             if (bench / name / "artifact").is_dir():
@@ -308,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--target", default="cuda:sm_90")
     b.add_argument("--check", action="append", help="gpu_check.py --compile-only options")
     b.add_argument("--bench", action="append", help="bench_gpu.py --compile-only options")
+    b.add_argument("--sweep", default=DEFAULT_SWEEP, help="gemm_sweep.py --compile-only options")
     b.add_argument("--no-check", action="store_true")
     b.add_argument("--no-bench", action="store_true")
+    b.add_argument("--no-sweep", action="store_true")
     b.add_argument("--max-mib", type=float, default=60.0)
     r = commands.add_parser("run", help="on the GPU machine")
     r.add_argument("folder", type=Path, help="the folder, or the archive `build` wrote")
@@ -317,19 +339,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--unpack-to", type=Path, help="where an archive goes (default: a new temp)")
     r.add_argument("--profile", default=DEFAULT_PROFILE, help="bench artifacts to profile")
     r.add_argument("--bench", default="", help="more bench_gpu.py --run-only options")
+    r.add_argument("--sweep", default="", help="more gemm_sweep.py --run-only options")
     r.add_argument("--budget", type=float, default=570, help="seconds for all steps together")
     args = parser.parse_args(argv)
     if args.command == "build":
         checks = [] if args.no_check else args.check or list(DEFAULT_CHECKS)
         benches = [] if args.no_bench else args.bench or list(DEFAULT_BENCHES)
-        return build(args.folder, args.python, args.target, checks, benches, args.max_mib)
+        sweep = None if args.no_sweep else args.sweep
+        return build(args.folder, args.python, args.target, checks, benches, sweep, args.max_mib)
     if args.folder.is_file():
         folder = _unpack(args.folder, args.unpack_to)
     else:
         folder = args.folder.resolve()
     out = Path(os.environ.get("OUT") or folder / "out")
     profile = [p for p in args.profile.split(",") if p]
-    return run(folder, args.device, out, profile, args.bench, args.budget)
+    return run(folder, args.device, out, profile, args.bench, args.sweep, args.budget)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,14 @@ def compiled(checkpoints):
         return loaded[case, dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory):
+    """A one-layer Llama whose weight dimensions all exceed 64 (dlight's tensor-core minimum)
+    and span several GEMM tiles: hidden 256, MLP 704, a vocabulary of a few hundred. Loaded."""
+    from relaxlm.frontends import load_checkpoint
+    from relaxlm.testing.tiny_models import DEMO_CONFIG, make_model
+
+    folder = tmp_path_factory.mktemp("wide")
+    return load_checkpoint(make_model(folder, base_config=DEMO_CONFIG, num_hidden_layers=1))

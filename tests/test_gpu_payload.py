@@ -1,6 +1,7 @@
 """scripts/gpu_payload.py on the CPU: `build` makes the folder a GPU machine runs (a runtime-only
-TVM, relaxlm's runtime, gpu_check's and bench_gpu's artifacts), `run` runs every step there
-from that folder alone, in processes whose TVM is the payload's and never loads the compiler."""
+TVM, relaxlm's runtime, gpu_check's and bench_gpu's artifacts, gemm_sweep's libraries), `run`
+runs every step there from that folder alone, in processes whose TVM is the payload's and never
+loads the compiler."""
 
 import json
 import os
@@ -20,7 +21,7 @@ def payload(tmp_path_factory) -> Path:
     command = [sys.executable, str(SCRIPT), "build", str(folder), "--python", python]
     command += ["--target", "cpu", "--check", "--cases llama --dtypes float32"]
     command += ["--check", "--cases llama --dtypes float32 --gemm library"]
-    command += ["--bench", "--shapes tiny --formats q4-float32"]
+    command += ["--bench", "--shapes tiny --formats q4-float32", "--sweep", "--shape tiny"]
     built = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert built.returncode == 0, built.stderr[-3000:]
     assert "MiB (the device carries 64)" in built.stdout
@@ -70,6 +71,8 @@ def test_run_measures_from_the_archive_alone(payload, tmp_path):
         "tiny-q4-float32",
         "--bench",
         "--prompts 16,64 --batch 4 --steps 4 --repeats 1",
+        "--sweep",
+        "--batches 1,3 --repeats 1",
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.splitlines()[-1].startswith("[run] all steps passed")
@@ -88,6 +91,10 @@ def test_run_measures_from_the_archive_alone(payload, tmp_path):
         ("transformers", False),
     ]
     assert rows[0]["decode_b1"] > 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert {(r["quant"], r["batch"]) for r in sweep} == {
+        (q, b) for q in ("q4", "none") for b in (1, 3)
+    }
     assert "decode step:" in (tmp_path / "profile.log").read_text()
 
 

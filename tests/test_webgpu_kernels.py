@@ -17,11 +17,14 @@ import pytest
 import tvm
 from tvm import te, topi
 
+from relaxlm.artifacts.library_gemm import BATCHED_DECODE
 from relaxlm.compiler.pipeline import build_library
 from relaxlm.compiler.quantization import dequantize, quantize, resolve_scheme
-from relaxlm.compiler.schedules.gpu import gpu_schedules
+from relaxlm.compiler.schedules.few_rows import FEW_ROWS, FewRowsMatmul
+from relaxlm.compiler.schedules.gpu import CapVectorLanes, gpu_schedules
 from relaxlm.compiler.targets import resolve_target
 from relaxlm.frontends import export, load_checkpoint
+from relaxlm.testing.ir import called_kernels
 from relaxlm.tvm_api import tirx
 
 # (rtol, atol) by the kernels' dtype; references are float64 over the same (rounded) inputs.
@@ -99,6 +102,20 @@ def _check(name: str, got: np.ndarray, want: np.ndarray, tolerance=None) -> None
     np.testing.assert_allclose(got.astype(np.float64), want, rtol=rtol, atol=atol, err_msg=name)
 
 
+@pytest.fixture(scope="module")
+def few_rows_kernels(wide_llama):
+    """name -> decode_batched's q4 float16 weight GEMMs of a CUDA build (several tiles in every
+    dimension: DEMO_CONFIG widths), fused and marked for few_rows.py, not yet scheduled."""
+    mod, _, _ = build_library(
+        export(wide_llama, "float16"),
+        resolve_target("cuda:sm_90"),
+        resolve_scheme("q4"),
+        fused_only=True,
+    )
+    names = called_kernels(mod, BATCHED_DECODE, "NT_matmul")
+    return {name: mod[name] for name in names if FEW_ROWS in mod[name].attrs}
+
+
 def _linear(gpu, preset, func, rows: int, scheme_name: str | None, dtype: str):
     """Run a linear kernel x[.., K] @ W[N, K]^T (packed for `scheme_name`) on `rows` rows."""
     x_shape, *part_shapes, out_shape = _shapes(func)
@@ -117,7 +134,8 @@ def _linear(gpu, preset, func, rows: int, scheme_name: str | None, dtype: str):
     out_dims = [*x_dims[:-1], n]
     names = _names(func)
     args = {names[0]: x, **dict(zip(names[1:-1], parts, strict=True))}
-    out = _run(gpu, preset, func, **args, **{names[-1]: np.zeros(out_dims, dtype)})
+    out_dtype = str(func.params[-1].ty.dtype)  # a float32 cast after the logits head
+    out = _run(gpu, preset, func, **args, **{names[-1]: np.zeros(out_dims, out_dtype)})
     return out[names[-1]], x.astype(np.float64) @ w_ref.T
 
 
@@ -163,6 +181,27 @@ def test_gemm(gpu, preset, scheduled, dtype):
     func = _kernel(mods["none", dtype], _is_linear("", decode=False))
     got, want = _linear(gpu, preset, func, 37, None, dtype)
     _check("GEMM, 37 tokens", got, want)
+
+
+def test_few_rows_gemm_tiles(gpu, preset, few_rows_kernels):
+    """decode_batched's q4 CUDA GEMMs (FewRowsMatmul: 32-row tiles, 4 warps of 16 columns,
+    64-deep pipelined steps through shared memory, the dequantize in the weight's tile loads),
+    built with their 16x16x16 fragments left as loops: the WMMA kernel's tiling, padding and
+    loads, run here. 37 sequences: two row tiles, the second padded. (Its float16 kernels are
+    the same nest without the dequantize; both their parameters are named `lv`, which the
+    harness, binding arrays by name, cannot run.)"""
+    kernels = few_rows_kernels
+    # fused qkv, o, fused gate/up, down (11 steps of 64), the logits head (cast to float32)
+    assert len(kernels) == 5, sorted(kernels)
+    rule = CapVectorLanes(FewRowsMatmul(tensor_cores=False))
+    for name, func in sorted(kernels.items()):
+        with preset.target():
+            sch = rule.apply(func, preset.target(), False)
+        assert sch is not None, name
+        scheduled = sch.mod["main"]
+        assert "T.int64(31)) // T.int64(32)" in scheduled.script(), name
+        got, want = _linear(gpu, preset, scheduled, 37, "q4", "float16")
+        _check(f"{name}, 37 sequences", got, want)
 
 
 def test_gemv(gpu, preset, scheduled):

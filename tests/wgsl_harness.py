@@ -51,7 +51,13 @@ def webgpu_device():
         )
     # float16 kernels start with `enable f16;`, which needs the feature on the device.
     features = [f for f in ("shader-f16",) if f in adapter.features]
-    return adapter.request_device_sync(required_features=features), adapter.info
+    # The adapter's workgroup memory, not WebGPU's default 16 KB: tests/test_webgpu_kernels.py
+    # runs CUDA's few-rows GEMM tiles (31 KB of them) here.
+    storage = "max-compute-workgroup-storage-size"
+    limits = {storage: adapter.limits[storage]}
+    return adapter.request_device_sync(required_features=features, required_limits=limits), (
+        adapter.info
+    )
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 Rules are tried in order; the first that schedules a kernel wins. What takes what in a Llama
 (the WebGPU kernel tests run these same rules on the kernels the pipeline builds):
+- `FewRowsMatmul` (few_rows.py): decode_batched's float16 weight GEMMs on CUDA tensor cores,
+  in tiles a few rows tall (a step's sequences); elsewhere they fall to `Matmul`.
 - `DecodeGEMV` (decode_gemv.py): the decode step's weight matmuls, float and 4-bit
   interleaved, with their epilogues (residual add, cast): rows `[batch, 1, n]` only, so
   prefill's kernels (rows `[1, tokens, n]`) fall through to the rules below.
@@ -34,6 +36,7 @@ from tvm.target import Target
 from relaxlm.tvm_api import dlight, identify_cast_or_load_block, normalize_prim_func, s_tir, tirx
 
 from .decode_gemv import MAX_VECTOR_LANES, DecodeGEMV
+from .few_rows import FewRowsMatmul
 
 
 class Matmul(dlight.gpu.Matmul):
@@ -193,6 +196,7 @@ class SingleReduction(dlight.ScheduleRule):
 def gpu_rules() -> list[dlight.ScheduleRule]:
     """The rule list, in the order it is tried."""
     rules = [
+        FewRowsMatmul(),
         DecodeGEMV(),
         Matmul(),
         dlight.gpu.GEMV(),
