@@ -282,6 +282,45 @@ def print_table(result: dict) -> None:
                 f"{best['enqueue_seconds'] / best['seconds']:.0%}",
             ]
             print("| " + " | ".join(line) + " |")
+    for verdict in verdicts(result):
+        wins = verdict["batched_from"]
+        print(
+            f"{verdict['quant']}: decode_batched's fastest tile at {verdict['batch']} sequences "
+            f"is {verdict['tile']}; it beats gemv "
+            + (f"from {wins} sequences" if wins else "at no batch")
+            + f" (the engine switches at {verdict['engine_from']}); {verdict['batch']} "
+            f"sequences: {verdict['speedup']:.1f}x the tokens/s of one (GEMMs alone)"
+        )
+
+
+def verdicts(result: dict, batch: int = 32) -> list[dict]:
+    """Per quant, what the table says for relaxlm's two choices: the fastest decode_batched
+    schedule at `batch` sequences, the smallest batch from which it beats decode's (gemv), and
+    `batch` sequences' tokens/s over one sequence's (each at its fastest)."""
+    from relaxlm.artifacts.library_gemm import BATCHED_DECODE_MIN
+
+    rows = steps(result)
+    out = []
+    for quant in sorted({r["quant"] for r in rows}):
+        cells = {(r["batch"], r["variant"]): r["seconds"] for r in rows if r["quant"] == quant}
+        batched = {v for _, v in cells if v != "gemv"}
+        if not batched or (batch, "gemv") not in cells or (1, "gemv") not in cells:
+            continue  # the CPU's sweep: one schedule
+        tile = min((v for v in batched if (batch, v) in cells), key=lambda v: cells[batch, v])
+        wins = sorted(b for b, v in cells if v == tile and cells[b, v] < cells.get((b, "gemv"), 0))
+        one = min(t for (b, _), t in cells.items() if b == 1)
+        many = min(t for (b, _), t in cells.items() if b == batch)
+        out.append(
+            {
+                "quant": quant,
+                "batch": batch,
+                "tile": tile,
+                "batched_from": wins[0] if wins else None,
+                "engine_from": BATCHED_DECODE_MIN,
+                "speedup": batch * one / many,
+            }
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
 import gemm_sweep  # a script, beside the package
 
@@ -79,3 +81,33 @@ def test_for_cuda_every_schedule_is_built(wide_llama):
         gemm_sweep._build(functions, preset, library)
         sass = fatbin_summary(library.read_bytes())["sass"]
     assert {f"{name}_kernel" for name, _, _ in functions} <= set(sass["90"])  # TVM names them so
+
+
+def test_the_verdict_reads_the_table(capsys):
+    """The two numbers relaxlm fixes from a sweep: decode_batched's tile and the batch from
+    which it beats decode's GEMV; and 32 sequences' speedup over one."""
+
+    def row(batch, variant, ms):
+        return {
+            "quant": "q4",
+            "gemm": "4096x4096",
+            "variant": variant,
+            "batch": batch,
+            "calls": 1,
+            "seconds": ms / 1e3,
+            "enqueue_seconds": ms / 4e3,
+            "weight_bytes": 10**9,
+        }
+
+    times = {"gemv": (1.0, 4.0, 8.0), "r32w4k64": (3.0, 2.0, 2.5), "tiles128": (5.0, 5.0, 5.0)}
+    rows = [row(b, v, t) for v, ts in times.items() for b, t in zip((1, 16, 32), ts, strict=True)]
+    result = {"shape": "llama-3-8b", "copy_bandwidth": 2e12, "rows": rows}
+    (verdict,) = gemm_sweep.verdicts(result)
+    assert verdict["tile"] == "r32w4k64" and verdict["batched_from"] == 16
+    assert verdict["speedup"] == pytest.approx(32 * 1.0 / 2.5)
+    gemm_sweep.print_table(result)
+    table = capsys.readouterr().out
+    # batch 1: gemv, 1 ms for 1 GB: 1,000 tok/s, half of 2 TB/s; the host enqueued in 1/4
+    assert "| q4 | 1 | 1.000 | 3.000 | 5.000 | gemv | 1000 | 50% | 25% |" in table
+    assert "is r32w4k64; it beats gemv from 16 sequences (the engine switches at 16)" in table
+    assert "32 sequences: 12.8x the tokens/s of one" in table
