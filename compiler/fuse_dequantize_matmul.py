@@ -91,10 +91,13 @@ class _Rewriter(relax.PyExprMutator):
             return self._int8_matmul(x, parts, n, k, scheme)
 
         tiles = self.gpu and _many_rows(x)
+        # weights dequantized to the activations' dtype, products summed in the output's (wider
+        # where float32_accumulation.py asked for it)
+        dtype = x.ty.dtype if x.ty.dtype in ("float16", "bfloat16", "float32") else out_dtype
 
         def compute(x_te, *parts_te):
             def dequantized(j, r):
-                return dequantize_te(scheme, list(parts_te), j, r, out_dtype)
+                return dequantize_te(scheme, list(parts_te), j, r, dtype)
 
             # on a GPU over many rows, a block of its own, which the GEMM's tile loads take in
             w = te.compute((n, k), dequantized, name="dequantize") if tiles else None
@@ -102,8 +105,8 @@ class _Rewriter(relax.PyExprMutator):
             return te.compute(
                 (*x_te.shape[:-1], n),
                 lambda *i: te.sum(
-                    x_te[(*i[:-1], r)].astype(out_dtype)
-                    * (dequantized(i[-1], r) if w is None else w[i[-1], r]),
+                    x_te[(*i[:-1], r)].astype(dtype).astype(out_dtype)
+                    * (dequantized(i[-1], r) if w is None else w[i[-1], r]).astype(out_dtype),
                     axis=r,
                 ),
                 name="NT_matmul",

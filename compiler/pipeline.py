@@ -41,6 +41,7 @@ from . import schedules
 from .batched_decode import MarkFewRows, RowsAsTokens, add_batched_decode
 from .cpu_legalize import legalize_and_fuse
 from .cuda_graph import mark_for_capture
+from .float32_accumulation import AccumulateInFloat32
 from .fuse_dequantize_matmul import FuseDequantizeMatmul
 from .fuse_parallel_linear import fuse_parallel_linear
 from .int8_dot import has_int8_dot, int8_dot_flavour
@@ -644,6 +645,8 @@ def build_library(
     if gemm == "library":  # before the fusion: the library's matmuls keep their dequantize unfused
         check_library_gemm(preset.device, exported.dtype)
         mod = LibraryGemm(preset.device)(mod)
+    if preset.is_gpu:  # 16-bit linears sum in float32 (the library's already do)
+        mod = AccumulateInFloat32()(mod)
     if quantized:
         mod = FuseDequantizeMatmul(int8_dot=int8_dot_flavour(target), gpu=preset.is_gpu)(mod)
     plan = weight_plan(exported, sources, fields)

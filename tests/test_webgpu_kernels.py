@@ -11,6 +11,7 @@ no kernel for, scheduled by the same rules. wgsl_harness.py plays TVM's web runt
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -28,8 +29,10 @@ from relaxlm.testing.ir import called_kernels
 from relaxlm.tvm_api import tirx
 
 # (rtol, atol) by the kernels' dtype; references are float64 over the same (rounded) inputs.
-# float16 matmuls also accumulate in float16, as the pipeline builds them.
-TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (1e-2, 2e-2)}
+# float16: a few of the output's roundings. GPU builds sum float16 linears in float32
+# (compiler/float32_accumulation.py); summed in float16 the 704-deep GEMM of
+# test_few_rows_gemm_tiles was off by 2.5e-2, and fails this.
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (4e-3, 4e-3)}
 DTYPES = ["float32", "float16"]
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -141,7 +144,8 @@ def _linear(gpu, preset, func, rows: int, scheme_name: str | None, dtype: str):
 
 def _is_linear(quant: str, decode: bool):
     def want(name, shapes) -> bool:
-        if "NT_matmul" not in name or name.startswith("fused"):
+        # a 16-bit one is fused with its cast back from float32 (float32_accumulation.py)
+        if not re.fullmatch(r"(fused_)?(dequantize_q4_)?NT_matmul\d*(_cast\d*)?", name):
             return False
         if ("dequantize_q4" in name) != (quant == "q4") or len(shapes) != (4 if quant else 3):
             return False
@@ -183,23 +187,26 @@ def test_gemm(gpu, preset, scheduled, dtype):
     _check("GEMM, 37 tokens", got, want)
 
 
-def test_few_rows_gemm_tiles(gpu, preset, few_rows_kernels):
-    """decode_batched's q4 CUDA GEMMs (FewRowsMatmul: 32-row tiles, 4 warps of 16 columns,
-    64-deep pipelined steps through shared memory, the dequantize in the weight's tile loads),
-    built with their 16x16x16 fragments left as loops: the WMMA kernel's tiling, padding and
-    loads, run here. 37 sequences: two row tiles, the second padded. (Its float16 kernels are
-    the same nest without the dequantize; both their parameters are named `lv`, which the
-    harness, binding arrays by name, cannot run.)"""
+@pytest.mark.parametrize("rows, warps", [(32, 2), (16, 4)])
+def test_few_rows_gemm_tiles(gpu, preset, few_rows_kernels, rows, warps):
+    """decode_batched's q4 CUDA GEMMs (FewRowsMatmul: row tiles of `rows`, `warps` warps of 16
+    columns, 64-deep pipelined steps through shared memory, the dequantize in the weight's tile
+    loads, a float32 sum cast back), built with their 16x16x16 fragments left as loops: the
+    WMMA kernel's tiling, padding and loads, run here; 37 sequences: row tiles, the last
+    padded. The default tile (32 rows, 4 warps) needs 35 KB of workgroup memory, lavapipe has
+    32: these two split it, 2 warps of two fragments each, and 4 warps of one. (The float16
+    kernels are the same nest without the dequantize; both their parameters are named `lv`,
+    which the harness, binding arrays by name, cannot run.)"""
     kernels = few_rows_kernels
     # fused qkv, o, fused gate/up, down (11 steps of 64), the logits head (cast to float32)
     assert len(kernels) == 5, sorted(kernels)
-    rule = CapVectorLanes(FewRowsMatmul(tensor_cores=False))
+    rule = CapVectorLanes(FewRowsMatmul(tensor_cores=False, rows=rows, warps=warps))
     for name, func in sorted(kernels.items()):
         with preset.target():
             sch = rule.apply(func, preset.target(), False)
         assert sch is not None, name
         scheduled = sch.mod["main"]
-        assert "T.int64(31)) // T.int64(32)" in scheduled.script(), name
+        assert f"T.int64({rows - 1})) // T.int64({rows})" in scheduled.script(), name
         got, want = _linear(gpu, preset, scheduled, 37, "q4", "float16")
         _check(f"{name}, 37 sequences", got, want)
 

@@ -11,7 +11,8 @@ the block's rows as ROWS / 16 WMMA accumulators:
   shared memory each step, all of the block's threads loading them (a quantized weight is
   dequantized on the way: its dequantize block is inlined into that load), double-buffered by
   TVM's software pipeline;
-- each warp multiplies them in 16x16x16 WMMA fragments, accumulating in the kernel's dtype;
+- each warp multiplies them in 16x16x16 WMMA fragments, accumulating in the kernel's dtype
+  (float32 on GPUs: compiler/float32_accumulation.py);
 - its tile goes back through shared memory, where the kernel's epilogue (a cast) is applied.
 Blocks of one weight tile (the row tiles of a batch beyond ROWS) are launched next to each
 other (blockIdx.x), so all but the first read the weight from L2.
@@ -130,7 +131,9 @@ class FewRowsMatmul(dlight.ScheduleRule):
         for fragment in fragments:
             sch.compute_at(fragment, k_frag)
 
-        to_global = sch.cache_write(outer, 0, shared)
+        # static shared memory: in shared.dyn beside the float16 tiles, TVM 0.27's LowerIntrin
+        # refused this float32 tile's pointer (tvm_access_ptr: float32 against float16)
+        to_global = sch.cache_write(outer, 0, "shared")
         sch.storage_align(to_global, 0, axis=-2, factor=16, offset=4)
         accumulator = sch.cache_write(outer, 0, scopes[2])
         sch.reverse_compute_at(accumulator, warp)
@@ -157,7 +160,7 @@ class FewRowsMatmul(dlight.ScheduleRule):
         out_dtype = sch.get(inner).writes[0].source.dtype
         group = get_wmma_intrin_group(
             load_scope="shared.dyn",
-            store_scope="shared.dyn",
+            store_scope="shared",
             in_dtype="float16",
             out_dtype=out_dtype,
             trans_b=True,

@@ -20,8 +20,9 @@ The paged KV cache's kernels (attention, rotary, append) come scheduled from TVM
 
 Tensor cores: dlight's `Matmul` tensorizes float16 matmuls for CUDA sm_70+ whose fixed
 dimensions all exceed 64 (`MatmulTensorization`: WMMA 16x16x16 tiles, 128x128 per block, staged
-through shared memory, float32 accumulation where the kernel accumulates in float32), with the
-kernel's producers inlined into its shared-memory loads: a prefill dequantize-matmul
+through shared memory, float32 accumulators: GPU linears sum in float32,
+float32_accumulation.py), with the kernel's producers inlined into its shared-memory loads
+and its cast back to float16 into its stores: a prefill dequantize-matmul
 (fuse_dequantize_matmul.py) reads packed weights into shared memory as float16 tiles. (With the
 TVM 0.27 wheel this needs apache-tvm-ffi 0.1.14: under 0.1.15 `Schedule.tensorize`, which copies
 its intrinsic through `save_json`, segfaulted, and these kernels were kept off tensor cores.)
