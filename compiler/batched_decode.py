@@ -71,8 +71,7 @@ class MarkFewRows:
     own schedule."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        names = {gv.name_hint: gv for gv in mod.get_global_vars()}
-        if BATCHED_DECODE not in names:
+        if BATCHED_DECODE not in {gv.name_hint for gv in mod.get_global_vars()}:
             return mod
         shared = set()
         for gv, func in mod.functions_items():
@@ -88,7 +87,7 @@ class MarkFewRows:
                 renamed[callee] = builder.add_func(marked, f"{callee.name_hint}_few_rows")
             else:
                 builder.update_func(callee, marked)
-        gv = names[BATCHED_DECODE]
+        gv = mod.get_global_var(BATCHED_DECODE)
         builder.update_func(gv, _Retarget(renamed).visit_expr(mod[gv]))
         return builder.get()
 

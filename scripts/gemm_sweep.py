@@ -66,13 +66,13 @@ def compile_all(folder: Path, target: str, shape: str, quants: list[str]) -> Non
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = hollow_checkpoint(folder / "checkpoint", shape, layers=1)
     exported = export(load_checkpoint(checkpoint), "float16")
+    vocab = exported.config["vocab_size"]  # the head's n: a GEMM once per step, not per layer
     manifest = {"shape": shape, "layers": SHAPES[shape]["num_hidden_layers"], "libraries": {}}
     for quant in quants:
         start = time.perf_counter()
         functions = _scheduled_gemms(exported, preset, quant)
         library = f"gemms-{quant}.so"
         _build(functions, preset, folder / library)
-        vocab = SHAPES[shape]["vocab_size"] if "vocab_size" in SHAPES[shape] else None
         manifest["libraries"][library] = {
             "quant": quant,
             "functions": [_describe(name, f, variant, vocab) for name, variant, f in functions],
@@ -132,7 +132,7 @@ def _build(functions: list[tuple], preset, path: Path) -> None:
         tvm.compile(mod, target=preset.target()).export_library(str(path))
 
 
-def _describe(name: str, func, variant: str, vocab: int | None) -> dict:
+def _describe(name: str, func, variant: str, vocab: int) -> dict:
     """What --run-only needs to call the function: each parameter's shape (SYMBOLIC for the
     batch) and dtype; which are weights (every dimension fixed); the GEMM's n and k."""
     from relaxlm.tvm_api import tirx
